@@ -1,0 +1,59 @@
+/* Private to connectors/kafka: the event encoder and the record view it works from.
+ *
+ * The encoder never touches a rd_kafka_message_t: it reads a small view of one record, so the
+ * exact-size contract (esmd_batch_bytes() == bytes written) can be tested with records built
+ * by hand. kafka.c fills the view from a consumed message; tests fill it directly.
+ *
+ * Never included by the core (src/); only the files of connectors/kafka and the connector's unit
+ * tests include it. */
+#ifndef ESMD_KAFKA_PRIVATE_H
+#define ESMD_KAFKA_PRIVATE_H
+
+#include "esmd/batch.h"
+#include "esmd/buf.h"
+
+#include <librdkafka/rdkafka.h>
+
+/* One Kafka record as the encoder sees it. Every pointer is borrowed for the call. */
+struct esmd_kafka_view {
+    const char *topic; /* NUL-terminated */
+    int32_t partition;
+    int64_t offset;
+    int64_t timestamp; /* epoch ms; -1 when not available */
+    rd_kafka_timestamp_type_t tstype;
+    const void *key; /* NULL: the record has a null key (written as JSON null) */
+    size_t key_len;
+    const void *value; /* NULL: null value, e.g. a tombstone (written as JSON null) */
+    size_t value_len;
+    const rd_kafka_headers_t *headers; /* NULL: no headers (written as []) */
+};
+
+/* Fills *v for rec; the view stays valid while rec is alive. */
+typedef void (*esmd_kafka_view_fn)(const struct esmd_record *rec, struct esmd_kafka_view *v);
+
+/* Exact bytes of {"eventSource":"SelfManagedKafka","bootstrapServers":"<servers>","records":{}}.
+ * servers: borrowed. */
+size_t esmd_kafka_envelope_size(const char *servers);
+
+/* Exact bytes of the group `"<key>":[]` (key JSON-escaped). key: borrowed. */
+size_t esmd_kafka_group_overhead(const char *key);
+
+/* Exact bytes esmd_kafka_record_write() writes for v. */
+size_t esmd_kafka_record_size(const struct esmd_kafka_view *v);
+
+/* Appends one record object:
+ * {"topic":"t","partition":0,"offset":15,"timestamp":1545084650987,
+ *  "timestampType":"CREATE_TIME","key":"<base64>"|null,"value":"<base64>"|null,
+ *  "headers":[{"name":[104,-61,-85]},{"name":null}]}
+ * Header values are arrays of signed bytes (Java's byte, -128..127), in header order with
+ * repeated names kept; a header with a null value is written as null. */
+void esmd_kafka_record_write(struct esmd_buf *out, const struct esmd_kafka_view *v);
+
+/* Appends the whole event for batch (exactly esmd_batch_bytes(batch) bytes when every
+ * rec->size came from esmd_kafka_record_size() and every shard->overhead from
+ * esmd_kafka_group_overhead()). Groups come in batch order, each group's records in the order
+ * linked from head. servers, batch: borrowed; out: appended to, not reset. */
+void esmd_kafka_encode_batch(const char *servers, const struct esmd_batch *batch,
+                             esmd_kafka_view_fn view_of, struct esmd_buf *out);
+
+#endif

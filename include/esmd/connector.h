@@ -1,0 +1,76 @@
+/* The connector interface: one table of operations per source kind, registered in
+ * src/connectors.c. A connector exports exactly one symbol (esmd_connector_<kind>) and sees the
+ * core only through the host API below. Everything runs on the one loop thread.
+ *
+ * Flow: the connector fetches records and hands them to host->emit() in seq order per shard;
+ * the core filters, batches (at most one batch in flight per shard), encodes through
+ * ops->encode(), invokes, and when a shard's records below `next_seq` are finished (success,
+ * filtered out, or given up) calls ops->ack(). Records go back through ops->release(). */
+#ifndef ESMD_CONNECTOR_H
+#define ESMD_CONNECTOR_H
+
+#include "esmd/batch.h"
+#include "esmd/buf.h"
+#include "esmd/config.h"
+#include "esmd/log.h"
+
+struct ev_loop;
+
+/* Given to a connector at create; borrowed, valid until destroy. */
+struct esmd_host {
+    struct ev_loop *loop;
+    void *core;                     /* pass back as the first argument below */
+    const struct esmd_log_ctx *log; /* {mapping, function, NULL} */
+    const char *instance_id;        /* stable id of this esmd process */
+
+    /* A shard became ours (Kafka: partition assigned). key is copied; overhead is the exact
+     * size of its group in the event with no records. Returns the core's handle. */
+    struct esmd_shard *(*shard_open)(void *core, const char *key, size_t overhead, void *priv);
+    /* A shard is no longer ours (revoked): pending records are released, in-flight ones are
+     * finished but never acked. The handle must not be used after this call. */
+    void (*shard_close)(void *core, struct esmd_shard *shard);
+    /* Takes ownership of rec (rec->shard must be a handle from shard_open, seq ascending). */
+    void (*emit)(void *core, struct esmd_shard *shard, struct esmd_record *rec);
+    /* Connection state for /readyz; `why` is copied (NULL when ready). */
+    void (*set_ready)(void *core, bool ready, const char *why);
+};
+
+struct esmd_connector_stats {
+    int64_t lag;       /* records behind the source's end (Kafka: sum of offset lag), -1 unknown */
+    int64_t committed; /* records acknowledged to the source since start */
+    bool ready;
+};
+
+struct esmd_connector_ops {
+    const char *kind; /* "kafka" | "redis" | "pgqueue": the YAML source key */
+    bool grouped;     /* the event groups records by shard */
+
+    /* Allocates from validated config; no I/O. NULL with err on failure. */
+    void *(*create)(const struct esmd_mapping_cfg *cfg, const struct esmd_host *host, char *err,
+                    size_t errlen);
+    /* Bytes of the event with no records (constant for an instance). */
+    size_t (*envelope_size)(void *c);
+    /* Connects and registers watchers on the loop. 0 or ESMD_E*. A failing connection is
+     * retried by the connector (shown through set_ready), not reported here. */
+    int (*start)(void *c);
+    /* Backpressure for one shard: stop / restart fetching it. Idempotent. */
+    void (*pause)(void *c, struct esmd_shard *shard);
+    void (*resume)(void *c, struct esmd_shard *shard);
+    /* Every record of shard with seq < next_seq is finished: store and commit it. */
+    void (*ack)(void *c, struct esmd_shard *shard, int64_t next_seq);
+    /* Frees a record the connector emitted. */
+    void (*release)(void *c, struct esmd_record *rec);
+    /* Writes the batch as the source's Lambda-shaped event: exactly esmd_batch_bytes() bytes. */
+    void (*encode)(void *c, const struct esmd_batch *batch, struct esmd_buf *out);
+    /* Graceful stop: stop fetching, commit what was acked, leave the group; calls done(ud) when
+     * finished (possibly later, from the loop). Emits nothing after this call. */
+    void (*stop)(void *c, void (*done)(void *ud), void *ud);
+    /* Frees everything; safe on a half-built object. */
+    void (*destroy)(void *c);
+    void (*stats)(void *c, struct esmd_connector_stats *st);
+};
+
+/* Registered connectors (src/connectors.c). NULL when the kind is unknown. */
+const struct esmd_connector_ops *esmd_connector_find(const char *kind);
+
+#endif

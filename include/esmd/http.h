@@ -1,0 +1,67 @@
+/* The admin HTTP listener: libmicrohttpd in external-epoll mode, its epoll fd watched by the
+ * loop. Built-in routes: GET /healthz, GET /readyz, GET /metrics. Other routes are registered
+ * by the subsystems that own them (admin API, later issues). */
+#ifndef ESMD_HTTP_H
+#define ESMD_HTTP_H
+
+#include "esmd/buf.h"
+
+struct ev_loop;
+struct esmd_http;
+
+/* Readiness probe: append a JSON object with details (e.g. {"postgres":true,"mappings":{...}})
+ * to detail and return whether the service is ready. */
+typedef bool (*esmd_http_ready_fn)(void *ud, struct esmd_buf *detail);
+
+/* Listens on "host:port" (IPv4, [IPv6] or name). NULL with err on failure (bad address,
+ * port in use). */
+struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen, char *err,
+                                  size_t errlen) ESMD_MUST_CHECK;
+void esmd_http_set_ready_fn(struct esmd_http *http, esmd_http_ready_fn fn, void *ud);
+/* The port actually bound (useful with port 0). */
+int esmd_http_port(const struct esmd_http *http);
+/* Stops listening and frees. NULL ok. Requests still unanswered get their abort callback (see
+ * esmd_http_req_on_abort) and the client a 503. */
+void esmd_http_stop(struct esmd_http *http);
+
+/* ---- routes (additive: for the admin API and later subsystems) ---- */
+
+struct esmd_http_req; /* one request; owned by the listener */
+
+/* Runs on the loop thread once the whole request body has arrived. The handler must answer
+ * exactly once with esmd_http_respond*(), now or later from the loop (the connection is
+ * suspended meanwhile). req is borrowed: valid until the answer, or until its abort callback. */
+typedef void (*esmd_http_handler)(void *ud, struct esmd_http_req *req);
+typedef void (*esmd_http_abort_fn)(void *ud, struct esmd_http_req *req);
+
+/* Adds a route. method: "GET", "POST", ... (a GET route also answers HEAD); path: exact, or a
+ * prefix when it ends in a '*' (as in "/admin/" + '*'). Routes are tried in the order added;
+ * a path that matches with another method gets 405, no match 404 (Lambda's error shape).
+ * method and path are copied. Returns 0 or ESMD_EINVAL. */
+int esmd_http_route(struct esmd_http *http, const char *method, const char *path,
+                    esmd_http_handler fn, void *ud) ESMD_MUST_CHECK;
+
+/* Request accessors; returned strings are borrowed, valid as long as req. */
+const char *esmd_http_req_method(const struct esmd_http_req *req);
+const char *esmd_http_req_path(const struct esmd_http_req *req); /* without the query */
+const char *esmd_http_req_header(const struct esmd_http_req *req, const char *name); /* or NULL */
+const char *esmd_http_req_query(const struct esmd_http_req *req, const char *name);  /* or NULL */
+/* NUL-terminated body ("" when none); *len set when len is not NULL. Capped at
+ * ESMD_MAX_PAYLOAD: bigger requests are answered 413 before any handler runs. */
+const char *esmd_http_req_body(const struct esmd_http_req *req, size_t *len);
+/* Whether the client connected from 127.0.0.0/8 or ::1. */
+bool esmd_http_req_is_loopback(const struct esmd_http_req *req);
+/* Called, instead of waiting forever, when the listener stops before the handler answered;
+ * req is invalid once it returns (do not answer it). */
+void esmd_http_req_on_abort(struct esmd_http_req *req, esmd_http_abort_fn fn, void *ud);
+
+/* Adds a header (copied) to the coming answer. */
+void esmd_http_req_add_header(struct esmd_http_req *req, const char *name, const char *value);
+/* Answers. body (len bytes) is copied; content_type NULL = none. req is invalid afterwards. */
+void esmd_http_respond(struct esmd_http_req *req, int status, const char *content_type,
+                       const char *body, size_t len);
+/* Lambda's error shape: x-amzn-ErrorType: type and {"Type":type,"message":message}. */
+void esmd_http_respond_error(struct esmd_http_req *req, int status, const char *type,
+                             const char *message);
+
+#endif

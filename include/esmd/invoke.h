@@ -1,0 +1,78 @@
+/* Function invoker: HTTP POSTs on one libcurl multi handle driven by the libev loop.
+ *
+ * Endpoint contract (DESIGN.md): 2xx = success unless X-Amz-Function-Error is set or the body is
+ * the Runtime Interface Emulator's {"errorType","errorMessage"} object (= function error); a 2xx
+ * whose body is the RIE's "Task timed out after N seconds" text = timeout; 429 = throttled;
+ * other 4xx/5xx and transport failures = error; curl timeout (the function's `timeout`) =
+ * timeout. Per function: max_concurrency in-flight requests (shared by every user of the
+ * function; the rest wait in FIFO order), extra headers, kept-alive connections. */
+#ifndef ESMD_INVOKE_H
+#define ESMD_INVOKE_H
+
+#include "esmd/common.h"
+#include "esmd/config.h"
+#include "esmd/log.h"
+
+struct ev_loop;
+struct esmd_invoker;
+struct esmd_function;
+struct esmd_invoke_req;
+
+enum esmd_invoke_outcome {
+    ESMD_INVOKE_OK,
+    ESMD_INVOKE_FUNCTION_ERROR,
+    ESMD_INVOKE_THROTTLED,
+    ESMD_INVOKE_ERROR, /* other 4xx/5xx, connection refused/reset, ... */
+    ESMD_INVOKE_TIMEOUT,
+    ESMD_INVOKE_CANCELLED, /* esmd_invoke_cancel() or invoker shutdown before it was sent */
+};
+
+/* Everything in it is borrowed: valid only during the callback. */
+struct esmd_invoke_result {
+    enum esmd_invoke_outcome outcome;
+    long status;      /* HTTP status, 0 when no response */
+    const char *body; /* response body (NUL-terminated), "" when none */
+    size_t body_len;
+    const char *function_error; /* X-Amz-Function-Error value, or the RIE errorType; else NULL */
+    int64_t retry_after_ms;     /* from Retry-After on 429/503; -1 when absent */
+    double duration_s;          /* from send to response */
+    const char *error;          /* human-readable reason when not OK; else NULL */
+    const char *request_id;     /* the X-Esmd-Request-Id sent */
+};
+
+typedef void (*esmd_invoke_cb)(void *ud, const struct esmd_invoke_result *res);
+
+/* NULL on failure with the reason in err. */
+struct esmd_invoker *esmd_invoker_new(struct ev_loop *loop, char *err,
+                                      size_t errlen) ESMD_MUST_CHECK;
+/* Cancels what is queued or in flight (callbacks get ESMD_INVOKE_CANCELLED) and frees. NULL ok.
+ * Not from inside an invoke callback (ignored and logged). */
+void esmd_invoker_free(struct esmd_invoker *inv);
+
+/* Registers a function. cfg is borrowed and must outlive the invoker. The returned handle is
+ * owned by the invoker. NULL if a function of that name exists already. */
+struct esmd_function *esmd_invoker_add_function(struct esmd_invoker *inv,
+                                                const struct esmd_function_cfg *cfg);
+struct esmd_function *esmd_invoker_function(struct esmd_invoker *inv, const char *name);
+const char *esmd_function_name(const struct esmd_function *fn);
+/* Requests sent and not yet answered / waiting for a concurrency slot. */
+int esmd_function_inflight(const struct esmd_function *fn);
+int esmd_function_queued(const struct esmd_function *fn);
+
+/* Starts (or queues, when the function is at max_concurrency) one POST of `body`.
+ * body: borrowed, must stay valid until cb runs or esmd_invoke_cancel() returns.
+ * idempotency_key: copied; sent as X-Esmd-Idempotency-Key. mapping: copied, for logs and
+ * metrics (NULL for async invocations). cb runs exactly once, from the loop, never inside this
+ * call. The returned handle is valid until cb runs. NULL (and cb never runs) when fn or cb is
+ * NULL or the invoker is shutting down (a CANCELLED callback during esmd_invoker_free()).
+ * Control bytes in idempotency_key are sent as %XX. */
+struct esmd_invoke_req *esmd_invoke_start(struct esmd_function *fn, const char *body, size_t len,
+                                          const char *idempotency_key, const char *mapping,
+                                          esmd_invoke_cb cb, void *ud);
+/* Aborts a request; its cb is called with ESMD_INVOKE_CANCELLED before this returns. A no-op
+ * from inside the request's own callback. */
+void esmd_invoke_cancel(struct esmd_invoke_req *req);
+
+const char *esmd_invoke_outcome_name(enum esmd_invoke_outcome o);
+
+#endif

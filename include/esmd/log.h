@@ -1,0 +1,36 @@
+/* JSON-lines logging: one object a line on stderr, scoped by mapping / function / request id. */
+#ifndef ESMD_LOG_H
+#define ESMD_LOG_H
+
+#include "esmd/common.h"
+#include <stdio.h>
+
+enum esmd_log_level { ESMD_LOG_DEBUG, ESMD_LOG_INFO, ESMD_LOG_WARN, ESMD_LOG_ERROR };
+
+/* Scope of a log line; every field may be NULL. All strings borrowed for the call. */
+struct esmd_log_ctx {
+    const char *mapping;
+    const char *function;
+    const char *request_id;
+};
+
+void esmd_log_set_level(enum esmd_log_level lvl);
+/* Parses "debug" | "info" | "warn" | "error"; returns 0 or ESMD_EINVAL. */
+int esmd_log_parse_level(const char *s, enum esmd_log_level *out) ESMD_MUST_CHECK;
+/* Borrowed stream (default stderr). */
+void esmd_log_set_stream(FILE *fp);
+
+/* Writes {"ts","level","msg",mapping?,function?,request_id?}. ctx may be NULL. */
+void esmd_log(enum esmd_log_level lvl, const struct esmd_log_ctx *ctx, const char *fmt, ...)
+    ESMD_PRINTF(3, 4);
+/* As esmd_log, but at most one line per `key` (a static string) per second; suppressed lines
+ * are counted and reported as "suppressed":N on the next line that passes. */
+void esmd_log_limited(enum esmd_log_level lvl, const struct esmd_log_ctx *ctx, const char *key,
+                      const char *fmt, ...) ESMD_PRINTF(4, 5);
+
+#define ESMD_DEBUG(ctx, ...) esmd_log(ESMD_LOG_DEBUG, ctx, __VA_ARGS__)
+#define ESMD_INFO(ctx, ...) esmd_log(ESMD_LOG_INFO, ctx, __VA_ARGS__)
+#define ESMD_WARN(ctx, ...) esmd_log(ESMD_LOG_WARN, ctx, __VA_ARGS__)
+#define ESMD_ERROR(ctx, ...) esmd_log(ESMD_LOG_ERROR, ctx, __VA_ARGS__)
+
+#endif

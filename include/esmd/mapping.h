@@ -1,0 +1,42 @@
+/* One event source mapping at run time: source connector → batches → invoker → outcome.
+ *
+ * The mapping owns its shards (ordered units of the source), the records emitted to it until
+ * they are settled, the batch being formed and the batches in flight. At most one batch is in
+ * flight per shard, so records of a shard are delivered in order; a batch may hold several
+ * shards' records. A batch is flushed when it holds batch_size records, when the batching window
+ * (opened by its first record) expires, or when the next record would take the event over 6 MB.
+ * A failed batch is retried with exponential backoff and jitter until it succeeds (Lambda's
+ * default for streams); its shards do not advance meanwhile, other shards keep flowing. */
+#ifndef ESMD_MAPPING_H
+#define ESMD_MAPPING_H
+
+#include "esmd/buf.h"
+#include "esmd/config.h"
+
+struct ev_loop;
+struct esmd_invoker;
+struct esmd_mapping;
+
+/* cfg is borrowed and must outlive the mapping; the mapping's function must be registered in
+ * inv. NULL with err on failure (unknown source kind, connector refused the config). */
+struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_mapping_cfg *cfg,
+                                      struct esmd_invoker *inv, const char *instance_id, char *err,
+                                      size_t errlen) ESMD_MUST_CHECK;
+int esmd_mapping_start(struct esmd_mapping *map) ESMD_MUST_CHECK;
+/* Graceful stop: no new batches; batches waiting for a retry and records not yet sent are
+ * abandoned (not acked: they will be read again); requests in flight finish, and are acked if
+ * they succeed; then the connector commits and closes. done(ud) runs from the loop when all of
+ * that is finished. */
+void esmd_mapping_stop(struct esmd_mapping *map, void (*done)(void *ud), void *ud);
+/* Abandons what is still in flight (cancels requests) and frees. NULL ok. */
+void esmd_mapping_free(struct esmd_mapping *map);
+
+const char *esmd_mapping_name(const struct esmd_mapping *map);
+bool esmd_mapping_ready(const struct esmd_mapping *map);
+/* Appends a JSON object with the mapping's state: ready, reason, shards, in-flight batches,
+ * pending records, lag, last processing result. */
+void esmd_mapping_describe(const struct esmd_mapping *map, struct esmd_buf *out);
+/* "OK", "No records processed", or the last failure ("PROBLEM: function error ..."). */
+const char *esmd_mapping_last_result(const struct esmd_mapping *map);
+
+#endif

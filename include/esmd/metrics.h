@@ -1,0 +1,39 @@
+/* Prometheus metrics: a process-wide registry of families (counter, gauge, histogram), each with
+ * labelled series. Single-threaded (the loop thread); series handles are looked up once at setup
+ * and updated on the hot path with plain stores. */
+#ifndef ESMD_METRICS_H
+#define ESMD_METRICS_H
+
+#include "esmd/buf.h"
+
+enum esmd_metric_type { ESMD_COUNTER, ESMD_GAUGE, ESMD_HISTOGRAM };
+
+struct esmd_metric; /* a family */
+struct esmd_series; /* one label set of a family */
+
+/* Returns the family of that name, creating it on first use (name and help are static strings).
+ * Histograms use the default duration buckets (seconds: 0.005 .. 60). NULL (logged) when the
+ * name exists with another type; every function below accepts NULL and then does nothing. */
+struct esmd_metric *esmd_metric(enum esmd_metric_type type, const char *name, const char *help);
+/* Returns the series for the label set, creating it on first use. labels is the text between
+ * the braces, already escaped, e.g. `function="orders",mapping="m1"` ("" for none): build it
+ * with esmd_metric_labels(). Owned by the registry. */
+struct esmd_series *esmd_series(struct esmd_metric *m, const char *labels);
+/* Formats label pairs (NULL-terminated name, value, name, value, ..., NULL) with escaping.
+ * Appends to out, with a ',' first when out is not empty; a pair whose value is NULL is
+ * skipped (e.g. an optional mapping label). */
+void esmd_metric_labels(struct esmd_buf *out, ...);
+
+void esmd_series_inc(struct esmd_series *s, double v);     /* counters and gauges */
+void esmd_series_set(struct esmd_series *s, double v);     /* gauges */
+void esmd_series_observe(struct esmd_series *s, double v); /* histograms */
+double esmd_series_value(const struct esmd_series *s);     /* histograms: observation count */
+
+/* Appends the Prometheus text exposition (0.0.4) of every family that has a series to out,
+ * families and series in creation order. */
+void esmd_metrics_render(struct esmd_buf *out);
+/* Frees the registry (tests, shutdown). Every family and series handle becomes invalid: free
+ * their users (e.g. the invoker) first. */
+void esmd_metrics_reset(void);
+
+#endif

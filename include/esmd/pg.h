@@ -1,0 +1,53 @@
+/* PostgreSQL: migrations (blocking, before the loop runs) and an asynchronous connection on the
+ * loop (libpq non-blocking: PQconnectStartParams/PQconnectPoll, PQsendQueryParams, PQflush,
+ * PQconsumeInput/PQisBusy/PQgetResult), reconnecting with backoff when the server goes away. */
+#ifndef ESMD_PG_H
+#define ESMD_PG_H
+
+#include "esmd/common.h"
+#include <libpq-fe.h>
+
+struct ev_loop;
+struct esmd_pg;
+
+/* Applies the migrations compiled into the binary (migrations/NNNN_*.sql) that are not yet in
+ * esmd.schema_migrations, in order, each in its own transaction, under a session advisory lock
+ * so concurrent instances do not race. *applied (may be NULL) gets how many ran. Blocking.
+ * Returns 0, or ESMD_EIO with the reason (server message and migration name) in err. */
+int esmd_pg_migrate(const char *conninfo, int *applied, char *err, size_t errlen) ESMD_MUST_CHECK;
+/* As esmd_pg_migrate, with an explicit list (tests, tools): names[i] ("NNNN_what": the leading
+ * digits are the version recorded) and sqls[i] (no transaction control in it), n entries, all
+ * borrowed. Applied in name order; on the first failure that migration is rolled back, the
+ * ones before it stay, *applied counts them, and err reads "migration NAME failed: <server
+ * message>". ESMD_EINVAL for a nameless or unnumbered entry or two with the same version. */
+int esmd_pg_migrate_list(const char *conninfo, const char *const *names, const char *const *sqls,
+                         size_t n, int *applied, char *err, size_t errlen) ESMD_MUST_CHECK;
+
+/* Number of migrations compiled in, and their names ("0001_mapping_state"), for `esmd version`. */
+size_t esmd_pg_migration_count(void);
+const char *esmd_pg_migration_name(size_t i);
+
+/* Result callback: res is borrowed (valid during the call; NULL when the query could not run,
+ * with err set: connection lost, server error text). Runs from the loop, never inside
+ * esmd_pg_query(). */
+typedef void (*esmd_pg_cb)(void *ud, const PGresult *res, const char *err);
+
+/* Creates an asynchronous connection; connects at once and reconnects by itself. name is for
+ * logs. NULL with err on a malformed conninfo. */
+struct esmd_pg *esmd_pg_new(struct ev_loop *loop, const char *conninfo, const char *name, char *err,
+                            size_t errlen) ESMD_MUST_CHECK;
+/* Closes the connection; queued queries get cb(ud, NULL, "closed"). NULL ok. */
+void esmd_pg_free(struct esmd_pg *pg);
+/* Queues a parameterised query (text params, copied; NULL entries are SQL NULL). Queries run
+ * one at a time in order. cb may be NULL. Returns 0, ESMD_EINVAL, or ESMD_ESTATE once
+ * esmd_pg_free() has started (from a "closed" callback). If the connection is lost while the
+ * query is in flight, cb gets (NULL, "connection lost: ...") and the query is not retried;
+ * queries still queued wait for the reconnection. */
+int esmd_pg_query(struct esmd_pg *pg, const char *sql, int nparams, const char *const *params,
+                  esmd_pg_cb cb, void *ud);
+/* true while connected and the last query or ping succeeded. */
+bool esmd_pg_ready(const struct esmd_pg *pg);
+/* Last connection or query error, "" if none. Borrowed. */
+const char *esmd_pg_last_error(const struct esmd_pg *pg);
+
+#endif

@@ -1,0 +1,123 @@
+/* Batch accounting: which records fit, and the exact size of the event they make. */
+#include "esmd/batch.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+void esmd_batch_init(struct esmd_batch *batch, const struct esmd_batch_limits *lim)
+{
+    memset(batch, 0, sizeof(*batch));
+    batch->lim = *lim;
+    batch->bytes = lim->envelope;
+}
+
+void esmd_batch_clear(struct esmd_batch *batch)
+{
+    free(batch->groups);
+    struct esmd_batch_limits lim = batch->lim;
+    esmd_batch_init(batch, &lim);
+}
+
+static struct esmd_batch_group *find_group(const struct esmd_batch *batch,
+                                           const struct esmd_shard *shard)
+{
+    /* Batches hold few shards (partitions of one mapping); search from the end, where the
+     * shard being filled usually is. */
+    for (size_t i = batch->ngroups; i-- > 0;) {
+        if (batch->groups[i].shard == shard)
+            return &batch->groups[i];
+    }
+    return NULL;
+}
+
+size_t esmd_batch_bytes_with(const struct esmd_batch *batch, const struct esmd_record *rec)
+{
+    size_t bytes = batch->bytes + rec->size;
+    if (batch->lim.group_by_shard) {
+        const struct esmd_batch_group *g = find_group(batch, rec->shard);
+        if (g) {
+            bytes += 1; /* ',' before it in its group */
+        } else {
+            bytes += rec->shard->overhead;
+            if (batch->ngroups > 0)
+                bytes += 1; /* ',' between groups */
+        }
+    } else if (batch->nrecords > 0) {
+        bytes += 1;
+    }
+    return bytes;
+}
+
+enum esmd_batch_fit esmd_batch_check(const struct esmd_batch *batch, const struct esmd_record *rec)
+{
+    size_t alone =
+        batch->lim.envelope + rec->size + (batch->lim.group_by_shard ? rec->shard->overhead : 0);
+    if (alone > batch->lim.max_bytes)
+        return ESMD_BATCH_TOO_BIG;
+    if (batch->nrecords >= (size_t)batch->lim.batch_size)
+        return ESMD_BATCH_FULL;
+    if (esmd_batch_bytes_with(batch, rec) > batch->lim.max_bytes)
+        return ESMD_BATCH_FULL;
+    return ESMD_BATCH_FITS;
+}
+
+void esmd_batch_add(struct esmd_batch *batch, struct esmd_record *rec)
+{
+    batch->bytes = esmd_batch_bytes_with(batch, rec);
+    struct esmd_batch_group *g = find_group(batch, rec->shard);
+    if (!g) {
+        if (batch->ngroups == batch->capgroups) {
+            batch->capgroups = batch->capgroups ? batch->capgroups * 2 : 4;
+            batch->groups = esmd_xrealloc(batch->groups, batch->capgroups * sizeof(*batch->groups));
+        }
+        g = &batch->groups[batch->ngroups++];
+        memset(g, 0, sizeof(*g));
+        g->shard = rec->shard;
+    }
+    rec->next = NULL;
+    if (g->tail)
+        g->tail->next = rec;
+    else
+        g->head = rec;
+    g->tail = rec;
+    g->n++;
+    g->ack_seq = rec->seq + 1;
+    batch->nrecords++;
+}
+
+bool esmd_batch_count_reached(const struct esmd_batch *batch)
+{
+    return batch->nrecords >= (size_t)batch->lim.batch_size;
+}
+
+size_t esmd_batch_bytes(const struct esmd_batch *batch)
+{
+    return batch->bytes;
+}
+
+struct esmd_record *esmd_batch_remove_shard(struct esmd_batch *batch,
+                                            const struct esmd_shard *shard)
+{
+    struct esmd_batch_group *g = find_group(batch, shard);
+    if (!g)
+        return NULL;
+    size_t sum = 0;
+    for (struct esmd_record *rec = g->head; rec; rec = rec->next)
+        sum += rec->size;
+    size_t removed = sum;
+    if (batch->lim.group_by_shard) {
+        removed += shard->overhead + (g->n - 1);
+        if (batch->ngroups > 1)
+            removed += 1;
+    } else {
+        /* one flat array: n records lose their n separators, or n-1 when nothing remains */
+        removed += g->n == batch->nrecords ? g->n - 1 : g->n;
+    }
+    struct esmd_record *head = g->head;
+    batch->bytes -= removed;
+    batch->nrecords -= g->n;
+    size_t idx = (size_t)(g - batch->groups);
+    memmove(g, g + 1, (batch->ngroups - idx - 1) * sizeof(*g));
+    batch->ngroups--;
+    return head;
+}

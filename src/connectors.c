@@ -1,0 +1,18 @@
+/* The one table of source connectors. */
+#include "esmd/connector.h"
+
+#include <string.h>
+
+extern const struct esmd_connector_ops esmd_connector_kafka;
+
+static const struct esmd_connector_ops *const connectors[] = {
+    &esmd_connector_kafka,
+};
+
+const struct esmd_connector_ops *esmd_connector_find(const char *kind)
+{
+    for (size_t i = 0; i < ESMD_ARRAY_LEN(connectors); i++)
+        if (strcmp(connectors[i]->kind, kind) == 0)
+            return connectors[i];
+    return NULL;
+}

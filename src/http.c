@@ -1,0 +1,676 @@
+/* The admin HTTP listener: libmicrohttpd without threads of its own, in epoll mode. The loop
+ * watches MHD's epoll fd and calls MHD_run() when it is readable or when the timer armed from
+ * MHD_get_timeout() fires (re-armed after every run).
+ *
+ * A request collects its body, then the first matching route's handler runs. When the handler
+ * has not answered by the time it returns, the connection is suspended; esmd_http_respond()
+ * later (from the loop) stores the answer and resumes it, and MHD calls the access handler
+ * again, which queues the stored answer. Requests are freed in MHD's completion callback. */
+#include "esmd/http.h"
+#include "esmd/log.h"
+#include "esmd/metrics.h"
+
+#include <arpa/inet.h>
+#include <ev.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+
+#define ESMD_HTTP_CONN_TIMEOUT_S 60
+#define ESMD_JSON "application/json"
+
+struct esmd_http_route {
+    char *method; /* owned */
+    char *path;   /* owned; without the trailing '*' of a prefix */
+    size_t plen;
+    bool prefix;
+    esmd_http_handler fn;
+    void *ud;
+};
+
+struct esmd_http_hdr {
+    char *name, *value; /* owned */
+};
+
+struct esmd_http_req {
+    struct esmd_http *http;
+    struct MHD_Connection *conn;
+    const char *method; /* borrowed from MHD: valid for the request */
+    const char *url;
+    struct esmd_buf body;
+    bool too_large;
+    bool dispatched; /* the handler ran (or an error answer was chosen) */
+    bool answered;   /* esmd_http_respond() was called */
+    bool queued;     /* the answer was handed to MHD */
+    bool suspended;
+    int status;
+    struct MHD_Response *resp;  /* owned until queued */
+    struct esmd_http_hdr *hdrs; /* owned: headers for the answer */
+    size_t nhdrs;
+    esmd_http_abort_fn abort_fn;
+    void *abort_ud;
+    struct esmd_http_req *prev, *next; /* in http->pending while suspended */
+};
+
+struct esmd_http {
+    struct ev_loop *loop;
+    struct MHD_Daemon *daemon;
+    ev_io io;
+    ev_timer timer;
+    struct esmd_http_route *routes; /* owned */
+    size_t nroutes;
+    esmd_http_ready_fn ready_fn;
+    void *ready_ud;
+    struct esmd_http_req *pending; /* suspended, unanswered */
+    int port;
+    bool stopping;
+    char lasterr[256]; /* last message of MHD's error log */
+};
+
+/* ---- loop integration ---- */
+
+static void http_rearm(struct esmd_http *http)
+{
+    MHD_UNSIGNED_LONG_LONG ms = 0;
+
+    ev_timer_stop(http->loop, &http->timer);
+    if (MHD_get_timeout(http->daemon, &ms) != MHD_YES)
+        return;
+    ev_timer_set(&http->timer, (double)ms / 1000.0, 0.);
+    ev_timer_start(http->loop, &http->timer);
+}
+
+static void http_run(struct esmd_http *http)
+{
+    MHD_run(http->daemon);
+    http_rearm(http);
+}
+
+static void http_io_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    ESMD_UNUSED(loop);
+    ESMD_UNUSED(revents);
+    http_run(w->data);
+}
+
+static void http_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    ESMD_UNUSED(loop);
+    ESMD_UNUSED(revents);
+    http_run(w->data);
+}
+
+/* Runs MHD on the next loop turn (after a resume). */
+static void http_kick(struct esmd_http *http)
+{
+    ev_timer_stop(http->loop, &http->timer);
+    ev_timer_set(&http->timer, 0., 0.);
+    ev_timer_start(http->loop, &http->timer);
+}
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+static void http_mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    struct esmd_http *http = cls;
+    size_t n;
+
+    vsnprintf(http->lasterr, sizeof(http->lasterr), fmt, ap);
+    n = strlen(http->lasterr);
+    while (n > 0 && (http->lasterr[n - 1] == '\n' || http->lasterr[n - 1] == '\r'))
+        http->lasterr[--n] = '\0';
+    esmd_log_limited(ESMD_LOG_WARN, NULL, "http.mhd", "http: %s", http->lasterr);
+}
+#pragma GCC diagnostic pop
+
+/* ---- requests ---- */
+
+static void http_pending_remove(struct esmd_http_req *req)
+{
+    struct esmd_http *http = req->http;
+
+    if (req->prev)
+        req->prev->next = req->next;
+    else if (http->pending == req)
+        http->pending = req->next;
+    if (req->next)
+        req->next->prev = req->prev;
+    req->prev = req->next = NULL;
+}
+
+static void http_req_free(struct esmd_http_req *req)
+{
+    if (req == NULL)
+        return;
+    if (req->resp)
+        MHD_destroy_response(req->resp);
+    for (size_t i = 0; i < req->nhdrs; i++) {
+        free(req->hdrs[i].name);
+        free(req->hdrs[i].value);
+    }
+    free(req->hdrs);
+    esmd_buf_free(&req->body);
+    free(req);
+}
+
+static void http_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                           enum MHD_RequestTerminationCode toe)
+{
+    struct esmd_http_req *req = *con_cls;
+
+    ESMD_UNUSED(cls);
+    ESMD_UNUSED(conn);
+    ESMD_UNUSED(toe);
+    if (req == NULL)
+        return;
+    if (req->suspended) {
+        /* Not expected (MHD does not end suspended connections), but never leave a dangling
+         * pointer with the handler. */
+        http_pending_remove(req);
+        if (req->abort_fn)
+            req->abort_fn(req->abort_ud, req);
+    }
+    http_req_free(req);
+    *con_cls = NULL;
+}
+
+const char *esmd_http_req_method(const struct esmd_http_req *req)
+{
+    return req->method;
+}
+
+const char *esmd_http_req_path(const struct esmd_http_req *req)
+{
+    return req->url;
+}
+
+const char *esmd_http_req_header(const struct esmd_http_req *req, const char *name)
+{
+    return MHD_lookup_connection_value(req->conn, MHD_HEADER_KIND, name);
+}
+
+const char *esmd_http_req_query(const struct esmd_http_req *req, const char *name)
+{
+    return MHD_lookup_connection_value(req->conn, MHD_GET_ARGUMENT_KIND, name);
+}
+
+const char *esmd_http_req_body(const struct esmd_http_req *req, size_t *len)
+{
+    if (len)
+        *len = req->body.len;
+    return req->body.data ? req->body.data : "";
+}
+
+bool esmd_http_req_is_loopback(const struct esmd_http_req *req)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(req->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    const struct sockaddr *sa;
+
+    if (ci == NULL || ci->client_addr == NULL)
+        return false;
+    sa = ci->client_addr;
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)sa;
+        return (ntohl(sin->sin_addr.s_addr) >> 24) == 127;
+    }
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)sa;
+        const uint8_t *a = sin6->sin6_addr.s6_addr;
+        if (IN6_IS_ADDR_LOOPBACK(&sin6->sin6_addr))
+            return true;
+        return IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr) && a[12] == 127;
+    }
+    return false;
+}
+
+void esmd_http_req_on_abort(struct esmd_http_req *req, esmd_http_abort_fn fn, void *ud)
+{
+    req->abort_fn = fn;
+    req->abort_ud = ud;
+}
+
+void esmd_http_req_add_header(struct esmd_http_req *req, const char *name, const char *value)
+{
+    if (name == NULL || value == NULL)
+        return;
+    req->hdrs = esmd_xrealloc(req->hdrs, (req->nhdrs + 1) * sizeof(*req->hdrs));
+    req->hdrs[req->nhdrs].name = esmd_xstrdup(name);
+    req->hdrs[req->nhdrs].value = esmd_xstrdup(value);
+    req->nhdrs++;
+}
+
+void esmd_http_respond(struct esmd_http_req *req, int status, const char *content_type,
+                       const char *body, size_t len)
+{
+    struct MHD_Response *resp;
+
+    if (req == NULL)
+        return;
+    if (req->answered) {
+        ESMD_ERROR(NULL, "http: %s %s answered twice", req->method, req->url);
+        return;
+    }
+    resp = MHD_create_response_from_buffer(len, (void *)(body ? body : ""), MHD_RESPMEM_MUST_COPY);
+    if (resp == NULL) {
+        /* Out of memory in MHD: the connection is closed instead of answered. */
+        resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+        status = 500;
+    }
+    if (resp != NULL) {
+        if (content_type != NULL)
+            MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
+        for (size_t i = 0; i < req->nhdrs; i++)
+            MHD_add_response_header(resp, req->hdrs[i].name, req->hdrs[i].value);
+    }
+    req->answered = true;
+    req->dispatched = true;
+    req->status = status;
+    req->resp = resp;
+    if (req->suspended) {
+        req->suspended = false;
+        http_pending_remove(req);
+        MHD_resume_connection(req->conn);
+        if (!req->http->stopping)
+            http_kick(req->http);
+    }
+}
+
+void esmd_http_respond_error(struct esmd_http_req *req, int status, const char *type,
+                             const char *message)
+{
+    struct esmd_buf b = ESMD_BUF_INIT;
+
+    if (req == NULL)
+        return;
+    esmd_buf_puts(&b, "{\"Type\":");
+    esmd_buf_put_json_string(&b, type, strlen(type));
+    esmd_buf_puts(&b, ",\"message\":");
+    esmd_buf_put_json_string(&b, message, strlen(message));
+    esmd_buf_putc(&b, '}');
+    esmd_http_req_add_header(req, "x-amzn-ErrorType", type);
+    esmd_http_respond(req, status, ESMD_JSON, esmd_buf_cstr(&b), b.len);
+    esmd_buf_free(&b);
+}
+
+/* ---- routing ---- */
+
+static bool http_method_matches(const char *route, const char *method)
+{
+    return strcmp(route, method) == 0 || (strcmp(route, "GET") == 0 && strcmp(method, "HEAD") == 0);
+}
+
+static bool http_path_matches(const struct esmd_http_route *r, const char *path)
+{
+    if (r->prefix)
+        return strncmp(path, r->path, r->plen) == 0;
+    return strcmp(path, r->path) == 0;
+}
+
+static void http_dispatch(struct esmd_http_req *req)
+{
+    struct esmd_http *http = req->http;
+    struct esmd_buf allow = ESMD_BUF_INIT, msg = ESMD_BUF_INIT;
+
+    req->dispatched = true;
+    if (req->too_large) {
+        esmd_buf_printf(&msg, "request body is larger than %d bytes", ESMD_MAX_PAYLOAD);
+        esmd_http_respond_error(req, 413, "RequestTooLargeException", esmd_buf_cstr(&msg));
+        goto out;
+    }
+    for (size_t i = 0; i < http->nroutes; i++) {
+        const struct esmd_http_route *r = &http->routes[i];
+
+        if (!http_path_matches(r, req->url))
+            continue;
+        if (http_method_matches(r->method, req->method)) {
+            r->fn(r->ud, req); /* req may be answered (and soon freed) from here on */
+            goto out;
+        }
+        if (strstr(esmd_buf_cstr(&allow), r->method) == NULL) {
+            if (allow.len > 0)
+                esmd_buf_puts(&allow, ", ");
+            esmd_buf_puts(&allow, r->method);
+        }
+    }
+    if (allow.len > 0) {
+        esmd_buf_printf(&msg, "method %s not allowed on %s", req->method, req->url);
+        esmd_http_req_add_header(req, "Allow", esmd_buf_cstr(&allow));
+        esmd_http_respond_error(req, 405, "MethodNotAllowedException", esmd_buf_cstr(&msg));
+        goto out;
+    }
+    esmd_buf_printf(&msg, "no route for %s %s", req->method, req->url);
+    esmd_http_respond_error(req, 404, "ResourceNotFoundException", esmd_buf_cstr(&msg));
+out:
+    esmd_buf_free(&allow);
+    esmd_buf_free(&msg);
+}
+
+/* Hands a stored answer to MHD. */
+static enum MHD_Result http_queue(struct esmd_http_req *req)
+{
+    enum MHD_Result ret;
+
+    if (req->resp == NULL)
+        return MHD_NO; /* closes the connection */
+    ret = MHD_queue_response(req->conn, (unsigned int)req->status, req->resp);
+    MHD_destroy_response(req->resp);
+    req->resp = NULL;
+    req->queued = true;
+    return ret;
+}
+
+static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const char *url,
+                                   const char *method, const char *version, const char *upload_data,
+                                   size_t *upload_data_size, void **con_cls)
+{
+    struct esmd_http *http = cls;
+    struct esmd_http_req *req = *con_cls;
+
+    ESMD_UNUSED(version);
+    if (req == NULL) {
+        const char *cl =
+            MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+
+        req = esmd_xcalloc(1, sizeof(*req));
+        req->http = http;
+        req->conn = conn;
+        req->method = method;
+        req->url = url;
+        esmd_buf_init(&req->body);
+        *con_cls = req;
+        if (cl != NULL && strtoull(cl, NULL, 10) > ESMD_MAX_PAYLOAD) {
+            /* Answer now: MHD discards the body and closes the connection. */
+            req->too_large = true;
+            http_dispatch(req);
+            return http_queue(req);
+        }
+        return MHD_YES;
+    }
+    if (*upload_data_size > 0) {
+        if (!req->dispatched && !req->too_large) {
+            if (req->body.len + *upload_data_size > ESMD_MAX_PAYLOAD)
+                req->too_large = true;
+            else
+                esmd_buf_append(&req->body, upload_data, *upload_data_size);
+        }
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    if (req->queued)
+        return MHD_YES;
+    if (!req->dispatched) {
+        esmd_buf_cstr(&req->body);
+        if (http->stopping)
+            esmd_http_respond_error(req, 503, "ServiceException", "shutting down");
+        else
+            http_dispatch(req);
+    }
+    if (req->answered)
+        return http_queue(req);
+    /* The handler answers later from the loop. */
+    req->suspended = true;
+    req->next = http->pending;
+    if (http->pending)
+        http->pending->prev = req;
+    http->pending = req;
+    MHD_suspend_connection(conn);
+    return MHD_YES;
+}
+
+/* ---- built-in routes ---- */
+
+static void http_healthz(void *ud, struct esmd_http_req *req)
+{
+    static const char body[] = "{\"status\":\"ok\"}";
+
+    ESMD_UNUSED(ud);
+    esmd_http_respond(req, 200, ESMD_JSON, body, sizeof(body) - 1);
+}
+
+static void http_readyz(void *ud, struct esmd_http_req *req)
+{
+    struct esmd_http *http = ud;
+    struct esmd_buf detail = ESMD_BUF_INIT;
+    bool ready = true;
+
+    if (http->ready_fn != NULL)
+        ready = http->ready_fn(http->ready_ud, &detail);
+    else
+        esmd_buf_puts(&detail, "{\"status\":\"ok\"}");
+    if (detail.len == 0)
+        esmd_buf_puts(&detail, "{}");
+    esmd_http_respond(req, ready ? 200 : 503, ESMD_JSON, esmd_buf_cstr(&detail), detail.len);
+    esmd_buf_free(&detail);
+}
+
+static void http_metrics(void *ud, struct esmd_http_req *req)
+{
+    struct esmd_buf out = ESMD_BUF_INIT;
+
+    ESMD_UNUSED(ud);
+    esmd_metrics_render(&out);
+    esmd_http_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", esmd_buf_cstr(&out),
+                      out.len);
+    esmd_buf_free(&out);
+}
+
+/* ---- listener ---- */
+
+/* "host:port", "[v6]:port" or "name:port" → one address (IPv4 preferred for names). */
+static int http_parse_listen(const char *listen, struct sockaddr_storage *ss, char *err,
+                             size_t errlen)
+{
+    char host[256];
+    const char *port, *colon;
+    struct addrinfo hints, *res = NULL, *pick;
+    size_t hl;
+    char *end;
+    unsigned long p;
+    int rc = ESMD_EINVAL, gai;
+
+    if (listen == NULL || listen[0] == '\0') {
+        snprintf(err, errlen, "listen address is empty");
+        goto out;
+    }
+    if (listen[0] == '[') {
+        const char *close = strchr(listen, ']');
+
+        if (close == NULL || close[1] != ':') {
+            snprintf(err, errlen, "listen address \"%s\": expected [IPv6]:port", listen);
+            goto out;
+        }
+        hl = (size_t)(close - listen - 1);
+        if (hl >= sizeof(host)) {
+            snprintf(err, errlen, "listen address \"%s\": host too long", listen);
+            goto out;
+        }
+        memcpy(host, listen + 1, hl);
+        port = close + 2;
+    } else {
+        colon = strrchr(listen, ':');
+        if (colon == NULL || memchr(listen, ':', (size_t)(colon - listen)) != NULL) {
+            snprintf(err, errlen,
+                     "listen address \"%s\": expected host:port, [IPv6]:port or name:port", listen);
+            goto out;
+        }
+        hl = (size_t)(colon - listen);
+        if (hl >= sizeof(host)) {
+            snprintf(err, errlen, "listen address \"%s\": host too long", listen);
+            goto out;
+        }
+        memcpy(host, listen, hl);
+        port = colon + 1;
+    }
+    host[hl] = '\0';
+    p = strtoul(port, &end, 10);
+    if (port[0] < '0' || port[0] > '9' || *end != '\0' || p > 65535) {
+        snprintf(err, errlen, "listen address \"%s\": port must be 0..65535", listen);
+        goto out;
+    }
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV | AI_PASSIVE;
+    gai = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
+    if (gai != 0) {
+        snprintf(err, errlen, "listen address \"%s\": %s", listen, gai_strerror(gai));
+        goto out;
+    }
+    pick = res;
+    for (struct addrinfo *ai = res; ai != NULL; ai = ai->ai_next) {
+        if (ai->ai_family == AF_INET) {
+            pick = ai;
+            break;
+        }
+    }
+    if (pick->ai_family != AF_INET && pick->ai_family != AF_INET6) {
+        snprintf(err, errlen, "listen address \"%s\": not an IP address", listen);
+        goto out;
+    }
+    memset(ss, 0, sizeof(*ss));
+    memcpy(ss, pick->ai_addr, pick->ai_addrlen);
+    rc = 0;
+out:
+    if (res)
+        freeaddrinfo(res);
+    return rc;
+}
+
+int esmd_http_route(struct esmd_http *http, const char *method, const char *path,
+                    esmd_http_handler fn, void *ud)
+{
+    struct esmd_http_route *r;
+    size_t n;
+
+    if (http == NULL || method == NULL || path == NULL || path[0] != '/' || fn == NULL)
+        return ESMD_EINVAL;
+    http->routes = esmd_xrealloc(http->routes, (http->nroutes + 1) * sizeof(*http->routes));
+    r = &http->routes[http->nroutes++];
+    n = strlen(path);
+    r->prefix = n > 0 && path[n - 1] == '*';
+    r->plen = r->prefix ? n - 1 : n;
+    r->path = esmd_xstrndup(path, r->plen);
+    r->method = esmd_xstrdup(method);
+    r->fn = fn;
+    r->ud = ud;
+    return ESMD_OK;
+}
+
+static void http_free(struct esmd_http *http)
+{
+    for (size_t i = 0; i < http->nroutes; i++) {
+        free(http->routes[i].method);
+        free(http->routes[i].path);
+    }
+    free(http->routes);
+    free(http);
+}
+
+struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen, char *err,
+                                  size_t errlen)
+{
+    struct esmd_http *http;
+    struct sockaddr_storage ss;
+    const union MHD_DaemonInfo *info;
+    unsigned int flags = MHD_USE_EPOLL | MHD_USE_ERROR_LOG | MHD_ALLOW_SUSPEND_RESUME;
+    uint16_t port;
+    int efd;
+
+    if (loop == NULL) {
+        snprintf(err, errlen, "no event loop");
+        return NULL;
+    }
+    if (http_parse_listen(listen, &ss, err, errlen) != 0)
+        return NULL;
+    http = esmd_xcalloc(1, sizeof(*http));
+    http->loop = loop;
+    if (ss.ss_family == AF_INET6) {
+        flags |= MHD_USE_IPv6;
+        port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    } else {
+        port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    }
+    if (esmd_http_route(http, "GET", "/healthz", http_healthz, http) != 0 ||
+        esmd_http_route(http, "GET", "/readyz", http_readyz, http) != 0 ||
+        esmd_http_route(http, "GET", "/metrics", http_metrics, http) != 0) {
+        snprintf(err, errlen, "cannot register the built-in routes");
+        goto fail;
+    }
+    http->daemon = MHD_start_daemon(
+        flags, port, NULL, NULL, http_access, http, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
+        MHD_OPTION_EXTERNAL_LOGGER, http_mhd_log, http, MHD_OPTION_NOTIFY_COMPLETED, http_completed,
+        http, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)ESMD_HTTP_CONN_TIMEOUT_S,
+        MHD_OPTION_END);
+    if (http->daemon == NULL) {
+        snprintf(err, errlen, "cannot listen on %s: %s", listen,
+                 http->lasterr[0] ? http->lasterr : "libmicrohttpd failed to start");
+        goto fail;
+    }
+    info = MHD_get_daemon_info(http->daemon, MHD_DAEMON_INFO_EPOLL_FD);
+    efd = info ? info->epoll_fd : -1;
+    if (efd < 0) {
+        snprintf(err, errlen, "cannot listen on %s: no epoll fd from libmicrohttpd", listen);
+        goto fail;
+    }
+    info = MHD_get_daemon_info(http->daemon, MHD_DAEMON_INFO_BIND_PORT);
+    http->port = info ? info->port : port;
+    ev_io_init(&http->io, http_io_cb, efd, EV_READ);
+    http->io.data = http;
+    ev_io_start(loop, &http->io);
+    ev_timer_init(&http->timer, http_timer_cb, 0., 0.);
+    http->timer.data = http;
+    http_rearm(http);
+    return http;
+fail:
+    if (http->daemon)
+        MHD_stop_daemon(http->daemon);
+    http_free(http);
+    return NULL;
+}
+
+void esmd_http_set_ready_fn(struct esmd_http *http, esmd_http_ready_fn fn, void *ud)
+{
+    if (http == NULL)
+        return;
+    http->ready_fn = fn;
+    http->ready_ud = ud;
+}
+
+int esmd_http_port(const struct esmd_http *http)
+{
+    return http ? http->port : -1;
+}
+
+void esmd_http_stop(struct esmd_http *http)
+{
+    if (http == NULL)
+        return;
+    http->stopping = true;
+    /* MHD must not be stopped with suspended connections: answer them 503 and resume. */
+    while (http->pending != NULL) {
+        struct esmd_http_req *req = http->pending;
+
+        http_pending_remove(req);
+        if (req->abort_fn) {
+            esmd_http_abort_fn fn = req->abort_fn;
+
+            req->abort_fn = NULL;
+            fn(req->abort_ud, req);
+        }
+        /* Unless the abort callback answered it: then it is resumed already. */
+        if (req->suspended)
+            esmd_http_respond_error(req, 503, "ServiceException", "shutting down");
+    }
+    MHD_run(http->daemon);
+    ev_io_stop(http->loop, &http->io);
+    ev_timer_stop(http->loop, &http->timer);
+    MHD_stop_daemon(http->daemon);
+    http_free(http);
+}

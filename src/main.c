@@ -1,0 +1,520 @@
+/* esmd: the command line (run, check-config, migrate, version) and the service's main loop. */
+#include "esmd/buf.h"
+#include "esmd/config.h"
+#include "esmd/http.h"
+#include "esmd/invoke.h"
+#include "esmd/log.h"
+#include "esmd/mapping.h"
+#include "esmd/metrics.h"
+#include "esmd/pg.h"
+
+#include <curl/curl.h>
+#include <librdkafka/rdkafka.h>
+#include <ev.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define EXIT_USAGE 2
+
+static const char usage_main[] =
+    "usage: esmd <command> [options]\n"
+    "\n"
+    "Event source mappings and asynchronous invocation for HTTP functions.\n"
+    "\n"
+    "commands:\n"
+    "  run -c FILE            run the service with the configuration FILE\n"
+    "  check-config FILE      validate FILE and list every problem in it\n"
+    "  migrate -c FILE        apply pending database migrations and exit\n"
+    "  version                print the version\n"
+    "\n"
+    "`esmd <command> --help` describes a command.\n";
+
+static const char usage_run[] =
+    "usage: esmd run -c FILE [--log-level LEVEL] [--instance-id ID]\n"
+    "\n"
+    "Runs the service: applies pending migrations, starts the admin listener and every enabled\n"
+    "mapping, and runs until SIGTERM or SIGINT, then stops gracefully (requests in flight finish,\n"
+    "finished work is committed) and exits 0.\n"
+    "\n"
+    "  -c, --config FILE      configuration file (required)\n"
+    "  -l, --log-level LEVEL  debug | info | warn | error (default info; env ESMD_LOG_LEVEL)\n"
+    "  -i, --instance-id ID   this process's stable id (default env ESMD_INSTANCE_ID, else the\n"
+    "                         host name)\n";
+
+static const char usage_check[] =
+    "usage: esmd check-config FILE\n"
+    "\n"
+    "Validates FILE without connecting to anything. Prints `FILE: ok` and exits 0, or prints\n"
+    "every problem as `FILE:LINE:COLUMN: KEY: MESSAGE` on stderr and exits 1.\n";
+
+static const char usage_migrate[] =
+    "usage: esmd migrate -c FILE\n"
+    "\n"
+    "Applies the database migrations built into this binary that the database named by the\n"
+    "configuration's `postgres` does not have yet, under an advisory lock, and exits.\n"
+    "\n"
+    "  -c, --config FILE      configuration file (required)\n";
+
+static const char usage_version[] = "usage: esmd version\n\nPrints the version of esmd.\n";
+
+static bool wants_help(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0)
+            return true;
+    return false;
+}
+
+/* Loads and validates; prints every error. NULL on failure. */
+static struct esmd_config *load_config(const char *path)
+{
+    struct esmd_config_errors errs;
+    esmd_config_errors_init(&errs);
+    struct esmd_config *cfg = esmd_config_load(path, &errs);
+    if (!cfg) {
+        char line[2048];
+        for (size_t i = 0; i < errs.n; i++) {
+            esmd_config_error_format(&errs.items[i], line, sizeof(line));
+            fprintf(stderr, "%s\n", line);
+        }
+        if (errs.n == 0)
+            fprintf(stderr, "%s: could not load the configuration\n", path);
+    }
+    esmd_config_errors_free(&errs);
+    return cfg;
+}
+
+/* Parses `-c FILE` (+ run's options). Returns 0, or an exit code. */
+struct run_opts {
+    const char *config;
+    const char *log_level;
+    const char *instance_id;
+};
+
+static int parse_opts(int argc, char **argv, const char *usage, bool run, struct run_opts *o)
+{
+    static const struct option longopts[] = {
+        {"config", required_argument, NULL, 'c'},
+        {"log-level", required_argument, NULL, 'l'},
+        {"instance-id", required_argument, NULL, 'i'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    optind = 1;
+    int ch;
+    while ((ch = getopt_long(argc, argv, run ? "c:l:i:h" : "c:h", longopts, NULL)) != -1) {
+        switch (ch) {
+        case 'c':
+            o->config = optarg;
+            break;
+        case 'l':
+            o->log_level = optarg;
+            break;
+        case 'i':
+            o->instance_id = optarg;
+            break;
+        case 'h':
+            fputs(usage, stdout);
+            return -1;
+        default:
+            fputs(usage, stderr);
+            return EXIT_USAGE;
+        }
+        if (!run && ch != 'c' && ch != 'h') {
+            fputs(usage, stderr);
+            return EXIT_USAGE;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "esmd: unexpected argument '%s'\n%s", argv[optind], usage);
+        return EXIT_USAGE;
+    }
+    if (!o->config) {
+        fprintf(stderr, "esmd: -c FILE is required\n%s", usage);
+        return EXIT_USAGE;
+    }
+    return 0;
+}
+
+static int cmd_check_config(int argc, char **argv)
+{
+    if (wants_help(argc, argv)) {
+        fputs(usage_check, stdout);
+        return 0;
+    }
+    if (argc != 2) {
+        fputs(usage_check, stderr);
+        return EXIT_USAGE;
+    }
+    struct esmd_config *cfg = load_config(argv[1]);
+    if (!cfg)
+        return 1;
+    printf("%s: ok\n", argv[1]);
+    esmd_config_free(cfg);
+    return 0;
+}
+
+static int cmd_migrate(int argc, char **argv)
+{
+    struct run_opts o = {0};
+    int rc = parse_opts(argc, argv, usage_migrate, false, &o);
+    if (rc)
+        return rc < 0 ? 0 : rc;
+    struct esmd_config *cfg = load_config(o.config);
+    if (!cfg)
+        return 1;
+    char err[1024];
+    int applied = 0;
+    if (esmd_pg_migrate(cfg->postgres, &applied, err, sizeof(err)) != ESMD_OK) {
+        fprintf(stderr, "esmd migrate: %s\n", err);
+        esmd_config_free(cfg);
+        return 1;
+    }
+    printf("applied %d migration%s (%zu known)\n", applied, applied == 1 ? "" : "s",
+           esmd_pg_migration_count());
+    esmd_config_free(cfg);
+    return 0;
+}
+
+static int cmd_version(int argc, char **argv)
+{
+    if (wants_help(argc, argv)) {
+        fputs(usage_version, stdout);
+        return 0;
+    }
+    printf("esmd %s (librdkafka %s, libcurl %s, %zu migrations)\n", ESMD_VERSION,
+           rd_kafka_version_str(), curl_version_info(CURLVERSION_NOW)->version,
+           esmd_pg_migration_count());
+    return 0;
+}
+
+/* ---- the service ---- */
+
+struct service {
+    struct ev_loop *loop;
+    struct esmd_config *cfg;
+    char instance_id[256];
+    struct esmd_invoker *inv;
+    struct esmd_http *http;
+    struct esmd_pg *pg;
+    struct esmd_mapping **maps;
+    size_t nmaps;
+    size_t nstopped;
+    bool stopping;
+    ev_signal sigterm, sigint, sighup;
+    ev_timer deadline;
+    ev_timer state_timer;
+    char **written_results; /* last_processing_result last written per mapping */
+};
+
+static bool service_ready(void *ud, struct esmd_buf *detail)
+{
+    struct service *svc = ud;
+    bool pg_ok = svc->pg && esmd_pg_ready(svc->pg);
+    bool ready = pg_ok && !svc->stopping;
+    esmd_buf_printf(detail, "{\"postgres\":{\"ready\":%s", pg_ok ? "true" : "false");
+    if (svc->pg && !pg_ok) {
+        const char *e = esmd_pg_last_error(svc->pg);
+        esmd_buf_puts(detail, ",\"error\":");
+        esmd_buf_put_json_string(detail, e, strlen(e));
+    }
+    esmd_buf_puts(detail, "},\"mappings\":{");
+    for (size_t i = 0; i < svc->nmaps; i++) {
+        const char *name = esmd_mapping_name(svc->maps[i]);
+        if (i)
+            esmd_buf_putc(detail, ',');
+        esmd_buf_put_json_string(detail, name, strlen(name));
+        esmd_buf_putc(detail, ':');
+        esmd_mapping_describe(svc->maps[i], detail);
+        if (!esmd_mapping_ready(svc->maps[i]))
+            ready = false;
+    }
+    esmd_buf_printf(detail, "},\"stopping\":%s}", svc->stopping ? "true" : "false");
+    return ready;
+}
+
+/* Writes changed last_processing_result values to esmd.mapping_state. */
+static void on_state_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct service *svc = w->data;
+    for (size_t i = 0; i < svc->nmaps; i++) {
+        const char *res = esmd_mapping_last_result(svc->maps[i]);
+        if (svc->written_results[i] && strcmp(svc->written_results[i], res) == 0)
+            continue;
+        free(svc->written_results[i]);
+        svc->written_results[i] = esmd_xstrdup(res);
+        const char *params[] = {esmd_mapping_name(svc->maps[i]), res};
+        if (esmd_pg_query(svc->pg,
+                          "UPDATE esmd.mapping_state SET last_processing_result = $2, "
+                          "updated_at = now() WHERE name = $1",
+                          2, params, NULL, NULL) != ESMD_OK)
+            ESMD_WARN(NULL, "could not queue the mapping state update");
+    }
+}
+
+static void service_finish(struct service *svc)
+{
+    ESMD_INFO(NULL, "all mappings stopped; exiting");
+    ev_break(svc->loop, EVBREAK_ALL);
+}
+
+static void on_mapping_stopped(void *ud)
+{
+    struct service *svc = ud;
+    if (++svc->nstopped == svc->nmaps)
+        service_finish(svc);
+}
+
+static void on_deadline(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct service *svc = w->data;
+    ESMD_WARN(NULL, "shutdown deadline reached: abandoning work still in flight (not committed)");
+    ev_break(loop, EVBREAK_ALL);
+    ESMD_UNUSED(svc);
+}
+
+static void service_stop(struct service *svc, const char *why)
+{
+    if (svc->stopping) {
+        ESMD_WARN(NULL, "%s again: stopping now, abandoning work in flight", why);
+        ev_break(svc->loop, EVBREAK_ALL);
+        return;
+    }
+    svc->stopping = true;
+    int64_t longest = 0;
+    for (size_t i = 0; i < svc->cfg->nfunctions; i++)
+        if (svc->cfg->functions[i].timeout_ms > longest)
+            longest = svc->cfg->functions[i].timeout_ms;
+    ESMD_INFO(NULL, "%s: stopping (in-flight requests get up to %lld ms)", why, (long long)longest);
+    ev_timer_init(&svc->deadline, on_deadline, (double)longest / 1000.0 + 5.0, 0.0);
+    svc->deadline.data = svc;
+    ev_timer_start(svc->loop, &svc->deadline);
+    ev_unref(svc->loop);
+    on_state_timer(svc->loop, &svc->state_timer, 0);
+    if (svc->nmaps == 0) {
+        service_finish(svc);
+        return;
+    }
+    for (size_t i = 0; i < svc->nmaps; i++)
+        esmd_mapping_stop(svc->maps[i], on_mapping_stopped, svc);
+}
+
+static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    struct service *svc = w->data;
+    if (w->signum == SIGHUP) {
+        ESMD_WARN(NULL, "SIGHUP: configuration reload is not available in this version; "
+                        "restart esmd to apply changes");
+        return;
+    }
+    service_stop(svc, w->signum == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+/* Records the configured mappings in esmd.mapping_state (blocking, before the loop runs). */
+static int write_mapping_state(const struct esmd_config *cfg, const char *instance_id, char *err,
+                               size_t errlen)
+{
+    static const char *const kinds[] = {"kafka", "redis", "pgqueue"};
+    PGconn *pg = PQconnectdb(cfg->postgres);
+    int rc = ESMD_OK;
+    if (PQstatus(pg) != CONNECTION_OK) {
+        snprintf(err, errlen, "%s", PQerrorMessage(pg));
+        rc = ESMD_EIO;
+        goto out;
+    }
+    for (size_t i = 0; i < cfg->nmappings; i++) {
+        const struct esmd_mapping_cfg *m = &cfg->mappings[i];
+        const char *params[] = {m->name,
+                                m->function,
+                                kinds[m->kind],
+                                m->enabled ? "t" : "f",
+                                m->enabled ? "Enabled" : "Disabled",
+                                instance_id};
+        PGresult *res = PQexecParams(
+            pg,
+            "INSERT INTO esmd.mapping_state (name, function, source_kind, enabled, state, "
+            "state_transition_reason, instance_id, updated_at) "
+            "VALUES ($1, $2, $3, $4, $5, 'Configuration file', $6, now()) "
+            "ON CONFLICT (name) DO UPDATE SET function = $2, source_kind = $3, enabled = $4, "
+            "state = $5, state_transition_reason = 'Configuration file', instance_id = $6, "
+            "updated_at = now()",
+            6, NULL, params, NULL, NULL, 0);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+            snprintf(err, errlen, "mapping %s: %s", m->name, PQresultErrorMessage(res));
+            rc = ESMD_EIO;
+        }
+        PQclear(res);
+        if (rc)
+            break;
+    }
+out:
+    PQfinish(pg);
+    return rc;
+}
+
+/* Applies migrations, waiting up to a minute for Postgres to come up. */
+static int startup_migrate(const struct esmd_config *cfg)
+{
+    char err[1024];
+    double start = esmd_mono();
+    for (int attempt = 0;; attempt++) {
+        int applied = 0;
+        if (esmd_pg_migrate(cfg->postgres, &applied, err, sizeof(err)) == ESMD_OK) {
+            if (applied > 0)
+                ESMD_INFO(NULL, "applied %d database migration%s", applied,
+                          applied == 1 ? "" : "s");
+            return ESMD_OK;
+        }
+        if (esmd_mono() - start > 60.0) {
+            ESMD_ERROR(NULL, "database migration failed: %s", err);
+            return ESMD_EIO;
+        }
+        ESMD_WARN(NULL, "database not ready (%s); retrying", err);
+        sleep(attempt < 3 ? 1 : 2);
+    }
+}
+
+static int cmd_run(int argc, char **argv)
+{
+    struct run_opts o = {0};
+    int rc = parse_opts(argc, argv, usage_run, true, &o);
+    if (rc)
+        return rc < 0 ? 0 : rc;
+    const char *lvl = o.log_level ? o.log_level : getenv("ESMD_LOG_LEVEL");
+    if (lvl) {
+        enum esmd_log_level l;
+        if (esmd_log_parse_level(lvl, &l) != ESMD_OK) {
+            fprintf(stderr, "esmd: unknown log level '%s' (debug, info, warn, error)\n", lvl);
+            return EXIT_USAGE;
+        }
+        esmd_log_set_level(l);
+    }
+    struct service svc = {0};
+    svc.cfg = load_config(o.config);
+    if (!svc.cfg)
+        return 1;
+    const char *iid = o.instance_id ? o.instance_id : getenv("ESMD_INSTANCE_ID");
+    if (iid)
+        snprintf(svc.instance_id, sizeof(svc.instance_id), "%s", iid);
+    else if (gethostname(svc.instance_id, sizeof(svc.instance_id) - 1) != 0)
+        snprintf(svc.instance_id, sizeof(svc.instance_id), "esmd-%d", (int)getpid());
+    ESMD_INFO(NULL, "esmd %s starting (instance %s, config %s)", ESMD_VERSION, svc.instance_id,
+              o.config);
+
+    int exit_code = 1;
+    char err[1024];
+    if (startup_migrate(svc.cfg) != ESMD_OK)
+        goto out;
+    if (write_mapping_state(svc.cfg, svc.instance_id, err, sizeof(err)) != ESMD_OK) {
+        ESMD_ERROR(NULL, "could not record mapping state: %s", err);
+        goto out;
+    }
+
+    signal(SIGPIPE, SIG_IGN);
+    svc.loop = ev_default_loop(EVFLAG_AUTO);
+    ev_signal_init(&svc.sigterm, on_signal, SIGTERM);
+    ev_signal_init(&svc.sigint, on_signal, SIGINT);
+    ev_signal_init(&svc.sighup, on_signal, SIGHUP);
+    svc.sigterm.data = svc.sigint.data = svc.sighup.data = &svc;
+    ev_signal_start(svc.loop, &svc.sigterm);
+    ev_signal_start(svc.loop, &svc.sigint);
+    ev_signal_start(svc.loop, &svc.sighup);
+
+    svc.inv = esmd_invoker_new(svc.loop, err, sizeof(err));
+    if (!svc.inv) {
+        ESMD_ERROR(NULL, "invoker: %s", err);
+        goto out;
+    }
+    for (size_t i = 0; i < svc.cfg->nfunctions; i++)
+        esmd_invoker_add_function(svc.inv, &svc.cfg->functions[i]);
+
+    svc.pg = esmd_pg_new(svc.loop, svc.cfg->postgres, "state", err, sizeof(err));
+    if (!svc.pg) {
+        ESMD_ERROR(NULL, "postgres: %s", err);
+        goto out;
+    }
+    svc.http = esmd_http_start(svc.loop, svc.cfg->admin.listen, err, sizeof(err));
+    if (!svc.http) {
+        ESMD_ERROR(NULL, "admin listener %s: %s", svc.cfg->admin.listen, err);
+        goto out;
+    }
+    esmd_http_set_ready_fn(svc.http, service_ready, &svc);
+    ESMD_INFO(NULL, "admin listener on %s", svc.cfg->admin.listen);
+
+    svc.maps = esmd_xcalloc(svc.cfg->nmappings + 1, sizeof(*svc.maps));
+    svc.written_results = esmd_xcalloc(svc.cfg->nmappings + 1, sizeof(char *));
+    for (size_t i = 0; i < svc.cfg->nmappings; i++) {
+        const struct esmd_mapping_cfg *mc = &svc.cfg->mappings[i];
+        if (!mc->enabled) {
+            ESMD_INFO(&(struct esmd_log_ctx){mc->name, mc->function, NULL},
+                      "mapping disabled in the configuration");
+            continue;
+        }
+        struct esmd_mapping *map =
+            esmd_mapping_new(svc.loop, mc, svc.inv, svc.instance_id, err, sizeof(err));
+        if (!map) {
+            ESMD_ERROR(NULL, "%s", err);
+            goto out;
+        }
+        svc.maps[svc.nmaps++] = map;
+        if (esmd_mapping_start(map) != ESMD_OK) {
+            ESMD_ERROR(&(struct esmd_log_ctx){mc->name, mc->function, NULL},
+                       "mapping could not start");
+            goto out;
+        }
+    }
+    ev_timer_init(&svc.state_timer, on_state_timer, 5.0, 5.0);
+    svc.state_timer.data = &svc;
+    ev_timer_start(svc.loop, &svc.state_timer);
+    ev_unref(svc.loop); /* the state timer alone does not keep the loop running */
+
+    ev_run(svc.loop, 0);
+    exit_code = 0;
+
+out:
+    for (size_t i = 0; i < svc.nmaps; i++)
+        esmd_mapping_free(svc.maps[i]);
+    if (svc.written_results)
+        for (size_t i = 0; i < svc.cfg->nmappings; i++)
+            free(svc.written_results[i]);
+    free(svc.written_results);
+    free(svc.maps);
+    esmd_http_stop(svc.http);
+    esmd_pg_free(svc.pg);
+    esmd_invoker_free(svc.inv);
+    esmd_config_free(svc.cfg);
+    esmd_metrics_reset();
+    ESMD_INFO(NULL, "esmd exiting with status %d", exit_code);
+    return exit_code;
+}
+
+int main(int argc, char **argv)
+{
+    curl_global_init(CURL_GLOBAL_ALL);
+    int rc;
+    if (argc < 2) {
+        fputs(usage_main, stderr);
+        rc = EXIT_USAGE;
+    } else if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+               strcmp(argv[1], "help") == 0) {
+        fputs(usage_main, stdout);
+        rc = 0;
+    } else if (strcmp(argv[1], "run") == 0) {
+        rc = cmd_run(argc - 1, argv + 1);
+    } else if (strcmp(argv[1], "check-config") == 0) {
+        rc = cmd_check_config(argc - 1, argv + 1);
+    } else if (strcmp(argv[1], "migrate") == 0) {
+        rc = cmd_migrate(argc - 1, argv + 1);
+    } else if (strcmp(argv[1], "version") == 0 || strcmp(argv[1], "--version") == 0) {
+        rc = cmd_version(argc - 1, argv + 1);
+    } else {
+        fprintf(stderr, "esmd: unknown command '%s'\n\n%s", argv[1], usage_main);
+        rc = EXIT_USAGE;
+    }
+    curl_global_cleanup();
+    return rc;
+}

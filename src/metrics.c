@@ -1,0 +1,311 @@
+/* Prometheus metrics registry and text exposition (format 0.0.4).
+ *
+ * Families are kept in creation order and rendered in that order; the series of a family are
+ * rendered in creation order too, so the output is stable for a given program. Everything runs
+ * on the loop thread: no locks. */
+#include "esmd/metrics.h"
+#include "esmd/log.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const double esmd_default_buckets[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                              1,     2.5,  5,     10,   30,  60};
+#define ESMD_NBUCKETS ESMD_ARRAY_LEN(esmd_default_buckets)
+
+struct esmd_series {
+    struct esmd_metric *m; /* the family it belongs to */
+    char *labels;          /* owned; "" for none */
+    uint32_t hash;         /* of labels */
+    double value;          /* counter / gauge */
+    /* histogram: per-bucket (not cumulative) counts, the +Inf overflow last */
+    uint64_t buckets[ESMD_NBUCKETS + 1];
+    uint64_t count;
+    double sum;
+};
+
+struct esmd_metric {
+    enum esmd_metric_type type;
+    const char *name;            /* static */
+    const char *help;            /* static */
+    struct esmd_series **series; /* owned array of owned series */
+    size_t nseries, cap;
+};
+
+static struct {
+    struct esmd_metric **items; /* owned */
+    size_t n, cap;
+} esmd_registry;
+
+static uint32_t metrics_hash(const char *s)
+{
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (; *s; s++) {
+        h ^= (unsigned char)*s;
+        h *= 16777619u;
+    }
+    return h;
+}
+
+struct esmd_metric *esmd_metric(enum esmd_metric_type type, const char *name, const char *help)
+{
+    struct esmd_metric *m;
+
+    if (name == NULL)
+        return NULL;
+    for (size_t i = 0; i < esmd_registry.n; i++) {
+        m = esmd_registry.items[i];
+        if (strcmp(m->name, name) != 0)
+            continue;
+        if (m->type != type) {
+            ESMD_ERROR(NULL, "metric %s registered twice with different types", name);
+            return NULL;
+        }
+        return m;
+    }
+    if (esmd_registry.n == esmd_registry.cap) {
+        esmd_registry.cap = esmd_registry.cap ? esmd_registry.cap * 2 : 16;
+        esmd_registry.items =
+            esmd_xrealloc(esmd_registry.items, esmd_registry.cap * sizeof(*esmd_registry.items));
+    }
+    m = esmd_xcalloc(1, sizeof(*m));
+    m->type = type;
+    m->name = name;
+    m->help = help ? help : "";
+    esmd_registry.items[esmd_registry.n++] = m;
+    return m;
+}
+
+struct esmd_series *esmd_series(struct esmd_metric *m, const char *labels)
+{
+    struct esmd_series *s;
+    uint32_t h;
+
+    if (m == NULL)
+        return NULL;
+    if (labels == NULL)
+        labels = "";
+    h = metrics_hash(labels);
+    for (size_t i = 0; i < m->nseries; i++) {
+        s = m->series[i];
+        if (s->hash == h && strcmp(s->labels, labels) == 0)
+            return s;
+    }
+    if (m->nseries == m->cap) {
+        m->cap = m->cap ? m->cap * 2 : 8;
+        m->series = esmd_xrealloc(m->series, m->cap * sizeof(*m->series));
+    }
+    s = esmd_xcalloc(1, sizeof(*s));
+    s->m = m;
+    s->labels = esmd_xstrdup(labels);
+    s->hash = h;
+    m->series[m->nseries++] = s;
+    return s;
+}
+
+static void metrics_put_escaped(struct esmd_buf *out, const char *s, bool quotes)
+{
+    for (; *s; s++) {
+        if (*s == '\\')
+            esmd_buf_puts(out, "\\\\");
+        else if (*s == '\n')
+            esmd_buf_puts(out, "\\n");
+        else if (*s == '"' && quotes)
+            esmd_buf_puts(out, "\\\"");
+        else
+            esmd_buf_putc(out, *s);
+    }
+}
+
+void esmd_metric_labels(struct esmd_buf *out, ...)
+{
+    va_list ap;
+    const char *name, *value;
+
+    va_start(ap, out);
+    while ((name = va_arg(ap, const char *)) != NULL) {
+        value = va_arg(ap, const char *);
+        if (value == NULL)
+            continue;
+        if (out->len > 0)
+            esmd_buf_putc(out, ',');
+        esmd_buf_puts(out, name);
+        esmd_buf_puts(out, "=\"");
+        metrics_put_escaped(out, value, true);
+        esmd_buf_putc(out, '"');
+    }
+    va_end(ap);
+}
+
+void esmd_series_inc(struct esmd_series *s, double v)
+{
+    if (s == NULL || s->m->type == ESMD_HISTOGRAM)
+        return;
+    s->value += v;
+}
+
+void esmd_series_set(struct esmd_series *s, double v)
+{
+    if (s == NULL || s->m->type == ESMD_HISTOGRAM)
+        return;
+    s->value = v;
+}
+
+void esmd_series_observe(struct esmd_series *s, double v)
+{
+    size_t i;
+
+    if (s == NULL || s->m->type != ESMD_HISTOGRAM)
+        return;
+    for (i = 0; i < ESMD_NBUCKETS; i++)
+        if (v <= esmd_default_buckets[i])
+            break;
+    s->buckets[i]++;
+    s->count++;
+    s->sum += v;
+}
+
+double esmd_series_value(const struct esmd_series *s)
+{
+    if (s == NULL)
+        return 0;
+    if (s->m->type == ESMD_HISTOGRAM)
+        return (double)s->count;
+    return s->value;
+}
+
+/* Integers as integers; other values as the shortest %g text that reads back the same. */
+static void metrics_put_double(struct esmd_buf *out, double v)
+{
+    char tmp[40];
+
+    if (isnan(v)) {
+        esmd_buf_puts(out, "NaN");
+        return;
+    }
+    if (isinf(v)) {
+        esmd_buf_puts(out, v > 0 ? "+Inf" : "-Inf");
+        return;
+    }
+    if (v == floor(v) && fabs(v) < 9007199254740992.0) {
+        snprintf(tmp, sizeof(tmp), "%.0f", v);
+        esmd_buf_puts(out, tmp);
+        return;
+    }
+    for (int prec = 1; prec <= 17; prec++) {
+        snprintf(tmp, sizeof(tmp), "%.*g", prec, v);
+        if (strtod(tmp, NULL) == v)
+            break;
+    }
+    esmd_buf_puts(out, tmp);
+}
+
+/* name{labels[,extra]} — braces omitted when there is nothing between them. */
+static void metrics_put_series_name(struct esmd_buf *out, const char *name, const char *suffix,
+                                    const char *labels, const char *extra)
+{
+    esmd_buf_puts(out, name);
+    esmd_buf_puts(out, suffix);
+    if (labels[0] == '\0' && extra == NULL)
+        return;
+    esmd_buf_putc(out, '{');
+    esmd_buf_puts(out, labels);
+    if (extra != NULL) {
+        if (labels[0] != '\0')
+            esmd_buf_putc(out, ',');
+        esmd_buf_puts(out, extra);
+    }
+    esmd_buf_putc(out, '}');
+}
+
+static void metrics_render_histogram(struct esmd_buf *out, const struct esmd_metric *m,
+                                     const struct esmd_series *s)
+{
+    struct esmd_buf le = ESMD_BUF_INIT;
+    uint64_t cum = 0;
+
+    for (size_t i = 0; i <= ESMD_NBUCKETS; i++) {
+        cum += s->buckets[i];
+        esmd_buf_reset(&le);
+        esmd_buf_puts(&le, "le=\"");
+        metrics_put_double(&le, i < ESMD_NBUCKETS ? esmd_default_buckets[i] : INFINITY);
+        esmd_buf_putc(&le, '"');
+        metrics_put_series_name(out, m->name, "_bucket", s->labels, esmd_buf_cstr(&le));
+        esmd_buf_putc(out, ' ');
+        esmd_buf_put_i64(out, (int64_t)cum);
+        esmd_buf_putc(out, '\n');
+    }
+    metrics_put_series_name(out, m->name, "_sum", s->labels, NULL);
+    esmd_buf_putc(out, ' ');
+    metrics_put_double(out, s->sum);
+    esmd_buf_putc(out, '\n');
+    metrics_put_series_name(out, m->name, "_count", s->labels, NULL);
+    esmd_buf_putc(out, ' ');
+    esmd_buf_put_i64(out, (int64_t)s->count);
+    esmd_buf_putc(out, '\n');
+    esmd_buf_free(&le);
+}
+
+static const char *metrics_type_name(enum esmd_metric_type t)
+{
+    switch (t) {
+    case ESMD_COUNTER:
+        return "counter";
+    case ESMD_GAUGE:
+        return "gauge";
+    case ESMD_HISTOGRAM:
+        return "histogram";
+    }
+    return "untyped";
+}
+
+void esmd_metrics_render(struct esmd_buf *out)
+{
+    for (size_t i = 0; i < esmd_registry.n; i++) {
+        const struct esmd_metric *m = esmd_registry.items[i];
+
+        if (m->nseries == 0)
+            continue;
+        esmd_buf_puts(out, "# HELP ");
+        esmd_buf_puts(out, m->name);
+        esmd_buf_putc(out, ' ');
+        metrics_put_escaped(out, m->help, false);
+        esmd_buf_puts(out, "\n# TYPE ");
+        esmd_buf_puts(out, m->name);
+        esmd_buf_putc(out, ' ');
+        esmd_buf_puts(out, metrics_type_name(m->type));
+        esmd_buf_putc(out, '\n');
+        for (size_t j = 0; j < m->nseries; j++) {
+            const struct esmd_series *s = m->series[j];
+
+            if (m->type == ESMD_HISTOGRAM) {
+                metrics_render_histogram(out, m, s);
+                continue;
+            }
+            metrics_put_series_name(out, m->name, "", s->labels, NULL);
+            esmd_buf_putc(out, ' ');
+            metrics_put_double(out, s->value);
+            esmd_buf_putc(out, '\n');
+        }
+    }
+}
+
+void esmd_metrics_reset(void)
+{
+    for (size_t i = 0; i < esmd_registry.n; i++) {
+        struct esmd_metric *m = esmd_registry.items[i];
+
+        for (size_t j = 0; j < m->nseries; j++) {
+            free(m->series[j]->labels);
+            free(m->series[j]);
+        }
+        free(m->series);
+        free(m);
+    }
+    free(esmd_registry.items);
+    esmd_registry.items = NULL;
+    esmd_registry.n = esmd_registry.cap = 0;
+}

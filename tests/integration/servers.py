@@ -1,0 +1,605 @@
+"""Real servers on loopback for the integration tests and scripts/dev-up.
+
+Every class here starts one process on a free 127.0.0.1 port, knows how to wait until it
+answers, and stops it (and removes its temporary directory) in stop(). Only the Python standard
+library is used, so scripts/dev-up can import this module without pytest.
+
+    Postgres   initdb + postgres as the `postgres` user when run as root (it refuses root)
+    Redis      redis-server without persistence
+    KafkaMock  build/kafkatool mock (librdkafka's mock cluster speaking the Kafka protocol)
+    Esmd       build/esmd run -c FILE, stderr captured to a file
+"""
+
+import glob
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def build_dir():
+    """The build tree under test: $ESMD_BUILD (relative to the repo root) or build/."""
+    d = os.environ.get("ESMD_BUILD", "build")
+    return d if os.path.isabs(d) else os.path.join(ROOT, d)
+
+
+def binary(name):
+    return os.path.join(build_dir(), name)
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):
+    """Polls predicate() until it returns something truthy; returns that value.
+    Raises TimeoutError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = predicate()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def tail(path, lines=60):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return "(cannot read %s: %s)" % (path, e)
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def _stop_process(proc, sig=signal.SIGTERM, timeout=10.0):
+    """Sends sig, waits up to timeout, then SIGKILL. Returns the exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        except ProcessLookupError:
+            pass
+    return proc.returncode
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+def pg_bindir():
+    """Directory of initdb/postgres/psql: the newest /usr/lib/postgresql/N/bin (Debian keeps
+    the server binaries off PATH), else wherever initdb is on PATH."""
+    for cand in sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                       key=lambda p: int(p.split("/")[-2]) if p.split("/")[-2].isdigit() else 0,
+                       reverse=True):
+        if os.path.exists(os.path.join(cand, "initdb")):
+            return cand
+    initdb = shutil.which("initdb")
+    if initdb:
+        return os.path.dirname(os.path.realpath(initdb))
+    raise RuntimeError("PostgreSQL server binaries not found: install the `postgresql` package "
+                       "(scripts/install-deps)")
+
+
+class Postgres:
+    """A throw-away PostgreSQL cluster: data directory and unix socket in a temporary directory,
+    TCP on 127.0.0.1:port, fsync off (speed; nothing here must survive a power cut).
+
+    .url (postgresql://postgres@127.0.0.1:PORT/esmd), .port, .dsn(db), .sql(query, db),
+    .create_db(name), .stop(), .start(). Runs as the `postgres` user when we are root."""
+
+    def __init__(self, dbname="esmd"):
+        self.bindir = pg_bindir()
+        self.dbname = dbname
+        self.port = free_port()
+        self.tmp = tempfile.mkdtemp(prefix="esmd-pg-")
+        self.data = os.path.join(self.tmp, "data")
+        self.logfile = os.path.join(self.tmp, "postgres.log")
+        self.proc = None
+        self._user = None
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            self._user = (pw.pw_uid, pw.pw_gid)
+            os.chown(self.tmp, *self._user)
+        self._run([os.path.join(self.bindir, "initdb"), "-D", self.data, "-U", "postgres",
+                   "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+        self.start()
+        self.create_db(dbname)
+
+    @property
+    def url(self):
+        return self.dsn(self.dbname)
+
+    def dsn(self, db=None):
+        return "postgresql://postgres@127.0.0.1:%d/%s" % (self.port, db or self.dbname)
+
+    def _popen_kw(self):
+        kw = {}
+        if self._user:
+            kw.update(user=self._user[0], group=self._user[1], extra_groups=[])
+        return kw
+
+    def _run(self, argv, **kw):
+        r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self.tmp,
+                           **self._popen_kw(), **kw)
+        if r.returncode != 0:
+            raise RuntimeError("%s failed (%d):\n%s" % (argv[0], r.returncode,
+                                                       r.stdout.decode(errors="replace")))
+        return r.stdout.decode()
+
+    def start(self):
+        if self.proc and self.proc.poll() is None:
+            return
+        log = open(self.logfile, "ab")
+        self.proc = subprocess.Popen(
+            [os.path.join(self.bindir, "postgres"), "-D", self.data, "-p", str(self.port),
+             "-k", self.tmp, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+             "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+             "-c", "max_connections=200", "-c", "shared_buffers=32MB"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp,
+            start_new_session=True, **self._popen_kw())
+        log.close()
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError("postgres exited (%s):\n%s" % (self.proc.returncode,
+                                                                  tail(self.logfile)))
+            r = subprocess.run([os.path.join(self.bindir, "pg_isready"), "-q", "-h", "127.0.0.1",
+                                "-p", str(self.port), "-U", "postgres"])
+            return r.returncode == 0
+
+        wait_for(ready, 30, 0.1, "postgres to accept connections")
+
+    def stop(self):
+        """Fast shutdown (SIGINT); the data directory stays for start()."""
+        _stop_process(self.proc, signal.SIGINT, 30)
+
+    def sql(self, query, db=None):
+        """Runs query with psql; returns the rows as lists of strings (unaligned, tab-separated)."""
+        out = self._run([os.path.join(self.bindir, "psql"), "-X", "-q", "-At", "-F", "\t",
+                         "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(self.port),
+                         "-U", "postgres", "-d", db or self.dbname, "-c", query])
+        return [line.split("\t") for line in out.splitlines() if line]
+
+    def create_db(self, name):
+        self.sql('CREATE DATABASE "%s"' % name, db="postgres")
+        return self.dsn(name)
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis
+
+
+class Redis:
+    """redis-server on 127.0.0.1:port, no RDB/AOF. .url, .port, .command(*args) (tiny RESP)."""
+
+    def __init__(self):
+        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(exe):
+            raise RuntimeError("redis-server not found: install `redis-server` "
+                               "(scripts/install-deps)")
+        self.port = free_port()
+        self.tmp = tempfile.mkdtemp(prefix="esmd-redis-")
+        self.logfile = os.path.join(self.tmp, "redis.log")
+        log = open(self.logfile, "ab")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.tmp, "--daemonize", "no"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        log.close()
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError("redis-server exited:\n" + tail(self.logfile))
+            try:
+                return self.command("PING") == "PONG"
+            except OSError:
+                return False
+
+        wait_for(ready, 20, 0.05, "redis to answer PING")
+
+    @property
+    def url(self):
+        return "redis://127.0.0.1:%d/0" % self.port
+
+    def command(self, *args):
+        """Sends one command, returns the decoded reply (simple types and flat arrays)."""
+        out = b"*%d\r\n" % len(args)
+        for a in args:
+            a = a if isinstance(a, bytes) else str(a).encode()
+            out += b"$%d\r\n%s\r\n" % (len(a), a)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(out)
+            f = s.makefile("rb")
+            return self._read(f)
+
+    def _read(self, f):
+        line = f.readline().rstrip(b"\r\n")
+        t, rest = line[:1], line[1:]
+        if t == b"+":
+            return rest.decode()
+        if t == b"-":
+            raise RuntimeError(rest.decode())
+        if t == b":":
+            return int(rest)
+        if t == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = f.read(n + 2)[:-2]
+            return data.decode(errors="replace")
+        if t == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read(f) for _ in range(n)]
+        raise RuntimeError("bad RESP reply %r" % line)
+
+    def close(self):
+        _stop_process(self.proc, signal.SIGTERM, 10)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kafka (librdkafka's mock cluster through build/kafkatool)
+
+
+class KafkaMock:
+    """`kafkatool mock` running in the background.
+
+    .bootstrap             "127.0.0.1:PORT,..." (the line the mock prints first)
+    .create_topic(n, p)    creates topic n with p partitions (stdin command `create`)
+    .command(line)         any stdin command; returns the mock's one-line answer
+    .produce(topic, records=None, count=N, size=B, partitions=P, keyed=True, timeout=...)
+    .committed(group, topic) -> {partition: offset}   (-1 = nothing committed)
+    .watermarks(topic)       -> {partition: high watermark}
+    """
+
+    def __init__(self, topics=(), brokers=None):
+        self.tool = binary("kafkatool")
+        if not os.path.exists(self.tool):
+            raise RuntimeError("%s not built" % self.tool)
+        argv = [self.tool, "mock"]
+        if brokers:
+            argv += ["--brokers", str(brokers)]
+        for name, parts in topics:
+            argv += ["--topic", "%s:%d" % (name, parts)]
+        self.tmp = tempfile.mkdtemp(prefix="esmd-kafka-")
+        self.logfile = os.path.join(self.tmp, "mock.log")
+        self._err = open(self.logfile, "ab")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._err, start_new_session=True)
+        self._lock = threading.Lock()
+        self.bootstrap = self._readline(30).strip()
+        if not self.bootstrap:
+            raise RuntimeError("kafkatool mock printed no bootstrap servers:\n" +
+                               tail(self.logfile))
+
+    def _readline(self, timeout):
+        box = []
+        t = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
+        t.start()
+        t.join(timeout)
+        if not box:
+            raise TimeoutError("kafkatool mock did not answer within %ss:\n%s" %
+                               (timeout, tail(self.logfile)))
+        line = box[0].decode(errors="replace")
+        if not line and self.proc.poll() is not None:
+            raise RuntimeError("kafkatool mock exited (%s):\n%s" % (self.proc.returncode,
+                                                                    tail(self.logfile)))
+        return line
+
+    def command(self, line, timeout=30):
+        with self._lock:
+            self.proc.stdin.write((line.rstrip("\n") + "\n").encode())
+            self.proc.stdin.flush()
+            return self._readline(timeout).strip()
+
+    def create_topic(self, name, parts):
+        ans = self.command("create %s %d" % (name, parts))
+        if ans != "ok":
+            raise RuntimeError("create %s %d: %s" % (name, parts, ans))
+        return name
+
+    def _tool(self, args, stdin=None, timeout=120):
+        r = subprocess.run([self.tool] + args, input=stdin, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError("kafkatool %s failed (%d): %s" % (
+                " ".join(args[:1]), r.returncode, r.stderr.decode(errors="replace")[-2000:]))
+        return r.stdout.decode()
+
+    def produce(self, topic, records=None, count=None, size=None, partitions=None, keyed=False,
+                extra_args=(), timeout=120):
+        """Produces either `records` (dicts with partition/key/value/value_b64/headers/timestamp,
+        sent as JSON lines) or `count` generated records. Returns how many were produced."""
+        args = ["produce", "-b", self.bootstrap, "-t", topic] + list(extra_args)
+        stdin = None
+        if records is not None:
+            stdin = "".join(json.dumps(r) + "\n" for r in records).encode()
+        else:
+            args += ["--count", str(count)]
+            if size is not None:
+                args += ["--size", str(size)]
+            if partitions is not None:
+                args += ["--partitions", str(partitions)]
+            if keyed:
+                args.append("--keyed")
+            stdin = b""
+        out = self._tool(args, stdin, timeout)
+        n = None
+        for line in out.splitlines():
+            if line.startswith("produced "):
+                n = int(line.split()[1])
+        expected = len(records) if records is not None else count
+        if n != expected:
+            raise RuntimeError("kafkatool produce: expected 'produced %d', got %r" %
+                               (expected, out[-500:]))
+        return n
+
+    def committed(self, group, topic):
+        out = self._tool(["committed", "-b", self.bootstrap, "-g", group, "-t", topic], timeout=60)
+        return {int(k): int(v) for k, v in json.loads(out).items()}
+
+    def watermarks(self, topic):
+        """{partition: high watermark}; accepts the tool's forms {"0":high}, {"0":[low,high]}
+        and {"0":{"low":..,"high":..}}."""
+        out = self._tool(["watermarks", "-b", self.bootstrap, "-t", topic], timeout=60)
+        res = {}
+        for k, v in json.loads(out).items():
+            if isinstance(v, list):
+                v = v[-1]
+            elif isinstance(v, dict):
+                v = v["high"]
+            res[int(k)] = int(v)
+        return res
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # EOF asks the mock to exit
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _stop_process(self.proc, signal.SIGTERM, 10)
+        self._err.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# esmd
+
+
+def http_get(url, timeout=5.0):
+    """(status, body text); status 0 when the connection fails."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError):
+        return 0, ""
+
+
+def parse_metrics(text):
+    """Prometheus text -> list of (name, {label: value}, float)."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        labels = {}
+        if "{" in line:
+            name, rest = line.split("{", 1)
+            body, _, value = rest.rpartition("}")
+            i = 0
+            while i < len(body):
+                eq = body.index("=", i)
+                key = body[i:eq].strip().lstrip(",").strip()
+                j = eq + 2  # past ="
+                val = []
+                while body[j] != '"':
+                    if body[j] == "\\":
+                        j += 1
+                        val.append({"n": "\n"}.get(body[j], body[j]))
+                    else:
+                        val.append(body[j])
+                    j += 1
+                labels[key] = "".join(val)
+                i = j + 1
+                while i < len(body) and body[i] in ", ":
+                    i += 1
+            value = value.split()[0]
+        else:
+            name, value = line.split()[:2]
+        out.append((name.strip(), labels, float(value)))
+    return out
+
+
+class Metrics(list):
+    """Parsed /metrics: a list of (name, labels, value) with a summing lookup."""
+
+    def get(self, name, **labels):
+        """Sum of the series of `name` whose labels include `labels` (0.0 if none)."""
+        return sum(v for n, ls, v in self
+                   if n == name and all(ls.get(k) == str(x) for k, x in labels.items()))
+
+    def names(self):
+        return sorted({n for n, _, _ in self})
+
+
+class Esmd:
+    """One `esmd run -c CONFIG` process. The config file is written by the caller.
+
+    .admin ("http://127.0.0.1:PORT"), .start(wait=True), .stop(sig, timeout) -> exit code,
+    .kill9(), .restart(), .metrics(), .get(path), .log() (captured stderr), .log_lines() (JSON)
+    """
+
+    def __init__(self, config_path, admin_port, env=None, argv_extra=(), logfile=None):
+        self.config_path = config_path
+        self.admin = "http://127.0.0.1:%d" % admin_port
+        self.env = dict(os.environ, **(env or {}))
+        self.argv = [binary("esmd"), "run", "-c", config_path] + list(argv_extra)
+        self.logfile = logfile or os.path.splitext(config_path)[0] + ".stderr"
+        self.proc = None
+        self.runs = 0
+
+    def start(self, wait=True, timeout=30):
+        if not os.path.exists(self.argv[0]):
+            raise RuntimeError("%s not built" % self.argv[0])
+        self.runs += 1
+        log = open(self.logfile, "ab")
+        log.write(b"---- start %d ----\n" % self.runs)
+        log.flush()
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=log, env=self.env, start_new_session=True)
+        log.close()
+        if wait:
+            self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout=30):
+        def healthy():
+            if self.proc.poll() is not None:
+                raise RuntimeError("esmd exited with %s before /healthz answered; stderr:\n%s" %
+                                   (self.proc.returncode, tail(self.logfile)))
+            return self.get("/healthz")[0] == 200
+        wait_for(healthy, timeout, 0.05, "esmd /healthz")
+
+    def get(self, path, timeout=5.0):
+        return http_get(self.admin + path, timeout)
+
+    def metrics(self):
+        status, body = self.get("/metrics")
+        if status != 200:
+            raise RuntimeError("/metrics answered %d: %s" % (status, body[:500]))
+        return Metrics(parse_metrics(body))
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        """Sends sig and waits up to timeout seconds; returns the exit code (negative for a
+        signal). Raises TimeoutError (after SIGKILL) if it did not exit in time."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is not None:
+            return self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise TimeoutError("esmd did not exit within %ss after signal %d; stderr:\n%s" %
+                               (timeout, sig, tail(self.logfile)))
+
+    def kill9(self):
+        if self.running():
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.returncode
+
+    def restart(self, wait=True):
+        code = self.stop()
+        self.start(wait=wait)
+        return code
+
+    def log(self):
+        try:
+            with open(self.logfile, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def log_lines(self):
+        """The JSON objects among the captured stderr lines."""
+        out = []
+        for line in self.log().splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def close(self):
+        if self.running():
+            try:
+                self.stop(timeout=15)
+            except TimeoutError:
+                pass
+
+
+def produce_with_librdkafka(bootstrap, topic, records, properties=None, timeout=60):
+    """Produces [(partition, key bytes|None, value bytes|None)] through librdkafka itself (ctypes),
+    for what kafkatool's fixed producer settings cannot send, such as a record over librdkafka's
+    default message.max.bytes. Raises RuntimeError when a record is not delivered."""
+    import ctypes
+    import ctypes.util
+
+    lib = ctypes.CDLL(ctypes.util.find_library("rdkafka") or "librdkafka.so.1")
+    vp, cp, sz = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
+    lib.rd_kafka_conf_new.restype = vp
+    lib.rd_kafka_conf_set.argtypes = [vp, cp, cp, cp, sz]
+    lib.rd_kafka_new.restype = vp
+    lib.rd_kafka_new.argtypes = [ctypes.c_int, vp, cp, sz]
+    lib.rd_kafka_topic_new.restype = vp
+    lib.rd_kafka_topic_new.argtypes = [vp, cp, vp]
+    lib.rd_kafka_produce.argtypes = [vp, ctypes.c_int32, ctypes.c_int, cp, sz, cp, sz, vp]
+    lib.rd_kafka_flush.argtypes = [vp, ctypes.c_int]
+    lib.rd_kafka_outq_len.argtypes = [vp]
+    lib.rd_kafka_topic_destroy.argtypes = [vp]
+    lib.rd_kafka_destroy.argtypes = [vp]
+    lib.rd_kafka_last_error.restype = ctypes.c_int
+    lib.rd_kafka_err2str.restype = cp
+    lib.rd_kafka_err2str.argtypes = [ctypes.c_int]
+
+    err = ctypes.create_string_buffer(512)
+    conf = lib.rd_kafka_conf_new()
+    props = {"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": "0"}
+    props.update(properties or {})
+    for k, v in props.items():
+        if lib.rd_kafka_conf_set(conf, k.encode(), str(v).encode(), err, 512) != 0:
+            raise RuntimeError("%s=%s: %s" % (k, v, err.value.decode()))
+    rk = lib.rd_kafka_new(0, conf, err, 512)  # RD_KAFKA_PRODUCER
+    if not rk:
+        raise RuntimeError("rd_kafka_new: " + err.value.decode())
+    rkt = lib.rd_kafka_topic_new(rk, topic.encode(), None)
+    try:
+        for partition, key, value in records:
+            if lib.rd_kafka_produce(rkt, partition, 2, value, len(value or b""), key,
+                                    len(key or b""), None) != 0:  # RD_KAFKA_MSG_F_COPY
+                raise RuntimeError("produce: " + lib.rd_kafka_err2str(
+                    lib.rd_kafka_last_error()).decode())
+        lib.rd_kafka_flush(rk, int(timeout * 1000))
+        if lib.rd_kafka_outq_len(rk) != 0:
+            raise RuntimeError("records not delivered within %ss" % timeout)
+    finally:
+        lib.rd_kafka_topic_destroy(rkt)
+        lib.rd_kafka_destroy(rk)

@@ -1,0 +1,160 @@
+/* Metrics registry and the Prometheus text exposition. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+#include <string.h>
+
+#include "esmd/metrics.h"
+
+static int teardown(void **state)
+{
+    (void)state;
+    esmd_metrics_reset();
+    return 0;
+}
+
+static void test_labels_escaping(void **state)
+{
+    struct esmd_buf b = ESMD_BUF_INIT;
+
+    (void)state;
+    esmd_metric_labels(&b, "function", "a\"b\\c\nd", "mapping", NULL, NULL);
+    assert_string_equal(esmd_buf_cstr(&b), "function=\"a\\\"b\\\\c\\nd\"");
+    esmd_metric_labels(&b, "mapping", "m1", NULL);
+    assert_string_equal(esmd_buf_cstr(&b), "function=\"a\\\"b\\\\c\\nd\",mapping=\"m1\"");
+    esmd_buf_reset(&b);
+    esmd_metric_labels(&b, NULL);
+    assert_string_equal(esmd_buf_cstr(&b), "");
+    esmd_buf_free(&b);
+}
+
+static void test_counter_gauge_render(void **state)
+{
+    struct esmd_metric *c, *g;
+    struct esmd_series *s1, *s2, *gs;
+    struct esmd_buf labels = ESMD_BUF_INIT, out = ESMD_BUF_INIT;
+
+    (void)state;
+    c = esmd_metric(ESMD_COUNTER, "esmd_test_total", "A test counter.\nWith \\ and \"quotes\".");
+    assert_non_null(c);
+    assert_ptr_equal(esmd_metric(ESMD_COUNTER, "esmd_test_total", "ignored"), c);
+    assert_null(esmd_metric(ESMD_GAUGE, "esmd_test_total", "wrong type"));
+
+    esmd_metric_labels(&labels, "function", "orders", "mapping", "m\"1", NULL);
+    s1 = esmd_series(c, esmd_buf_cstr(&labels));
+    assert_ptr_equal(esmd_series(c, esmd_buf_cstr(&labels)), s1);
+    s2 = esmd_series(c, "");
+    esmd_series_inc(s1, 1);
+    esmd_series_inc(s1, 2);
+    esmd_series_inc(s2, 0.5);
+    assert_true(esmd_series_value(s1) == 3);
+
+    g = esmd_metric(ESMD_GAUGE, "esmd_test_gauge", "A gauge.");
+    gs = esmd_series(g, "function=\"orders\"");
+    esmd_series_set(gs, 7);
+    esmd_series_inc(gs, -2);
+    esmd_series_observe(gs, 1); /* ignored on a gauge */
+    assert_true(esmd_series_value(gs) == 5);
+
+    /* A family without series is not rendered. */
+    assert_non_null(esmd_metric(ESMD_COUNTER, "esmd_test_empty_total", "Nothing."));
+    /* NULL handles are accepted. */
+    esmd_series_inc(NULL, 1);
+    assert_null(esmd_series(NULL, ""));
+
+    esmd_metrics_render(&out);
+    assert_string_equal(esmd_buf_cstr(&out),
+                        "# HELP esmd_test_total A test counter.\\nWith \\\\ and \"quotes\".\n"
+                        "# TYPE esmd_test_total counter\n"
+                        "esmd_test_total{function=\"orders\",mapping=\"m\\\"1\"} 3\n"
+                        "esmd_test_total 0.5\n"
+                        "# HELP esmd_test_gauge A gauge.\n"
+                        "# TYPE esmd_test_gauge gauge\n"
+                        "esmd_test_gauge{function=\"orders\"} 5\n");
+    esmd_buf_free(&labels);
+    esmd_buf_free(&out);
+}
+
+static void test_histogram_render(void **state)
+{
+    struct esmd_metric *h;
+    struct esmd_series *s, *bare;
+    struct esmd_buf out = ESMD_BUF_INIT;
+
+    (void)state;
+    h = esmd_metric(ESMD_HISTOGRAM, "esmd_test_seconds", "Durations.");
+    s = esmd_series(h, "function=\"f\"");
+    esmd_series_observe(s, 0.004);
+    esmd_series_observe(s, 0.005); /* le is inclusive */
+    esmd_series_observe(s, 0.3);
+    esmd_series_observe(s, 2);
+    esmd_series_observe(s, 100); /* only +Inf */
+    esmd_series_inc(s, 1);       /* ignored on a histogram */
+    assert_true(esmd_series_value(s) == 5);
+    bare = esmd_series(h, "");
+    esmd_series_observe(bare, 0.1);
+
+    esmd_metrics_render(&out);
+    assert_string_equal(esmd_buf_cstr(&out),
+                        "# HELP esmd_test_seconds Durations.\n"
+                        "# TYPE esmd_test_seconds histogram\n"
+                        "esmd_test_seconds_bucket{function=\"f\",le=\"0.005\"} 2\n"
+                        "esmd_test_seconds_bucket{function=\"f\",le=\"0.01\"} 2\n"
+                        "esmd_test_seconds_bucket{function=\"f\",le=\"0.025\"} 2\n"
+                        "esmd_test_seconds_bucket{function=\"f\",le=\"0.05\"} 2\n"
+                        "esmd_test_seconds_bucket{function=\"f\",le=\"0.1\"} 2\n"
+                        "esmd_test_seconds_bucket{function=\"f\",le=\"0.25\"} 2\n"
+                        "esmd_test_seconds_bucket{function=\"f\",le=\"0.5\"} 3\n"
+                        "esmd_test_seconds_bucket{function=\"f\",le=\"1\"} 3\n"
+                        "esmd_test_seconds_bucket{function=\"f\",le=\"2.5\"} 4\n"
+                        "esmd_test_seconds_bucket{function=\"f\",le=\"5\"} 4\n"
+                        "esmd_test_seconds_bucket{function=\"f\",le=\"10\"} 4\n"
+                        "esmd_test_seconds_bucket{function=\"f\",le=\"30\"} 4\n"
+                        "esmd_test_seconds_bucket{function=\"f\",le=\"60\"} 4\n"
+                        "esmd_test_seconds_bucket{function=\"f\",le=\"+Inf\"} 5\n"
+                        "esmd_test_seconds_sum{function=\"f\"} 102.309\n"
+                        "esmd_test_seconds_count{function=\"f\"} 5\n"
+                        "esmd_test_seconds_bucket{le=\"0.005\"} 0\n"
+                        "esmd_test_seconds_bucket{le=\"0.01\"} 0\n"
+                        "esmd_test_seconds_bucket{le=\"0.025\"} 0\n"
+                        "esmd_test_seconds_bucket{le=\"0.05\"} 0\n"
+                        "esmd_test_seconds_bucket{le=\"0.1\"} 1\n"
+                        "esmd_test_seconds_bucket{le=\"0.25\"} 1\n"
+                        "esmd_test_seconds_bucket{le=\"0.5\"} 1\n"
+                        "esmd_test_seconds_bucket{le=\"1\"} 1\n"
+                        "esmd_test_seconds_bucket{le=\"2.5\"} 1\n"
+                        "esmd_test_seconds_bucket{le=\"5\"} 1\n"
+                        "esmd_test_seconds_bucket{le=\"10\"} 1\n"
+                        "esmd_test_seconds_bucket{le=\"30\"} 1\n"
+                        "esmd_test_seconds_bucket{le=\"60\"} 1\n"
+                        "esmd_test_seconds_bucket{le=\"+Inf\"} 1\n"
+                        "esmd_test_seconds_sum 0.1\n"
+                        "esmd_test_seconds_count 1\n");
+    esmd_buf_free(&out);
+}
+
+static void test_reset(void **state)
+{
+    struct esmd_buf out = ESMD_BUF_INIT;
+
+    (void)state;
+    esmd_series_inc(esmd_series(esmd_metric(ESMD_COUNTER, "esmd_x_total", "X."), ""), 1);
+    esmd_metrics_reset();
+    esmd_metrics_render(&out);
+    assert_int_equal(out.len, 0);
+    esmd_buf_free(&out);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_labels_escaping, teardown),
+        cmocka_unit_test_teardown(test_counter_gauge_render, teardown),
+        cmocka_unit_test_teardown(test_histogram_render, teardown),
+        cmocka_unit_test_teardown(test_reset, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,690 @@
+/* Tests for src/pg.c against a live PostgreSQL server.
+ *
+ * ESMD_TEST_PG holds a libpq conninfo (or URI). The test creates a scratch database
+ * esmd_test_pg_<pid> there and drops it at the end; if the role may not create databases it
+ * uses the given database and drops its schema esmd between tests. Without ESMD_TEST_PG every
+ * test that needs the server is skipped. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include "esmd/log.h"
+#include "esmd/pg.h"
+
+#include <ev.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static const char *g_base;    /* ESMD_TEST_PG */
+static char g_conninfo[2048]; /* the scratch database */
+static char g_dbname[64];
+static bool g_own_db;
+
+#define NEED_PG()                                                                                  \
+    do {                                                                                           \
+        if (!g_base)                                                                               \
+            skip();                                                                                \
+    } while (0)
+
+/* ---- helpers ---------------------------------------------------------------------------- */
+
+/* base's options with dbname replaced, as a quoted keyword=value conninfo. */
+static void build_conninfo(const char *base, const char *db, char *out, size_t n)
+{
+    char *msg = NULL;
+    PQconninfoOption *opts = PQconninfoParse(base, &msg);
+    assert_non_null(opts);
+    size_t o = 0;
+    for (const PQconninfoOption *opt = opts; opt->keyword; opt++) {
+        if (!opt->val || !*opt->val || strcmp(opt->keyword, "dbname") == 0)
+            continue;
+        o += (size_t)snprintf(out + o, n - o, "%s='", opt->keyword);
+        for (const char *s = opt->val; *s && o + 3 < n; s++) {
+            if (*s == '\'' || *s == '\\')
+                out[o++] = '\\';
+            out[o++] = *s;
+        }
+        o += (size_t)snprintf(out + o, n - o, "' ");
+        assert_true(o < n);
+    }
+    snprintf(out + o, n - o, "dbname='%s'", db);
+    PQconninfoFree(opts);
+}
+
+static PGconn *blocking_conn(void)
+{
+    PGconn *c = PQconnectdb(g_conninfo);
+    assert_non_null(c);
+    if (PQstatus(c) != CONNECTION_OK)
+        fail_msg("connect: %s", PQerrorMessage(c));
+    return c;
+}
+
+/* Runs sql; returns the first column of the first row as a malloc'd string ("" if none). */
+static char *scalar(PGconn *c, const char *sql)
+{
+    PGresult *res = PQexec(c, sql);
+    ExecStatusType st = PQresultStatus(res);
+    if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK)
+        fail_msg("%s: %s", sql, PQresultErrorMessage(res));
+    char *v = strdup(PQntuples(res) > 0 ? PQgetvalue(res, 0, 0) : "");
+    PQclear(res);
+    return v;
+}
+
+static void assert_scalar(PGconn *c, const char *sql, const char *want)
+{
+    char *v = scalar(c, sql);
+    if (strcmp(v, want) != 0)
+        fail_msg("%s: got '%s', want '%s'", sql, v, want);
+    free(v);
+}
+
+static void reset_schema(void)
+{
+    PGconn *c = blocking_conn();
+    PQsetNoticeProcessor(c, NULL, NULL);
+    free(scalar(c, "SET client_min_messages = warning"));
+    free(scalar(c, "DROP SCHEMA IF EXISTS esmd CASCADE"));
+    PQfinish(c);
+}
+
+static int group_setup(void **state)
+{
+    (void)state;
+    const char *base = getenv("ESMD_TEST_PG");
+    if (!base || !*base)
+        return 0;
+    g_base = base;
+    PGconn *c = PQconnectdb(base);
+    if (PQstatus(c) != CONNECTION_OK) {
+        fprintf(stderr, "ESMD_TEST_PG: cannot connect: %s", PQerrorMessage(c));
+        PQfinish(c);
+        return -1;
+    }
+    snprintf(g_dbname, sizeof(g_dbname), "esmd_test_pg_%d", (int)getpid());
+    char sql[128];
+    snprintf(sql, sizeof(sql), "CREATE DATABASE %s", g_dbname);
+    PGresult *res = PQexec(c, sql);
+    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
+        g_own_db = true;
+        build_conninfo(base, g_dbname, g_conninfo, sizeof(g_conninfo));
+    } else {
+        fprintf(stderr, "# cannot create a scratch database (%s); using ESMD_TEST_PG's own\n",
+                PQresultErrorMessage(res));
+        snprintf(g_conninfo, sizeof(g_conninfo), "%s", base);
+    }
+    PQclear(res);
+    PQfinish(c);
+    return 0;
+}
+
+static int group_teardown(void **state)
+{
+    (void)state;
+    if (!g_own_db)
+        return 0;
+    PGconn *c = PQconnectdb(g_base);
+    char sql[128];
+    snprintf(sql, sizeof(sql), "DROP DATABASE IF EXISTS %s WITH (FORCE)", g_dbname);
+    PQclear(PQexec(c, sql));
+    PQfinish(c);
+    return 0;
+}
+
+/* Loop helpers: run until cond(arg) is true or timeout_s passes; a 10 ms tick keeps
+ * ev_run(ONCE) from blocking forever. */
+static void tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
+}
+
+static bool run_until(struct ev_loop *loop, bool (*cond)(void *), void *arg, double timeout_s)
+{
+    ev_timer tick;
+    ev_timer_init(&tick, tick_cb, 0.01, 0.01);
+    ev_timer_start(loop, &tick);
+    double end = ev_time() + timeout_s;
+    bool ok;
+    while (!(ok = cond(arg)) && ev_time() < end)
+        ev_run(loop, EVRUN_ONCE);
+    ev_timer_stop(loop, &tick);
+    return ok;
+}
+
+static bool cond_false(void *arg)
+{
+    (void)arg;
+    return false;
+}
+
+static void run_for(struct ev_loop *loop, double s)
+{
+    run_until(loop, cond_false, NULL, s);
+}
+
+static bool cond_ready(void *arg)
+{
+    return esmd_pg_ready(arg);
+}
+
+static bool cond_not_ready(void *arg)
+{
+    return !esmd_pg_ready(arg);
+}
+
+/* One query's outcome, filled by on_result. */
+struct outcome {
+    int calls;
+    int seq;
+    bool have_res;
+    ExecStatusType status;
+    bool value_null;
+    char value[256];
+    char value2[256];
+    char err[1024];
+};
+
+static int g_seq;
+static bool g_in_query; /* set around esmd_pg_query: callbacks must not run then */
+static int g_reentrant;
+
+static void on_result(void *ud, const PGresult *res, const char *err)
+{
+    struct outcome *o = ud;
+    if (g_in_query)
+        g_reentrant++;
+    o->calls++;
+    o->seq = ++g_seq;
+    o->have_res = res != NULL;
+    if (res) {
+        o->status = PQresultStatus(res);
+        if (PQntuples(res) > 0 && PQnfields(res) > 0) {
+            o->value_null = PQgetisnull(res, 0, 0);
+            snprintf(o->value, sizeof(o->value), "%s", PQgetvalue(res, 0, 0));
+            if (PQnfields(res) > 1)
+                snprintf(o->value2, sizeof(o->value2), "%s", PQgetvalue(res, 0, 1));
+        }
+    }
+    snprintf(o->err, sizeof(o->err), "%s", err ? err : "");
+}
+
+static bool cond_called(void *arg)
+{
+    return ((struct outcome *)arg)->calls > 0;
+}
+
+static void query(struct esmd_pg *pg, const char *sql, int n, const char *const *params,
+                  struct outcome *o)
+{
+    g_in_query = true;
+    assert_int_equal(esmd_pg_query(pg, sql, n, params, on_result, o), 0);
+    g_in_query = false;
+    assert_int_equal(o->calls, 0);
+}
+
+static struct esmd_pg *connect_ready(struct ev_loop *loop)
+{
+    char err[256] = "";
+    struct esmd_pg *pg = esmd_pg_new(loop, g_conninfo, "test", err, sizeof(err));
+    if (!pg)
+        fail_msg("esmd_pg_new: %s", err);
+    assert_true(run_until(loop, cond_ready, pg, 10));
+    return pg;
+}
+
+/* ---- tests without a server ------------------------------------------------------------- */
+
+static void test_migration_names(void **state)
+{
+    (void)state;
+    assert_true(esmd_pg_migration_count() >= 1);
+    assert_string_equal(esmd_pg_migration_name(0), "0001_mapping_state");
+    assert_null(esmd_pg_migration_name(esmd_pg_migration_count()));
+}
+
+static void test_bad_conninfo(void **state)
+{
+    (void)state;
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    char err[256] = "";
+    assert_null(esmd_pg_new(loop, "host=localhost bogus_option=1", "t", err, sizeof(err)));
+    assert_non_null(strstr(err, "bogus_option"));
+    assert_null(esmd_pg_new(loop, "postgresql://u@h/d?nope=1", "t", err, sizeof(err)));
+    assert_true(err[0] != '\0');
+    ev_loop_destroy(loop);
+}
+
+static void test_migrate_list_validation(void **state)
+{
+    (void)state;
+    char err[256] = "";
+    int applied = -1;
+    const char *bad_names[] = {"no_number"};
+    const char *sqls[] = {"SELECT 1", "SELECT 1"};
+    /* rejected before connecting: port 1 is never dialled */
+    assert_int_equal(esmd_pg_migrate_list("host=127.0.0.1 port=1", bad_names, sqls, 1, &applied,
+                                          err, sizeof(err)),
+                     ESMD_EINVAL);
+    assert_int_equal(applied, 0);
+    assert_non_null(strstr(err, "no_number"));
+    const char *dup_names[] = {"0002_a", "0002_b"};
+    assert_int_equal(esmd_pg_migrate_list("host=127.0.0.1 port=1", dup_names, sqls, 2, &applied,
+                                          err, sizeof(err)),
+                     ESMD_EINVAL);
+    assert_non_null(strstr(err, "same version"));
+}
+
+/* Unreachable server: not ready, queries wait, free closes them; no password in logs. */
+static void test_unreachable_and_redacted(void **state)
+{
+    (void)state;
+    FILE *logf = tmpfile();
+    assert_non_null(logf);
+    esmd_log_set_stream(logf);
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    char err[256] = "";
+    struct esmd_pg *pg =
+        esmd_pg_new(loop, "host=127.0.0.1 port=1 user=someone password=hunter2 connect_timeout=2",
+                    "down", err, sizeof(err));
+    assert_non_null(pg);
+    struct outcome o = {0};
+    query(pg, "SELECT 1", 0, NULL, &o);
+    run_for(loop, 0.5); /* a few reconnect attempts */
+    assert_false(esmd_pg_ready(pg));
+    assert_int_equal(o.calls, 0);
+    assert_true(esmd_pg_last_error(pg)[0] != '\0');
+    esmd_pg_free(pg);
+    assert_int_equal(o.calls, 1);
+    assert_false(o.have_res);
+    assert_string_equal(o.err, "closed");
+    ev_loop_destroy(loop);
+
+    esmd_log_set_stream(NULL);
+    fflush(logf);
+    long len = ftell(logf);
+    assert_true(len > 0);
+    char *text = calloc(1, (size_t)len + 1);
+    rewind(logf);
+    assert_int_equal(fread(text, 1, (size_t)len, logf), (size_t)len);
+    fclose(logf);
+    assert_non_null(strstr(text, "cannot connect"));
+    assert_non_null(strstr(text, "user=someone"));
+    assert_null(strstr(text, "hunter2"));
+    /* one "cannot connect" line, not one per attempt */
+    assert_null(strstr(strstr(text, "cannot connect") + 1, "cannot connect"));
+    free(text);
+}
+
+/* ---- migrations ------------------------------------------------------------------------- */
+
+static void test_migrate_applies_all_then_none(void **state)
+{
+    (void)state;
+    NEED_PG();
+    reset_schema();
+    char err[512] = "";
+    int applied = -1;
+    assert_int_equal(esmd_pg_migrate(g_conninfo, &applied, err, sizeof(err)), 0);
+    assert_string_equal(err, "");
+    assert_int_equal(applied, (int)esmd_pg_migration_count());
+
+    PGconn *c = blocking_conn();
+    char want[32];
+    snprintf(want, sizeof(want), "%zu", esmd_pg_migration_count());
+    assert_scalar(c, "SELECT count(*) FROM esmd.schema_migrations", want);
+    assert_scalar(c,
+                  "SELECT version || ' ' || name || ' ' || (applied_at IS NOT NULL) "
+                  "FROM esmd.schema_migrations ORDER BY version LIMIT 1",
+                  "0001 0001_mapping_state true");
+    /* mapping_state with Lambda's defaults */
+    free(scalar(c, "INSERT INTO esmd.mapping_state (name, function, source_kind) "
+                   "VALUES ('m1', 'orders', 'kafka')"));
+    assert_scalar(c,
+                  "SELECT concat_ws('|', enabled, state, state_transition_reason, "
+                  "last_processing_result, config IS NULL, instance_id IS NULL, "
+                  "updated_at IS NOT NULL) FROM esmd.mapping_state WHERE name = 'm1'",
+                  "t|Creating|User action|No records processed|t|t|t");
+    PGresult *res = PQexec(c, "UPDATE esmd.mapping_state SET state = 'Running'");
+    assert_int_equal(PQresultStatus(res), PGRES_FATAL_ERROR);
+    assert_string_equal(PQresultErrorField(res, PG_DIAG_SQLSTATE), "23514"); /* check_violation */
+    PQclear(res);
+    /* a version from a newer esmd is left alone */
+    free(scalar(c, "INSERT INTO esmd.schema_migrations (version, name) VALUES ('9999', 'x')"));
+
+    applied = -1;
+    assert_int_equal(esmd_pg_migrate(g_conninfo, &applied, err, sizeof(err)), 0);
+    assert_int_equal(applied, 0);
+    snprintf(want, sizeof(want), "%zu", esmd_pg_migration_count() + 1);
+    assert_scalar(c, "SELECT count(*) FROM esmd.schema_migrations", want);
+    assert_scalar(c, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'", "0");
+    PQfinish(c);
+}
+
+struct migrator {
+    int rc;
+    int applied;
+    char err[512];
+};
+
+static const char *g_conc_names[] = {"0001_slow", "0002_more"};
+static const char *g_conc_sqls[] = {
+    "CREATE TABLE esmd.t_conc (id int); SELECT pg_sleep(0.5);",
+    "INSERT INTO esmd.t_conc VALUES (1);",
+};
+
+static void *migrator_main(void *arg)
+{
+    struct migrator *m = arg;
+    m->rc = esmd_pg_migrate_list(g_conninfo, g_conc_names, g_conc_sqls, 2, &m->applied, m->err,
+                                 sizeof(m->err));
+    return NULL;
+}
+
+static void test_migrate_concurrent(void **state)
+{
+    (void)state;
+    NEED_PG();
+    reset_schema();
+    struct migrator m[2];
+    memset(m, 0, sizeof(m));
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(pthread_create(&th[i], NULL, migrator_main, &m[i]), 0);
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(pthread_join(th[i], NULL), 0);
+    for (int i = 0; i < 2; i++)
+        if (m[i].rc != 0)
+            fail_msg("migrator %d: %s", i, m[i].err);
+    /* one applied both, the other waited for the lock and found nothing to do */
+    assert_int_equal(m[0].applied + m[1].applied, 2);
+    assert_true(m[0].applied == 0 || m[1].applied == 0);
+    PGconn *c = blocking_conn();
+    assert_scalar(c, "SELECT string_agg(version, ',' ORDER BY version) FROM esmd.schema_migrations",
+                  "0001,0002");
+    assert_scalar(c, "SELECT count(*) FROM esmd.t_conc", "1");
+    PQfinish(c);
+}
+
+static void test_migrate_broken(void **state)
+{
+    (void)state;
+    NEED_PG();
+    reset_schema();
+    /* given out of order: applied in name order */
+    const char *names[] = {"0003_after", "0001_ok", "0002_broken"};
+    const char *broken = "CREATE TABLE esmd.t_half (id int); INSERT INTO esmd.t_half VALUES (1);\n"
+                         "SELECT * FROM esmd.no_such_table;";
+    const char *sqls[] = {"CREATE TABLE esmd.t_after (id int);", "CREATE TABLE esmd.t_ok (id int);",
+                          broken};
+    char err[512] = "";
+    int applied = -1;
+    assert_int_equal(esmd_pg_migrate_list(g_conninfo, names, sqls, 3, &applied, err, sizeof(err)),
+                     ESMD_EIO);
+    assert_int_equal(applied, 1);
+    assert_non_null(strstr(err, "0002_broken"));
+    assert_non_null(strstr(err, "esmd.no_such_table"));
+    assert_non_null(strstr(err, "does not exist"));
+    assert_null(strchr(err, '\n'));
+
+    PGconn *c = blocking_conn();
+    assert_scalar(c, "SELECT string_agg(version, ',' ORDER BY version) FROM esmd.schema_migrations",
+                  "0001");
+    assert_scalar(c, "SELECT to_regclass('esmd.t_ok') IS NOT NULL", "t");
+    assert_scalar(c, "SELECT to_regclass('esmd.t_half') IS NULL", "t");
+    assert_scalar(c, "SELECT to_regclass('esmd.t_after') IS NULL", "t");
+    assert_scalar(c, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'", "0");
+
+    /* fixed: the rest applies */
+    sqls[2] = "CREATE TABLE esmd.t_half (id int);";
+    assert_int_equal(esmd_pg_migrate_list(g_conninfo, names, sqls, 3, &applied, err, sizeof(err)),
+                     0);
+    assert_int_equal(applied, 2);
+    assert_scalar(c, "SELECT string_agg(version, ',' ORDER BY version) FROM esmd.schema_migrations",
+                  "0001,0002,0003");
+    PQfinish(c);
+}
+
+static void test_migrate_connect_error(void **state)
+{
+    (void)state;
+    char err[512] = "";
+    int applied = -1;
+    assert_int_equal(esmd_pg_migrate("host=127.0.0.1 port=1 password=hunter2 connect_timeout=2",
+                                     &applied, err, sizeof(err)),
+                     ESMD_EIO);
+    assert_int_equal(applied, 0);
+    assert_non_null(strstr(err, "connecting to host=127.0.0.1 port=1"));
+    assert_null(strstr(err, "hunter2"));
+}
+
+/* ---- asynchronous connection ------------------------------------------------------------ */
+
+static void test_async_order_params_errors(void **state)
+{
+    (void)state;
+    NEED_PG();
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    char err[256] = "";
+    struct esmd_pg *pg = esmd_pg_new(loop, g_conninfo, "test", err, sizeof(err));
+    assert_non_null(pg);
+    g_seq = 0;
+    g_reentrant = 0;
+
+    /* queued before the connection is up */
+    struct outcome o[6];
+    memset(o, 0, sizeof(o));
+    const char *p1[] = {"41"};
+    const char *p2[] = {NULL, "x"};
+    const char *p3[] = {"a", "it's"};
+    query(pg, "SELECT $1::int + 1", 1, p1, &o[0]);
+    query(pg, "SELECT $1::text IS NULL, $2::text", 2, p2, &o[1]);
+    query(pg, "SELECT $1::text || $2::text", 2, p3, &o[2]);
+    query(pg, "SELECT 1/0", 0, NULL, &o[3]);
+    query(pg, "SELECT $1::text", 1, p2, &o[4]);
+    assert_int_equal(esmd_pg_query(pg, "SELECT 1", 0, NULL, NULL, NULL), 0); /* no callback */
+    assert_int_equal(esmd_pg_query(pg, NULL, 0, NULL, on_result, &o[5]), ESMD_EINVAL);
+    assert_int_equal(esmd_pg_query(pg, "SELECT $1", 1, NULL, on_result, &o[5]), ESMD_EINVAL);
+    assert_int_equal(esmd_pg_query(pg, "SELECT 1", -1, NULL, on_result, &o[5]), ESMD_EINVAL);
+
+    assert_true(run_until(loop, cond_called, &o[4], 10));
+    assert_true(esmd_pg_ready(pg));
+    assert_int_equal(g_reentrant, 0);
+    for (int i = 0; i < 5; i++) {
+        assert_int_equal(o[i].calls, 1);
+        assert_int_equal(o[i].seq, i + 1);
+    }
+    assert_string_equal(o[0].err, "");
+    assert_int_equal(o[0].status, PGRES_TUPLES_OK);
+    assert_string_equal(o[0].value, "42");
+    assert_string_equal(o[1].value, "t");
+    assert_string_equal(o[1].value2, "x");
+    assert_string_equal(o[2].value, "ait's");
+    /* server error: the result and its message */
+    assert_true(o[3].have_res);
+    assert_int_equal(o[3].status, PGRES_FATAL_ERROR);
+    assert_non_null(strstr(o[3].err, "division by zero"));
+    assert_non_null(strstr(esmd_pg_last_error(pg), "division by zero"));
+    /* the connection carries on after it */
+    assert_string_equal(o[4].err, "");
+    assert_true(o[4].value_null);
+    assert_true(esmd_pg_ready(pg));
+
+    /* queued on a ready, idle connection: still deferred to the loop */
+    struct outcome late = {0};
+    query(pg, "SELECT 'late'", 0, NULL, &late);
+    assert_true(run_until(loop, cond_called, &late, 10));
+    assert_string_equal(late.value, "late");
+    assert_int_equal(g_reentrant, 0);
+
+    esmd_pg_free(pg);
+    ev_loop_destroy(loop);
+}
+
+static void test_async_reconnect(void **state)
+{
+    (void)state;
+    NEED_PG();
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    struct esmd_pg *pg = connect_ready(loop);
+    g_seq = 0;
+
+    struct outcome pid1 = {0};
+    query(pg, "SELECT pg_backend_pid()", 0, NULL, &pid1);
+    assert_true(run_until(loop, cond_called, &pid1, 10));
+
+    /* a long query in flight, one queued behind it, then the backend is killed */
+    struct outcome sleeping = {0}, before = {0}, after = {0};
+    query(pg, "SELECT pg_sleep(30)", 0, NULL, &sleeping);
+    run_for(loop, 0.3);
+    query(pg, "SELECT pg_backend_pid()", 0, NULL, &before);
+    PGconn *c = blocking_conn();
+    char sql[512];
+    snprintf(sql, sizeof(sql), "SELECT pg_terminate_backend(%s)", pid1.value);
+    assert_scalar(c, sql, "t");
+
+    assert_true(run_until(loop, cond_not_ready, pg, 10));
+    assert_true(run_until(loop, cond_called, &sleeping, 10));
+    assert_false(sleeping.have_res);
+    assert_true(strncmp(sleeping.err, "connection lost: ", 17) == 0);
+    assert_true(esmd_pg_last_error(pg)[0] != '\0');
+
+    /* issued after the loss: waits for the reconnection */
+    const char *pa[] = {"after"};
+    query(pg, "SELECT $1::text, pg_backend_pid()", 1, pa, &after);
+    assert_true(run_until(loop, cond_called, &after, 15));
+    assert_true(esmd_pg_ready(pg));
+    assert_int_equal(before.calls, 1);
+    assert_string_equal(before.err, "");
+    assert_string_not_equal(before.value, pid1.value);
+    assert_string_equal(after.err, "");
+    assert_string_equal(after.value, "after");
+    assert_string_equal(after.value2, before.value);
+    assert_true(sleeping.seq < before.seq && before.seq < after.seq);
+
+    /* killed while idle: noticed without a query, then back */
+    snprintf(sql, sizeof(sql), "SELECT pg_terminate_backend(%s)", after.value2);
+    assert_scalar(c, sql, "t");
+    assert_true(run_until(loop, cond_not_ready, pg, 10));
+    assert_true(run_until(loop, cond_ready, pg, 15));
+    PQfinish(c);
+    esmd_pg_free(pg);
+    ev_loop_destroy(loop);
+}
+
+/* After 5 s idle the connection pings (SELECT 1). */
+static void test_async_idle_ping(void **state)
+{
+    (void)state;
+    NEED_PG();
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    struct esmd_pg *pg = connect_ready(loop);
+    struct outcome pid = {0};
+    query(pg, "SELECT pg_backend_pid()", 0, NULL, &pid);
+    assert_true(run_until(loop, cond_called, &pid, 10));
+    run_for(loop, 5.6);
+    assert_true(esmd_pg_ready(pg));
+    PGconn *c = blocking_conn();
+    char sql[512];
+    snprintf(sql, sizeof(sql), "SELECT query FROM pg_stat_activity WHERE pid = %s", pid.value);
+    assert_scalar(c, sql, "SELECT 1");
+    PQfinish(c);
+    esmd_pg_free(pg);
+    ev_loop_destroy(loop);
+}
+
+/* free with queued queries: each gets (NULL, "closed"), in order, and may not queue more. */
+struct closer {
+    struct esmd_pg *pg;
+    struct outcome o;
+    int query_rc;
+};
+
+static void on_closed(void *ud, const PGresult *res, const char *err)
+{
+    struct closer *cl = ud;
+    on_result(&cl->o, res, err);
+    cl->query_rc = esmd_pg_query(cl->pg, "SELECT 1", 0, NULL, NULL, NULL);
+}
+
+static void on_free_pg(void *ud, const PGresult *res, const char *err)
+{
+    struct closer *cl = ud;
+    on_result(&cl->o, res, err);
+    esmd_pg_free(cl->pg); /* from inside our own callback */
+}
+
+static void test_async_free(void **state)
+{
+    (void)state;
+    NEED_PG();
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    char err[256] = "";
+    g_seq = 0;
+
+    /* free before connected */
+    struct esmd_pg *pg = esmd_pg_new(loop, g_conninfo, "test", err, sizeof(err));
+    assert_non_null(pg);
+    struct closer cl[3];
+    memset(cl, 0, sizeof(cl));
+    for (int i = 0; i < 3; i++) {
+        cl[i].pg = pg;
+        assert_int_equal(esmd_pg_query(pg, "SELECT 1", 0, NULL, on_closed, &cl[i]), 0);
+    }
+    esmd_pg_free(pg);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(cl[i].o.calls, 1);
+        assert_int_equal(cl[i].o.seq, i + 1);
+        assert_false(cl[i].o.have_res);
+        assert_string_equal(cl[i].o.err, "closed");
+        assert_int_equal(cl[i].query_rc, ESMD_ESTATE);
+    }
+    run_for(loop, 0.1); /* no watcher of the freed object may fire */
+
+    /* free from inside a result callback, with one in flight and one queued */
+    pg = connect_ready(loop);
+    struct closer first = {.pg = pg}, rest[2];
+    memset(rest, 0, sizeof(rest));
+    assert_int_equal(esmd_pg_query(pg, "SELECT 1", 0, NULL, on_free_pg, &first), 0);
+    for (int i = 0; i < 2; i++) {
+        rest[i].pg = pg;
+        assert_int_equal(esmd_pg_query(pg, "SELECT pg_sleep(0.2)", 0, NULL, on_closed, &rest[i]),
+                         0);
+    }
+    assert_true(run_until(loop, cond_called, &first.o, 10));
+    assert_string_equal(first.o.err, "");
+    assert_true(first.o.have_res);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(rest[i].o.calls, 1);
+        assert_string_equal(rest[i].o.err, "closed");
+    }
+    run_for(loop, 0.3);
+    ev_loop_destroy(loop);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_migration_names),
+        cmocka_unit_test(test_bad_conninfo),
+        cmocka_unit_test(test_migrate_list_validation),
+        cmocka_unit_test(test_unreachable_and_redacted),
+        cmocka_unit_test(test_migrate_connect_error),
+        cmocka_unit_test(test_migrate_applies_all_then_none),
+        cmocka_unit_test(test_migrate_concurrent),
+        cmocka_unit_test(test_migrate_broken),
+        cmocka_unit_test(test_async_order_params_errors),
+        cmocka_unit_test(test_async_reconnect),
+        cmocka_unit_test(test_async_idle_ping),
+        cmocka_unit_test(test_async_free),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
