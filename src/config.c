@@ -752,17 +752,27 @@ static bool is_json_number(const char *s)
     return *p == '\0';
 }
 
-int esmd_parse_duration_ms(const char *s, int64_t *out)
+/* Reads the leading decimal digits of s (at least one) into *v; returns the unit after them,
+ * or NULL when there are no digits or the number overflows. */
+static const char *parse_count(const char *s, int64_t *v)
 {
     if (!s || *s < '0' || *s > '9')
-        return ESMD_EINVAL;
-    int64_t v = 0;
-    const char *p = s;
-    for (; *p >= '0' && *p <= '9'; p++) {
-        if (v > (INT64_MAX - (*p - '0')) / 10)
-            return ESMD_EINVAL;
-        v = v * 10 + (*p - '0');
+        return NULL;
+    *v = 0;
+    for (; *s >= '0' && *s <= '9'; s++) {
+        if (*v > (INT64_MAX - (*s - '0')) / 10)
+            return NULL;
+        *v = *v * 10 + (*s - '0');
     }
+    return s;
+}
+
+int esmd_parse_duration_ms(const char *s, int64_t *out)
+{
+    int64_t v;
+    const char *p = parse_count(s, &v);
+    if (!p)
+        return ESMD_EINVAL;
     int64_t mult;
     if (!strcmp(p, "ms"))
         mult = 1;
@@ -782,15 +792,10 @@ int esmd_parse_duration_ms(const char *s, int64_t *out)
 
 int esmd_parse_size(const char *s, int64_t *out)
 {
-    if (!s || *s < '0' || *s > '9')
+    int64_t v;
+    const char *p = parse_count(s, &v);
+    if (!p)
         return ESMD_EINVAL;
-    int64_t v = 0;
-    const char *p = s;
-    for (; *p >= '0' && *p <= '9'; p++) {
-        if (v > (INT64_MAX - (*p - '0')) / 10)
-            return ESMD_EINVAL;
-        v = v * 10 + (*p - '0');
-    }
     int64_t mult;
     if (!*p || !strcmp(p, "B"))
         mult = 1;
