@@ -12,6 +12,7 @@
 #include "esmd/config.h"
 
 #include "esmd/buf.h"
+#include "esmd/filter.h"
 
 #include <cJSON.h>
 #include <yaml.h>
@@ -25,8 +26,8 @@
 
 #define MAX_DEPTH 64                     /* nesting levels of the YAML document */
 #define MAX_FILE_SIZE (16 * 1024 * 1024) /* bytes */
-#define MAX_FILTERS 5                    /* patterns per mapping, as Lambda's default quota */
-#define MAX_PATTERN_LEN 4096             /* characters of one pattern as JSON */
+#define MAX_FILTERS_LIMIT 100            /* how far max_filters may raise Lambda's 5 */
+#define MAX_PATTERN_LEN_LIMIT 65536      /* how far max_filter_pattern_length may raise 4096 */
 #define SHOW_MAX 60                      /* characters of a value quoted in a message */
 #define DEFAULT_LISTEN "127.0.0.1:9000"
 
@@ -1609,8 +1610,6 @@ static bool read_filters(struct loader *ld, const struct node *n, void *obj)
     struct esmd_mapping_cfg *map = obj;
     if (!expect_list(ld, n))
         return false;
-    if (n->nitems > MAX_FILTERS)
-        ld_err(ld, n, "filters may have at most %d patterns, got %zu", MAX_FILTERS, n->nitems);
     map->filters = esmd_xcalloc(n->nitems, sizeof(*map->filters));
     for (size_t i = 0; i < n->nitems; i++) {
         const struct node *item = n->items[i];
@@ -1628,10 +1627,10 @@ static bool read_filters(struct loader *ld, const struct node *n, void *obj)
             ld_err(ld, item, "out of memory converting the pattern to JSON");
             continue;
         }
-        size_t len = strlen(text);
-        if (len > MAX_PATTERN_LEN) {
-            ld_err(ld, item, "%s is %zu characters long as JSON, more than the limit of %d",
-                   item->name, len, MAX_PATTERN_LEN);
+        struct esmd_filter_error ferr;
+        if (esmd_filter_check(text, strlen(text), &ferr) != 0) {
+            ld_err(ld, item, "%s is not a valid filter pattern: %s (at character %zu of %s)",
+                   item->name, ferr.message, ferr.offset + 1, text);
         } else {
             struct esmd_filter_cfg *f = &map->filters[map->nfilters++];
             f->pattern = esmd_xstrdup(text);
@@ -1652,6 +1651,9 @@ static const struct cfg_key mapping_keys[] = {
     K_DUR("maximum_batching_window", struct esmd_mapping_cfg, maximum_batching_window_ms, 0,
           300 * MS_SEC, 0),
     K_CUSTOM("filters", read_filters, 0),
+    K_INT("max_filters", struct esmd_mapping_cfg, max_filters, 1, MAX_FILTERS_LIMIT, 0),
+    K_INT("max_filter_pattern_length", struct esmd_mapping_cfg, max_filter_pattern_length, 1,
+          MAX_PATTERN_LEN_LIMIT, 0),
     K_INT("maximum_retry_attempts", struct esmd_mapping_cfg, maximum_retry_attempts, 0, 10000,
           KEY_MINUS_ONE),
     K_DUR("maximum_record_age", struct esmd_mapping_cfg, maximum_record_age_ms, 60 * MS_SEC,
@@ -1679,6 +1681,25 @@ static void read_mapping(struct loader *ld, const struct node *n, struct esmd_ma
 
     if (map->batch_size == 0)
         map->batch_size = map->kind == ESMD_SOURCE_PGQUEUE ? 10 : 100;
+    if (map->max_filters == 0)
+        map->max_filters = ESMD_FILTER_DEFAULT_MAX_PATTERNS;
+    if (map->max_filter_pattern_length == 0)
+        map->max_filter_pattern_length = ESMD_FILTER_DEFAULT_MAX_PATTERN_LEN;
+    const struct node *fl = map_get(n, "filters");
+    if (fl && map->nfilters > (size_t)map->max_filters)
+        ld_err(ld, fl, "filters may have at most %d patterns (max_filters), got %zu",
+               map->max_filters, map->nfilters);
+    for (size_t i = 0; fl && i < map->nfilters; i++) {
+        size_t len = strlen(map->filters[i].pattern);
+        if (len > (size_t)map->max_filter_pattern_length) {
+            char key[256];
+            snprintf(key, sizeof(key), "%s[%zu]", fl->path, i);
+            ld_err_at(ld, map->filters[i].line, map->filters[i].col, key,
+                      "filters[%zu] is %zu characters long as JSON, more than the limit of %d "
+                      "(max_filter_pattern_length)",
+                      i, len, map->max_filter_pattern_length);
+        }
+    }
     if (map->maximum_batching_window_ms < 0)
         map->maximum_batching_window_ms = map->kind == ESMD_SOURCE_KAFKA ? 500 : 0;
     if (map->kind == ESMD_SOURCE_KAFKA && !map->kafka.consumer_group && map->name) {
@@ -1822,13 +1843,6 @@ static void refuse_unbuilt(struct loader *ld, const struct node *root)
     for (size_t i = 0; maps && i < cfg->nmappings && i < maps->nitems; i++) {
         const struct esmd_mapping_cfg *map = &cfg->mappings[i];
         const struct node *n = maps->items[i];
-        const struct node *src = map_get(n, "source");
-        if (map->nfilters > 0)
-            refuse(ld, map_get(n, "filters"), "filtering (filters)");
-        if (map->kind == ESMD_SOURCE_REDIS)
-            refuse(ld, map_get(src, "redis"), "the redis source");
-        if (map->kind == ESMD_SOURCE_PGQUEUE)
-            refuse(ld, map_get(src, "pgqueue"), "the pgqueue source");
         if (map->maximum_retry_attempts != -1)
             refuse(ld, map_get(n, "maximum_retry_attempts"),
                    "a retry limit (maximum_retry_attempts other than -1)");
@@ -1935,6 +1949,8 @@ struct esmd_config *esmd_config_parse_flags(const char *text, size_t len, const 
         }
         read_section(&ld, root, TABLE(top_keys), cfg);
         check_destinations(&ld);
+        for (size_t i = 0; i < cfg->nmappings; i++)
+            cfg->mappings[i].pgqueue.service_postgres = cfg->postgres;
         if (!(ld.flags & ESMD_CONFIG_ALLOW_UNBUILT))
             refuse_unbuilt(&ld, root);
     }

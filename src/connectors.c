@@ -4,9 +4,13 @@
 #include <string.h>
 
 extern const struct esmd_connector_ops esmd_connector_kafka;
+extern const struct esmd_connector_ops esmd_connector_redis;
+extern const struct esmd_connector_ops esmd_connector_pgqueue;
 
 static const struct esmd_connector_ops *const connectors[] = {
     &esmd_connector_kafka,
+    &esmd_connector_redis,
+    &esmd_connector_pgqueue,
 };
 
 const struct esmd_connector_ops *esmd_connector_find(const char *kind)

@@ -604,8 +604,8 @@ struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen, char
         goto fail;
     }
     http->daemon = MHD_start_daemon(
-        flags, port, NULL, NULL, http_access, http, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
-        MHD_OPTION_EXTERNAL_LOGGER, http_mhd_log, http, MHD_OPTION_NOTIFY_COMPLETED, http_completed,
+        flags, port, NULL, NULL, http_access, http, MHD_OPTION_EXTERNAL_LOGGER, http_mhd_log, http,
+        MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss, MHD_OPTION_NOTIFY_COMPLETED, http_completed,
         http, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)ESMD_HTTP_CONN_TIMEOUT_S,
         MHD_OPTION_END);
     if (http->daemon == NULL) {

@@ -1,6 +1,8 @@
-/* esmd: the command line (run, check-config, migrate, version) and the service's main loop. */
+/* esmd: the command line (run, check-config, migrate, match, version) and the service's main
+ * loop. */
 #include "esmd/buf.h"
 #include "esmd/config.h"
+#include "esmd/filter.h"
 #include "esmd/http.h"
 #include "esmd/invoke.h"
 #include "esmd/log.h"
@@ -10,6 +12,7 @@
 
 #include <curl/curl.h>
 #include <librdkafka/rdkafka.h>
+#include <errno.h>
 #include <ev.h>
 #include <getopt.h>
 #include <signal.h>
@@ -29,6 +32,7 @@ static const char usage_main[] =
     "  run -c FILE            run the service with the configuration FILE\n"
     "  check-config FILE      validate FILE and list every problem in it\n"
     "  migrate -c FILE        apply pending database migrations and exit\n"
+    "  match -p PATTERN       tell which JSON events on stdin a filter pattern keeps\n"
     "  version                print the version\n"
     "\n"
     "`esmd <command> --help` describes a command.\n";
@@ -58,6 +62,23 @@ static const char usage_migrate[] =
     "configuration's `postgres` does not have yet, under an advisory lock, and exits.\n"
     "\n"
     "  -c, --config FILE      configuration file (required)\n";
+
+static const char usage_match[] =
+    "usage: esmd match (-p PATTERN | -f FILE)...\n"
+    "\n"
+    "Tries filter patterns on events, as a mapping's `filters` do: reads events from stdin, one\n"
+    "JSON document a line, and prints a line for each, `true` when any of the patterns matches\n"
+    "the event (several patterns are OR'd) and `false` when none does.\n"
+    "\n"
+    "  -p, --pattern PATTERN  a pattern: a JSON object (repeatable)\n"
+    "  -f, --pattern-file F   a file holding one pattern, which may span lines (repeatable)\n"
+    "\n"
+    "At least one pattern is required; they are numbered from 1 in the order given. The\n"
+    "configuration's limits on the number and length of patterns do not apply here. An invalid\n"
+    "pattern is reported as `pattern N:LINE:COLUMN: MESSAGE` on stderr and exits 2 before any\n"
+    "event is read. A line that is not a JSON object prints `false`, and `esmd match: line N:\n"
+    "not a JSON object` on stderr, and reading goes on. Exits 0 at the end of the input, or 1\n"
+    "if some line was not a JSON object or stdin could not be read.\n";
 
 static const char usage_version[] = "usage: esmd version\n\nPrints the version of esmd.\n";
 
@@ -178,6 +199,173 @@ static int cmd_migrate(int argc, char **argv)
            esmd_pg_migration_count());
     esmd_config_free(cfg);
     return 0;
+}
+
+/* ---- esmd match ---- */
+
+/* Reads stdin a line at a time. stdout is flushed before every read that may block, so a
+ * program driving `esmd match` through pipes gets each answer without waiting for more input. */
+struct line_reader {
+    int fd;
+    char *buf;
+    size_t start, len, cap; /* unread bytes: buf[start, len) */
+    bool eof;
+};
+
+/* Returns 1 with the next line (borrowed, without its "\n" or "\r\n") in *line and *n, 0 at
+ * the end of the input, or -1 on a read error (errno set). */
+static int reader_next(struct line_reader *r, const char **line, size_t *n)
+{
+    size_t scanned = r->start;
+    for (;;) {
+        char *nl = r->len > scanned ? memchr(r->buf + scanned, '\n', r->len - scanned) : NULL;
+        if (nl || (r->eof && r->start < r->len)) {
+            size_t end = nl ? (size_t)(nl - r->buf) : r->len;
+            *line = r->buf + r->start;
+            *n = end - r->start;
+            if (*n > 0 && (*line)[*n - 1] == '\r')
+                (*n)--;
+            r->start = nl ? end + 1 : end;
+            return 1;
+        }
+        if (r->eof)
+            return 0;
+        scanned = r->len;
+        if (r->start > 0) {
+            memmove(r->buf, r->buf + r->start, r->len - r->start);
+            r->len -= r->start;
+            scanned -= r->start;
+            r->start = 0;
+        }
+        if (r->len == r->cap) {
+            r->cap = r->cap ? r->cap * 2 : 65536;
+            r->buf = esmd_xrealloc(r->buf, r->cap);
+        }
+        fflush(stdout);
+        ssize_t got = read(r->fd, r->buf + r->len, r->cap - r->len);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0)
+            return -1;
+        if (got == 0)
+            r->eof = true;
+        r->len += (size_t)got;
+    }
+}
+
+/* Reads a whole file: caller frees with free(). NULL with errno set on failure. */
+static char *read_file(const char *path, size_t *len)
+{
+    FILE *fp = fopen(path, "rb");
+    if (!fp)
+        return NULL;
+    struct esmd_buf b = ESMD_BUF_INIT;
+    char chunk[8192];
+    size_t got;
+    while ((got = fread(chunk, 1, sizeof(chunk), fp)) > 0)
+        esmd_buf_append(&b, chunk, got);
+    bool failed = ferror(fp);
+    fclose(fp);
+    if (failed) {
+        esmd_buf_free(&b);
+        errno = EIO;
+        return NULL;
+    }
+    return esmd_buf_steal(&b, len);
+}
+
+/* Compiles one pattern into f as number n (1-based). Prints the error and returns false if it
+ * is invalid. */
+static bool match_add_pattern(struct esmd_filter *f, uint32_t n, const char *text, size_t len)
+{
+    struct esmd_filter_error err;
+    if (esmd_filter_add(f, text, len, n, &err) == 0)
+        return true;
+    fprintf(stderr, "pattern %u:%d:%d: %s\n", (unsigned)n, err.line, err.column, err.message);
+    return false;
+}
+
+static int cmd_match(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"pattern", required_argument, NULL, 'p'},
+        {"pattern-file", required_argument, NULL, 'f'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    struct esmd_filter *f = esmd_filter_new();
+    struct line_reader r = {.fd = STDIN_FILENO};
+    uint32_t npatterns = 0;
+    int rc = 0;
+    optind = 1;
+    int ch;
+    while ((ch = getopt_long(argc, argv, "p:f:h", longopts, NULL)) != -1) {
+        switch (ch) {
+        case 'p':
+            if (!match_add_pattern(f, ++npatterns, optarg, strlen(optarg)))
+                rc = EXIT_USAGE;
+            break;
+        case 'f': {
+            size_t len;
+            char *text = read_file(optarg, &len);
+            if (!text) {
+                fprintf(stderr, "esmd match: %s: %s\n", optarg, strerror(errno));
+                rc = EXIT_USAGE;
+                goto out;
+            }
+            if (!match_add_pattern(f, ++npatterns, text, len))
+                rc = EXIT_USAGE;
+            free(text);
+            break;
+        }
+        case 'h':
+            fputs(usage_match, stdout);
+            goto out;
+        default:
+            fputs(usage_match, stderr);
+            rc = EXIT_USAGE;
+            goto out;
+        }
+    }
+    if (rc)
+        goto out;
+    if (optind < argc) {
+        fprintf(stderr, "esmd: unexpected argument '%s'\n%s", argv[optind], usage_match);
+        rc = EXIT_USAGE;
+        goto out;
+    }
+    if (npatterns == 0) {
+        fprintf(stderr, "esmd: at least one -p PATTERN or -f FILE is required\n%s", usage_match);
+        rc = EXIT_USAGE;
+        goto out;
+    }
+
+    const char *line;
+    size_t len;
+    unsigned long lineno = 0;
+    int got;
+    while ((got = reader_next(&r, &line, &len)) == 1) {
+        lineno++;
+        int m = esmd_filter_match_all(f, line, len, NULL, 0);
+        if (m < 0) {
+            fprintf(stderr, "esmd match: line %lu: not a JSON object\n", lineno);
+            rc = 1;
+        }
+        fputs(m > 0 ? "true\n" : "false\n", stdout);
+    }
+    if (got < 0) {
+        fprintf(stderr, "esmd match: reading stdin: %s\n", strerror(errno));
+        rc = 1;
+    }
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        fprintf(stderr, "esmd match: writing stdout: %s\n", strerror(errno));
+        rc = 1;
+    }
+
+out:
+    free(r.buf);
+    esmd_filter_free(f);
+    return rc;
 }
 
 static int cmd_version(int argc, char **argv)
@@ -509,6 +697,8 @@ int main(int argc, char **argv)
         rc = cmd_check_config(argc - 1, argv + 1);
     } else if (strcmp(argv[1], "migrate") == 0) {
         rc = cmd_migrate(argc - 1, argv + 1);
+    } else if (strcmp(argv[1], "match") == 0) {
+        rc = cmd_match(argc - 1, argv + 1);
     } else if (strcmp(argv[1], "version") == 0 || strcmp(argv[1], "--version") == 0) {
         rc = cmd_version(argc - 1, argv + 1);
     } else {

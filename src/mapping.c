@@ -3,19 +3,27 @@
 #include "esmd/backoff.h"
 #include "esmd/batch.h"
 #include "esmd/connector.h"
+#include "esmd/filter.h"
 #include "esmd/invoke.h"
 #include "esmd/log.h"
 #include "esmd/metrics.h"
 
+#include <cJSON.h>
 #include <ev.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* A shard stops being fetched when this many records (or bytes) wait for a batch. */
-#define PENDING_MIN_RECORDS 1000
+/* A shard stops being fetched when max(2 x batch_size, PENDING_MIN_RECORDS) of its records, or
+ * PENDING_MAX_BYTES, wait for a batch; and, while the whole mapping holds
+ * max(4 x batch_size, MAP_PENDING_MIN_RECORDS) waiting records, as soon as it has a full batch
+ * waiting. It resumes under half its own limits when the mapping is under half its limit or the
+ * shard has less than a batch waiting: stuck shards holding the mapping's budget slow the others
+ * down to a batch at a time, never to a stop. */
+#define PENDING_MIN_RECORDS 10000
 #define PENDING_MAX_BYTES (8u * 1024 * 1024)
+#define MAP_PENDING_MIN_RECORDS 50000
 /* Retries of a failed batch: exponential from 250 ms up to 30 s, with jitter. */
 static const struct esmd_backoff retry_backoff = {250, 30000};
 /* Throttled invocations back off from 100 ms up to 10 s; a Retry-After is honoured up to 5 min. */
@@ -64,11 +72,19 @@ struct esmd_mapping {
     void *stop_ud;
     ev_idle stop_check;
 
-    size_t pending_high; /* per-shard pause threshold (records) */
+    /* Filters (NULL when the mapping has none): one matcher per way the record's data can
+     * appear in its filter document (enum esmd_filter_data), see compile_filters(). */
+    struct esmd_filter *filters[3];
+    bool alias_filters; /* filters[1] and [2] are filters[0] (no fallback) */
+    struct esmd_buf filter_doc;
+
+    size_t pending_high;     /* per-shard pause threshold (records) */
+    size_t map_pending_high; /* mapping-wide pause threshold (records) */
+    size_t npending;         /* records waiting in all shards */
 
     struct {
         struct esmd_series *polled, *invoked, *failed, *batches, *oversized, *retries, *throttled,
-            *lag, *inflight, *pending, *committed;
+            *lag, *inflight, *pending, *committed, *filtered;
     } m;
 };
 
@@ -94,6 +110,8 @@ static void metrics_init(struct esmd_mapping *map)
     SERIES(lag, ESMD_GAUGE, "esmd_offset_lag", "Records behind the end of the source (sum).");
     SERIES(inflight, ESMD_GAUGE, "esmd_inflight_batches", "Batches being invoked or retried.");
     SERIES(pending, ESMD_GAUGE, "esmd_pending_records", "Records read and waiting for a batch.");
+    SERIES(filtered, ESMD_COUNTER, "esmd_filtered_out_events_total",
+           "Records that matched none of the mapping's filters: acked without being sent.");
     SERIES(committed, ESMD_COUNTER, "esmd_committed_events_total",
            "Records acknowledged to the source (sum of committed offset deltas).");
 #undef SERIES
@@ -126,14 +144,6 @@ static void shard_free(struct esmd_shard *shard)
     free(shard);
 }
 
-static size_t total_pending(const struct esmd_mapping *map)
-{
-    size_t n = 0;
-    for (const struct esmd_shard *s = map->shards; s; s = s->next)
-        n += s->npending;
-    return n;
-}
-
 static struct esmd_shard *host_shard_open(void *core, const char *key, size_t overhead, void *priv)
 {
     struct esmd_mapping *map = core;
@@ -162,6 +172,7 @@ static void host_shard_close(void *core, struct esmd_shard *shard)
     shard->next = NULL;
     release_list(map, shard->pending_head);
     shard->pending_head = shard->pending_tail = NULL;
+    map->npending -= shard->npending;
     shard->npending = shard->pending_bytes = 0;
     if (shard->state == ESMD_SHARD_OPEN) {
         release_list(map, esmd_batch_remove_shard(&map->forming, shard));
@@ -189,6 +200,15 @@ static void host_emit(void *core, struct esmd_shard *shard, struct esmd_record *
         map->ops->release(map->conn, rec);
         return;
     }
+    rec->filtered = false;
+    if (map->filters[0]) {
+        esmd_buf_reset(&map->filter_doc);
+        enum esmd_filter_data d = map->ops->filter_doc(map->conn, rec, &map->filter_doc);
+        if (!esmd_filter_match(map->filters[d], map->filter_doc.data, map->filter_doc.len)) {
+            rec->filtered = true;
+            esmd_series_inc(map->m.filtered, 1);
+        }
+    }
     if (shard->pending_tail)
         shard->pending_tail->next = rec;
     else
@@ -196,8 +216,11 @@ static void host_emit(void *core, struct esmd_shard *shard, struct esmd_record *
     shard->pending_tail = rec;
     shard->npending++;
     shard->pending_bytes += rec->size;
+    map->npending++;
     if (!shard->paused &&
-        (shard->npending >= map->pending_high || shard->pending_bytes >= PENDING_MAX_BYTES)) {
+        (shard->npending >= map->pending_high || shard->pending_bytes >= PENDING_MAX_BYTES ||
+         (map->npending >= map->map_pending_high &&
+          shard->npending >= (size_t)map->cfg->batch_size))) {
         shard->paused = true;
         map->ops->pause(map->conn, shard);
     }
@@ -286,6 +309,19 @@ static void inflight_unlink(struct inflight *inf)
     esmd_series_set(map->m.inflight, (double)map->ninflight);
 }
 
+/* Queue sources: hands the batch's records back to the source (not deleted, redelivered). */
+static void inflight_nack(struct inflight *inf)
+{
+    struct esmd_mapping *map = inf->map;
+    if (!map->ops->nack)
+        return;
+    for (size_t i = 0; i < inf->batch.ngroups; i++) {
+        struct esmd_batch_group *g = &inf->batch.groups[i];
+        if (!g->shard->revoked)
+            map->ops->nack(map->conn, g->shard, g->tail->seq + 1);
+    }
+}
+
 /* Settles a batch: acks its shards when `ack` (success), releases its records, frees it. */
 static void inflight_finish(struct inflight *inf, bool ack)
 {
@@ -315,6 +351,7 @@ static void on_retry_timer(struct ev_loop *loop, ev_timer *w, int revents)
     struct inflight *inf = w->data;
     ev_timer_stop(loop, w);
     if (inf->map->stopping) {
+        inflight_nack(inf);
         inflight_finish(inf, false);
         return;
     }
@@ -344,6 +381,22 @@ static void on_invoke_result(void *ud, const struct esmd_invoke_result *res)
     }
     if (res->outcome == ESMD_INVOKE_CANCELLED || map->stopping) {
         /* Not acked: the records are read again by whoever owns the shard next. */
+        inflight_nack(inf);
+        inflight_finish(inf, false);
+        return;
+    }
+    if (map->ops->queue && res->outcome != ESMD_INVOKE_THROTTLED) {
+        /* Queue semantics: the source redelivers the batch after its visibility timeout. */
+        esmd_series_inc(map->m.failed, (double)inf->batch.nrecords);
+        set_last_result(map, "PROBLEM: Function call failed: %s",
+                        res->error ? res->error
+                                   : (res->function_error ? res->function_error : "failed"));
+        esmd_log_limited(ESMD_LOG_WARN, &ctx, "batch-failed",
+                         "batch of %zu messages (%s) %s: %s; left for redelivery",
+                         inf->batch.nrecords, inf->idem_key, esmd_invoke_outcome_name(res->outcome),
+                         res->error ? res->error
+                                    : (res->function_error ? res->function_error : "failed"));
+        inflight_nack(inf);
         inflight_finish(inf, false);
         return;
     }
@@ -395,14 +448,11 @@ static void on_window(struct ev_loop *loop, ev_timer *w, int revents)
     map->dirty = true;
 }
 
-/* A record that can never be sent (over the 6 MB cap alone): logged, counted and skipped. */
-static void skip_oversized(struct esmd_mapping *map, struct esmd_shard *shard,
-                           struct esmd_record *rec)
+/* A record that is finished without being sent (filtered out, or over the 6 MB cap alone): its
+ * offset is acked with the batch its shard is forming, or at once when the shard has nothing
+ * outstanding (pump only takes records of shards with no batch in flight). */
+static void skip_record(struct esmd_mapping *map, struct esmd_shard *shard, struct esmd_record *rec)
 {
-    esmd_series_inc(map->m.oversized, 1);
-    ESMD_ERROR(&map->log,
-               "record %s@%lld is %zu bytes encoded, over the %d-byte payload cap: skipped",
-               shard->key, (long long)rec->seq, rec->size, ESMD_MAX_PAYLOAD);
     int64_t next = rec->seq + 1;
     if (shard->state == ESMD_SHARD_OPEN) {
         /* Earlier records of the shard are in the forming batch: move its ack past this one. */
@@ -415,6 +465,16 @@ static void skip_oversized(struct esmd_mapping *map, struct esmd_shard *shard,
     map->ops->release(map->conn, rec);
 }
 
+static void skip_oversized(struct esmd_mapping *map, struct esmd_shard *shard,
+                           struct esmd_record *rec)
+{
+    esmd_series_inc(map->m.oversized, 1);
+    ESMD_ERROR(&map->log,
+               "record %s@%lld is %zu bytes encoded, over the %d-byte payload cap: skipped",
+               shard->key, (long long)rec->seq, rec->size, ESMD_MAX_PAYLOAD);
+    skip_record(map, shard, rec);
+}
+
 /* Moves pending records into batches; runs once per loop turn, before the loop sleeps. */
 static void pump(struct esmd_mapping *map)
 {
@@ -423,7 +483,8 @@ static void pump(struct esmd_mapping *map)
     for (struct esmd_shard *shard = map->shards; shard; shard = shard->next) {
         while (shard->pending_head && shard->state != ESMD_SHARD_INFLIGHT) {
             struct esmd_record *rec = shard->pending_head;
-            enum esmd_batch_fit fit = esmd_batch_check(&map->forming, rec);
+            enum esmd_batch_fit fit =
+                rec->filtered ? ESMD_BATCH_FITS : esmd_batch_check(&map->forming, rec);
             if (fit == ESMD_BATCH_FULL) {
                 flush(map);
                 continue; /* the shard may now be in flight, or start the next batch */
@@ -433,6 +494,11 @@ static void pump(struct esmd_mapping *map)
                 shard->pending_tail = NULL;
             shard->npending--;
             shard->pending_bytes -= rec->size;
+            map->npending--;
+            if (rec->filtered) {
+                skip_record(map, shard, rec);
+                continue;
+            }
             if (fit == ESMD_BATCH_TOO_BIG) {
                 skip_oversized(map, shard, rec);
                 continue;
@@ -451,14 +517,16 @@ static void pump(struct esmd_mapping *map)
                 flush(map);
         }
         if (shard->paused && shard->npending <= map->pending_high / 2 &&
-            shard->pending_bytes <= PENDING_MAX_BYTES / 2) {
+            shard->pending_bytes <= PENDING_MAX_BYTES / 2 &&
+            (map->npending <= map->map_pending_high / 2 ||
+             shard->npending < (size_t)map->cfg->batch_size)) {
             shard->paused = false;
             map->ops->resume(map->conn, shard);
         }
     }
     if (map->forming.nrecords > 0 && map->cfg->maximum_batching_window_ms == 0)
         flush(map);
-    esmd_series_set(map->m.pending, (double)total_pending(map));
+    esmd_series_set(map->m.pending, (double)map->npending);
 }
 
 static void on_prepare(struct ev_loop *loop, ev_prepare *w, int revents)
@@ -483,6 +551,63 @@ static void on_stats(struct ev_loop *loop, ev_timer *w, int revents)
 }
 
 /* ---- lifecycle ---- */
+
+static void free_filters(struct esmd_mapping *map)
+{
+    for (int d = 0; d < 3; d++) {
+        if (d == 0 || !map->alias_filters)
+            esmd_filter_free(map->filters[d]);
+        map->filters[d] = NULL;
+    }
+    esmd_buf_free(&map->filter_doc);
+}
+
+/* One matcher per way the record's data can appear (enum esmd_filter_data). Without fallback
+ * (SQS, Kinesis: §5.4) all three are the patterns as written. With Lambda's Kafka fallback
+ * (§2.7): when the data and a pattern's condition on it disagree, only the pattern's other
+ * conditions apply — so [JSON] (an object or array) keeps object conditions and drops value-list
+ * ones, [TEXT] (a scalar or text) keeps value-list conditions and drops object ones, [NONE]
+ * (not UTF-8) drops every data condition. Only top-level data conditions; patterns were checked
+ * at config load. */
+static int compile_filters(struct esmd_mapping *map, char *err, size_t errlen)
+{
+    const struct esmd_mapping_cfg *cfg = map->cfg;
+    const char *key = map->ops->data_key;
+    const char *const skip[] = {key, NULL};
+    bool fallback = map->ops->filter_fallback && key;
+    int nmatchers = fallback ? 3 : 1;
+    for (int d = 0; d < nmatchers; d++)
+        map->filters[d] = esmd_filter_new();
+    for (size_t i = 0; i < cfg->nfilters; i++) {
+        const char *p = cfg->filters[i].pattern;
+        size_t len = strlen(p);
+        bool has_data = false, object_data = false;
+        if (fallback) {
+            cJSON *j = cJSON_ParseWithLength(p, len);
+            const cJSON *data = cJSON_GetObjectItemCaseSensitive(j, key);
+            has_data = data != NULL;
+            object_data = cJSON_IsObject(data);
+            cJSON_Delete(j);
+        }
+        for (int d = 0; d < nmatchers; d++) {
+            bool strip = has_data && (d == ESMD_FILTER_DATA_NONE ||
+                                      (d == ESMD_FILTER_DATA_JSON && !object_data) ||
+                                      (d == ESMD_FILTER_DATA_TEXT && object_data));
+            struct esmd_filter_error fe;
+            int rc = strip ? esmd_filter_add_skip(map->filters[d], p, len, (uint32_t)i, skip, &fe)
+                           : esmd_filter_add(map->filters[d], p, len, (uint32_t)i, &fe);
+            if (rc != 0) {
+                snprintf(err, errlen, "mapping %s: filters[%zu]: %s (at %d:%d of %s)", cfg->name, i,
+                         fe.message, fe.line, fe.column, p);
+                return ESMD_EINVAL;
+            }
+        }
+    }
+    map->alias_filters = nmatchers == 1;
+    for (int d = nmatchers; d < 3; d++)
+        map->filters[d] = map->filters[0];
+    return 0;
+}
 
 struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_mapping_cfg *cfg,
                                       struct esmd_invoker *inv, const char *instance_id, char *err,
@@ -511,7 +636,15 @@ struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_ma
     map->pending_high = (size_t)cfg->batch_size * 2;
     if (map->pending_high < PENDING_MIN_RECORDS)
         map->pending_high = PENDING_MIN_RECORDS;
+    map->map_pending_high = (size_t)cfg->batch_size * 4;
+    if (map->map_pending_high < MAP_PENDING_MIN_RECORDS)
+        map->map_pending_high = MAP_PENDING_MIN_RECORDS;
     snprintf(map->last_result, sizeof(map->last_result), "No records processed");
+    if (cfg->nfilters > 0 && compile_filters(map, err, errlen) != 0) {
+        free_filters(map);
+        free(map);
+        return NULL;
+    }
     map->host = (struct esmd_host){
         .loop = loop,
         .core = map,
@@ -524,6 +657,7 @@ struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_ma
     };
     map->conn = ops->create(cfg, &map->host, err, errlen);
     if (!map->conn) {
+        free_filters(map);
         free(map);
         return NULL;
     }
@@ -599,6 +733,7 @@ void esmd_mapping_stop(struct esmd_mapping *map, void (*done)(void *ud), void *u
         release_list(map, s->pending_head);
         s->pending_head = s->pending_tail = NULL;
         s->npending = s->pending_bytes = 0;
+        map->npending = 0;
         if (!s->paused) {
             s->paused = true;
             map->ops->pause(map->conn, s);
@@ -607,8 +742,10 @@ void esmd_mapping_stop(struct esmd_mapping *map, void (*done)(void *ud), void *u
     /* Batches waiting for a retry are abandoned now; those in flight finish. */
     for (struct inflight *inf = map->inflight, *next; inf; inf = next) {
         next = inf->next;
-        if (!inf->req)
+        if (!inf->req) {
+            inflight_nack(inf);
             inflight_finish(inf, false);
+        }
     }
     ESMD_INFO(&map->log, "mapping stopping: %zu batches in flight", map->ninflight);
     ev_idle_init(&map->stop_check, on_stop_check);
@@ -645,6 +782,7 @@ void esmd_mapping_free(struct esmd_mapping *map)
         shard_free(s);
     }
     map->ops->destroy(map->conn);
+    free_filters(map);
     free(map->not_ready_why);
     free(map);
 }
@@ -676,7 +814,7 @@ void esmd_mapping_describe(const struct esmd_mapping *map, struct esmd_buf *out)
     esmd_buf_printf(out,
                     ",\"shards\":%zu,\"inflight_batches\":%zu,\"pending_records\":%zu,"
                     "\"lag\":%lld,\"last_processing_result\":",
-                    map->nshards, map->ninflight, total_pending(map), (long long)st.lag);
+                    map->nshards, map->ninflight, map->npending, (long long)st.lag);
     esmd_buf_put_json_string(out, map->last_result, strlen(map->last_result));
     esmd_buf_putc(out, '}');
 }

@@ -320,7 +320,8 @@ struct pg_query {
     char *sql;
     char **params; /* nparams entries, NULL = SQL NULL */
     int nparams;
-    bool ping; /* internal SELECT 1: no callback */
+    bool ping;                /* internal SELECT 1: no callback */
+    struct pg_listen *listen; /* internal LISTEN for this subscription: no callback */
     esmd_pg_cb cb;
     void *ud;
     PGresult *res; /* collected result (owned) */
@@ -329,6 +330,22 @@ struct pg_query {
 
 struct pg_list {
     struct pg_query *head, *tail;
+};
+
+/* One esmd_pg_listen() subscription: LISTEN is issued again after every (re)connection. */
+struct pg_listen {
+    struct pg_listen *next;
+    char *channel; /* owned */
+    char *sql;     /* owned: LISTEN "channel" */
+    esmd_pg_notify_cb cb;
+    void *ud;
+};
+
+/* A notification (or a "listening again" mark, payload NULL) waiting for its callback. */
+struct pg_note {
+    struct pg_note *next;
+    struct pg_listen *listen; /* borrowed from pg->listens */
+    char *payload;            /* owned; NULL: the LISTEN was (re)established */
 };
 
 struct esmd_pg {
@@ -346,13 +363,15 @@ struct esmd_pg {
     int depth; /* > 0 while one of our watcher callbacks runs */
     int attempt;
     ev_io io;
-    ev_timer retry;            /* reconnect backoff */
-    ev_timer timeout;          /* connect timeout */
-    ev_timer idle;             /* ping when idle; detects an unanswered ping */
-    ev_timer kick;             /* sends newly queued queries on the next loop turn */
-    struct pg_list queue;      /* not yet sent */
-    struct pg_query *inflight; /* sent, collecting its result */
-    struct pg_list done;       /* finished, callbacks not yet run */
+    ev_timer retry;                     /* reconnect backoff */
+    ev_timer timeout;                   /* connect timeout */
+    ev_timer idle;                      /* ping when idle; detects an unanswered ping */
+    ev_timer kick;                      /* sends newly queued queries on the next loop turn */
+    struct pg_list queue;               /* not yet sent */
+    struct pg_query *inflight;          /* sent, collecting its result */
+    struct pg_list done;                /* finished, callbacks not yet run */
+    struct pg_listen *listens;          /* esmd_pg_listen() subscriptions */
+    struct pg_note *notes, *notes_tail; /* notifications not yet delivered */
     char last_error[512];
 };
 
@@ -399,6 +418,27 @@ static void pg_query_free(struct pg_query *q)
     free(q);
 }
 
+static void pg_note_push(struct esmd_pg *pg, struct pg_listen *l, const char *payload)
+{
+    struct pg_note *n = esmd_xcalloc(1, sizeof(*n));
+    n->listen = l;
+    n->payload = payload ? esmd_xstrdup(payload) : NULL;
+    if (pg->notes_tail)
+        pg->notes_tail->next = n;
+    else
+        pg->notes = n;
+    pg->notes_tail = n;
+}
+
+static struct pg_query *pg_listen_query(struct pg_listen *l)
+{
+    struct pg_query *q = esmd_xcalloc(1, sizeof(*q));
+    q->sql = esmd_xstrdup(l->sql);
+    q->params = esmd_xcalloc(1, sizeof(*q->params));
+    q->listen = l;
+    return q;
+}
+
 static void pg_set_error(struct esmd_pg *pg, const char *msg)
 {
     pg_clean(pg->last_error, sizeof(pg->last_error), msg);
@@ -422,6 +462,17 @@ static void pg_watch(struct esmd_pg *pg, int fd, int events)
 /* A query finished: queue its callback (run by pg_leave) or, for a ping, note the health. */
 static void pg_complete(struct esmd_pg *pg, struct pg_query *q, PGresult *res, const char *err)
 {
+    if (q->listen) {
+        /* a LISTEN lost with the connection is issued again on the next one */
+        if (!err)
+            pg_note_push(pg, q->listen, NULL);
+        else if (strncmp(err, "connection lost", 15) != 0)
+            esmd_log_limited(ESMD_LOG_WARN, NULL, "pg_listen", "postgres %s (%s): %s failed: %s",
+                             pg->name, pg->desc, q->listen->sql, err);
+        PQclear(res);
+        pg_query_free(q);
+        return;
+    }
     if (q->ping) {
         pg->degraded = err != NULL;
         if (err)
@@ -586,8 +637,15 @@ static void pg_collect(struct esmd_pg *pg)
     if (pg->state != PG_READY)
         return;
     PGnotify *nf;
-    while ((nf = PQnotifies(pg->conn)) != NULL)
-        PQfreemem(nf); /* LISTEN is not part of this API: drop them */
+    while ((nf = PQnotifies(pg->conn)) != NULL) {
+        for (struct pg_listen *l = pg->listens; l; l = l->next) {
+            if (strcmp(l->channel, nf->relname) == 0) {
+                pg_note_push(pg, l, nf->extra ? nf->extra : "");
+                break;
+            }
+        }
+        PQfreemem(nf);
+    }
     if (PQstatus(pg->conn) == CONNECTION_BAD)
         pg_fail(pg, PQerrorMessage(pg->conn));
 }
@@ -617,6 +675,18 @@ static void pg_connected(struct esmd_pg *pg)
         ESMD_INFO(NULL, "postgres %s (%s): connected", pg->name, pg->desc);
     pg->lost_logged = false;
     pg->attempt = 0;
+    /* subscriptions first: drop LISTENs still queued from before, issue every one again */
+    struct pg_list keep = {NULL, NULL};
+    struct pg_query *q;
+    while ((q = pg_list_pop(&pg->queue)) != NULL) {
+        if (q->listen)
+            pg_query_free(q);
+        else
+            pg_list_push(&keep, q);
+    }
+    pg->queue = keep;
+    for (struct pg_listen *l = pg->listens; l; l = l->next)
+        pg_list_push_front(&pg->queue, pg_listen_query(l));
     pg_watch(pg, PQsocket(pg->conn), EV_READ);
     ev_timer_again(pg->loop, &pg->idle);
     pg_send_next(pg);
@@ -667,6 +737,19 @@ static void pg_connect_start(struct esmd_pg *pg)
 
 static void pg_destroy(struct esmd_pg *pg)
 {
+    while (pg->notes) {
+        struct pg_note *n = pg->notes;
+        pg->notes = n->next;
+        free(n->payload);
+        free(n);
+    }
+    while (pg->listens) {
+        struct pg_listen *l = pg->listens;
+        pg->listens = l->next;
+        free(l->channel);
+        free(l->sql);
+        free(l);
+    }
     free(pg->name);
     free(pg->conninfo);
     free(pg->desc);
@@ -687,6 +770,15 @@ static void pg_leave(struct esmd_pg *pg)
         if (q->cb)
             q->cb(q->ud, q->res, q->err);
         pg_query_free(q);
+    }
+    while (!pg->closing && pg->notes) {
+        struct pg_note *n = pg->notes;
+        pg->notes = n->next;
+        if (!pg->notes)
+            pg->notes_tail = NULL;
+        n->listen->cb(n->listen->ud, n->listen->channel, n->payload);
+        free(n->payload);
+        free(n);
     }
     if (--pg->depth == 0 && pg->closing)
         pg_destroy(pg);
@@ -832,6 +924,40 @@ int esmd_pg_query(struct esmd_pg *pg, const char *sql, int nparams, const char *
     if (pg->state == PG_READY && !pg->inflight && !ev_is_active(&pg->kick)) {
         ev_timer_set(&pg->kick, 0., 0.);
         ev_timer_start(pg->loop, &pg->kick);
+    }
+    return 0;
+}
+
+int esmd_pg_listen(struct esmd_pg *pg, const char *channel, esmd_pg_notify_cb cb, void *ud)
+{
+    if (!pg || !channel || !*channel || strlen(channel) > 63 || !cb)
+        return ESMD_EINVAL;
+    if (pg->closing)
+        return ESMD_ESTATE;
+    struct pg_listen *l = esmd_xcalloc(1, sizeof(*l));
+    l->channel = esmd_xstrdup(channel);
+    struct esmd_buf b = ESMD_BUF_INIT;
+    esmd_buf_puts(&b, "LISTEN \"");
+    for (const char *c = channel; *c; c++) {
+        if (*c == '"')
+            esmd_buf_putc(&b, '"');
+        esmd_buf_putc(&b, *c);
+    }
+    esmd_buf_putc(&b, '"');
+    l->sql = esmd_buf_steal(&b, NULL);
+    l->cb = cb;
+    l->ud = ud;
+    struct pg_listen **pp = &pg->listens;
+    while (*pp)
+        pp = &(*pp)->next;
+    *pp = l;
+    /* connected: LISTEN now, in turn; otherwise pg_connected() issues it */
+    if (pg->state == PG_READY) {
+        pg_list_push(&pg->queue, pg_listen_query(l));
+        if (!pg->inflight && !ev_is_active(&pg->kick)) {
+            ev_timer_set(&pg->kick, 0., 0.);
+            ev_timer_start(pg->loop, &pg->kick);
+        }
     }
     return 0;
 }

@@ -829,6 +829,12 @@ static void *kafka_create(const struct esmd_mapping_cfg *cfg, const struct esmd_
         {"auto.offset.reset", kc->start == ESMD_START_LATEST ? "latest" : "earliest"},
         {"log.queue", "true"},
         {"statistics.interval.ms", KAFKA_STATS_INTERVAL_MS},
+        /* librdkafka (2.0) re-checks a partition whose prefetch queue was full only about once a
+         * second, so a full queue stalls the whole consumer. esmd drains the queue at once and
+         * does its own flow control (pausing partitions), so bound the queue by bytes only and
+         * well below the 64 MB default: the process stays small, fetching keeps going. */
+        {"queued.min.messages", "1000000"},
+        {"queued.max.messages.kbytes", "16384"},
     };
     for (size_t i = 0; i < ESMD_ARRAY_LEN(defaults); i++)
         if (conf_set(kc->conf, defaults[i][0], defaults[i][1], err, errlen) != ESMD_OK)
@@ -981,6 +987,15 @@ static void kafka_release(void *c, struct esmd_record *rec)
         kafka_free(kc);
 }
 
+static enum esmd_filter_data kafka_filter_doc(void *c, const struct esmd_record *rec,
+                                              struct esmd_buf *out)
+{
+    (void)c;
+    struct esmd_kafka_view v;
+    view_of(rec, &v);
+    return esmd_kafka_filter_doc(&v, out);
+}
+
 static void kafka_encode(void *c, const struct esmd_batch *batch, struct esmd_buf *out)
 {
     const struct esmd_kafka *kc = c;
@@ -1126,6 +1141,9 @@ const struct esmd_connector_ops esmd_connector_kafka = {
     .ack = kafka_ack,
     .release = kafka_release,
     .encode = kafka_encode,
+    .filter_doc = kafka_filter_doc,
+    .data_key = "value",
+    .filter_fallback = true,
     .stop = kafka_stop,
     .destroy = kafka_destroy,
     .stats = kafka_stats,

@@ -4,6 +4,8 @@
  * sizes the core batches by are the bytes the encoder writes. */
 #include "kafka_private.h"
 
+#include "esmd/json.h"
+
 #include <string.h>
 
 #define LIT(s) (sizeof(s) - 1)
@@ -196,4 +198,80 @@ void esmd_kafka_encode_batch(const char *servers, const struct esmd_batch *batch
         esmd_buf_putc(out, ']');
     }
     esmd_buf_append(out, ENV_TAIL, LIT(ENV_TAIL));
+}
+
+/* ---- what filters see ---- */
+
+/* Appends bytes as JSON when they are JSON, as a string when UTF-8, as base64 text otherwise. */
+static enum esmd_filter_data put_filter_bytes(struct esmd_buf *out, const void *p, size_t n,
+                                              bool base64_fallback)
+{
+    if (!p) {
+        esmd_buf_puts(out, JSON_NULL); /* a JSON null: `[null]` and `exists` patterns see it */
+        return ESMD_FILTER_DATA_TEXT;
+    }
+    if (esmd_json_valid(p, n)) {
+        esmd_buf_append(out, p, n);
+        const char *c = p;
+        while (*c == ' ' || *c == '\t' || *c == '\n' || *c == '\r')
+            c++;
+        return *c == '{' || *c == '[' ? ESMD_FILTER_DATA_JSON : ESMD_FILTER_DATA_TEXT;
+    }
+    if (esmd_utf8_valid(p, n)) {
+        esmd_buf_put_json_string(out, p, n);
+        return ESMD_FILTER_DATA_TEXT;
+    }
+    if (base64_fallback) {
+        esmd_buf_putc(out, '"');
+        esmd_buf_put_base64(out, p, n);
+        esmd_buf_putc(out, '"');
+    }
+    return ESMD_FILTER_DATA_NONE;
+}
+
+enum esmd_filter_data esmd_kafka_filter_doc(const struct esmd_kafka_view *v, struct esmd_buf *out)
+{
+    esmd_buf_puts(out, REC_TOPIC);
+    esmd_buf_put_json_string(out, v->topic, strlen(v->topic));
+    esmd_buf_puts(out, REC_PARTITION);
+    esmd_buf_put_i64(out, v->partition);
+    esmd_buf_puts(out, REC_OFFSET);
+    esmd_buf_put_i64(out, v->offset);
+    if (v->timestamp >= 0) {
+        esmd_buf_puts(out, REC_TIMESTAMP);
+        esmd_buf_put_i64(out, v->timestamp);
+    }
+    esmd_buf_puts(out, REC_KEY);
+    put_filter_bytes(out, v->key, v->key_len, true);
+    /* a non-UTF-8 value is left out: the mark is taken back when nothing was written */
+    size_t mark = out->len;
+    esmd_buf_puts(out, REC_VALUE);
+    size_t before = out->len;
+    enum esmd_filter_data data = put_filter_bytes(out, v->value, v->value_len, false);
+    if (out->len == before)
+        out->len = mark;
+    esmd_buf_puts(out, REC_HEADERS);
+    size_t idx = 0;
+    const char *name;
+    const void *val;
+    size_t size;
+    while (v->headers && rd_kafka_header_get_all(v->headers, idx, &name, &val, &size) ==
+                             RD_KAFKA_RESP_ERR_NO_ERROR) {
+        esmd_buf_puts(out, idx ? ",{" : "{");
+        esmd_buf_put_json_string(out, name, strlen(name));
+        esmd_buf_putc(out, ':');
+        if (!val)
+            esmd_buf_puts(out, JSON_NULL);
+        else if (esmd_utf8_valid(val, size))
+            esmd_buf_put_json_string(out, val, size);
+        else {
+            esmd_buf_putc(out, '"');
+            esmd_buf_put_base64(out, val, size);
+            esmd_buf_putc(out, '"');
+        }
+        esmd_buf_putc(out, '}');
+        idx++;
+    }
+    esmd_buf_puts(out, REC_TAIL);
+    return data;
 }

@@ -11,6 +11,7 @@
 
 #include "esmd/batch.h"
 #include "esmd/buf.h"
+#include "esmd/connector.h"
 
 #include <librdkafka/rdkafka.h>
 
@@ -55,5 +56,14 @@ void esmd_kafka_record_write(struct esmd_buf *out, const struct esmd_kafka_view 
  * linked from head. servers, batch: borrowed; out: appended to, not reset. */
 void esmd_kafka_encode_batch(const char *servers, const struct esmd_batch *batch,
                              esmd_kafka_view_fn view_of, struct esmd_buf *out);
+
+/* Appends the document filters see of one record:
+ * {"topic":"t","partition":0,"offset":15,"timestamp":1545084650987,"key":K,"value":V,
+ *  "headers":[{"name":"text"},...]}
+ * key and value: embedded as they are when they are JSON; as a JSON string when they are UTF-8
+ * but not JSON; a non-UTF-8 key as its base64 text; a null key or value as null; a non-UTF-8
+ * value is left out. Header values: as strings when UTF-8, base64 otherwise, null when null.
+ * timestamp: left out when the record has none. Returns how the value was written. */
+enum esmd_filter_data esmd_kafka_filter_doc(const struct esmd_kafka_view *v, struct esmd_buf *out);
 
 #endif

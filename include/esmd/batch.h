@@ -22,6 +22,7 @@ struct esmd_record {
     int64_t timestamp_ms;     /* source timestamp, epoch ms (record age) */
     size_t size;              /* exact bytes of this record's JSON in the event */
     void *priv;               /* the connector's (e.g. rd_kafka_message_t *) */
+    bool filtered;            /* set by the core: no filter matched, acked without a batch */
 };
 
 /* Shard state as the core tracks it. */

@@ -99,6 +99,7 @@ struct esmd_redis_source_cfg {
 struct esmd_pgqueue_source_cfg {
     char *queue;
     char *connection;              /* postgres conninfo; NULL = the service's `postgres` */
+    const char *service_postgres;  /* borrowed: the top-level `postgres` (set by the loader) */
     int64_t visibility_timeout_ms; /* default 30 s */
     int max_receive_count;         /* 0 = no redrive; 1..1000 */
     char *dead_letter_queue;
@@ -121,8 +122,10 @@ struct esmd_mapping_cfg {
     struct esmd_pgqueue_source_cfg pgqueue; /* ... PGQUEUE */
     int batch_size;                         /* 1..10000; default 100 (pgqueue: 10) */
     int64_t maximum_batching_window_ms;     /* 0..300 s; default 500 ms for kafka, 0 otherwise */
-    struct esmd_filter_cfg *filters;        /* owned */
+    struct esmd_filter_cfg *filters;        /* owned; OR'd */
     size_t nfilters;
+    int max_filters;                     /* 1..100; default 5 (Lambda's quota) */
+    int max_filter_pattern_length;       /* 1..65536; default 4096 (Lambda's limit) */
     int maximum_retry_attempts;          /* -1 or 0..10000; default -1 */
     int64_t maximum_record_age_ms;       /* -1 or 60 s..7 d; default -1 */
     bool bisect_batch_on_function_error; /* default false */

@@ -41,9 +41,21 @@ struct esmd_connector_stats {
     bool ready;
 };
 
+/* How a record's data (Kafka: value; Redis: fields; queue: body) appears in its filter document,
+ * which decides how filters treat it (spec/lambda-semantics.md §2.7, §5.4; README "Filtering"). */
+enum esmd_filter_data {
+    ESMD_FILTER_DATA_JSON, /* a JSON object or array, embedded as it is */
+    ESMD_FILTER_DATA_TEXT, /* a JSON scalar embedded as it is, or UTF-8 text as a JSON string */
+    ESMD_FILTER_DATA_NONE, /* not UTF-8: left out of the document */
+};
+
 struct esmd_connector_ops {
     const char *kind; /* "kafka" | "redis" | "pgqueue": the YAML source key */
     bool grouped;     /* the event groups records by shard */
+    /* Queue semantics (pgqueue, as SQS): a failed batch is not retried by the core; its
+     * records are handed back with nack() and the source delivers them again later (after
+     * its visibility timeout). Streams (false): the core retries the batch in place. */
+    bool queue;
 
     /* Allocates from validated config; no I/O. NULL with err on failure. */
     void *(*create)(const struct esmd_mapping_cfg *cfg, const struct esmd_host *host, char *err,
@@ -58,10 +70,24 @@ struct esmd_connector_ops {
     void (*resume)(void *c, struct esmd_shard *shard);
     /* Every record of shard with seq < next_seq is finished: store and commit it. */
     void (*ack)(void *c, struct esmd_shard *shard, int64_t next_seq);
+    /* Queue sources only: the records of shard with seq < next_seq that are not acked yet are
+     * given up by this process (their batch failed, or esmd is stopping); they are not deleted
+     * and come back from the source later. NULL for streams. */
+    void (*nack)(void *c, struct esmd_shard *shard, int64_t next_seq);
     /* Frees a record the connector emitted. */
     void (*release)(void *c, struct esmd_record *rec);
     /* Writes the batch as the source's Lambda-shaped event: exactly esmd_batch_bytes() bytes. */
     void (*encode)(void *c, const struct esmd_batch *batch, struct esmd_buf *out);
+    /* Writes what filters see of rec, a JSON object, into out (appended; the caller resets it)
+     * and says how the data part was written. `data_key` is the document's key for the data. */
+    enum esmd_filter_data (*filter_doc)(void *c, const struct esmd_record *rec,
+                                        struct esmd_buf *out);
+    const char *data_key; /* "value" for Kafka */
+    /* Lambda's Kafka rule (§2.7): when the data and a pattern's data condition disagree (an
+     * object pattern on text, a value-list pattern on an object, or data that is not UTF-8),
+     * only the pattern's other conditions apply. false: patterns apply as written, so such a
+     * record is dropped (SQS, Kinesis: §5.4). */
+    bool filter_fallback;
     /* Graceful stop: stop fetching, commit what was acked, leave the group; calls done(ud) when
      * finished (possibly later, from the loop). Emits nothing after this call. */
     void (*stop)(void *c, void (*done)(void *ud), void *ud);

@@ -45,6 +45,17 @@ void esmd_pg_free(struct esmd_pg *pg);
  * queries still queued wait for the reconnection. */
 int esmd_pg_query(struct esmd_pg *pg, const char *sql, int nparams, const char *const *params,
                   esmd_pg_cb cb, void *ud);
+/* Notification callback: channel and payload borrowed, valid during the call. payload is NULL
+ * when the LISTEN has just been (re)established, after the first connection and after every
+ * reconnection: notifications sent while it was not listening are lost, so catch up then.
+ * Runs from the loop, never inside esmd_pg_listen(). */
+typedef void (*esmd_pg_notify_cb)(void *ud, const char *channel, const char *payload);
+
+/* Subscribes to NOTIFYs on channel (1..63 bytes; copied): LISTEN is issued in turn with the
+ * queries, and again first thing after every reconnection. cb(ud, ...) gets each notification
+ * of that channel (and the NULL-payload marks above) until esmd_pg_free(). Returns 0,
+ * ESMD_EINVAL, or ESMD_ESTATE once esmd_pg_free() has started. */
+int esmd_pg_listen(struct esmd_pg *pg, const char *channel, esmd_pg_notify_cb cb, void *ud);
 /* true while connected and the last query or ping succeeded. */
 bool esmd_pg_ready(const struct esmd_pg *pg);
 /* Last connection or query error, "" if none. Borrowed. */

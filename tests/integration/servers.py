@@ -5,7 +5,7 @@ answers, and stops it (and removes its temporary directory) in stop(). Only the 
 library is used, so scripts/dev-up can import this module without pytest.
 
     Postgres   initdb + postgres as the `postgres` user when run as root (it refuses root)
-    Redis      redis-server without persistence
+    Redis      redis-server (persistent=True: an fsynced AOF), restartable on its port
     KafkaMock  build/kafkatool mock (librdkafka's mock cluster speaking the Kafka protocol)
     Esmd       build/esmd run -c FILE, stderr captured to a file
 """
@@ -194,20 +194,31 @@ class Postgres:
 
 
 class Redis:
-    """redis-server on 127.0.0.1:port, no RDB/AOF. .url, .port, .command(*args) (tiny RESP)."""
+    """redis-server on 127.0.0.1:port. .url, .port, .command(*args) (tiny RESP),
+    .stop(sig) / .start() / .restart() on the same port. Without persistence by default; with
+    persistent=True the data survives a stop (an append-only file fsynced at every write)."""
 
-    def __init__(self):
-        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-        if not os.path.exists(exe):
+    def __init__(self, persistent=False):
+        self.exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(self.exe):
             raise RuntimeError("redis-server not found: install `redis-server` "
                                "(scripts/install-deps)")
+        self.persistent = persistent
         self.port = free_port()
         self.tmp = tempfile.mkdtemp(prefix="esmd-redis-")
         self.logfile = os.path.join(self.tmp, "redis.log")
+        self.proc = None
+        self.start()
+
+    def start(self):
+        if self.proc and self.proc.poll() is None:
+            return
+        persist = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else \
+            ["--appendonly", "no"]
         log = open(self.logfile, "ab")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.tmp, "--daemonize", "no"],
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""] + persist +
+            ["--dir", self.tmp, "--daemonize", "no"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         log.close()
@@ -217,10 +228,18 @@ class Redis:
                 raise RuntimeError("redis-server exited:\n" + tail(self.logfile))
             try:
                 return self.command("PING") == "PONG"
-            except OSError:
+            except (OSError, RuntimeError):  # not listening yet, or -LOADING
                 return False
 
         wait_for(ready, 20, 0.05, "redis to answer PING")
+
+    def stop(self, sig=signal.SIGTERM):
+        """SIGTERM: a clean shutdown; SIGKILL: a crash. The port stays ours for start()."""
+        _stop_process(self.proc, sig, 10)
+
+    def restart(self, sig=signal.SIGTERM):
+        self.stop(sig)
+        self.start()
 
     @property
     def url(self):

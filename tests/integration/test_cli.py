@@ -1,5 +1,6 @@
 """The command line: version, --help, check-config (good examples, bad files beside the exact
-errors they must produce), run refusing a bad file, migrate applying once."""
+errors they must produce), run refusing a bad file, migrate applying once, match (filter
+patterns tried on events from stdin)."""
 
 import glob
 import os
@@ -40,7 +41,8 @@ def test_version():
 
 
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["check-config", "--help"],
-                                  ["migrate", "--help"], ["version", "--help"]],
+                                  ["migrate", "--help"], ["match", "--help"],
+                                  ["version", "--help"]],
                          ids=lambda a: " ".join(a))
 def test_help(args):
     r = esmd(*args)
@@ -116,3 +118,101 @@ mappings:
     assert r.returncode == 0, r.stderr
     assert "applied 0 migrations" in r.stdout
     assert postgres.sql("SELECT * FROM esmd.schema_migrations ORDER BY 1", db=db) == rows
+
+
+# ---- esmd match ----
+
+ORDER_PAID = '{"source":"app.orders","detail":{"status":"PAID","amount":120.5,"tags":["vip"]}}'
+ORDER_SHIPPED = '{"source":"app.orders","detail":{"status":"SHIPPED","amount":12,"tags":[]}}'
+REFUND = '{"source":"app.billing","detail":{"status":"REFUNDED","amount":-3}}'
+
+
+def match(*args, stdin="", timeout=30):
+    return subprocess.run([servers.binary("esmd"), "match"] + list(args), input=stdin,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+                          text=True)
+
+
+def test_match_one_pattern():
+    events = "\n".join([ORDER_PAID, ORDER_SHIPPED, REFUND]) + "\n"
+    r = match("--pattern", '{"detail":{"status":["PAID"]}}', stdin=events)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "true\nfalse\nfalse\n", "")
+    r = match("-p", '{"source":[{"prefix":"app."}],"detail":{"amount":[{"numeric":[">",100]}]}}',
+              stdin=events)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "true\nfalse\nfalse\n", "")
+
+
+def test_match_no_pattern_matches():
+    r = match("-p", '{"source":["app.crm"]}', stdin=ORDER_PAID + "\n" + REFUND + "\n")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "false\nfalse\n", "")
+
+
+def test_match_several_patterns_are_ored(tmp_path):
+    pf = tmp_path / "refunds.json"
+    pf.write_text('{\n  "detail": {\n    "status": ["REFUNDED"]\n  }\n}\n')
+    events = "\n".join([ORDER_PAID, ORDER_SHIPPED, REFUND]) + "\n"
+    r = match("-p", '{"detail":{"tags":["vip"]}}', "--pattern-file", str(pf), stdin=events)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "true\nfalse\ntrue\n", "")
+    r = match("-f", str(pf), stdin=events)
+    assert r.stdout == "false\nfalse\ntrue\n"
+
+
+def test_match_last_line_without_newline_and_crlf():
+    r = match("-p", '{"detail":{"status":["PAID"]}}', stdin=ORDER_PAID + "\r\n" + ORDER_PAID)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "true\ntrue\n", "")
+    r = match("-p", '{"detail":{"status":["PAID"]}}', stdin="")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+
+
+def test_match_invalid_pattern_exits_2(tmp_path):
+    r = match("-p", '{"detail":{"status":["PAID"]}}',
+              "-p", '{"detail":{"status":[{"prefx":"P"}]}}', stdin=ORDER_PAID + "\n")
+    assert r.returncode == 2
+    assert r.stdout == ""  # no event is read
+    assert re.match(r"^pattern 2:1:\d+: \S.*\n$", r.stderr), r.stderr
+    # Positions are in the pattern's text: line 3 of the file.
+    pf = tmp_path / "bad.json"
+    pf.write_text('{\n  "detail": {\n    "amount": [{"numeric": [">", "ten"]}]\n  }\n}\n')
+    r = match("-f", str(pf), stdin=ORDER_PAID + "\n")
+    assert r.returncode == 2
+    assert re.match(r"^pattern 1:3:\d+: \S.*\n$", r.stderr), r.stderr
+    # Not JSON at all, and not an object.
+    for bad in ['{"detail":', '["PAID"]', "", "{} x"]:
+        r = match("-p", bad, stdin=ORDER_PAID + "\n")
+        assert r.returncode == 2, bad
+        assert re.match(r"^pattern 1:\d+:\d+: \S", r.stderr), (bad, r.stderr)
+
+
+def test_match_usage_errors_exit_2(tmp_path):
+    r = match(stdin=ORDER_PAID + "\n")
+    assert r.returncode == 2 and "at least one" in r.stderr
+    r = match("-f", str(tmp_path / "missing.json"))
+    assert r.returncode == 2 and "missing.json" in r.stderr
+    assert match("-p", "{}", "extra").returncode == 2
+    assert match("--no-such-option").returncode == 2
+
+
+def test_match_bad_event_line_keeps_going():
+    stdin = "\n".join([ORDER_PAID, "{not json", ORDER_PAID, '["PAID"]', "", REFUND]) + "\n"
+    r = match("-p", '{"detail":{"status":["PAID"]}}', stdin=stdin)
+    assert r.returncode == 1
+    assert r.stdout == "true\nfalse\ntrue\nfalse\nfalse\nfalse\n"
+    assert r.stderr.splitlines() == ["esmd match: line %d: not a JSON object" % n
+                                     for n in (2, 4, 5)]
+
+
+def test_match_answers_each_line_before_eof():
+    """A program can drive `esmd match` line by line through pipes."""
+    p = subprocess.Popen([servers.binary("esmd"), "match", "-p", '{"detail":{"status":["PAID"]}}'],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    try:
+        for event, want in [(ORDER_PAID, "true"), (REFUND, "false"), (ORDER_PAID, "true")]:
+            p.stdin.write(event + "\n")
+            p.stdin.flush()
+            assert p.stdout.readline() == want + "\n"
+        p.stdin.close()
+        assert p.wait(timeout=10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

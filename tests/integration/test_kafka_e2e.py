@@ -362,6 +362,42 @@ def test_failing_partition_does_not_block_others(kafka, endpoint, esmd, kafka_co
 
 
 @pytest.mark.kafka
+def test_stuck_partitions_filling_the_mapping_do_not_starve_others(kafka, endpoint, esmd,
+                                                                   kafka_config, names):
+    """Six failing partitions hold more than the mapping-wide limit of waiting records (50,000):
+    a healthy partition that receives records meanwhile is paused by that limit, and must be
+    resumed as soon as its own records have gone into a batch."""
+    topic = kafka.create_topic(names.topic(), 8)
+    stuck = set(range(6))
+
+    def behaviour(req):
+        if req.partitions() & stuck:
+            return Response(500, {"message": "stuck"})
+        return None
+
+    endpoint.behaviour = behaviour
+    kafka.produce(topic, count=66000, size=20, partitions=6)  # 11,000 in each of 0..5
+    proc = esmd(kafka_config(topic, batch_size=10, window="50ms"))
+    wait_for(lambda: proc.metrics().get("esmd_pending_records") >= 45000, 60, 0.2,
+             "the stuck partitions to fill the mapping's waiting records")
+
+    kafka.produce(topic, [{"partition": p, "key": "k%d" % i, "value": "v"}
+                          for p in (6, 7) for i in range(200)])
+    try:
+        endpoint.wait_records(400, timeout=60)
+    except TimeoutError:
+        m = proc.metrics()
+        raise AssertionError("healthy partitions starved: polled=%s pending=%s last requests=%s" % (
+            m.get("esmd_polled_events_total"), m.get("esmd_pending_records"),
+            [(sorted(r.partitions()), r.response and r.response.status, len(r.records())) for r in endpoint.requests][-10:]))
+    delivered = endpoint.offsets()
+    assert {p: delivered.get(p) for p in (6, 7)} == {6: list(range(200)), 7: list(range(200))}
+    assert not stuck & set(delivered)
+    assert proc.metrics().get("esmd_pending_records") >= 40000, "the stuck records were dropped"
+    assert proc.running()
+
+
+@pytest.mark.kafka
 def test_max_concurrency_caps_requests_in_flight(kafka, endpoint, esmd, kafka_config, names):
     topic = kafka.create_topic(names.topic(), 4)
     kafka.produce(topic, count=80, size=50, partitions=4, keyed=True)

@@ -1,12 +1,14 @@
 /* sink: the fastest function endpoint the benchmarks can point esmd at.
  *
- *   sink [--port P]            P = 0 (default) picks a free port
+ *   sink [--port P] [--pattern TEXT]
+ *       P = 0 (default) picks a free port; TEXT (default "offset": with its quotes) is what
+ *       marks one record in an event: "eventID": for the Redis event, for example
  *
  * Prints the port it listens on (127.0.0.1 and every other address) as one line on stdout, then
  * serves until SIGTERM/SIGINT:
  *   POST <any path>   reads the body, answers 200 {} (keep-alive), counts the request, its body
- *                     bytes and its records (occurrences of "offset": in the body: each record
- *                     of a Kafka event has exactly one)
+ *                     bytes and its records (occurrences of the pattern in the body: each
+ *                     record of a Kafka event has exactly one "offset":)
  *   GET /stats        {"requests":N,"records":M,"bytes":B}
  *
  * libmicrohttpd runs everything on its own threads (epoll, a pool of two); the counters are
@@ -22,15 +24,18 @@
 
 #include <microhttpd.h>
 
-#define SINK_PATTERN "\"offset\":"
-#define SINK_PATTERN_LEN (sizeof(SINK_PATTERN) - 1)
+#define SINK_PATTERN_MAX 64
+
+static const char *sink_pattern = "\"offset\":";
+static size_t sink_pattern_len;
+static size_t sink_fail[SINK_PATTERN_MAX]; /* KMP: longest proper border of pattern[0..i] */
 
 static atomic_uint_fast64_t sink_requests;
 static atomic_uint_fast64_t sink_records;
 static atomic_uint_fast64_t sink_bytes;
 static struct MHD_Response *sink_ok; /* shared "{}": MHD reference-counts queued responses */
 
-/* One request. The body arrives in chunks: "offset": is counted by a KMP matcher whose state
+/* One request. The body arrives in chunks: the pattern is counted by a KMP matcher whose state
  * carries over from one chunk to the next. */
 struct sink_req {
     bool post;
@@ -47,24 +52,18 @@ static void sink_scan(struct sink_req *req, const char *p, size_t n)
     while (p < end) {
         char c;
         if (state == 0) {
-            p = memchr(p, '"', (size_t)(end - p));
+            p = memchr(p, sink_pattern[0], (size_t)(end - p));
             if (!p)
                 break;
         }
         c = *p++;
-        for (;;) {
-            if (c == SINK_PATTERN[state]) {
-                state++;
-                break;
-            }
-            if (state == 0)
-                break;
-            /* The longest proper border of "offset" (state 8) is the quote; of others none. */
-            state = state == SINK_PATTERN_LEN - 1 ? 1 : 0;
-        }
-        if (state == SINK_PATTERN_LEN) {
+        while (state > 0 && c != sink_pattern[state])
+            state = sink_fail[state - 1];
+        if (c == sink_pattern[state])
+            state++;
+        if (state == sink_pattern_len) {
             req->records++;
-            state = 0;
+            state = sink_fail[state - 1];
         }
     }
     req->state = state;
@@ -132,8 +131,10 @@ static void sink_completed(void *cls, struct MHD_Connection *conn, void **con_cl
 
 static void sink_usage(FILE *out)
 {
-    fputs("usage: sink [--port P]   (P = 0 picks a free port; the port is printed on stdout)\n",
-          out);
+    fputs(
+        "usage: sink [--port P] [--pattern TEXT]   (P = 0 picks a free port; the port is printed\n"
+        "       on stdout; TEXT, default \"offset\":, marks one record in an event)\n",
+        out);
 }
 
 int main(int argc, char **argv)
@@ -153,6 +154,12 @@ int main(int argc, char **argv)
                 fprintf(stderr, "sink: --port: expected 0..65535, got '%s'\n", argv[i]);
                 return 2;
             }
+        } else if (strcmp(argv[i], "--pattern") == 0 && i + 1 < argc) {
+            sink_pattern = argv[++i];
+            if (!*sink_pattern || strlen(sink_pattern) > SINK_PATTERN_MAX) {
+                fprintf(stderr, "sink: --pattern: 1 to %d bytes\n", SINK_PATTERN_MAX);
+                return 2;
+            }
         } else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
             sink_usage(stdout);
             return 0;
@@ -160,6 +167,15 @@ int main(int argc, char **argv)
             sink_usage(stderr);
             return 2;
         }
+    }
+
+    sink_pattern_len = strlen(sink_pattern);
+    for (size_t i = 1, k = 0; i < sink_pattern_len; i++) {
+        while (k > 0 && sink_pattern[i] != sink_pattern[k])
+            k = sink_fail[k - 1];
+        if (sink_pattern[i] == sink_pattern[k])
+            k++;
+        sink_fail[i] = k;
     }
 
     /* MHD's threads inherit this mask; the main thread waits for the signals. */

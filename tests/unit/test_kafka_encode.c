@@ -468,12 +468,75 @@ static void test_sizes(void **state)
     trec_free(t);
 }
 
+/* What filters see of a record (README "Filtering"): JSON embedded, text as a string, binary
+ * key as base64, binary value left out, null as null; headers as strings. */
+static void check_filter_doc(struct trec *t, enum esmd_filter_data want, const char *golden)
+{
+    struct esmd_buf b = ESMD_BUF_INIT;
+    enum esmd_filter_data got = esmd_kafka_filter_doc(&t->v, &b);
+    assert_string_equal(esmd_buf_cstr(&b), golden);
+    assert_int_equal(got, want);
+    esmd_buf_free(&b);
+}
+
+static void test_filter_doc(void **state)
+{
+    (void)state;
+    const char *json = "{\"type\":\"created\",\"n\":[1,2.5]}";
+    struct trec *t = trec_new("orders", 3, 42, 1545084650987, RD_KAFKA_TIMESTAMP_CREATE_TIME, "k-1",
+                              3, json, strlen(json));
+    trec_header(t, "source", "web", 3);
+    trec_header(t, "bin", "\xff\x00", 2);
+    trec_header(t, "none", NULL, 0);
+    check_filter_doc(t, ESMD_FILTER_DATA_JSON,
+                     "{\"topic\":\"orders\",\"partition\":3,\"offset\":42,\"timestamp\":"
+                     "1545084650987,\"key\":\"k-1\",\"value\":{\"type\":\"created\",\"n\":[1,2.5]},"
+                     "\"headers\":[{\"source\":\"web\"},{\"bin\":\"/wA=\"},{\"none\":null}]}");
+    trec_free(t);
+
+    /* a JSON key, a text value, no timestamp */
+    t = trec_new("t", 0, 7, -1, RD_KAFKA_TIMESTAMP_NOT_AVAILABLE, "{\"id\":1}", 8, "plain \"text\"",
+                 12);
+    check_filter_doc(t, ESMD_FILTER_DATA_TEXT,
+                     "{\"topic\":\"t\",\"partition\":0,\"offset\":7,\"key\":{\"id\":1},"
+                     "\"value\":\"plain \\\"text\\\"\",\"headers\":[]}");
+    trec_free(t);
+
+    /* a binary key and value: the key as base64, the value left out */
+    t = trec_new("t", 1, 0, 5, RD_KAFKA_TIMESTAMP_CREATE_TIME, "\x80\x81", 2, "\xc3\x28", 2);
+    check_filter_doc(t, ESMD_FILTER_DATA_NONE,
+                     "{\"topic\":\"t\",\"partition\":1,\"offset\":0,\"timestamp\":5,"
+                     "\"key\":\"gIE=\",\"headers\":[]}");
+    trec_free(t);
+
+    /* null key and value (a tombstone): JSON nulls, a scalar */
+    t = trec_new("t", 1, 9, 5, RD_KAFKA_TIMESTAMP_CREATE_TIME, NULL, 0, NULL, 0);
+    check_filter_doc(t, ESMD_FILTER_DATA_TEXT,
+                     "{\"topic\":\"t\",\"partition\":1,\"offset\":9,\"timestamp\":5,"
+                     "\"key\":null,\"value\":null,\"headers\":[]}");
+    trec_free(t);
+
+    /* a number that is JSON on its own: embedded as it is, a scalar */
+    t = trec_new("t", 0, 1, 5, RD_KAFKA_TIMESTAMP_CREATE_TIME, NULL, 0, " 42 ", 4);
+    check_filter_doc(t, ESMD_FILTER_DATA_TEXT,
+                     "{\"topic\":\"t\",\"partition\":0,\"offset\":1,\"timestamp\":5,"
+                     "\"key\":null,\"value\": 42 ,\"headers\":[]}");
+    trec_free(t);
+
+    /* an array value is JSON data like an object */
+    t = trec_new("t", 0, 2, 5, RD_KAFKA_TIMESTAMP_CREATE_TIME, NULL, 0, "\n[1]", 4);
+    check_filter_doc(t, ESMD_FILTER_DATA_JSON,
+                     "{\"topic\":\"t\",\"partition\":0,\"offset\":2,\"timestamp\":5,"
+                     "\"key\":null,\"value\":\n[1],\"headers\":[]}");
+    trec_free(t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_spec_example),      cmocka_unit_test(test_two_partitions_golden),
         cmocka_unit_test(test_round_trip),        cmocka_unit_test(test_sizes),
-        cmocka_unit_test(test_exact_size_random),
+        cmocka_unit_test(test_exact_size_random), cmocka_unit_test(test_filter_doc),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -670,6 +670,105 @@ static void test_async_free(void **state)
     ev_loop_destroy(loop);
 }
 
+/* LISTEN: subscribed before the connection exists, a NULL-payload mark once listening, only
+ * the channel's notifications, and LISTEN again (with a new mark) after a reconnection. */
+struct notes {
+    int marks;
+    int n;
+    char last[256];
+    char channel[64];
+};
+
+static void on_note(void *ud, const char *channel, const char *payload)
+{
+    struct notes *nt = ud;
+    if (g_in_query)
+        g_reentrant++;
+    snprintf(nt->channel, sizeof(nt->channel), "%s", channel);
+    if (!payload) {
+        nt->marks++;
+        return;
+    }
+    nt->n++;
+    snprintf(nt->last, sizeof(nt->last), "%s", payload);
+}
+
+static bool cond_marks1(void *arg)
+{
+    return ((struct notes *)arg)->marks >= 1;
+}
+
+static bool cond_marks2(void *arg)
+{
+    return ((struct notes *)arg)->marks >= 2;
+}
+
+static bool cond_note1(void *arg)
+{
+    return ((struct notes *)arg)->n >= 1;
+}
+
+static bool cond_note2(void *arg)
+{
+    return ((struct notes *)arg)->n >= 2;
+}
+
+static void test_async_listen(void **state)
+{
+    (void)state;
+    NEED_PG();
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    char err[256] = "";
+    struct esmd_pg *pg = esmd_pg_new(loop, g_conninfo, "test", err, sizeof(err));
+    assert_non_null(pg);
+    char long_name[80];
+    memset(long_name, 'c', 64);
+    long_name[64] = '\0';
+    assert_int_equal(esmd_pg_listen(pg, "", on_note, NULL), ESMD_EINVAL);
+    assert_int_equal(esmd_pg_listen(pg, long_name, on_note, NULL), ESMD_EINVAL);
+    assert_int_equal(esmd_pg_listen(pg, "x", NULL, NULL), ESMD_EINVAL);
+    struct notes nt = {0}, q = {0};
+    g_reentrant = 0;
+    g_in_query = true;
+    assert_int_equal(esmd_pg_listen(pg, "esmd_test_chan", on_note, &nt), 0);
+    g_in_query = false;
+    assert_true(run_until(loop, cond_marks1, &nt, 10));
+    assert_int_equal(nt.n, 0);
+    assert_string_equal(nt.channel, "esmd_test_chan");
+
+    /* a channel name that needs quoting, subscribed while connected */
+    assert_int_equal(esmd_pg_listen(pg, "Odd \"Chan\"", on_note, &q), 0);
+    assert_true(run_until(loop, cond_marks1, &q, 10));
+
+    PGconn *c = blocking_conn();
+    PQclear(PQexec(c, "NOTIFY other_chan, 'nope'"));
+    PQclear(PQexec(c, "NOTIFY esmd_test_chan, 'hello'"));
+    PQclear(PQexec(c, "SELECT pg_notify('Odd \"Chan\"', 'odd')"));
+    assert_true(run_until(loop, cond_note1, &nt, 10));
+    assert_true(run_until(loop, cond_note1, &q, 10));
+    assert_string_equal(nt.last, "hello");
+    assert_string_equal(q.last, "odd");
+
+    /* the connection is lost: LISTEN again, a new mark, notifications flow again */
+    struct outcome pid = {0};
+    query(pg, "SELECT pg_backend_pid()", 0, NULL, &pid);
+    assert_true(run_until(loop, cond_called, &pid, 10));
+    char sql[512];
+    snprintf(sql, sizeof(sql), "SELECT pg_terminate_backend(%s)", pid.value);
+    assert_scalar(c, sql, "t");
+    assert_true(run_until(loop, cond_not_ready, pg, 10));
+    assert_true(run_until(loop, cond_marks2, &nt, 15));
+    assert_true(run_until(loop, cond_marks2, &q, 15));
+    PQclear(PQexec(c, "NOTIFY esmd_test_chan, 'again'"));
+    assert_true(run_until(loop, cond_note2, &nt, 10));
+    assert_string_equal(nt.last, "again");
+    assert_int_equal(nt.n, 2);
+    assert_int_equal(g_reentrant, 0);
+    PQfinish(c);
+    esmd_pg_free(pg);
+    ev_loop_destroy(loop);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -685,6 +784,7 @@ int main(void)
         cmocka_unit_test(test_async_reconnect),
         cmocka_unit_test(test_async_idle_ping),
         cmocka_unit_test(test_async_free),
+        cmocka_unit_test(test_async_listen),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

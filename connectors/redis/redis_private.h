@@ -1,0 +1,139 @@
+/* Private to connectors/redis: stream entry IDs, the connection URL, the event encoder and the
+ * filter document, and the entry view they work from.
+ *
+ * The encoder never touches a redisReply: it reads a small view of one entry, so the exact-size
+ * contract (esmd_batch_bytes() == bytes written) can be tested with entries built by hand.
+ * redis.c fills the view from a reply; tests fill it directly.
+ *
+ * Never included by the core (src/); only the files of connectors/redis and the connector's unit
+ * tests include it. */
+#ifndef ESMD_REDIS_PRIVATE_H
+#define ESMD_REDIS_PRIVATE_H
+
+#include "esmd/batch.h"
+#include "esmd/buf.h"
+#include "esmd/connector.h"
+
+/* ---- entry IDs ---- */
+
+/* A stream entry ID "<ms>-<seq>": two unsigned 64-bit numbers, ordered as a pair. */
+struct esmd_redis_id {
+    uint64_t ms;
+    uint64_t seq;
+};
+
+/* Room for the longest ID text: 20 digits, '-', 20 digits, NUL. */
+#define ESMD_REDIS_ID_MAX 42
+
+/* Parses exactly "<ms>-<seq>" (decimal, no sign, no spaces, each part fits 64 bits) from the n
+ * bytes at s. Returns 0, or ESMD_EINVAL. */
+int esmd_redis_id_parse(const char *s, size_t n, struct esmd_redis_id *id) ESMD_MUST_CHECK;
+/* Writes the ID's text and a NUL into out; returns its length. */
+size_t esmd_redis_id_format(struct esmd_redis_id id, char out[ESMD_REDIS_ID_MAX]);
+/* <0, 0, >0 as a is before, equal to, after b. */
+int esmd_redis_id_cmp(struct esmd_redis_id a, struct esmd_redis_id b);
+
+/* ---- the connection URL ---- */
+
+/* redis://[[user]:password@]host[:port][/db]. Every string is owned (free with
+ * esmd_redis_url_free()); user and password are NULL when absent, percent-decoded. */
+struct esmd_redis_url {
+    char *host; /* a name, an IPv4 address or an IPv6 address (without its brackets) */
+    int port;   /* default 6379 */
+    int db;     /* default 0 */
+    char *user;
+    char *password;
+};
+
+/* Parses url into *u. Returns 0, or ESMD_EINVAL with a message naming the problem in err
+ * (rediss:// is refused: TLS needs hiredis >= 1.0). *u needs no free on failure. */
+int esmd_redis_url_parse(const char *url, struct esmd_redis_url *u, char *err,
+                         size_t errlen) ESMD_MUST_CHECK;
+void esmd_redis_url_free(struct esmd_redis_url *u);
+
+/* ---- what the encoder reads ---- */
+
+/* One field of an entry: a name/value pair of byte strings (binary-safe, may hold NUL). */
+struct esmd_redis_field {
+    const char *name;
+    size_t name_len;
+    const char *value;
+    size_t value_len;
+    bool text; /* name and value are both UTF-8: set by esmd_redis_fields_classify() */
+};
+
+/* One entry as the encoder sees it. Pointers are borrowed for the call. */
+struct esmd_redis_entry {
+    struct esmd_redis_id id;
+    int64_t delivery_count; /* times the group delivered it, this delivery included (>= 1) */
+    const struct esmd_redis_field *fields;
+    size_t nfields;
+};
+
+/* Sets each field's `text` flag (both name and value well-formed UTF-8). */
+void esmd_redis_fields_classify(struct esmd_redis_field *fields, size_t n);
+
+/* What every record of one mapping shares, JSON-escaped once (esmd_redis_source_init). */
+struct esmd_redis_source {
+    char *stream_json; /* owned: the stream name as a JSON string, quotes included */
+    size_t stream_json_len;
+    char *arn_json; /* owned: the eventSourceARN as a JSON string */
+    size_t arn_json_len;
+};
+
+/* stream, arn: borrowed (copied). Free with esmd_redis_source_free(). */
+void esmd_redis_source_init(struct esmd_redis_source *src, const char *stream, const char *arn);
+void esmd_redis_source_free(struct esmd_redis_source *src);
+
+/* The eventSourceARN: "arn:esmd:redis:<host>:<port>/<db>:stream/<stream>". Caller frees. */
+char *esmd_redis_arn(const struct esmd_redis_url *u, const char *stream);
+
+/* ---- the event ---- */
+
+/* Exact bytes of {"Records":[]}. */
+size_t esmd_redis_envelope_size(void);
+
+/* Exact bytes esmd_redis_record_write() writes for e. */
+size_t esmd_redis_record_size(const struct esmd_redis_source *src,
+                              const struct esmd_redis_entry *e);
+
+/* Appends one record, Kinesis-style (spec/lambda-semantics.md §4.1, docs/redis.md):
+ * {"redis":{"redisSchemaVersion":"1.0","stream":"s","sequenceNumber":"1700000000000-0",
+ *   "approximateArrivalTimestamp":1700000000.000,"deliveryCount":1,
+ *   "fields":{"name":"value",...},"binaryFields":[{"name":"<b64>","value":"<b64>"}]},
+ *  "eventSource":"esmd:redis","eventVersion":"1.0","eventID":"s:1700000000000-0",
+ *  "eventName":"esmd:redis:record","eventSourceARN":"arn:esmd:redis:..."}
+ * Text fields (name and value UTF-8) go to "fields" in entry order (a repeated name is repeated);
+ * the others to "binaryFields", both parts base64, in entry order; "binaryFields" is left out
+ * when there is none. Flags must have been set by esmd_redis_fields_classify(). */
+void esmd_redis_record_write(struct esmd_buf *out, const struct esmd_redis_source *src,
+                             const struct esmd_redis_entry *e);
+
+/* The entry of a record the connector emitted; borrowed, valid while rec is alive. */
+typedef const struct esmd_redis_entry *(*esmd_redis_entry_fn)(const struct esmd_record *rec);
+
+/* Appends {"Records":[...]} with every record of batch (groups in batch order, records in the
+ * order linked from head): exactly esmd_batch_bytes(batch) bytes when every rec->size came from
+ * esmd_redis_record_size() and the batch's envelope from esmd_redis_envelope_size(), with no
+ * group overhead (ungrouped). out: appended to, not reset. */
+void esmd_redis_encode_batch(const struct esmd_redis_source *src, const struct esmd_batch *batch,
+                             esmd_redis_entry_fn entry_of, struct esmd_buf *out);
+
+/* The record's JSON as esmd_redis_record_write() wrote it (rec->size bytes); borrowed. */
+typedef const char *(*esmd_redis_json_fn)(const struct esmd_record *rec);
+
+/* As esmd_redis_encode_batch(), from records written beforehand (each rec->size bytes at
+ * json_of(rec)): the same bytes, copied. */
+void esmd_redis_encode_written(const struct esmd_batch *batch, esmd_redis_json_fn json_of,
+                               struct esmd_buf *out);
+
+/* Appends the document filters see of one entry:
+ * {"stream":"s","sequenceNumber":"1700000000000-0","approximateArrivalTimestamp":1700000000.000,
+ *  "fields":{"type":"created","order":{"id":1},"n":42}}
+ * A field value that is JSON is embedded as JSON, other UTF-8 values as JSON strings; fields
+ * whose name or value is not UTF-8 are left out. Always ESMD_FILTER_DATA_JSON: the data part
+ * (`fields`) is an object. */
+enum esmd_filter_data esmd_redis_filter_doc(const struct esmd_redis_source *src,
+                                            const struct esmd_redis_entry *e, struct esmd_buf *out);
+
+#endif

@@ -1,0 +1,163 @@
+/* redis:// connection URLs: redis://[[user]:password@]host[:port][/db]. */
+#include "redis_private.h"
+
+#include <hiredis/hiredis.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* Percent-decodes n bytes of s; NULL on a bad escape or an encoded NUL. */
+static char *pct_decode(const char *s, size_t n)
+{
+    char *out = esmd_xmalloc(n + 1);
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] != '%') {
+            out[k++] = s[i];
+            continue;
+        }
+        int hi = i + 1 < n ? hexval(s[i + 1]) : -1;
+        int lo = i + 2 < n ? hexval(s[i + 2]) : -1;
+        if (hi < 0 || lo < 0 || (hi == 0 && lo == 0)) {
+            free(out);
+            return NULL;
+        }
+        out[k++] = (char)(hi * 16 + lo);
+        i += 2;
+    }
+    out[k] = '\0';
+    return out;
+}
+
+/* A decimal number of at most 9 digits in [lo, hi]; -1 when not. */
+static long small_number(const char *s, size_t n, long lo, long hi)
+{
+    if (n == 0 || n > 9)
+        return -1;
+    long v = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return -1;
+        v = v * 10 + (s[i] - '0');
+    }
+    return v < lo || v > hi ? -1 : v;
+}
+
+void esmd_redis_url_free(struct esmd_redis_url *u)
+{
+    if (!u)
+        return;
+    free(u->host);
+    free(u->user);
+    free(u->password);
+    memset(u, 0, sizeof(*u));
+}
+
+int esmd_redis_url_parse(const char *url, struct esmd_redis_url *u, char *err, size_t errlen)
+{
+    memset(u, 0, sizeof(*u));
+    u->port = 6379;
+    if (strncmp(url, "rediss://", 9) == 0) {
+        snprintf(
+            err, errlen,
+            "rediss:// (TLS) is not supported by this build of esmd (hiredis %d.%d has no TLS)",
+            HIREDIS_MAJOR, HIREDIS_MINOR);
+        return ESMD_EINVAL;
+    }
+    if (strncmp(url, "redis://", 8) != 0) {
+        snprintf(err, errlen, "a redis URL starts with redis://");
+        return ESMD_EINVAL;
+    }
+    const char *p = url + 8;
+    const char *end = p + strcspn(p, "/?#");
+    if (*end == '?' || *end == '#' || strchr(end, '?') || strchr(end, '#')) {
+        snprintf(err, errlen, "query parameters and fragments are not supported in a redis URL");
+        return ESMD_EINVAL;
+    }
+    /* userinfo: the part before the last '@' of the authority */
+    const char *at = NULL;
+    for (const char *q = p; q < end; q++)
+        if (*q == '@')
+            at = q;
+    if (at) {
+        const char *colon = memchr(p, ':', (size_t)(at - p));
+        if (!colon) {
+            snprintf(
+                err, errlen,
+                "a redis URL names a user without a password (write redis://user:password@host "
+                "or redis://:password@host)");
+            goto fail;
+        }
+        if (colon > p && !(u->user = pct_decode(p, (size_t)(colon - p)))) {
+            snprintf(err, errlen, "bad percent-escape in the user of the redis URL");
+            goto fail;
+        }
+        if (!(u->password = pct_decode(colon + 1, (size_t)(at - colon - 1)))) {
+            snprintf(err, errlen, "bad percent-escape in the password of the redis URL");
+            goto fail;
+        }
+        p = at + 1;
+    }
+    /* host[:port] */
+    const char *host = p, *host_end;
+    const char *port = NULL;
+    if (*p == '[') {
+        const char *close = memchr(p, ']', (size_t)(end - p));
+        if (!close || close == p + 1) {
+            snprintf(err, errlen, "bad IPv6 address in the redis URL (write [addr]:port)");
+            goto fail;
+        }
+        host = p + 1;
+        host_end = close;
+        if (close + 1 < end) {
+            if (close[1] != ':') {
+                snprintf(err, errlen, "unexpected text after ] in the redis URL");
+                goto fail;
+            }
+            port = close + 2;
+        }
+    } else {
+        host_end = memchr(p, ':', (size_t)(end - p));
+        if (host_end)
+            port = host_end + 1;
+        else
+            host_end = end;
+    }
+    if (host_end == host) {
+        snprintf(err, errlen, "the redis URL has no host");
+        goto fail;
+    }
+    u->host = esmd_xstrndup(host, (size_t)(host_end - host));
+    if (port) {
+        long v = small_number(port, (size_t)(end - port), 1, 65535);
+        if (v < 0) {
+            snprintf(err, errlen, "the port of the redis URL must be 1 to 65535");
+            goto fail;
+        }
+        u->port = (int)v;
+    }
+    /* /db */
+    if (*end == '/' && end[1]) {
+        long v = small_number(end + 1, strlen(end + 1), 0, 1000000);
+        if (v < 0) {
+            snprintf(err, errlen, "the path of the redis URL must be a database number, e.g. /0");
+            goto fail;
+        }
+        u->db = (int)v;
+    }
+    return ESMD_OK;
+fail:
+    esmd_redis_url_free(u);
+    return ESMD_EINVAL;
+}

@@ -1,0 +1,66 @@
+/* Destinations: where on-failure records (event source mappings) and invocation records (async
+ * queue: on_success / on_failure / dead_letter) go. DESIGN.md "Destinations".
+ *
+ * URIs: kafka://CONNECTION/TOPIC (produced with the given key), redis://CONNECTION/STREAM (XADD),
+ * pgqueue://QUEUE (esmd's Postgres queue, esmd.send()), http://… and https://… (POST, 2xx =
+ * delivered), function://NAME (an async invocation of a configured function: refused until the
+ * async queue exists).
+ *
+ * Delivery is reliable through a Postgres outbox: esmd_dests_send() inserts the record into
+ * esmd.outbox and reports once that insert is committed; only then may the caller acknowledge
+ * its source. A delivery worker on the loop claims due outbox rows (FOR UPDATE SKIP LOCKED, with
+ * a lease, so several esmd processes share the work and a crashed one's rows are taken over),
+ * writes them to their destination, and deletes them once written. A failed write is retried
+ * with backoff (1 s doubling to 5 min, jitter), forever; a destination that keeps failing shows
+ * in esmd_destination_delivery_failures_total{destination} and in /readyz detail, and never
+ * blocks other destinations or the mappings (the outbox absorbs the records).
+ *
+ * Everything runs on the loop thread. */
+#ifndef ESMD_DESTINATION_H
+#define ESMD_DESTINATION_H
+
+#include "esmd/buf.h"
+#include "esmd/config.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+
+struct ev_loop;
+struct esmd_dests;
+
+/* Creates the router for every destination URI the configuration names (connections are made
+ * lazily, on first delivery). conninfo: the service's Postgres (outbox). NULL with err. */
+struct esmd_dests *esmd_dests_new(struct ev_loop *loop, const struct esmd_config *cfg,
+                                  const char *conninfo, const char *instance_id, char *err,
+                                  size_t errlen);
+void esmd_dests_free(struct esmd_dests *d);
+
+/* Called once the record is durably in the outbox (ok) or could not be stored (!ok, err says
+ * why; the caller keeps its source unacknowledged and tries again later). */
+typedef void (*esmd_dests_cb)(void *ud, bool ok, const char *err);
+
+/* Stores `payload` (a JSON document, len bytes, copied) for delivery to `uri`. key/keylen: the
+ * Kafka message key for kafka:// destinations (NULL: no key); ignored by the other kinds.
+ * Returns 0 (cb will be called, never from inside this call) or ESMD_EINVAL for an unknown URI
+ * (cb not called). A URI is known when esmd_dests_check() accepts it: it need not be named in
+ * the configuration. The payload must be UTF-8 without NUL bytes (ESMD_EINVAL otherwise).
+ * ESMD_ESTATE once esmd_dests_free() has started. Sends made after esmd_dests_stop() are
+ * stored (and delivered by the next start). Sends not committed when esmd_dests_free() runs get
+ * cb(ud, false, "closed" or "shutting down") from inside esmd_dests_free(). */
+int esmd_dests_send(struct esmd_dests *d, const char *uri, const char *payload, size_t len,
+                    const void *key, size_t keylen, esmd_dests_cb cb, void *ud);
+
+/* Whether uri is a destination this router can store: a well-formed URI whose connection
+ * (kafka://, redis://) is defined in the configuration with the right type, or whose function
+ * (function://) is. Returns 0, or ESMD_EINVAL with the reason in err. For the admin API. */
+int esmd_dests_check(const struct esmd_dests *d, const char *uri, char *err,
+                     size_t errlen) ESMD_MUST_CHECK;
+
+/* Graceful stop: no new claims; writes in progress finish; done(ud) when idle. */
+void esmd_dests_stop(struct esmd_dests *d, void (*done)(void *ud), void *ud);
+
+/* Appends the readiness detail, a JSON object {"<uri>":{"ready":bool,"error":"…",
+ * "pending":N}, …}; returns false when a destination has failed its last delivery. */
+bool esmd_dests_ready(struct esmd_dests *d, struct esmd_buf *detail);
+
+#endif

@@ -1,0 +1,66 @@
+/* Event filtering: Lambda's / EventBridge's event-pattern language.
+ *
+ * Two steps. Compile: pattern texts (JSON objects) are parsed, checked and added to one matcher;
+ * an invalid pattern is refused with the reason and its position in the pattern text. Match: the
+ * bytes of one JSON event are scanned once and the matcher tells which patterns match. A matcher
+ * holds any number of patterns (a mapping's filters are OR'd: a record is kept when any of them
+ * matches); each pattern carries the caller's id.
+ *
+ * Matching does not allocate: scratch space lives in the matcher and grows only while patterns are
+ * added (and, for unusually deep or large events, up to a fixed cap). So one matcher serves one
+ * thread at a time (esmd's loop thread); it is not safe to match on one matcher from two threads.
+ */
+#ifndef ESMD_FILTER_H
+#define ESMD_FILTER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Lambda's limits (spec/lambda-semantics.md §5.1); the config can raise them. */
+#define ESMD_FILTER_DEFAULT_MAX_PATTERNS 5
+#define ESMD_FILTER_DEFAULT_MAX_PATTERN_LEN 4096
+
+struct esmd_filter;
+
+struct esmd_filter_error {
+    /* Byte offset in the pattern text where the problem is (0-based), and the same as a 1-based
+     * line and column (columns count bytes). */
+    size_t offset;
+    int line, column;
+    /* What is wrong, e.g. `"prefix" needs a string, got a number` or `unknown operator
+     * "prefx"`. No position in it: the caller formats "pattern N:LINE:COL: MESSAGE". */
+    char message[256];
+};
+
+struct esmd_filter *esmd_filter_new(void);
+void esmd_filter_free(struct esmd_filter *f);
+
+/* Compiles one pattern (JSON object text, `len` bytes, need not be NUL-terminated) and adds it to
+ * the matcher under `id`. Returns 0, or -1 with *err filled (the matcher is unchanged then). */
+int esmd_filter_add(struct esmd_filter *f, const char *pattern, size_t len, uint32_t id,
+                    struct esmd_filter_error *err);
+
+/* As esmd_filter_add, leaving out the top-level fields named in `skip` (a NULL-terminated list;
+ * NULL for none). Kafka mappings use it for Lambda's fallback to metadata-only filtering when a
+ * record's value is not JSON: the same pattern without its "value" (and "key") conditions. A
+ * pattern left with no condition at all matches every event. */
+int esmd_filter_add_skip(struct esmd_filter *f, const char *pattern, size_t len, uint32_t id,
+                         const char *const *skip, struct esmd_filter_error *err);
+
+/* Checks a pattern without keeping it (what `esmd check-config` and the admin API use). */
+int esmd_filter_check(const char *pattern, size_t len, struct esmd_filter_error *err);
+
+size_t esmd_filter_count_patterns(const struct esmd_filter *f);
+
+/* Does any pattern match the JSON event? An event that is not valid JSON (or not an object)
+ * matches nothing. */
+bool esmd_filter_match(struct esmd_filter *f, const char *event, size_t len);
+
+/* How many of the patterns match the event; with `ids` non-NULL, the ids of up to `max` of them
+ * are stored there (in no particular order). Returns -1 when the event is not a valid JSON
+ * object. */
+int esmd_filter_match_all(struct esmd_filter *f, const char *event, size_t len, uint32_t *ids,
+                          size_t max);
+
+#endif

@@ -1,0 +1,20 @@
+/* Allocation-free checks of untrusted bytes: is it UTF-8, is it one JSON document.
+ * Used to decide how a record's payload is shown to filters (as JSON, as a string, or not at
+ * all) without building a tree. */
+#ifndef ESMD_JSON_H
+#define ESMD_JSON_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+/* Maximum nesting esmd_json_valid() accepts (deeper documents are "not JSON"). */
+#define ESMD_JSON_MAX_DEPTH 512
+
+/* Well-formed UTF-8 (RFC 3629: no overlongs, no surrogates, nothing above U+10FFFF). */
+bool esmd_utf8_valid(const char *s, size_t len);
+
+/* Exactly one JSON value (RFC 8259), optionally surrounded by whitespace, with well-formed UTF-8
+ * in its strings and valid escapes; NUL bytes are refused. */
+bool esmd_json_valid(const char *s, size_t len);
+
+#endif

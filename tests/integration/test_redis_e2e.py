@@ -1,0 +1,556 @@
+"""End to end: Redis streams (a real redis-server) -> esmd -> a recording HTTP function endpoint.
+
+Each test uses its own stream and consumer group on the session's Redis (tests that restart Redis
+start their own). The assertions are about what the endpoint received (the Kinesis-shaped event
+of docs/redis.md, schemas/redis-event.schema.json) and what the group's pending entries list
+(PEL) says was acknowledged."""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import jsonschema
+import pytest
+
+import servers
+from endpoint import Response
+from servers import wait_for
+
+MAX_PAYLOAD = 6291456
+SCHEMA = json.load(open(os.path.join(servers.ROOT, "schemas", "redis-event.schema.json")))
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def produce(redis, stream, count, size=100, start=0):
+    """count generated entries, field v = {"i":start+k,"pad":"x..."} (tests/tools/redistool)."""
+    r = subprocess.run([servers.binary("redistool"), "produce", "-u", redis.url, "-s", stream,
+                        "--count", str(count), "--size", str(size), "--start", str(start)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "produced %d" % count, r.stderr
+    return count
+
+
+def xadd(redis, stream, *pairs):
+    """One entry with the given (name, value) pairs (str or bytes); returns its ID."""
+    args = []
+    for n, v in pairs:
+        args += [n, v]
+    return redis.command("XADD", stream, "*", *args)
+
+
+def records(endpoint, ok_only=True, requests=None):
+    """[(request, record)] in arrival order over the (successful) requests."""
+    reqs = requests if requests is not None else (
+        endpoint.ok_requests() if ok_only else endpoint.snapshot())
+    out = []
+    for req in reqs:
+        ev = req.json if isinstance(req.json, dict) else {}
+        for rec in ev.get("Records") or []:
+            out.append((req, rec))
+    return out
+
+
+def index_of(rec):
+    """The generated entry's number, or None for entries made by hand."""
+    v = rec["redis"]["fields"].get("v")
+    try:
+        return json.loads(v)["i"]
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def delivered(endpoint, ok_only=True):
+    """{i: times delivered} over the generated entries."""
+    out = {}
+    for _, rec in records(endpoint, ok_only):
+        i = index_of(rec)
+        if i is not None:
+            out[i] = out.get(i, 0) + 1
+    return out
+
+
+def wait_all_delivered(endpoint, n, timeout=120, start=0):
+    want = set(range(start, start + n))
+
+    def done():
+        return want <= set(delivered(endpoint))
+
+    try:
+        endpoint.wait_for(done, timeout, "entries %d..%d delivered" % (start, start + n - 1))
+    except TimeoutError:
+        missing = sorted(want - set(delivered(endpoint)))
+        raise AssertionError("%d entries never delivered, e.g. %s" % (len(missing), missing[:10]))
+
+
+def ids(endpoint, ok_only=True):
+    return [rec["redis"]["sequenceNumber"] for _, rec in records(endpoint, ok_only)]
+
+
+def id_key(entry_id):
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+def pending(redis, stream, group):
+    """Entries delivered to the group and not acknowledged (XPENDING summary)."""
+    return redis.command("XPENDING", stream, group)[0]
+
+
+def wait_pending(redis, stream, group, n, timeout=30):
+    last = {}
+
+    def check():
+        last["v"] = pending(redis, stream, group)
+        return last["v"] == n
+
+    try:
+        wait_for(check, timeout, 0.1, "%d pending entries" % n)
+    except TimeoutError:
+        raise AssertionError("%s entries pending in %s/%s, expected %d" % (
+            last.get("v"), stream, group, n))
+
+
+def ready(proc, timeout=30):
+    wait_for(lambda: proc.get("/readyz")[0] == 200, timeout, 0.1, "esmd /readyz 200")
+
+
+def consumer_of(req):
+    """The consumer that sent a request: its idempotency key is <mapping>/<stream>@<consumer>:..."""
+    key = req.idempotency_key or ""
+    return key.split("/", 1)[1].split("@", 1)[1].rsplit(":", 1)[0]
+
+
+@pytest.fixture
+def redis_config(postgres, redis, endpoint, names):
+    """redis_config(stream, **options) -> config dict with one Redis mapping to the endpoint.
+
+    options: group, batch_size, window, timeout, max_concurrency, consumer, visibility_timeout,
+    starting_position, server (a servers.Redis, default the session's), mapping_extra."""
+
+    def make(stream, group="g", batch_size=100, window="100ms", timeout="10s", max_concurrency=10,
+             consumer=None, visibility_timeout=None, starting_position=None, server=None,
+             mapping_extra=None, url=None):
+        src = {"redis": "r", "stream": stream, "group": group}
+        if consumer:
+            src["consumer"] = consumer
+        if visibility_timeout:
+            src["visibility_timeout"] = visibility_timeout
+        if starting_position:
+            src["starting_position"] = starting_position
+        m = {"name": names.mapping(), "function": "fn", "source": src, "batch_size": batch_size,
+             "maximum_batching_window": window}
+        m.update(mapping_extra or {})
+        return {
+            "postgres": postgres.url,
+            "admin": {"listen": "127.0.0.1:0"},
+            "connections": {"r": {"type": "redis", "url": url or (server or redis).url}},
+            "functions": {"fn": {"url": endpoint.url, "timeout": timeout,
+                                 "max_concurrency": max_concurrency}},
+            "mappings": [m],
+        }
+
+    return make
+
+
+# ---- delivery -------------------------------------------------------------------------------
+
+
+def test_all_entries_arrive_in_order_with_kinesis_shape(redis, endpoint, esmd, redis_config,
+                                                        names):
+    stream = names.topic()
+    special = [
+        xadd(redis, stream, ("type", "order_created"), ("payload", '{"id":1}'),
+             ("note", "\u00eb \"q\"\n")),
+        xadd(redis, stream, ("k", "1"), ("k", "2"), ("blob", b"\x00\xff\x80"),
+             (b"\xfe\xffname", "v")),
+    ]
+    produce(redis, stream, 2000, size=100)
+    total = 2002
+    proc = esmd(redis_config(stream, batch_size=100, window="100ms"))
+    wait_all_delivered(endpoint, 2000)
+    endpoint.wait_for(lambda: len(records(endpoint)) >= total, 30, "all records")
+    time.sleep(0.5)  # a duplicate would show up now
+    recs = records(endpoint)
+    assert len(recs) == total, "duplicates: %d records for %d entries" % (len(recs), total)
+    got = [rec["redis"]["sequenceNumber"] for _, rec in recs]
+    assert got == sorted(got, key=id_key), "entries out of stream order"
+    assert got[:2] == special
+    assert all(r.ok for r in endpoint.snapshot())
+
+    arn = "arn:esmd:redis:127.0.0.1:%d/0:stream/%s" % (redis.port, stream)
+    for req in endpoint.ok_requests():
+        VALIDATOR.validate(req.json)
+        assert set(req.json) == {"Records"}
+        assert 1 <= len(req.json["Records"]) <= 100
+        assert len(req.body) <= MAX_PAYLOAD
+        assert req.request_id and req.idempotency_key
+    for _, rec in recs:
+        r = rec["redis"]
+        assert rec["eventSource"] == "esmd:redis"
+        assert rec["eventName"] == "esmd:redis:record"
+        assert rec["eventVersion"] == "1.0"
+        assert rec["eventSourceARN"] == arn
+        assert rec["eventID"] == "%s:%s" % (stream, r["sequenceNumber"])
+        assert r["stream"] == stream
+        assert r["deliveryCount"] == 1
+        ms = id_key(r["sequenceNumber"])[0]
+        assert abs(r["approximateArrivalTimestamp"] - ms / 1000.0) < 0.0005
+        assert abs(r["approximateArrivalTimestamp"] - time.time()) < 300
+    first, second = recs[0][1]["redis"], recs[1][1]["redis"]
+    assert first["fields"] == {"type": "order_created", "payload": '{"id":1}',
+                               "note": "\u00eb \"q\"\n"}
+    assert "binaryFields" not in first
+    # the repeated name is kept twice in the JSON text, in order
+    raw = recs[1][0].body.decode()
+    assert '"fields":{"k":"1","k":"2"}' in raw
+    assert [(base64.b64decode(b["name"]), base64.b64decode(b["value"]))
+            for b in second["binaryFields"]] == [(b"blob", b"\x00\xff\x80"), (b"\xfe\xffname",
+                                                                              b"v")]
+    assert delivered(endpoint) == {i: 1 for i in range(2000)}
+    wait_pending(redis, stream, "g", 0)
+
+    m = proc.metrics()
+    assert m.get("esmd_polled_events_total") == total
+    wait_for(lambda: proc.metrics().get("esmd_committed_events_total") == total, 10, 0.2,
+             "esmd_committed_events_total == %d" % total)
+    wait_for(lambda: proc.metrics().get("esmd_offset_lag") == 0, 15, 0.2, "esmd_offset_lag 0")
+    assert "(bug)" not in proc.log()
+
+
+def test_batch_size_splits_requests(redis, endpoint, esmd, redis_config, names):
+    stream = names.topic()
+    produce(redis, stream, 12)
+    esmd(redis_config(stream, batch_size=5, window="1s"))
+    wait_all_delivered(endpoint, 12)
+    time.sleep(1.5)
+    assert [len(r.json["Records"]) for r in endpoint.snapshot()] == [5, 5, 2]
+    assert [index_of(rec) for _, rec in records(endpoint)] == list(range(12))
+
+
+def test_batching_window_collects_entries_into_one_request(redis, endpoint, esmd, redis_config,
+                                                           names):
+    stream = names.topic()
+    proc = esmd(redis_config(stream, batch_size=1000, window="1s"))
+    ready(proc)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    produce(redis, stream, 10)
+    wait_all_delivered(endpoint, 10)
+    time.sleep(1.5)
+    reqs = endpoint.snapshot()
+    assert [len(r.json["Records"]) for r in reqs] == [10], reqs
+    assert reqs[0].t_arrival - t0 >= 0.9
+
+
+def test_starting_position_latest_skips_what_was_there(redis, endpoint, esmd, redis_config,
+                                                       names):
+    stream = names.topic()
+    produce(redis, stream, 5, start=0)
+    proc = esmd(redis_config(stream, starting_position="latest"))
+    ready(proc)
+    produce(redis, stream, 5, start=100)
+    wait_all_delivered(endpoint, 5, start=100)
+    time.sleep(0.5)
+    assert sorted(delivered(endpoint)) == list(range(100, 105))
+
+
+@pytest.mark.slow
+def test_payload_cap_splits_large_entries(redis, endpoint, esmd, redis_config, names):
+    stream = names.topic()
+    for i in range(8):  # 8 x 900 KB: well over one 6 MB event
+        xadd(redis, stream, ("v", json.dumps({"i": i, "pad": "x" * 900000})))
+    esmd(redis_config(stream, batch_size=100, window="2s"))
+    wait_all_delivered(endpoint, 8)
+    sizes = [len(r.body) for r in endpoint.snapshot()]
+    assert max(sizes) <= MAX_PAYLOAD, sizes
+    assert len(sizes) >= 2, sizes
+    assert [index_of(rec) for _, rec in records(endpoint)] == list(range(8))
+
+
+def test_entry_over_payload_cap_is_skipped_and_acknowledged(redis, endpoint, esmd, redis_config,
+                                                            names):
+    stream = names.topic()
+    xadd(redis, stream, ("v", json.dumps({"i": 0})))
+    xadd(redis, stream, ("v", "x" * 6500000))
+    xadd(redis, stream, ("v", json.dumps({"i": 2})))
+    proc = esmd(redis_config(stream, batch_size=100, window="200ms"))
+    endpoint.wait_for(lambda: len(records(endpoint)) >= 2, 60, "the two small entries")
+    wait_pending(redis, stream, "g", 0)
+    assert [index_of(rec) for _, rec in records(endpoint, ok_only=False)] == [0, 2]
+    assert proc.metrics().get("esmd_oversized_records_total") == 1
+
+
+def test_failing_function_is_retried_and_nothing_acknowledged_meanwhile(redis, endpoint, esmd,
+                                                                        redis_config, names):
+    stream = names.topic()
+    produce(redis, stream, 20)
+    seen_pending = []
+
+    def behaviour(req):
+        if req.index < 3:
+            seen_pending.append(pending(redis, stream, "g"))
+            return Response(500, {"message": "injected failure"})
+        return None
+
+    endpoint.behaviour = behaviour
+    esmd(redis_config(stream, batch_size=100, window="100ms"))
+    wait_all_delivered(endpoint, 20, timeout=90)
+    assert seen_pending == [20, 20, 20]
+    reqs = endpoint.snapshot()
+    failed, retry = reqs[:3], next(r for r in reqs[3:] if r.ok)
+    assert all(not r.ok for r in failed)
+    keys = {r.idempotency_key for r in failed + [retry]}
+    assert len(keys) == 1 and None not in keys
+    assert [rec["redis"]["sequenceNumber"] for _, rec in records(endpoint, requests=[retry])] == \
+        [rec["redis"]["sequenceNumber"] for _, rec in records(endpoint, requests=[failed[0]])]
+    assert delivered(endpoint) == {i: 1 for i in range(20)}
+    wait_pending(redis, stream, "g", 0)
+
+
+def test_filters_see_fields_with_json_values(redis, endpoint, esmd, redis_config, names):
+    stream = names.topic()
+    for i in range(30):
+        kind = "keep" if i % 3 == 0 else "drop"
+        xadd(redis, stream, ("type", kind), ("v", json.dumps({"i": i, "amount": i * 10})))
+    xadd(redis, stream, ("type", "big"), ("v", json.dumps({"i": 1000, "amount": 5000})))
+    xadd(redis, stream, ("type", "bin"), ("v", b"\xff"))
+    cfg = redis_config(stream, batch_size=7, window="50ms", mapping_extra={
+        "filters": [{"fields": {"type": ["keep"]}},
+                    {"fields": {"v": {"amount": [{"numeric": [">", 1000]}]}}}]})
+    proc = esmd(cfg)
+    wait_pending(redis, stream, "g", 0)
+    time.sleep(0.3)
+    assert [index_of(rec) for _, rec in records(endpoint)] == list(range(0, 30, 3)) + [1000]
+    m = proc.metrics()
+    assert m.get("esmd_filtered_out_events_total") == 32 - 11
+    assert m.get("esmd_polled_events_total") == 32
+
+
+# ---- crashes, restarts, scaling out ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill9_mid_batch_then_restart_delivers_everything(redis, endpoint, esmd, redis_config,
+                                                          names):
+    stream = names.topic()
+    produce(redis, stream, 2000)
+    endpoint.delay(0.05)
+    proc = esmd(redis_config(stream, batch_size=50, window="100ms"),
+                env={"ESMD_INSTANCE_ID": "crashy"})
+    endpoint.wait_for(lambda: len(delivered(endpoint)) >= 500, 120, "500 entries")
+    proc.kill9()
+    before = delivered(endpoint)
+    assert len(before) < 2000, "killed too late to mean anything"
+    left_pending = pending(redis, stream, "g")
+    assert left_pending > 0, "nothing was in flight at the kill"
+    proc.start()
+    wait_all_delivered(endpoint, 2000, timeout=120)
+    wait_pending(redis, stream, "g", 0)
+    # the entries that were pending at the kill came again from the PEL, counted
+    counts = [rec["redis"]["deliveryCount"] for _, rec in records(endpoint)]
+    assert max(counts) >= 2
+    assert proc.stop() == 0
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_then_restart_loses_nothing(redis, endpoint, esmd, redis_config,
+                                                       names):
+    stream = names.topic()
+    produce(redis, stream, 5000)
+    endpoint.delay(0.1)
+    proc = esmd(redis_config(stream, batch_size=100, window="100ms", timeout="5s"),
+                env={"ESMD_INSTANCE_ID": "graceful"})
+    endpoint.wait_for(lambda: len(delivered(endpoint)) >= 1000, 120, "1000 entries")
+    t0 = time.monotonic()
+    assert proc.stop(signal.SIGTERM, timeout=15) == 0
+    assert time.monotonic() - t0 < 5 + 5
+    done_before = len(delivered(endpoint))
+    assert done_before < 5000
+    # everything delivered before the stop was acknowledged on the way out
+    assert pending(redis, stream, "g") <= 5000 - done_before
+    proc.start()
+    wait_all_delivered(endpoint, 5000, timeout=180)
+    wait_pending(redis, stream, "g", 0)
+    assert proc.stop() == 0
+
+
+@pytest.mark.slow
+def test_redis_restart_under_load_reconnects_and_loses_nothing(endpoint, esmd, redis_config,
+                                                               names):
+    own = servers.Redis(persistent=True)
+    try:
+        stream = names.topic()
+        produce(own, stream, 3000)
+        endpoint.delay(0.02)
+        proc = esmd(redis_config(stream, batch_size=50, window="50ms", server=own))
+        endpoint.wait_for(lambda: len(delivered(endpoint)) >= 500, 120, "500 entries")
+        own.stop()
+        wait_for(lambda: proc.get("/readyz")[0] != 200, 15, 0.1, "/readyz to turn not ready")
+        time.sleep(1.0)
+        own.start()
+        ready(proc, timeout=30)
+        produce(own, stream, 1000, start=3000)
+        wait_all_delivered(endpoint, 4000, timeout=180)
+        wait_pending(own, stream, "g", 0)
+        assert proc.running()
+        # once more, with a crash of Redis (SIGKILL; the AOF is fsynced at every write)
+        own.restart(signal.SIGKILL)
+        produce(own, stream, 500, start=4000)
+        wait_all_delivered(endpoint, 4500, timeout=120)
+        wait_pending(own, stream, "g", 0)
+        log = proc.log()
+        assert "reconnecting" in log and "connected" in log
+    finally:
+        own.close()
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_group_and_lose_nothing(redis, endpoint, esmd, redis_config,
+                                                      names):
+    stream = names.topic()
+    endpoint.delay(0.01)
+    cfg = redis_config(stream, batch_size=20, window="20ms")
+    a = esmd(cfg, env={"ESMD_INSTANCE_ID": "esmd-a"})
+    b = esmd(dict(cfg), env={"ESMD_INSTANCE_ID": "esmd-b"})
+    ready(a)
+    ready(b)
+    produce(redis, stream, 4000)
+    wait_all_delivered(endpoint, 4000, timeout=180)
+    wait_pending(redis, stream, "g", 0)
+    time.sleep(0.5)
+    assert delivered(endpoint) == {i: 1 for i in range(4000)}, "an entry went to both"
+    by = {}
+    for req in endpoint.ok_requests():
+        c = consumer_of(req)
+        by[c] = by.get(c, 0) + len(req.json["Records"])
+    assert set(by) == {"esmd-a", "esmd-b"}, by
+    assert min(by.values()) >= 200, "one process did almost nothing: %s" % by
+
+
+@pytest.mark.slow
+def test_crashed_consumers_entries_are_reclaimed_after_visibility_timeout(redis, endpoint, esmd,
+                                                                          redis_config, names):
+    stream = names.topic()
+    cfg = redis_config(stream, batch_size=10, window="20ms", visibility_timeout="2s")
+    holding = threading.Event()
+
+    def behaviour(req):
+        if consumer_of(req) == "victim" and not holding.is_set():
+            holding.set()
+        if consumer_of(req) == "victim":
+            return Response(200, delay=30)  # never answered before the kill
+        return None
+
+    endpoint.behaviour = behaviour
+    victim = esmd(cfg, env={"ESMD_INSTANCE_ID": "victim"})
+    ready(victim)
+    produce(redis, stream, 200)
+    endpoint.wait_for(holding.is_set, 30, "the victim holding a batch")
+    time.sleep(0.3)  # it reads on while its batch hangs
+    victim.kill9()
+    held = len(redis.command("XPENDING", stream, "g", "-", "+", "1000", "victim") or [])
+    assert held > 0
+    t_kill = time.monotonic()
+
+    survivor = esmd(dict(cfg), env={"ESMD_INSTANCE_ID": "survivor"})
+    wait_all_delivered(endpoint, 200, timeout=60)
+    wait_pending(redis, stream, "g", 0)
+    reclaimed = [(req, rec) for req, rec in records(endpoint)
+                 if consumer_of(req) == "survivor" and rec["redis"]["deliveryCount"] >= 2]
+    assert len(reclaimed) == held, (len(reclaimed), held)
+    assert min(req.t_arrival for req, _ in reclaimed) - t_kill >= 1.5
+    assert "reclaimed" in survivor.log()
+
+
+def test_readyz_follows_the_connection(endpoint, esmd, redis_config, names):
+    port = servers.free_port()
+    proc = esmd(redis_config(names.topic(), url="redis://127.0.0.1:%d/0" % port))
+    time.sleep(1.0)
+    status, body = proc.get("/readyz")
+    assert status != 200
+    assert "cannot connect" in body or "connect" in body, body
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+
+def check_config(path):
+    return subprocess.run([servers.binary("esmd"), "check-config", str(path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=30)
+
+
+def test_bad_redis_source_config_is_refused_with_clear_messages(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("""\
+postgres: postgresql://esmd@127.0.0.1:5432/esmd
+connections:
+  r: { type: redis, url: "redis://127.0.0.1:6379/0" }
+  k: { type: kafka, bootstrap_servers: "127.0.0.1:9092" }
+functions:
+  fn: { url: "http://127.0.0.1:8080/" }
+mappings:
+  - name: unknown-connection
+    function: fn
+    source: { redis: nope, stream: s, group: g }
+  - name: kafka-connection
+    function: fn
+    source: { redis: k, stream: s, group: g }
+  - name: no-stream
+    function: fn
+    source: { redis: r, group: g }
+  - name: vt-short
+    function: fn
+    source: { redis: r, stream: s, group: g, visibility_timeout: 500ms }
+  - name: vt-long
+    function: fn
+    source: { redis: r, stream: s, group: g, visibility_timeout: 13h }
+  - name: at-timestamp
+    function: fn
+    source: { redis: r, stream: s, group: g, starting_position: at_timestamp }
+  - name: empty-group
+    function: fn
+    source: { redis: r, stream: s, group: "" }
+""")
+    r = check_config(cfg)
+    assert r.returncode == 1, r.stdout
+    lines = r.stderr.splitlines()
+    text = r.stderr
+
+    def has(lineno, *parts):
+        for line in lines:
+            if line.startswith("%s:%d:" % (cfg, lineno)) and all(p in line for p in parts):
+                return True
+        raise AssertionError("no error on line %d with %s in:\n%s" % (lineno, parts, text))
+
+    has(10, "mappings[0].source.redis", '"nope"', "not defined")
+    has(13, "mappings[1].source.redis", "kafka")
+    has(16, "mappings[2].source", "stream")
+    has(19, "visibility_timeout", "1s")
+    has(22, "visibility_timeout", "12h")
+    has(25, "starting_position", "trim_horizon", "latest")
+    has(28, "group")
+
+
+def test_run_refuses_an_unusable_redis_url(tmp_path, postgres):
+    cfg = tmp_path / "tls.yaml"
+    cfg.write_text("""\
+postgres: %s
+admin: { listen: "127.0.0.1:%d" }
+connections:
+  r: { type: redis, url: "rediss://127.0.0.1:6379/0" }
+functions:
+  fn: { url: "http://127.0.0.1:8080/" }
+mappings:
+  - { name: m, function: fn, source: { redis: r, stream: s, group: g } }
+""" % (postgres.url, servers.free_port()))
+    r = subprocess.run([servers.binary("esmd"), "run", "-c", str(cfg)], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "rediss://" in r.stderr and "TLS" in r.stderr, r.stderr[-2000:]
