@@ -7,6 +7,7 @@
 -- A claim sets the lease (lease_owner, lease_token, lease_until) and moves next_attempt_at to
 -- the lease's end, so a row whose holder died becomes due again by itself when the lease ends.
 -- A failed write: attempts + 1, next_attempt_at = now() + backoff, last_error, lease cleared.
+-- pgqueue:// rows are deleted and sent with esmd.send_batch() (0002_pgqueue) in one statement.
 CREATE SCHEMA IF NOT EXISTS esmd;
 
 CREATE TABLE esmd.outbox (
@@ -24,11 +25,12 @@ CREATE TABLE esmd.outbox (
 );
 
 -- Claims read one destination's due rows oldest first; the pending gauge counts per destination.
-CREATE INDEX outbox_due ON esmd.outbox (destination, next_attempt_at);
+CREATE INDEX outbox_due ON esmd.outbox (destination, next_attempt_at, id);
 
 COMMENT ON TABLE esmd.outbox IS
     'esmd destination outbox: records waiting to be written to their destination';
 COMMENT ON COLUMN esmd.outbox.next_attempt_at IS
-    'due at this time: now() at insert, the lease end while claimed, now() + backoff after a failure';
+    'due at this time: now() at insert, the lease end while claimed, now() + backoff after a '
+    'failure';
 COMMENT ON COLUMN esmd.outbox.lease_token IS
     'random id of the esmd process holding the row; a write is deleted only with the same token';

@@ -94,3 +94,8 @@ void esmd_iso8601_ms(int64_t ms, char out[32])
     size_t n = strftime(out, 32, "%Y-%m-%dT%H:%M:%S", &tm);
     snprintf(out + n, 32 - n, ".%03dZ", rem);
 }
+
+void esmd_function_arn(const char *name, char *out, size_t outlen)
+{
+    snprintf(out, outlen, "arn:aws:lambda:" ESMD_REGION ":" ESMD_ACCOUNT ":function:%s", name);
+}

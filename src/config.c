@@ -1707,8 +1707,29 @@ static void read_mapping(struct loader *ld, const struct node *n, struct esmd_ma
         esmd_buf_printf(&b, "esmd-%s", map->name);
         map->kafka.consumer_group = esmd_buf_steal(&b, NULL);
     }
+    /* Lambda's SQS mappings have no stream retry controls: failed messages come back after the
+     * visibility timeout and go to the dead-letter queue after max_receive_count receives. */
+    if (map->kind == ESMD_SOURCE_PGQUEUE) {
+        static const char *const stream_only[] = {"maximum_retry_attempts", "maximum_record_age",
+                                                  "bisect_batch_on_function_error", "on_failure"};
+        for (size_t i = 0; i < ESMD_ARRAY_LEN(stream_only); i++) {
+            const struct node *k = map_get(n, stream_only[i]);
+            if (k)
+                ld_err(ld, k,
+                       "%s is for stream sources (kafka, redis); a pgqueue source retries through "
+                       "its visibility_timeout and max_receive_count, and dead-letters to its "
+                       "dead_letter_queue",
+                       stream_only[i]);
+        }
+    }
     /* As Lambda refuses an SQS queue whose visibility timeout is below the function timeout. */
     const struct node *src = map_get(n, "source");
+    /* A redrive policy, as SQS's, names both how many receives and where to. */
+    if (map->kind == ESMD_SOURCE_PGQUEUE && src && src->kind == NODE_MAP &&
+        map->pgqueue.max_receive_count > 0 && !map->pgqueue.dead_letter_queue)
+        ld_err(ld, map_get(src, "max_receive_count"),
+               "max_receive_count needs dead_letter_queue (where a message goes once it has been "
+               "received max_receive_count times)");
     if (map->kind == ESMD_SOURCE_PGQUEUE && map->fn && src && src->kind == NODE_MAP &&
         map->fn->timeout_ms > map->pgqueue.visibility_timeout_ms) {
         const struct node *vt = map_get(src, "visibility_timeout");
@@ -1843,20 +1864,9 @@ static void refuse_unbuilt(struct loader *ld, const struct node *root)
     for (size_t i = 0; maps && i < cfg->nmappings && i < maps->nitems; i++) {
         const struct esmd_mapping_cfg *map = &cfg->mappings[i];
         const struct node *n = maps->items[i];
-        if (map->maximum_retry_attempts != -1)
-            refuse(ld, map_get(n, "maximum_retry_attempts"),
-                   "a retry limit (maximum_retry_attempts other than -1)");
-        if (map->maximum_record_age_ms != -1)
-            refuse(ld, map_get(n, "maximum_record_age"),
-                   "a record age limit (maximum_record_age other than -1)");
-        if (map->bisect_batch_on_function_error)
-            refuse(ld, map_get(n, "bisect_batch_on_function_error"),
-                   "batch bisection (bisect_batch_on_function_error: true)");
-        if (map->report_batch_item_failures)
-            refuse(ld, map_get(n, "report_batch_item_failures"),
-                   "partial batch responses (report_batch_item_failures: true)");
-        if (map->on_failure)
-            refuse(ld, map_get(n, "on_failure"), "an on-failure destination (on_failure)");
+        if (map->on_failure && has_prefix(map->on_failure, "function://"))
+            refuse(ld, map_get(n, "on_failure"),
+                   "a function:// destination (it needs the async invocation queue)");
     }
 }
 

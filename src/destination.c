@@ -12,7 +12,8 @@
  *   kafka://CONN/TOPIC  one idempotent librdkafka producer per connection; written = delivery
  *                       report without error
  *   redis://CONN/STREAM one hiredis async connection per connection: XADD STREAM * payload JSON
- *   pgqueue://QUEUE     DELETE of the row and esmd.send() in one statement (exactly once)
+ *   pgqueue://QUEUE     DELETE of the claim's rows and esmd.send_batch() in one statement
+ *                       (exactly once)
  *   http(s)://...       POST on a libcurl multi handle; written = 2xx
  *   function://NAME     not available yet: fails with a clear error
  * A written row is deleted (batched); a failed one gets attempts + 1, last_error and
@@ -68,7 +69,7 @@
 /* In-flight writes per destination, by kind. */
 #define DESTS_CAP_KAFKA 512
 #define DESTS_CAP_REDIS 256
-#define DESTS_CAP_PGQUEUE 32
+#define DESTS_CAP_PGQUEUE 256
 #define DESTS_CAP_HTTP 16
 #define DESTS_KAFKA_POLL_MAX 64
 #define DESTS_REDIS_FIELD "payload"
@@ -161,6 +162,7 @@ struct delivery {
     int attempts; /* before this write */
     bool probe;   /* claimed while the destination was failing */
     bool in_kafka;
+    bool queued; /* pgqueue: its statement is sent */
     struct kafka_w *kw;
     struct delivery *wnext; /* redis waiting list */
     CURL *easy;
@@ -528,7 +530,7 @@ static int kw_open(struct kafka_w *kw, char *err, size_t errlen)
     rd_kafka_conf_set_dr_msg_cb(conf, kw_on_dr);
     rd_kafka_conf_set_error_cb(conf, kw_on_error);
     rd_kafka_conf_set_log_cb(conf, kw_on_log);
-    char errstr[512];
+    char errstr[400];
     rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
     if (!rk) {
         snprintf(err, errlen, "kafka producer for connection %s: %s", kw->name, errstr);
@@ -1090,32 +1092,69 @@ static void http_write(struct delivery *dl)
     }
 }
 
-/* ---- pgqueue writer: the row's DELETE and esmd.send() in one statement ---- */
+/* ---- pgqueue writer: the rows' DELETE and esmd.send_batch() in one statement ----
+ * The rows of one claim for one queue go in one statement, so the queue gets them exactly once
+ * (a row whose lease was lost is neither deleted nor sent). If the statement fails (a message
+ * over the queue's size limit, say), each row is tried alone, so only the bad one fails. */
+
+struct pgq_batch {
+    struct esmd_dests *d;
+    struct delivery **dls;
+    size_t n;
+};
+
+static void pgq_send(struct esmd_dests *d, struct delivery **dls, size_t n);
 
 static void pgq_done(void *ud, const PGresult *res, const char *err)
 {
-    struct delivery *dl = ud;
-    struct esmd_dests *d = dl->d;
+    struct pgq_batch *b = ud;
+    struct esmd_dests *d = b->d;
     d->work_queries--;
-    if (err || !res) {
+    if ((err || !res) && b->n > 1 && !d->closing &&
+        strncmp(err ? err : "", "connection lost", 15) != 0) {
+        for (size_t i = 0; i < b->n; i++)
+            pgq_send(d, &b->dls[i], 1);
+    } else if (err || !res) {
         char why[700];
         snprintf(why, sizeof(why), "pgqueue: %s", err ? err : "no result");
-        delivery_done(dl, DL_FAIL, why);
+        for (size_t i = 0; i < b->n; i++)
+            delivery_done(b->dls[i], DL_FAIL, why);
     } else {
-        delivery_done(dl, PQntuples(res) > 0 ? DL_DELETED : DL_GONE, NULL);
+        for (size_t i = 0; i < b->n; i++) {
+            char id[24];
+            snprintf(id, sizeof(id), "%lld", (long long)b->dls[i]->id);
+            bool sent = false;
+            for (int r = 0; r < PQntuples(res) && !sent; r++)
+                sent = strcmp(PQgetvalue(res, r, 0), id) == 0;
+            delivery_done(b->dls[i], sent ? DL_DELETED : DL_GONE, NULL);
+        }
     }
+    free(b->dls);
+    free(b);
     stop_maybe_done(d);
 }
 
-static void pgq_write(struct delivery *dl)
+/* dls: n deliveries of one pgqueue:// destination, in claim order (copied). */
+static void pgq_send(struct esmd_dests *d, struct delivery **dls, size_t n)
 {
-    char id[24];
-    snprintf(id, sizeof(id), "%lld", (long long)dl->id);
-    const char *params[] = {id, dl->d->token, dl->dest->target};
-    work_query(dl->d,
-               "WITH done AS (DELETE FROM esmd.outbox WHERE id = $1 AND lease_token = $2 "
-               "RETURNING payload) SELECT esmd.send($3, done.payload) FROM done",
-               3, params, pgq_done, dl);
+    struct pgq_batch *b = esmd_xcalloc(1, sizeof(*b));
+    b->d = d;
+    b->n = n;
+    b->dls = esmd_xcalloc(n, sizeof(*b->dls));
+    memcpy(b->dls, dls, n * sizeof(*dls));
+    struct esmd_buf ids = ESMD_BUF_INIT;
+    for (size_t i = 0; i < n; i++)
+        esmd_buf_printf(&ids, "%c%lld", i ? ',' : '{', (long long)dls[i]->id);
+    esmd_buf_putc(&ids, '}');
+    const char *params[] = {esmd_buf_cstr(&ids), d->token, dls[0]->dest->target};
+    work_query(d,
+               "WITH done AS (DELETE FROM esmd.outbox WHERE id = ANY($1::bigint[]) "
+               "AND lease_token = $2 RETURNING id, payload), "
+               "sent AS (SELECT count(*) FROM esmd.send_batch($3, "
+               "(SELECT array_agg(payload ORDER BY id) FROM done))) "
+               "SELECT done.id FROM done, sent",
+               3, params, pgq_done, b);
+    esmd_buf_free(&ids);
 }
 
 /* ---- destinations ---- */
@@ -1346,13 +1385,14 @@ static void delivery_done(struct delivery *dl, enum dl_result r, const char *err
     case DL_OK:
     case DL_DELETED:
         esmd_series_inc(dest->m_ok, 1);
-        if (dest->failing)
+        if (dest->failing) {
             ESMD_INFO(NULL, "destination %s: delivering again", dest->label);
+            dest->more = true; /* its backlog can go now */
+        }
         dest->failing = false;
         dest->failures = 0;
         dest->retry_at = 0;
         dest->last_error[0] = '\0';
-        dest->more = true;
         if (r == DL_OK) {
             if (d->ndel == d->capdel) {
                 d->capdel = d->capdel ? d->capdel * 2 : 64;
@@ -1436,7 +1476,7 @@ static void delivery_start(struct esmd_dests *d, struct dest *dest, const PGresu
         rw_write(dl);
         break;
     case DEST_PGQUEUE:
-        pgq_write(dl);
+        /* sent by claim_done(), with the claim's other rows of this queue */
         break;
     case DEST_HTTP:
         http_write(dl);
@@ -1508,6 +1548,26 @@ static void claim_done(void *ud, const PGresult *res, const char *err)
             got[i]++;
             delivery_start(d, dest, res, r);
         }
+        /* the pgqueue:// rows of the claim, one statement per queue (d->dls is newest first) */
+        struct delivery **group = esmd_xcalloc((size_t)PQntuples(res) + 1, sizeof(*group));
+        for (size_t i = 0; i < c->n; i++) {
+            if (c->dests[i]->kind != DEST_PGQUEUE || got[i] == 0)
+                continue;
+            size_t k = 0;
+            for (struct delivery *dl = d->dls; dl; dl = dl->next)
+                if (dl->dest == c->dests[i] && !dl->queued)
+                    group[k++] = dl;
+            for (size_t a = 0, z = k ? k - 1 : 0; a < z; a++, z--) {
+                struct delivery *t = group[a];
+                group[a] = group[z];
+                group[z] = t;
+            }
+            for (size_t a = 0; a < k; a++)
+                group[a]->queued = true;
+            if (k > 0)
+                pgq_send(d, group, k);
+        }
+        free(group);
         for (size_t i = 0; i < c->n; i++)
             if (got[i] >= c->rooms[i])
                 c->dests[i]->more = true;
@@ -1718,8 +1778,16 @@ static void count_done(void *ud, const PGresult *res, const char *err)
         struct dest *dest = dest_get(d, PQgetvalue(res, r, 0));
         dest->pending = strtoll(PQgetvalue(res, r, 1), NULL, 10);
     }
-    for (struct dest *dest = d->dests; dest; dest = dest->next)
+    for (struct dest *dest = d->dests; dest; dest = dest->next) {
         esmd_series_set(dest->m_pending, (double)dest->pending);
+        /* its rows are gone (written by another process, deleted by hand): nothing fails */
+        if (dest->failing && dest->pending == 0 && dest->inflight == 0) {
+            dest->failing = false;
+            dest->failures = 0;
+            dest->retry_at = 0;
+            dest->last_error[0] = '\0';
+        }
+    }
     stop_maybe_done(d);
 }
 

@@ -2415,6 +2415,33 @@ static inline void leaf_end(struct esmd_filter *f, const struct ffield *fd)
     }
 }
 
+/* The case-insensitive lookups of a string leaf: on its simple case folding. */
+static void leaf_fold(struct esmd_filter *f, uint32_t field, const struct ffield *fd, const char *s,
+                      size_t n)
+{
+    if (2 * n + 16 > MAX_SCRATCH) {
+        f->overflow = true;
+        return;
+    }
+    if (2 * n + 16 > f->cfbuf) {
+        size_t cap = f->cfbuf ? f->cfbuf : 256;
+        while (cap < 2 * n + 16)
+            cap *= 2;
+        f->fbuf = esmd_xrealloc(f->fbuf, cap);
+        f->cfbuf = cap;
+    }
+    size_t fn = fold(s, n, f->fbuf);
+    const char *fs = f->fbuf;
+    if (fd->flags & FF_EIC)
+        lookup_fire(f, field, K_EIC, fs, fn);
+    for (uint32_t l = fd->lens[L_PREFIX_EIC]; l != NONE && f->links[l].val <= fn;
+         l = f->links[l].next)
+        lookup_fire(f, field, K_PREFIX_EIC, fs, f->links[l].val);
+    for (uint32_t l = fd->lens[L_SUFFIX_EIC]; l != NONE && f->links[l].val <= fn;
+         l = f->links[l].next)
+        lookup_fire(f, field, K_SUFFIX_EIC, fs + fn - f->links[l].val, f->links[l].val);
+}
+
 static void leaf_str(struct esmd_filter *f, uint32_t field, const char *s, size_t n)
 {
     const struct ffield *fd = &f->fields[field];
@@ -2425,25 +2452,8 @@ static void leaf_str(struct esmd_filter *f, uint32_t field, const char *s, size_
         lookup_fire(f, field, K_PREFIX, s, f->links[l].val);
     for (uint32_t l = fd->lens[L_SUFFIX]; l != NONE && f->links[l].val <= n; l = f->links[l].next)
         lookup_fire(f, field, K_SUFFIX, s + n - f->links[l].val, f->links[l].val);
-    if ((fd->flags & FF_FOLD) && 2 * n + 16 <= MAX_SCRATCH) {
-        if (2 * n + 16 > f->cfbuf) {
-            size_t cap = f->cfbuf ? f->cfbuf : 256;
-            while (cap < 2 * n + 16)
-                cap *= 2;
-            f->fbuf = esmd_xrealloc(f->fbuf, cap);
-            f->cfbuf = cap;
-        }
-        size_t fn = fold(s, n, f->fbuf);
-        const char *fs = f->fbuf;
-        if (fd->flags & FF_EIC)
-            lookup_fire(f, field, K_EIC, fs, fn);
-        for (uint32_t l = fd->lens[L_PREFIX_EIC]; l != NONE && f->links[l].val <= fn;
-             l = f->links[l].next)
-            lookup_fire(f, field, K_PREFIX_EIC, fs, f->links[l].val);
-        for (uint32_t l = fd->lens[L_SUFFIX_EIC]; l != NONE && f->links[l].val <= fn;
-             l = f->links[l].next)
-            lookup_fire(f, field, K_SUFFIX_EIC, fs + fn - f->links[l].val, f->links[l].val);
-    }
+    if (fd->flags & FF_FOLD)
+        leaf_fold(f, field, fd, s, n);
     for (uint32_t w = fd->wilds; w != NONE; w = f->wilds[w].next) {
         const struct fwild *wd = &f->wilds[w];
         if (wild_match(f->str, f->wsegs + wd->segs, wd->nsegs, s, n))
@@ -2568,7 +2578,7 @@ static const char *scan_value(struct esmd_filter *f, const char *p, const char *
 static const char *scan_object(struct esmd_filter *f, const char *p, const char *end, uint32_t node,
                                int depth)
 {
-    if (depth >= MAX_DEPTH)
+    if (depth > MAX_DEPTH)
         return NULL;
     p = ws(p + 1, end);
     if (p < end && *p == '}')
@@ -2624,7 +2634,7 @@ static const char *scan_object(struct esmd_filter *f, const char *p, const char 
 static const char *scan_array(struct esmd_filter *f, const char *p, const char *end, uint32_t node,
                               int depth)
 {
-    if (depth >= MAX_DEPTH)
+    if (depth > MAX_DEPTH)
         return NULL;
     p = ws(p + 1, end);
     if (p < end && *p == ']')

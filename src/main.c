@@ -2,6 +2,7 @@
  * loop. */
 #include "esmd/buf.h"
 #include "esmd/config.h"
+#include "esmd/destination.h"
 #include "esmd/filter.h"
 #include "esmd/http.h"
 #include "esmd/invoke.h"
@@ -389,6 +390,7 @@ struct service {
     struct esmd_invoker *inv;
     struct esmd_http *http;
     struct esmd_pg *pg;
+    struct esmd_dests *dests;
     struct esmd_mapping **maps;
     size_t nmaps;
     size_t nstopped;
@@ -421,7 +423,13 @@ static bool service_ready(void *ud, struct esmd_buf *detail)
         if (!esmd_mapping_ready(svc->maps[i]))
             ready = false;
     }
-    esmd_buf_printf(detail, "},\"stopping\":%s}", svc->stopping ? "true" : "false");
+    /* a failing destination shows here but does not make esmd unready: it blocks nothing */
+    esmd_buf_puts(detail, "},\"destinations\":");
+    if (svc->dests)
+        esmd_dests_ready(svc->dests, detail);
+    else
+        esmd_buf_puts(detail, "{}");
+    esmd_buf_printf(detail, ",\"stopping\":%s}", svc->stopping ? "true" : "false");
     return ready;
 }
 
@@ -444,10 +452,21 @@ static void on_state_timer(struct ev_loop *loop, ev_timer *w, int revents)
     }
 }
 
-static void service_finish(struct service *svc)
+static void on_dests_stopped(void *ud)
 {
+    struct service *svc = ud;
     ESMD_INFO(NULL, "all mappings stopped; exiting");
     ev_break(svc->loop, EVBREAK_ALL);
+}
+
+/* Mappings first (they may still hand on-failure records to the destinations), then the
+ * destination writers (what they have not delivered stays in the outbox). */
+static void service_finish(struct service *svc)
+{
+    if (svc->dests)
+        esmd_dests_stop(svc->dests, on_dests_stopped, svc);
+    else
+        on_dests_stopped(svc);
 }
 
 static void on_mapping_stopped(void *ud)
@@ -625,6 +644,13 @@ static int cmd_run(int argc, char **argv)
         ESMD_ERROR(NULL, "postgres: %s", err);
         goto out;
     }
+    /* Always: the outbox may hold records of an earlier run to deliver. */
+    svc.dests =
+        esmd_dests_new(svc.loop, svc.cfg, svc.cfg->postgres, svc.instance_id, err, sizeof(err));
+    if (!svc.dests) {
+        ESMD_ERROR(NULL, "destinations: %s", err);
+        goto out;
+    }
     svc.http = esmd_http_start(svc.loop, svc.cfg->admin.listen, err, sizeof(err));
     if (!svc.http) {
         ESMD_ERROR(NULL, "admin listener %s: %s", svc.cfg->admin.listen, err);
@@ -649,6 +675,7 @@ static int cmd_run(int argc, char **argv)
             goto out;
         }
         svc.maps[svc.nmaps++] = map;
+        esmd_mapping_set_destinations(map, svc.dests);
         if (esmd_mapping_start(map) != ESMD_OK) {
             ESMD_ERROR(&(struct esmd_log_ctx){mc->name, mc->function, NULL},
                        "mapping could not start");
@@ -664,6 +691,8 @@ static int cmd_run(int argc, char **argv)
     exit_code = 0;
 
 out:
+    /* The destinations go first: nothing may call into a freed mapping afterwards. */
+    esmd_dests_free(svc.dests);
     for (size_t i = 0; i < svc.nmaps; i++)
         esmd_mapping_free(svc.maps[i]);
     if (svc.written_results)

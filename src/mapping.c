@@ -3,6 +3,7 @@
 #include "esmd/backoff.h"
 #include "esmd/batch.h"
 #include "esmd/connector.h"
+#include "esmd/destination.h"
 #include "esmd/filter.h"
 #include "esmd/invoke.h"
 #include "esmd/log.h"
@@ -29,14 +30,29 @@ static const struct esmd_backoff retry_backoff = {250, 30000};
 /* Throttled invocations back off from 100 ms up to 10 s; a Retry-After is honoured up to 5 min. */
 static const struct esmd_backoff throttle_backoff = {100, 10000};
 #define RETRY_AFTER_CAP_MS 300000
+/* Lambda: unlimited retries with an on-failure destination mean 10. */
+#define ON_FAILURE_DEFAULT_RETRIES 10
 
 struct inflight {
     struct esmd_mapping *map;
-    struct esmd_batch batch;
-    struct esmd_buf body;
+    struct esmd_shard **shards; /* held (INFLIGHT) until the inflight ends */
+    size_t nshards;
+    struct esmd_batch batch; /* the current part */
+    struct esmd_batch *todo; /* parts after it; the next one is last */
+    size_t ntodo, captodo;
+    struct esmd_buf body; /* the current part's event, when `encoded` */
+    bool encoded;
     char *idem_key;
-    int attempts;  /* failed attempts that count (errors, timeouts, function errors) */
+    int attempts;  /* failed invocations of the current records that count toward the limit */
     int throttles; /* throttled attempts (do not count) */
+    int invokes;   /* invocations, for approximateInvokeCount */
+    bool next_part_is_retry;   /* the retry timer starts a retry (not the next part) */
+    long last_status;          /* of the last response, -1 before any */
+    char *last_function_error; /* of the last response */
+    char *last_request_id;
+    const char *condition; /* giving up: the on-failure condition */
+    size_t dest_pending;   /* on-failure records not yet stored */
+    bool dest_failed;
     struct esmd_invoke_req *req;
     ev_timer retry;
     struct inflight *prev, *next;
@@ -74,6 +90,7 @@ struct esmd_mapping {
 
     /* Filters (NULL when the mapping has none): one matcher per way the record's data can
      * appear in its filter document (enum esmd_filter_data), see compile_filters(). */
+    struct esmd_dests *dests; /* on-failure destinations; NULL: none configured */
     struct esmd_filter *filters[3];
     bool alias_filters; /* filters[1] and [2] are filters[0] (no fallback) */
     struct esmd_buf filter_doc;
@@ -84,7 +101,7 @@ struct esmd_mapping {
 
     struct {
         struct esmd_series *polled, *invoked, *failed, *batches, *oversized, *retries, *throttled,
-            *lag, *inflight, *pending, *committed, *filtered;
+            *lag, *inflight, *pending, *committed, *filtered, *dropped, *on_failure, *bisections;
     } m;
 };
 
@@ -110,6 +127,13 @@ static void metrics_init(struct esmd_mapping *map)
     SERIES(lag, ESMD_GAUGE, "esmd_offset_lag", "Records behind the end of the source (sum).");
     SERIES(inflight, ESMD_GAUGE, "esmd_inflight_batches", "Batches being invoked or retried.");
     SERIES(pending, ESMD_GAUGE, "esmd_pending_records", "Records read and waiting for a batch.");
+    SERIES(dropped, ESMD_COUNTER, "esmd_dropped_events_total",
+           "Records given up without an on-failure destination (retries or record age exhausted, "
+           "over the payload cap): discarded.");
+    SERIES(on_failure, ESMD_COUNTER, "esmd_on_failure_events_total",
+           "Records given up and stored for the on-failure destination.");
+    SERIES(bisections, ESMD_COUNTER, "esmd_batch_bisections_total",
+           "Failed batches split in two (bisect_batch_on_function_error).");
     SERIES(filtered, ESMD_COUNTER, "esmd_filtered_out_events_total",
            "Records that matched none of the mapping's filters: acked without being sent.");
     SERIES(committed, ESMD_COUNTER, "esmd_committed_events_total",
@@ -238,10 +262,17 @@ static void host_set_ready(void *core, bool ready, const char *why)
     map->not_ready_why = esmd_xstrdup(why);
 }
 
-/* ---- batches ---- */
+/* ---- batches ----
+ *
+ * A batch taken from the forming batch becomes an `inflight`: it holds its shards (state
+ * INFLIGHT) until it is settled. It is worked on as parts: the current part (`batch`) is invoked,
+ * retried, split (bisect), cut down (partial batch response, record age) or given up (on-failure
+ * destination); parts still to do wait on a stack (`todo`, the next one on top), so each shard's
+ * records are settled in order. Acks go to the source part by part. */
 
 static void pump(struct esmd_mapping *map);
-static void invoke(struct inflight *inf);
+static void start_part(struct inflight *inf);
+static void start_part_soon(struct inflight *inf);
 
 static char *idempotency_key(const struct esmd_mapping *map, const struct esmd_batch *batch)
 {
@@ -265,25 +296,18 @@ static char *idempotency_key(const struct esmd_mapping *map, const struct esmd_b
     return esmd_buf_steal(&b, NULL);
 }
 
-static void flush(struct esmd_mapping *map)
+/* The retry limit in force: Lambda's rule for streams is that unlimited retries (-1) with an
+ * on-failure destination mean 10. -1: unlimited. */
+static int retry_limit(const struct esmd_mapping *map)
 {
-    ev_timer_stop(map->loop, &map->window);
-    if (map->forming.nrecords == 0)
-        return;
-    struct inflight *inf = esmd_xcalloc(1, sizeof(*inf));
-    inf->map = map;
-    inf->batch = map->forming;
-    esmd_batch_init(&map->forming, &inf->batch.lim);
-    for (size_t i = 0; i < inf->batch.ngroups; i++) {
-        struct esmd_shard *shard = inf->batch.groups[i].shard;
-        shard->state = ESMD_SHARD_INFLIGHT;
-        shard->refs++;
-    }
-    map->ops->encode(map->conn, &inf->batch, &inf->body);
-    if (inf->body.len != esmd_batch_bytes(&inf->batch))
-        ESMD_ERROR(&map->log, "encoder wrote %zu bytes, expected %zu (bug)", inf->body.len,
-                   esmd_batch_bytes(&inf->batch));
-    inf->idem_key = idempotency_key(map, &inf->batch);
+    int n = map->cfg->maximum_retry_attempts;
+    if (n < 0 && map->cfg->on_failure)
+        return ON_FAILURE_DEFAULT_RETRIES;
+    return n;
+}
+
+static void inflight_link(struct esmd_mapping *map, struct inflight *inf)
+{
     ev_init(&inf->retry, NULL);
     inf->retry.data = inf;
     inf->next = map->inflight;
@@ -292,8 +316,36 @@ static void flush(struct esmd_mapping *map)
     map->inflight = inf;
     map->ninflight++;
     esmd_series_set(map->m.inflight, (double)map->ninflight);
+}
+
+/* A new inflight holding the shards of `batch` (taken over). */
+static struct inflight *inflight_new(struct esmd_mapping *map, struct esmd_batch *batch)
+{
+    struct inflight *inf = esmd_xcalloc(1, sizeof(*inf));
+    inf->map = map;
+    inf->batch = *batch;
+    esmd_batch_init(batch, &inf->batch.lim);
+    inf->nshards = inf->batch.ngroups;
+    inf->shards = esmd_xcalloc(inf->nshards ? inf->nshards : 1, sizeof(*inf->shards));
+    for (size_t i = 0; i < inf->batch.ngroups; i++) {
+        struct esmd_shard *shard = inf->batch.groups[i].shard;
+        inf->shards[i] = shard;
+        shard->state = ESMD_SHARD_INFLIGHT;
+        shard->refs++;
+    }
+    inf->last_status = -1;
+    inflight_link(map, inf);
+    return inf;
+}
+
+static void flush(struct esmd_mapping *map)
+{
+    ev_timer_stop(map->loop, &map->window);
+    if (map->forming.nrecords == 0)
+        return;
+    struct inflight *inf = inflight_new(map, &map->forming);
     esmd_series_inc(map->m.batches, 1);
-    invoke(inf);
+    start_part(inf);
 }
 
 static void inflight_unlink(struct inflight *inf)
@@ -309,61 +361,492 @@ static void inflight_unlink(struct inflight *inf)
     esmd_series_set(map->m.inflight, (double)map->ninflight);
 }
 
-/* Queue sources: hands the batch's records back to the source (not deleted, redelivered). */
-static void inflight_nack(struct inflight *inf)
+static void release_part(struct esmd_mapping *map, struct esmd_batch *part)
 {
-    struct esmd_mapping *map = inf->map;
+    for (size_t i = 0; i < part->ngroups; i++)
+        release_list(map, part->groups[i].head);
+    esmd_batch_clear(part);
+}
+
+/* Queue sources: hands a part's records back to the source (not deleted, redelivered). */
+static void nack_part(struct esmd_mapping *map, const struct esmd_batch *part)
+{
     if (!map->ops->nack)
         return;
-    for (size_t i = 0; i < inf->batch.ngroups; i++) {
-        struct esmd_batch_group *g = &inf->batch.groups[i];
+    for (size_t i = 0; i < part->ngroups; i++) {
+        const struct esmd_batch_group *g = &part->groups[i];
         if (!g->shard->revoked)
             map->ops->nack(map->conn, g->shard, g->tail->seq + 1);
     }
 }
 
-/* Settles a batch: acks its shards when `ack` (success), releases its records, frees it. */
-static void inflight_finish(struct inflight *inf, bool ack)
+/* The whole inflight ends: its parts are done (or given back with `nack`); the shards are free. */
+static void inflight_end(struct inflight *inf, bool nack)
 {
     struct esmd_mapping *map = inf->map;
     ev_timer_stop(map->loop, &inf->retry);
     inflight_unlink(inf);
-    for (size_t i = 0; i < inf->batch.ngroups; i++) {
-        struct esmd_batch_group *g = &inf->batch.groups[i];
-        struct esmd_shard *shard = g->shard;
-        if (ack && !shard->revoked)
-            map->ops->ack(map->conn, shard, g->ack_seq);
-        release_list(map, g->head);
+    if (nack)
+        nack_part(map, &inf->batch);
+    release_part(map, &inf->batch);
+    while (inf->ntodo > 0) {
+        struct esmd_batch *part = &inf->todo[--inf->ntodo];
+        if (nack)
+            nack_part(map, part);
+        release_part(map, part);
+    }
+    for (size_t i = 0; i < inf->nshards; i++) {
+        struct esmd_shard *shard = inf->shards[i];
         shard->refs--;
         shard->state = ESMD_SHARD_IDLE;
         if (shard->revoked && shard->refs == 0)
             shard_free(shard);
     }
-    esmd_batch_clear(&inf->batch);
+    free(inf->shards);
+    free(inf->todo);
     esmd_buf_free(&inf->body);
     free(inf->idem_key);
+    free(inf->last_function_error);
+    free(inf->last_request_id);
     free(inf);
     map->dirty = true;
 }
+
+/* The current part is finished (acked when `ack`); goes on with the next part, or ends. */
+static void part_done(struct inflight *inf, bool ack)
+{
+    struct esmd_mapping *map = inf->map;
+    for (size_t i = 0; i < inf->batch.ngroups; i++) {
+        struct esmd_batch_group *g = &inf->batch.groups[i];
+        if (ack && !g->shard->revoked)
+            map->ops->ack(map->conn, g->shard, g->ack_seq);
+    }
+    release_part(map, &inf->batch);
+    inf->condition = NULL;
+    if (inf->ntodo == 0) {
+        inflight_end(inf, false);
+        return;
+    }
+    inf->batch = inf->todo[--inf->ntodo];
+    inf->encoded = false;
+    start_part_soon(inf);
+}
+
+static void push_todo(struct inflight *inf, struct esmd_batch *part)
+{
+    if (inf->ntodo == inf->captodo) {
+        inf->captodo = inf->captodo ? inf->captodo * 2 : 4;
+        inf->todo = esmd_xrealloc(inf->todo, inf->captodo * sizeof(*inf->todo));
+    }
+    inf->todo[inf->ntodo++] = *part;
+}
+
+/* The records of a part in order (group by group), and their groups' final ack positions. */
+struct part_records {
+    struct esmd_record **recs;
+    size_t n;
+};
+
+static struct part_records part_records(const struct esmd_batch *b)
+{
+    struct part_records pr = {esmd_xcalloc(b->nrecords ? b->nrecords : 1, sizeof(*pr.recs)), 0};
+    for (size_t i = 0; i < b->ngroups; i++)
+        for (struct esmd_record *r = b->groups[i].head; r; r = r->next)
+            pr.recs[pr.n++] = r;
+    return pr;
+}
+
+/* Rebuilds a part from records (in shard order). A group whose last record is the last record
+ * of its group in `from` keeps that group's ack position (records skipped after it). */
+static void part_from(struct esmd_batch *dst, const struct esmd_batch *from,
+                      struct esmd_record **recs, size_t n)
+{
+    esmd_batch_init(dst, &from->lim);
+    for (size_t i = 0; i < n; i++)
+        esmd_batch_add(dst, recs[i]);
+    for (size_t i = 0; i < dst->ngroups; i++) {
+        struct esmd_batch_group *g = &dst->groups[i];
+        for (size_t j = 0; j < from->ngroups; j++)
+            if (from->groups[j].shard == g->shard && from->groups[j].tail == g->tail)
+                g->ack_seq = from->groups[j].ack_seq;
+    }
+}
+
+/* Splits the current part: `keep` says which records stay in it (first), the others make a part
+ * done after it. Returns false when nothing would be split off. */
+static bool split_part(struct inflight *inf,
+                       bool (*keep)(void *ctx, size_t i, const struct esmd_record *r), void *ctx)
+{
+    struct part_records pr = part_records(&inf->batch);
+    struct esmd_record **a = esmd_xcalloc(pr.n ? pr.n : 1, sizeof(*a));
+    struct esmd_record **b = esmd_xcalloc(pr.n ? pr.n : 1, sizeof(*b));
+    size_t na = 0, nb = 0;
+    for (size_t i = 0; i < pr.n; i++) {
+        if (keep(ctx, i, pr.recs[i]))
+            a[na++] = pr.recs[i];
+        else
+            b[nb++] = pr.recs[i];
+    }
+    bool split = na > 0 && nb > 0;
+    if (split) {
+        struct esmd_batch first, second, old = inf->batch;
+        part_from(&first, &old, a, na);
+        part_from(&second, &old, b, nb);
+        esmd_batch_clear(&old);
+        push_todo(inf, &second);
+        inf->batch = first;
+        inf->encoded = false;
+    }
+    free(a);
+    free(b);
+    free(pr.recs);
+    return split;
+}
+
+static bool keep_first_half(void *ctx, size_t i, const struct esmd_record *r)
+{
+    (void)r;
+    return i < *(size_t *)ctx;
+}
+
+/* Records older than maximum_record_age, as a prefix of each shard's records. */
+struct age_ctx {
+    const struct esmd_mapping *map;
+    int64_t now_ms;
+    const struct esmd_shard *shard; /* the shard of the previous record */
+    bool expired;                   /* the previous record of that shard was expired */
+};
+
+static bool keep_expired_prefix(void *ctx, size_t i, const struct esmd_record *r)
+{
+    (void)i;
+    struct age_ctx *a = ctx;
+    if (r->shard != a->shard) {
+        a->shard = r->shard;
+        a->expired = true;
+    }
+    a->expired = a->expired && a->now_ms - r->timestamp_ms > a->map->cfg->maximum_record_age_ms;
+    return a->expired;
+}
+
+static void give_up(struct inflight *inf, const char *condition);
 
 static void on_retry_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct inflight *inf = w->data;
     ev_timer_stop(loop, w);
-    if (inf->map->stopping) {
-        inflight_nack(inf);
-        inflight_finish(inf, false);
+    if (inf->condition) { /* the on-failure records could not be stored: again */
+        give_up(inf, inf->condition);
         return;
     }
-    esmd_series_inc(inf->map->m.retries, 1);
-    invoke(inf);
+    if (inf->next_part_is_retry)
+        esmd_series_inc(inf->map->m.retries, 1);
+    start_part(inf);
 }
 
 static void schedule_retry(struct inflight *inf, int64_t delay_ms)
 {
     ev_timer_init(&inf->retry, on_retry_timer, (double)delay_ms / 1000.0, 0.0);
     inf->retry.data = inf;
+    inf->next_part_is_retry = true;
     ev_timer_start(inf->map->loop, &inf->retry);
+}
+
+/* Starts the current part from the loop, not from inside an invoke or store callback. */
+static void start_part_soon(struct inflight *inf)
+{
+    schedule_retry(inf, 0);
+    inf->next_part_is_retry = false;
+}
+
+static void on_invoke_result(void *ud, const struct esmd_invoke_result *res);
+
+/* Sends the current part, after giving up records past maximum_record_age. */
+static void start_part(struct inflight *inf)
+{
+    struct esmd_mapping *map = inf->map;
+    if (map->stopping) {
+        inflight_end(inf, true);
+        return;
+    }
+    if (map->cfg->maximum_record_age_ms >= 0 && !map->ops->queue) {
+        struct age_ctx a = {map, esmd_now_ms(), NULL, false};
+        struct part_records pr = part_records(&inf->batch);
+        size_t nexpired = 0;
+        for (size_t i = 0; i < pr.n; i++)
+            nexpired += keep_expired_prefix(&a, i, pr.recs[i]);
+        free(pr.recs);
+        if (nexpired > 0) {
+            a = (struct age_ctx){map, a.now_ms, NULL, false};
+            split_part(inf, keep_expired_prefix, &a);
+            give_up(inf, "RecordAgeExceeded");
+            return;
+        }
+    }
+    if (!inf->encoded) {
+        esmd_buf_reset(&inf->body);
+        map->ops->encode(map->conn, &inf->batch, &inf->body);
+        if (inf->body.len != esmd_batch_bytes(&inf->batch))
+            ESMD_ERROR(&map->log, "encoder wrote %zu bytes, expected %zu (bug)", inf->body.len,
+                       esmd_batch_bytes(&inf->batch));
+        free(inf->idem_key);
+        inf->idem_key = idempotency_key(map, &inf->batch);
+        inf->encoded = true;
+    }
+    esmd_series_inc(map->m.invoked, (double)inf->batch.nrecords);
+    inf->req = esmd_invoke_start(map->fn, inf->body.data, inf->body.len, inf->idem_key,
+                                 map->cfg->name, on_invoke_result, inf);
+}
+
+/* ---- giving up: on-failure records ---- */
+
+/* Appends the on-failure record of rec (spec/lambda-semantics.md §2.6, Kafka-topic form, for every
+ * destination kind): invocation and response context, the source's block for a batch of one,
+ * and the record itself as a one-record event (left out when it is too big to carry). */
+static void failure_record(struct inflight *inf, struct esmd_record *rec, struct esmd_buf *out)
+{
+    struct esmd_mapping *map = inf->map;
+    struct esmd_buf payload = ESMD_BUF_INIT;
+    bool carry = strcmp(inf->condition, "MaximumPayloadSizeExceeded") != 0;
+    if (carry) {
+        struct esmd_batch one;
+        esmd_batch_init(&one, &inf->batch.lim);
+        struct esmd_record *next = rec->next;
+        esmd_batch_add(&one, rec);
+        map->ops->encode(map->conn, &one, &payload);
+        rec->next = next;
+        esmd_batch_clear(&one);
+    }
+    char ts[32], arn[256];
+    esmd_iso8601_ms(esmd_now_ms(), ts);
+    esmd_function_arn(map->cfg->function, arn, sizeof(arn));
+    esmd_buf_puts(out, "{\"requestContext\":{\"requestId\":");
+    if (inf->last_request_id)
+        esmd_buf_put_json_string(out, inf->last_request_id, strlen(inf->last_request_id));
+    else
+        esmd_buf_puts(out, "null");
+    esmd_buf_puts(out, ",\"functionArn\":");
+    esmd_buf_put_json_string(out, arn, strlen(arn));
+    esmd_buf_printf(out, ",\"condition\":\"%s\",\"approximateInvokeCount\":%d},", inf->condition,
+                    inf->invokes);
+    if (inf->last_status >= 0) {
+        esmd_buf_printf(out,
+                        "\"responseContext\":{\"statusCode\":%ld,\"executedVersion\":\"$LATEST\","
+                        "\"functionError\":",
+                        inf->last_status);
+        if (inf->last_function_error)
+            esmd_buf_put_json_string(out, inf->last_function_error,
+                                     strlen(inf->last_function_error));
+        else
+            esmd_buf_puts(out, "null");
+        esmd_buf_puts(out, "},");
+    } else {
+        esmd_buf_puts(out, "\"responseContext\":null,");
+    }
+    esmd_buf_printf(out, "\"version\":\"1.0\",\"timestamp\":\"%s\"", ts);
+    if (map->ops->batch_info_key && map->ops->failure_info) {
+        esmd_buf_printf(out, ",\"%s\":", map->ops->batch_info_key);
+        map->ops->failure_info(map->conn, rec, payload.len, out);
+    }
+    if (carry) {
+        esmd_buf_puts(out, ",\"payload\":");
+        esmd_buf_append(out, payload.data, payload.len);
+    }
+    esmd_buf_putc(out, '}');
+    esmd_buf_free(&payload);
+}
+
+static void on_failure_stored(void *ud, bool ok, const char *err)
+{
+    struct inflight *inf = ud;
+    struct esmd_mapping *map = inf->map;
+    inf->dest_pending--;
+    if (!ok) {
+        inf->dest_failed = true;
+        esmd_log_limited(ESMD_LOG_ERROR, &map->log, "on-failure-store",
+                         "on-failure record for %s not stored: %s; trying again",
+                         map->cfg->on_failure, err ? err : "error");
+    }
+    if (inf->dest_pending > 0)
+        return;
+    if (inf->dest_failed) {
+        inf->dest_failed = false;
+        /* the source stays unacked; the records are offered again (some may be stored twice) */
+        schedule_retry(inf, esmd_backoff_delay(&retry_backoff, 4, esmd_random64()));
+        return;
+    }
+    part_done(inf, true);
+}
+
+/* The current part's records have failed for good: each goes to the on-failure destination
+ * (stored in the outbox before the source is acked), or is discarded and counted without one.
+ * Then the source moves on. */
+static void give_up(struct inflight *inf, const char *condition)
+{
+    struct esmd_mapping *map = inf->map;
+    inf->condition = condition;
+    if (!map->cfg->on_failure || !map->dests) {
+        esmd_series_inc(map->m.dropped, (double)inf->batch.nrecords);
+        ESMD_ERROR(&map->log, "%zu records (%s) discarded after %d invocations: %s",
+                   inf->batch.nrecords, inf->idem_key ? inf->idem_key : "not sent", inf->invokes,
+                   condition);
+        part_done(inf, true);
+        return;
+    }
+    struct part_records pr = part_records(&inf->batch);
+    struct esmd_buf rec_json = ESMD_BUF_INIT;
+    inf->dest_pending = 1; /* held until every record is offered */
+    for (size_t i = 0; i < pr.n; i++) {
+        esmd_buf_reset(&rec_json);
+        failure_record(inf, pr.recs[i], &rec_json);
+        const void *key = NULL;
+        size_t keylen = 0;
+        if (map->ops->record_key)
+            map->ops->record_key(map->conn, pr.recs[i], &key, &keylen);
+        if (esmd_dests_send(map->dests, map->cfg->on_failure, rec_json.data, rec_json.len, key,
+                            keylen, on_failure_stored, inf) == 0) {
+            inf->dest_pending++;
+            esmd_series_inc(map->m.on_failure, 1);
+        } else {
+            inf->dest_failed = true;
+        }
+    }
+    esmd_buf_free(&rec_json);
+    free(pr.recs);
+    ESMD_WARN(&map->log, "%zu records sent to on-failure destination %s: %s", pr.n,
+              map->cfg->on_failure, condition);
+    on_failure_stored(inf, true, NULL);
+}
+
+/* ---- results ---- */
+
+static void remember_response(struct inflight *inf, const struct esmd_invoke_result *res)
+{
+    inf->invokes++;
+    inf->last_status = res->status;
+    free(inf->last_function_error);
+    inf->last_function_error = NULL;
+    if (res->function_error)
+        inf->last_function_error = esmd_xstrdup(res->function_error);
+    else if (res->outcome != ESMD_INVOKE_OK)
+        inf->last_function_error = esmd_xstrdup("Unhandled");
+    free(inf->last_request_id);
+    inf->last_request_id = esmd_xstrdup(res->request_id);
+}
+
+/* batchItemFailures (spec/lambda-semantics.md §1.9). Returns 1 when the response names no
+ * failure (success), 0 with `failed[i]` set for each failed record of the part, -1 when the
+ * response is malformed or names a record that is not in the part (the whole part failed). */
+static int parse_item_failures(struct inflight *inf, const struct esmd_invoke_result *res,
+                               const struct part_records *pr, bool *failed, const char **why)
+{
+    struct esmd_mapping *map = inf->map;
+    const char *p = res->body;
+    while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
+        p++;
+    if (*p == '\0')
+        return 1; /* an empty response */
+    cJSON *j = cJSON_ParseWithLength(res->body, res->body_len);
+    if (!j) {
+        *why = "the response is not JSON";
+        return -1;
+    }
+    int rc = 1;
+    const cJSON *list = cJSON_GetObjectItemCaseSensitive(j, "batchItemFailures");
+    if (cJSON_IsNull(j) || !cJSON_IsObject(j) || !list || cJSON_IsNull(list)) {
+        rc = 1;
+    } else if (!cJSON_IsArray(list)) {
+        *why = "batchItemFailures is not a list";
+        rc = -1;
+    } else {
+        const cJSON *item;
+        cJSON_ArrayForEach(item, list)
+        {
+            const cJSON *id = cJSON_GetObjectItemCaseSensitive(item, "itemIdentifier");
+            bool found = false;
+            if (id && !cJSON_IsNull(id) && !(cJSON_IsString(id) && !*id->valuestring) &&
+                map->ops->item_is) {
+                for (size_t i = 0; i < pr->n && !found; i++) {
+                    if (map->ops->item_is(map->conn, pr->recs[i], id)) {
+                        failed[i] = true;
+                        found = true;
+                    }
+                }
+            }
+            if (!found) {
+                *why = "an itemIdentifier is missing, malformed or not in the batch";
+                rc = -1;
+                break;
+            }
+            rc = 0;
+        }
+    }
+    cJSON_Delete(j);
+    return rc;
+}
+
+struct failed_ctx {
+    const bool *failed;
+    const struct part_records *pr;
+    const struct esmd_shard *shard; /* shard of the previous record */
+    bool seen_failure;              /* in that shard */
+};
+
+/* Streams: per shard, the records before its first failed one succeeded. */
+static bool keep_before_first_failure(void *ctx, size_t i, const struct esmd_record *r)
+{
+    struct failed_ctx *f = ctx;
+    if (r->shard != f->shard) {
+        f->shard = r->shard;
+        f->seen_failure = false;
+    }
+    f->seen_failure = f->seen_failure || f->failed[i];
+    return !f->seen_failure;
+}
+
+static void log_failure(struct inflight *inf, const struct esmd_invoke_result *res,
+                        const char *what, int64_t delay)
+{
+    struct esmd_mapping *map = inf->map;
+    struct esmd_log_ctx ctx = map->log;
+    ctx.request_id = res->request_id;
+    esmd_log_limited(ESMD_LOG_WARN, &ctx, "batch-retry",
+                     "batch of %zu records (%s) %s: %s; %s%lld ms (attempt %d)",
+                     inf->batch.nrecords, inf->idem_key, esmd_invoke_outcome_name(res->outcome),
+                     res->error ? res->error
+                                : (res->function_error ? res->function_error : "failed"),
+                     what, (long long)delay, inf->invokes);
+}
+
+/* A failed invocation of the current part (after a function error, error, timeout, or a
+ * partial batch response whose remainder is now the current part). */
+static void part_failed(struct inflight *inf, const struct esmd_invoke_result *res, bool bisect)
+{
+    struct esmd_mapping *map = inf->map;
+    if (bisect && map->cfg->bisect_batch_on_function_error && inf->batch.nrecords > 1) {
+        /* Splitting does not use up the retry quota (Lambda). */
+        size_t half = (inf->batch.nrecords + 1) / 2;
+        log_failure(inf, res, "bisecting; first half in ", 0);
+        split_part(inf, keep_first_half, &half);
+        esmd_series_inc(map->m.bisections, 1);
+        start_part_soon(inf);
+        return;
+    }
+    inf->attempts++;
+    int limit = retry_limit(map);
+    if (limit >= 0 && inf->attempts > limit) {
+        give_up(inf, "RetryAttemptsExhausted");
+        return;
+    }
+    int64_t delay = esmd_backoff_delay(&retry_backoff, inf->attempts - 1, esmd_random64());
+    if (res->retry_after_ms >= 0) {
+        int64_t ra =
+            res->retry_after_ms < RETRY_AFTER_CAP_MS ? res->retry_after_ms : RETRY_AFTER_CAP_MS;
+        if (ra > delay)
+            delay = ra;
+    }
+    log_failure(inf, res, "retrying in ", delay);
+    schedule_retry(inf, delay);
 }
 
 static void on_invoke_result(void *ud, const struct esmd_invoke_result *res)
@@ -371,73 +854,121 @@ static void on_invoke_result(void *ud, const struct esmd_invoke_result *res)
     struct inflight *inf = ud;
     struct esmd_mapping *map = inf->map;
     inf->req = NULL;
-    struct esmd_log_ctx ctx = map->log;
-    ctx.request_id = res->request_id;
 
+    if (res->outcome == ESMD_INVOKE_CANCELLED ||
+        (map->stopping && res->outcome != ESMD_INVOKE_OK)) {
+        /* Not acked: the records are read again by whoever owns the shard next. A success
+         * that arrives while stopping is still acked (the parts after it are not sent). */
+        inflight_end(inf, true);
+        return;
+    }
+    if (res->outcome == ESMD_INVOKE_THROTTLED) {
+        /* Not an invocation: retried until the records expire, without using up retries. */
+        esmd_series_inc(map->m.throttled, 1);
+        set_last_result(map, "PROBLEM: Function call throttled");
+        int64_t delay = esmd_backoff_delay(&throttle_backoff, inf->throttles++, esmd_random64());
+        if (res->retry_after_ms >= 0) {
+            int64_t ra =
+                res->retry_after_ms < RETRY_AFTER_CAP_MS ? res->retry_after_ms : RETRY_AFTER_CAP_MS;
+            if (ra > delay)
+                delay = ra;
+        }
+        log_failure(inf, res, "retrying in ", delay);
+        schedule_retry(inf, delay);
+        return;
+    }
+    remember_response(inf, res);
+
+    const char *why = NULL;
     if (res->outcome == ESMD_INVOKE_OK) {
-        set_last_result(map, "OK");
-        inflight_finish(inf, true);
-        return;
-    }
-    if (res->outcome == ESMD_INVOKE_CANCELLED || map->stopping) {
-        /* Not acked: the records are read again by whoever owns the shard next. */
-        inflight_nack(inf);
-        inflight_finish(inf, false);
-        return;
-    }
-    if (map->ops->queue && res->outcome != ESMD_INVOKE_THROTTLED) {
-        /* Queue semantics: the source redelivers the batch after its visibility timeout. */
-        esmd_series_inc(map->m.failed, (double)inf->batch.nrecords);
+        if (!map->cfg->report_batch_item_failures) {
+            set_last_result(map, "OK");
+            part_done(inf, true);
+            return;
+        }
+        struct part_records pr = part_records(&inf->batch);
+        bool *failed = esmd_xcalloc(pr.n ? pr.n : 1, sizeof(*failed));
+        int rc = parse_item_failures(inf, res, &pr, failed, &why);
+        if (rc == 1) {
+            set_last_result(map, "OK");
+            free(failed);
+            free(pr.recs);
+            part_done(inf, true);
+            return;
+        }
+        if (rc == 0) {
+            size_t nfailed = 0;
+            for (size_t i = 0; i < pr.n; i++)
+                nfailed += failed[i];
+            esmd_series_inc(map->m.failed, (double)nfailed);
+            set_last_result(map, "PROBLEM: Function reported %zu failed records", nfailed);
+            if (map->ops->queue) {
+                if (map->ops->ack_record) {
+                    /* the others are done: deleted; the failed ones come back later */
+                    for (size_t i = 0; i < pr.n; i++)
+                        if (!failed[i] && !pr.recs[i]->shard->revoked)
+                            map->ops->ack_record(map->conn, pr.recs[i]->shard, pr.recs[i]);
+                    free(failed);
+                    free(pr.recs);
+                    inflight_end(inf, true);
+                    return;
+                }
+                why = "partial batch responses need per-message deletes";
+            } else {
+                /* streams: checkpoint before each shard's first failure, retry from there */
+                struct failed_ctx fc = {failed, &pr, NULL, false};
+                if (split_part(inf, keep_before_first_failure, &fc)) {
+                    /* the part that succeeded is current: ack it, then the remainder */
+                    struct esmd_batch ok = inf->batch;
+                    for (size_t i = 0; i < ok.ngroups; i++)
+                        if (!ok.groups[i].shard->revoked)
+                            map->ops->ack(map->conn, ok.groups[i].shard, ok.groups[i].ack_seq);
+                    release_part(map, &ok);
+                    inf->batch = inf->todo[--inf->ntodo];
+                    inf->encoded = false;
+                }
+                free(failed);
+                free(pr.recs);
+                part_failed(inf, res, false);
+                return;
+            }
+        }
+        free(failed);
+        free(pr.recs);
+        struct esmd_log_ctx ctx = map->log;
+        ctx.request_id = res->request_id;
+        esmd_log_limited(ESMD_LOG_WARN, &ctx, "bad-item-failures",
+                         "batchItemFailures not usable (%s): the whole batch failed", why);
+    } else if (res->outcome == ESMD_INVOKE_FUNCTION_ERROR) {
         set_last_result(map, "PROBLEM: Function call failed: %s",
-                        res->error ? res->error
-                                   : (res->function_error ? res->function_error : "failed"));
+                        res->function_error ? res->function_error : "function error");
+    } else if (res->outcome == ESMD_INVOKE_TIMEOUT) {
+        set_last_result(map, "PROBLEM: Function call timed out");
+    } else {
+        set_last_result(map, "PROBLEM: Function call failed: %s",
+                        res->error ? res->error : "error");
+    }
+    esmd_series_inc(map->m.failed, (double)inf->batch.nrecords);
+
+    if (map->ops->queue) {
+        /* Queue semantics: the source redelivers the batch after its visibility timeout. */
+        struct esmd_log_ctx ctx = map->log;
+        ctx.request_id = res->request_id;
         esmd_log_limited(ESMD_LOG_WARN, &ctx, "batch-failed",
                          "batch of %zu messages (%s) %s: %s; left for redelivery",
                          inf->batch.nrecords, inf->idem_key, esmd_invoke_outcome_name(res->outcome),
-                         res->error ? res->error
-                                    : (res->function_error ? res->function_error : "failed"));
-        inflight_nack(inf);
-        inflight_finish(inf, false);
+                         why ? why
+                             : (res->error
+                                    ? res->error
+                                    : (res->function_error ? res->function_error : "failed")));
+        inflight_end(inf, true);
         return;
     }
-    int64_t delay;
-    if (res->outcome == ESMD_INVOKE_THROTTLED) {
-        esmd_series_inc(map->m.throttled, 1);
-        delay = esmd_backoff_delay(&throttle_backoff, inf->throttles++, esmd_random64());
-        set_last_result(map, "PROBLEM: Function call throttled");
-    } else {
-        esmd_series_inc(map->m.failed, (double)inf->batch.nrecords);
-        delay = esmd_backoff_delay(&retry_backoff, inf->attempts++, esmd_random64());
-        if (res->outcome == ESMD_INVOKE_FUNCTION_ERROR)
-            set_last_result(map, "PROBLEM: Function call failed: %s",
-                            res->function_error ? res->function_error : "function error");
-        else if (res->outcome == ESMD_INVOKE_TIMEOUT)
-            set_last_result(map, "PROBLEM: Function call timed out");
-        else
-            set_last_result(map, "PROBLEM: Function call failed: %s",
-                            res->error ? res->error : "error");
-    }
-    if (res->retry_after_ms >= 0) {
-        int64_t ra =
-            res->retry_after_ms < RETRY_AFTER_CAP_MS ? res->retry_after_ms : RETRY_AFTER_CAP_MS;
-        if (ra > delay)
-            delay = ra;
-    }
-    esmd_log_limited(ESMD_LOG_WARN, &ctx, "batch-retry",
-                     "batch of %zu records (%s) %s: %s; retrying in %lld ms (attempt %d)",
-                     inf->batch.nrecords, inf->idem_key, esmd_invoke_outcome_name(res->outcome),
-                     res->error ? res->error
-                                : (res->function_error ? res->function_error : "failed"),
-                     (long long)delay, inf->attempts + inf->throttles);
-    schedule_retry(inf, delay);
-}
-
-static void invoke(struct inflight *inf)
-{
-    struct esmd_mapping *map = inf->map;
-    esmd_series_inc(map->m.invoked, (double)inf->batch.nrecords);
-    inf->req = esmd_invoke_start(map->fn, inf->body.data, inf->body.len, inf->idem_key,
-                                 map->cfg->name, on_invoke_result, inf);
+    /* Bisect on what the function did wrong (function error, timeout, an error status); not
+     * when it could not be reached at all. */
+    bool bisect = res->outcome == ESMD_INVOKE_FUNCTION_ERROR ||
+                  res->outcome == ESMD_INVOKE_TIMEOUT || res->status > 0 || why != NULL;
+    part_failed(inf, res, bisect);
 }
 
 static void on_window(struct ev_loop *loop, ev_timer *w, int revents)
@@ -448,9 +979,9 @@ static void on_window(struct ev_loop *loop, ev_timer *w, int revents)
     map->dirty = true;
 }
 
-/* A record that is finished without being sent (filtered out, or over the 6 MB cap alone): its
- * offset is acked with the batch its shard is forming, or at once when the shard has nothing
- * outstanding (pump only takes records of shards with no batch in flight). */
+/* A filtered-out record is finished without being sent: its offset is acked with the batch its
+ * shard is forming, or at once when the shard has nothing outstanding (pump only takes records
+ * of shards with no batch in flight). */
 static void skip_record(struct esmd_mapping *map, struct esmd_shard *shard, struct esmd_record *rec)
 {
     int64_t next = rec->seq + 1;
@@ -465,14 +996,18 @@ static void skip_record(struct esmd_mapping *map, struct esmd_shard *shard, stru
     map->ops->release(map->conn, rec);
 }
 
-static void skip_oversized(struct esmd_mapping *map, struct esmd_shard *shard,
-                           struct esmd_record *rec)
+/* A record over the 6 MB cap on its own can never be sent: its shard is idle (pump flushed what
+ * came before it), so it becomes a batch of its own that is given up at once. */
+static void give_up_oversized(struct esmd_mapping *map, struct esmd_record *rec)
 {
     esmd_series_inc(map->m.oversized, 1);
-    ESMD_ERROR(&map->log,
-               "record %s@%lld is %zu bytes encoded, over the %d-byte payload cap: skipped",
-               shard->key, (long long)rec->seq, rec->size, ESMD_MAX_PAYLOAD);
-    skip_record(map, shard, rec);
+    ESMD_ERROR(&map->log, "record %s@%lld is %zu bytes encoded, over the %d-byte payload cap",
+               rec->shard->key, (long long)rec->seq, rec->size, ESMD_MAX_PAYLOAD);
+    struct esmd_batch one;
+    esmd_batch_init(&one, &map->forming.lim);
+    esmd_batch_add(&one, rec);
+    struct inflight *inf = inflight_new(map, &one);
+    give_up(inf, "MaximumPayloadSizeExceeded");
 }
 
 /* Moves pending records into batches; runs once per loop turn, before the loop sleeps. */
@@ -485,7 +1020,8 @@ static void pump(struct esmd_mapping *map)
             struct esmd_record *rec = shard->pending_head;
             enum esmd_batch_fit fit =
                 rec->filtered ? ESMD_BATCH_FITS : esmd_batch_check(&map->forming, rec);
-            if (fit == ESMD_BATCH_FULL) {
+            if (fit == ESMD_BATCH_FULL ||
+                (fit == ESMD_BATCH_TOO_BIG && shard->state == ESMD_SHARD_OPEN)) {
                 flush(map);
                 continue; /* the shard may now be in flight, or start the next batch */
             }
@@ -500,8 +1036,8 @@ static void pump(struct esmd_mapping *map)
                 continue;
             }
             if (fit == ESMD_BATCH_TOO_BIG) {
-                skip_oversized(map, shard, rec);
-                continue;
+                give_up_oversized(map, rec);
+                break; /* the shard is in flight now */
             }
             if (map->forming.nrecords == 0) {
                 map->forming.opened_mono_ms = (int64_t)(ev_now(map->loop) * 1000.0);
@@ -743,8 +1279,7 @@ void esmd_mapping_stop(struct esmd_mapping *map, void (*done)(void *ud), void *u
     for (struct inflight *inf = map->inflight, *next; inf; inf = next) {
         next = inf->next;
         if (!inf->req) {
-            inflight_nack(inf);
-            inflight_finish(inf, false);
+            inflight_end(inf, true);
         }
     }
     ESMD_INFO(&map->log, "mapping stopping: %zu batches in flight", map->ninflight);
@@ -766,9 +1301,9 @@ void esmd_mapping_free(struct esmd_mapping *map)
         struct inflight *inf = map->inflight;
         if (inf->req) {
             struct esmd_invoke_req *req = inf->req;
-            esmd_invoke_cancel(req); /* calls on_invoke_result → inflight_finish */
+            esmd_invoke_cancel(req); /* calls on_invoke_result → inflight_end */
         } else {
-            inflight_finish(inf, false);
+            inflight_end(inf, true);
         }
     }
     for (size_t i = 0; i < map->forming.ngroups; i++)
@@ -785,6 +1320,11 @@ void esmd_mapping_free(struct esmd_mapping *map)
     free_filters(map);
     free(map->not_ready_why);
     free(map);
+}
+
+void esmd_mapping_set_destinations(struct esmd_mapping *map, struct esmd_dests *dests)
+{
+    map->dests = dests;
 }
 
 const char *esmd_mapping_name(const struct esmd_mapping *map)

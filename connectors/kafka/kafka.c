@@ -996,6 +996,31 @@ static enum esmd_filter_data kafka_filter_doc(void *c, const struct esmd_record 
     return esmd_kafka_filter_doc(&v, out);
 }
 
+static void kafka_failure_info(void *c, const struct esmd_record *rec, size_t payload_size,
+                               struct esmd_buf *out)
+{
+    struct esmd_kafka *kc = c;
+    struct esmd_kafka_view v;
+    view_of(rec, &v);
+    esmd_kafka_failure_info(kc->servers, &v, payload_size, out);
+}
+
+static void kafka_record_key(void *c, const struct esmd_record *rec, const void **key, size_t *len)
+{
+    (void)c;
+    const rd_kafka_message_t *rkm = ((const struct kafka_rec *)rec)->rkm;
+    *key = rkm->key;
+    *len = rkm->key ? rkm->key_len : 0;
+}
+
+static bool kafka_item_is(void *c, const struct esmd_record *rec, const struct cJSON *id)
+{
+    (void)c;
+    struct esmd_kafka_view v;
+    view_of(rec, &v);
+    return esmd_kafka_item_is(&v, id);
+}
+
 static void kafka_encode(void *c, const struct esmd_batch *batch, struct esmd_buf *out)
 {
     const struct esmd_kafka *kc = c;
@@ -1144,6 +1169,10 @@ const struct esmd_connector_ops esmd_connector_kafka = {
     .filter_doc = kafka_filter_doc,
     .data_key = "value",
     .filter_fallback = true,
+    .batch_info_key = "KafkaBatchInfo",
+    .failure_info = kafka_failure_info,
+    .record_key = kafka_record_key,
+    .item_is = kafka_item_is,
     .stop = kafka_stop,
     .destroy = kafka_destroy,
     .stats = kafka_stats,

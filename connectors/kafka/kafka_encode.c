@@ -6,6 +6,8 @@
 
 #include "esmd/json.h"
 
+#include <cJSON.h>
+
 #include <string.h>
 
 #define LIT(s) (sizeof(s) - 1)
@@ -274,4 +276,47 @@ enum esmd_filter_data esmd_kafka_filter_doc(const struct esmd_kafka_view *v, str
     }
     esmd_buf_puts(out, REC_TAIL);
     return data;
+}
+
+/* ---- failure handling ---- */
+
+void esmd_kafka_failure_info(const char *servers, const struct esmd_kafka_view *v,
+                             size_t payload_size, struct esmd_buf *out)
+{
+    esmd_buf_puts(out, "{\"batchSize\":1,\"bootstrapServers\":");
+    esmd_buf_put_json_string(out, servers, strlen(servers));
+    esmd_buf_printf(out, ",\"payloadSize\":%zu,\"recordInfo\":{\"offset\":\"%lld\",\"timestamp\":",
+                    payload_size, (long long)v->offset);
+    if (v->timestamp >= 0) {
+        char ts[32];
+        esmd_iso8601_ms(v->timestamp, ts);
+        esmd_buf_printf(out, "\"%s\"", ts);
+    } else {
+        esmd_buf_puts(out, JSON_NULL);
+    }
+    esmd_buf_puts(out, ",\"topic\":");
+    esmd_buf_put_json_string(out, v->topic, strlen(v->topic));
+    esmd_buf_printf(out, ",\"partition\":%d}}", (int)v->partition);
+}
+
+bool esmd_kafka_item_is(const struct esmd_kafka_view *v, const struct cJSON *id)
+{
+    if (!cJSON_IsObject(id))
+        return false;
+    const cJSON *part = cJSON_GetObjectItemCaseSensitive(id, "partition");
+    const cJSON *off = cJSON_GetObjectItemCaseSensitive(id, "offset");
+    if (!cJSON_IsString(part) || !off)
+        return false;
+    char key[512];
+    snprintf(key, sizeof(key), "%s-%d", v->topic, (int)v->partition);
+    if (strcmp(part->valuestring, key) != 0)
+        return false;
+    if (cJSON_IsNumber(off))
+        return off->valuedouble == (double)v->offset;
+    if (cJSON_IsString(off)) {
+        char want[32];
+        snprintf(want, sizeof(want), "%lld", (long long)v->offset);
+        return strcmp(off->valuestring, want) == 0;
+    }
+    return false;
 }

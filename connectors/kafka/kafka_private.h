@@ -64,6 +64,19 @@ void esmd_kafka_encode_batch(const char *servers, const struct esmd_batch *batch
  * but not JSON; a non-UTF-8 key as its base64 text; a null key or value as null; a non-UTF-8
  * value is left out. Header values: as strings when UTF-8, base64 otherwise, null when null.
  * timestamp: left out when the record has none. Returns how the value was written. */
+/* Appends the KafkaBatchInfo object of an on-failure record for v alone (Lambda's Kafka-topic
+ * destination form, spec/lambda-semantics.md §2.6):
+ * {"batchSize":1,"bootstrapServers":"…","payloadSize":N,
+ *  "recordInfo":{"offset":"15","timestamp":"2019-11-14T00:38:04.835Z","topic":"t","partition":0}}
+ * topic and partition are esmd's additions (the payload, which has them, is left out of records
+ * over the payload cap). */
+void esmd_kafka_failure_info(const char *servers, const struct esmd_kafka_view *v,
+                             size_t payload_size, struct esmd_buf *out);
+
+/* Does a batchItemFailures itemIdentifier, {"partition":"<topic>-<n>","offset":<n>}, name v?
+ * The offset may be a number or a string of digits. */
+bool esmd_kafka_item_is(const struct esmd_kafka_view *v, const struct cJSON *id);
+
 enum esmd_filter_data esmd_kafka_filter_doc(const struct esmd_kafka_view *v, struct esmd_buf *out);
 
 #endif

@@ -29,6 +29,7 @@
 #include "esmd/metrics.h"
 #include "esmd/pg.h"
 
+#include <cJSON.h>
 #include <ev.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -92,6 +93,7 @@ struct pgq_entry {
     int64_t id;
     char receipt[37];
     bool skipped; /* the core released it unsent (filtered out, or over 6 MB): done with it */
+    bool deleted; /* acked alone (ack_record): its delete is already queued */
 };
 
 /* Receipts waiting for a delete or give-back query. */
@@ -242,7 +244,7 @@ static size_t shard_pop(struct pgq_shard *ps, int64_t next_seq, struct pgq_recei
 {
     size_t k = 0;
     while (ps->n > 0 && ps->ents[ps->head].seq < next_seq) {
-        if (to)
+        if (to && !ps->ents[ps->head].deleted)
             receipts_push(to, &ps->ents[ps->head]);
         ps->head++;
         ps->n--;
@@ -484,11 +486,12 @@ static void on_claim(void *ud, const PGresult *res, const char *err)
         if (kind[0] == 'd' || kind[0] == 'x') {
             bool moved = kind[0] == 'd';
             esmd_series_inc(moved ? pq->m.dead_lettered : pq->m.discarded, 1);
-            ESMD_WARN(pq->log,
-                      "pgqueue %s: message %s received %s times: %s%s (max_receive_count %d)",
-                      pq->queue, value(res, r, COL_MESSAGE_ID), value(res, r, COL_COUNT),
-                      moved ? "moved to dead-letter queue " : "deleted (no dead_letter_queue)",
-                      moved ? pq->dlq : "", pq->max_receive);
+            esmd_log_limited(
+                ESMD_LOG_WARN, pq->log, "pgqueue-dead-letter",
+                "pgqueue %s: message %s received %s times: %s%s (max_receive_count %d)", pq->queue,
+                value(res, r, COL_MESSAGE_ID), value(res, r, COL_COUNT),
+                moved ? "moved to dead-letter queue " : "deleted (no dead_letter_queue)",
+                moved ? pq->dlq : "", pq->max_receive);
             continue;
         }
         if (kind[0] != 'm')
@@ -897,7 +900,7 @@ static void pgq_nack(void *c, struct esmd_shard *shard, int64_t next_seq)
     /* Messages right after the failed batch that the core skipped (filtered out) were to be
      * acked with it (the batch's ack_seq): they are done, delete them. */
     bool del = false;
-    while (ps->n > 0 && ps->ents[ps->head].skipped) {
+    while (ps->n > 0 && (ps->ents[ps->head].skipped || ps->ents[ps->head].deleted)) {
         del = true;
         shard_pop(ps, ps->ents[ps->head].seq + 1, &pq->del);
     }
@@ -906,17 +909,44 @@ static void pgq_nack(void *c, struct esmd_shard *shard, int64_t next_seq)
     claim_maybe(pq);
 }
 
+/* The outstanding entry of rec in its shard, or NULL (acked or nacked already). Entries are
+ * consecutive seqs: the record's is found by its distance to the first. */
+static struct pgq_entry *entry_of(const struct esmd_record *rec)
+{
+    struct pgq_shard *ps = rec->shard ? rec->shard->priv : NULL;
+    if (!ps || ps->n == 0)
+        return NULL;
+    int64_t d = rec->seq - ps->ents[ps->head].seq;
+    if (d < 0 || (size_t)d >= ps->n || ps->ents[ps->head + (size_t)d].seq != rec->seq)
+        return NULL;
+    return &ps->ents[ps->head + (size_t)d];
+}
+
+static void pgq_ack_record(void *c, struct esmd_shard *shard, const struct esmd_record *rec)
+{
+    struct esmd_pgqueue *pq = c;
+    struct pgq_entry *e = rec && rec->shard == shard ? entry_of(rec) : NULL;
+    if (!e || e->deleted || pq->state == PGQ_STOPPED)
+        return;
+    e->deleted = true;
+    receipts_push(&pq->del, e);
+    settle_flush(pq);
+}
+
+static bool pgq_item_is(void *c, const struct esmd_record *rec, const struct cJSON *id)
+{
+    (void)c;
+    const struct pgq_rec *pr = (const struct pgq_rec *)rec;
+    return cJSON_IsString(id) && strcmp(id->valuestring, pr->v.message_id) == 0;
+}
+
 static void pgq_release(void *c, struct esmd_record *rec)
 {
     (void)c;
-    struct pgq_shard *ps = rec->shard ? rec->shard->priv : NULL;
-    bool skipped =
-        rec->filtered || rec->size + esmd_pgqueue_envelope_size() > (size_t)ESMD_MAX_PAYLOAD;
-    if (ps && skipped && ps->n > 0) {
-        /* entries are consecutive seqs: the record's is found by its distance to the first */
-        int64_t d = rec->seq - ps->ents[ps->head].seq;
-        if (d >= 0 && (size_t)d < ps->n && ps->ents[ps->head + (size_t)d].seq == rec->seq)
-            ps->ents[ps->head + (size_t)d].skipped = true;
+    if (rec->filtered || rec->size + esmd_pgqueue_envelope_size() > (size_t)ESMD_MAX_PAYLOAD) {
+        struct pgq_entry *e = entry_of(rec);
+        if (e)
+            e->skipped = true;
     }
     free(rec); /* the strings live in the same block */
 }
@@ -1022,6 +1052,8 @@ const struct esmd_connector_ops esmd_connector_pgqueue = {
     .resume = pgq_resume,
     .ack = pgq_ack,
     .nack = pgq_nack,
+    .ack_record = pgq_ack_record,
+    .item_is = pgq_item_is,
     .release = pgq_release,
     .encode = pgq_encode,
     .filter_doc = pgq_filter_doc,

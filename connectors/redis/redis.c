@@ -84,29 +84,29 @@ struct redis_link {
 
 enum read_phase { READ_HISTORY, READ_NEW };
 
-/* What we emit: the core's record, the entry view, the fields, then their bytes. The record's
- * JSON is written once, when it is handed over (off the path from one batch to the next). */
+/* What we emit: the core's record and its JSON, written once when the entry is handed over
+ * (off the path from one batch to the next, and without keeping the fields: `e.fields` points
+ * into the reply or the copy the entry came from, valid only while it is handed over, when the
+ * core asks for its filter document). */
 struct redis_rec {
     struct esmd_record rec; /* first: the core's pointer is ours */
-    char *json;             /* owned: rec.size bytes, NULL until handed over */
+    struct esmd_redis_entry e;
+    char json[]; /* rec.size bytes */
+};
+
+/* An entry read from a PEL (history read or reclaim) waiting for its delivery count: the
+ * entry with a copy of its fields, then their bytes. */
+struct pel_entry {
     struct esmd_redis_entry e;
     struct esmd_redis_field fields[];
 };
 
-/* Entries read from a PEL (history read or reclaim), waiting for their delivery counts. */
 struct stage {
-    struct redis_rec **recs;
+    struct pel_entry **items;
     size_t n, cap;
 };
 
 enum { STAGE_READ, STAGE_CLAIM, NSTAGES };
-
-/* Open-addressing set of the IDs in the ring (linear probing, backward-shift deletion). */
-struct idset {
-    struct esmd_redis_id *slots;
-    bool *used;
-    size_t cap, n; /* cap: a power of two, or 0 */
-};
 
 /* argv for redisAsyncCommandArgv (hiredis copies it while formatting the command). */
 struct cmd {
@@ -155,7 +155,7 @@ struct esmd_redis {
     int64_t ack_upto; /* every seq below is finished */
     size_t xack_sent; /* ring entries (from the front) in the XACK in flight */
     bool xack_inflight;
-    struct idset held;
+    struct esmd_redis_idset held;
 
     bool reclaim_inflight;
     struct esmd_redis_id claim_cursor;
@@ -172,6 +172,10 @@ struct esmd_redis {
     void *done_ud;
 
     struct cmd cmd;
+    struct esmd_buf json;                 /* scratch: the record being handed over */
+    struct esmd_redis_entry view;         /* scratch: an entry of the reply being read */
+    struct esmd_redis_field *view_fields; /* owned */
+    size_t view_cap;
     ev_timer reconnect_tm, teardown_tm, reclaim_tm, stats_tm, watchdog_tm, stop_tm, done_tm, ack_tm;
     bool watchers_init;
 };
@@ -223,93 +227,6 @@ static void cmd_free(struct cmd *c)
     free(c->ids);
 }
 
-static uint64_t id_hash(struct esmd_redis_id id)
-{
-    uint64_t h = id.ms * 0x9e3779b97f4a7c15ULL ^ (id.seq + 0x632be59bd9b4e019ULL);
-    h ^= h >> 31;
-    h *= 0xbf58476d1ce4e5b9ULL;
-    return h ^ (h >> 29);
-}
-
-static bool id_eq(struct esmd_redis_id a, struct esmd_redis_id b)
-{
-    return a.ms == b.ms && a.seq == b.seq;
-}
-
-static void idset_insert(struct idset *s, struct esmd_redis_id id);
-
-static void idset_grow(struct idset *s)
-{
-    struct idset old = *s;
-    s->cap = old.cap ? old.cap * 2 : 1024;
-    s->slots = esmd_xcalloc(s->cap, sizeof(*s->slots));
-    s->used = esmd_xcalloc(s->cap, sizeof(*s->used));
-    s->n = 0;
-    for (size_t i = 0; i < old.cap; i++)
-        if (old.used[i])
-            idset_insert(s, old.slots[i]);
-    free(old.slots);
-    free(old.used);
-}
-
-static void idset_insert(struct idset *s, struct esmd_redis_id id)
-{
-    if ((s->n + 1) * 2 > s->cap)
-        idset_grow(s);
-    size_t mask = s->cap - 1, i = (size_t)id_hash(id) & mask;
-    while (s->used[i]) {
-        if (id_eq(s->slots[i], id))
-            return;
-        i = (i + 1) & mask;
-    }
-    s->used[i] = true;
-    s->slots[i] = id;
-    s->n++;
-}
-
-static bool idset_has(const struct idset *s, struct esmd_redis_id id)
-{
-    if (!s->cap)
-        return false;
-    size_t mask = s->cap - 1, i = (size_t)id_hash(id) & mask;
-    while (s->used[i]) {
-        if (id_eq(s->slots[i], id))
-            return true;
-        i = (i + 1) & mask;
-    }
-    return false;
-}
-
-static void idset_remove(struct idset *s, struct esmd_redis_id id)
-{
-    if (!s->cap)
-        return;
-    size_t mask = s->cap - 1, i = (size_t)id_hash(id) & mask;
-    while (s->used[i] && !id_eq(s->slots[i], id))
-        i = (i + 1) & mask;
-    if (!s->used[i])
-        return;
-    /* backward shift: move later members of the run into the hole when their home allows */
-    size_t hole = i;
-    for (size_t j = (i + 1) & mask; s->used[j]; j = (j + 1) & mask) {
-        size_t home = (size_t)id_hash(s->slots[j]) & mask;
-        bool movable = hole <= j ? (home <= hole || home > j) : (home <= hole && home > j);
-        if (movable) {
-            s->slots[hole] = s->slots[j];
-            hole = j;
-        }
-    }
-    s->used[hole] = false;
-    s->n--;
-}
-
-static void idset_free(struct idset *s)
-{
-    free(s->slots);
-    free(s->used);
-    memset(s, 0, sizeof(*s));
-}
-
 static struct esmd_redis_id ring_at(const struct esmd_redis *rc, size_t i)
 {
     return rc->ring[(rc->ring_front + i) % rc->ring_cap];
@@ -329,13 +246,13 @@ static void ring_push(struct esmd_redis *rc, struct esmd_redis_id id)
     }
     rc->ring[(rc->ring_front + rc->ring_len) % rc->ring_cap] = id;
     rc->ring_len++;
-    idset_insert(&rc->held, id);
+    esmd_redis_idset_insert(&rc->held, id);
 }
 
 static void ring_pop(struct esmd_redis *rc, size_t k)
 {
     for (size_t i = 0; i < k && rc->ring_len > 0; i++) {
-        idset_remove(&rc->held, rc->ring[rc->ring_front]);
+        esmd_redis_idset_remove(&rc->held, rc->ring[rc->ring_front]);
         rc->ring_front = (rc->ring_front + 1) % rc->ring_cap;
         rc->ring_len--;
         rc->front_seq++;
@@ -351,26 +268,20 @@ static size_t ring_acked(const struct esmd_redis *rc)
     return (size_t)k < rc->ring_len ? (size_t)k : rc->ring_len;
 }
 
-static void rec_free(struct redis_rec *rr)
-{
-    free(rr->json);
-    free(rr);
-}
-
 static void stage_clear(struct stage *st)
 {
     for (size_t i = 0; i < st->n; i++)
-        rec_free(st->recs[i]);
+        free(st->items[i]);
     st->n = 0;
 }
 
-static void stage_push(struct stage *st, struct redis_rec *rr)
+static void stage_push(struct stage *st, struct pel_entry *pe)
 {
     if (st->n == st->cap) {
         st->cap = st->cap ? st->cap * 2 : 64;
-        st->recs = esmd_xrealloc(st->recs, st->cap * sizeof(*st->recs));
+        st->items = esmd_xrealloc(st->items, st->cap * sizeof(*st->items));
     }
-    st->recs[st->n++] = rr;
+    st->items[st->n++] = pe;
 }
 
 static const struct esmd_redis_entry *entry_of(const struct esmd_record *rec)
@@ -442,7 +353,7 @@ static struct esmd_redis *live(redisAsyncContext *ac, void *reply)
 static bool send_cmd(struct esmd_redis *rc, int which, redisCallbackFn *fn, void *privdata)
 {
     struct redis_link *l = &rc->link[which];
-    if (!l->ac || rc->failing)
+    if (!l->ac || rc->failing || rc->disconnecting)
         return false;
     if (redisAsyncCommandArgv(l->ac, fn, privdata, (int)rc->cmd.n, rc->cmd.argv, rc->cmd.lens) !=
         REDIS_OK) {
@@ -690,11 +601,11 @@ static void session_start(struct esmd_redis *rc)
 
 /* ---- records ---- */
 
-/* A record from one entry of a reply ([id, [name, value, ...]]), or NULL with *deleted set
- * when the entry's data is gone (a PEL entry trimmed or deleted from the stream). NULL with
- * *deleted false: the reply is not what Redis sends. */
-static struct redis_rec *rec_from_entry(const redisReply *entry, bool *deleted,
-                                        struct esmd_redis_id *id)
+/* Checks one entry of a reply ([id, [name, value, ...]]) and returns its field list, or NULL:
+ * with *deleted set when the entry's data is gone (a PEL entry trimmed or deleted from the
+ * stream), else when the reply is not what Redis sends. */
+static const redisReply *entry_fields(const redisReply *entry, struct esmd_redis_id *id,
+                                      bool *deleted)
 {
     *deleted = false;
     if (!reply_is(entry, REDIS_REPLY_ARRAY) || entry->elements != 2 ||
@@ -707,18 +618,42 @@ static struct redis_rec *rec_from_entry(const redisReply *entry, bool *deleted,
     }
     if (!reply_is(f, REDIS_REPLY_ARRAY) || f->elements % 2 != 0)
         return NULL;
-    size_t nfields = f->elements / 2, bytes = 0;
-    for (size_t i = 0; i < f->elements; i++) {
+    for (size_t i = 0; i < f->elements; i++)
         if (!reply_is(f->element[i], REDIS_REPLY_STRING))
             return NULL;
-        bytes += f->element[i]->len;
+    return f;
+}
+
+/* The entry as a view into the reply (rc's scratch field array); valid during the callback. */
+static const struct esmd_redis_entry *entry_view(struct esmd_redis *rc, struct esmd_redis_id id,
+                                                 const redisReply *f)
+{
+    size_t nfields = f->elements / 2;
+    if (nfields > rc->view_cap) {
+        rc->view_cap = nfields;
+        rc->view_fields = esmd_xrealloc(rc->view_fields, nfields * sizeof(*rc->view_fields));
     }
-    size_t head = sizeof(struct redis_rec) + nfields * sizeof(struct esmd_redis_field);
-    struct redis_rec *rr = esmd_xmalloc(head + bytes + 1);
-    memset(rr, 0, sizeof(*rr));
-    char *p = (char *)rr + head;
     for (size_t i = 0; i < nfields; i++) {
-        struct esmd_redis_field *fd = &rr->fields[i];
+        const redisReply *name = f->element[2 * i], *value = f->element[2 * i + 1];
+        rc->view_fields[i] =
+            (struct esmd_redis_field){name->str, name->len, value->str, value->len, false};
+    }
+    esmd_redis_fields_classify(rc->view_fields, nfields);
+    rc->view = (struct esmd_redis_entry){id, 1, rc->view_fields, nfields};
+    return &rc->view;
+}
+
+/* The entry with a copy of its fields, for handing over after the reply is gone. */
+static struct pel_entry *entry_copy(struct esmd_redis_id id, const redisReply *f)
+{
+    size_t nfields = f->elements / 2, bytes = 0;
+    for (size_t i = 0; i < f->elements; i++)
+        bytes += f->element[i]->len;
+    size_t head = sizeof(struct pel_entry) + nfields * sizeof(struct esmd_redis_field);
+    struct pel_entry *pe = esmd_xmalloc(head + bytes + 1);
+    char *p = (char *)pe + head;
+    for (size_t i = 0; i < nfields; i++) {
+        struct esmd_redis_field *fd = &pe->fields[i];
         const redisReply *name = f->element[2 * i], *value = f->element[2 * i + 1];
         memcpy(p, name->str, name->len);
         fd->name = p;
@@ -729,35 +664,36 @@ static struct redis_rec *rec_from_entry(const redisReply *entry, bool *deleted,
         fd->value_len = value->len;
         p += value->len;
     }
-    esmd_redis_fields_classify(rr->fields, nfields);
-    rr->e.id = *id;
-    rr->e.delivery_count = 1;
-    rr->e.fields = rr->fields;
-    rr->e.nfields = nfields;
-    rr->rec.timestamp_ms = id->ms > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)id->ms;
-    return rr;
+    esmd_redis_fields_classify(pe->fields, nfields);
+    pe->e = (struct esmd_redis_entry){id, 1, pe->fields, nfields};
+    return pe;
 }
 
-/* Hands a record to the core (takes ownership of rr); drops it when we hold its ID already. */
-static void emit(struct esmd_redis *rc, struct redis_rec *rr)
+/* Hands an entry to the core as a record (e is borrowed for the call); nothing when we hold
+ * its ID already. */
+static void emit(struct esmd_redis *rc, const struct esmd_redis_entry *e)
 {
-    if (idset_has(&rc->held, rr->e.id)) {
-        rec_free(rr);
+    if (esmd_redis_idset_has(&rc->held, e->id))
         return;
-    }
+    struct esmd_buf *json = &rc->json;
+    esmd_buf_reset(json);
+    esmd_redis_record_write(json, &rc->src, e);
+    struct redis_rec *rr = esmd_xmalloc(sizeof(*rr) + json->len);
+    memset(&rr->rec, 0, sizeof(rr->rec));
+    memcpy(rr->json, json->data, json->len);
+    rr->rec.size = json->len;
     rr->rec.seq = rc->next_seq++;
-    rr->rec.size = esmd_redis_record_size(&rc->src, &rr->e);
-    struct esmd_buf json = ESMD_BUF_INIT;
-    esmd_buf_reserve(&json, rr->rec.size);
-    esmd_redis_record_write(&json, &rc->src, &rr->e);
-    rr->json = esmd_buf_steal(&json, NULL);
-    ring_push(rc, rr->e.id);
-    if (!rc->have_read_max || esmd_redis_id_cmp(rr->e.id, rc->read_max) > 0) {
-        rc->read_max = rr->e.id;
+    rr->rec.timestamp_ms = e->id.ms > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)e->id.ms;
+    rr->e = *e;
+    ring_push(rc, e->id);
+    if (!rc->have_read_max || esmd_redis_id_cmp(e->id, rc->read_max) > 0) {
+        rc->read_max = e->id;
         rc->have_read_max = true;
     }
     rc->outstanding++;
     rc->host->emit(rc->host->core, rc->shard, &rr->rec);
+    rr->e.fields = NULL; /* they belong to the caller */
+    rr->e.nfields = 0;
 }
 
 static void on_other(redisAsyncContext *ac, void *reply, void *privdata);
@@ -799,7 +735,7 @@ static void on_pending(redisAsyncContext *ac, void *reply, void *privdata)
     if (reply_is(r, REDIS_REPLY_ARRAY)) {
         /* both lists are in ID order: merge */
         for (size_t i = 0; i < st->n; i++) {
-            struct redis_rec *rr = st->recs[i];
+            struct pel_entry *rr = st->items[i];
             struct esmd_redis_id id;
             while (j < r->elements) {
                 const redisReply *p = r->element[j];
@@ -833,13 +769,13 @@ static void stage_counts(struct esmd_redis *rc, int which, int link, size_t extr
     struct stage *st = &rc->stage[which];
     /* if the counts cannot be read: on a second delivery at least */
     for (size_t i = 0; i < st->n; i++)
-        st->recs[i]->e.delivery_count = 2;
-    struct esmd_redis_id lo = st->recs[0]->e.id, hi = lo;
+        st->items[i]->e.delivery_count = 2;
+    struct esmd_redis_id lo = st->items[0]->e.id, hi = lo;
     for (size_t i = 1; i < st->n; i++) {
-        if (esmd_redis_id_cmp(st->recs[i]->e.id, lo) < 0)
-            lo = st->recs[i]->e.id;
-        if (esmd_redis_id_cmp(st->recs[i]->e.id, hi) > 0)
-            hi = st->recs[i]->e.id;
+        if (esmd_redis_id_cmp(st->items[i]->e.id, lo) < 0)
+            lo = st->items[i]->e.id;
+        if (esmd_redis_id_cmp(st->items[i]->e.id, hi) > 0)
+            hi = st->items[i]->e.id;
     }
     char count[24];
     snprintf(count, sizeof(count), "%zu", st->n + extra);
@@ -864,9 +800,8 @@ static void stage_done(struct esmd_redis *rc, int which)
     st->n = 0;
     for (size_t i = 0; i < n; i++) {
         if (rc->state == REDIS_RUNNING)
-            emit(rc, st->recs[i]);
-        else
-            rec_free(st->recs[i]);
+            emit(rc, &st->items[i]->e);
+        free(st->items[i]);
     }
     if (which == STAGE_READ)
         read_next(rc);
@@ -921,8 +856,8 @@ static void on_read(redisAsyncContext *ac, void *reply, void *privdata)
     for (size_t i = 0; i < n; i++) {
         bool deleted;
         struct esmd_redis_id id;
-        struct redis_rec *rr = rec_from_entry(entries->element[i], &deleted, &id);
-        if (!rr && !deleted) {
+        const redisReply *f = entry_fields(entries->element[i], &id, &deleted);
+        if (!f && !deleted) {
             free(gone);
             session_fail(rc, "redis XREADGROUP on %s: malformed entry in the reply", rc->stream);
             return;
@@ -934,10 +869,10 @@ static void on_read(redisAsyncContext *ac, void *reply, void *privdata)
                     gone = esmd_xmalloc(n * sizeof(*gone));
                 gone[ngone++] = id;
             } else {
-                stage_push(&rc->stage[STAGE_READ], rr);
+                stage_push(&rc->stage[STAGE_READ], entry_copy(id, f));
             }
-        } else if (rr) {
-            emit(rc, rr);
+        } else if (f) {
+            emit(rc, entry_view(rc, id, f));
         }
     }
     ack_deleted(rc, gone, ngone);
@@ -1126,21 +1061,19 @@ static void on_autoclaim(redisAsyncContext *ac, void *reply, void *privdata)
     for (size_t i = 0; i < entries->elements; i++) {
         bool deleted;
         struct esmd_redis_id id;
-        struct redis_rec *rr = rec_from_entry(entries->element[i], &deleted, &id);
+        const redisReply *f = entry_fields(entries->element[i], &id, &deleted);
         if (deleted) {
             ndeleted++; /* Redis 6.2 lists them here; 7.0 drops them from the PEL itself */
             continue;
         }
-        if (!rr) {
+        if (!f) {
             rc->reclaim_inflight = false;
             session_fail(rc, "redis XAUTOCLAIM on %s: malformed entry in the reply", rc->stream);
             return;
         }
-        if (idset_has(&rc->held, id)) {
-            rec_free(rr); /* ours, in the core's hands: it was idle too long (a reconnect) */
-            continue;
-        }
-        stage_push(st, rr);
+        if (esmd_redis_idset_has(&rc->held, id))
+            continue; /* ours, in the core's hands: it was idle too long (a reconnect) */
+        stage_push(st, entry_copy(id, f));
     }
     if (ndeleted)
         ESMD_WARN(rc->log,
@@ -1482,7 +1415,7 @@ static void redis_release(void *c, struct esmd_record *rec)
     struct esmd_redis *rc = c;
     if (!rec)
         return;
-    rec_free((struct redis_rec *)rec);
+    free(rec);
     rc->outstanding--;
     if (rc->zombie && rc->outstanding == 0)
         redis_free(rc);
@@ -1504,6 +1437,19 @@ static enum esmd_filter_data redis_filter_doc(void *c, const struct esmd_record 
 {
     const struct esmd_redis *rc = c;
     return esmd_redis_filter_doc(&rc->src, entry_of(rec), out);
+}
+
+static void redis_failure_info(void *c, const struct esmd_record *rec, size_t payload_size,
+                               struct esmd_buf *out)
+{
+    const struct esmd_redis *rc = c;
+    esmd_redis_failure_info(&rc->src, rc->group, entry_of(rec)->id, payload_size, out);
+}
+
+static bool redis_item_is(void *c, const struct esmd_record *rec, const struct cJSON *id)
+{
+    (void)c;
+    return esmd_redis_item_is(entry_of(rec)->id, id);
 }
 
 static void redis_stop(void *c, void (*done)(void *ud), void *ud)
@@ -1548,11 +1494,13 @@ static void redis_free(struct esmd_redis *rc)
 {
     for (int i = 0; i < NSTAGES; i++) {
         stage_clear(&rc->stage[i]);
-        free(rc->stage[i].recs);
+        free(rc->stage[i].items);
     }
     free(rc->ring);
-    idset_free(&rc->held);
+    esmd_redis_idset_free(&rc->held);
     cmd_free(&rc->cmd);
+    esmd_buf_free(&rc->json);
+    free(rc->view_fields);
     esmd_redis_source_free(&rc->src);
     esmd_redis_url_free(&rc->url);
     for (int i = 0; i < NLINKS; i++)
@@ -1617,6 +1565,10 @@ const struct esmd_connector_ops esmd_connector_redis = {
     .filter_doc = redis_filter_doc,
     .data_key = "fields",
     .filter_fallback = false, /* Kinesis's rule (§5.4): a pattern applies as written */
+    .batch_info_key = "RedisBatchInfo",
+    .failure_info = redis_failure_info,
+    .record_key = NULL, /* destinations get no key (a Kafka on_failure spreads by its default) */
+    .item_is = redis_item_is,
     .stop = redis_stop,
     .destroy = redis_destroy,
     .stats = redis_stats,

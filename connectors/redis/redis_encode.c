@@ -7,6 +7,8 @@
 
 #include "esmd/json.h"
 
+#include <cJSON.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -328,4 +330,51 @@ enum esmd_filter_data esmd_redis_filter_doc(const struct esmd_redis_source *src,
     }
     esmd_buf_append(out, DOC_TAIL, LIT(DOC_TAIL));
     return ESMD_FILTER_DATA_JSON;
+}
+
+/* ---- failure handling ---- */
+
+/* 9999-12-31T23:59:59.999Z: the last instant an ISO-8601 year of four digits can say. */
+#define ISO_MAX_MS 253402300799999ULL
+
+static void put_iso(struct esmd_buf *out, uint64_t ms)
+{
+    if (ms > ISO_MAX_MS) {
+        esmd_buf_puts(out, "null");
+        return;
+    }
+    char ts[32];
+    esmd_iso8601_ms((int64_t)ms, ts);
+    esmd_buf_putc(out, '"');
+    esmd_buf_puts(out, ts);
+    esmd_buf_putc(out, '"');
+}
+
+void esmd_redis_failure_info(const struct esmd_redis_source *src, const char *group,
+                             struct esmd_redis_id id, size_t payload_size, struct esmd_buf *out)
+{
+    esmd_buf_printf(out, "{\"batchSize\":1,\"payloadSize\":%zu,\"stream\":", payload_size);
+    esmd_buf_append(out, src->stream_json, src->stream_json_len);
+    esmd_buf_puts(out, ",\"group\":");
+    esmd_buf_put_json_string(out, group, strlen(group));
+    esmd_buf_puts(out, ",\"startSequenceNumber\":\"");
+    put_id(out, id);
+    esmd_buf_puts(out, "\",\"endSequenceNumber\":\"");
+    put_id(out, id);
+    esmd_buf_puts(out, "\",\"approximateArrivalOfFirstRecord\":");
+    put_iso(out, id.ms);
+    esmd_buf_puts(out, ",\"approximateArrivalOfLastRecord\":");
+    put_iso(out, id.ms);
+    esmd_buf_puts(out, ",\"streamArn\":");
+    esmd_buf_append(out, src->arn_json, src->arn_json_len);
+    esmd_buf_putc(out, '}');
+}
+
+bool esmd_redis_item_is(struct esmd_redis_id id, const struct cJSON *item)
+{
+    struct esmd_redis_id got;
+    if (!cJSON_IsString(item) || !item->valuestring)
+        return false;
+    return esmd_redis_id_parse(item->valuestring, strlen(item->valuestring), &got) == ESMD_OK &&
+           esmd_redis_id_cmp(got, id) == 0;
 }

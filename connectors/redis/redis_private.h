@@ -14,6 +14,8 @@
 #include "esmd/buf.h"
 #include "esmd/connector.h"
 
+struct cJSON;
+
 /* ---- entry IDs ---- */
 
 /* A stream entry ID "<ms>-<seq>": two unsigned 64-bit numbers, ordered as a pair. */
@@ -32,6 +34,20 @@ int esmd_redis_id_parse(const char *s, size_t n, struct esmd_redis_id *id) ESMD_
 size_t esmd_redis_id_format(struct esmd_redis_id id, char out[ESMD_REDIS_ID_MAX]);
 /* <0, 0, >0 as a is before, equal to, after b. */
 int esmd_redis_id_cmp(struct esmd_redis_id a, struct esmd_redis_id b);
+
+/* A set of IDs (the entries a consumer holds). Zero-initialise; free with
+ * esmd_redis_idset_free(). Inserting an ID already there, or removing one that is not, does
+ * nothing. */
+struct esmd_redis_idset {
+    struct esmd_redis_id *slots; /* owned */
+    bool *used;                  /* owned */
+    size_t cap, n;               /* cap: a power of two, or 0 */
+};
+
+void esmd_redis_idset_insert(struct esmd_redis_idset *s, struct esmd_redis_id id);
+bool esmd_redis_idset_has(const struct esmd_redis_idset *s, struct esmd_redis_id id);
+void esmd_redis_idset_remove(struct esmd_redis_idset *s, struct esmd_redis_id id);
+void esmd_redis_idset_free(struct esmd_redis_idset *s);
 
 /* ---- the connection URL ---- */
 
@@ -135,5 +151,20 @@ void esmd_redis_encode_written(const struct esmd_batch *batch, esmd_redis_json_f
  * (`fields`) is an object. */
 enum esmd_filter_data esmd_redis_filter_doc(const struct esmd_redis_source *src,
                                             const struct esmd_redis_entry *e, struct esmd_buf *out);
+
+/* ---- failure handling ---- */
+
+/* Appends the RedisBatchInfo object of an on-failure record for one entry (a batch of one),
+ * modelled on Kinesis's KinesisBatchInfo (spec/lambda-semantics.md §4.3):
+ * {"batchSize":1,"payloadSize":312,"stream":"s","group":"g","startSequenceNumber":"<id>",
+ *  "endSequenceNumber":"<id>","approximateArrivalOfFirstRecord":"<ISO-8601>",
+ *  "approximateArrivalOfLastRecord":"<ISO-8601>","streamArn":"arn:esmd:redis:..."}
+ * The arrival times come from the ID (null past year 9999). group: borrowed. */
+void esmd_redis_failure_info(const struct esmd_redis_source *src, const char *group,
+                             struct esmd_redis_id id, size_t payload_size, struct esmd_buf *out);
+
+/* Does `item` (one batchItemFailures[].itemIdentifier) name the entry `id`? It must be the
+ * entry ID as a string ("1700000000123-0", the record's sequenceNumber). */
+bool esmd_redis_item_is(struct esmd_redis_id id, const struct cJSON *item);
 
 #endif

@@ -46,6 +46,12 @@ void esmd_uuid4(char out[37]);
 
 /* Formats epoch milliseconds as ISO-8601 UTC with milliseconds ("2019-11-14T00:38:06.021Z")
  * into out[32]. */
+/* The ARN esmd gives a configured function in Lambda-shaped records and API answers:
+ * arn:aws:lambda:ESMD_REGION:ESMD_ACCOUNT:function:NAME (a fixed region and account, as
+ * LocalStack's; unqualified). */
+#define ESMD_REGION "us-east-1"
+#define ESMD_ACCOUNT "000000000000"
+void esmd_function_arn(const char *name, char *out, size_t outlen);
 void esmd_iso8601_ms(int64_t ms, char out[32]);
 
 #endif

@@ -15,6 +15,7 @@
 #include "esmd/log.h"
 
 struct ev_loop;
+struct cJSON;
 
 /* Given to a connector at create; borrowed, valid until destroy. */
 struct esmd_host {
@@ -74,6 +75,22 @@ struct esmd_connector_ops {
      * given up by this process (their batch failed, or esmd is stopping); they are not deleted
      * and come back from the source later. NULL for streams. */
     void (*nack)(void *c, struct esmd_shard *shard, int64_t next_seq);
+    /* Queue sources, optional: the one record is finished (e.g. a message that succeeded in a
+     * batch whose other messages the function reported as failed): delete it now. Without it a
+     * partial batch response fails the whole batch for a queue source. */
+    void (*ack_record)(void *c, struct esmd_shard *shard, const struct esmd_record *rec);
+    /* Failure handling (README "Failure handling"). The key of the block describing the source
+     * in on-failure records, e.g. "KafkaBatchInfo", and a writer of that block's object for rec
+     * alone (a batch of one; payload_size: bytes of its one-record event, 0 when too big to be
+     * carried). */
+    const char *batch_info_key;
+    void (*failure_info)(void *c, const struct esmd_record *rec, size_t payload_size,
+                         struct esmd_buf *out);
+    /* The record's key for keyed destinations (Kafka: the message key); *key NULL when none. */
+    void (*record_key)(void *c, const struct esmd_record *rec, const void **key, size_t *len);
+    /* Does `id` (one batchItemFailures[].itemIdentifier, parsed) name rec? Kafka:
+     * {"partition":"<topic>-<n>","offset":<n>}; Redis: the entry id; queue: the messageId. */
+    bool (*item_is)(void *c, const struct esmd_record *rec, const struct cJSON *id);
     /* Frees a record the connector emitted. */
     void (*release)(void *c, struct esmd_record *rec);
     /* Writes the batch as the source's Lambda-shaped event: exactly esmd_batch_bytes() bytes. */

@@ -29,10 +29,16 @@ struct ev_loop;
 struct esmd_dests;
 
 /* Creates the router for every destination URI the configuration names (connections are made
- * lazily, on first delivery). conninfo: the service's Postgres (outbox). NULL with err. */
+ * lazily, on first delivery) and starts the delivery worker (two Postgres connections: sends,
+ * worker). cfg is read during the call only (what is needed is copied). conninfo: the service's
+ * Postgres (outbox; migrations applied). instance_id: the stable id of this process (leases;
+ * rows held by an earlier process with the same id are released at once). NULL with err. */
 struct esmd_dests *esmd_dests_new(struct ev_loop *loop, const struct esmd_config *cfg,
                                   const char *conninfo, const char *instance_id, char *err,
                                   size_t errlen);
+/* Frees everything now: writes in progress are abandoned (their rows stay leased and are
+ * delivered later), sends not committed get their callback (!ok) from inside this call. NULL
+ * ok. From inside one of this router's callbacks it finishes when that callback returns. */
 void esmd_dests_free(struct esmd_dests *d);
 
 /* Called once the record is durably in the outbox (ok) or could not be stored (!ok, err says
@@ -56,11 +62,15 @@ int esmd_dests_send(struct esmd_dests *d, const char *uri, const char *payload, 
 int esmd_dests_check(const struct esmd_dests *d, const char *uri, char *err,
                      size_t errlen) ESMD_MUST_CHECK;
 
-/* Graceful stop: no new claims; writes in progress finish; done(ud) when idle. */
+/* Graceful stop: no new claims; writes in progress finish; done(ud) when idle (sends and
+ * writes finished, at most 40 s), from the loop, never inside this call. Then free. */
 void esmd_dests_stop(struct esmd_dests *d, void (*done)(void *ud), void *ud);
 
 /* Appends the readiness detail, a JSON object {"<uri>":{"ready":bool,"error":"…",
- * "pending":N}, …}; returns false when a destination has failed its last delivery. */
+ * "pending":N}, …} ("error" only when there is one; a password in an http URI is shown as ***);
+ * returns false when a destination has failed its last delivery. A destination seen in the
+ * outbox that this process cannot write (no such connection here) is listed with ready false
+ * but does not make the result false. detail may be NULL. */
 bool esmd_dests_ready(struct esmd_dests *d, struct esmd_buf *detail);
 
 #endif

@@ -5,8 +5,11 @@
  * flight per shard, so records of a shard are delivered in order; a batch may hold several
  * shards' records. A batch is flushed when it holds batch_size records, when the batching window
  * (opened by its first record) expires, or when the next record would take the event over 6 MB.
- * A failed batch is retried with exponential backoff and jitter until it succeeds (Lambda's
- * default for streams); its shards do not advance meanwhile, other shards keep flowing. */
+ * A failed batch is retried with exponential backoff and jitter (its shards do not advance
+ * meanwhile, other shards keep flowing) until it succeeds or, with the failure-handling controls
+ * (maximum_retry_attempts, maximum_record_age, bisect_batch_on_function_error,
+ * report_batch_item_failures), its records are given up: stored for the on-failure destination
+ * or discarded, and the source moves on. Queue sources redeliver failed batches themselves. */
 #ifndef ESMD_MAPPING_H
 #define ESMD_MAPPING_H
 
@@ -16,12 +19,16 @@
 struct ev_loop;
 struct esmd_invoker;
 struct esmd_mapping;
+struct esmd_dests;
 
 /* cfg is borrowed and must outlive the mapping; the mapping's function must be registered in
  * inv. NULL with err on failure (unknown source kind, connector refused the config). */
 struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_mapping_cfg *cfg,
                                       struct esmd_invoker *inv, const char *instance_id, char *err,
                                       size_t errlen) ESMD_MUST_CHECK;
+/* Where on-failure records go (the mapping's on_failure URI); set before start. NULL: records
+ * given up are discarded. dests must outlive the mapping's stop. */
+void esmd_mapping_set_destinations(struct esmd_mapping *map, struct esmd_dests *dests);
 int esmd_mapping_start(struct esmd_mapping *map) ESMD_MUST_CHECK;
 /* Graceful stop: no new batches; batches waiting for a retry and records not yet sent are
  * abandoned (not acked: they will be read again); requests in flight finish, and are acked if

@@ -13,6 +13,7 @@ function endpoint (endpoint.py). The binaries under test come from $ESMD_BUILD (
                stopped at teardown; on failure the tail of its stderr is printed.
 """
 
+import hashlib
 import os
 import re
 import sys
@@ -68,8 +69,10 @@ def endpoint():
 
 class Names:
     def __init__(self, test_name):
-        base = re.sub(r"[^a-z0-9]+", "-", test_name.lower()).strip("-")[:40]
-        self.base = "%s-%d" % (base, os.getpid() % 10000)
+        base = re.sub(r"[^a-z0-9]+", "-", test_name.lower()).strip("-")[:34]
+        # parametrized names share their first characters: a digest keeps them apart
+        digest = hashlib.sha1(test_name.encode()).hexdigest()[:6]
+        self.base = "%s-%s-%d" % (base, digest, os.getpid() % 10000)
         self.n = 0
 
     def _next(self, kind):

@@ -305,6 +305,35 @@ def test_failed_batch_comes_back_after_visibility_timeout(queues, endpoint, esmd
     wait_for(lambda: q.count() == 0, 30, 0.2, "the queue to be empty")
 
 
+def test_partial_batch_response_deletes_the_rest(queues, endpoint, esmd, pgq_config):
+    """report_batch_item_failures (SQS): the listed messages come back after their visibility
+    timeout, the others are deleted at once."""
+    q = queues()
+    ids = q.send_many(6)
+    first = {}
+
+    def answer(req):
+        if first:
+            return None
+        recs = (req.json or {}).get("Records", [])
+        bad = [r["messageId"] for r in recs if json.loads(r["body"])["i"] in (2, 4)]
+        first["bad"] = bad
+        return Response(200, {"batchItemFailures": [{"itemIdentifier": m} for m in bad]})
+
+    endpoint.behaviour = answer
+    esmd(pgq_config(q.name, batch_size=10, visibility="2s", timeout="1s",
+                    mapping_extra={"report_batch_item_failures": True}))
+    endpoint.wait_for(lambda: bool(first), 30, "the first batch")
+    wait_for(lambda: q.count() == 2, 10, 0.05, "the 4 messages that succeeded deleted")
+    assert q.count("visible_at > now()") == 2, "the failed ones came back before their timeout"
+    endpoint.wait_for(lambda: len(records(endpoint)) >= 8, 30, "the failed ones again")
+    again = [r for _, r in records(endpoint)][6:]
+    assert sorted(r["messageId"] for r in again) == sorted(first["bad"])
+    assert all(r["attributes"]["ApproximateReceiveCount"] == "2" for r in again)
+    wait_for(lambda: q.count() == 0, 10, 0.1, "the queue to be empty")
+    assert sorted(delivered_ids(endpoint)) == ids
+
+
 def test_poison_message_ends_in_dlq_and_the_rest_flows(queues, endpoint, esmd, pgq_config):
     q, dlq = queues("q"), queues("dlq")
     ids = q.send_many(40)

@@ -227,6 +227,7 @@ static void test_good_full(void **state)
     assert_int_equal(m->redis.visibility_timeout_ms, 120000);
     assert_int_equal(m->batch_size, 50);
     assert_int_equal(m->maximum_batching_window_ms, 0);
+    assert_string_equal(m->on_failure, "http://localhost:9999/failed");
 
     m = &cfg->mappings[3];
     assert_string_equal(m->name, "mail_from_pg");
@@ -239,7 +240,7 @@ static void test_good_full(void **state)
     assert_int_equal(m->pgqueue.maximum_concurrency, 2);
     assert_int_equal(m->batch_size, 10);
     assert_int_equal(m->maximum_batching_window_ms, 0);
-    assert_string_equal(m->on_failure, "http://localhost:9999/failed");
+    assert_null(m->on_failure);
 
     m = &cfg->mappings[4];
     assert_string_equal(m->pgqueue.queue, "mail2");
@@ -464,20 +465,22 @@ static void test_error_refused_features(void **state)
     (void)state;
     const char *text = "postgres: x\n" KAFKA FN
                        "mappings: [{ name: m, function: f, source: { kafka: k, topics: [t] }, "
-                       "bisect_batch_on_function_error: true }]\n";
+                       "on_failure: \"function://f\" }]\n";
     expect_errors(text, 0,
-                  "test.yaml:4:103: mappings[0].bisect_batch_on_function_error: batch bisection "
-                  "(bisect_batch_on_function_error: true) is not available in this version of "
-                  "esmd yet");
+                  "test.yaml:4:83: mappings[0].on_failure: a function:// destination (it needs "
+                  "the async invocation queue) is not available in this version of esmd yet");
     struct esmd_config *cfg = expect_ok(text, ESMD_CONFIG_ALLOW_UNBUILT);
-    assert_true(cfg->mappings[0].bisect_batch_on_function_error);
+    assert_string_equal(cfg->mappings[0].on_failure, "function://f");
     esmd_config_free(cfg);
-    /* The default values of refused keys are fine. */
+    /* The failure-handling controls are built: accepted as they are. */
     cfg = expect_ok("postgres: x\n" KAFKA FN
                     "mappings: [{ name: m, function: f, source: { kafka: k, topics: [t] }, "
-                    "bisect_batch_on_function_error: false, filters: [], "
-                    "maximum_retry_attempts: -1, maximum_record_age: -1 }]\n",
+                    "bisect_batch_on_function_error: true, report_batch_item_failures: true, "
+                    "maximum_retry_attempts: 3, maximum_record_age: 60s, "
+                    "on_failure: \"http://h/x\" }]\n",
                     0);
+    assert_true(cfg->mappings[0].bisect_batch_on_function_error);
+    assert_int_equal(cfg->mappings[0].maximum_retry_attempts, 3);
     esmd_config_free(cfg);
 }
 

@@ -492,6 +492,54 @@ static void test_send_deliver_and_fail(void **state)
     fclose(logf);
 }
 
+/* A record the queue refuses (over its 1 MiB limit) fails alone; the rest of its claim is
+ * delivered. */
+static void test_pgqueue_refused_record(void **state)
+{
+    (void)state;
+    NEED_PG();
+    FILE *logf = tmpfile();
+    esmd_log_set_stream(logf);
+    PGconn *c = blocking_conn();
+    reset_outbox(c);
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    struct esmd_config *cfg = config();
+    char err[512];
+    struct esmd_dests *d = esmd_dests_new(loop, cfg, g_conninfo, "unit", err, sizeof(err));
+    assert_non_null(d);
+    size_t big = 1100 * 1024;
+    char *payload = malloc(big + 3);
+    payload[0] = '"';
+    memset(payload + 1, 'x', big);
+    payload[big + 1] = '"';
+    payload[big + 2] = '\0';
+    struct sent s[4];
+    memset(s, 0, sizeof(s));
+    assert_int_equal(do_send(d, "pgqueue://big_q", "1", NULL, &s[0]), 0);
+    assert_int_equal(do_send(d, "pgqueue://big_q", payload, NULL, &s[1]), 0);
+    assert_int_equal(do_send(d, "pgqueue://big_q", "2", NULL, &s[2]), 0);
+    assert_int_equal(do_send(d, "pgqueue://big_q", "3", NULL, &s[3]), 0);
+    free(payload);
+    struct all_sent all = {s, 4};
+    assert_true(run_until(loop, cond_all_sent, &all, 10));
+    wait_rows(loop, c, "SELECT count(*) FROM esmd.queue_messages WHERE queue = 'big_q'", 3, 10);
+    assert_int_equal(scalar(c, "SELECT count(*) FROM esmd.queue_messages WHERE queue = 'big_q' "
+                               "AND body IN ('1', '2', '3')"),
+                     3);
+    wait_rows(loop, c,
+              "SELECT count(*) FROM esmd.outbox WHERE attempts >= 1 AND last_error LIKE "
+              "'pgqueue: %1048576 bytes%'",
+              1, 10);
+    assert_int_equal(scalar(c, "SELECT count(*) FROM esmd.outbox"), 1);
+    esmd_dests_free(d);
+    PQfinish(c);
+    esmd_config_free(cfg);
+    ev_loop_destroy(loop);
+    esmd_metrics_reset();
+    esmd_log_set_stream(stderr);
+    fclose(logf);
+}
+
 /* Leases: an earlier process of this instance id (released at start), a live other instance
  * (left alone), an expired lease (taken), a row this instance cannot write (left alone). */
 static void test_leases(void **state)
@@ -604,6 +652,7 @@ int main(void)
         cmocka_unit_test(test_free_fails_waiting_sends),
         cmocka_unit_test(test_ready_detail),
         cmocka_unit_test(test_send_deliver_and_fail),
+        cmocka_unit_test(test_pgqueue_refused_record),
         cmocka_unit_test(test_leases),
         cmocka_unit_test(test_free_from_callbacks),
     };

@@ -435,19 +435,22 @@ static void test_invalid_events(void **state)
     assert_true(ev(f, "{\"b\": [1, 2.5e-3, -0, true, false, null, \"\", {}, []]}"));
     /* Embedded NUL: the length counts, not the terminator. */
     assert_int_equal(esmd_filter_match_all(f, "{}\0", 3, NULL, 0), -1);
-    /* Nesting: 500 levels are fine, 600 are refused. */
+    /* Nesting: 512 levels (the object and 511 arrays) are fine, 513 are refused, both where a
+     * pattern looks (a) and where the scanner only skips (b). */
     char *deep = malloc(2000);
-    for (int depth = 500; depth <= 600; depth += 100) {
-        size_t n = 0;
-        deep[n++] = '{';
-        memcpy(deep + n, "\"b\":", 4);
-        n += 4;
-        for (int i = 0; i < depth; i++)
-            deep[n++] = '[';
-        for (int i = 0; i < depth; i++)
-            deep[n++] = ']';
-        deep[n++] = '}';
-        assert_int_equal(esmd_filter_match_all(f, deep, n, NULL, 0), depth == 500 ? 1 : -1);
+    for (int key = 0; key < 2; key++) {
+        for (int depth = 511; depth <= 512; depth++) {
+            size_t n = 0;
+            deep[n++] = '{';
+            memcpy(deep + n, key ? "\"b\":" : "\"a\":", 4);
+            n += 4;
+            for (int i = 0; i < depth; i++)
+                deep[n++] = '[';
+            for (int i = 0; i < depth; i++)
+                deep[n++] = ']';
+            deep[n++] = '}';
+            assert_int_equal(esmd_filter_match_all(f, deep, n, NULL, 0), depth == 511 ? 1 : -1);
+        }
     }
     free(deep);
     esmd_filter_free(f);
@@ -779,7 +782,10 @@ static void test_no_alloc(void **state)
 #ifdef HAVE_ALLOC_COUNT
     size_t at_start = alloc_calls;
     struct esmd_filter *f = esmd_filter_new();
-    assert_true(alloc_calls > at_start); /* the counting works */
+    if (alloc_calls == at_start) { /* malloc is not ours (valgrind replaces it): no count */
+        esmd_filter_free(f);
+        skip();
+    }
     static const char *const pats[] = {
         "{\"d\": {\"items\": {\"sku\": [{\"prefix\": \"S\"}], \"n\": [{\"exists\": true}]}}}",
         "{\"d\": {\"email\": [{\"wildcard\": \"*@x.*\"}], \"t\": [{\"equals-ignore-case\": "

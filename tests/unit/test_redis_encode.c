@@ -545,6 +545,103 @@ static void test_ids(void **state)
     assert_true(esmd_redis_id_cmp(c, c) == 0);
 }
 
+/* ---- the ID set ---- */
+
+static void test_idset(void **state)
+{
+    /* against a plain array, through growth and many removals (backward shifts) */
+    struct esmd_redis_idset set = {0};
+    enum { N = 20000 };
+    static struct esmd_redis_id ids[N];
+    static bool in[N];
+    for (size_t i = 0; i < N; i++) {
+        /* clustered IDs, as a stream's are, and some far apart */
+        ids[i] = (struct esmd_redis_id){1700000000000ULL + i / 7, i % 7};
+        if (i % 97 == 0)
+            ids[i] = (struct esmd_redis_id){rnd(), rnd()};
+    }
+    assert_false(esmd_redis_idset_has(&set, ids[0]));
+    esmd_redis_idset_remove(&set, ids[0]); /* on an empty set */
+    for (int round = 0; round < 200000; round++) {
+        size_t i = rnd_n(N);
+        if (rnd_n(3) == 0) {
+            esmd_redis_idset_remove(&set, ids[i]);
+            in[i] = false;
+        } else {
+            esmd_redis_idset_insert(&set, ids[i]);
+            in[i] = true;
+        }
+        if (round % 1000 == 0) {
+            size_t n = 0;
+            for (size_t k = 0; k < N; k++) {
+                if (esmd_redis_idset_has(&set, ids[k]) != in[k])
+                    fail_msg("round %d: id %zu %s", round, k, in[k] ? "lost" : "phantom");
+                n += in[k];
+            }
+            assert_int_equal(set.n, n);
+        }
+    }
+    /* empty it: nothing left behind */
+    for (size_t k = 0; k < N; k++)
+        esmd_redis_idset_remove(&set, ids[k]);
+    assert_int_equal(set.n, 0);
+    for (size_t k = 0; k < set.cap; k++)
+        assert_false(set.used[k]);
+    esmd_redis_idset_free(&set);
+    esmd_redis_idset_free(&set); /* twice is fine */
+}
+
+/* ---- failure handling ---- */
+
+static void test_failure_info(void **state)
+{
+    struct esmd_redis_source src;
+    source_for(&src, "redis://127.0.0.1:6379/0", "orders");
+    struct esmd_buf b = ESMD_BUF_INIT;
+    esmd_redis_failure_info(&src, "g\"1", (struct esmd_redis_id){1700000000123ULL, 4}, 312, &b);
+    assert_string_equal(esmd_buf_cstr(&b),
+                        "{\"batchSize\":1,\"payloadSize\":312,\"stream\":\"orders\",\"group\":"
+                        "\"g\\\"1\",\"startSequenceNumber\":\"1700000000123-4\","
+                        "\"endSequenceNumber\":\"1700000000123-4\","
+                        "\"approximateArrivalOfFirstRecord\":\"2023-11-14T22:13:20.123Z\","
+                        "\"approximateArrivalOfLastRecord\":\"2023-11-14T22:13:20.123Z\","
+                        "\"streamArn\":\"arn:esmd:redis:127.0.0.1:6379/0:stream/orders\"}");
+    esmd_buf_reset(&b);
+    /* an ID whose time no ISO-8601 date can hold */
+    esmd_redis_failure_info(&src, "g", (struct esmd_redis_id){UINT64_MAX, 0}, 0, &b);
+    assert_non_null(strstr(esmd_buf_cstr(&b), "\"approximateArrivalOfFirstRecord\":null,"));
+    cJSON *j = cJSON_ParseWithLength(b.data, b.len);
+    assert_non_null(j);
+    cJSON_Delete(j);
+    esmd_buf_free(&b);
+    esmd_redis_source_free(&src);
+}
+
+static void test_item_is(void **state)
+{
+    struct esmd_redis_id id = {1700000000123ULL, 4};
+    static const struct {
+        const char *json;
+        bool want;
+    } cases[] = {
+        {"\"1700000000123-4\"", true},
+        {"\"1700000000123-5\"", false},
+        {"\"1700000000123\"", false},
+        {"\"\"", false},
+        {"1700000000123", false},
+        {"null", false},
+        {"{\"id\":\"1700000000123-4\"}", false},
+    };
+    for (size_t i = 0; i < ESMD_ARRAY_LEN(cases); i++) {
+        cJSON *j = cJSON_Parse(cases[i].json);
+        assert_non_null(j);
+        if (esmd_redis_item_is(id, j) != cases[i].want)
+            fail_msg("%s: expected %s", cases[i].json, cases[i].want ? "true" : "false");
+        cJSON_Delete(j);
+    }
+    assert_false(esmd_redis_item_is(id, NULL));
+}
+
 /* ---- URLs and the ARN ---- */
 
 static void check_url(const char *url, const char *host, int port, int db, const char *user,
@@ -626,6 +723,9 @@ int main(void)
         cmocka_unit_test(test_ids),
         cmocka_unit_test(test_urls),
         cmocka_unit_test(test_encode_written_matches),
+        cmocka_unit_test(test_idset),
+        cmocka_unit_test(test_failure_info),
+        cmocka_unit_test(test_item_is),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
