@@ -91,6 +91,14 @@ struct esmd_mapping {
     /* Filters (NULL when the mapping has none): one matcher per way the record's data can
      * appear in its filter document (enum esmd_filter_data), see compile_filters(). */
     struct esmd_dests *dests; /* on-failure destinations; NULL: none configured */
+
+    /* Values in force: the configuration's, or what the admin API set since. */
+    bool enabled;
+    int batch_size;
+    int64_t window_ms;
+    char *on_failure; /* owned; NULL = none */
+    char **patterns;  /* owned filter patterns (JSON text) */
+    size_t npatterns;
     struct esmd_filter *filters[3];
     bool alias_filters; /* filters[1] and [2] are filters[0] (no fallback) */
     struct esmd_buf filter_doc;
@@ -180,6 +188,10 @@ static struct esmd_shard *host_shard_open(void *core, const char *key, size_t ov
     map->shards = shard;
     map->nshards++;
     ESMD_DEBUG(&map->log, "shard %s assigned", key);
+    if (!map->enabled) { /* disabled through the admin API: fetch nothing */
+        shard->paused = true;
+        map->ops->pause(map->conn, shard);
+    }
     return shard;
 }
 
@@ -243,8 +255,7 @@ static void host_emit(void *core, struct esmd_shard *shard, struct esmd_record *
     map->npending++;
     if (!shard->paused &&
         (shard->npending >= map->pending_high || shard->pending_bytes >= PENDING_MAX_BYTES ||
-         (map->npending >= map->map_pending_high &&
-          shard->npending >= (size_t)map->cfg->batch_size))) {
+         (map->npending >= map->map_pending_high && shard->npending >= (size_t)map->batch_size))) {
         shard->paused = true;
         map->ops->pause(map->conn, shard);
     }
@@ -301,7 +312,7 @@ static char *idempotency_key(const struct esmd_mapping *map, const struct esmd_b
 static int retry_limit(const struct esmd_mapping *map)
 {
     int n = map->cfg->maximum_retry_attempts;
-    if (n < 0 && map->cfg->on_failure)
+    if (n < 0 && map->on_failure)
         return ON_FAILURE_DEFAULT_RETRIES;
     return n;
 }
@@ -664,8 +675,8 @@ static void on_failure_stored(void *ud, bool ok, const char *err)
     if (!ok) {
         inf->dest_failed = true;
         esmd_log_limited(ESMD_LOG_ERROR, &map->log, "on-failure-store",
-                         "on-failure record for %s not stored: %s; trying again",
-                         map->cfg->on_failure, err ? err : "error");
+                         "on-failure record for %s not stored: %s; trying again", map->on_failure,
+                         err ? err : "error");
     }
     if (inf->dest_pending > 0)
         return;
@@ -685,7 +696,7 @@ static void give_up(struct inflight *inf, const char *condition)
 {
     struct esmd_mapping *map = inf->map;
     inf->condition = condition;
-    if (!map->cfg->on_failure || !map->dests) {
+    if (!map->on_failure || !map->dests) {
         esmd_series_inc(map->m.dropped, (double)inf->batch.nrecords);
         ESMD_ERROR(&map->log, "%zu records (%s) discarded after %d invocations: %s",
                    inf->batch.nrecords, inf->idem_key ? inf->idem_key : "not sent", inf->invokes,
@@ -703,8 +714,8 @@ static void give_up(struct inflight *inf, const char *condition)
         size_t keylen = 0;
         if (map->ops->record_key)
             map->ops->record_key(map->conn, pr.recs[i], &key, &keylen);
-        if (esmd_dests_send(map->dests, map->cfg->on_failure, rec_json.data, rec_json.len, key,
-                            keylen, on_failure_stored, inf) == 0) {
+        if (esmd_dests_send(map->dests, map->on_failure, rec_json.data, rec_json.len, key, keylen,
+                            on_failure_stored, inf) == 0) {
             inf->dest_pending++;
             esmd_series_inc(map->m.on_failure, 1);
         } else {
@@ -713,8 +724,8 @@ static void give_up(struct inflight *inf, const char *condition)
     }
     esmd_buf_free(&rec_json);
     free(pr.recs);
-    ESMD_WARN(&map->log, "%zu records sent to on-failure destination %s: %s", pr.n,
-              map->cfg->on_failure, condition);
+    ESMD_WARN(&map->log, "%zu records sent to on-failure destination %s: %s", pr.n, map->on_failure,
+              condition);
     on_failure_stored(inf, true, NULL);
 }
 
@@ -1013,7 +1024,7 @@ static void give_up_oversized(struct esmd_mapping *map, struct esmd_record *rec)
 /* Moves pending records into batches; runs once per loop turn, before the loop sleeps. */
 static void pump(struct esmd_mapping *map)
 {
-    if (map->stopping)
+    if (map->stopping || !map->enabled)
         return;
     for (struct esmd_shard *shard = map->shards; shard; shard = shard->next) {
         while (shard->pending_head && shard->state != ESMD_SHARD_INFLIGHT) {
@@ -1041,9 +1052,8 @@ static void pump(struct esmd_mapping *map)
             }
             if (map->forming.nrecords == 0) {
                 map->forming.opened_mono_ms = (int64_t)(ev_now(map->loop) * 1000.0);
-                if (map->cfg->maximum_batching_window_ms > 0) {
-                    ev_timer_set(&map->window,
-                                 (double)map->cfg->maximum_batching_window_ms / 1000.0, 0.0);
+                if (map->window_ms > 0) {
+                    ev_timer_set(&map->window, (double)map->window_ms / 1000.0, 0.0);
                     ev_timer_start(map->loop, &map->window);
                 }
             }
@@ -1055,12 +1065,12 @@ static void pump(struct esmd_mapping *map)
         if (shard->paused && shard->npending <= map->pending_high / 2 &&
             shard->pending_bytes <= PENDING_MAX_BYTES / 2 &&
             (map->npending <= map->map_pending_high / 2 ||
-             shard->npending < (size_t)map->cfg->batch_size)) {
+             shard->npending < (size_t)map->batch_size)) {
             shard->paused = false;
             map->ops->resume(map->conn, shard);
         }
     }
-    if (map->forming.nrecords > 0 && map->cfg->maximum_batching_window_ms == 0)
+    if (map->forming.nrecords > 0 && map->window_ms == 0)
         flush(map);
     esmd_series_set(map->m.pending, (double)map->npending);
 }
@@ -1105,17 +1115,17 @@ static void free_filters(struct esmd_mapping *map)
  * ones, [TEXT] (a scalar or text) keeps value-list conditions and drops object ones, [NONE]
  * (not UTF-8) drops every data condition. Only top-level data conditions; patterns were checked
  * at config load. */
-static int compile_filters(struct esmd_mapping *map, char *err, size_t errlen)
+static int compile_filters(const struct esmd_mapping *map, const char *const *patterns, size_t n,
+                           struct esmd_filter *out[3], bool *alias, char *err, size_t errlen)
 {
-    const struct esmd_mapping_cfg *cfg = map->cfg;
     const char *key = map->ops->data_key;
     const char *const skip[] = {key, NULL};
     bool fallback = map->ops->filter_fallback && key;
     int nmatchers = fallback ? 3 : 1;
-    for (int d = 0; d < nmatchers; d++)
-        map->filters[d] = esmd_filter_new();
-    for (size_t i = 0; i < cfg->nfilters; i++) {
-        const char *p = cfg->filters[i].pattern;
+    for (int d = 0; d < 3; d++)
+        out[d] = d < nmatchers ? esmd_filter_new() : NULL;
+    for (size_t i = 0; i < n; i++) {
+        const char *p = patterns[i];
         size_t len = strlen(p);
         bool has_data = false, object_data = false;
         if (fallback) {
@@ -1130,19 +1140,46 @@ static int compile_filters(struct esmd_mapping *map, char *err, size_t errlen)
                                       (d == ESMD_FILTER_DATA_JSON && !object_data) ||
                                       (d == ESMD_FILTER_DATA_TEXT && object_data));
             struct esmd_filter_error fe;
-            int rc = strip ? esmd_filter_add_skip(map->filters[d], p, len, (uint32_t)i, skip, &fe)
-                           : esmd_filter_add(map->filters[d], p, len, (uint32_t)i, &fe);
+            int rc = strip ? esmd_filter_add_skip(out[d], p, len, (uint32_t)i, skip, &fe)
+                           : esmd_filter_add(out[d], p, len, (uint32_t)i, &fe);
             if (rc != 0) {
-                snprintf(err, errlen, "mapping %s: filters[%zu]: %s (at %d:%d of %s)", cfg->name, i,
-                         fe.message, fe.line, fe.column, p);
+                snprintf(err, errlen, "filters[%zu]: %s (at %d:%d of %s)", i, fe.message, fe.line,
+                         fe.column, p);
+                for (int k = 0; k < nmatchers; k++) {
+                    esmd_filter_free(out[k]);
+                    out[k] = NULL;
+                }
                 return ESMD_EINVAL;
             }
         }
     }
-    map->alias_filters = nmatchers == 1;
+    *alias = nmatchers == 1;
     for (int d = nmatchers; d < 3; d++)
-        map->filters[d] = map->filters[0];
+        out[d] = out[0];
     return 0;
+}
+
+static void set_patterns(struct esmd_mapping *map, const char *const *patterns, size_t n)
+{
+    for (size_t i = 0; i < map->npatterns; i++)
+        free(map->patterns[i]);
+    free(map->patterns);
+    map->patterns = n ? esmd_xcalloc(n, sizeof(*map->patterns)) : NULL;
+    for (size_t i = 0; i < n; i++)
+        map->patterns[i] = esmd_xstrdup(patterns[i]);
+    map->npatterns = n;
+}
+
+static void set_batch_size(struct esmd_mapping *map, int batch_size)
+{
+    map->batch_size = batch_size;
+    map->forming.lim.batch_size = batch_size;
+    map->pending_high = (size_t)batch_size * 2;
+    if (map->pending_high < PENDING_MIN_RECORDS)
+        map->pending_high = PENDING_MIN_RECORDS;
+    map->map_pending_high = (size_t)batch_size * 4;
+    if (map->map_pending_high < MAP_PENDING_MIN_RECORDS)
+        map->map_pending_high = MAP_PENDING_MIN_RECORDS;
 }
 
 struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_mapping_cfg *cfg,
@@ -1169,17 +1206,27 @@ struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_ma
     map->fn = fn;
     map->log.mapping = cfg->name;
     map->log.function = cfg->function;
-    map->pending_high = (size_t)cfg->batch_size * 2;
-    if (map->pending_high < PENDING_MIN_RECORDS)
-        map->pending_high = PENDING_MIN_RECORDS;
-    map->map_pending_high = (size_t)cfg->batch_size * 4;
-    if (map->map_pending_high < MAP_PENDING_MIN_RECORDS)
-        map->map_pending_high = MAP_PENDING_MIN_RECORDS;
+    set_batch_size(map, cfg->batch_size);
+    map->enabled = true;
+    map->window_ms = cfg->maximum_batching_window_ms;
+    map->on_failure = cfg->on_failure ? esmd_xstrdup(cfg->on_failure) : NULL;
     snprintf(map->last_result, sizeof(map->last_result), "No records processed");
-    if (cfg->nfilters > 0 && compile_filters(map, err, errlen) != 0) {
-        free_filters(map);
-        free(map);
-        return NULL;
+    if (cfg->nfilters > 0) {
+        const char **pats = esmd_xcalloc(cfg->nfilters, sizeof(*pats));
+        for (size_t i = 0; i < cfg->nfilters; i++)
+            pats[i] = cfg->filters[i].pattern;
+        char ferr[512];
+        int rc = compile_filters(map, pats, cfg->nfilters, map->filters, &map->alias_filters, ferr,
+                                 sizeof(ferr));
+        if (rc == 0)
+            set_patterns(map, pats, cfg->nfilters);
+        free(pats);
+        if (rc != 0) {
+            snprintf(err, errlen, "mapping %s: %s", cfg->name, ferr);
+            free(map->on_failure);
+            free(map);
+            return NULL;
+        }
     }
     map->host = (struct esmd_host){
         .loop = loop,
@@ -1194,11 +1241,13 @@ struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_ma
     map->conn = ops->create(cfg, &map->host, err, errlen);
     if (!map->conn) {
         free_filters(map);
+        set_patterns(map, NULL, 0);
+        free(map->on_failure);
         free(map);
         return NULL;
     }
     struct esmd_batch_limits lim = {
-        .batch_size = cfg->batch_size,
+        .batch_size = map->batch_size,
         .max_bytes = ESMD_MAX_PAYLOAD,
         .envelope = ops->envelope_size(map->conn),
         .group_by_shard = ops->grouped,
@@ -1318,6 +1367,8 @@ void esmd_mapping_free(struct esmd_mapping *map)
     }
     map->ops->destroy(map->conn);
     free_filters(map);
+    set_patterns(map, NULL, 0);
+    free(map->on_failure);
     free(map->not_ready_why);
     free(map);
 }
@@ -1325,6 +1376,141 @@ void esmd_mapping_free(struct esmd_mapping *map)
 void esmd_mapping_set_destinations(struct esmd_mapping *map, struct esmd_dests *dests)
 {
     map->dests = dests;
+}
+
+/* ---- run-time changes ---- */
+
+void esmd_mapping_set_enabled(struct esmd_mapping *map, bool enabled)
+{
+    if (map->enabled == enabled || map->stopping)
+        return;
+    map->enabled = enabled;
+    ESMD_INFO(&map->log, "mapping %s", enabled ? "enabled" : "disabled");
+    for (struct esmd_shard *s = map->shards; s; s = s->next) {
+        if (!enabled && !s->paused) {
+            s->paused = true;
+            map->ops->pause(map->conn, s);
+        } else if (enabled && s->paused && s->npending <= map->pending_high / 2) {
+            s->paused = false;
+            map->ops->resume(map->conn, s);
+        }
+    }
+    if (!enabled)
+        ev_timer_stop(map->loop, &map->window); /* the forming batch waits, unsent */
+    else if (map->forming.nrecords > 0)
+        flush(map);
+    map->dirty = true;
+}
+
+bool esmd_mapping_enabled(const struct esmd_mapping *map)
+{
+    return map->enabled;
+}
+
+int esmd_mapping_update(struct esmd_mapping *map, const struct esmd_mapping_update *u, char *err,
+                        size_t errlen)
+{
+    if (u->has_batch_size && (u->batch_size < 1 || u->batch_size > 10000)) {
+        snprintf(err, errlen, "BatchSize: %d is out of range (1 to 10000)", u->batch_size);
+        return ESMD_EINVAL;
+    }
+    if (u->has_window && (u->window_ms < 0 || u->window_ms > 300000)) {
+        snprintf(err, errlen,
+                 "MaximumBatchingWindowInSeconds: %lld ms is out of range (0 to 300 seconds)",
+                 (long long)u->window_ms);
+        return ESMD_EINVAL;
+    }
+    if (u->has_on_failure && u->on_failure) {
+        if (map->ops->queue) {
+            snprintf(err, errlen,
+                     "DestinationConfig: a pgqueue source has no on-failure destination (its "
+                     "messages go to its dead_letter_queue)");
+            return ESMD_EINVAL;
+        }
+        char derr[256];
+        if (!map->dests || esmd_dests_check(map->dests, u->on_failure, derr, sizeof(derr)) != 0) {
+            snprintf(err, errlen, "DestinationConfig.OnFailure.Destination: %s",
+                     map->dests ? derr : "no destinations in this process");
+            return ESMD_EINVAL;
+        }
+    }
+    struct esmd_filter *nf[3] = {NULL, NULL, NULL};
+    bool alias = false;
+    if (u->has_filters) {
+        char ferr[512];
+        for (size_t i = 0; i < u->nfilters; i++) {
+            size_t len = strlen(u->filters[i]);
+            if (len > (size_t)map->cfg->max_filter_pattern_length) {
+                snprintf(err, errlen,
+                         "FilterCriteria.Filters[%zu].Pattern: %zu characters, more than the limit "
+                         "of %d",
+                         i, len, map->cfg->max_filter_pattern_length);
+                return ESMD_EINVAL;
+            }
+        }
+        if (u->nfilters > (size_t)map->cfg->max_filters) {
+            snprintf(err, errlen, "FilterCriteria.Filters: %zu patterns, more than the limit of %d",
+                     u->nfilters, map->cfg->max_filters);
+            return ESMD_EINVAL;
+        }
+        if (u->nfilters > 0 &&
+            compile_filters(map, u->filters, u->nfilters, nf, &alias, ferr, sizeof(ferr)) != 0) {
+            snprintf(err, errlen, "FilterCriteria.%s", ferr);
+            return ESMD_EINVAL;
+        }
+    }
+    /* everything is valid: apply */
+    if (u->has_filters) {
+        free_filters(map);
+        for (int d = 0; d < 3; d++)
+            map->filters[d] = nf[d];
+        map->alias_filters = alias;
+        set_patterns(map, u->filters, u->nfilters);
+    }
+    if (u->has_batch_size)
+        set_batch_size(map, u->batch_size);
+    if (u->has_window)
+        map->window_ms = u->window_ms;
+    if (u->has_on_failure) {
+        free(map->on_failure);
+        map->on_failure = u->on_failure ? esmd_xstrdup(u->on_failure) : NULL;
+    }
+    ESMD_INFO(&map->log,
+              "mapping updated: batch_size %d, window %lld ms, %zu filters, on_failure %s",
+              map->batch_size, (long long)map->window_ms, map->npatterns,
+              map->on_failure ? map->on_failure : "none");
+    map->dirty = true;
+    return 0;
+}
+
+int esmd_mapping_batch_size(const struct esmd_mapping *map)
+{
+    return map->batch_size;
+}
+
+int64_t esmd_mapping_window_ms(const struct esmd_mapping *map)
+{
+    return map->window_ms;
+}
+
+size_t esmd_mapping_nfilters(const struct esmd_mapping *map)
+{
+    return map->npatterns;
+}
+
+const char *esmd_mapping_filter(const struct esmd_mapping *map, size_t i)
+{
+    return i < map->npatterns ? map->patterns[i] : NULL;
+}
+
+const char *esmd_mapping_on_failure(const struct esmd_mapping *map)
+{
+    return map->on_failure;
+}
+
+const struct esmd_mapping_cfg *esmd_mapping_cfg(const struct esmd_mapping *map)
+{
+    return map->cfg;
 }
 
 const char *esmd_mapping_name(const struct esmd_mapping *map)
@@ -1356,5 +1542,14 @@ void esmd_mapping_describe(const struct esmd_mapping *map, struct esmd_buf *out)
                     "\"lag\":%lld,\"last_processing_result\":",
                     map->nshards, map->ninflight, map->npending, (long long)st.lag);
     esmd_buf_put_json_string(out, map->last_result, strlen(map->last_result));
+    esmd_buf_printf(out,
+                    ",\"enabled\":%s,\"batch_size\":%d,\"maximum_batching_window_ms\":%lld,"
+                    "\"filters\":%zu,\"on_failure\":",
+                    map->enabled ? "true" : "false", map->batch_size, (long long)map->window_ms,
+                    map->npatterns);
+    if (map->on_failure)
+        esmd_buf_put_json_string(out, map->on_failure, strlen(map->on_failure));
+    else
+        esmd_buf_puts(out, "null");
     esmd_buf_putc(out, '}');
 }

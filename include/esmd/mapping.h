@@ -38,6 +38,42 @@ void esmd_mapping_stop(struct esmd_mapping *map, void (*done)(void *ud), void *u
 /* Abandons what is still in flight (cancels requests) and frees. NULL ok. */
 void esmd_mapping_free(struct esmd_mapping *map);
 
+/* ---- run-time changes (admin API: UpdateEventSourceMapping, /admin pause/resume) ----
+ * They apply to this process's mapping at once and last until the next change or restart; the
+ * admin API persists them and replays them at start-up and on other instances. */
+
+/* Stops (false) or restarts (true) fetching and invoking: batches in flight finish; records
+ * already read wait, unsent. Idempotent. */
+void esmd_mapping_set_enabled(struct esmd_mapping *map, bool enabled);
+bool esmd_mapping_enabled(const struct esmd_mapping *map);
+
+/* What UpdateEventSourceMapping may change. Unset fields (has_* false / NULL) keep their value. */
+struct esmd_mapping_update {
+    bool has_batch_size;
+    int batch_size; /* 1..10000 */
+    bool has_window;
+    int64_t window_ms; /* 0..300000 */
+    bool has_filters;
+    const char *const *filters; /* patterns as JSON text; nfilters 0 = no filtering */
+    size_t nfilters;
+    bool has_on_failure;
+    const char *on_failure; /* destination URI, NULL = none */
+};
+
+/* Validates everything first and applies nothing on error (err names the field and why, e.g.
+ * "FilterCriteria.Filters[1].Pattern: unknown operator \"prefx\" ..."). New values apply to the
+ * batches formed from now on. 0 or ESMD_EINVAL. */
+int esmd_mapping_update(struct esmd_mapping *map, const struct esmd_mapping_update *u, char *err,
+                        size_t errlen);
+
+/* The values in force (after updates), for GetEventSourceMapping. */
+int esmd_mapping_batch_size(const struct esmd_mapping *map);
+int64_t esmd_mapping_window_ms(const struct esmd_mapping *map);
+size_t esmd_mapping_nfilters(const struct esmd_mapping *map);
+const char *esmd_mapping_filter(const struct esmd_mapping *map, size_t i); /* JSON text */
+const char *esmd_mapping_on_failure(const struct esmd_mapping *map);       /* or NULL */
+const struct esmd_mapping_cfg *esmd_mapping_cfg(const struct esmd_mapping *map);
+
 const char *esmd_mapping_name(const struct esmd_mapping *map);
 bool esmd_mapping_ready(const struct esmd_mapping *map);
 /* Appends a JSON object with the mapping's state: ready, reason, shards, in-flight batches,
