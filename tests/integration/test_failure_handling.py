@@ -254,3 +254,44 @@ mappings:
     assert r.returncode == 1
     assert "maximum_retry_attempts is for stream sources" in r.stderr
     assert "on_failure is for stream sources" in r.stderr
+
+
+@pytest.mark.kafka
+def test_on_failure_record_replays_the_original_record(kafka, endpoint, dest, esmd, kafka_config,
+                                                       names):
+    """The payload of an on-failure record carries the record itself: produced again, it reaches
+    the function exactly as it first did (key, value bytes, headers)."""
+    topic = kafka.create_topic(names.topic(), 1)
+    group = names.group()
+    raw = b"\x00\xffbinary \xe2\x82\xac"
+    kafka.produce(topic, [{"partition": 0, "key": "k-1",
+                           "value_b64": base64.b64encode(raw).decode(),
+                           "headers": [["h", "v1"], ["h", "v2"]]}])
+    state = {"fail": True}
+
+    def behaviour(req):
+        if state["fail"]:
+            return Response(500, {"message": "down"})
+        return None
+
+    endpoint.behaviour = behaviour
+    esmd(kafka_config(topic, batch_size=10, window="100ms", group=group, mapping_extra={
+        "maximum_retry_attempts": 0, "on_failure": dest.base + "/failed"}))
+    dest.wait_for(lambda: len(dest.snapshot()) >= 1, 30, "the on-failure record")
+    [fr] = failure_records(dest)
+    [(key, [orig])] = fr["payload"]["records"].items()
+    assert fr["responseContext"]["statusCode"] == 500
+
+    # replay: produce the record from the payload again, the function works now
+    state["fail"] = False
+    hdrs = [[name, bytes(b & 0xFF for b in vals).decode()]
+            for h in orig["headers"] for name, vals in h.items()]
+    kafka.produce(topic, [{"partition": orig["partition"],
+                           "key": base64.b64decode(orig["key"]).decode(),
+                           "value_b64": orig["value"], "headers": hdrs}])
+    endpoint.wait_records(1, timeout=30)
+    [(_, _, again)] = endpoint.records()
+    assert again["offset"] == 1
+    for field in ("key", "value", "headers", "topic", "partition"):
+        assert again[field] == orig[field], field
+    assert base64.b64decode(again["value"]) == raw

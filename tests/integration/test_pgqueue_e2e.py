@@ -334,6 +334,31 @@ def test_partial_batch_response_deletes_the_rest(queues, endpoint, esmd, pgq_con
     assert sorted(delivered_ids(endpoint)) == ids
 
 
+@pytest.mark.parametrize("answer", [
+    {"batchItemFailures": [{"itemIdentifier": "00000000-0000-0000-0000-000000000000"}]},
+    {"batchItemFailures": [{"itemIdentifier": ""}]},
+    {"batchItemFailures": [{"messageId": "x"}]},
+    {"batchItemFailures": 5},
+], ids=["unknown", "empty", "wrong-key", "not-a-list"])
+def test_malformed_partial_batch_response_fails_the_whole_batch(queues, endpoint, esmd,
+                                                                pgq_config, answer):
+    """As SQS: an identifier that is empty, missing or not in the batch fails the whole batch,
+    so every message of it comes back after the visibility timeout and nothing is deleted."""
+    q = queues()
+    q.send_many(3)
+    endpoint.script([Response(200, answer)])
+    esmd(pgq_config(q.name, batch_size=10, visibility="2s", timeout="1s",
+                    mapping_extra={"report_batch_item_failures": True}))
+    endpoint.wait_for(lambda: len(endpoint.snapshot()) >= 1, 30, "the first batch")
+    time.sleep(0.5)
+    assert q.count() == 3, "a message of the failed batch was deleted"
+    endpoint.wait_for(lambda: len(records(endpoint)) >= 6, 30, "the batch again")
+    got = [r for _, r in records(endpoint)]
+    assert sorted(r["messageId"] for r in got[3:]) == sorted(r["messageId"] for r in got[:3])
+    assert all(r["attributes"]["ApproximateReceiveCount"] == "2" for r in got[3:])
+    wait_for(lambda: q.count() == 0, 10, 0.1, "the queue to be empty")
+
+
 def test_poison_message_ends_in_dlq_and_the_rest_flows(queues, endpoint, esmd, pgq_config):
     q, dlq = queues("q"), queues("dlq")
     ids = q.send_many(40)

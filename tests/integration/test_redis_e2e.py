@@ -414,6 +414,57 @@ def test_poison_entry_goes_to_a_redis_on_failure_stream(redis, endpoint, esmd, r
     assert proc.metrics().get("esmd_on_failure_events_total") == 1
 
 
+def test_bisect_isolates_a_poison_entry(redis, endpoint, esmd, redis_config, names):
+    """With bisecting, only the poison entry is given up; every other entry of its batch is
+    delivered once its half succeeds, and the stream moves on."""
+    stream = names.topic()
+    dlq = stream + "-failed"
+    for i in range(10):
+        xadd(redis, stream, ("v", json.dumps({"i": i, "poison": i == 6})))
+
+    def behaviour(req):
+        if any(json.loads(r["redis"]["fields"]["v"])["poison"] for r in req.json["Records"]):
+            return Response(200, {"errorType": "Poison", "errorMessage": "cannot"},
+                            headers=FUNCTION_ERROR)
+        return None
+
+    endpoint.behaviour = behaviour
+    proc = esmd(redis_config(stream, batch_size=10, window="200ms", mapping_extra={
+        "maximum_retry_attempts": 0, "bisect_batch_on_function_error": True,
+        "on_failure": "redis://r/" + dlq}))
+    wait_for(lambda: redis.command("XLEN", dlq) >= 1, 60, 0.2, "the on-failure entry")
+    wait_pending(redis, stream, "g", 0)
+    time.sleep(0.5)
+    assert sorted(delivered(endpoint)) == [i for i in range(10) if i != 6]
+    assert all(n == 1 for n in delivered(endpoint).values())
+    entries = redis.command("XRANGE", dlq, "-", "+")
+    assert len(entries) == 1, entries
+    fr = json.loads(entries[0][1][1])
+    ON_FAILURE.validate(fr)
+    [rec] = fr["payload"]["Records"]
+    assert json.loads(rec["redis"]["fields"]["v"]) == {"i": 6, "poison": True}
+    assert proc.metrics().get("esmd_batch_bisections_total") >= 3
+
+
+@pytest.mark.parametrize("answer", [
+    {"batchItemFailures": [{"itemIdentifier": "0-0"}]},
+    {"batchItemFailures": [{"itemIdentifier": None}]},
+    {"batchItemFailures": [{"id": "x"}]},
+], ids=["unknown", "null", "wrong-key"])
+def test_malformed_partial_batch_response_retries_the_whole_batch(redis, endpoint, esmd,
+                                                                  redis_config, names, answer):
+    stream = names.topic()
+    produce(redis, stream, 4)
+    endpoint.script([Response(200, answer)])
+    esmd(redis_config(stream, batch_size=10, window="300ms",
+                      mapping_extra={"report_batch_item_failures": True}))
+    endpoint.wait_for(lambda: len(endpoint.snapshot()) >= 2, 30, "the retry")
+    wait_pending(redis, stream, "g", 0)
+    reqs = endpoint.snapshot()
+    got = [[index_of(rec) for rec in r.json["Records"]] for r in reqs]
+    assert got == [[0, 1, 2, 3], [0, 1, 2, 3]]
+
+
 # ---- crashes, restarts, scaling out ---------------------------------------------------------
 
 
