@@ -26,7 +26,7 @@
 #define PENDING_MAX_BYTES (8u * 1024 * 1024)
 #define MAP_PENDING_MIN_RECORDS 50000
 /* Retries of a failed batch: exponential from 250 ms up to 30 s, with jitter. */
-static const struct esmd_backoff retry_backoff = {250, 30000};
+static const struct esmd_backoff default_retry_backoff = {250, 30000};
 /* Throttled invocations back off from 100 ms up to 10 s; a Retry-After is honoured up to 5 min. */
 static const struct esmd_backoff throttle_backoff = {100, 10000};
 #define RETRY_AFTER_CAP_MS 300000
@@ -90,7 +90,8 @@ struct esmd_mapping {
 
     /* Filters (NULL when the mapping has none): one matcher per way the record's data can
      * appear in its filter document (enum esmd_filter_data), see compile_filters(). */
-    struct esmd_dests *dests; /* on-failure destinations; NULL: none configured */
+    struct esmd_dests *dests;          /* on-failure destinations; NULL: none configured */
+    struct esmd_backoff retry_backoff; /* default_retry_backoff, or ESMD_MAPPING_RETRY_BACKOFF */
 
     /* Values in force: the configuration's, or what the admin API set since. */
     bool enabled;
@@ -683,7 +684,7 @@ static void on_failure_stored(void *ud, bool ok, const char *err)
     if (inf->dest_failed) {
         inf->dest_failed = false;
         /* the source stays unacked; the records are offered again (some may be stored twice) */
-        schedule_retry(inf, esmd_backoff_delay(&retry_backoff, 4, esmd_random64()));
+        schedule_retry(inf, esmd_backoff_delay(&map->retry_backoff, 4, esmd_random64()));
         return;
     }
     part_done(inf, true);
@@ -849,7 +850,7 @@ static void part_failed(struct inflight *inf, const struct esmd_invoke_result *r
         give_up(inf, "RetryAttemptsExhausted");
         return;
     }
-    int64_t delay = esmd_backoff_delay(&retry_backoff, inf->attempts - 1, esmd_random64());
+    int64_t delay = esmd_backoff_delay(&map->retry_backoff, inf->attempts - 1, esmd_random64());
     if (res->retry_after_ms >= 0) {
         int64_t ra =
             res->retry_after_ms < RETRY_AFTER_CAP_MS ? res->retry_after_ms : RETRY_AFTER_CAP_MS;
@@ -1207,6 +1208,14 @@ struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_ma
     map->log.mapping = cfg->name;
     map->log.function = cfg->function;
     set_batch_size(map, cfg->batch_size);
+    map->retry_backoff = default_retry_backoff;
+    /* A testing knob (docs/testing): "BASE_MS,CAP_MS" for the retries of failed batches. */
+    const char *rb = getenv("ESMD_MAPPING_RETRY_BACKOFF");
+    long long base, cap;
+    if (rb && sscanf(rb, "%lld,%lld", &base, &cap) == 2 && base > 0 && cap >= base) {
+        map->retry_backoff.base_ms = base;
+        map->retry_backoff.cap_ms = cap;
+    }
     map->enabled = true;
     map->window_ms = cfg->maximum_batching_window_ms;
     map->on_failure = cfg->on_failure ? esmd_xstrdup(cfg->on_failure) : NULL;

@@ -295,3 +295,22 @@ def test_on_failure_record_replays_the_original_record(kafka, endpoint, dest, es
     for field in ("key", "value", "headers", "topic", "partition"):
         assert again[field] == orig[field], field
     assert base64.b64decode(again["value"]) == raw
+
+
+@pytest.mark.kafka
+def test_unlimited_retries_with_a_destination_mean_ten(kafka, endpoint, dest, esmd, kafka_config,
+                                                      names):
+    """Lambda's rule: maximum_retry_attempts -1 with an on-failure destination is 10 retries
+    (without a destination, -1 retries forever: test_kafka_e2e's retry tests)."""
+    topic = kafka.create_topic(names.topic(), 1)
+    group = names.group()
+    kafka.produce(topic, [{"partition": 0, "value": json.dumps({"i": 0, "poison": True})}])
+    endpoint.behaviour = poison_behaviour
+    esmd(kafka_config(topic, batch_size=10, window="50ms", group=group,
+                      mapping_extra={"on_failure": dest.base + "/failed"}),
+         env={"ESMD_MAPPING_RETRY_BACKOFF": "10,20"})
+    dest.wait_for(lambda: len(dest.snapshot()) >= 1, 60, "the on-failure record")
+    wait_committed(kafka, group, topic, {0: 1})
+    [fr] = failure_records(dest)
+    assert fr["requestContext"]["approximateInvokeCount"] == 11
+    assert len(endpoint.snapshot()) == 11
