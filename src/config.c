@@ -5,8 +5,7 @@
  *      ("mappings[0].source.topics") and, for scalars, the text with ${VAR} already expanded;
  *   2. each section is read through a key table (struct cfg_key: name, type, range, flags), the
  *      only place where a key is declared; unknown keys are errors;
- *   3. checks that need the whole file (destinations), then refuse_unbuilt() for the features
- *      this version parses but does not run yet.
+ *   3. checks that need the whole file (destinations).
  * Every problem is appended to the error list; reading goes on after an error, so one run reports
  * them all. The errors of one load are sorted by position at the end. */
 #include "esmd/config.h"
@@ -1841,34 +1840,10 @@ static void check_destinations(struct loader *ld)
 }
 
 /* ---- features not built yet ----
- * The loader parses and validates these fully; this version refuses them with one extra error
- * per use. When a feature is built, delete its block here (and its line in the bad fixture
- * tests/unit/data/config/bad/unbuilt.err, and its row in docs/configuration.md). */
-
-static void refuse(struct loader *ld, const struct node *n, const char *feature)
-{
-    if (n)
-        ld_err(ld, n, "%s is not available in this version of esmd yet", feature);
-}
-
-static void refuse_unbuilt(struct loader *ld, const struct node *root)
-{
-    const struct esmd_config *cfg = ld->cfg;
-    const struct node *fns = map_get(root, "functions");
-    for (size_t i = 0; fns && i < cfg->nfunctions && i < fns->npairs; i++) {
-        const struct node *n = fns->pairs[i].val;
-        if (cfg->functions[i].async.set)
-            refuse(ld, map_get(n, "async"), "async invocation (the async block)");
-    }
-    const struct node *maps = map_get(root, "mappings");
-    for (size_t i = 0; maps && i < cfg->nmappings && i < maps->nitems; i++) {
-        const struct esmd_mapping_cfg *map = &cfg->mappings[i];
-        const struct node *n = maps->items[i];
-        if (map->on_failure && has_prefix(map->on_failure, "function://"))
-            refuse(ld, map_get(n, "on_failure"),
-                   "a function:// destination (it needs the async invocation queue)");
-    }
-}
+ * None at the moment: the async block and function:// destinations are built (src/asyncq.c).
+ * A feature parsed before it runs gets a refuse_unbuilt() here again, called when
+ * !(flags & ESMD_CONFIG_ALLOW_UNBUILT), with its line in a bad fixture and docs/configuration.md
+ * "Not available yet". */
 
 /* ---- public ---- */
 
@@ -1961,8 +1936,6 @@ struct esmd_config *esmd_config_parse_flags(const char *text, size_t len, const 
         check_destinations(&ld);
         for (size_t i = 0; i < cfg->nmappings; i++)
             cfg->mappings[i].pgqueue.service_postgres = cfg->postgres;
-        if (!(ld.flags & ESMD_CONFIG_ALLOW_UNBUILT))
-            refuse_unbuilt(&ld, root);
     }
     node_free(root);
     free(ld.dests);

@@ -15,7 +15,8 @@
  *   pgqueue://QUEUE     DELETE of the claim's rows and esmd.send_batch() in one statement
  *                       (exactly once)
  *   http(s)://...       POST on a libcurl multi handle; written = 2xx
- *   function://NAME     not available yet: fails with a clear error
+ *   function://NAME     handed to the function sink (the async invocation queue,
+ *                       esmd_dests_set_function_sink): written = the event is committed there
  * A written row is deleted (batched); a failed one gets attempts + 1, last_error and
  * next_attempt_at = now() + backoff (1 s doubling to 5 min, jitter). A destination whose last
  * write failed is "failing": it gets one row at a time (a probe) and no claims until its own
@@ -157,6 +158,7 @@ struct delivery {
     int64_t id;
     char *payload; /* owned, NUL-terminated */
     size_t len;
+    char *attrs;        /* owned: message attributes (JSON) for pgqueue://; NULL: none */
     unsigned char *key; /* owned; NULL: none */
     size_t keylen;
     int attempts; /* before this write */
@@ -177,6 +179,7 @@ struct send_rec {
     char *payload; /* owned, NUL-terminated */
     size_t len;
     char *keyhex; /* owned: "\x..." bytea text, NULL: no key */
+    char *attrs;  /* owned: message attributes JSON, NULL: none */
     esmd_dests_cb cb;
     void *ud;
 };
@@ -197,6 +200,8 @@ struct esmd_dests {
     struct redis_w *rws;
     char **functions; /* names of configured functions, for function:// */
     size_t nfunctions;
+    esmd_dests_function_sink fn_sink; /* writes function:// rows; NULL: not available */
+    void *fn_sink_ud;
 
     struct send_rec *sendq, *sendq_tail; /* waiting for an INSERT */
     int inserting;                       /* INSERTs in flight */
@@ -1147,13 +1152,25 @@ static void pgq_send(struct esmd_dests *d, struct delivery **dls, size_t n)
         esmd_buf_printf(&ids, "%c%lld", i ? ',' : '{', (long long)dls[i]->id);
     esmd_buf_putc(&ids, '}');
     const char *params[] = {esmd_buf_cstr(&ids), d->token, dls[0]->dest->target};
-    work_query(d,
-               "WITH done AS (DELETE FROM esmd.outbox WHERE id = ANY($1::bigint[]) "
-               "AND lease_token = $2 RETURNING id, payload), "
-               "sent AS (SELECT count(*) FROM esmd.send_batch($3, "
-               "(SELECT array_agg(payload ORDER BY id) FROM done))) "
-               "SELECT done.id FROM done, sent",
-               3, params, pgq_done, b);
+    bool attrs = false;
+    for (size_t i = 0; i < n; i++)
+        attrs = attrs || dls[i]->attrs != NULL;
+    if (attrs) /* message attributes are per send_batch() call: one call per row */
+        work_query(d,
+                   "WITH done AS (DELETE FROM esmd.outbox WHERE id = ANY($1::bigint[]) "
+                   "AND lease_token = $2 RETURNING id, payload, attributes), "
+                   "sent AS (SELECT count(*) FROM (SELECT esmd.send_batch($3, ARRAY[payload], "
+                   "'0', attributes) FROM (SELECT * FROM done ORDER BY id) o) s) "
+                   "SELECT done.id FROM done, sent",
+                   3, params, pgq_done, b);
+    else
+        work_query(d,
+                   "WITH done AS (DELETE FROM esmd.outbox WHERE id = ANY($1::bigint[]) "
+                   "AND lease_token = $2 RETURNING id, payload), "
+                   "sent AS (SELECT count(*) FROM esmd.send_batch($3, "
+                   "(SELECT array_agg(payload ORDER BY id) FROM done))) "
+                   "SELECT done.id FROM done, sent",
+                   3, params, pgq_done, b);
     esmd_buf_free(&ids);
 }
 
@@ -1300,7 +1317,7 @@ static struct dest *dest_get(struct esmd_dests *d, const char *uri)
         dest->cap = DESTS_CAP_HTTP;
         break;
     case DEST_FUNCTION:
-        dest->cap = 1;
+        dest->cap = DESTS_CAP_HTTP;
         break;
     }
     struct esmd_buf labels = ESMD_BUF_INIT;
@@ -1345,6 +1362,7 @@ static void delivery_free(struct delivery *dl)
     }
     curl_slist_free_all(dl->hdrs);
     free(dl->payload);
+    free(dl->attrs);
     free(dl->key);
     free(dl);
 }
@@ -1442,6 +1460,12 @@ static void delivery_done(struct delivery *dl, enum dl_result r, const char *err
     stop_maybe_done(d);
 }
 
+static void fn_sink_done(void *ud, bool ok, const char *err)
+{
+    struct delivery *dl = ud;
+    delivery_done(dl, ok ? DL_OK : DL_FAIL, ok ? NULL : err ? err : "not stored");
+}
+
 static void delivery_start(struct esmd_dests *d, struct dest *dest, const PGresult *res, int row)
 {
     struct delivery *dl = esmd_xcalloc(1, sizeof(*dl));
@@ -1461,6 +1485,8 @@ static void delivery_start(struct esmd_dests *d, struct dest *dest, const PGresu
         }
     }
     dl->attempts = atoi(PQgetvalue(res, row, 4));
+    if (!PQgetisnull(res, row, 5))
+        dl->attrs = esmd_xstrdup(PQgetvalue(res, row, 5));
     dl->probe = dest->failing;
     dl->next = d->dls;
     if (d->dls)
@@ -1482,9 +1508,12 @@ static void delivery_start(struct esmd_dests *d, struct dest *dest, const PGresu
         http_write(dl);
         break;
     case DEST_FUNCTION:
-        delivery_done(dl, DL_FAIL,
-                      "function:// destinations need the async invocation queue, which this "
-                      "version of esmd does not have yet");
+        if (!d->fn_sink) {
+            delivery_done(dl, DL_FAIL, "the async invocation queue is not running");
+            break;
+        }
+        if (d->fn_sink(d->fn_sink_ud, dest->target, dl->payload, dl->len, fn_sink_done, dl) != 0)
+            delivery_done(dl, DL_FAIL, "the async invocation queue refused the record");
         break;
     }
 }
@@ -1635,7 +1664,7 @@ static void claim_round(struct esmd_dests *d)
         "WHERE c.destination = w.destination AND c.next_attempt_at <= now() "
         "ORDER BY c.next_attempt_at, c.id LIMIT w.room FOR UPDATE SKIP LOCKED) x) AS claimed "
         "WHERE o.id = claimed.id "
-        "RETURNING o.id, o.destination, o.payload, o.key, o.attempts",
+        "RETURNING o.id, o.destination, o.payload, o.key, o.attempts, o.attributes",
         5, params, claim_done, c);
     esmd_buf_free(&names);
     esmd_buf_free(&rooms);
@@ -1814,6 +1843,7 @@ static void send_rec_free(struct send_rec *s)
 {
     free(s->payload);
     free(s->keyhex);
+    free(s->attrs);
     free(s);
 }
 
@@ -1867,7 +1897,7 @@ static void send_flush(struct esmd_dests *d)
     ins->d = d;
     struct send_rec **tail = &ins->recs;
     size_t n = 0, bytes = 0;
-    esmd_buf_puts(&sql, "INSERT INTO esmd.outbox (destination, payload, key) VALUES ");
+    esmd_buf_puts(&sql, "INSERT INTO esmd.outbox (destination, payload, key, attributes) VALUES ");
     while (d->sendq && n < DESTS_SEND_BATCH_ROWS &&
            (n == 0 || bytes + d->sendq->len <= DESTS_SEND_BATCH_BYTES)) {
         struct send_rec *s = d->sendq;
@@ -1877,20 +1907,21 @@ static void send_flush(struct esmd_dests *d)
         s->next = NULL;
         *tail = s;
         tail = &s->next;
-        esmd_buf_printf(&sql, "%s($%zu, $%zu, $%zu::bytea)", n ? ", " : "", 3 * n + 1, 3 * n + 2,
-                        3 * n + 3);
+        esmd_buf_printf(&sql, "%s($%zu, $%zu, $%zu::bytea, $%zu::jsonb)", n ? ", " : "", 4 * n + 1,
+                        4 * n + 2, 4 * n + 3, 4 * n + 4);
         bytes += s->len;
         n++;
     }
-    const char **params = esmd_xcalloc(3 * n, sizeof(*params));
+    const char **params = esmd_xcalloc(4 * n, sizeof(*params));
     size_t i = 0;
     for (struct send_rec *s = ins->recs; s; s = s->next, i++) {
-        params[3 * i] = s->dest->uri;
-        params[3 * i + 1] = s->payload;
-        params[3 * i + 2] = s->keyhex;
+        params[4 * i] = s->dest->uri;
+        params[4 * i + 1] = s->payload;
+        params[4 * i + 2] = s->keyhex;
+        params[4 * i + 3] = s->attrs;
     }
     d->inserting++;
-    if (esmd_pg_query(d->send_pg, esmd_buf_cstr(&sql), (int)(3 * n), params, insert_done, ins) != 0)
+    if (esmd_pg_query(d->send_pg, esmd_buf_cstr(&sql), (int)(4 * n), params, insert_done, ins) != 0)
         insert_done(ins, NULL, "closed");
     free(params);
     esmd_buf_free(&sql);
@@ -2076,8 +2107,40 @@ int esmd_dests_check(const struct esmd_dests *d, const char *uri, char *err, siz
     return rc;
 }
 
+static int dests_send(struct esmd_dests *d, const char *uri, const char *payload, size_t len,
+                      const void *key, size_t keylen, const char *attrs, esmd_dests_cb cb,
+                      void *ud);
+
 int esmd_dests_send(struct esmd_dests *d, const char *uri, const char *payload, size_t len,
                     const void *key, size_t keylen, esmd_dests_cb cb, void *ud)
+{
+    return dests_send(d, uri, payload, len, key, keylen, NULL, cb, ud);
+}
+
+int esmd_dests_send_attrs(struct esmd_dests *d, const char *uri, const char *payload, size_t len,
+                          const char *attributes, esmd_dests_cb cb, void *ud)
+{
+    return dests_send(d, uri, payload, len, NULL, 0, attributes, cb, ud);
+}
+
+void esmd_dests_set_function_sink(struct esmd_dests *d, esmd_dests_function_sink sink, void *ud)
+{
+    if (!d)
+        return;
+    d->fn_sink = sink;
+    d->fn_sink_ud = ud;
+    if (sink) {
+        /* function:// rows waiting in the outbox can go now */
+        for (struct dest *dest = d->dests; dest; dest = dest->next)
+            if (dest->kind == DEST_FUNCTION)
+                dest->more = true;
+        if (!d->stopping && !d->closing)
+            claim_schedule(d);
+    }
+}
+
+static int dests_send(struct esmd_dests *d, const char *uri, const char *payload, size_t len,
+                      const void *key, size_t keylen, const char *attrs, esmd_dests_cb cb, void *ud)
 {
     if (!d || !uri || !cb || (!payload && len > 0))
         return ESMD_EINVAL;
@@ -2115,6 +2178,8 @@ int esmd_dests_send(struct esmd_dests *d, const char *uri, const char *payload, 
         esmd_buf_cstr(&b);
         s->keyhex = esmd_buf_steal(&b, NULL);
     }
+    if (attrs && dest->kind == DEST_PGQUEUE)
+        s->attrs = esmd_xstrdup(attrs);
     s->cb = cb;
     s->ud = ud;
     if (d->sendq_tail)

@@ -31,6 +31,7 @@ struct esmd_http_route {
     size_t plen;
     bool prefix;
     esmd_http_handler fn;
+    esmd_http_limit_fn limit;
     void *ud;
 };
 
@@ -45,6 +46,7 @@ struct esmd_http_req {
     const char *url;
     struct esmd_buf body;
     bool too_large;
+    size_t max_body; /* ESMD_MAX_PAYLOAD or the route's limit */
     bool dispatched; /* the handler ran (or an error answer was chosen) */
     bool answered;   /* esmd_http_respond() was called */
     bool queued;     /* the answer was handed to MHD */
@@ -200,6 +202,29 @@ const char *esmd_http_req_query(const struct esmd_http_req *req, const char *nam
     return MHD_lookup_connection_value(req->conn, MHD_GET_ARGUMENT_KIND, name);
 }
 
+struct http_query_iter {
+    void (*fn)(void *ud, const char *name, const char *value);
+    void *ud;
+};
+
+static enum MHD_Result http_query_iter(void *cls, enum MHD_ValueKind kind, const char *key,
+                                       const char *value)
+{
+    struct http_query_iter *it = cls;
+
+    ESMD_UNUSED(kind);
+    it->fn(it->ud, key, value);
+    return MHD_YES;
+}
+
+void esmd_http_req_query_each(const struct esmd_http_req *req,
+                              void (*fn)(void *ud, const char *name, const char *value), void *ud)
+{
+    struct http_query_iter it = {fn, ud};
+
+    MHD_get_connection_values(req->conn, MHD_GET_ARGUMENT_KIND, http_query_iter, &it);
+}
+
 const char *esmd_http_req_body(const struct esmd_http_req *req, size_t *len)
 {
     if (len)
@@ -289,9 +314,8 @@ void esmd_http_respond_error(struct esmd_http_req *req, int status, const char *
 
     if (req == NULL)
         return;
-    esmd_buf_puts(&b, "{\"Type\":");
-    esmd_buf_put_json_string(&b, type, strlen(type));
-    esmd_buf_puts(&b, ",\"message\":");
+    esmd_buf_puts(&b, status >= 500 ? "{\"Type\":\"Service\"" : "{\"Type\":\"User\"");
+    esmd_buf_puts(&b, ",\"Message\":");
     esmd_buf_put_json_string(&b, message, strlen(message));
     esmd_buf_putc(&b, '}');
     esmd_http_req_add_header(req, "x-amzn-ErrorType", type);
@@ -320,7 +344,7 @@ static void http_dispatch(struct esmd_http_req *req)
 
     req->dispatched = true;
     if (req->too_large) {
-        esmd_buf_printf(&msg, "request body is larger than %d bytes", ESMD_MAX_PAYLOAD);
+        esmd_buf_printf(&msg, "request body is larger than %zu bytes", req->max_body);
         esmd_http_respond_error(req, 413, "RequestTooLargeException", esmd_buf_cstr(&msg));
         goto out;
     }
@@ -350,6 +374,23 @@ static void http_dispatch(struct esmd_http_req *req)
 out:
     esmd_buf_free(&allow);
     esmd_buf_free(&msg);
+}
+
+/* The body limit of the first route that matches the request (method and path). */
+static size_t http_body_limit(struct esmd_http *http, struct esmd_http_req *req)
+{
+    for (size_t i = 0; i < http->nroutes; i++) {
+        const struct esmd_http_route *r = &http->routes[i];
+        size_t lim;
+
+        if (!http_path_matches(r, req->url) || !http_method_matches(r->method, req->method))
+            continue;
+        if (r->limit == NULL)
+            return ESMD_MAX_PAYLOAD;
+        lim = r->limit(r->ud, req);
+        return lim > ESMD_MAX_PAYLOAD ? ESMD_MAX_PAYLOAD : lim;
+    }
+    return ESMD_MAX_PAYLOAD;
 }
 
 /* Hands a stored answer to MHD. */
@@ -385,7 +426,8 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
         req->url = url;
         esmd_buf_init(&req->body);
         *con_cls = req;
-        if (cl != NULL && strtoull(cl, NULL, 10) > ESMD_MAX_PAYLOAD) {
+        req->max_body = http_body_limit(http, req);
+        if (cl != NULL && strtoull(cl, NULL, 10) > req->max_body) {
             /* Answer now: MHD discards the body and closes the connection. */
             req->too_large = true;
             http_dispatch(req);
@@ -395,7 +437,7 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
     }
     if (*upload_data_size > 0) {
         if (!req->dispatched && !req->too_large) {
-            if (req->body.len + *upload_data_size > ESMD_MAX_PAYLOAD)
+            if (req->body.len + *upload_data_size > req->max_body)
                 req->too_large = true;
             else
                 esmd_buf_append(&req->body, upload_data, *upload_data_size);
@@ -546,6 +588,12 @@ out:
 int esmd_http_route(struct esmd_http *http, const char *method, const char *path,
                     esmd_http_handler fn, void *ud)
 {
+    return esmd_http_route_limited(http, method, path, fn, NULL, ud);
+}
+
+int esmd_http_route_limited(struct esmd_http *http, const char *method, const char *path,
+                            esmd_http_handler fn, esmd_http_limit_fn limit, void *ud)
+{
     struct esmd_http_route *r;
     size_t n;
 
@@ -559,6 +607,7 @@ int esmd_http_route(struct esmd_http *http, const char *method, const char *path
     r->path = esmd_xstrndup(path, r->plen);
     r->method = esmd_xstrdup(method);
     r->fn = fn;
+    r->limit = limit;
     r->ud = ud;
     return ESMD_OK;
 }

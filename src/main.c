@@ -1,5 +1,8 @@
 /* esmd: the command line (run, check-config, migrate, match, version) and the service's main
  * loop. */
+#include "esmd/admin.h"
+#include "esmd/admin_auth.h"
+#include "esmd/asyncq.h"
 #include "esmd/buf.h"
 #include "esmd/config.h"
 #include "esmd/destination.h"
@@ -393,6 +396,9 @@ struct service {
     struct esmd_dests *dests;
     struct esmd_mapping **maps;
     size_t nmaps;
+    struct esmd_admin_auth *auth; /* admin API credentials */
+    struct esmd_admin *admin;     /* mapping admin API (UpdateEventSourceMapping, /admin/) */
+    struct esmd_asyncq *asyncq;   /* asynchronous invocation queue (Invoke, event-invoke-config) */
     size_t nstopped;
     bool stopping;
     ev_signal sigterm, sigint, sighup;
@@ -459,10 +465,24 @@ static void on_dests_stopped(void *ud)
     ev_break(svc->loop, EVBREAK_ALL);
 }
 
-/* Mappings first (they may still hand on-failure records to the destinations), then the
+static void on_asyncq_stopped(void *ud)
+{
+    struct service *svc = ud;
+    if (svc->dests)
+        esmd_dests_stop(svc->dests, on_dests_stopped, svc);
+    else
+        on_dests_stopped(svc);
+}
+
+/* Mappings first (they may still hand on-failure records to the destinations), then the async
+ * queue (it settles its invocations in flight, handing records to the destinations), then the
  * destination writers (what they have not delivered stays in the outbox). */
 static void service_finish(struct service *svc)
 {
+    if (svc->asyncq) {
+        esmd_asyncq_stop(svc->asyncq, on_asyncq_stopped, svc);
+        return;
+    }
     if (svc->dests)
         esmd_dests_stop(svc->dests, on_dests_stopped, svc);
     else
@@ -661,13 +681,10 @@ static int cmd_run(int argc, char **argv)
 
     svc.maps = esmd_xcalloc(svc.cfg->nmappings + 1, sizeof(*svc.maps));
     svc.written_results = esmd_xcalloc(svc.cfg->nmappings + 1, sizeof(char *));
+    /* Every mapping is created, the disabled ones too (the admin API may enable them); the
+     * admin API's persisted overrides are applied before any starts. */
     for (size_t i = 0; i < svc.cfg->nmappings; i++) {
         const struct esmd_mapping_cfg *mc = &svc.cfg->mappings[i];
-        if (!mc->enabled) {
-            ESMD_INFO(&(struct esmd_log_ctx){mc->name, mc->function, NULL},
-                      "mapping disabled in the configuration");
-            continue;
-        }
         struct esmd_mapping *map =
             esmd_mapping_new(svc.loop, mc, svc.inv, svc.instance_id, err, sizeof(err));
         if (!map) {
@@ -676,7 +693,40 @@ static int cmd_run(int argc, char **argv)
         }
         svc.maps[svc.nmaps++] = map;
         esmd_mapping_set_destinations(map, svc.dests);
-        if (esmd_mapping_start(map) != ESMD_OK) {
+        if (!mc->enabled) {
+            ESMD_INFO(&(struct esmd_log_ctx){mc->name, mc->function, NULL},
+                      "mapping disabled in the configuration");
+            esmd_mapping_set_enabled(map, false);
+        }
+    }
+    svc.auth = esmd_admin_auth_new(&svc.cfg->admin);
+    svc.asyncq = esmd_asyncq_new(svc.loop, svc.cfg, svc.inv, svc.dests, svc.auth, svc.cfg->postgres,
+                                 svc.instance_id, err, sizeof(err));
+    if (!svc.asyncq) {
+        ESMD_ERROR(NULL, "async queue: %s", err);
+        goto out;
+    }
+    if (esmd_asyncq_routes(svc.asyncq, svc.http) != ESMD_OK) {
+        ESMD_ERROR(NULL, "async queue: could not register its routes");
+        goto out;
+    }
+    svc.admin = esmd_admin_new(svc.loop, svc.cfg, svc.maps, svc.nmaps, svc.dests, svc.auth,
+                               svc.cfg->postgres, svc.instance_id, err, sizeof(err));
+    if (!svc.admin) {
+        ESMD_ERROR(NULL, "admin API: %s", err);
+        goto out;
+    }
+    if (esmd_admin_load(svc.admin, err, sizeof(err)) != ESMD_OK) {
+        ESMD_ERROR(NULL, "admin API: could not read the mapping overrides: %s", err);
+        goto out;
+    }
+    if (esmd_admin_start(svc.admin, svc.http) != ESMD_OK) {
+        ESMD_ERROR(NULL, "admin API: could not register its routes");
+        goto out;
+    }
+    for (size_t i = 0; i < svc.nmaps; i++) {
+        if (esmd_mapping_start(svc.maps[i]) != ESMD_OK) {
+            const struct esmd_mapping_cfg *mc = &svc.cfg->mappings[i];
             ESMD_ERROR(&(struct esmd_log_ctx){mc->name, mc->function, NULL},
                        "mapping could not start");
             goto out;
@@ -691,7 +741,10 @@ static int cmd_run(int argc, char **argv)
     exit_code = 0;
 
 out:
-    /* The destinations go first: nothing may call into a freed mapping afterwards. */
+    /* The admin API first (its queries still waiting may touch the mappings and answer admin
+     * requests), then the destinations: nothing may call into a freed mapping afterwards. */
+    esmd_admin_free(svc.admin);
+    esmd_asyncq_free(svc.asyncq); /* before the destinations: it holds sends in flight */
     esmd_dests_free(svc.dests);
     for (size_t i = 0; i < svc.nmaps; i++)
         esmd_mapping_free(svc.maps[i]);
@@ -701,6 +754,7 @@ out:
     free(svc.written_results);
     free(svc.maps);
     esmd_http_stop(svc.http);
+    esmd_admin_auth_free(svc.auth);
     esmd_pg_free(svc.pg);
     esmd_invoker_free(svc.inv);
     esmd_config_free(svc.cfg);

@@ -3,8 +3,9 @@
  *
  * URIs: kafka://CONNECTION/TOPIC (produced with the given key), redis://CONNECTION/STREAM (XADD),
  * pgqueue://QUEUE (esmd's Postgres queue, esmd.send()), http://… and https://… (POST, 2xx =
- * delivered), function://NAME (an async invocation of a configured function: refused until the
- * async queue exists).
+ * delivered), function://NAME (an async invocation of a configured function: the record is
+ * enqueued through the function sink, esmd_dests_set_function_sink(); delivered = committed in
+ * the async queue).
  *
  * Delivery is reliable through a Postgres outbox: esmd_dests_send() inserts the record into
  * esmd.outbox and reports once that insert is committed; only then may the caller acknowledge
@@ -55,6 +56,23 @@ typedef void (*esmd_dests_cb)(void *ud, bool ok, const char *err);
  * cb(ud, false, "closed" or "shutting down") from inside esmd_dests_free(). */
 int esmd_dests_send(struct esmd_dests *d, const char *uri, const char *payload, size_t len,
                     const void *key, size_t keylen, esmd_dests_cb cb, void *ud);
+
+/* As esmd_dests_send, with message attributes (a JSON object in SQS's shape, as
+ * esmd.message_attributes() takes; copied) for pgqueue:// destinations; other kinds ignore
+ * them. No key. */
+int esmd_dests_send_attrs(struct esmd_dests *d, const char *uri, const char *payload, size_t len,
+                          const char *attributes, esmd_dests_cb cb, void *ud);
+
+/* Writer of function:// destinations (the async invocation queue). sink(ud, function, payload,
+ * len, cb, cbud) queues an async invocation of function (payload borrowed for the call) and
+ * returns 0, then calls cb(cbud, ok, err) once it is committed (ok) or could not be (!ok; the
+ * row is retried with backoff); non-zero: refused now (retried with backoff). */
+typedef void (*esmd_dests_sink_cb)(void *ud, bool ok, const char *err);
+typedef int (*esmd_dests_function_sink)(void *ud, const char *function, const char *payload,
+                                        size_t len, esmd_dests_sink_cb cb, void *cbud);
+/* Sets (or with NULL removes) the function:// writer; until one is set, function:// rows wait
+ * in the outbox (their writes fail and are retried). ud borrowed. */
+void esmd_dests_set_function_sink(struct esmd_dests *d, esmd_dests_function_sink sink, void *ud);
 
 /* Whether uri is a destination this router can store: a well-formed URI whose connection
  * (kafka://, redis://) is defined in the configuration with the right type, or whose function

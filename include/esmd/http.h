@@ -41,11 +41,25 @@ typedef void (*esmd_http_abort_fn)(void *ud, struct esmd_http_req *req);
 int esmd_http_route(struct esmd_http *http, const char *method, const char *path,
                     esmd_http_handler fn, void *ud) ESMD_MUST_CHECK;
 
+/* Body limit of a route, decided from the request line and headers before the body is read:
+ * returns the largest body accepted (bytes; at most ESMD_MAX_PAYLOAD). A request whose
+ * Content-Length (or body so far) is larger is answered 413 RequestTooLargeException without
+ * reading the rest. */
+typedef size_t (*esmd_http_limit_fn)(void *ud, struct esmd_http_req *req);
+/* As esmd_http_route, with a body limit function for the route (NULL = ESMD_MAX_PAYLOAD). */
+int esmd_http_route_limited(struct esmd_http *http, const char *method, const char *path,
+                            esmd_http_handler fn, esmd_http_limit_fn limit,
+                            void *ud) ESMD_MUST_CHECK;
+
 /* Request accessors; returned strings are borrowed, valid as long as req. */
 const char *esmd_http_req_method(const struct esmd_http_req *req);
 const char *esmd_http_req_path(const struct esmd_http_req *req); /* without the query */
 const char *esmd_http_req_header(const struct esmd_http_req *req, const char *name); /* or NULL */
 const char *esmd_http_req_query(const struct esmd_http_req *req, const char *name);  /* or NULL */
+/* Calls fn(ud, name, value) for every query argument, decoded, in the order sent (value NULL
+ * for an argument without '='). For request signing (SigV4). */
+void esmd_http_req_query_each(const struct esmd_http_req *req,
+                              void (*fn)(void *ud, const char *name, const char *value), void *ud);
 /* NUL-terminated body ("" when none); *len set when len is not NULL. Capped at
  * ESMD_MAX_PAYLOAD: bigger requests are answered 413 before any handler runs. */
 const char *esmd_http_req_body(const struct esmd_http_req *req, size_t *len);
@@ -60,7 +74,8 @@ void esmd_http_req_add_header(struct esmd_http_req *req, const char *name, const
 /* Answers. body (len bytes) is copied; content_type NULL = none. req is invalid afterwards. */
 void esmd_http_respond(struct esmd_http_req *req, int status, const char *content_type,
                        const char *body, size_t len);
-/* Lambda's error shape: x-amzn-ErrorType: type and {"Type":type,"message":message}. */
+/* Lambda's error shape (spec §7.4): x-amzn-ErrorType: type and {"Type":"User","Message":message}
+ * ("Service" instead of "User" for a status of 500 or more). */
 void esmd_http_respond_error(struct esmd_http_req *req, int status, const char *type,
                              const char *message);
 

@@ -463,13 +463,11 @@ static void test_error_references(void **state)
 static void test_error_refused_features(void **state)
 {
     (void)state;
+    /* function:// destinations and the async block are built: accepted without the flag. */
     const char *text = "postgres: x\n" KAFKA FN
                        "mappings: [{ name: m, function: f, source: { kafka: k, topics: [t] }, "
                        "on_failure: \"function://f\" }]\n";
-    expect_errors(text, 0,
-                  "test.yaml:4:83: mappings[0].on_failure: a function:// destination (it needs "
-                  "the async invocation queue) is not available in this version of esmd yet");
-    struct esmd_config *cfg = expect_ok(text, ESMD_CONFIG_ALLOW_UNBUILT);
+    struct esmd_config *cfg = expect_ok(text, 0);
     assert_string_equal(cfg->mappings[0].on_failure, "function://f");
     esmd_config_free(cfg);
     /* The failure-handling controls are built: accepted as they are. */

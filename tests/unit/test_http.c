@@ -307,15 +307,14 @@ static void test_not_found_and_method(void **state)
     assert_string_equal(f.content_type, "application/json");
     assert_string_equal(f.error_type, "ResourceNotFoundException");
     assert_string_equal(esmd_buf_cstr(&f.resp),
-                        "{\"Type\":\"ResourceNotFoundException\",\"message\":\"no route for GET "
-                        "/nope\"}");
+                        "{\"Type\":\"User\",\"Message\":\"no route for GET /nope\"}");
     esmd_buf_free(&f.resp);
 
     memset(&f, 0, sizeof(f));
     fetch(c, &f, "DELETE", "/metrics");
     assert_int_equal(f.status, 405);
     assert_string_equal(f.allow, "GET");
-    assert_non_null(strstr(esmd_buf_cstr(&f.resp), "\"Type\":\"MethodNotAllowedException\""));
+    assert_non_null(strstr(esmd_buf_cstr(&f.resp), "\"Type\":\"User\""));
     esmd_buf_free(&f.resp);
 }
 

@@ -1,0 +1,73 @@
+/* The asynchronous invocation queue (DESIGN.md "Async invocation", docs/async.md), on Postgres
+ * (migrations/0004_async.sql), and the Lambda-compatible routes that drive it:
+ *   POST   /2015-03-31/functions/{name}/invocations          Invoke (Event, RequestResponse,
+ * DryRun) PUT|POST|GET|DELETE /2019-09-25/functions/{name}/event-invoke-config GET
+ * /2019-09-25/functions/{name}/event-invoke-config/list
+ *
+ * Accepting: events are inserted by group commit (every event accepted while an INSERT is in
+ * flight goes into the next one) and acknowledged (202, or the enqueue callback) only after the
+ * commit. Workers claim due events FOR UPDATE SKIP LOCKED with a lease, woken by LISTEN/NOTIFY
+ * (channel esmd_async) with a poll timer as fallback, invoke them through the invoker (within
+ * the function's max_concurrency), and settle them in batches: success → on_success record;
+ * function errors retried maximum_retry_attempts times (about 1 and 2 minutes apart); throttles,
+ * 5xx and transport errors retried with backoff (1 s doubling to 5 min) until the event is older
+ * than maximum_event_age; then the on_failure record (RetriesExhausted / EventAgeExceeded) and
+ * the dead_letter message. Records go through the destination outbox (esmd_dests_send): an
+ * event is deleted only after its records are committed there, so a crash loses nothing
+ * (at-least-once).
+ *
+ * Test knobs (environment, read at esmd_asyncq_new): ESMD_ASYNC_RETRY_BASE_MS (default 60000:
+ * the delay before retry n of a function error is n × base), ESMD_ASYNC_BACKOFF_BASE_MS (default
+ * 1000) and ESMD_ASYNC_BACKOFF_CAP_MS (default 300000) for throttles and system errors,
+ * ESMD_ASYNC_POLL_MS (default 1000), ESMD_ASYNC_MAX_PAYLOAD (default 1048576 bytes).
+ *
+ * Everything runs on the loop thread. */
+#ifndef ESMD_ASYNCQ_H
+#define ESMD_ASYNCQ_H
+
+#include "esmd/buf.h"
+#include "esmd/common.h"
+#include "esmd/config.h"
+
+struct ev_loop;
+struct esmd_asyncq;
+struct esmd_invoker;
+struct esmd_dests;
+struct esmd_http;
+struct esmd_admin_auth;
+
+/* Creates the queue and starts its workers (Postgres connections: two for inserts, one for
+ * claims / LISTEN / configuration, one for settling). cfg, inv, dests and auth are borrowed and
+ * must outlive the queue. instance_id: this process's stable id (leases). NULL with err. */
+struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_config *cfg,
+                                    struct esmd_invoker *inv, struct esmd_dests *dests,
+                                    const struct esmd_admin_auth *auth, const char *conninfo,
+                                    const char *instance_id, char *err,
+                                    size_t errlen) ESMD_MUST_CHECK;
+
+/* Registers the Invoke and event-invoke-config routes on http (authorised with the auth given
+ * to esmd_asyncq_new). Returns 0 or ESMD_EINVAL. */
+int esmd_asyncq_routes(struct esmd_asyncq *q, struct esmd_http *http) ESMD_MUST_CHECK;
+
+/* cb of esmd_asyncq_enqueue(): ok once the event is committed (request_id: its id), or !ok with
+ * err. Strings borrowed for the call. */
+typedef void (*esmd_asyncq_cb)(void *ud, bool ok, const char *request_id, const char *err);
+
+/* Queues an asynchronous invocation of `function` with payload (JSON, len bytes, copied).
+ * Returns 0 (cb will run from the loop, never inside this call), ESMD_ENOENT for an unknown
+ * function, ESMD_ETOOBIG over the async payload limit, ESMD_EINVAL for a payload that is not
+ * JSON, ESMD_ESTATE once the queue is stopping (cb not called on errors). */
+int esmd_asyncq_enqueue(struct esmd_asyncq *q, const char *function, const char *payload,
+                        size_t len, esmd_asyncq_cb cb, void *ud) ESMD_MUST_CHECK;
+
+/* Graceful stop: accepting stops (Invoke answers 503), no new claims; invocations in flight
+ * finish and are settled; done(ud) from the loop when idle. Then free. */
+void esmd_asyncq_stop(struct esmd_asyncq *q, void (*done)(void *ud), void *ud);
+/* Frees now; claimed events not settled keep their lease and run again after it. NULL ok.
+ * Enqueues not committed get cb(!ok) from inside this call. */
+void esmd_asyncq_free(struct esmd_asyncq *q);
+
+/* Appends {"ready":bool,"queued_here":N,...} for /readyz; returns readiness. */
+bool esmd_asyncq_ready(struct esmd_asyncq *q, struct esmd_buf *detail);
+
+#endif

@@ -1,0 +1,470 @@
+/* Admin API authentication (include/esmd/admin_auth.h, docs/async.md "Authentication"):
+ * bearer token or AWS Signature Version 4, checked with OpenSSL's HMAC / SHA-256. */
+#include "esmd/admin_auth.h"
+#include "esmd/buf.h"
+#include "esmd/http.h"
+#include "esmd/log.h"
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/sha.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#define SIGV4_ALGO "AWS4-HMAC-SHA256"
+#define SIGV4_MAX_SKEW_MS (15 * 60 * 1000)
+#define SIGV4_MAX_HEADERS 64
+
+struct esmd_admin_auth {
+    char *token; /* NULL = none */
+    char *access_key_id;
+    char *secret;
+};
+
+struct esmd_admin_auth *esmd_admin_auth_new(const struct esmd_admin_cfg *cfg)
+{
+    struct esmd_admin_auth *a = esmd_xcalloc(1, sizeof(*a));
+
+    if (cfg != NULL) {
+        if (cfg->token && cfg->token[0])
+            a->token = esmd_xstrdup(cfg->token);
+        if (cfg->access_key_id && cfg->access_key_id[0] && cfg->secret_access_key) {
+            a->access_key_id = esmd_xstrdup(cfg->access_key_id);
+            a->secret = esmd_xstrdup(cfg->secret_access_key);
+        }
+    }
+    return a;
+}
+
+void esmd_admin_auth_free(struct esmd_admin_auth *a)
+{
+    if (a == NULL)
+        return;
+    if (a->token)
+        OPENSSL_cleanse(a->token, strlen(a->token));
+    if (a->secret)
+        OPENSSL_cleanse(a->secret, strlen(a->secret));
+    free(a->token);
+    free(a->access_key_id);
+    free(a->secret);
+    free(a);
+}
+
+/* ---- crypto helpers ---- */
+
+static void sha256_hex(const void *p, size_t n, char out[65])
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char md[SHA256_DIGEST_LENGTH];
+
+    SHA256(p, n, md);
+    for (int i = 0; i < SHA256_DIGEST_LENGTH; i++) {
+        out[2 * i] = hex[md[i] >> 4];
+        out[2 * i + 1] = hex[md[i] & 15];
+    }
+    out[64] = '\0';
+}
+
+static void hmac256(const void *key, size_t keylen, const void *msg, size_t n,
+                    unsigned char out[32])
+{
+    unsigned int len = 32;
+
+    HMAC(EVP_sha256(), key, (int)keylen, msg, n, out, &len);
+}
+
+/* Constant-time equality of two strings of any lengths: their SHA-256 digests are compared. */
+static bool secret_equal(const char *a, size_t alen, const char *b, size_t blen)
+{
+    unsigned char da[SHA256_DIGEST_LENGTH], db[SHA256_DIGEST_LENGTH];
+
+    SHA256((const unsigned char *)a, alen, da);
+    SHA256((const unsigned char *)b, blen, db);
+    return CRYPTO_memcmp(da, db, sizeof(da)) == 0 && alen == blen;
+}
+
+/* ---- canonical request pieces ---- */
+
+static bool unreserved(unsigned char c)
+{
+    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' ||
+           c == '_' || c == '.' || c == '~';
+}
+
+static void uri_encode(struct esmd_buf *b, const char *s, size_t n, bool keep_slash)
+{
+    static const char hex[] = "0123456789ABCDEF";
+
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (unreserved(c) || (keep_slash && c == '/')) {
+            esmd_buf_putc(b, (char)c);
+        } else {
+            esmd_buf_putc(b, '%');
+            esmd_buf_putc(b, hex[c >> 4]);
+            esmd_buf_putc(b, hex[c & 15]);
+        }
+    }
+}
+
+struct qpair {
+    char *k, *v; /* encoded */
+};
+
+static int qpair_cmp(const void *a, const void *b)
+{
+    const struct qpair *x = a, *y = b;
+    int c = strcmp(x->k, y->k);
+    return c ? c : strcmp(x->v, y->v);
+}
+
+void esmd_admin_sigv4_query(struct esmd_buf *out, const char *const *names,
+                            const char *const *values, size_t n)
+{
+    struct qpair *p = esmd_xcalloc(n + 1, sizeof(*p));
+    struct esmd_buf b = ESMD_BUF_INIT;
+
+    for (size_t i = 0; i < n; i++) {
+        esmd_buf_reset(&b);
+        uri_encode(&b, names[i], strlen(names[i]), false);
+        p[i].k = esmd_xstrdup(esmd_buf_cstr(&b));
+        esmd_buf_reset(&b);
+        if (values[i])
+            uri_encode(&b, values[i], strlen(values[i]), false);
+        p[i].v = esmd_xstrdup(esmd_buf_cstr(&b));
+    }
+    qsort(p, n, sizeof(*p), qpair_cmp);
+    for (size_t i = 0; i < n; i++) {
+        if (i)
+            esmd_buf_putc(out, '&');
+        esmd_buf_printf(out, "%s=%s", p[i].k, p[i].v);
+        free(p[i].k);
+        free(p[i].v);
+    }
+    free(p);
+    esmd_buf_free(&b);
+}
+
+/* Appends the value with leading/trailing blanks removed and inner runs of blanks as one space. */
+static void put_trimmed(struct esmd_buf *b, const char *v)
+{
+    bool space = false, any = false;
+
+    for (; *v; v++) {
+        if (*v == ' ' || *v == '\t') {
+            space = any;
+            continue;
+        }
+        if (space)
+            esmd_buf_putc(b, ' ');
+        space = false;
+        any = true;
+        esmd_buf_putc(b, *v);
+    }
+}
+
+/* Finds "key=" in the comma-separated Authorization parameters; copies its value into out. */
+static bool auth_param(const char *params, const char *key, char *out, size_t outlen)
+{
+    size_t kl = strlen(key);
+    const char *p = params;
+
+    while (*p) {
+        while (*p == ' ' || *p == ',')
+            p++;
+        if (strncmp(p, key, kl) == 0 && p[kl] == '=') {
+            const char *v = p + kl + 1, *e = strchr(v, ',');
+            size_t n = e ? (size_t)(e - v) : strlen(v);
+            while (n > 0 && v[n - 1] == ' ')
+                n--;
+            if (n >= outlen)
+                return false;
+            memcpy(out, v, n);
+            out[n] = '\0';
+            return true;
+        }
+        p = strchr(p, ',');
+        if (p == NULL)
+            break;
+    }
+    return false;
+}
+
+/* "20150830T123600Z" → epoch ms; -1 when malformed. */
+static int64_t parse_amz_date(const char *s)
+{
+    struct tm tm;
+    int n = 0;
+
+    if (s == NULL || strlen(s) != 16)
+        return -1;
+    memset(&tm, 0, sizeof(tm));
+    if (sscanf(s, "%4d%2d%2dT%2d%2d%2dZ%n", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour,
+               &tm.tm_min, &tm.tm_sec, &n) != 6 ||
+        n != 16)
+        return -1;
+    tm.tm_year -= 1900;
+    tm.tm_mon -= 1;
+    return (int64_t)timegm(&tm) * 1000;
+}
+
+enum esmd_sigv4_result esmd_admin_sigv4_check(const char *access_key_id, const char *secret,
+                                              const char *service, const char *authorization,
+                                              const char *method, const char *path,
+                                              const char *canonical_query, const char *body,
+                                              size_t len, esmd_sigv4_header_fn hdr, void *ud,
+                                              int64_t now_ms, char *why, size_t whylen)
+{
+    char cred[512], signed_hdrs[1024], sig[128], scope_date[16], region[64], svc[64], term[32];
+    char akid[256], body_hash[65], creq_hash[65];
+    struct esmd_buf creq = ESMD_BUF_INIT, sts = ESMD_BUF_INIT, tmp = ESMD_BUF_INIT;
+    enum esmd_sigv4_result rc = ESMD_SIGV4_MALFORMED;
+    const char *amz_date, *csha, *params;
+    size_t nh = 0;
+
+    snprintf(why, whylen, "the Authorization header is not an AWS Signature Version 4 one");
+    if (authorization == NULL || strncmp(authorization, SIGV4_ALGO " ", strlen(SIGV4_ALGO) + 1))
+        goto out;
+    params = authorization + strlen(SIGV4_ALGO) + 1;
+    if (!auth_param(params, "Credential", cred, sizeof(cred)) ||
+        !auth_param(params, "SignedHeaders", signed_hdrs, sizeof(signed_hdrs)) ||
+        !auth_param(params, "Signature", sig, sizeof(sig)))
+        goto out;
+    /* Credential = AKID/DATE/REGION/SERVICE/aws4_request */
+    {
+        char *parts[5], *save = NULL, *tok;
+        int np = 0;
+        char copy[512];
+        snprintf(copy, sizeof(copy), "%s", cred);
+        for (tok = strtok_r(copy, "/", &save); tok && np < 5; tok = strtok_r(NULL, "/", &save))
+            parts[np++] = tok;
+        if (np != 5 || tok != NULL || strlen(parts[0]) >= sizeof(akid) || strlen(parts[1]) != 8 ||
+            strlen(parts[2]) >= sizeof(region) || strlen(parts[3]) >= sizeof(svc) ||
+            strlen(parts[4]) >= sizeof(term)) {
+            snprintf(why, whylen, "malformed Credential in the Authorization header");
+            goto out;
+        }
+        snprintf(akid, sizeof(akid), "%s", parts[0]);
+        snprintf(scope_date, sizeof(scope_date), "%s", parts[1]);
+        snprintf(region, sizeof(region), "%s", parts[2]);
+        snprintf(svc, sizeof(svc), "%s", parts[3]);
+        snprintf(term, sizeof(term), "%s", parts[4]);
+    }
+    if (strcmp(term, "aws4_request") != 0) {
+        snprintf(why, whylen, "Credential should be scoped with a valid terminator: aws4_request");
+        goto out;
+    }
+    if (access_key_id == NULL || secret == NULL ||
+        !secret_equal(akid, strlen(akid), access_key_id, strlen(access_key_id))) {
+        rc = ESMD_SIGV4_UNKNOWN_KEY;
+        snprintf(why, whylen, "The security token included in the request is invalid.");
+        goto out;
+    }
+    if (strcmp(svc, service) != 0) {
+        rc = ESMD_SIGV4_WRONG_SERVICE;
+        snprintf(why, whylen, "Credential should be scoped to correct service: '%s'", service);
+        goto out;
+    }
+    amz_date = hdr(ud, "x-amz-date");
+    {
+        int64_t t = parse_amz_date(amz_date);
+        if (t < 0 || strncmp(amz_date, scope_date, 8) != 0) {
+            rc = ESMD_SIGV4_STALE;
+            snprintf(why, whylen, "X-Amz-Date is missing, malformed or not the credential date");
+            goto out;
+        }
+        if (t < now_ms - SIGV4_MAX_SKEW_MS || t > now_ms + SIGV4_MAX_SKEW_MS) {
+            rc = ESMD_SIGV4_STALE;
+            snprintf(why, whylen, "Signature expired: %s is more than 15 minutes away from now",
+                     amz_date);
+            goto out;
+        }
+    }
+    sha256_hex(body ? body : "", len, body_hash);
+    csha = hdr(ud, "x-amz-content-sha256");
+    if (csha != NULL && strcmp(csha, "UNSIGNED-PAYLOAD") != 0 && strcasecmp(csha, body_hash) != 0) {
+        rc = ESMD_SIGV4_BAD_HASH;
+        snprintf(why, whylen, "X-Amz-Content-Sha256 does not match the request body");
+        goto out;
+    }
+
+    /* canonical request */
+    esmd_buf_printf(&creq, "%s\n", method);
+    uri_encode(&tmp, path, strlen(path), true);                 /* as sent */
+    uri_encode(&creq, tmp.data ? tmp.data : "", tmp.len, true); /* and encoded again */
+    esmd_buf_printf(&creq, "\n%s\n", canonical_query ? canonical_query : "");
+    {
+        char copy[1024], *save = NULL;
+        bool has_host = false;
+        snprintf(copy, sizeof(copy), "%s", signed_hdrs);
+        for (char *h = strtok_r(copy, ";", &save); h; h = strtok_r(NULL, ";", &save)) {
+            const char *v;
+            if (nh == SIGV4_MAX_HEADERS) {
+                snprintf(why, whylen, "too many signed headers");
+                goto out;
+            }
+            for (char *c = h; *c; c++)
+                if (*c >= 'A' && *c <= 'Z') {
+                    snprintf(why, whylen, "SignedHeaders must be lowercase");
+                    goto out;
+                }
+            nh++;
+            if (strcmp(h, "host") == 0)
+                has_host = true;
+            v = hdr(ud, h);
+            if (v == NULL) {
+                snprintf(why, whylen, "signed header %s is not in the request", h);
+                goto out;
+            }
+            esmd_buf_printf(&creq, "%s:", h);
+            put_trimmed(&creq, v);
+            esmd_buf_putc(&creq, '\n');
+        }
+        if (!has_host) {
+            snprintf(why, whylen, "the host header must be signed");
+            goto out;
+        }
+    }
+    esmd_buf_printf(&creq, "\n%s\n%s", signed_hdrs,
+                    csha && strcmp(csha, "UNSIGNED-PAYLOAD") == 0 ? "UNSIGNED-PAYLOAD" : body_hash);
+    sha256_hex(creq.data, creq.len, creq_hash);
+    esmd_buf_printf(&sts, SIGV4_ALGO "\n%s\n%s/%s/%s/aws4_request\n%s", amz_date, scope_date,
+                    region, svc, creq_hash);
+    {
+        unsigned char k[32], expect[32];
+        char hex[65];
+        static const char digits[] = "0123456789abcdef";
+        esmd_buf_reset(&tmp);
+        esmd_buf_printf(&tmp, "AWS4%s", secret);
+        hmac256(tmp.data, tmp.len, scope_date, strlen(scope_date), k);
+        OPENSSL_cleanse(tmp.data, tmp.len);
+        hmac256(k, 32, region, strlen(region), k);
+        hmac256(k, 32, svc, strlen(svc), k);
+        hmac256(k, 32, "aws4_request", 12, k);
+        hmac256(k, 32, sts.data, sts.len, expect);
+        for (int i = 0; i < 32; i++) {
+            hex[2 * i] = digits[expect[i] >> 4];
+            hex[2 * i + 1] = digits[expect[i] & 15];
+        }
+        hex[64] = '\0';
+        if (!secret_equal(hex, 64, sig, strlen(sig))) {
+            rc = ESMD_SIGV4_MISMATCH;
+            snprintf(why, whylen,
+                     "The request signature we calculated does not match the signature you "
+                     "provided. Check your AWS Secret Access Key and signing method.");
+            goto out;
+        }
+    }
+    rc = ESMD_SIGV4_OK;
+    why[0] = '\0';
+out:
+    esmd_buf_free(&creq);
+    esmd_buf_free(&sts);
+    esmd_buf_free(&tmp);
+    return rc;
+}
+
+/* ---- the request check ---- */
+
+static const char *req_header(void *ud, const char *name)
+{
+    return esmd_http_req_header(ud, name);
+}
+
+struct qcollect {
+    const char **names, **values;
+    size_t n, cap;
+};
+
+static void q_add(void *ud, const char *name, const char *value)
+{
+    struct qcollect *q = ud;
+
+    if (q->n == q->cap) {
+        q->cap = q->cap ? 2 * q->cap : 8;
+        q->names = esmd_xrealloc(q->names, q->cap * sizeof(*q->names));
+        q->values = esmd_xrealloc(q->values, q->cap * sizeof(*q->values));
+    }
+    q->names[q->n] = name;
+    q->values[q->n] = value;
+    q->n++;
+}
+
+static void deny(struct esmd_http_req *req, int status, const char *type, const char *msg)
+{
+    char rid[37];
+
+    esmd_uuid4(rid);
+    esmd_http_req_add_header(req, "x-amzn-RequestId", rid);
+    esmd_http_respond_error(req, status, type, msg);
+}
+
+bool esmd_admin_authorize(const struct esmd_admin_auth *a, struct esmd_http_req *req)
+{
+    const char *authz = esmd_http_req_header(req, "Authorization");
+    bool any = a && (a->token || a->access_key_id);
+
+    if (!any) {
+        if (esmd_http_req_is_loopback(req))
+            return true;
+        deny(req, 403, "AccessDeniedException",
+             "the admin API accepts only loopback clients when neither admin.token nor "
+             "admin.aws_credentials is configured");
+        return false;
+    }
+    if (authz == NULL || authz[0] == '\0') {
+        deny(req, 401, "MissingAuthenticationTokenException",
+             "Missing Authentication Token: send Authorization: Bearer <admin.token> or sign the "
+             "request with AWS Signature Version 4");
+        return false;
+    }
+    if (strncasecmp(authz, "Bearer ", 7) == 0) {
+        const char *t = authz + 7;
+        while (*t == ' ')
+            t++;
+        if (a->token && secret_equal(t, strlen(t), a->token, strlen(a->token)))
+            return true;
+        deny(req, 401, "UnrecognizedClientException", "The bearer token is invalid.");
+        return false;
+    }
+    if (strncmp(authz, SIGV4_ALGO " ", strlen(SIGV4_ALGO) + 1) == 0) {
+        struct qcollect q = {0};
+        struct esmd_buf cq = ESMD_BUF_INIT;
+        size_t len;
+        const char *body = esmd_http_req_body(req, &len);
+        char why[256];
+        enum esmd_sigv4_result r;
+
+        esmd_http_req_query_each(req, q_add, &q);
+        esmd_admin_sigv4_query(&cq, q.names, q.values, q.n);
+        r = esmd_admin_sigv4_check(a->access_key_id, a->secret, "lambda", authz,
+                                   esmd_http_req_method(req), esmd_http_req_path(req),
+                                   esmd_buf_cstr(&cq), body, len, req_header, req, esmd_now_ms(),
+                                   why, sizeof(why));
+        free(q.names);
+        free(q.values);
+        esmd_buf_free(&cq);
+        switch (r) {
+        case ESMD_SIGV4_OK:
+            return true;
+        case ESMD_SIGV4_UNKNOWN_KEY:
+            deny(req, 403, "UnrecognizedClientException", why);
+            return false;
+        case ESMD_SIGV4_STALE:
+            deny(req, 403, "InvalidSignatureException", why);
+            return false;
+        default:
+            esmd_log_limited(ESMD_LOG_WARN, NULL, "admin-auth", "admin: refused a request: %s",
+                             why);
+            deny(req, 403, "InvalidSignatureException", why);
+            return false;
+        }
+    }
+    deny(req, 401, "UnrecognizedClientException",
+         "unsupported Authorization scheme (Bearer or AWS4-HMAC-SHA256)");
+    return false;
+}

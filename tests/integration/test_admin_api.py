@@ -1,0 +1,443 @@
+"""The event-source-mapping admin API (docs/admin.md): Lambda's List/Get/UpdateEventSourceMapping
+under /2015-03-31/event-source-mappings, the native /admin/mappings routes and the filter dry-run;
+changes stored in esmd.mapping_overrides, applied at once, heard by every instance (LISTEN /
+NOTIFY) and kept across restarts."""
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from servers import wait_for
+from test_kafka_e2e import wait_committed
+
+ESM = "/2015-03-31/event-source-mappings"
+
+
+def call(proc, method, path, body=None, headers=None, raw=None, timeout=10):
+    """(status, headers, parsed JSON or text) of one admin request."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(proc.admin + path, data=data, method=method,
+                                 headers=dict({"Content-Type": "application/json"},
+                                              **(headers or {})))
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, hdrs, text = r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, hdrs, text = e.code, e.headers, e.read().decode()
+    try:
+        return status, hdrs, json.loads(text)
+    except ValueError:
+        return status, hdrs, text
+
+
+def the_esm(proc):
+    status, _, body = call(proc, "GET", ESM + "/")
+    assert status == 200, body
+    assert len(body["EventSourceMappings"]) == 1, body
+    return body["EventSourceMappings"][0]
+
+
+def assert_error(resp, status, etype, contains=None):
+    st, hdrs, body = resp
+    assert st == status, (st, body)
+    assert hdrs.get("x-amzn-ErrorType") == etype, (dict(hdrs), body)
+    assert body["Type"] == "User", body
+    if contains:
+        assert contains in body["Message"], body
+
+
+def mapping_uuid(name):
+    return str(uuid.uuid5(uuid.UUID("5c3c8f5e-6d1a-4f0b-9a57-3e2d7b1c8e40"), name))
+
+
+def overrides_row(postgres, name):
+    """The override row as a list of strings ("" for NULL), or None."""
+    rows = postgres.sql("SELECT enabled, batch_size, window_ms, filters::text, on_failure "
+                        "FROM esmd.mapping_overrides WHERE name = '%s'" % name)
+    return rows[0] if rows else None
+
+
+@pytest.mark.kafka
+def test_admin_list_get_and_errors(kafka, esmd, kafka_config, names, postgres):
+    topic = kafka.create_topic(names.topic(), 1)
+    cfg = kafka_config(topic, batch_size=10, window="2s",
+                       mapping_extra={"filters": [{"value": {"type": ["a"]}}],
+                                      "maximum_retry_attempts": 3,
+                                      "report_batch_item_failures": True})
+    name = cfg["mappings"][0]["name"]
+    proc = esmd(cfg)
+
+    esm = the_esm(proc)
+    u = mapping_uuid(name)
+    assert esm["UUID"] == u
+    assert esm["EventSourceMappingArn"] == \
+        "arn:aws:lambda:us-east-1:000000000000:event-source-mapping:" + u
+    assert esm["FunctionArn"] == "arn:aws:lambda:us-east-1:000000000000:function:fn"
+    assert esm["BatchSize"] == 10
+    assert esm["MaximumBatchingWindowInSeconds"] == 2
+    assert esm["State"] == "Enabled"
+    assert esm["Topics"] == [topic]
+    assert esm["StartingPosition"] == "TRIM_HORIZON"
+    assert esm["MaximumRetryAttempts"] == 3
+    assert esm["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert esm["SelfManagedEventSource"]["Endpoints"]["KAFKA_BOOTSTRAP_SERVERS"] == \
+        kafka.bootstrap.split(",")
+    assert esm["SelfManagedKafkaEventSourceConfig"]["ConsumerGroupId"] == \
+        cfg["mappings"][0]["source"]["consumer_group"]
+    assert json.loads(esm["FilterCriteria"]["Filters"][0]["Pattern"]) == {"value": {"type": ["a"]}}
+    assert esm["DestinationConfig"] == {}
+    assert isinstance(esm["LastModified"], float)
+    assert esm["LastProcessingResult"]
+
+    # Get, with and without the trailing-slash form of the list
+    st, _, got = call(proc, "GET", ESM + "/" + u)
+    assert st == 200 and got == dict(got, UUID=u, BatchSize=10)
+    st, _, lst = call(proc, "GET", ESM)
+    assert st == 200 and lst["EventSourceMappings"][0]["UUID"] == u
+
+    # List filters and paging
+    st, _, lst = call(proc, "GET", ESM + "/?FunctionName=other")
+    assert st == 200 and lst["EventSourceMappings"] == []
+    st, _, lst = call(proc, "GET", ESM + "/?FunctionName=arn:aws:lambda:us-east-1:000000000000:"
+                      "function:fn&MaxItems=1")
+    assert st == 200 and len(lst["EventSourceMappings"]) == 1
+    assert_error(call(proc, "GET", ESM + "/?MaxItems=0"), 400, "InvalidParameterValueException")
+    assert_error(call(proc, "GET", ESM + "/?Marker=zz"), 400, "InvalidParameterValueException")
+
+    # errors
+    assert_error(call(proc, "GET", ESM + "/" + str(uuid.uuid4())), 404,
+                 "ResourceNotFoundException")
+    assert_error(call(proc, "GET", ESM + "/not-a-uuid"), 404, "ResourceNotFoundException")
+    assert_error(call(proc, "PUT", ESM + "/" + str(uuid.uuid4()), {"BatchSize": 5}), 404,
+                 "ResourceNotFoundException")
+    for bad in (0, 10001, 2.5, "10", None):
+        assert_error(call(proc, "PUT", ESM + "/" + u, {"BatchSize": bad}), 400,
+                     "InvalidParameterValueException", "BatchSize")
+    assert_error(call(proc, "PUT", ESM + "/" + u, {"MaximumBatchingWindowInSeconds": 301}), 400,
+                 "InvalidParameterValueException", "MaximumBatchingWindowInSeconds")
+    assert_error(call(proc, "PUT", ESM + "/" + u, {"Enabled": "no"}), 400,
+                 "InvalidParameterValueException", "Enabled")
+    assert_error(call(proc, "PUT", ESM + "/" + u, {"FilterCriteria": {"Filters": [
+        {"Pattern": '{"value": {"type": [{"prefx": "a"}]}}'}]}}), 400,
+        "InvalidParameterValueException", "Invalid filter pattern definition.")
+    st, _, body = call(proc, "PUT", ESM + "/" + u, {"FilterCriteria": {"Filters": [
+        {"Pattern": '{"value": {"type": [{"prefx": "a"}]}}'}]}})
+    assert "prefx" in body["Message"] and "Filters[0].Pattern:1:" in body["Message"], body
+    assert_error(call(proc, "PUT", ESM + "/" + u, {"FilterCriteria": {"Filters": [
+        {"Pattern": "{}"}] * 6}}), 400, "InvalidParameterValueException", "at most 5")
+    assert_error(call(proc, "PUT", ESM + "/" + u, {"DestinationConfig": {
+        "OnSuccess": {"Destination": "pgqueue://x"}}}), 400, "InvalidParameterValueException",
+        "Unsupported DestinationConfig parameter")
+    assert_error(call(proc, "PUT", ESM + "/" + u, {"DestinationConfig": {
+        "OnFailure": {"Destination": "nosuch://x"}}}), 400, "InvalidParameterValueException",
+        "Destination")
+    assert_error(call(proc, "PUT", ESM + "/" + u, {"MaximumRetryAttempts": 1}), 400,
+                 "InvalidParameterValueException", "configuration file")
+    assert_error(call(proc, "PUT", ESM + "/" + u, {"FunctionName": "other"}), 400,
+                 "InvalidParameterValueException", "FunctionName")
+    assert_error(call(proc, "PUT", ESM + "/" + u, {"Bogus": 1}), 400,
+                 "InvalidParameterValueException", "Bogus")
+    assert_error(call(proc, "PUT", ESM + "/" + u, raw=b"{not json"), 400,
+                 "InvalidRequestContentException")
+    assert_error(call(proc, "PUT", ESM + "/" + u, raw=b"[1]"), 400,
+                 "InvalidRequestContentException")
+    # bodies over 256 KB are refused before they are read
+    st, hdrs, body = call(proc, "PUT", ESM + "/" + u, raw=b" " * (256 * 1024 + 1))
+    assert st == 413 and hdrs.get("x-amzn-ErrorType") == "RequestTooLargeException"
+    assert_error(call(proc, "POST", ESM + "/"), 405, "MethodNotAllowedException")
+    # nothing of that was stored
+    assert overrides_row(postgres, name) is None
+
+
+@pytest.mark.kafka
+def test_admin_update_applies_to_a_running_kafka_mapping(kafka, endpoint, esmd, kafka_config,
+                                                         names, postgres):
+    topic = kafka.create_topic(names.topic(), 1)
+    group = names.group()
+    cfg = kafka_config(topic, batch_size=3, window="100ms", group=group)
+    name = cfg["mappings"][0]["name"]
+    proc = esmd(cfg)
+    u = mapping_uuid(name)
+
+    kafka.produce(topic, [{"partition": 0, "value": json.dumps({"type": "a", "i": i})}
+                          for i in range(6)])
+    endpoint.wait_records(6, timeout=30)
+    assert max(len(r.records()) for r in endpoint.ok_requests()) <= 3
+
+    # Enabled=false: records stop
+    st, _, esm = call(proc, "PUT", ESM + "/" + u, {"Enabled": False})
+    assert st == 202, esm
+    assert esm["State"] == "Disabled"
+    assert esm["StateTransitionReason"] == "User action"
+    assert overrides_row(postgres, name)[0] == "f"
+    assert postgres.sql("SELECT state FROM esmd.mapping_state WHERE name = '%s'" % name) == \
+        [["Disabled"]]
+    wait_committed(kafka, group, topic, {0: 6})
+    kafka.produce(topic, [{"partition": 0, "value": json.dumps({"type": "a", "i": i})}
+                          for i in range(6, 10)])
+    time.sleep(2.0)
+    assert endpoint.record_count() == 6, "records were delivered while disabled"
+
+    # BatchSize 10 and a window, then enable: the waiting records come as one batch
+    st, _, esm = call(proc, "PUT", ESM + "/" + u, {"BatchSize": 10,
+                                                   "MaximumBatchingWindowInSeconds": 1})
+    assert st == 202 and esm["BatchSize"] == 10 and esm["MaximumBatchingWindowInSeconds"] == 1
+    assert esm["State"] == "Disabled"
+    n_req = len(endpoint.ok_requests())
+    st, _, esm = call(proc, "PUT", ESM + "/" + u, {"Enabled": True})
+    assert st == 202 and esm["State"] == "Enabled"
+    endpoint.wait_records(10, timeout=30)
+    new = endpoint.ok_requests()[n_req:]
+    assert [len(r.records()) for r in new] == [4], new
+
+    # FilterCriteria: only matching records arrive; {} removes the filters again
+    st, _, esm = call(proc, "PUT", ESM + "/" + u, {
+        "FilterCriteria": {"Filters": [{"Pattern": json.dumps({"value": {"type": ["keep"]}})}]},
+        "MaximumBatchingWindowInSeconds": 0})
+    assert st == 202, esm
+    assert json.loads(esm["FilterCriteria"]["Filters"][0]["Pattern"]) == \
+        {"value": {"type": ["keep"]}}
+    kafka.produce(topic, [{"partition": 0, "value": json.dumps(
+        {"type": "keep" if i % 2 else "drop", "i": i})} for i in range(10, 20)])
+    wait_committed(kafka, group, topic, {0: 20})
+    time.sleep(0.3)
+    later = [json.loads(base64.b64decode(rec["value"]))["i"]
+             for _, _, rec in endpoint.records()][10:]
+    assert later == [11, 13, 15, 17, 19]
+
+    st, _, esm = call(proc, "PUT", ESM + "/" + u, {"FilterCriteria": {}})
+    assert st == 202 and "FilterCriteria" not in esm
+    kafka.produce(topic, [{"partition": 0, "value": json.dumps({"type": "drop", "i": 20})}])
+    endpoint.wait_records(16, timeout=30)
+
+    # DestinationConfig with an esmd URI, then "" removes it
+    st, _, esm = call(proc, "PUT", ESM + "/" + u, {
+        "DestinationConfig": {"OnFailure": {"Destination": "pgqueue://admin_failed"}}})
+    assert st == 202, esm
+    assert esm["DestinationConfig"] == {"OnFailure": {"Destination": "pgqueue://admin_failed"}}
+    st, _, esm = call(proc, "PUT", ESM + "/" + u, {
+        "DestinationConfig": {"OnFailure": {"Destination": ""}}})
+    assert st == 202 and esm["DestinationConfig"] == {}
+    row = overrides_row(postgres, name)
+    assert row[1:] == ["10", "0", "[]", ""], row
+
+
+@pytest.mark.kafka
+def test_admin_change_reaches_other_instance_and_survives_restart(kafka, esmd, kafka_config,
+                                                                  names, postgres):
+    topic = kafka.create_topic(names.topic(), 2)
+    cfg = kafka_config(topic, batch_size=7)
+    name = cfg["mappings"][0]["name"]
+    a = esmd(cfg)
+    b = esmd(cfg)
+    u = mapping_uuid(name)
+    assert the_esm(b)["BatchSize"] == 7
+
+    st, _, esm = call(a, "PUT", ESM + "/" + u, {"BatchSize": 42, "Enabled": False})
+    assert st == 202 and esm["BatchSize"] == 42
+
+    def b_sees():
+        e = the_esm(b)
+        return e["BatchSize"] == 42 and e["State"] == "Disabled"
+    wait_for(b_sees, 10, 0.1, "the change on the other instance")
+    st, _, nat = call(b, "GET", "/admin/mappings/" + name)
+    assert st == 200 and nat["overrides"]["batch_size"] == 42 and nat["enabled"] is False
+    assert nat["status"] is not None
+
+    # a restart keeps the override
+    a.restart()
+    e = the_esm(a)
+    assert e["BatchSize"] == 42 and e["State"] == "Disabled"
+
+    # reset through /admin: the file's values come back on both
+    st, _, nat = call(b, "DELETE", "/admin/mappings/%s/overrides" % name)
+    assert st == 200 and nat["overrides"] is None and nat["batch_size"] == 7, nat
+    wait_for(lambda: the_esm(a)["BatchSize"] == 7 and the_esm(a)["State"] == "Enabled", 10, 0.1,
+             "the reset on the other instance")
+    assert overrides_row(postgres, name) is None
+
+
+@pytest.mark.kafka
+def test_admin_override_dropped_when_the_file_value_changes(kafka, esmd, kafka_config, names,
+                                                            postgres, tmp_path):
+    topic = kafka.create_topic(names.topic(), 1)
+    cfg = kafka_config(topic, batch_size=7, window="1s")
+    name = cfg["mappings"][0]["name"]
+    proc = esmd(cfg)
+    u = mapping_uuid(name)
+    st, _, _ = call(proc, "PUT", ESM + "/" + u, {"BatchSize": 42,
+                                                 "MaximumBatchingWindowInSeconds": 3})
+    assert st == 202
+    proc.stop()
+
+    # the file's batch_size changes, its window does not: the window override stays
+    cfg["mappings"][0]["batch_size"] = 8
+    proc2 = esmd(cfg)
+    e = the_esm(proc2)
+    assert e["BatchSize"] == 8
+    assert e["MaximumBatchingWindowInSeconds"] == 3
+    assert overrides_row(postgres, name)[1:3] == ["", "3000"]
+
+
+@pytest.mark.kafka
+def test_admin_pause_resume(kafka, endpoint, esmd, kafka_config, names, postgres):
+    topic = kafka.create_topic(names.topic(), 1)
+    group = names.group()
+    cfg = kafka_config(topic, batch_size=5, group=group)
+    name = cfg["mappings"][0]["name"]
+    proc = esmd(cfg)
+
+    st, _, lst = call(proc, "GET", "/admin/mappings")
+    assert st == 200 and [m["name"] for m in lst["mappings"]] == [name]
+    assert lst["mappings"][0]["uuid"] == mapping_uuid(name)
+
+    st, _, nat = call(proc, "POST", "/admin/mappings/%s/pause" % name)
+    assert st == 200 and nat["enabled"] is False and nat["state"] == "Disabled", nat
+    assert nat["overrides"]["enabled"] is False
+    kafka.produce(topic, [{"partition": 0, "value": "x%d" % i} for i in range(5)])
+    time.sleep(2.0)
+    assert endpoint.record_count() == 0
+    st, _, nat = call(proc, "POST", "/admin/mappings/%s/resume" % name)
+    assert st == 200 and nat["enabled"] is True
+    endpoint.wait_records(5, timeout=30)
+    assert overrides_row(postgres, name)[0] == "t"
+
+    assert_error(call(proc, "POST", "/admin/mappings/nosuch/pause"), 404,
+                 "ResourceNotFoundException")
+    assert_error(call(proc, "POST", "/admin/mappings/%s/jump" % name), 404,
+                 "ResourceNotFoundException")
+    assert_error(call(proc, "GET", "/admin/mappings/nosuch"), 404, "ResourceNotFoundException")
+
+
+def test_admin_yaml_disabled_mapping_can_be_enabled(esmd, kafka, kafka_config, endpoint, names):
+    topic = kafka.create_topic(names.topic(), 1)
+    cfg = kafka_config(topic, mapping_extra={"enabled": False})
+    name = cfg["mappings"][0]["name"]
+    proc = esmd(cfg)
+    kafka.produce(topic, [{"partition": 0, "value": "v%d" % i} for i in range(3)])
+    assert the_esm(proc)["State"] == "Disabled"
+    time.sleep(1.5)
+    assert endpoint.record_count() == 0
+    st, _, esm = call(proc, "PUT", ESM + "/" + mapping_uuid(name), {"Enabled": True})
+    assert st == 202 and esm["State"] == "Enabled"
+    endpoint.wait_records(3, timeout=30)
+
+
+def test_admin_filter_dry_run(esmd, kafka, kafka_config, names):
+    cfg = kafka_config(names.topic(), mapping_extra={"filters": [{"value": {"n": [300]}}]})
+    name = cfg["mappings"][0]["name"]
+    proc = esmd(cfg)
+    t = "/admin/filter/test"
+
+    st, _, r = call(proc, "POST", t, {"pattern": {"a": ["x"]}, "event": {"a": "x"}})
+    assert st == 200 and r == {"match": True, "matching_patterns": [0]}
+    st, _, r = call(proc, "POST", t, {"pattern": '{"a": ["x"]}', "event": {"a": "y"}})
+    assert st == 200 and r["match"] is False
+    st, _, r = call(proc, "POST", t, {"patterns": [{"a": ["y"]}, '{"a": [{"prefix": "x"}]}',
+                                                   {"b": [{"exists": False}]}],
+                                      "event": '{"a": "xyz"}'})
+    assert st == 200 and r == {"match": True, "matching_patterns": [1, 2]}
+    # numbers compare by value, as a mapping's filters (docs/filters.md)
+    st, _, r = call(proc, "POST", t, raw=b'{"pattern": {"n": [300]}, "event": {"n": 3.0e2}}')
+    assert st == 200 and r["match"] is True
+    st, _, r = call(proc, "POST", t, raw=b'{"mapping": "%s", "event": {"value": {"n": 300}}}'
+                    % name.encode())
+    assert st == 200 and r["match"] is True
+
+    # invalid patterns: 400 with the reason and the position
+    st, hdrs, r = call(proc, "POST", t, raw=b'{"pattern": {"a": [{"prefx": "x"}]}, "event": {}}')
+    assert st == 400 and hdrs["x-amzn-ErrorType"] == "InvalidParameterValueException"
+    assert "prefx" in r["Message"] and r["pattern"] == 0 and r["line"] == 1, r
+    assert r["body_offset"] == r["offset"] + len(b'{"pattern": ')
+    st, _, r = call(proc, "POST", t, {"patterns": [{"a": ["x"]}, '{"a": '], "event": {}})
+    assert st == 400 and r["pattern"] == 1 and "patterns[1]" in r["Message"], r
+    assert_error(call(proc, "POST", t, {"event": {}}), 400, "InvalidParameterValueException")
+    assert_error(call(proc, "POST", t, {"pattern": {"a": ["x"]}}), 400,
+                 "InvalidParameterValueException", "event")
+    assert_error(call(proc, "POST", t, {"pattern": {"a": ["x"]}, "event": [1]}), 400,
+                 "InvalidParameterValueException", "event")
+    assert_error(call(proc, "POST", t, {"pattern": 5, "event": {}}), 400,
+                 "InvalidParameterValueException", "pattern")
+    assert_error(call(proc, "POST", t, {"pattern": {}, "event": {}, "x": 1}), 400,
+                 "InvalidParameterValueException", "unknown field")
+    assert_error(call(proc, "POST", t, raw=b"nope"), 400, "InvalidRequestContentException")
+    assert_error(call(proc, "POST", t, {"mapping": "nosuch", "event": {}}), 404,
+                 "ResourceNotFoundException")
+
+
+def test_admin_routes_need_credentials_when_a_token_is_set(esmd, kafka, kafka_config, names):
+    cfg = kafka_config(names.topic())
+    cfg["admin"] = {"token": "s3cret"}
+    proc = esmd(cfg)
+    for method, path in (("GET", ESM + "/"), ("GET", "/admin/mappings"),
+                         ("POST", "/admin/filter/test")):
+        st, hdrs, _ = call(proc, method, path, {})
+        assert st in (401, 403), (method, path, st)
+        st, _, _ = call(proc, method, path, {"pattern": {}, "event": {}},
+                        headers={"Authorization": "Bearer s3cret"})
+        assert st == 200, (method, path, st)
+    assert proc.get("/healthz")[0] == 200
+
+
+def aws_cli():
+    exe = shutil.which("aws")
+    if not exe:
+        return None
+    try:
+        r = subprocess.run([exe, "--version"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return exe if r.returncode == 0 else None
+
+
+@pytest.mark.skipif(aws_cli() is None, reason="the AWS CLI is not installed")
+def test_admin_aws_cli(esmd, kafka, kafka_config, names, tmp_path):
+    cfg = kafka_config(names.topic(), batch_size=9)
+    cfg["admin"] = {"aws_credentials": {"access_key_id": "esmd-test",
+                                        "secret_access_key": "esmd-test-secret"}}
+    name = cfg["mappings"][0]["name"]
+    proc = esmd(cfg)
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="esmd-test", AWS_SECRET_ACCESS_KEY="esmd-test-secret",
+               AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_PAGER="")
+    env.pop("AWS_PROFILE", None)
+
+    def aws(*args):
+        r = subprocess.run([aws_cli(), "lambda"] + list(args) +
+                           ["--endpoint-url", proc.admin, "--output", "json"],
+                           capture_output=True, env=env, timeout=60)
+        return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+    rc, out, err = aws("list-event-source-mappings", "--function-name", "fn")
+    assert rc == 0, err
+    esms = json.loads(out)["EventSourceMappings"]
+    assert [e["UUID"] for e in esms] == [mapping_uuid(name)]
+    u = esms[0]["UUID"]
+    rc, out, err = aws("get-event-source-mapping", "--uuid", u)
+    assert rc == 0, err
+    assert json.loads(out)["BatchSize"] == 9
+    rc, out, err = aws("update-event-source-mapping", "--uuid", u, "--batch-size", "25",
+                       "--filter-criteria", json.dumps({"Filters": [
+                           {"Pattern": json.dumps({"value": {"t": ["x"]}})}]}),
+                       "--no-enabled")
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["BatchSize"] == 25 and got["State"] == "Disabled"
+    rc, out, err = aws("get-event-source-mapping", "--uuid", "00000000-0000-0000-0000-000000000000")
+    assert rc != 0 and "ResourceNotFoundException" in err, err
+    rc, out, err = aws("update-event-source-mapping", "--uuid", u, "--filter-criteria",
+                       json.dumps({"Filters": [{"Pattern": '{"a": [{"prefx": 1}]}'}]}))
+    assert rc != 0 and "InvalidParameterValueException" in err, err
+
+    # a wrong secret is refused
+    env["AWS_SECRET_ACCESS_KEY"] = "wrong"
+    rc, out, err = aws("get-event-source-mapping", "--uuid", u)
+    assert rc != 0
