@@ -1,5 +1,6 @@
 /* Growable buffer and the JSON / base64 writers. */
 #include "esmd/buf.h"
+#include "esmd/json.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -120,39 +121,6 @@ char *esmd_buf_steal(struct esmd_buf *b, size_t *len)
     return p;
 }
 
-/* Length of the valid UTF-8 sequence at s (1..4), or 0 when the bytes there are not valid. */
-static size_t utf8_seq(const unsigned char *s, size_t n)
-{
-    unsigned char c = s[0];
-    if (c < 0x80)
-        return 1;
-    size_t len;
-    uint32_t cp;
-    if (c >= 0xc2 && c <= 0xdf) {
-        len = 2;
-        cp = c & 0x1f;
-    } else if (c >= 0xe0 && c <= 0xef) {
-        len = 3;
-        cp = c & 0x0f;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        len = 4;
-        cp = c & 0x07;
-    } else {
-        return 0;
-    }
-    if (len > n)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3f);
-    }
-    if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
-        (cp >= 0xd800 && cp <= 0xdfff))
-        return 0;
-    return len;
-}
-
 /* Bytes written for one input position; *adv gets the input bytes consumed. */
 static size_t json_char_len(const unsigned char *s, size_t n, size_t *adv)
 {
@@ -165,7 +133,7 @@ static size_t json_char_len(const unsigned char *s, size_t n, size_t *adv)
         *adv = 1;
         return 6;
     }
-    size_t l = utf8_seq(s, n);
+    size_t l = esmd_utf8_seq(s, n);
     if (l == 0) {
         *adv = 1;
         return 3; /* U+FFFD as UTF-8 */
@@ -249,7 +217,7 @@ void esmd_buf_put_json_string(struct esmd_buf *b, const char *s, size_t n)
             i++;
             continue;
         }
-        size_t l = utf8_seq(p + i, n - i);
+        size_t l = esmd_utf8_seq(p + i, n - i);
         if (l == 0) {
             esmd_buf_append(b, "\xef\xbf\xbd", 3);
             i++;

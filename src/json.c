@@ -3,8 +3,7 @@
 
 #include <stdint.h>
 
-/* Length of the well-formed UTF-8 sequence at s (at most n bytes available), 0 if malformed. */
-static size_t utf8_seq(const unsigned char *s, size_t n)
+size_t esmd_utf8_seq(const unsigned char *s, size_t n)
 {
     unsigned char c = s[0];
     if (c < 0x80)
@@ -45,7 +44,7 @@ bool esmd_utf8_valid(const char *str, size_t len)
             i++;
             continue;
         }
-        size_t n = utf8_seq(s + i, len - i);
+        size_t n = esmd_utf8_seq(s + i, len - i);
         if (n == 0)
             return false;
         i += n;
@@ -105,7 +104,7 @@ static bool scan_string(struct scan *sc)
             sc->i++;
             continue;
         }
-        size_t n = utf8_seq(sc->s + sc->i, sc->len - sc->i);
+        size_t n = esmd_utf8_seq(sc->s + sc->i, sc->len - sc->i);
         if (n == 0)
             return false;
         sc->i += n;

@@ -10,6 +10,9 @@
 /* Maximum nesting esmd_json_valid() accepts (deeper documents are "not JSON"). */
 #define ESMD_JSON_MAX_DEPTH 512
 
+/* Length of the well-formed UTF-8 sequence at s (1..4; n bytes available), 0 if malformed. */
+size_t esmd_utf8_seq(const unsigned char *s, size_t n);
+
 /* Well-formed UTF-8 (RFC 3629: no overlongs, no surrogates, nothing above U+10FFFF). */
 bool esmd_utf8_valid(const char *s, size_t len);
 
