@@ -12,6 +12,7 @@
  * client gets 500. Every instance (this one too) re-reads the row when the NOTIFY arrives, and
  * all rows whenever LISTEN is (re)established. */
 #include "esmd/admin.h"
+#include "admin_dlq.h"
 #include "esmd/admin_auth.h"
 #include "esmd/destination.h"
 #include "esmd/filter.h"
@@ -74,7 +75,8 @@ struct esmd_admin {
     const struct esmd_admin_auth *auth;
     char *conninfo;
     char *instance_id;
-    struct esmd_pg *pg; /* owned: writes and LISTEN */
+    struct esmd_pg *pg;         /* owned: writes and LISTEN */
+    struct esmd_admin_dlq *dlq; /* owned: /admin/dead-letters (src/admin_dlq.c), on pg */
     struct adm_map *maps;
     size_t nmaps;
     int64_t started_ms;
@@ -1765,6 +1767,7 @@ struct esmd_admin *esmd_admin_new(struct ev_loop *loop, const struct esmd_config
         esmd_admin_free(adm);
         return NULL;
     }
+    adm->dlq = esmd_admin_dlq_new(cfg, auth, adm->pg);
     return adm;
 }
 
@@ -1939,6 +1942,8 @@ int esmd_admin_start(struct esmd_admin *adm, struct esmd_http *http)
     if (esmd_http_route_limited(http, "POST", ADM_FILTER_TEST_PATH, adm_route_filter_test,
                                 adm_body_limit, adm) != 0)
         return ESMD_EINVAL;
+    if (esmd_admin_dlq_routes(adm->dlq, http, adm_body_limit) != 0)
+        return ESMD_EINVAL;
     return ESMD_OK;
 }
 
@@ -1947,8 +1952,11 @@ void esmd_admin_free(struct esmd_admin *adm)
     if (adm == NULL)
         return;
     adm->closing = true;
+    esmd_admin_dlq_closing(adm->dlq);
     esmd_pg_free(adm->pg); /* queries still queued are answered from here */
     adm->pg = NULL;
+    esmd_admin_dlq_free(adm->dlq);
+    adm->dlq = NULL;
     for (size_t i = 0; i < adm->nmaps; i++)
         ovr_clear(&adm->maps[i].ovr);
     free(adm->maps);

@@ -448,6 +448,9 @@ static void send_dead_letter(struct aq_ev *ev, const char *uri)
                     "\"ErrorMessage\":{\"dataType\":\"String\",\"stringValue\":",
                     ev->rid, ev->last_status > 0 ? ev->last_status : 500);
     esmd_buf_put_json_string(&attrs, msg, n);
+    /* esmd's addition: which function, so /admin/dead-letters can show and re-drive it */
+    esmd_buf_puts(&attrs, "},\"FunctionName\":{\"dataType\":\"String\",\"stringValue\":");
+    esmd_buf_put_json_string(&attrs, ev->f->cfg->name, strlen(ev->f->cfg->name));
     esmd_buf_puts(&attrs, "}}");
     struct esmd_asyncq *q = ev->q;
     struct aq_send *s = esmd_xcalloc(1, sizeof(*s));

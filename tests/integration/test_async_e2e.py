@@ -156,6 +156,7 @@ def test_async_retries_exhausted_on_failure_and_dead_letter(esmd, postgres, db, 
     assert attrs["RequestID"]["stringValue"] == rid
     assert attrs["ErrorCode"]["stringValue"] == "200"
     assert attrs["ErrorMessage"]["stringValue"] == "it broke"
+    assert attrs["FunctionName"]["stringValue"] == "fn"
     m = proc.metrics()
     assert m.get("esmd_async_events_dropped_total", function="fn", reason="RetriesExhausted") == 1
     wait(lambda: queue_len(postgres, db) == 0, what="the event deleted")

@@ -1,0 +1,377 @@
+/* Dead-lettered async events in pgqueue:// queues (src/admin_dlq.h, docs/admin.md):
+ *
+ *   GET  /admin/dead-letters/{queue}?limit=N       oldest first (default 100, at most 1000)
+ *   GET  /admin/dead-letters/{queue}/{messageId}   one message, 404 when absent
+ *   POST /admin/dead-letters/{queue}/redrive       {"function": NAME, "messageIds": [...]}
+ *
+ * asyncq writes a dead letter as the event (body) with the attributes RequestID, ErrorCode and
+ * ErrorMessage; it does not record the function, so a redrive names it. A redrive is one
+ * statement (so one transaction): it locks the queue's visible messages (SKIP LOCKED: a message
+ * a consumer holds is left alone), inserts each as a new event of the function, keeping the
+ * original request id (esmd.async_events.request_id is not unique), deletes the messages and
+ * sends NOTIFY esmd_async so the workers wake at once. The JSON answers are built by Postgres. */
+#include "admin_dlq.h"
+
+#include "esmd/admin_auth.h"
+#include "esmd/json.h"
+#include "esmd/pg.h"
+
+#include <cJSON.h>
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DLQ_JSON "application/json"
+#define DLQ_LIMIT_DEFAULT 100
+#define DLQ_LIMIT_MAX 1000
+#define DLQ_MAX_IDS 1000
+#define DLQ_QUEUE_MAX 64
+#define DLQ_UUID_RE                                                                                \
+    "'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'"
+
+/* The JSON object of one message m of esmd.queue_messages. */
+#define DLQ_OBJ                                                                                    \
+    "json_build_object('messageId', m.message_id, 'queue', m.queue, "                              \
+    "'function', m.attributes->'FunctionName'->>'stringValue', "                                   \
+    "'requestId', m.attributes->'RequestID'->>'stringValue', "                                     \
+    "'errorCode', CASE WHEN m.attributes->'ErrorCode'->>'stringValue' ~ '^[0-9]{1,9}$' "           \
+    "THEN (m.attributes->'ErrorCode'->>'stringValue')::integer END, "                              \
+    "'errorMessage', m.attributes->'ErrorMessage'->>'stringValue', "                               \
+    "'sentTime', to_char(m.sent_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), "     \
+    "'sentTimestamp', (extract(epoch FROM m.sent_at) * 1000)::bigint, "                            \
+    "'receiveCount', m.receive_count, 'attributes', m.attributes, 'body', m.body)"
+
+struct esmd_admin_dlq {
+    const struct esmd_config *cfg;
+    const struct esmd_admin_auth *auth;
+    struct esmd_pg *pg;
+    bool closing;
+};
+
+enum dlq_kind { DLQ_LIST, DLQ_SHOW, DLQ_REDRIVE };
+
+struct dlq_op {
+    struct esmd_admin_dlq *d;
+    struct esmd_http_req *req; /* NULL once the client went away */
+    enum dlq_kind kind;
+};
+
+struct esmd_admin_dlq *esmd_admin_dlq_new(const struct esmd_config *cfg,
+                                          const struct esmd_admin_auth *auth, struct esmd_pg *pg)
+{
+    struct esmd_admin_dlq *d = esmd_xcalloc(1, sizeof(*d));
+
+    d->cfg = cfg;
+    d->auth = auth;
+    d->pg = pg;
+    return d;
+}
+
+void esmd_admin_dlq_closing(struct esmd_admin_dlq *d)
+{
+    if (d)
+        d->closing = true;
+}
+
+void esmd_admin_dlq_free(struct esmd_admin_dlq *d)
+{
+    free(d);
+}
+
+/* ---- checks ---- */
+
+static bool dlq_queue_name(const char *s, size_t n)
+{
+    if (n == 0 || n > DLQ_QUEUE_MAX)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (!isalnum((unsigned char)s[i]) && s[i] != '_' && s[i] != '.' && s[i] != '-')
+            return false;
+    return true;
+}
+
+static bool dlq_uuid(const char *s)
+{
+    static const char pat[] = "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx";
+
+    if (strlen(s) != sizeof(pat) - 1)
+        return false;
+    for (size_t i = 0; pat[i]; i++)
+        if (pat[i] == '-' ? s[i] != '-' : !isxdigit((unsigned char)s[i]))
+            return false;
+    return true;
+}
+
+static void dlq_bad(struct esmd_http_req *req, const char *msg)
+{
+    esmd_http_respond_error(req, 400, "InvalidParameterValueException", msg);
+}
+
+/* ---- answers ---- */
+
+static void dlq_abort(void *ud, struct esmd_http_req *req)
+{
+    struct dlq_op *op = ud;
+
+    (void)req;
+    op->req = NULL;
+}
+
+static void dlq_done(void *ud, const PGresult *res, const char *err)
+{
+    struct dlq_op *op = ud;
+    struct esmd_http_req *req = op->req;
+    bool ok = res != NULL && PQresultStatus(res) == PGRES_TUPLES_OK;
+
+    if (req == NULL) {
+        free(op);
+        return;
+    }
+    esmd_http_req_on_abort(req, NULL, NULL);
+    if (!ok) {
+        const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+        const char *why = err ? err : PQresultErrorMessage(res);
+        char msg[768];
+
+        if (op->kind == DLQ_REDRIVE && state && strcmp(state, "22P02") == 0) {
+            snprintf(msg, sizeof(msg), "a message of the queue is not a JSON event: %s", why);
+            dlq_bad(req, msg);
+        } else {
+            snprintf(msg, sizeof(msg), "could not read the dead-letter queue: %s", why);
+            esmd_http_respond_error(req, op->d->closing ? 503 : 500, "ServiceException", msg);
+        }
+        free(op);
+        return;
+    }
+    if (op->kind == DLQ_SHOW && PQntuples(res) == 0) {
+        esmd_http_respond_error(req, 404, "ResourceNotFoundException",
+                                "no such message in the dead-letter queue");
+        free(op);
+        return;
+    }
+    if (op->kind == DLQ_REDRIVE && PQntuples(res) == 1 && !PQgetisnull(res, 0, 1)) {
+        char msg[768];
+
+        snprintf(msg, sizeof(msg),
+                 "messages not in the queue (or being received by a consumer): %.600s; "
+                 "nothing was redriven",
+                 PQgetvalue(res, 0, 1));
+        esmd_http_respond_error(req, 404, "ResourceNotFoundException", msg);
+        free(op);
+        return;
+    }
+    if (PQntuples(res) != 1 || PQgetisnull(res, 0, 0)) {
+        esmd_http_respond_error(req, 500, "ServiceException", "unexpected answer from Postgres");
+        free(op);
+        return;
+    }
+    esmd_http_respond(req, 200, DLQ_JSON, PQgetvalue(res, 0, 0), (size_t)PQgetlength(res, 0, 0));
+    free(op);
+}
+
+static void dlq_query(struct esmd_admin_dlq *d, struct esmd_http_req *req, enum dlq_kind kind,
+                      const char *sql, int n, const char *const *params)
+{
+    struct dlq_op *op = esmd_xcalloc(1, sizeof(*op));
+
+    op->d = d;
+    op->req = req;
+    op->kind = kind;
+    if (d->closing || esmd_pg_query(d->pg, sql, n, params, dlq_done, op) != 0) {
+        free(op);
+        esmd_http_respond_error(req, 503, "ServiceException", "shutting down");
+        return;
+    }
+    esmd_http_req_on_abort(req, dlq_abort, op);
+}
+
+/* ---- routes ---- */
+
+static void dlq_list(struct esmd_admin_dlq *d, struct esmd_http_req *req, const char *queue)
+{
+    const char *ls = esmd_http_req_query(req, "limit");
+    long limit = DLQ_LIMIT_DEFAULT;
+    char lbuf[16];
+
+    if (ls != NULL) {
+        char *end;
+
+        if (!isdigit((unsigned char)ls[0]) || strlen(ls) > 7 ||
+            (limit = strtol(ls, &end, 10), *end != '\0') || limit < 1 || limit > DLQ_LIMIT_MAX) {
+            dlq_bad(req, "limit must be an integer from 1 to 1000");
+            return;
+        }
+    }
+    snprintf(lbuf, sizeof(lbuf), "%ld", limit);
+    const char *params[2] = {queue, lbuf};
+    dlq_query(d, req, DLQ_LIST,
+              "SELECT json_build_object('queue', $1::text, 'messages', coalesce(json_agg(" DLQ_OBJ
+              " ORDER BY m.sent_at, m.id), '[]'::json))::text FROM (SELECT * FROM "
+              "esmd.queue_messages WHERE queue = $1 ORDER BY sent_at, id LIMIT $2::integer) m",
+              2, params);
+}
+
+static void dlq_show(struct esmd_admin_dlq *d, struct esmd_http_req *req, const char *queue,
+                     const char *mid)
+{
+    if (!dlq_uuid(mid)) {
+        dlq_bad(req, "messageId must be a UUID");
+        return;
+    }
+    const char *params[2] = {queue, mid};
+    dlq_query(d, req, DLQ_SHOW,
+              "SELECT " DLQ_OBJ "::text FROM esmd.queue_messages m "
+              "WHERE m.queue = $1 AND m.message_id = $2::uuid",
+              2, params);
+}
+
+static void dlq_redrive(struct esmd_admin_dlq *d, struct esmd_http_req *req, const char *queue)
+{
+    size_t len;
+    const char *body = esmd_http_req_body(req, &len);
+    cJSON *root = NULL;
+    const cJSON *fn = NULL, *ids = NULL, *it;
+    struct esmd_buf idlist = ESMD_BUF_INIT;
+    char msg[256];
+
+    if (len == 0 || !esmd_json_valid(body, len) ||
+        !cJSON_IsObject(root = cJSON_ParseWithLength(body, len))) {
+        cJSON_Delete(root);
+        esmd_http_respond_error(req, 400, "InvalidRequestContentException",
+                                "Could not parse request body into json: expected a JSON object "
+                                "with \"function\"");
+        return;
+    }
+    cJSON_ArrayForEach(it, root)
+    {
+        if (strcmp(it->string, "function") == 0) {
+            fn = it;
+        } else if (strcmp(it->string, "messageIds") == 0) {
+            ids = it;
+        } else {
+            snprintf(msg, sizeof(msg), "unknown field %.100s (expected function, messageIds)",
+                     it->string);
+            dlq_bad(req, msg);
+            goto out;
+        }
+    }
+    if (!cJSON_IsString(fn) || fn->valuestring[0] == '\0') {
+        dlq_bad(req, "function (a configured function's name) is required: the function to "
+                     "invoke with the dead letters (listing shows each one's FunctionName)");
+        goto out;
+    }
+    if (esmd_config_function(d->cfg, fn->valuestring) == NULL) {
+        snprintf(msg, sizeof(msg), "Function not found: %.100s", fn->valuestring);
+        esmd_http_respond_error(req, 404, "ResourceNotFoundException", msg);
+        goto out;
+    }
+    if (ids != NULL) {
+        int n = cJSON_GetArraySize(ids);
+
+        if (!cJSON_IsArray(ids) || n < 1 || n > DLQ_MAX_IDS) {
+            dlq_bad(req, "messageIds must be an array of 1 to 1000 message ids");
+            goto out;
+        }
+        esmd_buf_putc(&idlist, '{');
+        cJSON_ArrayForEach(it, ids)
+        {
+            if (!cJSON_IsString(it) || !dlq_uuid(it->valuestring)) {
+                dlq_bad(req, "messageIds must hold message ids (UUIDs)");
+                goto out;
+            }
+            if (idlist.len > 1)
+                esmd_buf_putc(&idlist, ',');
+            esmd_buf_puts(&idlist, it->valuestring);
+        }
+        esmd_buf_putc(&idlist, '}');
+    }
+    /* $1 queue, $2 function, $3 message ids (NULL: every visible message). Answers one row:
+     * the JSON answer, and the missing ids (then nothing was changed). */
+    const char *params[3] = {queue, fn->valuestring, ids ? esmd_buf_cstr(&idlist) : NULL};
+    dlq_query(
+        d, req, DLQ_REDRIVE,
+        "WITH want AS (SELECT DISTINCT unnest($3::uuid[]) AS mid),"
+        " m AS MATERIALIZED (SELECT q.id, q.message_id, q.body, q.sent_at,"
+        "  q.attributes->'RequestID'->>'stringValue' AS orig"
+        "  FROM esmd.queue_messages q WHERE q.queue = $1 AND q.visible_at <= now()"
+        "  AND ($3::uuid[] IS NULL OR q.message_id IN (SELECT mid FROM want))"
+        "  ORDER BY q.sent_at, q.id FOR UPDATE SKIP LOCKED),"
+        " miss AS (SELECT string_agg(w.mid::text, ', ' ORDER BY w.mid::text) AS ids FROM want w"
+        "  WHERE w.mid NOT IN (SELECT message_id FROM m)),"
+        " sel AS MATERIALIZED (SELECT m.id, m.message_id, m.sent_at, m.orig,"
+        "  CASE WHEN m.body::json IS NULL THEN NULL ELSE m.body END AS payload,"
+        "  CASE WHEN m.orig ~ " DLQ_UUID_RE " THEN m.orig::uuid ELSE gen_random_uuid() END"
+        "  AS rid FROM m WHERE (SELECT ids FROM miss) IS NULL),"
+        " ins AS (INSERT INTO esmd.async_events (function, request_id, payload)"
+        "  SELECT $2, s.rid, s.payload FROM sel s ORDER BY s.sent_at, s.id RETURNING id),"
+        " del AS (DELETE FROM esmd.queue_messages q USING sel s WHERE q.id = s.id"
+        "  RETURNING q.id),"
+        " n AS (SELECT pg_notify('esmd_async', $2) WHERE EXISTS (SELECT 1 FROM sel))"
+        " SELECT CASE WHEN (SELECT ids FROM miss) IS NULL THEN json_build_object("
+        "  'queue', $1::text, 'function', $2::text,"
+        "  'redriven', (SELECT count(*) FROM del) + 0 * (SELECT count(*) FROM ins)"
+        "   + 0 * (SELECT count(*) FROM n),"
+        "  'events', coalesce((SELECT json_agg(json_build_object('messageId', s.message_id,"
+        "   'requestId', s.rid, 'originalRequestId', s.orig) ORDER BY s.sent_at, s.id)"
+        "   FROM sel s), '[]'::json))::text END,"
+        " (SELECT ids FROM miss)",
+        3, params);
+out:
+    esmd_buf_free(&idlist);
+    cJSON_Delete(root);
+}
+
+static void dlq_route(void *ud, struct esmd_http_req *req)
+{
+    struct esmd_admin_dlq *d = ud;
+    const char *path = esmd_http_req_path(req), *method = esmd_http_req_method(req);
+    const char *rest = path + strlen(ESMD_ADMIN_DLQ_PATH), *slash;
+    char queue[DLQ_QUEUE_MAX + 1], sub[64];
+    size_t ql;
+    bool get = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
+
+    if (!esmd_admin_authorize(d->auth, req))
+        return;
+    if (*rest == '/')
+        rest++;
+    slash = strchr(rest, '/');
+    ql = slash ? (size_t)(slash - rest) : strlen(rest);
+    if (ql == 0) {
+        esmd_http_respond_error(req, 404, "ResourceNotFoundException", "no such admin route");
+        return;
+    }
+    if (!dlq_queue_name(rest, ql)) {
+        dlq_bad(req, "the queue name must be 1 to 64 of A-Z a-z 0-9 _ . -");
+        return;
+    }
+    memcpy(queue, rest, ql);
+    queue[ql] = '\0';
+    sub[0] = '\0';
+    if (slash) {
+        if (strlen(slash + 1) >= sizeof(sub) || strchr(slash + 1, '/') || slash[1] == '\0') {
+            esmd_http_respond_error(req, 404, "ResourceNotFoundException", "no such admin route");
+            return;
+        }
+        snprintf(sub, sizeof(sub), "%s", slash + 1);
+    }
+    if (get && sub[0] == '\0')
+        dlq_list(d, req, queue);
+    else if (get)
+        dlq_show(d, req, queue, sub);
+    else if (strcmp(method, "POST") == 0 && strcmp(sub, "redrive") == 0)
+        dlq_redrive(d, req, queue);
+    else
+        esmd_http_respond_error(req, 404, "ResourceNotFoundException", "no such admin route");
+}
+
+int esmd_admin_dlq_routes(struct esmd_admin_dlq *d, struct esmd_http *http,
+                          esmd_http_limit_fn limit)
+{
+    if (d == NULL || http == NULL)
+        return ESMD_EINVAL;
+    if (esmd_http_route_limited(http, "GET", ESMD_ADMIN_DLQ_PATH "/*", dlq_route, limit, d) != 0 ||
+        esmd_http_route_limited(http, "POST", ESMD_ADMIN_DLQ_PATH "/*", dlq_route, limit, d) != 0)
+        return ESMD_EINVAL;
+    return ESMD_OK;
+}
