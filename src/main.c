@@ -435,6 +435,14 @@ static bool service_ready(void *ud, struct esmd_buf *detail)
         esmd_dests_ready(svc->dests, detail);
     else
         esmd_buf_puts(detail, "{}");
+    /* the async queue is needed to accept Invoke(Event): its Postgres connections must be up */
+    esmd_buf_puts(detail, ",\"async\":");
+    if (svc->asyncq) {
+        if (!esmd_asyncq_ready(svc->asyncq, detail))
+            ready = false;
+    } else {
+        esmd_buf_puts(detail, "null");
+    }
     esmd_buf_printf(detail, ",\"stopping\":%s}", svc->stopping ? "true" : "false");
     return ready;
 }

@@ -82,6 +82,17 @@ def queue_len(postgres, db):
     return int(postgres.sql("SELECT count(*) FROM esmd.async_events", db[1])[0][0])
 
 
+# ---- readiness ------------------------------------------------------------------------------
+
+def test_readyz_reports_the_async_queue(esmd, db, endpoint):
+    proc = esmd(config(db, endpoint))
+    wait(lambda: proc.get("/readyz")[0] == 200, what="/readyz 200")
+    status, body = proc.get("/readyz")
+    detail = json.loads(body)
+    assert detail["async"]["ready"] is True, detail
+    assert {"claimed", "accepting"} <= set(detail["async"]), detail
+
+
 # ---- accepting, success, the record ---------------------------------------------------------
 
 def test_async_event_accepted_invoked_and_success_record(esmd, postgres, db, endpoint, sink):
