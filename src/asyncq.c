@@ -37,6 +37,7 @@
 #define AQ_INS_MAX_ROWS 4000
 #define AQ_INS_MAX_BYTES (16 * 1024 * 1024)
 #define AQ_CLAIM_MAX 1000
+#define AQ_SETTLE_MAX 256          /* ids per settle statement (see settle_flush) */
 #define AQ_RESP_KEEP (1024 * 1024) /* largest last_response kept for a later record */
 #define AQ_SETTLE_FAIL_DELAY_MS 5000
 #define AQ_CHANNEL "esmd_async"
@@ -628,15 +629,20 @@ static void settle_flush(struct esmd_asyncq *q)
                     inv = ESMD_BUF_INIT, thr = ESMD_BUF_INIT, st = ESMD_BUF_INIT,
                     dly = ESMD_BUF_INIT, fe = ESMD_BUF_INIT, rsp = ESMD_BUF_INIT,
                     er = ESMD_BUF_INIT;
+    /* at most AQ_SETTLE_MAX of each per statement: the planner joins a longer array of ids with
+     * a scan of the whole table instead of the primary key; the rest goes in the next one */
+    size_t nd = q->ndels < AQ_SETTLE_MAX ? q->ndels : AQ_SETTLE_MAX;
+    size_t nu = q->nupds < AQ_SETTLE_MAX ? q->nupds : AQ_SETTLE_MAX;
     esmd_buf_putc(&dels, '{');
-    for (size_t i = 0; i < q->ndels; i++)
+    for (size_t i = 0; i < nd; i++)
         esmd_buf_printf(&dels, "%s%lld", i ? "," : "", (long long)q->dels[i]);
     esmd_buf_putc(&dels, '}');
-    q->ndels = 0;
+    memmove(q->dels, q->dels + nd, (q->ndels - nd) * sizeof(*q->dels));
+    q->ndels -= nd;
     struct esmd_buf *arrs[] = {&ids, &att, &inv, &thr, &st, &dly, &fe, &rsp, &er};
     for (size_t k = 0; k < ESMD_ARRAY_LEN(arrs); k++)
         esmd_buf_putc(arrs[k], '{');
-    for (size_t i = 0; i < q->nupds; i++) {
+    for (size_t i = 0; i < nu; i++) {
         struct aq_upd *u = &q->upds[i];
         const char *sep = i ? "," : "";
         esmd_buf_printf(&ids, "%s%lld", sep, (long long)u->id);
@@ -655,7 +661,8 @@ static void settle_flush(struct esmd_asyncq *q)
         free(u->resp);
         free(u->err);
     }
-    q->nupds = 0;
+    memmove(q->upds, q->upds + nu, (q->nupds - nu) * sizeof(*q->upds));
+    q->nupds -= nu;
     for (size_t k = 0; k < ESMD_ARRAY_LEN(arrs); k++)
         esmd_buf_putc(arrs[k], '}');
     const char *params[] = {esmd_buf_cstr(&dels), q->token,
@@ -759,10 +766,12 @@ static void claim_done(void *ud, const PGresult *res, const char *err)
         return;
     }
     if (err || !res) {
-        esmd_log_limited(ESMD_LOG_WARN, NULL, "async-claim", "async: claiming events: %s",
+        /* not at once again: the poll timer retries every function (a claim that fails keeps
+         * failing until the database is fixed, and a retry loop would only hammer it) */
+        esmd_log_limited(ESMD_LOG_WARN, NULL, "async-claim",
+                         "async: claiming events: %s (retried at the next poll)",
                          err ? err : "no result");
-        for (size_t i = 0; i < c->n; i++)
-            c->fns[i]->more = true;
+        q->claim_again = false;
     } else {
         int *got = esmd_xcalloc(c->n + 1, sizeof(int));
         for (int r = 0; r < PQntuples(res); r++) {
@@ -814,7 +823,19 @@ static void claim_round(struct esmd_asyncq *q)
     c->q = q;
     c->fns = esmd_xcalloc(q->nfns + 1, sizeof(*c->fns));
     c->rooms = esmd_xcalloc(q->nfns + 1, sizeof(*c->rooms));
-    struct esmd_buf names = ESMD_BUF_INIT, rooms = ESMD_BUF_INIT, leases = ESMD_BUF_INIT;
+    /* One subquery per function, each with its own LIMIT known when the statement is planned:
+     * a LIMIT taken from a joined array is estimated at a tenth of the table, and the planner
+     * then joins the claimed ids back with a sequential scan of the whole queue (a claim cost
+     * that grew with the backlog). */
+    struct esmd_buf sql = ESMD_BUF_INIT;
+    const char **params = esmd_xcalloc(2 + 3 * q->nfns, sizeof(*params));
+    char(*nums)[2][24] = esmd_xcalloc(q->nfns + 1, sizeof(*nums));
+    params[0] = q->instance_id;
+    params[1] = q->token;
+    esmd_buf_puts(&sql, "UPDATE esmd.async_events e SET lease_owner = $1, lease_token = $2::uuid, "
+                        "next_attempt_at = now() + make_interval(secs => claimed.lease / 1000.0) "
+                        "FROM (");
+    int np = 2;
     for (size_t i = 0; i < q->nfns; i++) {
         struct aq_fn *f = &q->fns[i];
         int room = fn_room(f);
@@ -823,49 +844,39 @@ static void claim_round(struct esmd_asyncq *q)
         f->more = false;
         c->fns[c->n] = f;
         c->rooms[c->n] = room;
-        esmd_buf_putc(&names, c->n ? ',' : '{');
-        put_array_text(&names, f->cfg->name);
-        esmd_buf_printf(&rooms, "%s%d", c->n ? "," : "{", room);
-        esmd_buf_printf(&leases, "%s%lld", c->n ? "," : "{", (long long)fn_lease_ms(f));
+        snprintf(nums[c->n][0], sizeof(nums[c->n][0]), "%d", room);
+        snprintf(nums[c->n][1], sizeof(nums[c->n][1]), "%lld", (long long)fn_lease_ms(f));
+        params[np] = f->cfg->name;
+        params[np + 1] = nums[c->n][0];
+        params[np + 2] = nums[c->n][1];
+        esmd_buf_printf(&sql,
+                        "%sSELECT * FROM (SELECT c.id, $%d::bigint AS lease "
+                        "FROM esmd.async_events c "
+                        "WHERE c.function = $%d AND c.next_attempt_at <= now() "
+                        "ORDER BY c.next_attempt_at, c.id LIMIT $%d::int FOR UPDATE SKIP LOCKED) "
+                        "f%zu",
+                        c->n ? " UNION ALL " : "", np + 3, np + 1, np + 2, c->n);
+        np += 3;
         c->n++;
     }
-    if (c->n == 0) {
-        free(c->fns);
-        free(c->rooms);
-        free(c);
-        esmd_buf_free(&names);
-        esmd_buf_free(&rooms);
-        esmd_buf_free(&leases);
-        return;
+    if (c->n > 0) {
+        esmd_buf_puts(&sql, ") AS claimed WHERE e.id = claimed.id "
+                            "RETURNING e.id, e.function, e.request_id, e.payload, "
+                            "(extract(epoch FROM e.received_at) * 1000)::bigint, e.attempts, "
+                            "e.invokes, e.throttles, e.last_status, e.last_function_error, "
+                            "e.last_response, e.last_error");
+        q->claiming = true;
+        if (esmd_pg_query(q->work, esmd_buf_cstr(&sql), np, params, claim_done, c) != 0)
+            q->claiming = false;
     }
-    esmd_buf_putc(&names, '}');
-    esmd_buf_putc(&rooms, '}');
-    esmd_buf_putc(&leases, '}');
-    const char *params[] = {q->instance_id, q->token, esmd_buf_cstr(&names), esmd_buf_cstr(&rooms),
-                            esmd_buf_cstr(&leases)};
-    q->claiming = true;
-    if (esmd_pg_query(
-            q->work,
-            "UPDATE esmd.async_events e SET lease_owner = $1, lease_token = $2::uuid, "
-            "next_attempt_at = now() + make_interval(secs => claimed.lease / 1000.0) "
-            "FROM (SELECT x.id, w.lease FROM unnest($3::text[], $4::int[], $5::bigint[]) "
-            "AS w(function, room, lease) "
-            "CROSS JOIN LATERAL (SELECT c.id FROM esmd.async_events c "
-            "WHERE c.function = w.function AND c.next_attempt_at <= now() "
-            "ORDER BY c.next_attempt_at, c.id LIMIT w.room FOR UPDATE SKIP LOCKED) x) AS claimed "
-            "WHERE e.id = claimed.id "
-            "RETURNING e.id, e.function, e.request_id, e.payload, "
-            "(extract(epoch FROM e.received_at) * 1000)::bigint, e.attempts, e.invokes, "
-            "e.throttles, e.last_status, e.last_function_error, e.last_response, e.last_error",
-            5, params, claim_done, c) != 0) {
-        q->claiming = false;
+    if (!q->claiming) {
         free(c->fns);
         free(c->rooms);
         free(c);
     }
-    esmd_buf_free(&names);
-    esmd_buf_free(&rooms);
-    esmd_buf_free(&leases);
+    free(params);
+    free(nums);
+    esmd_buf_free(&sql);
 }
 
 static void claim_kick_cb(struct ev_loop *loop, ev_timer *w, int revents)

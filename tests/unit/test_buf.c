@@ -1,4 +1,4 @@
-/* The buffer, JSON string and base64 writers, and backoff. */
+/* The buffer, JSON string and base64 writers, backoff, and uuids. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -6,8 +6,10 @@
 
 #include "esmd/backoff.h"
 #include "esmd/buf.h"
+#include "esmd/common.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static void check_json(const char *in, size_t n, const char *want)
@@ -105,13 +107,43 @@ static void test_backoff(void **state)
     }
 }
 
+static int cmp_uuid(const void *a, const void *b)
+{
+    return strcmp(a, b);
+}
+
+/* Version 4, RFC 4122 variant, lower-case 8-4-4-4-12 hex, and no repeats across the refills of
+ * the random pool (256 uuids per refill). */
+static void test_uuid4(void **state)
+{
+    (void)state;
+    enum { N = 2000 };
+    char(*u)[37] = calloc(N, sizeof(*u));
+    assert_non_null(u);
+    for (int i = 0; i < N; i++) {
+        esmd_uuid4(u[i]);
+        assert_int_equal(strlen(u[i]), 36);
+        for (int k = 0; k < 36; k++) {
+            if (k == 8 || k == 13 || k == 18 || k == 23)
+                assert_int_equal(u[i][k], '-');
+            else
+                assert_non_null(strchr("0123456789abcdef", u[i][k]));
+        }
+        assert_int_equal(u[i][14], '4');
+        assert_non_null(strchr("89ab", u[i][19]));
+    }
+    qsort(u, N, sizeof(*u), cmp_uuid);
+    for (int i = 1; i < N; i++)
+        assert_true(strcmp(u[i - 1], u[i]) != 0);
+    free(u);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_json_string),
-        cmocka_unit_test(test_base64),
-        cmocka_unit_test(test_i64),
-        cmocka_unit_test(test_backoff),
+        cmocka_unit_test(test_json_string), cmocka_unit_test(test_base64),
+        cmocka_unit_test(test_i64),         cmocka_unit_test(test_backoff),
+        cmocka_unit_test(test_uuid4),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
