@@ -77,14 +77,22 @@ static void hmac256(const void *key, size_t keylen, const void *msg, size_t n,
     HMAC(EVP_sha256(), key, (int)keylen, msg, n, out, &len);
 }
 
-/* Constant-time equality of two strings of any lengths: their SHA-256 digests are compared. */
+/* Constant-time equality of two strings of any lengths (a: from the request, b: the secret). */
 static bool secret_equal(const char *a, size_t alen, const char *b, size_t blen)
 {
-    unsigned char da[SHA256_DIGEST_LENGTH], db[SHA256_DIGEST_LENGTH];
+    /* Every byte of a (the caller's) is compared with a byte of b (the secret, cycled), so the
+     * time depends on alen only, never on where a difference is nor on b's content. (It used to
+     * hash both with SHA-256 first: two digests per request showed in the Invoke route's
+     * profile.) */
+    volatile unsigned char diff = (unsigned char)(alen != blen);
 
-    SHA256((const unsigned char *)a, alen, da);
-    SHA256((const unsigned char *)b, blen, db);
-    return CRYPTO_memcmp(da, db, sizeof(da)) == 0 && alen == blen;
+    if (blen == 0)
+        return alen == 0;
+    for (size_t i = 0, j = 0; i < alen; i++) {
+        diff |= (unsigned char)(a[i] ^ b[j]);
+        j = j + 1 == blen ? 0 : j + 1;
+    }
+    return diff == 0;
 }
 
 /* ---- canonical request pieces ---- */

@@ -33,13 +33,14 @@
 #include <string.h>
 #include <strings.h>
 
-#define AQ_INS_CONNS 2
+#define AQ_INS_CONNS_MAX 8
 #define AQ_INS_MAX_ROWS 4000
 #define AQ_INS_MAX_BYTES (16 * 1024 * 1024)
 #define AQ_CLAIM_MAX 1000
 #define AQ_SETTLE_MAX 256          /* ids per settle statement (see settle_flush) */
 #define AQ_RESP_KEEP (1024 * 1024) /* largest last_response kept for a later record */
 #define AQ_SETTLE_FAIL_DELAY_MS 5000
+#define AQ_NOTIFY_GAP_S 0.01 /* at most 100 NOTIFYs a second (see notify_flush) */
 #define AQ_CHANNEL "esmd_async"
 #define AQ_CONFIG_CHANNEL "esmd_async_config"
 #define AQ_JSON "application/json"
@@ -63,6 +64,7 @@ struct aq_fn {
     struct aq_override ov;
     int outstanding; /* claimed, not settled */
     bool more;       /* may have due events */
+    bool notify;     /* events stored since the last NOTIFY */
     struct esmd_series *m_received, *m_age, *m_drop_retries, *m_drop_age, *m_dlq_err;
 };
 
@@ -129,11 +131,15 @@ struct esmd_asyncq {
     size_t max_async;
     int64_t lease_ms_override; /* -1: 2 × timeout + 30 s */
 
-    struct esmd_pg *ins[AQ_INS_CONNS], *work, *done;
+    struct esmd_pg *ins[AQ_INS_CONNS_MAX], *work, *done;
+    bool notifying; /* a NOTIFY in flight, or the gap after it */
+    ev_timer notify_gap;
+    int nins;     /* insert connections in use */
+    bool workers; /* false: accept events, never claim any (ESMD_ASYNC_WORKERS=0) */
     struct aq_pending *pend, *pend_tail;
     size_t npend;
     int inserting;
-    bool ins_busy[AQ_INS_CONNS];
+    bool ins_busy[AQ_INS_CONNS_MAX];
     ev_timer ins_kick;
 
     bool claiming, claim_again, claim_all;
@@ -811,7 +817,7 @@ static int fn_room(const struct aq_fn *f)
 
 static void claim_round(struct esmd_asyncq *q)
 {
-    if (q->stopping || q->closing)
+    if (q->stopping || q->closing || !q->workers)
         return;
     if (q->claiming) {
         q->claim_again = true;
@@ -917,6 +923,57 @@ struct ins_batch {
 };
 
 static void ins_flush(struct esmd_asyncq *q);
+static void notify_flush(struct esmd_asyncq *q);
+
+static void notify_gap_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct esmd_asyncq *q = w->data;
+    ESMD_UNUSED(loop);
+    ESMD_UNUSED(revents);
+    q->notifying = false;
+    notify_flush(q);
+    stop_maybe_done(q);
+}
+
+static void notify_done(void *ud, const PGresult *res, const char *err)
+{
+    struct esmd_asyncq *q = ud;
+    ESMD_UNUSED(res);
+    if (q->closing)
+        return;
+    if (err) /* the other instances find the events at their next poll */
+        esmd_log_limited(ESMD_LOG_WARN, NULL, "async-notify", "async: NOTIFY failed: %s", err);
+    ev_timer_set(&q->notify_gap, AQ_NOTIFY_GAP_S, 0.);
+    ev_timer_start(q->loop, &q->notify_gap);
+}
+
+/* Wakes the workers of every instance (this one's are woken directly) for the functions that
+ * got events since the last NOTIFY: one statement at a time, at most one every
+ * AQ_NOTIFY_GAP_S, on the settling connection, outside the inserts. A transaction that
+ * NOTIFYs takes a database-wide lock at commit and holds it across the commit's WAL flush,
+ * which serialised the inserts' commits; and one NOTIFY per insert doubled the statements. */
+static void notify_flush(struct esmd_asyncq *q)
+{
+    if (q->notifying || q->closing)
+        return;
+    struct esmd_buf names = ESMD_BUF_INIT;
+    for (size_t i = 0; i < q->nfns; i++) {
+        if (!q->fns[i].notify)
+            continue;
+        q->fns[i].notify = false;
+        esmd_buf_putc(&names, names.len ? ',' : '{');
+        put_array_text(&names, q->fns[i].cfg->name);
+    }
+    if (names.len == 0)
+        return;
+    esmd_buf_putc(&names, '}');
+    const char *params[] = {esmd_buf_cstr(&names)};
+    q->notifying = true;
+    if (esmd_pg_query(q->done, "SELECT pg_notify('" AQ_CHANNEL "', f) FROM unnest($1::text[]) AS f",
+                      1, params, notify_done, q) != 0)
+        q->notifying = false;
+    esmd_buf_free(&names);
+}
 
 static void ins_done(void *ud, const PGresult *res, const char *err)
 {
@@ -934,6 +991,7 @@ static void ins_done(void *ud, const PGresult *res, const char *err)
         if (ok) {
             esmd_series_inc(p->f->m_received, 1);
             p->f->more = true;
+            p->f->notify = true;
         }
         p->cb(p->ud, ok, p->rid, ok ? NULL : err);
         pending_free(p);
@@ -941,22 +999,36 @@ static void ins_done(void *ud, const PGresult *res, const char *err)
     free(b);
     if (q->closing)
         return;
-    if (ok)
+    if (ok) {
         claim_schedule(q);
+        notify_flush(q);
+    }
     if (q->pend)
         ins_flush(q);
     stop_maybe_done(q);
 }
 
+/* 0..15 for a hex digit, -1 otherwise. */
+static int hexval(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* Every event waiting (up to AQ_INS_MAX_ROWS / AQ_INS_MAX_BYTES) goes into one INSERT on a free
+ * connection: one fixed statement whose three parameters are binary arrays (functions, request
+ * ids, payloads), so neither side builds, parses or plans a statement that grows with the rows. */
 static void ins_flush(struct esmd_asyncq *q)
 {
-    while (q->pend && q->inserting < AQ_INS_CONNS) {
-        int conn = q->ins_busy[0] ? 1 : 0;
+    while (q->pend && q->inserting < q->nins) {
+        int conn = 0;
+        while (q->ins_busy[conn])
+            conn++;
         struct ins_batch *b = esmd_xcalloc(1, sizeof(*b));
         b->q = q;
-        struct esmd_buf sql = ESMD_BUF_INIT;
-        esmd_buf_puts(&sql, "WITH ins AS (INSERT INTO esmd.async_events "
-                            "(function, request_id, payload) VALUES ");
+        struct esmd_pg_array fns, rids, payloads;
+        esmd_pg_array_start(&fns, ESMD_PG_OID_TEXT);
+        esmd_pg_array_start(&rids, ESMD_PG_OID_UUID);
+        esmd_pg_array_start(&payloads, ESMD_PG_OID_TEXT);
         struct aq_pending **tail = &b->recs;
         size_t n = 0, bytes = 0;
         while (q->pend && n < AQ_INS_MAX_ROWS &&
@@ -969,28 +1041,36 @@ static void ins_flush(struct esmd_asyncq *q)
             p->next = NULL;
             *tail = p;
             tail = &p->next;
-            esmd_buf_printf(&sql, "%s($%zu, $%zu::uuid, $%zu)", n ? ", " : "", 3 * n + 1, 3 * n + 2,
-                            3 * n + 3);
+            unsigned char u[16];
+            for (size_t i = 0, k = 0; i < 16; k++) {
+                if (p->rid[k] == '-')
+                    continue;
+                u[i++] = (unsigned char)(hexval(p->rid[k]) << 4 | hexval(p->rid[k + 1]));
+                k++;
+            }
+            esmd_pg_array_add(&fns, p->f->cfg->name, strlen(p->f->cfg->name));
+            esmd_pg_array_add(&rids, u, sizeof(u));
+            esmd_pg_array_add(&payloads, p->payload, p->len);
             bytes += p->len;
             n++;
         }
-        esmd_buf_puts(&sql, " RETURNING function) SELECT pg_notify('" AQ_CHANNEL
-                            "', f) FROM (SELECT DISTINCT function AS f FROM ins) x");
-        const char **params = esmd_xcalloc(3 * n, sizeof(*params));
-        size_t i = 0;
-        for (struct aq_pending *p = b->recs; p; p = p->next, i++) {
-            params[3 * i] = p->f->cfg->name;
-            params[3 * i + 1] = p->rid;
-            params[3 * i + 2] = p->payload;
-        }
+        esmd_pg_array_finish(&fns);
+        esmd_pg_array_finish(&rids);
+        esmd_pg_array_finish(&payloads);
+        const char *params[] = {fns.buf.data, rids.buf.data, payloads.buf.data};
+        const int lengths[] = {(int)fns.buf.len, (int)rids.buf.len, (int)payloads.buf.len};
+        const int formats[] = {1, 1, 1};
         b->conn = conn;
         q->ins_busy[conn] = true;
         q->inserting++;
-        if (esmd_pg_query(q->ins[conn], esmd_buf_cstr(&sql), (int)(3 * n), params, ins_done, b) !=
-            0)
+        if (esmd_pg_query_binary(q->ins[conn],
+                                 "INSERT INTO esmd.async_events (function, request_id, payload) "
+                                 "SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[])",
+                                 3, params, lengths, formats, ins_done, b) != 0)
             ins_done(b, NULL, "closed");
-        free(params);
-        esmd_buf_free(&sql);
+        esmd_buf_free(&fns.buf);
+        esmd_buf_free(&rids.buf);
+        esmd_buf_free(&payloads.buf);
     }
 }
 
@@ -1798,6 +1878,10 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
     if (q->max_async > ESMD_MAX_PAYLOAD)
         q->max_async = ESMD_MAX_PAYLOAD;
     q->lease_ms_override = env_ms("ESMD_ASYNC_LEASE_MS", -1, 1000);
+    q->workers = env_ms("ESMD_ASYNC_WORKERS", 1, 0) != 0;
+    q->nins = (int)env_ms("ESMD_ASYNC_INSERT_CONNS", 2, 1);
+    if (q->nins > AQ_INS_CONNS_MAX)
+        q->nins = AQ_INS_CONNS_MAX;
 
     struct esmd_metric *m_rcv = esmd_metric(ESMD_COUNTER, "esmd_async_events_received_total",
                                             "Asynchronous invocation events accepted (committed).");
@@ -1837,9 +1921,11 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
     ev_init(&q->claim_kick, claim_kick_cb);
     ev_init(&q->settle_kick, settle_kick_cb);
     ev_init(&q->poll_tm, poll_cb);
+    ev_init(&q->notify_gap, notify_gap_cb);
     q->ins_kick.data = q->claim_kick.data = q->settle_kick.data = q->poll_tm.data = q;
+    q->notify_gap.data = q;
 
-    for (int i = 0; i < AQ_INS_CONNS; i++) {
+    for (int i = 0; i < q->nins; i++) {
         q->ins[i] = esmd_pg_new(loop, conninfo, "async-insert", err, errlen);
         if (!q->ins[i])
             goto fail;
@@ -1879,7 +1965,8 @@ fail:
 static bool aq_idle(const struct esmd_asyncq *q)
 {
     return q->evs == NULL && q->pend == NULL && q->inserting == 0 && !q->settling &&
-           q->ndels == 0 && q->nupds == 0 && !q->claiming && q->config_queries == 0;
+           !q->notifying && q->ndels == 0 && q->nupds == 0 && !q->claiming &&
+           q->config_queries == 0;
 }
 
 static void stop_check_cb(struct ev_loop *loop, ev_timer *w, int revents)
@@ -1935,6 +2022,7 @@ void esmd_asyncq_free(struct esmd_asyncq *q)
     ev_timer_stop(q->loop, &q->claim_kick);
     ev_timer_stop(q->loop, &q->settle_kick);
     ev_timer_stop(q->loop, &q->stop_check);
+    ev_timer_stop(q->loop, &q->notify_gap);
     /* invocations in flight: cancelled (their events keep the lease and run again later) */
     while (q->evs) {
         struct aq_ev *ev = q->evs;
@@ -1955,7 +2043,7 @@ void esmd_asyncq_free(struct esmd_asyncq *q)
         p->cb(p->ud, false, p->rid, "shutting down");
         pending_free(p);
     }
-    for (int i = 0; i < AQ_INS_CONNS; i++)
+    for (int i = 0; i < q->nins; i++)
         esmd_pg_free(q->ins[i]); /* inserts in flight: ins_done(closed) → their callers */
     esmd_pg_free(q->work);
     esmd_pg_free(q->done);

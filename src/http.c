@@ -1,11 +1,18 @@
-/* The admin HTTP listener: libmicrohttpd without threads of its own, in epoll mode. The loop
- * watches MHD's epoll fd and calls MHD_run() when it is readable or when the timer armed from
- * MHD_get_timeout() fires (re-armed after every run).
+/* The admin HTTP listener: libmicrohttpd with one thread of its own (epoll), so that reading
+ * and writing the sockets and parsing HTTP run beside the loop instead of on it (for the async
+ * queue's Invoke route that was most of the loop's time).
  *
- * A request collects its body, then the first matching route's handler runs. When the handler
- * has not answered by the time it returns, the connection is suspended; esmd_http_respond()
- * later (from the loop) stores the answer and resumes it, and MHD calls the access handler
- * again, which queues the stored answer. Requests are freed in MHD's completion callback. */
+ * Two threads touch a request, one after the other:
+ *   MHD's thread  creates it, decides its body limit (the route's limit function runs there, so
+ *                 it may only read what does not change after start), collects the body, then
+ *                 suspends the connection and hands the request over (inbox + ev_async);
+ *   the loop      dispatches it to the route's handler, which answers now or later from the
+ *                 loop: esmd_http_respond() stores the answer and resumes the connection; from
+ *                 then on the request belongs to MHD's thread again, which queues the answer
+ *                 and frees the request in its completion callback.
+ * An oversized body (413) and requests during shutdown (503) are answered on MHD's thread
+ * without a handler. MHD's log lines are handed to the loop too (the logger is not
+ * thread-safe). */
 #include "esmd/http.h"
 #include "esmd/log.h"
 #include "esmd/metrics.h"
@@ -15,12 +22,15 @@
 #include <microhttpd.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #define ESMD_HTTP_CONN_TIMEOUT_S 60
 #define ESMD_JSON "application/json"
@@ -58,76 +68,94 @@ struct esmd_http_req {
     esmd_http_abort_fn abort_fn;
     void *abort_ud;
     struct esmd_http_req *prev, *next; /* in http->pending while suspended */
+    struct esmd_http_req *inbox_next;  /* in http->inbox, waiting for the loop */
 };
 
 struct esmd_http {
     struct ev_loop *loop;
     struct MHD_Daemon *daemon;
-    ev_io io;
-    ev_timer timer;
+    ev_async wake;                  /* MHD's thread → loop: inbox or log lines */
+    pthread_mutex_t mu;             /* guards routes (added while MHD runs), inbox, logs */
     struct esmd_http_route *routes; /* owned */
     size_t nroutes;
+    struct esmd_http_req *inbox, **inbox_tail; /* suspended, for the loop to dispatch */
+    struct esmd_buf logs;                      /* MHD's log lines, '\n'-separated */
     esmd_http_ready_fn ready_fn;
     void *ready_ud;
-    struct esmd_http_req *pending; /* suspended, unanswered */
+    struct esmd_http_req *pending; /* loop: dispatched, suspended, unanswered */
     int port;
-    bool stopping;
-    char lasterr[256]; /* last message of MHD's error log */
+    atomic_bool stopping;
+    atomic_int active; /* requests MHD has not completed yet */
+    char lasterr[256]; /* last message of MHD's error log (start-up errors) */
 };
 
-/* ---- loop integration ---- */
+/* ---- the hand-over to the loop ---- */
 
-static void http_rearm(struct esmd_http *http)
+static void http_dispatch(struct esmd_http_req *req);
+
+static void http_wake_cb(struct ev_loop *loop, ev_async *w, int revents)
 {
-    MHD_UNSIGNED_LONG_LONG ms = 0;
+    struct esmd_http *http = w->data;
+    struct esmd_http_req *reqs;
+    struct esmd_buf logs = ESMD_BUF_INIT;
 
-    ev_timer_stop(http->loop, &http->timer);
-    if (MHD_get_timeout(http->daemon, &ms) != MHD_YES)
-        return;
-    ev_timer_set(&http->timer, (double)ms / 1000.0, 0.);
-    ev_timer_start(http->loop, &http->timer);
-}
-
-static void http_run(struct esmd_http *http)
-{
-    MHD_run(http->daemon);
-    http_rearm(http);
-}
-
-static void http_io_cb(struct ev_loop *loop, ev_io *w, int revents)
-{
     ESMD_UNUSED(loop);
     ESMD_UNUSED(revents);
-    http_run(w->data);
-}
+    pthread_mutex_lock(&http->mu);
+    reqs = http->inbox;
+    http->inbox = NULL;
+    http->inbox_tail = &http->inbox;
+    if (http->logs.len > 0) {
+        logs = http->logs;
+        esmd_buf_init(&http->logs);
+    }
+    pthread_mutex_unlock(&http->mu);
+    for (char *line = logs.data, *nl; line && line < logs.data + logs.len; line = nl + 1) {
+        nl = memchr(line, '\n', (size_t)(logs.data + logs.len - line));
+        *nl = '\0';
+        esmd_log_limited(ESMD_LOG_WARN, NULL, "http.mhd", "http: %s", line);
+    }
+    esmd_buf_free(&logs);
+    while (reqs != NULL) {
+        struct esmd_http_req *req = reqs;
 
-static void http_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    ESMD_UNUSED(loop);
-    ESMD_UNUSED(revents);
-    http_run(w->data);
-}
-
-/* Runs MHD on the next loop turn (after a resume). */
-static void http_kick(struct esmd_http *http)
-{
-    ev_timer_stop(http->loop, &http->timer);
-    ev_timer_set(&http->timer, 0., 0.);
-    ev_timer_start(http->loop, &http->timer);
+        reqs = req->inbox_next;
+        req->inbox_next = NULL;
+        /* In the pending list before the handler runs: it may answer at once, and once the
+         * connection is resumed the request is MHD's again (and soon freed). */
+        req->next = http->pending;
+        if (http->pending)
+            http->pending->prev = req;
+        http->pending = req;
+        if (atomic_load(&http->stopping))
+            esmd_http_respond_error(req, 503, "ServiceException", "shutting down");
+        else
+            http_dispatch(req);
+    }
 }
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wformat-nonliteral"
+/* MHD's thread (or MHD_start_daemon's caller): kept for start-up errors, logged by the loop. */
 static void http_mhd_log(void *cls, const char *fmt, va_list ap)
 {
     struct esmd_http *http = cls;
+    char line[256];
     size_t n;
 
-    vsnprintf(http->lasterr, sizeof(http->lasterr), fmt, ap);
-    n = strlen(http->lasterr);
-    while (n > 0 && (http->lasterr[n - 1] == '\n' || http->lasterr[n - 1] == '\r'))
-        http->lasterr[--n] = '\0';
-    esmd_log_limited(ESMD_LOG_WARN, NULL, "http.mhd", "http: %s", http->lasterr);
+    vsnprintf(line, sizeof(line), fmt, ap);
+    n = strlen(line);
+    while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+        line[--n] = '\0';
+    pthread_mutex_lock(&http->mu);
+    memcpy(http->lasterr, line, n + 1);
+    if (http->logs.len < 64 * 1024) {
+        esmd_buf_append(&http->logs, line, n);
+        esmd_buf_putc(&http->logs, '\n');
+    }
+    pthread_mutex_unlock(&http->mu);
+    if (http->daemon != NULL)
+        ev_async_send(http->loop, &http->wake);
 }
 #pragma GCC diagnostic pop
 
@@ -166,20 +194,20 @@ static void http_completed(void *cls, struct MHD_Connection *conn, void **con_cl
 {
     struct esmd_http_req *req = *con_cls;
 
-    ESMD_UNUSED(cls);
     ESMD_UNUSED(conn);
     ESMD_UNUSED(toe);
     if (req == NULL)
         return;
     if (req->suspended) {
-        /* Not expected (MHD does not end suspended connections), but never leave a dangling
-         * pointer with the handler. */
+        /* Only when the daemon stops (MHD does not end suspended connections otherwise), and
+         * esmd_http_stop() answers them all first; never leave a dangling pointer anyway. */
         http_pending_remove(req);
         if (req->abort_fn)
             req->abort_fn(req->abort_ud, req);
     }
     http_req_free(req);
     *con_cls = NULL;
+    atomic_fetch_sub(&((struct esmd_http *)cls)->active, 1);
 }
 
 const char *esmd_http_req_method(const struct esmd_http_req *req)
@@ -299,11 +327,10 @@ void esmd_http_respond(struct esmd_http_req *req, int status, const char *conten
     req->status = status;
     req->resp = resp;
     if (req->suspended) {
+        /* the loop's last touch: after the resume the request is MHD's thread's */
         req->suspended = false;
         http_pending_remove(req);
         MHD_resume_connection(req->conn);
-        if (!req->http->stopping)
-            http_kick(req->http);
     }
 }
 
@@ -379,18 +406,20 @@ out:
 /* The body limit of the first route that matches the request (method and path). */
 static size_t http_body_limit(struct esmd_http *http, struct esmd_http_req *req)
 {
+    size_t lim = ESMD_MAX_PAYLOAD;
+
+    pthread_mutex_lock(&http->mu); /* routes may still be being added */
     for (size_t i = 0; i < http->nroutes; i++) {
         const struct esmd_http_route *r = &http->routes[i];
-        size_t lim;
 
         if (!http_path_matches(r, req->url) || !http_method_matches(r->method, req->method))
             continue;
-        if (r->limit == NULL)
-            return ESMD_MAX_PAYLOAD;
-        lim = r->limit(r->ud, req);
-        return lim > ESMD_MAX_PAYLOAD ? ESMD_MAX_PAYLOAD : lim;
+        if (r->limit != NULL)
+            lim = r->limit(r->ud, req);
+        break;
     }
-    return ESMD_MAX_PAYLOAD;
+    pthread_mutex_unlock(&http->mu);
+    return lim > ESMD_MAX_PAYLOAD ? ESMD_MAX_PAYLOAD : lim;
 }
 
 /* Hands a stored answer to MHD. */
@@ -419,6 +448,7 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
         const char *cl =
             MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
 
+        atomic_fetch_add(&http->active, 1);
         req = esmd_xcalloc(1, sizeof(*req));
         req->http = http;
         req->conn = conn;
@@ -447,22 +477,25 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
     }
     if (req->queued)
         return MHD_YES;
-    if (!req->dispatched) {
-        esmd_buf_cstr(&req->body);
-        if (http->stopping)
-            esmd_http_respond_error(req, 503, "ServiceException", "shutting down");
-        else
-            http_dispatch(req);
-    }
-    if (req->answered)
+    if (req->answered) /* resumed by esmd_http_respond() */
         return http_queue(req);
-    /* The handler answers later from the loop. */
+    esmd_buf_cstr(&req->body);
+    if (req->too_large || atomic_load(&http->stopping)) {
+        if (req->too_large)
+            http_dispatch(req); /* the 413: no handler runs */
+        else
+            esmd_http_respond_error(req, 503, "ServiceException", "shutting down");
+        return http_queue(req);
+    }
+    /* Over to the loop, suspended until the handler answers. */
+    req->dispatched = true;
     req->suspended = true;
-    req->next = http->pending;
-    if (http->pending)
-        http->pending->prev = req;
-    http->pending = req;
     MHD_suspend_connection(conn);
+    pthread_mutex_lock(&http->mu);
+    *http->inbox_tail = req;
+    http->inbox_tail = &req->inbox_next;
+    pthread_mutex_unlock(&http->mu);
+    ev_async_send(http->loop, &http->wake);
     return MHD_YES;
 }
 
@@ -599,6 +632,7 @@ int esmd_http_route_limited(struct esmd_http *http, const char *method, const ch
 
     if (http == NULL || method == NULL || path == NULL || path[0] != '/' || fn == NULL)
         return ESMD_EINVAL;
+    pthread_mutex_lock(&http->mu); /* MHD's thread reads the routes for body limits */
     http->routes = esmd_xrealloc(http->routes, (http->nroutes + 1) * sizeof(*http->routes));
     r = &http->routes[http->nroutes++];
     n = strlen(path);
@@ -609,6 +643,7 @@ int esmd_http_route_limited(struct esmd_http *http, const char *method, const ch
     r->fn = fn;
     r->limit = limit;
     r->ud = ud;
+    pthread_mutex_unlock(&http->mu);
     return ESMD_OK;
 }
 
@@ -619,6 +654,8 @@ static void http_free(struct esmd_http *http)
         free(http->routes[i].path);
     }
     free(http->routes);
+    esmd_buf_free(&http->logs);
+    pthread_mutex_destroy(&http->mu);
     free(http);
 }
 
@@ -628,9 +665,9 @@ struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen, char
     struct esmd_http *http;
     struct sockaddr_storage ss;
     const union MHD_DaemonInfo *info;
-    unsigned int flags = MHD_USE_EPOLL | MHD_USE_ERROR_LOG | MHD_ALLOW_SUSPEND_RESUME;
+    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG |
+                         MHD_ALLOW_SUSPEND_RESUME;
     uint16_t port;
-    int efd;
 
     if (loop == NULL) {
         snprintf(err, errlen, "no event loop");
@@ -640,6 +677,14 @@ struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen, char
         return NULL;
     http = esmd_xcalloc(1, sizeof(*http));
     http->loop = loop;
+    pthread_mutex_init(&http->mu, NULL);
+    http->inbox_tail = &http->inbox;
+    esmd_buf_init(&http->logs);
+    atomic_init(&http->stopping, false);
+    atomic_init(&http->active, 0);
+    ev_async_init(&http->wake, http_wake_cb);
+    http->wake.data = http;
+    ev_async_start(loop, &http->wake);
     if (ss.ss_family == AF_INET6) {
         flags |= MHD_USE_IPv6;
         port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
@@ -662,24 +707,13 @@ struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen, char
                  http->lasterr[0] ? http->lasterr : "libmicrohttpd failed to start");
         goto fail;
     }
-    info = MHD_get_daemon_info(http->daemon, MHD_DAEMON_INFO_EPOLL_FD);
-    efd = info ? info->epoll_fd : -1;
-    if (efd < 0) {
-        snprintf(err, errlen, "cannot listen on %s: no epoll fd from libmicrohttpd", listen);
-        goto fail;
-    }
     info = MHD_get_daemon_info(http->daemon, MHD_DAEMON_INFO_BIND_PORT);
     http->port = info ? info->port : port;
-    ev_io_init(&http->io, http_io_cb, efd, EV_READ);
-    http->io.data = http;
-    ev_io_start(loop, &http->io);
-    ev_timer_init(&http->timer, http_timer_cb, 0., 0.);
-    http->timer.data = http;
-    http_rearm(http);
     return http;
 fail:
     if (http->daemon)
         MHD_stop_daemon(http->daemon);
+    ev_async_stop(loop, &http->wake);
     http_free(http);
     return NULL;
 }
@@ -701,8 +735,10 @@ void esmd_http_stop(struct esmd_http *http)
 {
     if (http == NULL)
         return;
-    http->stopping = true;
-    /* MHD must not be stopped with suspended connections: answer them 503 and resume. */
+    atomic_store(&http->stopping, true);
+    /* MHD must not be stopped with suspended connections: answer them 503 and resume. Those
+     * handed over but not dispatched yet get their 503 from here. */
+    http_wake_cb(http->loop, &http->wake, 0);
     while (http->pending != NULL) {
         struct esmd_http_req *req = http->pending;
 
@@ -717,9 +753,16 @@ void esmd_http_stop(struct esmd_http *http)
         if (req->suspended)
             esmd_http_respond_error(req, 503, "ServiceException", "shutting down");
     }
-    MHD_run(http->daemon);
-    ev_io_stop(http->loop, &http->io);
-    ev_timer_stop(http->loop, &http->timer);
+    /* Let MHD's thread send those answers (it closes connections when stopped): at most 1 s. */
+    for (int i = 0; i < 200 && atomic_load(&http->active) > 0; i++) {
+        nanosleep(&(struct timespec){0, 5 * 1000 * 1000}, NULL);
+        http_wake_cb(http->loop, &http->wake, 0); /* one handed over as stopping began */
+    }
     MHD_stop_daemon(http->daemon);
+    ev_async_stop(http->loop, &http->wake);
+    /* anything still in the inbox was completed (freed) by MHD_stop_daemon; only log lines */
+    http->inbox = NULL;
+    http->inbox_tail = &http->inbox;
+    http_wake_cb(http->loop, &http->wake, 0);
     http_free(http);
 }

@@ -1,6 +1,7 @@
-/* The admin HTTP listener: libmicrohttpd in external-epoll mode, its epoll fd watched by the
- * loop. Built-in routes: GET /healthz, GET /readyz, GET /metrics. Other routes are registered
- * by the subsystems that own them (admin API, later issues). */
+/* The admin HTTP listener: libmicrohttpd on a thread of its own (sockets, HTTP parsing, bodies);
+ * every complete request is handed to the loop, where its handler runs (src/http.c). Built-in
+ * routes: GET /healthz, GET /readyz, GET /metrics. Other routes are registered by the subsystems
+ * that own them (admin API, async queue). */
 #ifndef ESMD_HTTP_H
 #define ESMD_HTTP_H
 
@@ -44,7 +45,8 @@ int esmd_http_route(struct esmd_http *http, const char *method, const char *path
 /* Body limit of a route, decided from the request line and headers before the body is read:
  * returns the largest body accepted (bytes; at most ESMD_MAX_PAYLOAD). A request whose
  * Content-Length (or body so far) is larger is answered 413 RequestTooLargeException without
- * reading the rest. */
+ * reading the rest. It runs on the listener's thread, not the loop: it may read the request
+ * and what does not change after start (configuration), nothing else. */
 typedef size_t (*esmd_http_limit_fn)(void *ud, struct esmd_http_req *req);
 /* As esmd_http_route, with a body limit function for the route (NULL = ESMD_MAX_PAYLOAD). */
 int esmd_http_route_limited(struct esmd_http *http, const char *method, const char *path,

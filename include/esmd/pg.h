@@ -4,6 +4,7 @@
 #ifndef ESMD_PG_H
 #define ESMD_PG_H
 
+#include "esmd/buf.h"
 #include "esmd/common.h"
 #include <libpq-fe.h>
 
@@ -45,6 +46,27 @@ void esmd_pg_free(struct esmd_pg *pg);
  * queries still queued wait for the reconnection. */
 int esmd_pg_query(struct esmd_pg *pg, const char *sql, int nparams, const char *const *params,
                   esmd_pg_cb cb, void *ud);
+/* As esmd_pg_query, with libpq's lengths and formats per parameter (both NULL, or both
+ * nparams long): formats[i] 1 = binary (lengths[i] bytes, copied; NUL bytes allowed), 0 = text
+ * (NUL-terminated, lengths[i] ignored). For arrays sent in binary (esmd_pg_array_*). */
+int esmd_pg_query_binary(struct esmd_pg *pg, const char *sql, int nparams,
+                         const char *const *params, const int *lengths, const int *formats,
+                         esmd_pg_cb cb, void *ud);
+
+/* A one-dimensional array in Postgres's binary format (array_send), for a binary parameter:
+ * start it with the element type's OID, add elements, then send a->buf (a->buf.len bytes). */
+struct esmd_pg_array {
+    struct esmd_buf buf;
+    size_t n;
+};
+#define ESMD_PG_OID_TEXT 25
+#define ESMD_PG_OID_UUID 2950
+void esmd_pg_array_start(struct esmd_pg_array *a, unsigned int elem_oid);
+/* One element of len bytes in the element type's binary form (text: the bytes; uuid: 16). */
+void esmd_pg_array_add(struct esmd_pg_array *a, const void *data, size_t len);
+/* Writes the element count into the header; a->buf then holds the parameter. */
+void esmd_pg_array_finish(struct esmd_pg_array *a);
+
 /* Notification callback: channel and payload borrowed, valid during the call. payload is NULL
  * when the LISTEN has just been (re)established, after the first connection and after every
  * reconnection: notifications sent while it was not listening are lost, so catch up then.

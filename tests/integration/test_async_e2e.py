@@ -306,6 +306,9 @@ def test_admin_auth_bearer(esmd, db, endpoint):
     assert r.headers["x-amzn-ErrorType"] == "MissingAuthenticationTokenException"
     r = invoke(proc, "fn", {}, token="wrong")
     assert r.status_code == 401
+    # prefixes, extensions, the token repeated, one byte off: all refused
+    for bad in (TOKEN[:-1], TOKEN + "x", TOKEN + TOKEN, "x" + TOKEN[1:], TOKEN[:-1] + "X"):
+        assert invoke(proc, "fn", {}, token=bad).status_code == 401, bad
     assert invoke(proc, "fn", {}).status_code == 202
     # the probes need nothing
     assert proc.get("/healthz")[0] == 200

@@ -1,15 +1,16 @@
 /* asyncload: many concurrent Invoke(Event) clients against esmd, for tests/bench/async_bench.py.
  *
  *   asyncload --url http://HOST:PORT --function NAME [--token T] [--clients 64]
- *             [--count N | --seconds S] [--size BYTES]
+ *             [--count N | --seconds S] [--size BYTES] [--type Event|DryRun]
  *
  * Each client is one keep-alive connection that sends POST
  * /2015-03-31/functions/NAME/invocations (X-Amz-Invocation-Type: Event, a JSON payload of about
  * BYTES bytes) and the next one as soon as the answer arrives. Stops after N requests in total
  * or S seconds (requests in flight then are waited for), then prints one JSON line:
  *   {"sent":N,"accepted":A,"refused":R,"errors":E,"seconds":T,"accepted_per_s":X,
- *    "cpu_s":C}
- * accepted = answers 202 (each one durable in Postgres: esmd answers after the commit); cpu_s is
+ *    "cpu_s":C,"p50_ms":..,"p99_ms":..,"p999_ms":..}   (answer latency percentiles)
+ * accepted = answers 202 (each one durable in Postgres: esmd answers after the commit), or 204
+ * with --type DryRun (validated, nothing stored: the ceiling of the HTTP path); cpu_s is
  * the CPU time asyncload itself used, so a benchmark can say what the load cost.
  *
  * The generator shares the machine with esmd and Postgres, so it is written to cost little: one
@@ -37,9 +38,10 @@
 
 struct client {
     int fd;
-    size_t out;    /* bytes of the request written */
-    bool busy;     /* a request is in flight */
-    char in[RBUF]; /* the answer so far */
+    size_t out;     /* bytes of the request written */
+    bool busy;      /* a request is in flight */
+    double sent_at; /* when it was sent */
+    char in[RBUF];  /* the answer so far */
     size_t inlen;
 };
 
@@ -48,6 +50,7 @@ static size_t reqlen;
 static struct addrinfo *addr;
 static int epfd;
 static long sent, accepted, refused, errors;
+static long lat_us[100001]; /* answers by latency in microseconds (the last: 100 ms or more) */
 
 static double now_s(void)
 {
@@ -95,6 +98,7 @@ static void client_send(struct client *c)
 {
     c->busy = true;
     c->out = 0;
+    c->sent_at = now_s();
     sent++;
     client_write(c);
 }
@@ -125,16 +129,21 @@ static long answer_len(struct client *c, int *status)
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"url", required_argument, NULL, 'u'},   {"function", required_argument, NULL, 'f'},
-        {"token", required_argument, NULL, 't'}, {"clients", required_argument, NULL, 'c'},
-        {"count", required_argument, NULL, 'n'}, {"seconds", required_argument, NULL, 's'},
-        {"size", required_argument, NULL, 'b'},  {NULL, 0, NULL, 0},
+        {"url", required_argument, NULL, 'u'},
+        {"function", required_argument, NULL, 'f'},
+        {"token", required_argument, NULL, 't'},
+        {"clients", required_argument, NULL, 'c'},
+        {"count", required_argument, NULL, 'n'},
+        {"seconds", required_argument, NULL, 's'},
+        {"size", required_argument, NULL, 'b'},
+        {"type", required_argument, NULL, 'y'},
+        {NULL, 0, NULL, 0},
     };
-    const char *url = NULL, *fn = "fn", *token = NULL;
-    int clients = 64, size = 100, ch;
+    const char *url = NULL, *fn = "fn", *token = NULL, *type = "Event";
+    int clients = 64, size = 100, ch, want;
     long count = 0;
     double seconds = 0;
-    while ((ch = getopt_long(argc, argv, "u:f:t:c:n:s:b:", opts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, "u:f:t:c:n:s:b:y:", opts, NULL)) != -1) {
         switch (ch) {
         case 'u':
             url = optarg;
@@ -157,9 +166,13 @@ int main(int argc, char **argv)
         case 'b':
             size = atoi(optarg);
             break;
+        case 'y':
+            type = optarg;
+            break;
         default:
             fprintf(stderr, "usage: asyncload --url URL --function NAME [--token T] "
-                            "[--clients N] [--count N | --seconds S] [--size BYTES]\n");
+                            "[--clients N] [--count N | --seconds S] [--size BYTES] "
+                            "[--type Event|DryRun]\n");
             return 2;
         }
     }
@@ -186,14 +199,15 @@ int main(int argc, char **argv)
     char *r = malloc(cap);
     int hl = snprintf(r, cap,
                       "POST /2015-03-31/functions/%s/invocations HTTP/1.1\r\n"
-                      "Host: %s:%s\r\nX-Amz-Invocation-Type: Event\r\n"
+                      "Host: %s:%s\r\nX-Amz-Invocation-Type: %s\r\n"
                       "Content-Type: application/json\r\n%s%s%sContent-Length: %zu\r\n\r\n",
-                      fn, host, port, token ? "Authorization: Bearer " : "", token ? token : "",
-                      token ? "\r\n" : "", plen);
+                      fn, host, port, type, token ? "Authorization: Bearer " : "",
+                      token ? token : "", token ? "\r\n" : "", plen);
     memcpy(r + hl, payload, plen);
     req = r;
     reqlen = (size_t)hl + plen;
 
+    want = strcmp(type, "DryRun") == 0 ? 204 : 202;
     epfd = epoll_create1(EPOLL_CLOEXEC);
     struct client *cl = calloc((size_t)clients, sizeof(*cl));
     double start = now_s(), end;
@@ -244,10 +258,12 @@ int main(int argc, char **argv)
                     fprintf(stderr, "asyncload: malformed answer\n");
                     return 1;
                 }
-                if (status == 202)
+                if (status == want)
                     accepted++;
                 else
                     refused++;
+                long us = (long)((now_s() - c->sent_at) * 1e6);
+                lat_us[us < 0 ? 0 : us > 100000 ? 100000 : us]++;
                 memmove(c->in, c->in + len, c->inlen - (size_t)len);
                 c->inlen -= (size_t)len;
                 c->busy = false;
@@ -264,9 +280,18 @@ int main(int argc, char **argv)
     getrusage(RUSAGE_SELF, &ru);
     double cpu = (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
                  (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+    long pct[3] = {0, 0, 0}, seen = 0, answers = accepted + refused;
+    const double at[3] = {0.5, 0.99, 0.999};
+    for (long us = 0, k = 0; us <= 100000 && k < 3; us++) {
+        seen += lat_us[us];
+        while (k < 3 && answers > 0 && (double)seen >= at[k] * (double)answers)
+            pct[k++] = us;
+    }
     printf("{\"sent\":%ld,\"accepted\":%ld,\"refused\":%ld,\"errors\":%ld,\"seconds\":%.3f,"
-           "\"accepted_per_s\":%.0f,\"cpu_s\":%.2f}\n",
-           sent, accepted, refused, errors, end - start, (double)accepted / (end - start), cpu);
+           "\"accepted_per_s\":%.0f,\"cpu_s\":%.2f,\"p50_ms\":%.2f,\"p99_ms\":%.2f,"
+           "\"p999_ms\":%.2f}\n",
+           sent, accepted, refused, errors, end - start, (double)accepted / (end - start), cpu,
+           (double)pct[0] / 1000, (double)pct[1] / 1000, (double)pct[2] / 1000);
     for (int i = 0; i < clients; i++)
         if (cl[i].fd >= 0)
             close(cl[i].fd);

@@ -525,6 +525,42 @@ static void test_async_order_params_errors(void **state)
     assert_string_equal(late.value, "late");
     assert_int_equal(g_reentrant, 0);
 
+    /* binary array parameters (esmd_pg_array_*): elements byte for byte, in order */
+    static const char *const texts[] = {"a\"b", "back\\slash", "", "\xc3\xbcn\xc3\xaf",
+                                        "{}",   "x,y"};
+    struct esmd_pg_array ta, ua;
+    esmd_pg_array_start(&ta, ESMD_PG_OID_TEXT);
+    for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++)
+        esmd_pg_array_add(&ta, texts[i], strlen(texts[i]));
+    esmd_pg_array_finish(&ta);
+    esmd_pg_array_start(&ua, ESMD_PG_OID_UUID);
+    unsigned char u[16];
+    for (int i = 0; i < 16; i++)
+        u[i] = (unsigned char)(i * 17);
+    esmd_pg_array_add(&ua, u, sizeof(u));
+    esmd_pg_array_finish(&ua);
+    const char *bp[] = {ta.buf.data, ua.buf.data};
+    const int bl[] = {(int)ta.buf.len, (int)ua.buf.len}, bf[] = {1, 1};
+    struct outcome bin = {0};
+    g_in_query = true;
+    assert_int_equal(
+        esmd_pg_query_binary(pg,
+                             "SELECT string_agg(t, '|' ORDER BY o), "
+                             "(SELECT string_agg(v::text, ',') FROM unnest($2::uuid[]) v) "
+                             "FROM unnest($1::text[]) WITH ORDINALITY AS x(t, o)",
+                             2, bp, bl, bf, on_result, &bin),
+        0);
+    g_in_query = false;
+    esmd_buf_free(&ta.buf);
+    esmd_buf_free(&ua.buf);
+    assert_int_equal(esmd_pg_query_binary(pg, "SELECT 1", 1, bp, bl, NULL, on_result, &bin),
+                     ESMD_EINVAL); /* lengths without formats */
+    assert_true(run_until(loop, cond_called, &bin, 10));
+    assert_string_equal(bin.err, "");
+    assert_string_equal(bin.value, "a\"b|back\\slash||\xc3\xbcn\xc3\xaf|{}|x,y");
+    assert_string_equal(bin.value2, "00112233-4455-6677-8899-aabbccddeeff");
+    assert_int_equal(g_reentrant, 0);
+
     esmd_pg_free(pg);
     ev_loop_destroy(loop);
 }
