@@ -643,7 +643,8 @@ static void settle_flush(struct esmd_asyncq *q)
     for (size_t i = 0; i < nd; i++)
         esmd_buf_printf(&dels, "%s%lld", i ? "," : "", (long long)q->dels[i]);
     esmd_buf_putc(&dels, '}');
-    memmove(q->dels, q->dels + nd, (q->ndels - nd) * sizeof(*q->dels));
+    if (q->ndels > nd)
+        memmove(q->dels, q->dels + nd, (q->ndels - nd) * sizeof(*q->dels));
     q->ndels -= nd;
     struct esmd_buf *arrs[] = {&ids, &att, &inv, &thr, &st, &dly, &fe, &rsp, &er};
     for (size_t k = 0; k < ESMD_ARRAY_LEN(arrs); k++)
@@ -667,7 +668,8 @@ static void settle_flush(struct esmd_asyncq *q)
         free(u->resp);
         free(u->err);
     }
-    memmove(q->upds, q->upds + nu, (q->nupds - nu) * sizeof(*q->upds));
+    if (q->nupds > nu) /* (never with a NULL array: undefined even for 0 bytes) */
+        memmove(q->upds, q->upds + nu, (q->nupds - nu) * sizeof(*q->upds));
     q->nupds -= nu;
     for (size_t k = 0; k < ESMD_ARRAY_LEN(arrs); k++)
         esmd_buf_putc(arrs[k], '}');

@@ -52,6 +52,8 @@ struct esmd_function {
     struct esmd_invoke_link active; /* REQ_ACTIVE */
     struct esmd_fn_stats *stats;    /* owned list */
     struct esmd_series *concurrent, *queued;
+    CURL **pool; /* idle easy handles, already set up for this function (max_concurrency) */
+    size_t npool;
 };
 
 struct esmd_invoke_req {
@@ -92,8 +94,6 @@ struct esmd_invoker {
     struct esmd_invoke_sock *socks;   /* every armed socket watcher */
     struct esmd_function **fns;       /* owned */
     size_t nfns;
-    CURL **pool; /* idle easy handles */
-    size_t npool;
     long total_concurrency;
     int calling; /* > 0 while a request callback runs */
     bool closing;
@@ -418,15 +418,19 @@ static const char *invoke_log_key(enum esmd_invoke_outcome o)
 
 /* ---- request lifecycle ---- */
 
-static void invoke_release_easy(struct esmd_invoker *inv, CURL *easy)
+static void invoke_release_easy(struct esmd_function *fn, CURL *easy)
 {
     if (easy == NULL)
         return;
     /* The request that pointed at it is about to be freed. */
     curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL);
     curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, NULL);
-    if (!inv->closing && inv->npool < (size_t)inv->total_concurrency) {
-        inv->pool[inv->npool++] = easy;
+    curl_easy_setopt(easy, CURLOPT_WRITEDATA, NULL);
+    curl_easy_setopt(easy, CURLOPT_HEADERDATA, NULL);
+    curl_easy_setopt(easy, CURLOPT_HTTPHEADER, NULL);
+    curl_easy_setopt(easy, CURLOPT_POSTFIELDS, NULL);
+    if (!fn->inv->closing && fn->npool < (size_t)fn->max_concurrency) {
+        fn->pool[fn->npool++] = easy;
         return;
     }
     curl_easy_cleanup(easy);
@@ -434,7 +438,7 @@ static void invoke_release_easy(struct esmd_invoker *inv, CURL *easy)
 
 static void invoke_req_free(struct esmd_invoke_req *req)
 {
-    invoke_release_easy(req->fn->inv, req->easy);
+    invoke_release_easy(req->fn, req->easy);
     curl_slist_free_all(req->headers);
     esmd_buf_free(&req->resp);
     free(req->idempotency_key);
@@ -543,16 +547,27 @@ static void invoke_defer(struct esmd_invoke_req *req, enum esmd_invoke_outcome o
     }
 }
 
-static CURL *invoke_get_easy(struct esmd_invoker *inv)
+/* An easy handle with the function's fixed options: one it used before (libcurl keeps the
+ * options; no curl_easy_reset and setting them again on every request), or a new one. */
+static CURL *invoke_get_easy(struct esmd_function *fn)
 {
     CURL *easy;
 
-    if (inv->npool > 0) {
-        easy = inv->pool[--inv->npool];
-        curl_easy_reset(easy);
-        return easy;
-    }
-    return curl_easy_init();
+    if (fn->npool > 0)
+        return fn->pool[--fn->npool];
+    easy = curl_easy_init();
+    if (easy == NULL)
+        return NULL;
+    curl_easy_setopt(easy, CURLOPT_URL, fn->cfg->url);
+    curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(easy, CURLOPT_POST, 1L);
+    curl_easy_setopt(easy, CURLOPT_USERAGENT, "esmd/" ESMD_VERSION);
+    curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, fn->timeout_ms);
+    curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(easy, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, invoke_write_fn);
+    curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, invoke_header_fn);
+    return easy;
 }
 
 /* Builds the easy handle and adds it to the multi. 0, or -1 with req->errbuf set. */
@@ -566,7 +581,7 @@ static int invoke_send(struct esmd_invoke_req *req)
     CURL *easy;
     int rc = -1;
 
-    easy = invoke_get_easy(inv);
+    easy = invoke_get_easy(fn);
     if (easy == NULL) {
         snprintf(req->errbuf, sizeof(req->errbuf), "curl_easy_init failed");
         goto out;
@@ -593,21 +608,12 @@ static int invoke_send(struct esmd_invoke_req *req)
         goto out;
     }
     req->errbuf[0] = '\0';
-    curl_easy_setopt(easy, CURLOPT_URL, fn->cfg->url);
-    curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
-    curl_easy_setopt(easy, CURLOPT_POST, 1L);
     curl_easy_setopt(easy, CURLOPT_POSTFIELDS, req->body);
     curl_easy_setopt(easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req->len);
     curl_easy_setopt(easy, CURLOPT_HTTPHEADER, req->headers);
-    curl_easy_setopt(easy, CURLOPT_USERAGENT, "esmd/" ESMD_VERSION);
-    curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, fn->timeout_ms);
-    curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(easy, CURLOPT_TCP_KEEPALIVE, 1L);
     curl_easy_setopt(easy, CURLOPT_PRIVATE, req);
     curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, req->errbuf);
-    curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, invoke_write_fn);
     curl_easy_setopt(easy, CURLOPT_WRITEDATA, req);
-    curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, invoke_header_fn);
     curl_easy_setopt(easy, CURLOPT_HEADERDATA, req);
     req->started = esmd_mono();
     mc = curl_multi_add_handle(inv->multi, easy);
@@ -619,7 +625,7 @@ static int invoke_send(struct esmd_invoke_req *req)
     rc = 0;
 out:
     if (rc != 0 && req->easy != NULL) {
-        invoke_release_easy(inv, req->easy);
+        invoke_release_easy(fn, req->easy);
         req->easy = NULL;
     }
     return rc;
@@ -819,8 +825,12 @@ void esmd_invoker_free(struct esmd_invoker *inv)
         invoke_cancel_list(&inv->fns[i]->active);
     invoke_cancel_list(&inv->deferred);
     ev_timer_stop(inv->loop, &inv->deferred_timer);
-    for (size_t i = 0; i < inv->npool; i++)
-        curl_easy_cleanup(inv->pool[i]);
+    for (size_t i = 0; i < inv->nfns; i++) {
+        struct esmd_function *fn = inv->fns[i];
+        for (size_t k = 0; k < fn->npool; k++)
+            curl_easy_cleanup(fn->pool[k]);
+        fn->npool = 0;
+    }
     curl_multi_cleanup(inv->multi);
     ev_timer_stop(inv->loop, &inv->timer);
     while (inv->socks != NULL) {
@@ -843,10 +853,10 @@ void esmd_invoker_free(struct esmd_invoker *inv)
         for (size_t j = 0; j < fn->nheaders; j++)
             free(fn->headers[j]);
         free(fn->headers);
+        free(fn->pool);
         free(fn);
     }
     free(inv->fns);
-    free(inv->pool);
     free(inv);
 }
 
@@ -896,7 +906,7 @@ struct esmd_function *esmd_invoker_add_function(struct esmd_invoker *inv,
     inv->fns = esmd_xrealloc(inv->fns, (inv->nfns + 1) * sizeof(*inv->fns));
     inv->fns[inv->nfns++] = fn;
     inv->total_concurrency += fn->max_concurrency;
-    inv->pool = esmd_xrealloc(inv->pool, (size_t)inv->total_concurrency * sizeof(*inv->pool));
+    fn->pool = esmd_xcalloc((size_t)fn->max_concurrency, sizeof(*fn->pool));
     curl_multi_setopt(inv->multi, CURLMOPT_MAXCONNECTS, inv->total_concurrency);
     return fn;
 }
