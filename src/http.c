@@ -1,6 +1,10 @@
-/* The admin HTTP listener: libmicrohttpd with one thread of its own (epoll), so that reading
- * and writing the sockets and parsing HTTP run beside the loop instead of on it (for the async
- * queue's Invoke route that was most of the loop's time).
+/* The admin HTTP listener: libmicrohttpd with one thread of its own, so that reading and
+ * writing the sockets and parsing HTTP run beside the loop instead of on it (for the async
+ * queue's Invoke route that was most of the loop's time). The thread uses poll(), not epoll:
+ * libmicrohttpd 0.9.75's internal epoll loop could leave resumed connections unserved when a
+ * burst of 128 connections was ready at once (clients stalled until their timeout; see
+ * test_many_concurrent_clients_all_answered), and poll() also saves the epoll_ctl() calls
+ * that every suspend and resume cost.
  *
  * Two threads touch a request, one after the other:
  *   MHD's thread  creates it, decides its body limit (the route's limit function runs there, so
@@ -665,7 +669,7 @@ struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen, char
     struct esmd_http *http;
     struct sockaddr_storage ss;
     const union MHD_DaemonInfo *info;
-    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG |
+    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL | MHD_USE_ERROR_LOG |
                          MHD_ALLOW_SUSPEND_RESUME;
     uint16_t port;
 

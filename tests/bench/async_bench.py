@@ -155,8 +155,34 @@ def main():
             log("accept (workers %s): %s" % ("on" if workers else "off", json.dumps(out)))
             return out
 
+        def pgbench(script, clients, params):
+            path = os.path.join(tmp, "pgbench.sql")
+            with open(path, "w") as f:
+                f.write(script)
+            args = [os.path.join(pg.bindir, "pgbench"), "-n", "-M", "extended", "-f", path,
+                    "-c", str(clients), "-j", "2", "-T", str(int(a.seconds))]
+            for k, v in params.items():
+                args += ["-D", "%s=%s" % (k, v)]
+            out = run(args + [pg.url], 600)
+            tps = [float(l.split("=")[1].split()[0]) for l in out.splitlines()
+                   if l.startswith("tps")]
+            psql(pg, "TRUNCATE esmd.async_events")
+            return tps[0]
+
         try:
             run([tools["esmd"], "migrate", "-c", cfg])
+            # What the same Postgres does alone (pgbench, same table, same payload): every
+            # client commits one row at a time (what a queue without group commit does), and
+            # two connections commit 16 rows a statement (about what esmd's batches hold).
+            payload = '{"pad":"%s"}' % ("x" * max(a.size - 10, 1))
+            one = pgbench("INSERT INTO esmd.async_events (function, request_id, payload) "
+                          "VALUES (:fn, gen_random_uuid(), :p);\n", a.clients,
+                          {"fn": "fn", "p": payload})
+            rows16 = ", ".join("(:fn, gen_random_uuid(), :p)" for _ in range(16))
+            sixteen = pgbench("INSERT INTO esmd.async_events (function, request_id, payload) "
+                              "VALUES %s;\n" % rows16, 2, {"fn": "fn", "p": payload}) * 16
+            log("postgres alone: %d clients x 1 row/commit %.0f rows/s; 2 x 16 rows %.0f rows/s"
+                % (a.clients, one, sixteen))
             for _ in range(a.runs):
                 runs["accept_alone"].append(accept(False))
                 runs["accept_draining"].append(accept(True))
@@ -204,6 +230,9 @@ def main():
         print("| … all runs | %s |" % ", ".join(str(x["accepted_per_s"]) for x in runs[key]))
         print("| … esmd / load generator CPU in %.1f s | %.2f s / %.2f s |"
               % (r["seconds"], r["esmd_cpu_s"], r["cpu_s"]))
+    print("| Postgres alone (pgbench, same table): %d clients, one row per commit | %.0f rows/s |"
+          % (a.clients, one))
+    print("| Postgres alone: 2 connections, 16 rows per commit | %.0f rows/s |" % sixteen)
     r = best("drain", "invocations_per_s")
     print("| processed invocations/s (draining %d queued events, max_concurrency %d) | %s |"
           % (r["events"], a.max_concurrency, r["invocations_per_s"]))

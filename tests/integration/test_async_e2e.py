@@ -564,3 +564,21 @@ def test_failing_claims_are_retried_at_the_poll_interval(esmd, postgres, db, end
     postgres.sql("ALTER TABLE esmd.async_events RENAME COLUMN payload_moved TO payload", db[1])
     assert invoke(proc, "fn", {"after": 1}).status_code == 202
     wait(lambda: len(endpoint.ok_requests()) == 1, what="the event invoked after the repair")
+
+
+def test_many_concurrent_clients_all_answered(esmd, db, endpoint):
+    """128 and more keep-alive clients at once, every request answered (DryRun: the HTTP path
+    alone, then Event). The listener's thread once ran libmicrohttpd in epoll mode, where a
+    burst of exactly as many ready connections as its event array holds (128) could leave
+    resumed connections unserved until they timed out: clients stalled for a minute."""
+    proc = esmd(config(db, endpoint), env=dict(FAST, ESMD_ASYNC_WORKERS="0"))
+    load = servers.binary("asyncload")
+    for clients, kind in ((128, "DryRun"), (256, "DryRun"), (128, "Event"), (128, "DryRun"),
+                          (129, "DryRun"), (128, "DryRun"), (200, "Event"), (128, "DryRun")):
+        out = subprocess.run([load, "--url", proc.admin, "--function", "fn", "--token", TOKEN,
+                              "--clients", str(clients), "--seconds", "1", "--type", kind],
+                             capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0, out.stderr
+        res = json.loads(out.stdout)
+        assert res["accepted"] == res["sent"] > 0, (clients, kind, res)
+        assert (res["refused"], res["errors"]) == (0, 0), (clients, kind, res)
