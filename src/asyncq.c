@@ -42,6 +42,7 @@
 #define AQ_SETTLE_FAIL_DELAY_MS 5000
 #define AQ_NOTIFY_GAP_S 0.01 /* at most 100 NOTIFYs a second (see notify_flush) */
 #define AQ_CHANNEL "esmd_async"
+#define AQ_INSERT "esmd_async_insert" /* the prepared INSERT of accepted events */
 #define AQ_CONFIG_CHANNEL "esmd_async_config"
 #define AQ_JSON "application/json"
 
@@ -1017,8 +1018,9 @@ static int hexval(char c)
 }
 
 /* Every event waiting (up to AQ_INS_MAX_ROWS / AQ_INS_MAX_BYTES) goes into one INSERT on a free
- * connection: one fixed statement whose three parameters are binary arrays (functions, request
- * ids, payloads), so neither side builds, parses or plans a statement that grows with the rows. */
+ * connection: one statement, prepared once per connection (AQ_INSERT), whose three parameters
+ * are binary arrays (functions, request ids, payloads), so neither side builds, parses or plans
+ * a statement per batch. */
 static void ins_flush(struct esmd_asyncq *q)
 {
     while (q->pend && q->inserting < q->nins) {
@@ -1065,10 +1067,8 @@ static void ins_flush(struct esmd_asyncq *q)
         b->conn = conn;
         q->ins_busy[conn] = true;
         q->inserting++;
-        if (esmd_pg_query_binary(q->ins[conn],
-                                 "INSERT INTO esmd.async_events (function, request_id, payload) "
-                                 "SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[])",
-                                 3, params, lengths, formats, ins_done, b) != 0)
+        if (esmd_pg_query_prepared(q->ins[conn], AQ_INSERT, 3, params, lengths, formats, ins_done,
+                                   b) != 0)
             ins_done(b, NULL, "closed");
         esmd_buf_free(&fns.buf);
         esmd_buf_free(&rids.buf);
@@ -1931,6 +1931,13 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
         q->ins[i] = esmd_pg_new(loop, conninfo, "async-insert", err, errlen);
         if (!q->ins[i])
             goto fail;
+        if (esmd_pg_prepare(q->ins[i], AQ_INSERT,
+                            "INSERT INTO esmd.async_events (function, request_id, payload) "
+                            "SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[])",
+                            3) != 0) {
+            snprintf(err, errlen, "async queue: cannot prepare the insert");
+            goto fail;
+        }
     }
     q->work = esmd_pg_new(loop, conninfo, "async-worker", err, errlen);
     if (!q->work)

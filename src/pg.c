@@ -320,10 +320,12 @@ struct pg_query {
     char *sql;
     char **params; /* nparams entries, NULL = SQL NULL */
     int nparams;
-    int *lengths;             /* NULL: every parameter is NUL-terminated text */
-    int *formats;             /* idem; 1 = binary */
-    bool ping;                /* internal SELECT 1: no callback */
-    struct pg_listen *listen; /* internal LISTEN for this subscription: no callback */
+    int *lengths;                /* NULL: every parameter is NUL-terminated text */
+    int *formats;                /* idem; 1 = binary */
+    bool ping;                   /* internal SELECT 1: no callback */
+    struct pg_listen *listen;    /* internal LISTEN for this subscription: no callback */
+    struct pg_prepared *prepare; /* internal PREPARE of this statement: no callback */
+    char *stmt;                  /* run this prepared statement (sql: its name, for logs) */
     esmd_pg_cb cb;
     void *ud;
     PGresult *res; /* collected result (owned) */
@@ -332,6 +334,13 @@ struct pg_query {
 
 struct pg_list {
     struct pg_query *head, *tail;
+};
+
+/* One esmd_pg_prepare() statement: prepared again after every (re)connection. */
+struct pg_prepared {
+    struct pg_prepared *next;
+    char *name, *sql; /* owned */
+    int nparams;
 };
 
 /* One esmd_pg_listen() subscription: LISTEN is issued again after every (re)connection. */
@@ -373,6 +382,7 @@ struct esmd_pg {
     struct pg_query *inflight;          /* sent, collecting its result */
     struct pg_list done;                /* finished, callbacks not yet run */
     struct pg_listen *listens;          /* esmd_pg_listen() subscriptions */
+    struct pg_prepared *prepareds;      /* esmd_pg_prepare() statements */
     struct pg_note *notes, *notes_tail; /* notifications not yet delivered */
     char last_error[512];
 };
@@ -416,6 +426,7 @@ static void pg_query_free(struct pg_query *q)
     free(q->params);
     free(q->lengths);
     free(q->formats);
+    free(q->stmt);
     free(q->sql);
     PQclear(q->res);
     free(q->err);
@@ -463,6 +474,15 @@ static void pg_watch(struct esmd_pg *pg, int fd, int events)
     ev_io_start(pg->loop, &pg->io);
 }
 
+static struct pg_query *pg_prepare_query(struct pg_prepared *p)
+{
+    struct pg_query *q = esmd_xcalloc(1, sizeof(*q));
+    q->sql = esmd_xstrdup(p->sql);
+    q->params = esmd_xcalloc(1, sizeof(*q->params));
+    q->prepare = p;
+    return q;
+}
+
 /* A query finished: queue its callback (run by pg_leave) or, for a ping, note the health. */
 static void pg_complete(struct esmd_pg *pg, struct pg_query *q, PGresult *res, const char *err)
 {
@@ -476,6 +496,23 @@ static void pg_complete(struct esmd_pg *pg, struct pg_query *q, PGresult *res, c
         PQclear(res);
         pg_query_free(q);
         return;
+    }
+    if (q->prepare) {
+        if (err && strncmp(err, "connection lost", 15) != 0)
+            esmd_log_limited(ESMD_LOG_WARN, NULL, "pg_prepare",
+                             "postgres %s (%s): preparing %s failed: %s", pg->name, pg->desc,
+                             q->prepare->name, err);
+        PQclear(res);
+        pg_query_free(q);
+        return;
+    }
+    if (q->stmt && err && res) {
+        /* the statement is gone (its PREPARE failed, or DISCARD ran): prepare it again */
+        const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        for (struct pg_prepared *p = pg->prepareds; p && state && strcmp(state, "26000") == 0;
+             p = p->next)
+            if (strcmp(p->name, q->stmt) == 0)
+                pg_list_push_front(&pg->queue, pg_prepare_query(p));
     }
     if (q->ping) {
         pg->degraded = err != NULL;
@@ -568,8 +605,16 @@ static void pg_send_next(struct esmd_pg *pg)
 {
     while (pg->state == PG_READY && !pg->inflight && pg->queue.head) {
         struct pg_query *q = pg_list_pop(&pg->queue);
-        if (!PQsendQueryParams(pg->conn, q->sql, q->nparams, NULL, (const char *const *)q->params,
-                               q->lengths, q->formats, 0)) {
+        int sent;
+        if (q->prepare)
+            sent = PQsendPrepare(pg->conn, q->prepare->name, q->sql, q->prepare->nparams, NULL);
+        else if (q->stmt)
+            sent = PQsendQueryPrepared(pg->conn, q->stmt, q->nparams,
+                                       (const char *const *)q->params, q->lengths, q->formats, 0);
+        else
+            sent = PQsendQueryParams(pg->conn, q->sql, q->nparams, NULL,
+                                     (const char *const *)q->params, q->lengths, q->formats, 0);
+        if (!sent) {
             if (PQstatus(pg->conn) == CONNECTION_BAD) {
                 pg_list_push_front(&pg->queue, q); /* never sent: runs after reconnecting */
                 pg_fail(pg, PQerrorMessage(pg->conn));
@@ -683,7 +728,7 @@ static void pg_connected(struct esmd_pg *pg)
     struct pg_list keep = {NULL, NULL};
     struct pg_query *q;
     while ((q = pg_list_pop(&pg->queue)) != NULL) {
-        if (q->listen)
+        if (q->listen || q->prepare)
             pg_query_free(q);
         else
             pg_list_push(&keep, q);
@@ -691,6 +736,9 @@ static void pg_connected(struct esmd_pg *pg)
     pg->queue = keep;
     for (struct pg_listen *l = pg->listens; l; l = l->next)
         pg_list_push_front(&pg->queue, pg_listen_query(l));
+    /* prepared statements die with the session: prepare them again, before anything else */
+    for (struct pg_prepared *p = pg->prepareds; p; p = p->next)
+        pg_list_push_front(&pg->queue, pg_prepare_query(p));
     pg_watch(pg, PQsocket(pg->conn), EV_READ);
     ev_timer_again(pg->loop, &pg->idle);
     pg_send_next(pg);
@@ -746,6 +794,13 @@ static void pg_destroy(struct esmd_pg *pg)
         pg->notes = n->next;
         free(n->payload);
         free(n);
+    }
+    while (pg->prepareds) {
+        struct pg_prepared *p = pg->prepareds;
+        pg->prepareds = p->next;
+        free(p->name);
+        free(p->sql);
+        free(p);
     }
     while (pg->listens) {
         struct pg_listen *l = pg->listens;
@@ -914,9 +969,58 @@ int esmd_pg_query(struct esmd_pg *pg, const char *sql, int nparams, const char *
     return esmd_pg_query_binary(pg, sql, nparams, params, NULL, NULL, cb, ud);
 }
 
+static int pg_query_add(struct esmd_pg *pg, const char *sql, const char *stmt, int nparams,
+                        const char *const *params, const int *lengths, const int *formats,
+                        esmd_pg_cb cb, void *ud);
+
 int esmd_pg_query_binary(struct esmd_pg *pg, const char *sql, int nparams,
                          const char *const *params, const int *lengths, const int *formats,
                          esmd_pg_cb cb, void *ud)
+{
+    return pg_query_add(pg, sql, NULL, nparams, params, lengths, formats, cb, ud);
+}
+
+int esmd_pg_query_prepared(struct esmd_pg *pg, const char *name, int nparams,
+                           const char *const *params, const int *lengths, const int *formats,
+                           esmd_pg_cb cb, void *ud)
+{
+    bool known = false;
+    for (struct pg_prepared *p = pg ? pg->prepareds : NULL; p; p = p->next)
+        known = known || (strcmp(p->name, name) == 0 && p->nparams == nparams);
+    if (!known)
+        return ESMD_EINVAL;
+    return pg_query_add(pg, name, name, nparams, params, lengths, formats, cb, ud);
+}
+
+int esmd_pg_prepare(struct esmd_pg *pg, const char *name, const char *sql, int nparams)
+{
+    if (!pg || !name || !*name || !sql || nparams < 0 || nparams > PG_MAX_PARAMS)
+        return ESMD_EINVAL;
+    if (pg->closing)
+        return ESMD_ESTATE;
+    for (struct pg_prepared *p = pg->prepareds; p; p = p->next)
+        if (strcmp(p->name, name) == 0)
+            return ESMD_EINVAL;
+    struct pg_prepared *p = esmd_xcalloc(1, sizeof(*p));
+    p->name = esmd_xstrdup(name);
+    p->sql = esmd_xstrdup(sql);
+    p->nparams = nparams;
+    p->next = pg->prepareds;
+    pg->prepareds = p;
+    /* connected: prepare now, in turn; otherwise pg_connected() does */
+    if (pg->state == PG_READY) {
+        pg_list_push(&pg->queue, pg_prepare_query(p));
+        if (!pg->inflight && !ev_is_active(&pg->kick)) {
+            ev_timer_set(&pg->kick, 0., 0.);
+            ev_timer_start(pg->loop, &pg->kick);
+        }
+    }
+    return 0;
+}
+
+static int pg_query_add(struct esmd_pg *pg, const char *sql, const char *stmt, int nparams,
+                        const char *const *params, const int *lengths, const int *formats,
+                        esmd_pg_cb cb, void *ud)
 {
     if (!pg || !sql || nparams < 0 || nparams > PG_MAX_PARAMS || (nparams > 0 && !params) ||
         (!lengths != !formats))
@@ -928,6 +1032,7 @@ int esmd_pg_query_binary(struct esmd_pg *pg, const char *sql, int nparams,
         return ESMD_ESTATE;
     struct pg_query *q = esmd_xcalloc(1, sizeof(*q));
     q->sql = esmd_xstrdup(sql);
+    q->stmt = stmt ? esmd_xstrdup(stmt) : NULL;
     q->nparams = nparams;
     q->params = esmd_xcalloc(nparams ? (size_t)nparams : 1, sizeof(*q->params));
     if (lengths) {

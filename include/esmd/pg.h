@@ -53,6 +53,16 @@ int esmd_pg_query_binary(struct esmd_pg *pg, const char *sql, int nparams,
                          const char *const *params, const int *lengths, const int *formats,
                          esmd_pg_cb cb, void *ud);
 
+/* Registers a statement prepared on the connection (PQsendPrepare, parameter types from the
+ * SQL's casts) now if connected, and again after every reconnection before any other query;
+ * and again if an execution finds it gone. name: unique on this connection. 0 or ESMD_EINVAL.
+ * A failed PREPARE is logged; executions then fail with Postgres's error. */
+int esmd_pg_prepare(struct esmd_pg *pg, const char *name, const char *sql, int nparams);
+/* As esmd_pg_query_binary, running the prepared statement name (registered with nparams). */
+int esmd_pg_query_prepared(struct esmd_pg *pg, const char *name, int nparams,
+                           const char *const *params, const int *lengths, const int *formats,
+                           esmd_pg_cb cb, void *ud);
+
 /* A one-dimensional array in Postgres's binary format (array_send), for a binary parameter:
  * start it with the element type's OID, add elements, then send a->buf (a->buf.len bytes). */
 struct esmd_pg_array {

@@ -617,6 +617,54 @@ static void test_async_reconnect(void **state)
 }
 
 /* After 5 s idle the connection pings (SELECT 1). */
+/* A prepared statement: registered before the connection is up, run with binary and text
+ * parameters, prepared again on the new session after the backend is killed, and again after
+ * DEALLOCATE (the first run after it fails, the next works). */
+static void test_prepared(void **state)
+{
+    (void)state;
+    NEED_PG();
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    char err[256] = "";
+    struct esmd_pg *pg = esmd_pg_new(loop, g_conninfo, "test", err, sizeof(err));
+    assert_non_null(pg);
+    assert_int_equal(esmd_pg_prepare(pg, "twice", "SELECT $1::int * 2, pg_backend_pid()", 1), 0);
+    assert_int_equal(esmd_pg_prepare(pg, "twice", "SELECT 1", 0), ESMD_EINVAL); /* taken */
+    const char *p21[] = {"21"}, *p5[] = {"5"}, *p7[] = {"7"};
+    struct outcome a = {0}, b = {0}, c1 = {0}, c2 = {0}, bad = {0};
+    assert_int_equal(esmd_pg_query_prepared(pg, "nope", 0, NULL, NULL, NULL, on_result, &bad),
+                     ESMD_EINVAL);
+    assert_int_equal(esmd_pg_query_prepared(pg, "twice", 1, p21, NULL, NULL, on_result, &a), 0);
+    assert_true(run_until(loop, cond_called, &a, 10));
+    assert_string_equal(a.err, "");
+    assert_string_equal(a.value, "42");
+
+    PGconn *conn = blocking_conn();
+    char sql[512];
+    snprintf(sql, sizeof(sql), "SELECT pg_terminate_backend(%s)", a.value2);
+    assert_scalar(conn, sql, "t");
+    assert_true(run_until(loop, cond_not_ready, pg, 10));
+    assert_int_equal(esmd_pg_query_prepared(pg, "twice", 1, p5, NULL, NULL, on_result, &b), 0);
+    assert_true(run_until(loop, cond_called, &b, 15));
+    assert_string_equal(b.err, "");
+    assert_string_equal(b.value, "10");
+    assert_string_not_equal(b.value2, a.value2); /* a new session, prepared again */
+
+    struct outcome gone = {0};
+    query(pg, "DEALLOCATE twice", 0, NULL, &gone);
+    assert_true(run_until(loop, cond_called, &gone, 10));
+    assert_int_equal(esmd_pg_query_prepared(pg, "twice", 1, p7, NULL, NULL, on_result, &c1), 0);
+    assert_true(run_until(loop, cond_called, &c1, 10));
+    assert_non_null(strstr(c1.err, "does not exist"));
+    assert_int_equal(esmd_pg_query_prepared(pg, "twice", 1, p7, NULL, NULL, on_result, &c2), 0);
+    assert_true(run_until(loop, cond_called, &c2, 10));
+    assert_string_equal(c2.err, "");
+    assert_string_equal(c2.value, "14");
+    PQfinish(conn);
+    esmd_pg_free(pg);
+    ev_loop_destroy(loop);
+}
+
 static void test_async_idle_ping(void **state)
 {
     (void)state;
@@ -818,6 +866,7 @@ int main(void)
         cmocka_unit_test(test_migrate_broken),
         cmocka_unit_test(test_async_order_params_errors),
         cmocka_unit_test(test_async_reconnect),
+        cmocka_unit_test(test_prepared),
         cmocka_unit_test(test_async_idle_ping),
         cmocka_unit_test(test_async_free),
         cmocka_unit_test(test_async_listen),
