@@ -398,20 +398,27 @@ static void send_cb(void *ud, bool ok, const char *err)
     stop_maybe_done(q);
 }
 
-/* Stores one record for uri; the event is settled when every send has committed. */
-static void send_record(struct aq_ev *ev, const char *uri, const char *payload, size_t len,
-                        bool dlq)
+/* Stores one record for uri (with attrs: SQS-style message attributes, keyed by nothing;
+ * without: keyed by the request id); the event is settled when every send has committed. A
+ * record the destination refuses is logged and counted; one refused while stopping makes the
+ * event settle as a retry, so it is routed again later. */
+static void send_out(struct aq_ev *ev, const char *uri, const char *payload, size_t len,
+                     const char *attrs, bool dlq)
 {
     struct esmd_asyncq *q = ev->q;
     struct aq_send *s = esmd_xcalloc(1, sizeof(*s));
     s->ev = ev;
     s->dlq = dlq;
-    int rc = esmd_dests_send(q->dests, uri, payload, len, ev->rid, strlen(ev->rid), send_cb, s);
+    int rc =
+        attrs ? esmd_dests_send_attrs(q->dests, uri, payload, len, attrs, send_cb, s)
+              : esmd_dests_send(q->dests, uri, payload, len, ev->rid, strlen(ev->rid), send_cb, s);
     if (rc != 0) {
         struct esmd_log_ctx lc = {NULL, ev->f->cfg->name, ev->rid};
         esmd_log_limited(ESMD_LOG_ERROR, &lc, "async-send-refused",
-                         "async: destination %s refused the record (%s): dropped", uri,
-                         rc == ESMD_EINVAL ? "unknown destination or bad record" : "stopping");
+                         "async: destination %s refused the %s (%s)%s", uri,
+                         dlq ? "dead letter" : "record",
+                         rc == ESMD_EINVAL ? "unknown destination or bad record" : "stopping",
+                         rc == ESMD_EINVAL ? ": dropped" : ": routed again later");
         if (dlq)
             esmd_series_inc(ev->f->m_dlq_err, 1);
         if (rc != ESMD_EINVAL)
@@ -460,25 +467,8 @@ static void send_dead_letter(struct aq_ev *ev, const char *uri)
     esmd_buf_puts(&attrs, "},\"FunctionName\":{\"dataType\":\"String\",\"stringValue\":");
     esmd_buf_put_json_string(&attrs, ev->f->cfg->name, strlen(ev->f->cfg->name));
     esmd_buf_puts(&attrs, "}}");
-    struct esmd_asyncq *q = ev->q;
-    struct aq_send *s = esmd_xcalloc(1, sizeof(*s));
-    s->ev = ev;
-    s->dlq = true;
-    int rc = esmd_dests_send_attrs(q->dests, uri, ev->payload, ev->len, esmd_buf_cstr(&attrs),
-                                   send_cb, s);
+    send_out(ev, uri, ev->payload, ev->len, esmd_buf_cstr(&attrs), true);
     esmd_buf_free(&attrs);
-    if (rc != 0) {
-        esmd_series_inc(ev->f->m_dlq_err, 1);
-        if (rc != ESMD_EINVAL)
-            ev->send_failed = true;
-        free(s);
-        return;
-    }
-    s->next = q->sends;
-    if (q->sends)
-        q->sends->prev = s;
-    q->sends = s;
-    ev->sends++;
 }
 
 /* Retries are over or the event is too old: on_failure record and dead-letter message. */
@@ -497,7 +487,7 @@ static void route_failure(struct aq_ev *ev, const char *condition)
         const char *resp = ev->last_resp;
         build_record(&rec, ev, condition, ev->last_status > 0 ? ev->last_status : -1, ev->last_fe,
                      resp, resp ? strlen(resp) : 0);
-        send_record(ev, uri, rec.data, rec.len, false);
+        send_out(ev, uri, rec.data, rec.len, NULL, false);
         esmd_buf_free(&rec);
     }
     if (f->cfg->async.dead_letter)
@@ -533,7 +523,7 @@ static void ev_invoked(void *ud, const struct esmd_invoke_result *res)
         if (uri) {
             struct esmd_buf rec = ESMD_BUF_INIT;
             build_record(&rec, ev, "Success", (int)res->status, NULL, res->body, res->body_len);
-            send_record(ev, uri, rec.data, rec.len, false);
+            send_out(ev, uri, rec.data, rec.len, NULL, false);
             esmd_buf_free(&rec);
         }
         sends_done(ev);
@@ -1882,8 +1872,11 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
     q->lease_ms_override = env_ms("ESMD_ASYNC_LEASE_MS", -1, 1000);
     q->workers = env_ms("ESMD_ASYNC_WORKERS", 1, 0) != 0;
     q->nins = (int)env_ms("ESMD_ASYNC_INSERT_CONNS", 2, 1);
-    if (q->nins > AQ_INS_CONNS_MAX)
+    if (q->nins > AQ_INS_CONNS_MAX) {
+        ESMD_WARN(NULL, "async: ESMD_ASYNC_INSERT_CONNS=%d is more than %d: using %d", q->nins,
+                  AQ_INS_CONNS_MAX, AQ_INS_CONNS_MAX);
         q->nins = AQ_INS_CONNS_MAX;
+    }
 
     struct esmd_metric *m_rcv = esmd_metric(ESMD_COUNTER, "esmd_async_events_received_total",
                                             "Asynchronous invocation events accepted (committed).");
