@@ -622,3 +622,13 @@ def produce_with_librdkafka(bootstrap, topic, records, properties=None, timeout=
     finally:
         lib.rd_kafka_topic_destroy(rkt)
         lib.rd_kafka_destroy(rk)
+
+
+def assert_error(resp, status, etype, contains=None):
+    """resp = (status, headers, parsed body): Lambda's error shape with that status and type."""
+    st, hdrs, body = resp
+    assert st == status, (st, body)
+    assert hdrs.get("x-amzn-ErrorType") == etype, (dict(hdrs), body)
+    assert body["Type"] == "User", body
+    if contains:
+        assert contains in body["Message"], body

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from servers import wait_for
+from servers import assert_error, wait_for
 from test_kafka_e2e import wait_committed
 
 ESM = "/2015-03-31/event-source-mappings"
@@ -43,15 +43,6 @@ def the_esm(proc):
     assert status == 200, body
     assert len(body["EventSourceMappings"]) == 1, body
     return body["EventSourceMappings"][0]
-
-
-def assert_error(resp, status, etype, contains=None):
-    st, hdrs, body = resp
-    assert st == status, (st, body)
-    assert hdrs.get("x-amzn-ErrorType") == etype, (dict(hdrs), body)
-    assert body["Type"] == "User", body
-    if contains:
-        assert contains in body["Message"], body
 
 
 def mapping_uuid(name):
