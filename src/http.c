@@ -323,8 +323,19 @@ void esmd_http_respond(struct esmd_http_req *req, int status, const char *conten
     if (resp != NULL) {
         if (content_type != NULL)
             MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
-        for (size_t i = 0; i < req->nhdrs; i++)
+        bool has_rid = false;
+        for (size_t i = 0; i < req->nhdrs; i++) {
             MHD_add_response_header(resp, req->hdrs[i].name, req->hdrs[i].value);
+            has_rid = has_rid || strcasecmp(req->hdrs[i].name, "x-amzn-RequestId") == 0;
+        }
+        /* Every answer carries a request id, as Lambda's do: the SDKs report it
+         * ($metadata.requestId, ResponseMetadata.RequestId). Handlers that know the id of the
+         * work they did (Invoke) set their own. docs/admin.md */
+        if (!has_rid) {
+            char rid[37];
+            esmd_uuid4(rid);
+            MHD_add_response_header(resp, "x-amzn-RequestId", rid);
+        }
     }
     req->answered = true;
     req->dispatched = true;
