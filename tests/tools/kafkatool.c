@@ -18,13 +18,25 @@
  *       Record i has value {"i":i,"pad":"xx..."} of BYTES bytes (default 100; longer only when the
  *       index does not fit), partition i % P (P defaults to the topic's partition count) and,
  *       with --keyed, key "k<i>". Prints "produced N".
+ *   kafkatool create-topic -b B -t TOPIC --partitions P [--config KEY=VALUE]...
+ *       Creates the topic on a real cluster (admin CreateTopics, replication factor 1, the
+ *       topic configs given) and waits until the metadata shows its P partitions with leaders.
+ *       A topic that already exists with P partitions is fine; with another count it is an error.
+ *   kafkatool add-partitions -b B -t TOPIC --partitions TOTAL
+ *       Grows the topic to TOTAL partitions (admin CreatePartitions) and waits until the
+ *       metadata shows them. A topic that already has TOTAL partitions is fine.
  *   kafkatool committed -b B -g GROUP -t TOPIC [--partitions P]
  *       Prints {"0":offset,...}: the group's committed offsets, -1 when none. Does not join.
+ *       Retries for up to 30 s while the group coordinator is not ready (a fresh broker answers
+ *       NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS or COORDINATOR_NOT_AVAILABLE at first).
  *   kafkatool watermarks -b B -t TOPIC
  *       Prints {"0":[low,high],...}.
  *   kafkatool consume-rate -b B -t TOPIC --count N [--group G] [--timeout S]
  *       Reads from the beginning of every partition until N records, prints
  *       "consumed N records in S s = R records/s" (first record to N-th).
+ *
+ * Every command but mock takes -X KEY=VALUE (repeatable): a librdkafka property for its client,
+ * set after kafkatool's own (so it may override them), e.g. -X security.protocol=SASL_PLAINTEXT.
  *
  * Exit status: 0 on success, 1 when Kafka fails (delivery, timeout), 2 on bad usage or input. */
 #include <errno.h>
@@ -56,6 +68,10 @@ struct kt_opts {
     const char *group;
     const char **topics; /* every -t/--topic value; commands but mock use the last one */
     int ntopics;
+    const char **props; /* every -X KEY=VALUE, for every client */
+    int nprops;
+    const char **configs; /* every --config KEY=VALUE of create-topic */
+    int nconfigs;
     long count;
     long size;
     int partitions;
@@ -94,6 +110,27 @@ static void kt_conf_set(rd_kafka_conf_t *conf, const char *key, const char *val)
     char err[512];
     if (rd_kafka_conf_set(conf, key, val, err, sizeof(err)) != RD_KAFKA_CONF_OK)
         kt_die(2, "%s=%s: %s", key, val, err);
+}
+
+/* "KEY=VALUE" split at the first '=' into key (malloc'ed) and *val; dies naming opt if bad. */
+static char *kt_split_kv(const char *opt, const char *kv, const char **val)
+{
+    const char *eq = strchr(kv, '=');
+    if (!eq || eq == kv)
+        kt_die(2, "%s %s: expected KEY=VALUE", opt, kv);
+    *val = eq + 1;
+    return esmd_xstrndup(kv, (size_t)(eq - kv));
+}
+
+/* Sets every -X KEY=VALUE on conf; called after kafkatool's own settings, so -X wins. */
+static void kt_conf_props(rd_kafka_conf_t *conf, const struct kt_opts *o)
+{
+    for (int i = 0; i < o->nprops; i++) {
+        const char *val;
+        char *key = kt_split_kv("-X", o->props[i], &val);
+        kt_conf_set(conf, key, val);
+        free(key);
+    }
 }
 
 /* Takes ownership of conf. */
@@ -513,6 +550,7 @@ static int kt_cmd_produce(const struct kt_opts *o)
     kt_conf_set(conf, "linger.ms", "5");
     kt_conf_set(conf, "queue.buffering.max.messages", "1000000");
     kt_conf_set(conf, "message.timeout.ms", "120000");
+    kt_conf_props(conf, o);
     rd_kafka_conf_set_dr_msg_cb(conf, kt_dr_cb);
     rd_kafka_conf_set_opaque(conf, &st);
     rk = kt_client_new(RD_KAFKA_PRODUCER, conf);
@@ -536,6 +574,14 @@ static int kt_cmd_produce(const struct kt_opts *o)
 
 /* ---- committed, watermarks -------------------------------------------------------------- */
 
+/* The errors of a group coordinator that is not (yet) ready: worth asking again. */
+static bool kt_coordinator_not_ready(rd_kafka_resp_err_t err)
+{
+    return err == RD_KAFKA_RESP_ERR_NOT_COORDINATOR ||
+           err == RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS ||
+           err == RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE;
+}
+
 static int kt_cmd_committed(const struct kt_opts *o)
 {
     const char *topic = kt_topic(o);
@@ -550,21 +596,27 @@ static int kt_cmd_committed(const struct kt_opts *o)
     kt_conf_set(conf, "bootstrap.servers", kt_bootstrap(o));
     kt_conf_set(conf, "group.id", o->group);
     kt_conf_set(conf, "enable.auto.commit", "false");
+    kt_conf_props(conf, o);
     rk = kt_client_new(RD_KAFKA_CONSUMER, conf);
     nparts = o->partitions > 0 ? o->partitions : kt_topic_partitions(rk, topic);
 
-    parts = rd_kafka_topic_partition_list_new(nparts);
-    for (int i = 0; i < nparts; i++)
-        rd_kafka_topic_partition_list_add(parts, topic, i);
-    err = rd_kafka_committed(rk, parts, KT_TIMEOUT_MS);
+    for (double deadline = kt_mono() + 30;;) {
+        parts = rd_kafka_topic_partition_list_new(nparts);
+        for (int i = 0; i < nparts; i++)
+            rd_kafka_topic_partition_list_add(parts, topic, i);
+        err = rd_kafka_committed(rk, parts, KT_TIMEOUT_MS);
+        for (int i = 0; !err && i < parts->cnt; i++)
+            err = parts->elems[i].err;
+        if (!err || !kt_coordinator_not_ready(err) || kt_mono() >= deadline)
+            break;
+        rd_kafka_topic_partition_list_destroy(parts);
+        usleep(200 * 1000);
+    }
     if (err)
-        kt_die(1, "committed: %s", rd_kafka_err2str(err));
+        kt_die(1, "committed %s, group %s: %s", topic, o->group, rd_kafka_err2str(err));
     putchar('{');
     for (int i = 0; i < parts->cnt; i++) {
         const rd_kafka_topic_partition_t *p = &parts->elems[i];
-        if (p->err)
-            kt_die(1, "committed %s [%" PRId32 "]: %s", topic, p->partition,
-                   rd_kafka_err2str(p->err));
         printf("%s\"%" PRId32 "\":%" PRId64, i ? "," : "", p->partition,
                p->offset < 0 ? (int64_t)-1 : p->offset);
     }
@@ -583,6 +635,7 @@ static int kt_cmd_watermarks(const struct kt_opts *o)
     int nparts;
 
     kt_conf_set(conf, "bootstrap.servers", kt_bootstrap(o));
+    kt_conf_props(conf, o);
     rk = kt_client_new(RD_KAFKA_PRODUCER, conf);
     nparts = o->partitions > 0 ? o->partitions : kt_topic_partitions(rk, topic);
     putchar('{');
@@ -595,6 +648,176 @@ static int kt_cmd_watermarks(const struct kt_opts *o)
         printf("%s\"%d\":[%" PRId64 ",%" PRId64 "]", i ? "," : "", i, lo, hi);
     }
     printf("}\n");
+    fflush(stdout);
+    rd_kafka_destroy(rk);
+    return 0;
+}
+
+/* ---- create-topic, add-partitions ------------------------------------------------------- */
+
+/* Waits up to 30 s until the metadata shows `want` partitions of topic, each with a leader.
+ * Returns the count last seen (-1: the topic is not known), which differs from want on timeout. */
+static int kt_wait_partitions(rd_kafka_t *rk, const char *topic, int want)
+{
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
+    int seen = -1;
+
+    if (!rkt)
+        kt_die(1, "topic %s: %s", topic, rd_kafka_err2str(rd_kafka_last_error()));
+    for (double deadline = kt_mono() + 30; kt_mono() < deadline; usleep(100 * 1000)) {
+        const struct rd_kafka_metadata *md;
+        bool led = true;
+        if (rd_kafka_metadata(rk, 0, rkt, &md, KT_TIMEOUT_MS) != RD_KAFKA_RESP_ERR_NO_ERROR)
+            continue;
+        if (md->topic_cnt == 1 && !md->topics[0].err) {
+            seen = md->topics[0].partition_cnt;
+            for (int i = 0; i < seen; i++)
+                led = led && md->topics[0].partitions[i].leader >= 0 &&
+                      !md->topics[0].partitions[i].err;
+        }
+        rd_kafka_metadata_destroy(md);
+        if (seen == want && led)
+            break;
+    }
+    rd_kafka_topic_destroy(rkt);
+    return seen;
+}
+
+static rd_kafka_t *kt_admin_client(const struct kt_opts *o)
+{
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    kt_conf_set(conf, "bootstrap.servers", kt_bootstrap(o));
+    kt_conf_props(conf, o);
+    return kt_client_new(RD_KAFKA_PRODUCER, conf);
+}
+
+/* Waits for the admin result event of the request sent on queue q; dies on a request error.
+ * Returns the one topic's error code and copies its message into msg. */
+static rd_kafka_resp_err_t kt_admin_wait(rd_kafka_queue_t *q, bool create, char *msg,
+                                         size_t msgsize)
+{
+    rd_kafka_event_t *ev = rd_kafka_queue_poll(q, 90 * 1000);
+    const rd_kafka_topic_result_t **res;
+    rd_kafka_resp_err_t err;
+    size_t n = 0;
+
+    if (!ev)
+        kt_die(1, "no answer from the cluster within 90 s");
+    if (rd_kafka_event_error(ev))
+        kt_die(1, "%s: %s", create ? "CreateTopics" : "CreatePartitions",
+               rd_kafka_event_error_string(ev));
+    if (create)
+        res = rd_kafka_CreateTopics_result_topics(rd_kafka_event_CreateTopics_result(ev), &n);
+    else
+        res =
+            rd_kafka_CreatePartitions_result_topics(rd_kafka_event_CreatePartitions_result(ev), &n);
+    if (n != 1)
+        kt_die(1, "%s: %zu topic results, expected 1", create ? "CreateTopics" : "CreatePartitions",
+               n);
+    err = rd_kafka_topic_result_error(res[0]);
+    snprintf(msg, msgsize, "%s",
+             rd_kafka_topic_result_error_string(res[0]) ? rd_kafka_topic_result_error_string(res[0])
+                                                        : rd_kafka_err2str(err));
+    rd_kafka_event_destroy(ev);
+    return err;
+}
+
+static rd_kafka_AdminOptions_t *kt_admin_options(rd_kafka_t *rk, rd_kafka_admin_op_t op)
+{
+    char err[512];
+    rd_kafka_AdminOptions_t *opts = rd_kafka_AdminOptions_new(rk, op);
+    if (rd_kafka_AdminOptions_set_operation_timeout(opts, 60 * 1000, err, sizeof(err)) ||
+        rd_kafka_AdminOptions_set_request_timeout(opts, 60 * 1000, err, sizeof(err)))
+        kt_die(1, "admin options: %s", err);
+    return opts;
+}
+
+static int kt_cmd_create_topic(const struct kt_opts *o)
+{
+    const char *topic = kt_topic(o);
+    rd_kafka_t *rk;
+    rd_kafka_queue_t *q;
+    rd_kafka_NewTopic_t *nt;
+    rd_kafka_AdminOptions_t *opts;
+    rd_kafka_resp_err_t err;
+    char msg[512];
+    int seen;
+
+    if (o->partitions <= 0)
+        kt_die(2, "create-topic: --partitions P is required");
+    rk = kt_admin_client(o);
+    q = rd_kafka_queue_new(rk);
+    nt = rd_kafka_NewTopic_new(topic, o->partitions, 1, msg, sizeof(msg));
+    if (!nt)
+        kt_die(2, "create-topic %s: %s", topic, msg);
+    for (int i = 0; i < o->nconfigs; i++) {
+        const char *val;
+        char *key = kt_split_kv("--config", o->configs[i], &val);
+        if (rd_kafka_NewTopic_set_config(nt, key, val))
+            kt_die(2, "--config %s: refused", o->configs[i]);
+        free(key);
+    }
+    opts = kt_admin_options(rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
+    rd_kafka_CreateTopics(rk, &nt, 1, opts, q);
+    err = kt_admin_wait(q, true, msg, sizeof(msg));
+    if (err && err != RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS)
+        kt_die(1, "create-topic %s: %s", topic, msg);
+    seen = kt_wait_partitions(rk, topic, o->partitions);
+    if (seen != o->partitions) {
+        if (err == RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS && seen > 0)
+            kt_die(1, "create-topic %s: the topic already exists with %d partitions, not %d", topic,
+                   seen, o->partitions);
+        kt_die(1,
+               "create-topic %s: the metadata shows %d partitions with leaders after 30 s, "
+               "expected %d",
+               topic, seen, o->partitions);
+    }
+    printf("%s %s %d\n", err ? "exists" : "created", topic, o->partitions);
+    fflush(stdout);
+    rd_kafka_AdminOptions_destroy(opts);
+    rd_kafka_NewTopic_destroy(nt);
+    rd_kafka_queue_destroy(q);
+    rd_kafka_destroy(rk);
+    return 0;
+}
+
+static int kt_cmd_add_partitions(const struct kt_opts *o)
+{
+    const char *topic = kt_topic(o);
+    rd_kafka_t *rk;
+    rd_kafka_queue_t *q;
+    rd_kafka_NewPartitions_t *np;
+    rd_kafka_AdminOptions_t *opts;
+    rd_kafka_resp_err_t err;
+    char msg[512];
+    int seen;
+
+    if (o->partitions <= 0)
+        kt_die(2, "add-partitions: --partitions TOTAL is required");
+    rk = kt_admin_client(o);
+    seen = kt_topic_partitions(rk, topic);
+    if (seen > o->partitions)
+        kt_die(1, "add-partitions %s: the topic has %d partitions, more than %d", topic, seen,
+               o->partitions);
+    if (seen < o->partitions) {
+        q = rd_kafka_queue_new(rk);
+        np = rd_kafka_NewPartitions_new(topic, (size_t)o->partitions, msg, sizeof(msg));
+        if (!np)
+            kt_die(2, "add-partitions %s: %s", topic, msg);
+        opts = kt_admin_options(rk, RD_KAFKA_ADMIN_OP_CREATEPARTITIONS);
+        rd_kafka_CreatePartitions(rk, &np, 1, opts, q);
+        err = kt_admin_wait(q, false, msg, sizeof(msg));
+        if (err)
+            kt_die(1, "add-partitions %s: %s", topic, msg);
+        rd_kafka_AdminOptions_destroy(opts);
+        rd_kafka_NewPartitions_destroy(np);
+        rd_kafka_queue_destroy(q);
+        seen = kt_wait_partitions(rk, topic, o->partitions);
+        if (seen != o->partitions)
+            kt_die(1, "add-partitions %s: the metadata shows %d partitions after 30 s, expected %d",
+                   topic, seen, o->partitions);
+    }
+    printf("partitions %s %d\n", topic, seen);
     fflush(stdout);
     rd_kafka_destroy(rk);
     return 0;
@@ -621,6 +844,7 @@ static int kt_cmd_consume_rate(const struct kt_opts *o)
     kt_conf_set(conf, "group.id", o->group ? o->group : group);
     kt_conf_set(conf, "enable.auto.commit", "false");
     kt_conf_set(conf, "enable.auto.offset.store", "false");
+    kt_conf_props(conf, o);
     rk = kt_client_new(RD_KAFKA_CONSUMER, conf);
     rd_kafka_poll_set_consumer(rk);
     nparts = o->partitions > 0 ? o->partitions : kt_topic_partitions(rk, topic);
@@ -675,10 +899,14 @@ static _Noreturn void kt_usage(int status)
           "       kafkatool produce -b BOOTSTRAP -t TOPIC            < JSON lines\n"
           "       kafkatool produce -b BOOTSTRAP -t TOPIC --count N [--size BYTES]"
           " [--partitions P] [--keyed]\n"
+          "       kafkatool create-topic -b BOOTSTRAP -t TOPIC --partitions P"
+          " [--config KEY=VALUE]...\n"
+          "       kafkatool add-partitions -b BOOTSTRAP -t TOPIC --partitions TOTAL\n"
           "       kafkatool committed -b BOOTSTRAP -g GROUP -t TOPIC [--partitions P]\n"
           "       kafkatool watermarks -b BOOTSTRAP -t TOPIC [--partitions P]\n"
           "       kafkatool consume-rate -b BOOTSTRAP -t TOPIC --count N [--group G]"
-          " [--timeout S]\n",
+          " [--timeout S]\n"
+          "every command but mock: -X KEY=VALUE (repeatable) sets a librdkafka property\n",
           status ? stderr : stdout);
     exit(status);
 }
@@ -696,7 +924,15 @@ static long kt_num(const char *opt, const char *s, long min, long max)
 
 int main(int argc, char **argv)
 {
-    enum { OPT_COUNT = 256, OPT_SIZE, OPT_PARTITIONS, OPT_KEYED, OPT_BROKERS, OPT_TIMEOUT };
+    enum {
+        OPT_COUNT = 256,
+        OPT_SIZE,
+        OPT_PARTITIONS,
+        OPT_KEYED,
+        OPT_BROKERS,
+        OPT_TIMEOUT,
+        OPT_CONFIG
+    };
     static const struct option longopts[] = {
         {"bootstrap", required_argument, NULL, 'b'},
         {"topic", required_argument, NULL, 't'},
@@ -707,6 +943,7 @@ int main(int argc, char **argv)
         {"keyed", no_argument, NULL, OPT_KEYED},
         {"brokers", required_argument, NULL, OPT_BROKERS},
         {"timeout", required_argument, NULL, OPT_TIMEOUT},
+        {"config", required_argument, NULL, OPT_CONFIG},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -720,7 +957,9 @@ int main(int argc, char **argv)
     if (strcmp(cmd, "-h") == 0 || strcmp(cmd, "--help") == 0)
         kt_usage(0);
     o.topics = esmd_xcalloc((size_t)argc, sizeof(*o.topics));
-    while ((c = getopt_long(argc - 1, argv + 1, "b:t:g:h", longopts, NULL)) != -1) {
+    o.props = esmd_xcalloc((size_t)argc, sizeof(*o.props));
+    o.configs = esmd_xcalloc((size_t)argc, sizeof(*o.configs));
+    while ((c = getopt_long(argc - 1, argv + 1, "b:t:g:X:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'b':
             o.bootstrap = optarg;
@@ -730,6 +969,12 @@ int main(int argc, char **argv)
             break;
         case 'g':
             o.group = optarg;
+            break;
+        case 'X':
+            o.props[o.nprops++] = optarg;
+            break;
+        case OPT_CONFIG:
+            o.configs[o.nconfigs++] = optarg;
             break;
         case OPT_COUNT:
             o.count = kt_num("--count", optarg, 0, 1000000000L);
@@ -767,10 +1012,16 @@ int main(int argc, char **argv)
         rc = kt_cmd_committed(&o);
     else if (strcmp(cmd, "watermarks") == 0)
         rc = kt_cmd_watermarks(&o);
+    else if (strcmp(cmd, "create-topic") == 0)
+        rc = kt_cmd_create_topic(&o);
+    else if (strcmp(cmd, "add-partitions") == 0)
+        rc = kt_cmd_add_partitions(&o);
     else if (strcmp(cmd, "consume-rate") == 0)
         rc = kt_cmd_consume_rate(&o);
     else
         kt_usage(2);
     free(o.topics);
+    free(o.props);
+    free(o.configs);
     return rc;
 }
