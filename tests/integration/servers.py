@@ -7,6 +7,7 @@ library is used, so scripts/dev-up can import this module without pytest.
     Postgres   initdb + postgres as the `postgres` user when run as root (it refuses root)
     Redis      redis-server (persistent=True: an fsynced AOF), restartable on its port
     KafkaMock  build/kafkatool mock (librdkafka's mock cluster speaking the Kafka protocol)
+    KafkaBroker  scripts/kafka-broker: a real single-node KRaft Apache Kafka (same interface)
     Esmd       build/esmd run -c FILE, stderr captured to a file
 """
 
@@ -285,65 +286,20 @@ class Redis:
 # Kafka (librdkafka's mock cluster through build/kafkatool)
 
 
-class KafkaMock:
-    """`kafkatool mock` running in the background.
+class _KafkaClient:
+    """What KafkaMock and KafkaBroker share: kafkatool's client commands against .bootstrap,
+    with .client_properties (librdkafka properties, e.g. SASL) given to each as -X KEY=VALUE."""
 
-    .bootstrap             "127.0.0.1:PORT,..." (the line the mock prints first)
-    .create_topic(n, p)    creates topic n with p partitions (stdin command `create`)
-    .command(line)         any stdin command; returns the mock's one-line answer
-    .produce(topic, records=None, count=N, size=B, partitions=P, keyed=True, timeout=...)
-    .committed(group, topic) -> {partition: offset}   (-1 = nothing committed)
-    .watermarks(topic)       -> {partition: high watermark}
-    """
+    client_properties = {}
 
-    def __init__(self, topics=(), brokers=None):
-        self.tool = binary("kafkatool")
-        if not os.path.exists(self.tool):
-            raise RuntimeError("%s not built" % self.tool)
-        argv = [self.tool, "mock"]
-        if brokers:
-            argv += ["--brokers", str(brokers)]
-        for name, parts in topics:
-            argv += ["--topic", "%s:%d" % (name, parts)]
-        self.tmp = tempfile.mkdtemp(prefix="esmd-kafka-")
-        self.logfile = os.path.join(self.tmp, "mock.log")
-        self._err = open(self.logfile, "ab")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._err, start_new_session=True)
-        self._lock = threading.Lock()
-        self.bootstrap = self._readline(30).strip()
-        if not self.bootstrap:
-            raise RuntimeError("kafkatool mock printed no bootstrap servers:\n" +
-                               tail(self.logfile))
-
-    def _readline(self, timeout):
-        box = []
-        t = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
-        t.start()
-        t.join(timeout)
-        if not box:
-            raise TimeoutError("kafkatool mock did not answer within %ss:\n%s" %
-                               (timeout, tail(self.logfile)))
-        line = box[0].decode(errors="replace")
-        if not line and self.proc.poll() is not None:
-            raise RuntimeError("kafkatool mock exited (%s):\n%s" % (self.proc.returncode,
-                                                                    tail(self.logfile)))
-        return line
-
-    def command(self, line, timeout=30):
-        with self._lock:
-            self.proc.stdin.write((line.rstrip("\n") + "\n").encode())
-            self.proc.stdin.flush()
-            return self._readline(timeout).strip()
-
-    def create_topic(self, name, parts):
-        ans = self.command("create %s %d" % (name, parts))
-        if ans != "ok":
-            raise RuntimeError("create %s %d: %s" % (name, parts, ans))
-        return name
+    def _xargs(self):
+        out = []
+        for k, v in self.client_properties.items():
+            out += ["-X", "%s=%s" % (k, v)]
+        return out
 
     def _tool(self, args, stdin=None, timeout=120):
-        r = subprocess.run([self.tool] + args, input=stdin, stdout=subprocess.PIPE,
+        r = subprocess.run([self.tool] + args + self._xargs(), input=stdin, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, timeout=timeout)
         if r.returncode != 0:
             raise RuntimeError("kafkatool %s failed (%d): %s" % (
@@ -395,6 +351,69 @@ class KafkaMock:
             res[int(k)] = int(v)
         return res
 
+
+class KafkaMock(_KafkaClient):
+    """`kafkatool mock` running in the background.
+
+    .bootstrap             "127.0.0.1:PORT,..." (the line the mock prints first)
+    .create_topic(n, p)    creates topic n with p partitions (stdin command `create`)
+    .command(line)         any stdin command; returns the mock's one-line answer
+    .produce(topic, records=None, count=N, size=B, partitions=P, keyed=True, timeout=...)
+    .committed(group, topic) -> {partition: offset}   (-1 = nothing committed)
+    .watermarks(topic)       -> {partition: high watermark}
+    .kind                    "mock" (KafkaBroker's is "broker")
+    """
+
+    kind = "mock"
+
+    def __init__(self, topics=(), brokers=None):
+        self.tool = binary("kafkatool")
+        if not os.path.exists(self.tool):
+            raise RuntimeError("%s not built" % self.tool)
+        argv = [self.tool, "mock"]
+        if brokers:
+            argv += ["--brokers", str(brokers)]
+        for name, parts in topics:
+            argv += ["--topic", "%s:%d" % (name, parts)]
+        self.tmp = tempfile.mkdtemp(prefix="esmd-kafka-")
+        self.logfile = os.path.join(self.tmp, "mock.log")
+        self._err = open(self.logfile, "ab")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._err, start_new_session=True)
+        self._lock = threading.Lock()
+        self.bootstrap = self._readline(30).strip()
+        if not self.bootstrap:
+            raise RuntimeError("kafkatool mock printed no bootstrap servers:\n" +
+                               tail(self.logfile))
+
+    def _readline(self, timeout):
+        box = []
+        t = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
+        t.start()
+        t.join(timeout)
+        if not box:
+            raise TimeoutError("kafkatool mock did not answer within %ss:\n%s" %
+                               (timeout, tail(self.logfile)))
+        line = box[0].decode(errors="replace")
+        if not line and self.proc.poll() is not None:
+            raise RuntimeError("kafkatool mock exited (%s):\n%s" % (self.proc.returncode,
+                                                                    tail(self.logfile)))
+        return line
+
+    def command(self, line, timeout=30):
+        with self._lock:
+            self.proc.stdin.write((line.rstrip("\n") + "\n").encode())
+            self.proc.stdin.flush()
+            return self._readline(timeout).strip()
+
+    def create_topic(self, name, parts, config=None):
+        """config (topic configs such as max.message.bytes) is for KafkaBroker: the mock keeps
+        no topic configuration and enforces no record size limit, so it is ignored here."""
+        ans = self.command("create %s %d" % (name, parts))
+        if ans != "ok":
+            raise RuntimeError("create %s %d: %s" % (name, parts, ans))
+        return name
+
     def close(self):
         if self.proc.poll() is None:
             try:
@@ -406,6 +425,125 @@ class KafkaMock:
             except subprocess.TimeoutExpired:
                 _stop_process(self.proc, signal.SIGTERM, 10)
         self._err.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class KafkaBroker(_KafkaClient):
+    """A real single-node Apache Kafka (KRaft) from scripts/kafka-broker, with KafkaMock's
+    interface (.bootstrap, .create_topic, .produce, .committed, .watermarks, .close) and:
+
+    .kind                  "broker"
+    .dir                   the broker's directory (server.properties, server.log, data/)
+    .plaintext_bootstrap   the PLAINTEXT listener (= .bootstrap unless sasl is given)
+    .client_properties     librdkafka properties a client needs ({} or the SASL/PLAIN ones)
+    .add_partitions(topic, total)
+    .kill()                SIGKILL, as a crash; .start() brings it back on the same port with
+                           the same data; .stop() is a graceful stop
+    .consumer_groups(*args) -> str   stdout of Kafka's ConsumerGroupCommand on the plaintext
+                           listener, e.g. consumer_groups("--describe", "--group", g)
+    .logfile               the broker's server.log
+
+    KafkaBroker(sasl="user:password") makes .bootstrap a SASL_PLAINTEXT listener (PLAIN) with
+    that one user. The data lives in a temporary directory removed by close(). The mock's fault
+    injection (.command) does not exist here: it raises."""
+
+    kind = "broker"
+
+    def __init__(self, sasl=None):
+        self.script = os.path.join(ROOT, "scripts", "kafka-broker")
+        self.tool = binary("kafkatool")
+        if not os.path.exists(self.tool):
+            raise RuntimeError("%s not built" % self.tool)
+        self.client_properties = {}
+        args = []
+        if sasl is not None:
+            user, sep, password = sasl.partition(":")
+            if not user or not sep:
+                raise ValueError("KafkaBroker(sasl=%r): expected 'user:password'" % (sasl,))
+            self.client_properties = {"security.protocol": "SASL_PLAINTEXT",
+                                      "sasl.mechanism": "PLAIN",
+                                      "sasl.username": user, "sasl.password": password}
+            args = ["--sasl-plain", sasl]
+        self.sasl = sasl
+        self.tmp = tempfile.mkdtemp(prefix="esmd-kafka-broker-")
+        self.dir = os.path.join(self.tmp, "broker")
+        self.logfile = os.path.join(self.dir, "server.log")
+        try:
+            self.bootstrap = self._start(args)
+            with open(os.path.join(self.dir, "plaintext.address")) as f:
+                self.plaintext_bootstrap = f.read().strip()
+        except BaseException:
+            self.close()
+            raise
+
+    def _script(self, args, timeout=180):
+        try:
+            r = subprocess.run([self.script] + list(args), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("scripts/kafka-broker %s: no answer within %ss; broker log:\n%s" %
+                               (" ".join(args[:1]), timeout, tail(self.logfile)))
+        if r.returncode != 0:
+            raise RuntimeError("scripts/kafka-broker %s failed (%d):\n%s" % (
+                " ".join(args[:1]), r.returncode, r.stderr.decode(errors="replace")[-3000:]))
+        return r.stdout.decode(errors="replace")
+
+    def _start(self, extra=()):
+        lines = self._script(["start", self.dir] + list(extra)).split()
+        if not lines or ":" not in lines[-1]:
+            raise RuntimeError("scripts/kafka-broker start printed no address")
+        return lines[-1]
+
+    def start(self):
+        """(Re)starts the broker after kill() or stop(): same port, same data."""
+        addr = self._start()
+        if addr != self.bootstrap:
+            raise RuntimeError("the broker came back on %s, not %s" % (addr, self.bootstrap))
+
+    def stop(self):
+        self._script(["stop", self.dir], timeout=90)
+
+    def kill(self):
+        self._script(["kill", self.dir], timeout=30)
+
+    def running(self):
+        try:
+            with open(os.path.join(self.dir, "broker.pid")) as f:
+                os.kill(int(f.read().strip()), 0)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def command(self, line, timeout=30):
+        raise NotImplementedError(
+            "KafkaBroker has no fault injection (%r is a `kafkatool mock` command): mark the "
+            "test @pytest.mark.mock_only(reason) or use .kill()/.stop()/.start()" % line)
+
+    def create_topic(self, name, parts, config=None):
+        """Creates topic name with parts partitions (replication 1) and the topic configs in
+        config (e.g. {"max.message.bytes": "10000000"}); returns name once the metadata shows
+        every partition with a leader."""
+        args = ["create-topic", "-b", self.bootstrap, "-t", name, "--partitions", str(parts)]
+        for k, v in (config or {}).items():
+            args += ["--config", "%s=%s" % (k, v)]
+        self._tool(args, timeout=120)
+        return name
+
+    def add_partitions(self, topic, total):
+        self._tool(["add-partitions", "-b", self.bootstrap, "-t", topic,
+                    "--partitions", str(total)], timeout=120)
+
+    def consumer_groups(self, *args):
+        return self._script(["consumer-groups", "--bootstrap-server", self.plaintext_bootstrap] +
+                            list(args), timeout=120)
+
+    def close(self):
+        """The data goes away with the directory: no need for a graceful stop."""
+        if os.path.exists(os.path.join(self.dir, "broker.pid")):
+            try:
+                self.kill()
+            except RuntimeError:
+                pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
