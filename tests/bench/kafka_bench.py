@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Kafka → esmd → HTTP function throughput benchmark (python3 stdlib only; not a test).
 
-Starts a librdkafka mock cluster (kafkatool mock), fills topic `bench` with generated records,
-measures what a plain librdkafka consumer reads (the ceiling), then runs `esmd run` against a
-throwaway PostgreSQL and the `sink` function endpoint until the sink has seen every record, and
-prints a table. See tests/bench/README.md.
+One series per broker: librdkafka's mock cluster (kafkatool mock) and a real single-node Kafka
+(scripts/kafka-broker, KRaft, started in a temporary directory and stopped at the end). Each
+series fills topic `bench` with generated records, measures what a plain librdkafka consumer
+reads from that broker (the ceiling), then runs `esmd run` against a throwaway PostgreSQL and the
+`sink` function endpoint until the sink has seen every record, and prints a table; esmd's rate is
+given as a ratio to the ceiling of the same series. See tests/bench/README.md.
 
-    python3 tests/bench/kafka_bench.py [--build DIR] [--records N] [--partitions P] ...
+    python3 tests/bench/kafka_bench.py [--broker mock|real|both] [--build DIR] [--records N] ...
 """
 
 import argparse
@@ -30,6 +32,14 @@ import pgtmp  # noqa: E402
 MOCK_MAX_BYTES = 5 * 1024 * 1024
 RECORD_OVERHEAD = 12
 
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+KAFKA_BROKER = os.path.join(ROOT, "scripts", "kafka-broker")
+
+# The librdkafka queue settings esmd gives its consumer (connectors/kafka/kafka.c, docs/kafka.md
+# "Flow control"). The ceiling consumer gets them too: with librdkafka's defaults a plain
+# consumer stalls whenever its prefetch queue fills, and would be a low, unfair ceiling.
+ESMD_CONSUMER_PROPS = ["queued.min.messages=1000000", "queued.max.messages.kbytes=16384"]
+
 
 def log(msg):
     print("[bench] " + msg, file=sys.stderr, flush=True)
@@ -37,7 +47,11 @@ def log(msg):
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--build", default="./build", help="dir holding esmd, kafkatool, sink")
+    ap.add_argument("--build", default=os.environ.get("ESMD_BUILD", "./build"),
+                    help="dir holding esmd, kafkatool, sink (default: $ESMD_BUILD or ./build)")
+    ap.add_argument("--broker", choices=("mock", "real", "both"), default="both",
+                    help="mock: librdkafka's mock cluster; real: Kafka from scripts/kafka-broker;"
+                         " both (default): one series on each, mock first")
     ap.add_argument("--records", type=int, default=1000000)
     ap.add_argument("--size", type=int, default=100, help="value bytes per record")
     ap.add_argument("--partitions", type=int, default=32,
@@ -49,6 +63,9 @@ def parse_args():
     ap.add_argument("--timeout", type=float, default=300, help="seconds to wait for esmd")
     ap.add_argument("--ceiling-runs", type=int, default=3,
                     help="consume-rate runs; the best is the ceiling")
+    ap.add_argument("--ceiling-defaults", action="store_true",
+                    help="ceiling consumer with librdkafka's default queue settings instead of"
+                         " esmd's")
     ap.add_argument("--skip-esmd", action="store_true", help="only measure the ceiling")
     ap.add_argument("--property", action="append", default=[], metavar="KEY=VALUE",
                     help="librdkafka property for esmd's connection (repeatable)")
@@ -178,7 +195,7 @@ def tail(path, n=30):
         return ""
 
 
-def run_esmd(a, tools, procs, tmp, bootstrap, mock, results):
+def run_esmd(a, tools, procs, tmp, bootstrap, broker_pid, results):
     sink = procs.start("sink", [tools["sink"], "--port", "0"], stdout=subprocess.PIPE, text=True)
     sink_port = int(first_line(sink, "sink"))
 
@@ -191,7 +208,7 @@ def run_esmd(a, tools, procs, tmp, bootstrap, mock, results):
         write_config(cfg, pg.url, admin_port, bootstrap, sink_port, a)
         esmd_log = os.path.join(tmp, "esmd.log")
         with open(esmd_log, "w") as logf:
-            mock_cpu0, sink_cpu0 = cpu_seconds(mock.pid), cpu_seconds(sink.pid)
+            broker_cpu0, sink_cpu0 = cpu_seconds(broker_pid), cpu_seconds(sink.pid)
             t_start = time.monotonic()
             esmd = procs.start("esmd", a.wrap.split() + [tools["esmd"], "run", "-c", cfg], stdout=logf,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -226,7 +243,7 @@ def run_esmd(a, tools, procs, tmp, bootstrap, mock, results):
             time.sleep(0.02)
         hwm = max(hwm, proc_status(esmd.pid, "VmHWM") or 0)
         cpu = {"esmd": cpu_seconds(esmd.pid), "sink": cpu_seconds(sink.pid) - sink_cpu0,
-               "mock": cpu_seconds(mock.pid) - mock_cpu0}
+               "broker": cpu_seconds(broker_pid) - broker_cpu0}
 
         # Offsets esmd committed for the group (commits are asynchronous: give them a moment).
         committed = None
@@ -263,13 +280,19 @@ def run_esmd(a, tools, procs, tmp, bootstrap, mock, results):
         pg.stop()
 
 
-def print_table(a, r):
+BROKER_NAMES = {"mock": "librdkafka mock cluster", "real": "Apache Kafka (KRaft, 1 node)"}
+
+
+def print_table(a, kind, r):
     rows = [
-        ("records x value bytes", "%d x %d B over %d partitions" % (a.records, a.size,
-                                                                    a.partitions)),
+        ("broker", "%s at %s" % (BROKER_NAMES[kind] + (" " + r["version"] if r.get("version")
+                                                        else ""), r["bootstrap"])),
+        ("records x value bytes", "%d x %d B over %d partitions%s"
+         % (a.records, a.size, a.partitions, ", keyed" if a.keyed else "")),
         ("produce", "%.0f records/s" % r["produce_rate"]),
-        ("ceiling (librdkafka consumer)", "%.0f records/s (best of %s)"
-         % (r["ceiling"], " / ".join("%.0f" % x for x in r["ceiling_runs"]))),
+        ("ceiling (librdkafka consumer)", "%.0f records/s (best of %s; %s)"
+         % (r["ceiling"], " / ".join("%.0f" % x for x in r["ceiling_runs"]),
+            "librdkafka defaults" if a.ceiling_defaults else "esmd's queue settings")),
     ]
     if "esmd_rate" in r:
         reqs = r["requests"]
@@ -279,8 +302,9 @@ def print_table(a, r):
             ("esmd (from process start)", "%.0f records/s (first record after %.2f s)"
              % (r["esmd_rate_from_start"], r["esmd_first_s"])),
             ("esmd peak RSS (VmHWM)", "%.1f MB" % r["rss_mb"]),
-            ("CPU s during the run", "esmd %.2f, mock cluster %.2f, sink %.2f (of %d CPUs)"
-             % (r["cpu"]["esmd"], r["cpu"]["mock"], r["cpu"]["sink"], os.cpu_count())),
+            ("CPU s during the run", "esmd %.2f, %s %.2f, sink %.2f (of %d CPUs)"
+             % (r["cpu"]["esmd"], "mock cluster" if kind == "mock" else "Kafka JVM",
+                r["cpu"]["broker"], r["cpu"]["sink"], os.cpu_count())),
             ("requests", "%d" % reqs),
             ("avg records/request", "%.1f" % (r["records_seen"] / reqs if reqs else 0)),
             ("avg request body", "%.1f KB" % (r["bytes"] / reqs / 1024.0 if reqs else 0)),
@@ -296,30 +320,97 @@ def print_table(a, r):
     sys.stdout.flush()
 
 
-def main():
-    a = parse_args()
-    per_part = -(-a.records // a.partitions)
-    per_record = a.size + RECORD_OVERHEAD + (2 + len(str(a.records)) if a.keyed else 0)
-    if per_part * per_record > MOCK_MAX_BYTES * 0.95:
-        sys.exit("kafka_bench: %d records of %d B per partition (~%.1f MB) do not fit the mock's"
-                 " 5 MB per partition: raise --partitions or lower --records / --size"
-                 % (per_part, a.size, per_part * per_record / 1048576.0))
-    tools = {n: os.path.join(a.build, n) for n in ("kafkatool", "sink", "esmd")}
-    need = ["kafkatool"] + ([] if a.skip_esmd else ["sink", "esmd"])
-    for n in need:
-        if not os.access(tools[n], os.X_OK):
-            sys.exit("kafka_bench: %s not found or not executable (build it, or --build DIR)"
-                     % tools[n])
+def print_summary(a, series):
+    """One line per series, after the tables, when there is more than one."""
+    print()
+    print("%-6s  %-28s  %-26s  %s" % ("broker", "ceiling records/s", "esmd records/s",
+                                      "esmd / ceiling"))
+    for kind, r in series:
+        esmd = ("%.0f" % r["esmd_rate"]) if "esmd_rate" in r else "-"
+        ratio = ("%.1f %%" % (100.0 * r["esmd_rate"] / r["ceiling"])) if "esmd_rate" in r \
+            else "-"
+        print("%-6s  %-28s  %-26s  %s" % (kind, "%.0f" % r["ceiling"], esmd, ratio))
+    sys.stdout.flush()
 
-    procs = Procs()
-    tmp = tempfile.mkdtemp(prefix="esmd-bench-")
-    results = {}
+
+class MockBroker:
+    """kafkatool mock with the topic, in the series' Procs (stopped with them)."""
+
+    def __init__(self, a, tools, procs, tmp):
+        self.proc = procs.start("mock", [tools["kafkatool"], "mock", "--topic",
+                                         "bench:%d" % a.partitions],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.bootstrap = first_line(self.proc, "kafkatool mock")
+        self.pid = self.proc.pid
+        self.version = ""
+        log("mock cluster at %s" % self.bootstrap)
+
+    def stop(self):
+        pass  # Procs.stop_all stops it
+
+
+class RealBroker:
+    """scripts/kafka-broker in DIR: started here, topic created with kafkatool create-topic,
+    stopped gracefully by stop()."""
+
+    def __init__(self, a, tools, procs, tmp):
+        self.dir = os.path.join(tmp, "kafka")
+        self.pid = None
+        log("start Kafka: %s start %s" % (KAFKA_BROKER, self.dir))
+        t0 = time.monotonic()
+        out = subprocess.run([KAFKA_BROKER, "start", self.dir], stdout=subprocess.PIPE,
+                             text=True, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError("scripts/kafka-broker start failed (%d; its log tail is above)"
+                               % out.returncode)
+        lines = out.stdout.strip().splitlines()
+        self.bootstrap = lines[-1].strip() if lines else ""
+        with open(os.path.join(self.dir, "broker.pid")) as f:
+            self.pid = int(f.read().strip())
+        self.version = os.environ.get("ESMD_KAFKA_VERSION", "") or kafka_version()
+        log("Kafka %s at %s (started in %.1f s)" % (self.version, self.bootstrap,
+                                                    time.monotonic() - t0))
+        log(run_tool([tools["kafkatool"], "create-topic", "-b", self.bootstrap, "-t", "bench",
+                      "--partitions", str(a.partitions)], 120))
+
+    def stop(self):
+        if self.pid is None:
+            return
+        log("stop Kafka (graceful)")
+        subprocess.run([KAFKA_BROKER, "stop", self.dir], timeout=120)
+        self.pid = None
+
+
+def kafka_version():
+    """The default version scripts/kafka-broker starts (its KAFKA_VERSION line)."""
     try:
-        mock = procs.start("mock", [tools["kafkatool"], "mock", "--topic",
-                                    "bench:%d" % a.partitions],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        bootstrap = first_line(mock, "kafkatool mock")
-        log("mock cluster at %s" % bootstrap)
+        with open(KAFKA_BROKER) as f:
+            m = re.search(r"^KAFKA_VERSION=\$\{ESMD_KAFKA_VERSION:-([^}]+)\}", f.read(), re.M)
+            return m.group(1) if m else ""
+    except OSError:
+        return ""
+
+
+def real_broker_missing():
+    """Why scripts/kafka-broker cannot run here, or None."""
+    if not shutil.which("java"):
+        return "no java (scripts/install-deps installs it)"
+    jars = subprocess.run([KAFKA_BROKER, "classpath", "--check"], capture_output=True)
+    if jars.returncode != 0 and not shutil.which("mvn"):
+        return "Kafka's jars are not cached and there is no mvn to fetch them"
+    return None
+
+
+def run_series(a, kind, tools, tmp):
+    """Broker, produce, ceiling and esmd for one broker kind; returns the results."""
+    procs = Procs()
+    results = {}
+    broker = None
+    try:
+        broker = (MockBroker if kind == "mock" else RealBroker)(a, tools, procs, tmp)
+        results["bootstrap"] = broker.bootstrap
+        results["version"] = broker.version
+        bootstrap = broker.bootstrap
 
         t0 = time.monotonic()
         out = run_tool([tools["kafkatool"], "produce", "-b", bootstrap, "-t", "bench",
@@ -332,35 +423,79 @@ def main():
                                   "bench"], 60))
         kept = sum(hi - lo for lo, hi in wm.values())
         if kept != a.records:
-            raise RuntimeError("the mock holds %d of %d records (retention): lower --records or "
-                               "raise --partitions" % (kept, a.records))
+            raise RuntimeError("the broker holds %d of %d records (the mock's retention?): lower "
+                               "--records or raise --partitions" % (kept, a.records))
 
-        # The ceiling varies from run to run (the mock and the consumer share the CPUs):
-        # take the best of a few runs, each with a fresh consumer from the beginning.
+        # The ceiling varies from run to run (the broker and the consumer share the CPUs):
+        # take the best of a few runs, each with a fresh consumer from the beginning. It gets
+        # the properties esmd's consumer gets (esmd's queue settings and --property).
+        props = ([] if a.ceiling_defaults else ESMD_CONSUMER_PROPS) + a.property
+        xargs = [x for kv in props for x in ("-X", kv)]
         runs = []
         for _ in range(a.ceiling_runs):
             out = run_tool([tools["kafkatool"], "consume-rate", "-b", bootstrap, "-t", "bench",
-                            "--count", str(a.records)], 600)
+                            "--count", str(a.records)] + xargs, 600)
             log(out)
             runs.append(float(re.search(r"= ([0-9.]+) records/s", out).group(1)))
         results["ceiling"] = max(runs)
         results["ceiling_runs"] = runs
 
         if not a.skip_esmd:
-            run_esmd(a, tools, procs, tmp, bootstrap, mock, results)
-    except (RuntimeError, subprocess.TimeoutExpired) as e:
-        log("FAILED: %s" % e)
-        if a.keep:
-            log("files kept in %s" % tmp)
-        return 1
+            run_esmd(a, tools, procs, tmp, bootstrap, broker.pid, results)
     finally:
         procs.stop_all()
-        if not a.keep:
+        if broker is not None:
+            broker.stop()
+    return results
+
+
+def main():
+    a = parse_args()
+    kinds = ["mock", "real"] if a.broker == "both" else [a.broker]
+    per_part = -(-a.records // a.partitions)
+    per_record = a.size + RECORD_OVERHEAD + (2 + len(str(a.records)) if a.keyed else 0)
+    if "mock" in kinds and per_part * per_record > MOCK_MAX_BYTES * 0.95:
+        sys.exit("kafka_bench: %d records of %d B per partition (~%.1f MB) do not fit the mock's"
+                 " 5 MB per partition: raise --partitions, lower --records / --size, or use"
+                 " --broker real" % (per_part, a.size, per_part * per_record / 1048576.0))
+    if "real" in kinds:
+        why = real_broker_missing()
+        if why and a.broker == "real":
+            sys.exit("kafka_bench: cannot start a real Kafka broker: %s" % why)
+        if why:
+            log("skipping the real-broker series: %s" % why)
+            kinds.remove("real")
+    tools = {n: os.path.join(a.build, n) for n in ("kafkatool", "sink", "esmd")}
+    need = ["kafkatool"] + ([] if a.skip_esmd else ["sink", "esmd"])
+    for n in need:
+        if not os.access(tools[n], os.X_OK):
+            sys.exit("kafka_bench: %s not found or not executable (build it, or --build DIR)"
+                     % tools[n])
+
+    tmp = tempfile.mkdtemp(prefix="esmd-bench-")
+    series = []
+    status = 0
+    try:
+        for kind in kinds:
+            log("=== series on the %s ===" % BROKER_NAMES[kind])
+            stmp = os.path.join(tmp, kind)
+            os.mkdir(stmp)
+            try:
+                r = run_series(a, kind, tools, stmp)
+            except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
+                log("FAILED (%s series): %s" % (kind, e))
+                status = 1
+                continue
+            print_table(a, kind, r)
+            series.append((kind, r))
+    finally:
+        if a.keep:
+            log("files kept in %s" % tmp)
+        else:
             shutil.rmtree(tmp, ignore_errors=True)
-    print_table(a, results)
-    if a.keep:
-        log("files kept in %s" % tmp)
-    return 0
+    if len(series) > 1:
+        print_summary(a, series)
+    return status
 
 
 if __name__ == "__main__":
