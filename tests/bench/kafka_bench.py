@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -292,13 +293,16 @@ def print_table(a, kind, r):
         ("produce", "%.0f records/s" % r["produce_rate"]),
         ("ceiling (librdkafka consumer)", "%.0f records/s (best of %s; %s)"
          % (r["ceiling"], " / ".join("%.0f" % x for x in r["ceiling_runs"]),
-            "librdkafka defaults" if a.ceiling_defaults else "esmd's queue settings")),
+            ("librdkafka's defaults" if a.ceiling_defaults else "esmd's queue settings")
+            + (" + --property" if a.property else ""))),
     ]
     if "esmd_rate" in r:
         reqs = r["requests"]
         rows += [
             ("esmd (first→last record)", "%.0f records/s" % r["esmd_rate"]),
-            ("esmd / ceiling", "%.1f %%" % (100.0 * r["esmd_rate"] / r["ceiling"])),
+            ("esmd / ceiling", "%.1f %% (of the median ceiling run: %.1f %%)"
+             % (100.0 * r["esmd_rate"] / r["ceiling"],
+                100.0 * r["esmd_rate"] / statistics.median(r["ceiling_runs"]))),
             ("esmd (from process start)", "%.0f records/s (first record after %.2f s)"
              % (r["esmd_rate_from_start"], r["esmd_first_s"])),
             ("esmd peak RSS (VmHWM)", "%.1f MB" % r["rss_mb"]),
