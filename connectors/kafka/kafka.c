@@ -41,6 +41,9 @@
 #define KAFKA_LOOKUP_TIMEOUT_MS 10000
 /* librdkafka statistics interval: used only to notice that brokers are back after an outage. */
 #define KAFKA_STATS_INTERVAL_MS "10000"
+/* Topic metadata refresh: how soon partitions added to a subscribed topic are noticed (the
+ * group then rebalances onto them). librdkafka's default is 5 minutes. */
+#define KAFKA_METADATA_REFRESH_MS "10000"
 
 /* Why the source is not ready; the kind decides what clears it. */
 enum kafka_down {
@@ -110,6 +113,7 @@ struct esmd_kafka {
     int64_t committed_total;
 
     enum kafka_down down;
+    bool down_auth; /* down (KAFKA_DOWN_CONN) because authentication failed */
     bool ready;
     enum kafka_state state;
     bool draining;
@@ -191,6 +195,7 @@ static void kafka_set_ready(struct esmd_kafka *kc)
     if (kc->down == KAFKA_DOWN_FATAL || kc->state >= KAFKA_CLOSED)
         return;
     kc->down = KAFKA_UP;
+    kc->down_auth = false;
     if (kc->ready)
         return;
     kc->ready = true;
@@ -549,8 +554,17 @@ static void kafka_error(struct esmd_kafka *kc, rd_kafka_resp_err_t err, const ch
     snprintf(why, sizeof(why), "kafka %s: %s", rd_kafka_err2name(err), reason);
     esmd_log_limited(kind == KAFKA_UP ? ESMD_LOG_WARN : ESMD_LOG_ERROR, kc->log, "kafka-error",
                      "%s", why);
-    if (kind != KAFKA_UP)
-        kafka_set_down(kc, kind, why);
+    if (kind == KAFKA_UP)
+        return;
+    bool auth = err == RD_KAFKA_RESP_ERR__AUTHENTICATION ||
+                err == RD_KAFKA_RESP_ERR_SASL_AUTHENTICATION_FAILED;
+    /* A failed authentication closes the connection, so "all brokers are down" follows it:
+     * keep the cause as the reason /readyz reports while it stands. */
+    if (!auth && kind == KAFKA_DOWN_CONN && kc->down == KAFKA_DOWN_CONN && kc->down_auth)
+        return;
+    kafka_set_down(kc, kind, why);
+    if (kc->down == KAFKA_DOWN_CONN)
+        kc->down_auth = auth;
 }
 
 static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
@@ -558,27 +572,42 @@ static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
     kafka_error(opaque, (rd_kafka_resp_err_t)err, reason);
 }
 
-/* While the brokers are unreachable, the periodic statistics tell us when one is back. */
+/* The periodic statistics, both ways: while the brokers are unreachable they tell us when one
+ * is back; while we think the cluster works they tell us when no broker connection is up any
+ * more. librdkafka reports _ALL_BROKERS_DOWN only when every broker is down at the same
+ * moment, which a broker crash under load can miss (the coordinator connection is already
+ * reconnecting when the last one goes down), and records still queued from before an outage
+ * clear the reason it gave: without this check /readyz could stay 200 for a whole outage. */
 static int on_stats(rd_kafka_t *rk, char *json, size_t json_len, void *opaque)
 {
     struct esmd_kafka *kc = opaque;
-    if (kc->down != KAFKA_DOWN_CONN)
+    if ((kc->down != KAFKA_DOWN_CONN && kc->down != KAFKA_UP) || kc->state != KAFKA_RUNNING)
         return 0;
     cJSON *root = cJSON_ParseWithLength(json, json_len);
     const cJSON *brokers = cJSON_GetObjectItemCaseSensitive(root, "brokers");
     const cJSON *b;
-    bool up = false;
+    bool up = false, any_up = false;
+    int nbrokers = 0;
     cJSON_ArrayForEach(b, brokers)
     {
         const cJSON *state = cJSON_GetObjectItemCaseSensitive(b, "state");
         const cJSON *nodeid = cJSON_GetObjectItemCaseSensitive(b, "nodeid");
-        if (cJSON_IsString(state) && strcmp(state->valuestring, "UP") == 0 &&
-            cJSON_IsNumber(nodeid) && nodeid->valuedouble >= 0)
+        bool is_up = cJSON_IsString(state) && strcmp(state->valuestring, "UP") == 0;
+        nbrokers++;
+        any_up = any_up || is_up;
+        if (is_up && cJSON_IsNumber(nodeid) && nodeid->valuedouble >= 0)
             up = true;
     }
     cJSON_Delete(root);
-    if (up)
-        kafka_recover(kc, KAFKA_DOWN_CONN);
+    if (kc->down == KAFKA_DOWN_CONN) {
+        if (up)
+            kafka_recover(kc, KAFKA_DOWN_CONN);
+    } else if (!any_up && nbrokers > 0) {
+        char why[128];
+        snprintf(why, sizeof(why), "kafka: no broker connection is up (%d known)", nbrokers);
+        ESMD_WARN(kc->log, "%s", why);
+        kafka_set_down(kc, KAFKA_DOWN_CONN, why);
+    }
     return 0; /* librdkafka frees json */
 }
 
@@ -829,6 +858,7 @@ static void *kafka_create(const struct esmd_mapping_cfg *cfg, const struct esmd_
         {"auto.offset.reset", kc->start == ESMD_START_LATEST ? "latest" : "earliest"},
         {"log.queue", "true"},
         {"statistics.interval.ms", KAFKA_STATS_INTERVAL_MS},
+        {"topic.metadata.refresh.interval.ms", KAFKA_METADATA_REFRESH_MS},
         /* librdkafka (2.0) re-checks a partition whose prefetch queue was full only about once a
          * second, so a full queue stalls the whole consumer. esmd drains the queue at once and
          * does its own flow control (pausing partitions), so bound the queue by bytes only and
