@@ -551,9 +551,20 @@ static void ev_invoked(void *ud, const struct esmd_invoke_result *res)
     if (res->outcome == ESMD_INVOKE_TIMEOUT && !esmd_json_valid(res->body, res->body_len)) {
         char msg[160];
         char ts[32];
+        /* the function's own timeout when it said so (the RIE answers "Task timed out after
+         * 1.00 seconds" for AWS_LAMBDA_FUNCTION_TIMEOUT=1), else esmd's, which cut it off */
+        double secs = (double)f->cfg->timeout_ms / 1000.0;
+        static const char rie_timeout[] = "Task timed out after ";
+        if (res->body && strncmp(res->body, rie_timeout, sizeof(rie_timeout) - 1) == 0) {
+            const char *num = res->body + sizeof(rie_timeout) - 1; /* the body is NUL-terminated */
+            char *end;
+            double v = strtod(num, &end);
+            if (end != num && v >= 0 && v < 1e6)
+                secs = v;
+        }
         esmd_iso8601_ms(now, ts);
         snprintf(msg, sizeof(msg), "{\"errorMessage\":\"%s %s Task timed out after %.2f seconds\"}",
-                 ts, ev->rid, (double)f->cfg->timeout_ms / 1000.0);
+                 ts, ev->rid, secs);
         set_str(&ev->last_resp, msg, strlen(msg));
     }
     if (function_error) {
