@@ -130,7 +130,7 @@ def test_rie_answers_and_serves_one_invocation_at_a_time(rie):
     first.join()
     # The second request is never answered with the function's result; with this RIE build it is
     # refused and the RIE itself goes down (ReserveFailed, then a panic).
-    assert answers["second"] != (200, json.dumps({"ok": "f", "attempt": 1})), answers
+    assert answers["second"][0] != 200, answers
     assert [x["event"]["id"] for x in r.records()].count("f") == 0, r.records()
 
 
