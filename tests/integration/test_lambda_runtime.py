@@ -366,3 +366,37 @@ def test_redis_kinesis_batch_processor_partial_failures(rie, esmd, redis, postgr
     again = [x["kinesis"]["sequenceNumber"] for c in calls[1:] for x in c["event"]["Records"]]
     assert again == entries[2:], again
     assert all(c["result"] == {"batchItemFailures": []} for c in calls[1:])
+
+
+def test_kafka_powertools_batch_processor_partial_failures(rie, esmd, kafka, postgres, names):
+    """BatchProcessor(EventType.Kafka) answers {"itemIdentifier": {"partition": "topic-N",
+    "offset": n}}: esmd commits the partition below that record and sends it again from there;
+    the other partition is not sent again."""
+    r = rie("kafka_batch_handler.handler")
+    topic = kafka.create_topic(names.topic(), 2)
+    group = names.group()
+    kafka.produce(topic, [{"partition": 0, "value": json.dumps(
+        {"i": i, "fail": 1} if i == 2 else {"i": i})} for i in range(5)] +
+        [{"partition": 1, "value": json.dumps({"i": 10 + i})} for i in range(2)])
+    cfg = {"postgres": postgres.url,
+           "connections": {"k": {"type": "kafka", "bootstrap_servers": kafka.bootstrap}},
+           "functions": {"fn": function(r)},
+           "mappings": [{"name": names.mapping(), "function": "fn", "batch_size": 10,
+                         "maximum_batching_window": "1s", "report_batch_item_failures": True,
+                         "source": {"kafka": "k", "topics": [topic], "consumer_group": group,
+                                    "starting_position": "trim_horizon"}}]}
+    proc = esmd(cfg)
+    wait_for(lambda: any(c.get("result") == {"batchItemFailures": []} and
+                         any(d["partition"] == 0 and d["offset"] == 2 for d in c["delivered"])
+                         for c in r.records()), 60, 0.1, "the failed record delivered again")
+    time.sleep(1.5)
+    calls = r.records()
+    assert all("error" not in c for c in calls), [c.get("error") for c in calls]
+    sent = [(d["partition"], d["offset"]) for c in calls for d in c["delivered"]]
+    failures = [f for c in calls for f in c["result"]["batchItemFailures"]]
+    assert failures == [{"itemIdentifier": {"partition": "%s-0" % topic, "offset": 2}}]
+    # every record once, and partition 0 again from the failed record on
+    assert sorted(sent) == sorted([(0, o) for o in range(5)] + [(0, 2), (0, 3), (0, 4)] +
+                                  [(1, 0), (1, 1)]), sent
+    proc.stop()
+    assert kafka.committed(group, topic) == {0: 5, 1: 2}
