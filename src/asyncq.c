@@ -501,6 +501,22 @@ static void set_str(char **dst, const char *s, size_t n)
     *dst = s ? esmd_xstrndup(s, n) : NULL;
 }
 
+/* The seconds a timed-out invocation ran: the function's own timeout when it said so (the RIE
+ * answers "Task timed out after 1.00 seconds" for AWS_LAMBDA_FUNCTION_TIMEOUT=1), else esmd's
+ * `timeout`, which cut the request off. */
+static double timeout_secs(const struct esmd_invoke_result *res, int64_t timeout_ms)
+{
+    static const char rie_timeout[] = "Task timed out after ";
+    if (res->body && strncmp(res->body, rie_timeout, sizeof(rie_timeout) - 1) == 0) {
+        const char *num = res->body + sizeof(rie_timeout) - 1; /* the body is NUL-terminated */
+        char *end;
+        double v = strtod(num, &end);
+        if (end != num && v >= 0 && v < 1e6)
+            return v;
+    }
+    return (double)timeout_ms / 1000.0;
+}
+
 static void ev_invoked(void *ud, const struct esmd_invoke_result *res)
 {
     struct aq_ev *ev = ud;
@@ -551,20 +567,9 @@ static void ev_invoked(void *ud, const struct esmd_invoke_result *res)
     if (res->outcome == ESMD_INVOKE_TIMEOUT && !esmd_json_valid(res->body, res->body_len)) {
         char msg[160];
         char ts[32];
-        /* the function's own timeout when it said so (the RIE answers "Task timed out after
-         * 1.00 seconds" for AWS_LAMBDA_FUNCTION_TIMEOUT=1), else esmd's, which cut it off */
-        double secs = (double)f->cfg->timeout_ms / 1000.0;
-        static const char rie_timeout[] = "Task timed out after ";
-        if (res->body && strncmp(res->body, rie_timeout, sizeof(rie_timeout) - 1) == 0) {
-            const char *num = res->body + sizeof(rie_timeout) - 1; /* the body is NUL-terminated */
-            char *end;
-            double v = strtod(num, &end);
-            if (end != num && v >= 0 && v < 1e6)
-                secs = v;
-        }
         esmd_iso8601_ms(now, ts);
         snprintf(msg, sizeof(msg), "{\"errorMessage\":\"%s %s Task timed out after %.2f seconds\"}",
-                 ts, ev->rid, secs);
+                 ts, ev->rid, timeout_secs(res, f->cfg->timeout_ms));
         set_str(&ev->last_resp, msg, strlen(msg));
     }
     if (function_error) {
@@ -1289,6 +1294,7 @@ struct sync_call {
     struct esmd_invoke_req *ireq;
     char rid[37];
     char *body;
+    int64_t timeout_ms; /* the function's, for a timeout's message */
     bool aborted;
 };
 
@@ -1325,9 +1331,9 @@ static void sync_done(void *ud, const struct esmd_invoke_result *res)
                 char msg[200], ts[32];
                 esmd_iso8601_ms(esmd_now_ms(), ts);
                 snprintf(msg, sizeof(msg),
-                         "{\"errorMessage\":\"%s %s Task timed out\",\"errorType\":"
-                         "\"Sandbox.Timedout\"}",
-                         ts, sc->rid);
+                         "{\"errorMessage\":\"%s %s Task timed out after %.2f seconds\","
+                         "\"errorType\":\"Sandbox.Timedout\"}",
+                         ts, sc->rid, timeout_secs(res, sc->timeout_ms));
                 esmd_http_respond(req, 200, AQ_JSON, msg, strlen(msg));
             } else if (res->body_len == 0) {
                 esmd_http_respond(req, 200, AQ_JSON, "null", 4);
@@ -1462,6 +1468,7 @@ static void route_invoke(void *ud, struct esmd_http_req *req)
     sc->q = q;
     sc->req = req;
     memcpy(sc->rid, rid, sizeof(rid));
+    sc->timeout_ms = f->cfg->timeout_ms;
     if (len == 0) {
         body = "{}";
         len = 2;

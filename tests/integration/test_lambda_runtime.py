@@ -400,3 +400,43 @@ def test_kafka_powertools_batch_processor_partial_failures(rie, esmd, kafka, pos
                                   [(1, 0), (1, 1)]), sent
     proc.stop()
     assert kafka.committed(group, topic) == {0: 5, 1: 2}
+
+
+# ---- synchronous Invoke through esmd, with boto3 ----------------------------------------------
+
+
+def test_sync_invoke_with_boto3_result_error_and_timeout(rie, esmd, db):
+    """RequestResponse through esmd's Invoke to the RIE, read by boto3 as Lambda's answers: the
+    result; a handler exception as FunctionError Unhandled with the RIE's error object; a run past
+    AWS_LAMBDA_FUNCTION_TIMEOUT as FunctionError Unhandled with Lambda's Sandbox.Timedout."""
+    import boto3
+    from botocore.config import Config
+
+    r = rie("async_handler.handler", timeout=1)
+    cfg = {"postgres": db[0],
+           "admin": {"aws_credentials": {"access_key_id": "AKIDRIE",
+                                         "secret_access_key": "rie-secret"}},
+           "functions": {"fn": function(r, timeout="10s")}}
+    proc = esmd(cfg)
+    client = boto3.client("lambda", endpoint_url=proc.admin, region_name="us-east-1",
+                          aws_access_key_id="AKIDRIE", aws_secret_access_key="rie-secret",
+                          config=Config(retries={"max_attempts": 1}, read_timeout=30))
+
+    ok = client.invoke(FunctionName="fn", Payload=json.dumps({"id": "s1"}))
+    assert ok["StatusCode"] == 200 and "FunctionError" not in ok
+    assert ok["ExecutedVersion"] == "$LATEST"
+    assert json.loads(ok["Payload"].read()) == {"ok": "s1", "attempt": 1}
+
+    err = client.invoke(FunctionName="fn", Payload=json.dumps({"id": "s2", "fail_times": 1}))
+    assert err["StatusCode"] == 200 and err["FunctionError"] == "Unhandled"
+    body = json.loads(err["Payload"].read())
+    assert body["errorType"] == "OrderFailed"
+    assert body["errorMessage"] == "attempt 1 of event s2 failed"
+    assert isinstance(body["stackTrace"], list)
+
+    slow = client.invoke(FunctionName="fn", Payload=json.dumps({"id": "s3", "sleep": 3}))
+    assert slow["StatusCode"] == 200 and slow["FunctionError"] == "Unhandled"
+    body = json.loads(slow["Payload"].read())
+    assert body["errorType"] == "Sandbox.Timedout"
+    assert body["errorMessage"].endswith("Task timed out after 1.00 seconds"), body
+    assert [c["event"]["id"] for c in r.records()] == ["s1", "s2", "s3"]
