@@ -3,10 +3,18 @@ function endpoint (endpoint.py). The binaries under test come from $ESMD_BUILD (
 
     postgres   session: servers.Postgres (.url, .dsn(db), .sql(q, db), .create_db(n), .stop/.start)
     redis      session: servers.Redis (.url, .command(...))
-    kafka      session: servers.KafkaMock (.bootstrap, .create_topic, .produce, .committed, ...)
+    kafka_mock    session: servers.KafkaMock (.bootstrap, .create_topic, .produce, .committed, ...)
+    kafka_broker  session: servers.KafkaBroker, a real Apache Kafka (same interface, plus .kill,
+               .start, .stop, .add_partitions, .consumer_groups); started on first use
+    kafka      per test: one of the two. In the modules of BOTH_KAFKAS every test that takes
+               `kafka` runs twice, as [mock] and [broker] (pytest_generate_tests below); a test
+               marked @pytest.mark.mock_only(reason) (it needs the mock's fault injection,
+               kafka.command) runs as [mock] only. Every other module gets the mock alone
+               (not parametrized, ids unchanged).
     endpoint   per test: endpoint.Endpoint (answers 200 {} unless told otherwise)
     names      per test: unique topic / group / mapping names (names.topic(), names.group(), ...)
     kafka_config  per test: builds a one-mapping Kafka config dict for the fixtures above
+               (MOCK_CONSUMER_PROPERTIES on the mock only)
     esmd       per test: factory esmd(config, start=True) -> servers.Esmd; config is a dict
                (written as YAML) or YAML text; admin.listen is set to a free port and, in text,
                {postgres} {bootstrap} {endpoint} {admin} are filled in. Every esmd started is
@@ -54,10 +62,50 @@ def redis():
 
 
 @pytest.fixture(scope="session")
-def kafka():
+def kafka_mock():
     k = servers.KafkaMock()
     yield k
     k.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    """One real broker for the whole session (it takes seconds to start); tests use their own
+    topics and groups on it, as on the mock."""
+    k = servers.KafkaBroker()
+    yield k
+    k.close()
+
+
+# The modules whose Kafka tests run against both the mock and the real broker (docs/testing.md,
+# "Kafka: mock and real broker").
+BOTH_KAFKAS = {"test_kafka_e2e", "test_failure_handling", "test_destinations"}
+KAFKA_KINDS = ("mock", "broker")
+
+
+def pytest_generate_tests(metafunc):
+    if "kafka" not in metafunc.fixturenames:
+        return
+    module = metafunc.module.__name__.rpartition(".")[2]
+    mark = metafunc.definition.get_closest_marker("mock_only")
+    if mark is not None and not (mark.args or mark.kwargs.get("reason")):
+        raise pytest.UsageError("%s: @pytest.mark.mock_only needs a reason (what of the mock's "
+                                "fault injection the test uses)" % metafunc.definition.nodeid)
+    if module not in BOTH_KAFKAS:
+        return
+    kinds = ["mock"] if mark is not None else list(KAFKA_KINDS)
+    metafunc.parametrize("kafka", kinds, indirect=True, ids=kinds)
+
+
+@pytest.fixture
+def kafka(request):
+    """The Kafka of this test: request.param ("mock" or "broker") where pytest_generate_tests
+    parametrized it, else the mock."""
+    kind = getattr(request, "param", "mock")
+    if kind not in KAFKA_KINDS:
+        raise ValueError("kafka fixture: unknown kind %r (expected one of %s)" % (kind,
+                                                                                 KAFKA_KINDS))
+    return request.getfixturevalue("kafka_" + kind)
 
 
 @pytest.fixture
@@ -106,28 +154,36 @@ def kafka_config(postgres, kafka, endpoint, names):
 
     options: batch_size, window (maximum_batching_window), timeout, max_concurrency, group,
     mapping (name), starting_position, url, mapping_extra (dict merged into the mapping),
-    function_extra (dict merged into the function)."""
+    function_extra (dict merged into the function), properties (librdkafka properties merged
+    into the connection's). The connection carries kafka.client_properties (SASL, when the
+    broker has it) and, on the mock only, MOCK_CONSUMER_PROPERTIES."""
 
     def make(topic, batch_size=100, window="100ms", timeout="10s", max_concurrency=10,
              group=None, mapping=None, starting_position="trim_horizon", url=None,
-             mapping_extra=None, function_extra=None):
+             mapping_extra=None, function_extra=None, properties=None):
         fn = {"url": url or endpoint.url, "timeout": timeout, "max_concurrency": max_concurrency}
         fn.update(function_extra or {})
         m = {
             "name": mapping or names.mapping(),
             "function": "fn",
-            "source": {"kafka": "mock", "topics": [topic],
+            "source": {"kafka": "kafka", "topics": [topic],
                        "consumer_group": group or names.group(),
                        "starting_position": starting_position},
             "batch_size": batch_size,
             "maximum_batching_window": window,
         }
         m.update(mapping_extra or {})
+        props = dict(kafka.client_properties)
+        if kafka.kind == "mock":
+            props.update(MOCK_CONSUMER_PROPERTIES)
+        props.update(properties or {})
+        conn = {"type": "kafka", "bootstrap_servers": kafka.bootstrap}
+        if props:
+            conn["properties"] = props
         return {
             "postgres": postgres.url,
             "admin": {"listen": "127.0.0.1:0"},
-            "connections": {"mock": {"type": "kafka", "bootstrap_servers": kafka.bootstrap,
-                                     "properties": MOCK_CONSUMER_PROPERTIES}},
+            "connections": {"kafka": conn},
             "functions": {"fn": fn},
             "mappings": [m],
         }

@@ -256,7 +256,7 @@ def test_dest_unreachable_retried_with_backoff_without_blocking_others(postgres,
     assert got == [0, 1, 2]
 
 
-def test_dest_kafka_broker_down_retried(postgres, kafka, tools, request):
+def test_dest_kafka_broker_down_retried(postgres, tools, request):
     """A Kafka destination whose cluster is unreachable: failures, then delivery once up."""
     url, db = _db(postgres, request)
     port = servers.free_port()  # nothing listens there
