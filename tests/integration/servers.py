@@ -529,6 +529,20 @@ class KafkaBroker(_KafkaClient):
         self._tool(args, timeout=120)
         return name
 
+    def produce(self, topic, records=None, count=None, **kw):
+        """KafkaMock.produce, then a check that the topic's high watermarks grew by at least as
+        many records as were acknowledged: a record acknowledged and not stored fails here, at
+        once and by name, instead of as a delivery that never comes."""
+        before = self.watermarks(topic)
+        n = super().produce(topic, records, count, **kw)
+        after = self.watermarks(topic)
+        grown = sum(after.values()) - sum(before.get(p, 0) for p in after)
+        if grown < n:  # more is another producer writing meanwhile
+            raise RuntimeError("produced %d records to %s, acknowledged, but its high "
+                               "watermarks grew by %d (%s -> %s)" % (n, topic, grown, before,
+                                                                     after))
+        return n
+
     def add_partitions(self, topic, total):
         self._tool(["add-partitions", "-b", self.bootstrap, "-t", topic,
                     "--partitions", str(total)], timeout=120)
@@ -744,6 +758,19 @@ def produce_with_librdkafka(bootstrap, topic, records, properties=None, timeout=
     for k, v in props.items():
         if lib.rd_kafka_conf_set(conf, k.encode(), str(v).encode(), err, 512) != 0:
             raise RuntimeError("%s=%s: %s" % (k, v, err.value.decode()))
+    # Delivery reports: a record the broker refuses (MSG_SIZE_TOO_LARGE, ...) leaves the queue
+    # too, so an empty queue alone does not mean delivered. rd_kafka_message_t starts with its
+    # rd_kafka_resp_err_t err.
+    failures = []
+    dr_type = ctypes.CFUNCTYPE(None, vp, ctypes.POINTER(ctypes.c_int), vp)
+
+    def on_delivery(_rk, rkmessage, _opaque):
+        if rkmessage[0] != 0:
+            failures.append(lib.rd_kafka_err2str(rkmessage[0]).decode())
+
+    dr_cb = dr_type(on_delivery)
+    lib.rd_kafka_conf_set_dr_msg_cb.argtypes = [vp, dr_type]
+    lib.rd_kafka_conf_set_dr_msg_cb(conf, dr_cb)
     rk = lib.rd_kafka_new(0, conf, err, 512)  # RD_KAFKA_PRODUCER
     if not rk:
         raise RuntimeError("rd_kafka_new: " + err.value.decode())
@@ -757,6 +784,9 @@ def produce_with_librdkafka(bootstrap, topic, records, properties=None, timeout=
         lib.rd_kafka_flush(rk, int(timeout * 1000))
         if lib.rd_kafka_outq_len(rk) != 0:
             raise RuntimeError("records not delivered within %ss" % timeout)
+        if failures:
+            raise RuntimeError("%d of %d records not delivered: %s" % (
+                len(failures), len(records), "; ".join(sorted(set(failures)))))
     finally:
         lib.rd_kafka_topic_destroy(rkt)
         lib.rd_kafka_destroy(rk)

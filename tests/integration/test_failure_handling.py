@@ -218,7 +218,8 @@ def test_records_past_their_age_go_to_the_destination_unsent(kafka, endpoint, de
 @pytest.mark.kafka
 def test_record_over_the_payload_cap_goes_to_the_destination(kafka, endpoint, dest, esmd,
                                                              kafka_config, names):
-    topic = kafka.create_topic(names.topic(), 1)
+    # A real broker refuses records over its 1 MB max.message.bytes unless the topic allows more.
+    topic = kafka.create_topic(names.topic(), 1, config={"max.message.bytes": "10000000"})
     big = b"x" * 4_900_000
     servers.produce_with_librdkafka(
         kafka.bootstrap, topic,

@@ -1,7 +1,8 @@
-"""End to end: Kafka (librdkafka's mock cluster) -> esmd -> a recording HTTP function endpoint.
+"""End to end: Kafka -> esmd -> a recording HTTP function endpoint.
 
-Each test uses its own topic and consumer group on the session's mock cluster and its own
-endpoint. The assertions are about what the endpoint received (the Lambda self-managed Kafka
+Every test runs twice, against librdkafka's mock cluster ([mock]) and a real Apache Kafka broker
+([broker]) (conftest.py, docs/testing.md "Kafka: mock and real broker"). Each test uses its own
+topic and consumer group on the session's cluster and its own endpoint. The assertions are about what the endpoint received (the Lambda self-managed Kafka
 event, spec/lambda-semantics.md §2.2) and what the consumer group committed."""
 
 import base64
@@ -197,7 +198,8 @@ def test_payload_cap_splits_large_records(kafka, endpoint, esmd, kafka_config, n
 
 @pytest.mark.kafka
 def test_record_over_payload_cap_is_skipped(kafka, endpoint, esmd, kafka_config, names):
-    topic = kafka.create_topic(names.topic(), 1)
+    # A real broker refuses records over its 1 MB max.message.bytes unless the topic allows more.
+    topic = kafka.create_topic(names.topic(), 1, config={"max.message.bytes": "10000000"})
     # ~6.5 MB once base64-encoded: can never fit a 6 MB event. 4.9 MB stays under the mock's
     # 5 MB per partition; kafkatool's producer keeps librdkafka's 1 MB message.max.bytes, so
     # librdkafka is driven directly.

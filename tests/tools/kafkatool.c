@@ -20,11 +20,13 @@
  *       with --keyed, key "k<i>". Prints "produced N".
  *   kafkatool create-topic -b B -t TOPIC --partitions P [--config KEY=VALUE]...
  *       Creates the topic on a real cluster (admin CreateTopics, replication factor 1, the
- *       topic configs given) and waits until the metadata shows its P partitions with leaders.
+ *       topic configs given) and waits until the metadata shows its P partitions with leaders
+ *       and each leader answers for its partition (ListOffsets).
  *       A topic that already exists with P partitions is fine; with another count it is an error.
  *   kafkatool add-partitions -b B -t TOPIC --partitions TOTAL
  *       Grows the topic to TOTAL partitions (admin CreatePartitions) and waits until the
- *       metadata shows them. A topic that already has TOTAL partitions is fine.
+ *       metadata shows them and their leaders answer. A topic that already has TOTAL partitions
+ *       is fine.
  *   kafkatool committed -b B -g GROUP -t TOPIC [--partitions P]
  *       Prints {"0":offset,...}: the group's committed offsets, -1 when none. Does not join.
  *       Retries for up to 30 s while the group coordinator is not ready (a fresh broker answers
@@ -683,6 +685,26 @@ static int kt_wait_partitions(rd_kafka_t *rk, const char *topic, int want)
     return seen;
 }
 
+/* Waits up to 30 s until every partition's leader answers ListOffsets: a real broker lists a new
+ * partition's leader in the metadata a moment before it serves it ("Not leader for partition"),
+ * and records produced into that moment may be lost by librdkafka 2.0's idempotent producer. */
+static void kt_wait_serving(rd_kafka_t *rk, const char *topic, int partitions)
+{
+    double deadline = kt_mono() + 30;
+    for (int i = 0; i < partitions; i++) {
+        for (;;) {
+            int64_t lo, hi;
+            rd_kafka_resp_err_t err =
+                rd_kafka_query_watermark_offsets(rk, topic, i, &lo, &hi, KT_TIMEOUT_MS);
+            if (!err)
+                break;
+            if (kt_mono() >= deadline)
+                kt_die(1, "%s [%d] is not served after 30 s: %s", topic, i, rd_kafka_err2str(err));
+            usleep(100 * 1000);
+        }
+    }
+}
+
 static rd_kafka_t *kt_admin_client(const struct kt_opts *o)
 {
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
@@ -772,6 +794,7 @@ static int kt_cmd_create_topic(const struct kt_opts *o)
                "expected %d",
                topic, seen, o->partitions);
     }
+    kt_wait_serving(rk, topic, o->partitions);
     printf("%s %s %d\n", err ? "exists" : "created", topic, o->partitions);
     fflush(stdout);
     rd_kafka_AdminOptions_destroy(opts);
@@ -817,6 +840,7 @@ static int kt_cmd_add_partitions(const struct kt_opts *o)
             kt_die(1, "add-partitions %s: the metadata shows %d partitions after 30 s, expected %d",
                    topic, seen, o->partitions);
     }
+    kt_wait_serving(rk, topic, seen);
     printf("partitions %s %d\n", topic, seen);
     fflush(stdout);
     rd_kafka_destroy(rk);
