@@ -501,8 +501,8 @@ static void adm_esm_json(const struct esmd_admin *adm, const struct adm_map *m, 
     put_key(b, &first, "UUID");
     put_str(b, m->uuid);
     put_key(b, &first, "EventSourceMappingArn");
-    snprintf(arn, sizeof(arn),
-             "arn:aws:lambda:" ESMD_REGION ":" ESMD_ACCOUNT ":event-source-mapping:%s", m->uuid);
+    snprintf(arn, sizeof(arn), "arn:aws:lambda:%s:%s:event-source-mapping:%s", esmd_aws_region(),
+             esmd_aws_account(), m->uuid);
     put_str(b, arn);
     if (c->kind != ESMD_SOURCE_KAFKA) {
         struct esmd_buf src = ESMD_BUF_INIT;
@@ -968,7 +968,8 @@ static bool json_int(const cJSON *v, int64_t lo, int64_t hi, int64_t *out)
 }
 
 /* "name", "name:qualifier", "arn:aws:lambda:R:A:function:name[:q]", "A:function:name[:q]" →
- * the name (into out). false when malformed. */
+ * the name (into out); "" for a function of another region or account (no function of esmd's).
+ * false when malformed. */
 static bool adm_function_name(const char *s, char *out, size_t outlen)
 {
     const char *p = s, *f = strstr(s, ":function:");
@@ -976,6 +977,11 @@ static bool adm_function_name(const char *s, char *out, size_t outlen)
 
     if (strlen(s) == 0 || strlen(s) > 140)
         return false;
+    if (f != NULL && !esmd_function_prefix_ours(s, (size_t)(f - s) + 1)) {
+        if (outlen)
+            out[0] = '\0';
+        return true;
+    }
     if (f != NULL)
         p = f + strlen(":function:");
     else if (strncmp(s, "arn:", 4) == 0)

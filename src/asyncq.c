@@ -1266,11 +1266,15 @@ static struct aq_fn *resolve_fn(struct esmd_asyncq *q, struct esmd_http_req *req
         }
         s = fnpos + strlen("function:");
     }
+    /* what stood before "function:" ("arn:aws:lambda:R:A:", "A:" or nothing): a function of
+     * another account or region is not one of ours */
+    size_t plen = s == name ? 0 : (size_t)(s - name) - strlen("function:");
+    bool ours = esmd_function_prefix_ours(name, plen);
     char *qual = strchr(s, ':');
     if (qual)
         *qual++ = '\0';
     const char *qarg = esmd_http_req_query(req, "Qualifier");
-    struct aq_fn *f = fn_find(q, s);
+    struct aq_fn *f = ours ? fn_find(q, s) : NULL;
     if (f &&
         ((qual && strcmp(qual, "$LATEST") != 0) || (qarg && *qarg && strcmp(qarg, "$LATEST") != 0)))
         f = NULL;
@@ -1600,6 +1604,13 @@ static bool eic_dest(struct esmd_asyncq *q, const cJSON *obj, const char *which,
     const char *v = d->valuestring;
     if (strncmp(v, "arn:", 4) == 0) {
         const char *p = strstr(v, ":function:");
+        if (p && !esmd_function_prefix_ours(v, (size_t)(p - v) + 1)) {
+            snprintf(why, whylen,
+                     "DestinationConfig.%s.Destination %s: not a function of this region and "
+                     "account (arn:aws:lambda:%s:%s:function:NAME)",
+                     which, v, esmd_aws_region(), esmd_aws_account());
+            return false;
+        }
         if (strncmp(v, "arn:aws:lambda:", 15) != 0 || !p) {
             snprintf(why, whylen,
                      "DestinationConfig.%s.Destination %s: esmd takes a destination URI "

@@ -111,7 +111,40 @@ void esmd_iso8601_ms(int64_t ms, char out[32])
     snprintf(out + n, 32 - n, ".%03dZ", rem);
 }
 
+static char aws_region[64] = ESMD_DEFAULT_REGION;
+static char aws_account[64] = ESMD_DEFAULT_ACCOUNT;
+
+void esmd_aws_set(const char *region, const char *account)
+{
+    if (region)
+        snprintf(aws_region, sizeof(aws_region), "%s", region);
+    if (account)
+        snprintf(aws_account, sizeof(aws_account), "%s", account);
+}
+
+const char *esmd_aws_region(void)
+{
+    return aws_region;
+}
+
+const char *esmd_aws_account(void)
+{
+    return aws_account;
+}
+
 void esmd_function_arn(const char *name, char *out, size_t outlen)
 {
-    snprintf(out, outlen, "arn:aws:lambda:" ESMD_REGION ":" ESMD_ACCOUNT ":function:%s", name);
+    snprintf(out, outlen, "arn:aws:lambda:%s:%s:function:%s", aws_region, aws_account, name);
+}
+
+bool esmd_function_prefix_ours(const char *prefix, size_t n)
+{
+    char want[160];
+    if (n == 0)
+        return true;
+    int w = snprintf(want, sizeof(want), "%s:", aws_account);
+    if ((size_t)w == n && memcmp(prefix, want, n) == 0)
+        return true;
+    w = snprintf(want, sizeof(want), "arn:aws:lambda:%s:%s:", aws_region, aws_account);
+    return (size_t)w == n && memcmp(prefix, want, n) == 0;
 }

@@ -16,6 +16,7 @@
 #include <cJSON.h>
 #include <yaml.h>
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -1176,6 +1177,7 @@ static const struct esmd_function_cfg *resolve_function(struct loader *ld, const
 static const char *const conn_types[] = {"kafka", "redis", NULL};
 static const char *const kafka_positions[] = {"trim_horizon", "latest", "at_timestamp", NULL};
 static const char *const redis_positions[] = {"trim_horizon", "latest", NULL};
+static const char *const redis_formats[] = {"kinesis", "native", NULL};
 static const char *const source_kinds[] = {"kafka", "redis", "pgqueue", NULL};
 
 enum kv_kind { KV_PROPERTIES, KV_HEADERS };
@@ -1212,6 +1214,52 @@ static bool read_kvlist(struct loader *ld, const struct node *n, struct esmd_kvl
         list->n++;
     }
     return true;
+}
+
+/* aws */
+
+/* An AWS region name: two letters, one or more "-word" parts, a "-" and a number
+ * ("us-east-1", "eu-central-2", "us-gov-west-1", "ap-southeast-10"). */
+static bool valid_region(const char *s)
+{
+    size_t i = 0, words = 0;
+    if (!islower((unsigned char)s[0]) || !islower((unsigned char)s[1]) || s[2] != '-')
+        return false;
+    i = 3;
+    for (;;) {
+        size_t start = i;
+        while (islower((unsigned char)s[i]))
+            i++;
+        if (i == start || s[i] != '-')
+            break;
+        words++;
+        i++;
+    }
+    if (!words || !isdigit((unsigned char)s[i]))
+        return false;
+    while (isdigit((unsigned char)s[i]))
+        i++;
+    return s[i] == '\0' && i <= 32;
+}
+
+static bool valid_account_id(const char *s)
+{
+    size_t i = 0;
+    while (isdigit((unsigned char)s[i]))
+        i++;
+    return i == 12 && s[i] == '\0';
+}
+
+static bool read_aws(struct loader *ld, const struct node *n, void *obj)
+{
+    static const struct cfg_key keys[] = {
+        K_CHECK("region", struct esmd_aws_cfg, region, 0, valid_region,
+                "an AWS region name such as us-east-1"),
+        K_CHECK("account_id", struct esmd_aws_cfg, account_id, 0, valid_account_id,
+                "an AWS account id of 12 digits such as 000000000000"),
+    };
+    struct esmd_config *cfg = obj;
+    return read_section(ld, n, TABLE(keys), &cfg->aws);
 }
 
 /* admin */
@@ -1451,6 +1499,9 @@ static const struct cfg_key redis_source_keys[] = {
            0),
     K_DUR("visibility_timeout", struct esmd_redis_source_cfg, visibility_timeout_ms, 1 * MS_SEC,
           12 * MS_HOUR, 0),
+    K_ENUM("event_format", struct esmd_redis_source_cfg, event_format, redis_formats, 0),
+    K_STR("data_field", struct esmd_redis_source_cfg, data_field, KEY_NONEMPTY),
+    K_STR("partition_key_field", struct esmd_redis_source_cfg, partition_key_field, KEY_NONEMPTY),
 };
 
 static const struct cfg_key pgqueue_source_keys[] = {
@@ -1468,6 +1519,23 @@ static const struct cfg_key pgqueue_source_keys[] = {
 static bool is_text(const struct node *n, const char *s)
 {
     return n && n->kind == NODE_SCALAR && !strcmp(n->value, s);
+}
+
+/* data_field and partition_key_field shape the kinesis record; the native one has neither. */
+static void check_redis_source(struct loader *ld, const struct node *n,
+                               const struct esmd_redis_source_cfg *r)
+{
+    static const char *const kinesis_only[] = {"data_field", "partition_key_field"};
+    if (r->event_format != ESMD_REDIS_EVENT_NATIVE)
+        return;
+    for (size_t i = 0; i < ESMD_ARRAY_LEN(kinesis_only); i++) {
+        const struct node *k = map_get(n, kinesis_only[i]);
+        if (k)
+            ld_err(ld, k,
+                   "%s is for event_format: kinesis; the native event carries every field in "
+                   "fields and binaryFields",
+                   kinesis_only[i]);
+    }
 }
 
 static void check_kafka_source(struct loader *ld, const struct node *n)
@@ -1529,6 +1597,7 @@ static bool read_source(struct loader *ld, const struct node *n, void *obj)
         break;
     case ESMD_SOURCE_REDIS:
         read_section_skip(ld, n, TABLE(redis_source_keys), &map->redis, source_kinds);
+        check_redis_source(ld, n, &map->redis);
         break;
     case ESMD_SOURCE_PGQUEUE:
         read_section_skip(ld, n, TABLE(pgqueue_source_keys), &map->pgqueue, source_kinds);
@@ -1756,6 +1825,7 @@ static bool read_mappings(struct loader *ld, const struct node *n, void *obj)
 /* the document; table order is reading order: names are defined before they are used */
 static const struct cfg_key top_keys[] = {
     K_STR("postgres", struct esmd_config, postgres, KEY_REQUIRED | KEY_NONEMPTY),
+    K_CUSTOM("aws", read_aws, 0),
     K_CUSTOM("admin", read_admin, 0),
     K_CUSTOM("connections", read_connections, 0),
     K_CUSTOM("functions", read_functions, 0),
@@ -1862,6 +1932,8 @@ void esmd_config_free(struct esmd_config *cfg)
         return;
     free(cfg->path);
     free(cfg->postgres);
+    free(cfg->aws.region);
+    free(cfg->aws.account_id);
     free(cfg->admin.listen);
     free(cfg->admin.token);
     free(cfg->admin.access_key_id);
@@ -1897,6 +1969,8 @@ void esmd_config_free(struct esmd_config *cfg)
         free(map->redis.stream);
         free(map->redis.group);
         free(map->redis.consumer);
+        free(map->redis.data_field);
+        free(map->redis.partition_key_field);
         free(map->pgqueue.queue);
         free(map->pgqueue.connection);
         free(map->pgqueue.dead_letter_queue);
@@ -1923,6 +1997,8 @@ struct esmd_config *esmd_config_parse_flags(const char *text, size_t len, const 
     struct esmd_config *cfg = esmd_xcalloc(1, sizeof(*cfg));
     cfg->path = esmd_xstrdup(ld.file);
     cfg->admin.listen = esmd_xstrdup(DEFAULT_LISTEN);
+    cfg->aws.region = esmd_xstrdup(ESMD_DEFAULT_REGION);
+    cfg->aws.account_id = esmd_xstrdup(ESMD_DEFAULT_ACCOUNT);
     ld.cfg = cfg;
 
     struct node *root = load_tree(&ld);

@@ -108,6 +108,8 @@ static struct esmd_config *load_config(const char *path)
         }
         if (errs.n == 0)
             fprintf(stderr, "%s: could not load the configuration\n", path);
+    } else {
+        esmd_aws_set(cfg->aws.region, cfg->aws.account_id); /* every ARN from now on */
     }
     esmd_config_errors_free(&errs);
     return cfg;

@@ -133,7 +133,8 @@ size_t esmd_kafka_record_size(const struct esmd_kafka_view *v)
     n += LIT(REC_OFFSET) + esmd_i64_len(v->offset);
     n += LIT(REC_TIMESTAMP) + esmd_i64_len(v->timestamp);
     n += LIT(REC_TSTYPE) + strlen(tstype_name(v->tstype));
-    n += LIT(REC_KEY) + bytes_b64_len(v->key, v->key_len);
+    if (v->key) /* a null key is left out, as Lambda does */
+        n += LIT(REC_KEY) + bytes_b64_len(v->key, v->key_len);
     n += LIT(REC_VALUE) + bytes_b64_len(v->value, v->value_len);
     n += LIT(REC_HEADERS) + LIT(REC_TAIL);
     if (v->headers) {
@@ -158,8 +159,10 @@ void esmd_kafka_record_write(struct esmd_buf *out, const struct esmd_kafka_view 
     esmd_buf_put_i64(out, v->timestamp);
     esmd_buf_append(out, REC_TSTYPE, LIT(REC_TSTYPE));
     esmd_buf_puts(out, tstype_name(v->tstype));
-    esmd_buf_append(out, REC_KEY, LIT(REC_KEY));
-    put_bytes_b64(out, v->key, v->key_len);
+    if (v->key) {
+        esmd_buf_append(out, REC_KEY, LIT(REC_KEY));
+        put_bytes_b64(out, v->key, v->key_len);
+    }
     esmd_buf_append(out, REC_VALUE, LIT(REC_VALUE));
     put_bytes_b64(out, v->value, v->value_len);
     esmd_buf_append(out, REC_HEADERS, LIT(REC_HEADERS));

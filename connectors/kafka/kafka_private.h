@@ -22,7 +22,7 @@ struct esmd_kafka_view {
     int64_t offset;
     int64_t timestamp; /* epoch ms; -1 when not available */
     rd_kafka_timestamp_type_t tstype;
-    const void *key; /* NULL: the record has a null key (written as JSON null) */
+    const void *key; /* NULL: the record has a null key (the "key" member is left out) */
     size_t key_len;
     const void *value; /* NULL: null value, e.g. a tombstone (written as JSON null) */
     size_t value_len;
@@ -44,7 +44,7 @@ size_t esmd_kafka_record_size(const struct esmd_kafka_view *v);
 
 /* Appends one record object:
  * {"topic":"t","partition":0,"offset":15,"timestamp":1545084650987,
- *  "timestampType":"CREATE_TIME","key":"<base64>"|null,"value":"<base64>"|null,
+ *  "timestampType":"CREATE_TIME","key":"<base64>","value":"<base64>"|null,
  *  "headers":[{"name":[104,-61,-85]},{"name":null}]}
  * Header values are arrays of signed bytes (Java's byte, -128..127), in header order with
  * repeated names kept; a header with a null value is written as null. */

@@ -348,8 +348,10 @@ static struct pgq_rec *rec_from_row(struct esmd_pgqueue *pq, const PGresult *res
     for (size_t i = 0; i < ESMD_ARRAY_LEN(strs); i++)
         need += (size_t)PQgetlength(res, row, strs[i]) + 1;
     const char *src = value(res, row, COL_DLQ_SOURCE);
+    char prefix[ESMD_PGQUEUE_ARN_PREFIX_MAX];
+    size_t pl = esmd_pgqueue_arn_prefix(prefix);
     if (src)
-        need += strlen(ESMD_PGQUEUE_ARN_PREFIX);
+        need += pl;
     struct pgq_rec *pr = esmd_xmalloc(need);
     memset(pr, 0, sizeof(*pr));
     char *p = (char *)(pr + 1);
@@ -378,8 +380,8 @@ static struct pgq_rec *rec_from_row(struct esmd_pgqueue *pq, const PGresult *res
         pack(&p, PQgetvalue(res, row, COL_SENDER), (size_t)PQgetlength(res, row, COL_SENDER));
     if (src) {
         char *a = p;
-        size_t pl = strlen(ESMD_PGQUEUE_ARN_PREFIX), sl = strlen(src);
-        memcpy(a, ESMD_PGQUEUE_ARN_PREFIX, pl);
+        size_t sl = strlen(src);
+        memcpy(a, prefix, pl);
         memcpy(a + pl, src, sl);
         a[pl + sl] = '\0';
         v->dlq_arn = a;
@@ -751,9 +753,10 @@ static void *pgq_create(const struct esmd_mapping_cfg *cfg, const struct esmd_ho
     pq->conninfo = esmd_xstrdup(conninfo);
     pq->separate_db = src->connection &&
                       (!src->service_postgres || strcmp(src->connection, src->service_postgres));
-    size_t alen = strlen(ESMD_PGQUEUE_ARN_PREFIX) + strlen(pq->queue) + 1;
+    char prefix[ESMD_PGQUEUE_ARN_PREFIX_MAX];
+    size_t alen = esmd_pgqueue_arn_prefix(prefix) + strlen(pq->queue) + 1;
     pq->arn = esmd_xmalloc(alen);
-    snprintf(pq->arn, alen, "%s%s", ESMD_PGQUEUE_ARN_PREFIX, pq->queue);
+    snprintf(pq->arn, alen, "%s%s", prefix, pq->queue);
     pq->batch_size = cfg->batch_size > 0 ? cfg->batch_size : 10;
     pq->max_receive = src->max_receive_count;
     pq->concurrency = src->maximum_concurrency >= 2 ? src->maximum_concurrency : 2;

@@ -30,7 +30,8 @@
 #define REC_MD5_BODY ",\"md5OfBody\":"
 #define REC_MD5_ATTRS ",\"md5OfMessageAttributes\":"
 #define REC_SOURCE ",\"eventSource\":\"" ESMD_PGQUEUE_EVENT_SOURCE "\",\"eventSourceARN\":"
-#define REC_TAIL ",\"awsRegion\":\"" ESMD_PGQUEUE_REGION "\"}"
+#define REC_REGION ",\"awsRegion\":"
+#define REC_TAIL "}"
 
 static size_t str_len(const char *s)
 {
@@ -47,6 +48,13 @@ static size_t receipt_handle(const struct esmd_pgqueue_view *v, char *buf, size_
 {
     int len = snprintf(buf, n, "%lld:%s", (long long)v->id, v->receipt ? v->receipt : "");
     return len < 0 ? 0 : (size_t)len < n ? (size_t)len : n - 1;
+}
+
+size_t esmd_pgqueue_arn_prefix(char out[ESMD_PGQUEUE_ARN_PREFIX_MAX])
+{
+    int n = snprintf(out, ESMD_PGQUEUE_ARN_PREFIX_MAX, "arn:aws:sqs:%s:%s:", esmd_aws_region(),
+                     esmd_aws_account());
+    return n < 0 ? 0 : (size_t)n;
 }
 
 size_t esmd_pgqueue_envelope_size(void)
@@ -74,7 +82,8 @@ static size_t record_size_without_body(const struct esmd_pgqueue_view *v, const 
     n += LIT(REC_MD5_BODY) + str_len(v->body_md5);
     if (v->attributes_md5)
         n += LIT(REC_MD5_ATTRS) + str_len(v->attributes_md5);
-    n += LIT(REC_SOURCE) + str_len(arn) + LIT(REC_TAIL);
+    n += LIT(REC_SOURCE) + str_len(arn) + LIT(REC_REGION) + str_len(esmd_aws_region()) +
+         LIT(REC_TAIL);
     return n;
 }
 
@@ -126,6 +135,8 @@ static void record_write(struct esmd_buf *out, const struct esmd_pgqueue_view *v
     }
     esmd_buf_append(out, REC_SOURCE, LIT(REC_SOURCE));
     put_str(out, arn);
+    esmd_buf_append(out, REC_REGION, LIT(REC_REGION));
+    put_str(out, esmd_aws_region());
     esmd_buf_append(out, REC_TAIL, LIT(REC_TAIL));
 }
 

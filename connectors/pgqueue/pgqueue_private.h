@@ -13,11 +13,14 @@
 #include "esmd/buf.h"
 #include "esmd/connector.h"
 
-/* What every record says about where it comes from. */
-#define ESMD_PGQUEUE_EVENT_SOURCE "esmd:pgqueue"
-#define ESMD_PGQUEUE_REGION "local"
-/* A queue's ARN is this prefix and the queue name. */
-#define ESMD_PGQUEUE_ARN_PREFIX "arn:esmd:pgqueue:" ESMD_PGQUEUE_REGION ":esmd:"
+/* What every record says about where it comes from: SQS's (Powertools' parser checks it). */
+#define ESMD_PGQUEUE_EVENT_SOURCE "aws:sqs"
+/* Room for "arn:aws:sqs:<region>:<account>:" and a NUL. */
+#define ESMD_PGQUEUE_ARN_PREFIX_MAX 160
+/* Writes the prefix of every queue's ARN, "arn:aws:sqs:<region>:<account>:" (the `aws`
+ * section's, esmd_aws_region() and esmd_aws_account()), and a NUL into out; returns its
+ * length. A queue's ARN is this prefix and the queue name, as SQS's. */
+size_t esmd_pgqueue_arn_prefix(char out[ESMD_PGQUEUE_ARN_PREFIX_MAX]);
 
 /* One received message as the encoder sees it. Every pointer is borrowed for the call. */
 struct esmd_pgqueue_view {
@@ -51,7 +54,8 @@ size_t esmd_pgqueue_record_size(const struct esmd_pgqueue_view *v, const char *a
  *  "ApproximateReceiveCount":"1","SentTimestamp":"..","SenderId":"..",
  *  "ApproximateFirstReceiveTimestamp":"..","DeadLetterQueueSourceArn":".." (dead-lettered only)},
  *  "messageAttributes":{..},"md5OfBody":"..","md5OfMessageAttributes":".." (with attributes only),
- *  "eventSource":"esmd:pgqueue","eventSourceARN":"<arn>","awsRegion":"local"} */
+ *  "eventSource":"aws:sqs","eventSourceARN":"<arn>","awsRegion":"<region>"}; the region is
+ * esmd_aws_region(), which must not change between the size and the write. */
 void esmd_pgqueue_record_write(struct esmd_buf *out, const struct esmd_pgqueue_view *v,
                                const char *arn);
 

@@ -1318,8 +1318,15 @@ static void *redis_create(const struct esmd_mapping_cfg *cfg, const struct esmd_
                                                     : "esmd");
     rc->start_latest = src->starting_position == ESMD_START_LATEST;
     rc->vt_ms = src->visibility_timeout_ms > 0 ? src->visibility_timeout_ms : 30000;
-    char *arn = esmd_redis_arn(&rc->url, rc->stream);
-    esmd_redis_source_init(&rc->src, rc->stream, arn);
+    struct esmd_redis_format_opts fmt = {
+        .format = src->event_format == ESMD_REDIS_EVENT_NATIVE ? ESMD_REDIS_FORMAT_NATIVE
+                                                               : ESMD_REDIS_FORMAT_KINESIS,
+        .data_field = src->data_field,
+        .partition_key_field = src->partition_key_field,
+    };
+    char *arn = fmt.format == ESMD_REDIS_FORMAT_KINESIS ? esmd_redis_kinesis_arn(rc->stream)
+                                                        : esmd_redis_arn(&rc->url, rc->stream);
+    esmd_redis_source_init(&rc->src, rc->stream, arn, &fmt);
     free(arn);
     size_t klen = strlen(rc->stream) + strlen(rc->consumer) + 2;
     char *key = esmd_xmalloc(klen);

@@ -1,5 +1,5 @@
-/* The Redis stream event (Kinesis-shaped, spec/lambda-semantics.md §4.1 and docs/redis.md),
- * written straight into a buffer, the filter document, and entry IDs.
+/* The Redis stream event (Lambda's Kinesis event by default, or esmd's native Kinesis-like
+ * shape; docs/redis.md), written straight into a buffer, the filter document, and entry IDs.
  *
  * Every writer here has a size twin; both are built from the same string literals so the sizes
  * the core batches by are the bytes the encoder writes. */
@@ -35,6 +35,26 @@
 
 #define DOC_STREAM "{\"stream\":"
 #define DOC_TAIL "}}"
+
+/* the kinesis format */
+#define KIN_HEAD "{\"kinesis\":{\"kinesisSchemaVersion\":\"1.0\",\"partitionKey\":"
+#define KIN_SEQ ",\"sequenceNumber\":\""
+#define KIN_DATA "\",\"data\":\""
+#define KIN_TS "\",\"approximateArrivalTimestamp\":"
+#define KIN_META                                                                                   \
+    "},\"eventSource\":\"aws:kinesis\",\"eventVersion\":\"1.0\",\"eventID\":"                      \
+    "\"" ESMD_REDIS_SHARD_ID ":"
+#define KIN_IDENTITY "\",\"eventName\":\"aws:kinesis:record\",\"invokeIdentityArn\":"
+#define KIN_REGION ",\"awsRegion\":"
+#define KIN_ARN ",\"eventSourceARN\":"
+#define KIN_TAIL "}"
+
+#define KDOC_HEAD "{\"kinesisSchemaVersion\":\"1.0\",\"partitionKey\":"
+#define KDOC_TS "\",\"approximateArrivalTimestamp\":"
+#define KDOC_DATA ",\"data\":"
+#define KDOC_ARN ",\"eventSourceARN\":"
+#define KDOC_REGION ",\"awsRegion\":"
+#define KDOC_TAIL "}"
 
 /* ---- numbers and IDs ---- */
 
@@ -146,10 +166,31 @@ static char *json_string_dup(const char *s, size_t *len)
     return esmd_buf_steal(&b, len);
 }
 
-void esmd_redis_source_init(struct esmd_redis_source *src, const char *stream, const char *arn)
+static char *dup_len(const char *s, size_t *len)
 {
+    if (!s) {
+        *len = 0;
+        return NULL;
+    }
+    *len = strlen(s);
+    return esmd_xstrdup(s);
+}
+
+void esmd_redis_source_init(struct esmd_redis_source *src, const char *stream, const char *arn,
+                            const struct esmd_redis_format_opts *fmt)
+{
+    memset(src, 0, sizeof(*src));
+    src->format = fmt ? fmt->format : ESMD_REDIS_FORMAT_NATIVE;
     src->stream_json = json_string_dup(stream, &src->stream_json_len);
     src->arn_json = json_string_dup(arn, &src->arn_json_len);
+    if (src->format != ESMD_REDIS_FORMAT_KINESIS)
+        return;
+    src->data_field = dup_len(fmt->data_field, &src->data_field_len);
+    src->pkey_field = dup_len(fmt->partition_key_field, &src->pkey_field_len);
+    char identity[160];
+    snprintf(identity, sizeof(identity), "arn:aws:iam::%s:role/esmd", esmd_aws_account());
+    src->identity_json = json_string_dup(identity, &src->identity_json_len);
+    src->region_json = json_string_dup(esmd_aws_region(), &src->region_json_len);
 }
 
 void esmd_redis_source_free(struct esmd_redis_source *src)
@@ -158,7 +199,21 @@ void esmd_redis_source_free(struct esmd_redis_source *src)
         return;
     free(src->stream_json);
     free(src->arn_json);
-    src->stream_json = src->arn_json = NULL;
+    free(src->data_field);
+    free(src->pkey_field);
+    free(src->identity_json);
+    free(src->region_json);
+    src->stream_json = src->arn_json = src->data_field = src->pkey_field = NULL;
+    src->identity_json = src->region_json = NULL;
+}
+
+char *esmd_redis_kinesis_arn(const char *stream)
+{
+    struct esmd_buf b = ESMD_BUF_INIT;
+    esmd_buf_printf(&b, "arn:aws:kinesis:%s:%s:stream/%s", esmd_aws_region(), esmd_aws_account(),
+                    stream);
+    esmd_buf_cstr(&b);
+    return esmd_buf_steal(&b, NULL);
 }
 
 char *esmd_redis_arn(const struct esmd_redis_url *u, const char *stream)
@@ -181,6 +236,212 @@ void esmd_redis_fields_classify(struct esmd_redis_field *fields, size_t n)
     }
 }
 
+/* ---- the kinesis format ---- */
+
+static bool same_name(const struct esmd_redis_field *f, const char *name, size_t len)
+{
+    return f->name_len == len && (len == 0 || memcmp(f->name, name, len) == 0);
+}
+
+/* The first field called name (n bytes), or NULL. */
+static const struct esmd_redis_field *field_named(const struct esmd_redis_entry *e,
+                                                  const char *name, size_t n)
+{
+    for (size_t i = 0; i < e->nfields; i++)
+        if (same_name(&e->fields[i], name, n))
+            return &e->fields[i];
+    return NULL;
+}
+
+/* Every field as one JSON object, in entry order; a name that repeats is written once, at its
+ * first place, with the array of its values. */
+static void put_fields_object(struct esmd_buf *out, const struct esmd_redis_entry *e)
+{
+    esmd_buf_putc(out, '{');
+    size_t n = 0;
+    for (size_t i = 0; i < e->nfields; i++) {
+        const struct esmd_redis_field *f = &e->fields[i];
+        bool seen = false;
+        size_t count = 0;
+        for (size_t j = 0; j < i && !seen; j++)
+            seen = same_name(&e->fields[j], f->name, f->name_len);
+        if (seen)
+            continue;
+        for (size_t j = i; j < e->nfields; j++)
+            count += same_name(&e->fields[j], f->name, f->name_len);
+        if (n++)
+            esmd_buf_putc(out, ',');
+        esmd_buf_put_json_string(out, f->name, f->name_len);
+        esmd_buf_putc(out, ':');
+        if (count == 1) {
+            esmd_buf_put_json_string(out, f->value, f->value_len);
+            continue;
+        }
+        esmd_buf_putc(out, '[');
+        size_t k = 0;
+        for (size_t j = i; j < e->nfields; j++) {
+            const struct esmd_redis_field *g = &e->fields[j];
+            if (!same_name(g, f->name, f->name_len))
+                continue;
+            if (k++)
+                esmd_buf_putc(out, ',');
+            esmd_buf_put_json_string(out, g->value, g->value_len);
+        }
+        esmd_buf_putc(out, ']');
+    }
+    esmd_buf_putc(out, '}');
+}
+
+/* The data_field's field, or NULL when the data is every field. */
+static const struct esmd_redis_field *data_of(const struct esmd_redis_source *src,
+                                              const struct esmd_redis_entry *e)
+{
+    return src->data_field ? field_named(e, src->data_field, src->data_field_len) : NULL;
+}
+
+void esmd_redis_kinesis_data(const struct esmd_redis_source *src, const struct esmd_redis_entry *e,
+                             struct esmd_buf *out)
+{
+    const struct esmd_redis_field *f = data_of(src, e);
+    if (f)
+        esmd_buf_append(out, f->value, f->value_len);
+    else
+        put_fields_object(out, e);
+}
+
+/* The partitionKey's text: the partition_key_field's first value when it is UTF-8, else NULL
+ * (the entry ID). */
+static const struct esmd_redis_field *pkey_of(const struct esmd_redis_source *src,
+                                              const struct esmd_redis_entry *e)
+{
+    if (!src->pkey_field)
+        return NULL;
+    const struct esmd_redis_field *f = field_named(e, src->pkey_field, src->pkey_field_len);
+    return f && esmd_utf8_valid(f->value, f->value_len) ? f : NULL;
+}
+
+static size_t pkey_len(const struct esmd_redis_source *src, const struct esmd_redis_entry *e)
+{
+    const struct esmd_redis_field *f = pkey_of(src, e);
+    return f ? esmd_json_string_len(f->value, f->value_len) : id_len(e->id) + 2;
+}
+
+static void put_pkey(struct esmd_buf *out, const struct esmd_redis_source *src,
+                     const struct esmd_redis_entry *e)
+{
+    const struct esmd_redis_field *f = pkey_of(src, e);
+    if (f) {
+        esmd_buf_put_json_string(out, f->value, f->value_len);
+        return;
+    }
+    esmd_buf_putc(out, '"');
+    put_id(out, e->id);
+    esmd_buf_putc(out, '"');
+}
+
+static size_t data_len(const struct esmd_redis_source *src, const struct esmd_redis_entry *e)
+{
+    const struct esmd_redis_field *f = data_of(src, e);
+    if (f)
+        return f->value_len;
+    struct esmd_buf b = ESMD_BUF_INIT;
+    put_fields_object(&b, e);
+    size_t n = b.len;
+    esmd_buf_free(&b);
+    return n;
+}
+
+static size_t kinesis_record_size(const struct esmd_redis_source *src,
+                                  const struct esmd_redis_entry *e)
+{
+    size_t idl = id_len(e->id);
+    size_t n = LIT(KIN_HEAD) + pkey_len(src, e);
+    n += LIT(KIN_SEQ) + idl;
+    n += LIT(KIN_DATA) + esmd_base64_len(data_len(src, e));
+    n += LIT(KIN_TS) + ts_len(e->id.ms);
+    n += LIT(KIN_META) + idl;
+    n += LIT(KIN_IDENTITY) + src->identity_json_len;
+    n += LIT(KIN_REGION) + src->region_json_len;
+    n += LIT(KIN_ARN) + src->arn_json_len + LIT(KIN_TAIL);
+    return n;
+}
+
+static void kinesis_record_write(struct esmd_buf *out, const struct esmd_redis_source *src,
+                                 const struct esmd_redis_entry *e)
+{
+    esmd_buf_append(out, KIN_HEAD, LIT(KIN_HEAD));
+    put_pkey(out, src, e);
+    esmd_buf_append(out, KIN_SEQ, LIT(KIN_SEQ));
+    put_id(out, e->id);
+    esmd_buf_append(out, KIN_DATA, LIT(KIN_DATA));
+    const struct esmd_redis_field *f = data_of(src, e);
+    if (f) {
+        esmd_buf_put_base64(out, f->value, f->value_len);
+    } else {
+        struct esmd_buf b = ESMD_BUF_INIT;
+        put_fields_object(&b, e);
+        esmd_buf_put_base64(out, b.data, b.len);
+        esmd_buf_free(&b);
+    }
+    esmd_buf_append(out, KIN_TS, LIT(KIN_TS));
+    put_ts(out, e->id.ms);
+    esmd_buf_append(out, KIN_META, LIT(KIN_META));
+    put_id(out, e->id);
+    esmd_buf_append(out, KIN_IDENTITY, LIT(KIN_IDENTITY));
+    esmd_buf_append(out, src->identity_json, src->identity_json_len);
+    esmd_buf_append(out, KIN_REGION, LIT(KIN_REGION));
+    esmd_buf_append(out, src->region_json, src->region_json_len);
+    esmd_buf_append(out, KIN_ARN, LIT(KIN_ARN));
+    esmd_buf_append(out, src->arn_json, src->arn_json_len);
+    esmd_buf_append(out, KIN_TAIL, LIT(KIN_TAIL));
+}
+
+/* The first non-space byte of s, or 0. */
+static char first_byte(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (s[i] != ' ' && s[i] != '\t' && s[i] != '\n' && s[i] != '\r')
+            return s[i];
+    return 0;
+}
+
+static enum esmd_filter_data kinesis_filter_doc(const struct esmd_redis_source *src,
+                                                const struct esmd_redis_entry *e,
+                                                struct esmd_buf *out)
+{
+    enum esmd_filter_data d = ESMD_FILTER_DATA_JSON;
+    esmd_buf_append(out, KDOC_HEAD, LIT(KDOC_HEAD));
+    put_pkey(out, src, e);
+    esmd_buf_append(out, KIN_SEQ, LIT(KIN_SEQ));
+    put_id(out, e->id);
+    esmd_buf_append(out, KDOC_TS, LIT(KDOC_TS));
+    put_ts(out, e->id.ms);
+    const struct esmd_redis_field *f = data_of(src, e);
+    if (!f) {
+        esmd_buf_append(out, KDOC_DATA, LIT(KDOC_DATA));
+        put_fields_object(out, e); /* always a JSON object */
+    } else if (esmd_json_valid(f->value, f->value_len)) {
+        char c = first_byte(f->value, f->value_len);
+        d = c == '{' || c == '[' ? ESMD_FILTER_DATA_JSON : ESMD_FILTER_DATA_TEXT;
+        esmd_buf_append(out, KDOC_DATA, LIT(KDOC_DATA));
+        esmd_buf_append(out, f->value, f->value_len);
+    } else if (esmd_utf8_valid(f->value, f->value_len)) {
+        d = ESMD_FILTER_DATA_TEXT;
+        esmd_buf_append(out, KDOC_DATA, LIT(KDOC_DATA));
+        esmd_buf_put_json_string(out, f->value, f->value_len);
+    } else {
+        d = ESMD_FILTER_DATA_NONE; /* not UTF-8: nothing a pattern can match */
+    }
+    esmd_buf_append(out, KDOC_ARN, LIT(KDOC_ARN));
+    esmd_buf_append(out, src->arn_json, src->arn_json_len);
+    esmd_buf_append(out, KDOC_REGION, LIT(KDOC_REGION));
+    esmd_buf_append(out, src->region_json, src->region_json_len);
+    esmd_buf_append(out, KDOC_TAIL, LIT(KDOC_TAIL));
+    return d;
+}
+
+/* ---- the native format ---- */
+
 size_t esmd_redis_envelope_size(void)
 {
     return LIT(ENV_HEAD) + LIT(ENV_TAIL);
@@ -188,6 +449,8 @@ size_t esmd_redis_envelope_size(void)
 
 size_t esmd_redis_record_size(const struct esmd_redis_source *src, const struct esmd_redis_entry *e)
 {
+    if (src->format == ESMD_REDIS_FORMAT_KINESIS)
+        return kinesis_record_size(src, e);
     size_t idl = id_len(e->id);
     size_t n = LIT(REC_HEAD) + src->stream_json_len;
     n += LIT(REC_SEQ) + idl;
@@ -215,6 +478,10 @@ size_t esmd_redis_record_size(const struct esmd_redis_source *src, const struct 
 void esmd_redis_record_write(struct esmd_buf *out, const struct esmd_redis_source *src,
                              const struct esmd_redis_entry *e)
 {
+    if (src->format == ESMD_REDIS_FORMAT_KINESIS) {
+        kinesis_record_write(out, src, e);
+        return;
+    }
     esmd_buf_append(out, REC_HEAD, LIT(REC_HEAD));
     esmd_buf_append(out, src->stream_json, src->stream_json_len);
     esmd_buf_append(out, REC_SEQ, LIT(REC_SEQ));
@@ -307,6 +574,8 @@ void esmd_redis_encode_written(const struct esmd_batch *batch, esmd_redis_json_f
 enum esmd_filter_data esmd_redis_filter_doc(const struct esmd_redis_source *src,
                                             const struct esmd_redis_entry *e, struct esmd_buf *out)
 {
+    if (src->format == ESMD_REDIS_FORMAT_KINESIS)
+        return kinesis_filter_doc(src, e, out);
     esmd_buf_append(out, DOC_STREAM, LIT(DOC_STREAM));
     esmd_buf_append(out, src->stream_json, src->stream_json_len);
     esmd_buf_append(out, REC_SEQ, LIT(REC_SEQ));

@@ -89,20 +89,53 @@ struct esmd_redis_entry {
 /* Sets each field's `text` flag (both name and value well-formed UTF-8). */
 void esmd_redis_fields_classify(struct esmd_redis_field *fields, size_t n);
 
+/* How entries become records (the source's `event_format`, docs/redis.md). */
+enum esmd_redis_format {
+    ESMD_REDIS_FORMAT_KINESIS, /* Lambda's Kinesis record: data, partitionKey, aws:kinesis */
+    ESMD_REDIS_FORMAT_NATIVE,  /* esmd's redis record: fields, binaryFields, deliveryCount */
+};
+
+/* The format and, for kinesis, where data and partitionKey come from. Strings borrowed. */
+struct esmd_redis_format_opts {
+    enum esmd_redis_format format;
+    const char *data_field;          /* NULL: data is every field as a JSON object */
+    const char *partition_key_field; /* NULL: partitionKey is the entry ID */
+};
+
 /* What every record of one mapping shares, JSON-escaped once (esmd_redis_source_init). */
 struct esmd_redis_source {
+    enum esmd_redis_format format;
     char *stream_json; /* owned: the stream name as a JSON string, quotes included */
     size_t stream_json_len;
     char *arn_json; /* owned: the eventSourceARN as a JSON string */
     size_t arn_json_len;
+    /* kinesis only */
+    char *data_field; /* owned; NULL: every field as a JSON object */
+    size_t data_field_len;
+    char *pkey_field; /* owned; NULL: the entry ID */
+    size_t pkey_field_len;
+    char *identity_json; /* owned: invokeIdentityArn as a JSON string */
+    size_t identity_json_len;
+    char *region_json; /* owned: awsRegion as a JSON string */
+    size_t region_json_len;
 };
 
-/* stream, arn: borrowed (copied). Free with esmd_redis_source_free(). */
-void esmd_redis_source_init(struct esmd_redis_source *src, const char *stream, const char *arn);
+/* stream, arn: borrowed (copied); fmt: borrowed, NULL for the native format. The kinesis format
+ * takes the region and account from esmd_aws_region() / esmd_aws_account() now. Free with
+ * esmd_redis_source_free(). */
+void esmd_redis_source_init(struct esmd_redis_source *src, const char *stream, const char *arn,
+                            const struct esmd_redis_format_opts *fmt);
 void esmd_redis_source_free(struct esmd_redis_source *src);
 
-/* The eventSourceARN: "arn:esmd:redis:<host>:<port>/<db>:stream/<stream>". Caller frees. */
+/* The native eventSourceARN: "arn:esmd:redis:<host>:<port>/<db>:stream/<stream>". Caller
+ * frees. */
 char *esmd_redis_arn(const struct esmd_redis_url *u, const char *stream);
+/* The kinesis eventSourceARN: "arn:aws:kinesis:<region>:<account>:stream/<stream>" (the `aws`
+ * section's region and account). Caller frees. */
+char *esmd_redis_kinesis_arn(const char *stream);
+
+/* The kinesis record's shard: the stream is one shard. */
+#define ESMD_REDIS_SHARD_ID "shardId-000000000000"
 
 /* ---- the event ---- */
 
@@ -113,7 +146,17 @@ size_t esmd_redis_envelope_size(void);
 size_t esmd_redis_record_size(const struct esmd_redis_source *src,
                               const struct esmd_redis_entry *e);
 
-/* Appends one record, Kinesis-style (spec/lambda-semantics.md §4.1, docs/redis.md):
+/* Appends one record in the source's format (docs/redis.md). Kinesis, Lambda's Kinesis record:
+ * {"kinesis":{"kinesisSchemaVersion":"1.0","partitionKey":"<pk>","sequenceNumber":"<id>",
+ *   "data":"<base64>","approximateArrivalTimestamp":1700000000.123},"eventSource":"aws:kinesis",
+ *  "eventVersion":"1.0","eventID":"shardId-000000000000:<id>","eventName":"aws:kinesis:record",
+ *  "invokeIdentityArn":"arn:aws:iam::<account>:role/esmd","awsRegion":"<region>",
+ *  "eventSourceARN":"arn:aws:kinesis:<region>:<account>:stream/<stream>"}
+ * data: the value of the first field named data_field, as it is; without data_field (or when
+ * the entry has no such field) every field as a JSON object in entry order, a name that
+ * repeats with the array of its values (bytes that are not UTF-8 become U+FFFD).
+ * partitionKey: the first UTF-8 value of partition_key_field, else the entry ID.
+ * Native:
  * {"redis":{"redisSchemaVersion":"1.0","stream":"s","sequenceNumber":"1700000000000-0",
  *   "approximateArrivalTimestamp":1700000000.000,"deliveryCount":1,
  *   "fields":{"name":"value",...},"binaryFields":[{"name":"<b64>","value":"<b64>"}]},
@@ -143,12 +186,22 @@ typedef const char *(*esmd_redis_json_fn)(const struct esmd_record *rec);
 void esmd_redis_encode_written(const struct esmd_batch *batch, esmd_redis_json_fn json_of,
                                struct esmd_buf *out);
 
-/* Appends the document filters see of one entry:
+/* The bytes of a kinesis record's data (before base64) into out (appended). */
+void esmd_redis_kinesis_data(const struct esmd_redis_source *src, const struct esmd_redis_entry *e,
+                             struct esmd_buf *out);
+
+/* Appends the document filters see of one entry. Kinesis: the kinesis block's members with
+ * data decoded (Kinesis's rule: JSON embedded as JSON, other UTF-8 as a string, left out when
+ * not UTF-8), and the record's eventSourceARN and awsRegion:
+ * {"kinesisSchemaVersion":"1.0","partitionKey":"<pk>","sequenceNumber":"<id>",
+ *  "approximateArrivalTimestamp":1700000000.123,"data":{...},"eventSourceARN":"...",
+ *  "awsRegion":"..."}
+ * Native:
  * {"stream":"s","sequenceNumber":"1700000000000-0","approximateArrivalTimestamp":1700000000.000,
  *  "fields":{"type":"created","order":{"id":1},"n":42}}
  * A field value that is JSON is embedded as JSON, other UTF-8 values as JSON strings; fields
- * whose name or value is not UTF-8 are left out. Always ESMD_FILTER_DATA_JSON: the data part
- * (`fields`) is an object. */
+ * whose name or value is not UTF-8 are left out. Native: always ESMD_FILTER_DATA_JSON (the
+ * data part, `fields`, is an object). */
 enum esmd_filter_data esmd_redis_filter_doc(const struct esmd_redis_source *src,
                                             const struct esmd_redis_entry *e, struct esmd_buf *out);
 

@@ -46,12 +46,23 @@ void esmd_uuid4(char out[37]);
 
 /* Formats epoch milliseconds as ISO-8601 UTC with milliseconds ("2019-11-14T00:38:06.021Z")
  * into out[32]. */
+/* The region and account of every ARN esmd writes or reads: the configuration's `aws` section
+ * (docs/configuration.md), set once at start-up with esmd_aws_set(); the defaults until then,
+ * as LocalStack's. */
+#define ESMD_DEFAULT_REGION "us-east-1"
+#define ESMD_DEFAULT_ACCOUNT "000000000000"
+/* region, account: copied (at most 63 characters each); NULL keeps the current value. */
+void esmd_aws_set(const char *region, const char *account);
+const char *esmd_aws_region(void);
+const char *esmd_aws_account(void);
 /* The ARN esmd gives a configured function in Lambda-shaped records and API answers:
- * arn:aws:lambda:ESMD_REGION:ESMD_ACCOUNT:function:NAME (a fixed region and account, as
- * LocalStack's; unqualified). */
-#define ESMD_REGION "us-east-1"
-#define ESMD_ACCOUNT "000000000000"
+ * arn:aws:lambda:<region>:<account>:function:NAME (unqualified). */
 void esmd_function_arn(const char *name, char *out, size_t outlen);
+/* Does the n bytes at prefix, what stands before "function:NAME" in a function reference,
+ * name this region and account? "" (a bare name), "<account>:" and
+ * "arn:aws:lambda:<region>:<account>:" do; anything else (another account or region, another
+ * service) does not. */
+bool esmd_function_prefix_ours(const char *prefix, size_t n);
 void esmd_iso8601_ms(int64_t ms, char out[32]);
 
 #endif

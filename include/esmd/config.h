@@ -86,6 +86,12 @@ struct esmd_kafka_source_cfg {
     int64_t starting_position_timestamp_ms;        /* with at_timestamp: required, not future */
 };
 
+/* The event a redis source sends (docs/redis.md). */
+enum esmd_redis_event_format {
+    ESMD_REDIS_EVENT_KINESIS, /* Lambda's Kinesis event (the default) */
+    ESMD_REDIS_EVENT_NATIVE,  /* esmd's redis record: fields, binaryFields, deliveryCount */
+};
+
 struct esmd_redis_source_cfg {
     char *connection;
     const struct esmd_conn_cfg *conn;
@@ -94,6 +100,9 @@ struct esmd_redis_source_cfg {
     char *consumer;                                /* NULL = stable instance id */
     enum esmd_starting_position starting_position; /* trim_horizon | latest */
     int64_t visibility_timeout_ms;                 /* default 30 s */
+    enum esmd_redis_event_format event_format;     /* default kinesis */
+    char *data_field;          /* kinesis: the field that is `data`; NULL = every field as JSON */
+    char *partition_key_field; /* kinesis: the field that is `partitionKey`; NULL = entry ID */
 };
 
 struct esmd_pgqueue_source_cfg {
@@ -140,9 +149,16 @@ struct esmd_admin_cfg {
     char *secret_access_key;
 };
 
+/* The region and account of every ARN esmd writes or reads (docs/configuration.md, `aws`). */
+struct esmd_aws_cfg {
+    char *region;     /* default "us-east-1"; [a-z]{2}(-[a-z]+)+-[0-9]+ */
+    char *account_id; /* default "000000000000"; 12 digits */
+};
+
 struct esmd_config {
     char *path;     /* the file it was read from */
     char *postgres; /* required conninfo / URI */
+    struct esmd_aws_cfg aws;
     struct esmd_admin_cfg admin;
     struct esmd_conn_cfg *connections;
     size_t nconnections;

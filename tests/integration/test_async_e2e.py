@@ -377,13 +377,35 @@ def test_event_invoke_config_shared_by_instances(esmd, db, endpoint):
     assert eic(a, "fn").status_code == 404  # no async block, no row
     assert eic(a, "fn", "PUT", {"MaximumRetryAttempts": 1,
                                 "DestinationConfig": {"OnFailure": {
-                                    "Destination": "arn:aws:lambda:us-east-1:0:function:fn"}}}
+                                    "Destination": "arn:aws:lambda:us-east-1:000000000000:function:fn"}}}
                ).status_code == 200
     wait(lambda: eic(b, "fn").status_code == 200, what="b to hear of it (NOTIFY)")
     got = eic(b, "fn").json()
     assert got["MaximumRetryAttempts"] == 1
     assert got["DestinationConfig"]["OnFailure"] == {"Destination": "function://fn"}
 
+
+def test_function_arns_carry_the_aws_section_and_others_are_not_ours(esmd, db, endpoint):
+    """aws.region / aws.account_id are in every function ARN esmd writes, and a function ARN of
+    another region or account names no function of esmd's."""
+    cfg = config(db, endpoint)
+    cfg["aws"] = {"region": "eu-west-3", "account_id": "123456789012"}
+    proc = esmd(cfg, env=FAST)
+    ours = "arn:aws:lambda:eu-west-3:123456789012:function:fn"
+    assert invoke(proc, ours, {"n": 1}, itype="DryRun").status_code == 204
+    assert invoke(proc, "123456789012:function:fn", itype="DryRun").status_code == 204
+    for other in ("arn:aws:lambda:us-east-1:000000000000:function:fn",
+                  "arn:aws:lambda:eu-west-3:000000000000:function:fn", "000000000000:function:fn"):
+        r = invoke(proc, other, itype="DryRun")
+        assert r.status_code == 404, (other, r.status_code, r.text)
+        assert r.headers["x-amzn-ErrorType"] == "ResourceNotFoundException"
+    r = eic(proc, "fn", "PUT", {"DestinationConfig": {"OnFailure": {
+        "Destination": "arn:aws:lambda:us-east-1:000000000000:function:fn"}}})
+    assert r.status_code == 400 and "not a function of this region and account" in r.text, r.text
+    r = eic(proc, "fn", "PUT", {"DestinationConfig": {"OnFailure": {"Destination": ours}}})
+    assert r.status_code == 200, r.text
+    assert r.json()["FunctionArn"] == ours + ":$LATEST"
+    assert r.json()["DestinationConfig"]["OnFailure"] == {"Destination": "function://fn"}
 
 # ---- the AWS CLI ---------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from servers import wait_for
 MAX_PAYLOAD = 6291456
 RECORD_FIELDS = {"messageId", "receiptHandle", "body", "attributes", "messageAttributes",
                  "md5OfBody", "eventSource", "eventSourceARN", "awsRegion"}
-ARN_PREFIX = "arn:esmd:pgqueue:local:esmd:"
+ARN_PREFIX = "arn:aws:sqs:us-east-1:000000000000:"  # the aws section's defaults
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -165,9 +165,9 @@ def test_all_messages_arrive_with_sqs_shape(queues, endpoint, esmd, pgq_config):
         assert set(req.json) == {"Records"}
         assert len(req.json["Records"]) <= 50
         assert RECORD_FIELDS <= set(r) <= RECORD_FIELDS | {"md5OfMessageAttributes"}, sorted(r)
-        assert r["eventSource"] == "esmd:pgqueue"
+        assert r["eventSource"] == "aws:sqs"
         assert r["eventSourceARN"] == ARN_PREFIX + q.name
-        assert r["awsRegion"] == "local"
+        assert r["awsRegion"] == "us-east-1"
         assert r["md5OfBody"] == hashlib.md5(r["body"].encode()).hexdigest()
         a = r["attributes"]
         assert a["ApproximateReceiveCount"] == "1"

@@ -60,9 +60,22 @@ def records(endpoint, ok_only=True, requests=None):
     return out
 
 
+def seq(rec):
+    """The record's sequenceNumber (the entry ID), in either event format."""
+    return (rec["kinesis"] if "kinesis" in rec else rec["redis"])["sequenceNumber"]
+
+
+def fields(rec):
+    """The entry's fields: native `fields`, or the kinesis record's data decoded (the JSON object
+    of the fields when the source has no data_field)."""
+    if "kinesis" in rec:
+        return json.loads(base64.b64decode(rec["kinesis"]["data"]))
+    return rec["redis"]["fields"]
+
+
 def index_of(rec):
     """The generated entry's number, or None for entries made by hand."""
-    v = rec["redis"]["fields"].get("v")
+    v = fields(rec).get("v")
     try:
         return json.loads(v)["i"]
     except (TypeError, ValueError, KeyError):
@@ -93,7 +106,7 @@ def wait_all_delivered(endpoint, n, timeout=120, start=0):
 
 
 def ids(endpoint, ok_only=True):
-    return [rec["redis"]["sequenceNumber"] for _, rec in records(endpoint, ok_only)]
+    return [seq(rec) for _, rec in records(endpoint, ok_only)]
 
 
 def id_key(entry_id):
@@ -135,12 +148,18 @@ def redis_config(postgres, redis, endpoint, names):
     """redis_config(stream, **options) -> config dict with one Redis mapping to the endpoint.
 
     options: group, batch_size, window, timeout, max_concurrency, consumer, visibility_timeout,
-    starting_position, server (a servers.Redis, default the session's), mapping_extra."""
+    starting_position, server (a servers.Redis, default the session's), mapping_extra,
+    event_format, data_field, partition_key_field (left out when not given: kinesis)."""
 
     def make(stream, group="g", batch_size=100, window="100ms", timeout="10s", max_concurrency=10,
              consumer=None, visibility_timeout=None, starting_position=None, server=None,
-             mapping_extra=None, url=None):
+             mapping_extra=None, url=None, event_format=None, data_field=None,
+             partition_key_field=None):
         src = {"redis": "r", "stream": stream, "group": group}
+        for k, v in (("event_format", event_format), ("data_field", data_field),
+                     ("partition_key_field", partition_key_field)):
+            if v:
+                src[k] = v
         if consumer:
             src["consumer"] = consumer
         if visibility_timeout:
@@ -165,8 +184,8 @@ def redis_config(postgres, redis, endpoint, names):
 # ---- delivery -------------------------------------------------------------------------------
 
 
-def test_all_entries_arrive_in_order_with_kinesis_shape(redis, endpoint, esmd, redis_config,
-                                                        names):
+def test_all_entries_arrive_in_order_with_the_native_shape(redis, endpoint, esmd, redis_config,
+                                                           names):
     stream = names.topic()
     special = [
         xadd(redis, stream, ("type", "order_created"), ("payload", '{"id":1}'),
@@ -176,13 +195,13 @@ def test_all_entries_arrive_in_order_with_kinesis_shape(redis, endpoint, esmd, r
     ]
     produce(redis, stream, 2000, size=100)
     total = 2002
-    proc = esmd(redis_config(stream, batch_size=100, window="100ms"))
+    proc = esmd(redis_config(stream, batch_size=100, window="100ms", event_format="native"))
     wait_all_delivered(endpoint, 2000)
     endpoint.wait_for(lambda: len(records(endpoint)) >= total, 30, "all records")
     time.sleep(0.5)  # a duplicate would show up now
     recs = records(endpoint)
     assert len(recs) == total, "duplicates: %d records for %d entries" % (len(recs), total)
-    got = [rec["redis"]["sequenceNumber"] for _, rec in recs]
+    got = [seq(rec) for _, rec in recs]
     assert got == sorted(got, key=id_key), "entries out of stream order"
     assert got[:2] == special
     assert all(r.ok for r in endpoint.snapshot())
@@ -195,6 +214,7 @@ def test_all_entries_arrive_in_order_with_kinesis_shape(redis, endpoint, esmd, r
         assert len(req.body) <= MAX_PAYLOAD
         assert req.request_id and req.idempotency_key
     for _, rec in recs:
+        assert set(rec) == NATIVE_RECORD, sorted(rec)
         r = rec["redis"]
         assert rec["eventSource"] == "esmd:redis"
         assert rec["eventName"] == "esmd:redis:record"
@@ -225,6 +245,114 @@ def test_all_entries_arrive_in_order_with_kinesis_shape(redis, endpoint, esmd, r
              "esmd_committed_events_total == %d" % total)
     wait_for(lambda: proc.metrics().get("esmd_offset_lag") == 0, 15, 0.2, "esmd_offset_lag 0")
     assert "(bug)" not in proc.log()
+
+
+KINESIS_RECORD = {"kinesis", "eventSource", "eventVersion", "eventID", "eventName",
+                  "invokeIdentityArn", "awsRegion", "eventSourceARN"}
+KINESIS_BLOCK = {"kinesisSchemaVersion", "partitionKey", "sequenceNumber", "data",
+                 "approximateArrivalTimestamp"}
+NATIVE_RECORD = {"redis", "eventSource", "eventVersion", "eventID", "eventName", "eventSourceARN"}
+
+
+def test_all_entries_arrive_in_order_with_the_kinesis_shape(redis, endpoint, esmd, redis_config,
+                                                            names):
+    """The default event: Lambda's Kinesis event, data = every field as a JSON object."""
+    stream = names.topic()
+    special = [
+        xadd(redis, stream, ("type", "order_created"), ("payload", '{"id":1}'),
+             ("note", "\u00eb \"q\"\n")),
+        xadd(redis, stream, ("k", "1"), ("k", "2"), ("blob", b"\x00\xff\x80")),
+    ]
+    produce(redis, stream, 500, size=100)
+    total = 502
+    proc = esmd(redis_config(stream, batch_size=100, window="100ms"))
+    wait_all_delivered(endpoint, 500)
+    endpoint.wait_for(lambda: len(records(endpoint)) >= total, 30, "all records")
+    time.sleep(0.5)  # a duplicate would show up now
+    recs = records(endpoint)
+    assert len(recs) == total, "duplicates: %d records for %d entries" % (len(recs), total)
+    got = [seq(rec) for _, rec in recs]
+    assert got == sorted(got, key=id_key), "entries out of stream order"
+    assert got[:2] == special
+    arn = "arn:aws:kinesis:us-east-1:000000000000:stream/%s" % stream
+    for req in endpoint.ok_requests():
+        VALIDATOR.validate(req.json)
+        assert set(req.json) == {"Records"}
+    for _, rec in recs:
+        assert set(rec) == KINESIS_RECORD, sorted(rec)
+        k = rec["kinesis"]
+        assert set(k) == KINESIS_BLOCK, sorted(k)
+        assert k["kinesisSchemaVersion"] == "1.0"
+        assert rec["eventSource"] == "aws:kinesis"
+        assert rec["eventName"] == "aws:kinesis:record"
+        assert rec["eventVersion"] == "1.0"
+        assert rec["eventSourceARN"] == arn
+        assert rec["awsRegion"] == "us-east-1"
+        assert rec["invokeIdentityArn"] == "arn:aws:iam::000000000000:role/esmd"
+        assert rec["eventID"] == "shardId-000000000000:%s" % k["sequenceNumber"]
+        assert k["partitionKey"] == k["sequenceNumber"]  # no partition_key_field: the entry ID
+        ms = id_key(k["sequenceNumber"])[0]
+        assert isinstance(k["approximateArrivalTimestamp"], float)
+        assert abs(k["approximateArrivalTimestamp"] - ms / 1000.0) < 0.0005
+    assert fields(recs[0][1]) == {"type": "order_created", "payload": '{"id":1}',
+                                  "note": "\u00eb \"q\"\n"}
+    # a repeated name: the list of its values; bytes that are not UTF-8: U+FFFD
+    assert fields(recs[1][1]) == {"k": ["1", "2"], "blob": "\u0000\ufffd\ufffd"}
+    assert delivered(endpoint) == {i: 1 for i in range(500)}
+    wait_pending(redis, stream, "g", 0)
+    wait_for(lambda: proc.metrics().get("esmd_committed_events_total") == total, 10, 0.2,
+             "esmd_committed_events_total == %d" % total)
+
+
+def test_kinesis_data_and_partition_key_fields_with_the_aws_section(redis, endpoint, esmd,
+                                                                    redis_config, names):
+    """data_field: that field's bytes as they are (binary too); partition_key_field; aws: the
+    region and account in every ARN."""
+    stream = names.topic()
+    a = xadd(redis, stream, ("tenant", "acme"), ("body", '{"id":1}'), ("extra", "x"))
+    b = xadd(redis, stream, ("tenant", "globex"), ("body", b"\x00\xff raw"))
+    c = xadd(redis, stream, ("other", "y"))  # neither field: every field, the entry ID
+    cfg = redis_config(stream, data_field="body", partition_key_field="tenant")
+    cfg["aws"] = {"region": "eu-west-3", "account_id": "123456789012"}
+    esmd(cfg)
+    endpoint.wait_for(lambda: len(records(endpoint)) >= 3, 30, "3 records")
+    recs = [rec for _, rec in records(endpoint)]
+    for req in endpoint.ok_requests():
+        VALIDATOR.validate(req.json)
+    assert [seq(r) for r in recs] == [a, b, c]
+    assert [r["kinesis"]["partitionKey"] for r in recs] == ["acme", "globex", c]
+    assert [base64.b64decode(r["kinesis"]["data"]) for r in recs] == [
+        b'{"id":1}', b"\x00\xff raw", b'{"other":"y"}']
+    for r in recs:
+        assert r["eventSourceARN"] == "arn:aws:kinesis:eu-west-3:123456789012:stream/%s" % stream
+        assert r["awsRegion"] == "eu-west-3"
+        assert r["invokeIdentityArn"] == "arn:aws:iam::123456789012:role/esmd"
+    wait_pending(redis, stream, "g", 0)
+
+
+def test_kinesis_filters_see_data_decoded(redis, endpoint, esmd, redis_config, names):
+    """Kinesis's rule: patterns see data decoded, JSON as JSON; data that is not JSON does not fit
+    a pattern that expects JSON, and the record is dropped; metadata can be filtered on."""
+    stream = names.topic()
+    for i in range(12):
+        xadd(redis, stream, ("tenant", "t%d" % (i % 2)),
+             ("body", json.dumps({"i": i, "amount": i * 100})))
+    xadd(redis, stream, ("tenant", "t0"), ("body", "not json"))
+    xadd(redis, stream, ("tenant", "t0"), ("body", b"\xff"))
+    cfg = redis_config(stream, batch_size=5, window="50ms", data_field="body",
+                       partition_key_field="tenant", mapping_extra={
+                           "filters": [{"data": {"amount": [{"numeric": [">=", 900]}]}},
+                                       {"partitionKey": ["t1"], "data": {"i": [1, 3]}}]})
+    proc = esmd(cfg)
+    want = [1, 3, 9, 10, 11]
+    endpoint.wait_for(lambda: len(records(endpoint)) >= len(want), 30, "the matching entries")
+    wait_pending(redis, stream, "g", 0)
+    time.sleep(0.3)
+    got = [json.loads(base64.b64decode(rec["kinesis"]["data"]))["i"]
+           for _, rec in records(endpoint)]
+    assert got == want
+    m = proc.metrics()
+    assert m.get("esmd_filtered_out_events_total") == 14 - len(want)
 
 
 def test_batch_size_splits_requests(redis, endpoint, esmd, redis_config, names):
@@ -311,8 +439,8 @@ def test_failing_function_is_retried_and_nothing_acknowledged_meanwhile(redis, e
     assert all(not r.ok for r in failed)
     keys = {r.idempotency_key for r in failed + [retry]}
     assert len(keys) == 1 and None not in keys
-    assert [rec["redis"]["sequenceNumber"] for _, rec in records(endpoint, requests=[retry])] == \
-        [rec["redis"]["sequenceNumber"] for _, rec in records(endpoint, requests=[failed[0]])]
+    assert [seq(rec) for _, rec in records(endpoint, requests=[retry])] == \
+        [seq(rec) for _, rec in records(endpoint, requests=[failed[0]])]
     assert delivered(endpoint) == {i: 1 for i in range(20)}
     wait_pending(redis, stream, "g", 0)
 
@@ -324,7 +452,7 @@ def test_filters_see_fields_with_json_values(redis, endpoint, esmd, redis_config
         xadd(redis, stream, ("type", kind), ("v", json.dumps({"i": i, "amount": i * 10})))
     xadd(redis, stream, ("type", "big"), ("v", json.dumps({"i": 1000, "amount": 5000})))
     xadd(redis, stream, ("type", "bin"), ("v", b"\xff"))
-    cfg = redis_config(stream, batch_size=7, window="50ms", mapping_extra={
+    cfg = redis_config(stream, batch_size=7, window="50ms", event_format="native", mapping_extra={
         "filters": [{"fields": {"type": ["keep"]}},
                     {"fields": {"v": {"amount": [{"numeric": [">", 1000]}]}}}]})
     proc = esmd(cfg)
@@ -349,7 +477,7 @@ def test_partial_batch_response_retries_from_the_first_failed_entry(redis, endpo
 
     def behaviour(req):
         if not answered:
-            failed = req.json["Records"][3]["redis"]["sequenceNumber"]
+            failed = seq(req.json["Records"][3])
             answered.append(failed)
             return Response(200, {"batchItemFailures": [{"itemIdentifier": failed}]})
         return None
@@ -363,7 +491,7 @@ def test_partial_batch_response_retries_from_the_first_failed_entry(redis, endpo
     got = [[index_of(rec) for rec in r.json["Records"]] for r in reqs]
     assert got[0] == list(range(10))
     assert got[1] == list(range(3, 10)), got  # from the failed entry on, as Kinesis
-    assert reqs[1].json["Records"][0]["redis"]["sequenceNumber"] == answered[0]
+    assert seq(reqs[1].json["Records"][0]) == answered[0]
     assert len(reqs) == 2
 
 
@@ -379,7 +507,7 @@ def test_poison_entry_goes_to_a_redis_on_failure_stream(redis, endpoint, esmd, r
             poison_id = eid
 
     def behaviour(req):
-        if any(json.loads(r["redis"]["fields"]["v"])["poison"] for r in req.json["Records"]):
+        if any(json.loads(fields(r)["v"])["poison"] for r in req.json["Records"]):
             return Response(200, {"errorType": "Poison", "errorMessage": "cannot"},
                             headers=FUNCTION_ERROR)
         return None
@@ -403,13 +531,14 @@ def test_poison_entry_goes_to_a_redis_on_failure_stream(redis, endpoint, esmd, r
     info = fr["RedisBatchInfo"]
     assert info["stream"] == stream and info["group"] == "g"
     assert info["startSequenceNumber"] == info["endSequenceNumber"] == poison_id
-    assert info["streamArn"] == "arn:esmd:redis:127.0.0.1:%d/0:stream/%s" % (redis.port, stream)
+    # the kinesis record's eventSourceARN (the default event format)
+    assert info["streamArn"] == "arn:aws:kinesis:us-east-1:000000000000:stream/%s" % stream
     # the payload is the entry itself as a one-record event: it can be replayed
     payload = fr["payload"]
     VALIDATOR.validate(payload)
     [rec] = payload["Records"]
-    assert rec["redis"]["sequenceNumber"] == poison_id
-    assert json.loads(rec["redis"]["fields"]["v"]) == {"i": 4, "poison": True}
+    assert seq(rec) == poison_id
+    assert json.loads(fields(rec)["v"]) == {"i": 4, "poison": True}
     # payloadSize counts the bytes esmd wrote (the raw text: a re-serialised float such as
     # 1796095358.430 would lose its trailing zero); payload is the record's last field
     raw = value.encode() if isinstance(value, str) else value
@@ -427,7 +556,7 @@ def test_bisect_isolates_a_poison_entry(redis, endpoint, esmd, redis_config, nam
         xadd(redis, stream, ("v", json.dumps({"i": i, "poison": i == 6})))
 
     def behaviour(req):
-        if any(json.loads(r["redis"]["fields"]["v"])["poison"] for r in req.json["Records"]):
+        if any(json.loads(fields(r)["v"])["poison"] for r in req.json["Records"]):
             return Response(200, {"errorType": "Poison", "errorMessage": "cannot"},
                             headers=FUNCTION_ERROR)
         return None
@@ -446,7 +575,7 @@ def test_bisect_isolates_a_poison_entry(redis, endpoint, esmd, redis_config, nam
     fr = json.loads(entries[0][1][1])
     ON_FAILURE.validate(fr)
     [rec] = fr["payload"]["Records"]
-    assert json.loads(rec["redis"]["fields"]["v"]) == {"i": 6, "poison": True}
+    assert json.loads(fields(rec)["v"]) == {"i": 6, "poison": True}
     assert proc.metrics().get("esmd_batch_bisections_total") >= 3
 
 
@@ -478,7 +607,7 @@ def test_kill9_mid_batch_then_restart_delivers_everything(redis, endpoint, esmd,
     stream = names.topic()
     produce(redis, stream, 2000)
     endpoint.delay(0.05)
-    proc = esmd(redis_config(stream, batch_size=50, window="100ms"),
+    proc = esmd(redis_config(stream, batch_size=50, window="100ms", event_format="native"),
                 env={"ESMD_INSTANCE_ID": "crashy"})
     endpoint.wait_for(lambda: len(delivered(endpoint)) >= 500, 120, "500 entries")
     proc.kill9()
@@ -575,7 +704,8 @@ def test_two_processes_share_a_group_and_lose_nothing(redis, endpoint, esmd, red
 def test_crashed_consumers_entries_are_reclaimed_after_visibility_timeout(redis, endpoint, esmd,
                                                                           redis_config, names):
     stream = names.topic()
-    cfg = redis_config(stream, batch_size=10, window="20ms", visibility_timeout="2s")
+    cfg = redis_config(stream, batch_size=10, window="20ms", visibility_timeout="2s",
+                       event_format="native")
     holding = threading.Event()
 
     def behaviour(req):
@@ -612,7 +742,8 @@ def test_a_live_consumers_failing_batch_is_not_reclaimed(redis, endpoint, esmd, 
     """A consumer that keeps retrying a failing batch for longer than the visibility timeout keeps
     its entries (heartbeat XCLAIM): the other consumer does not take them over."""
     stream = names.topic()
-    cfg = redis_config(stream, batch_size=10, window="20ms", visibility_timeout="1s")
+    cfg = redis_config(stream, batch_size=10, window="20ms", visibility_timeout="1s",
+                       event_format="native")
     t_fail_until = [None]
 
     def behaviour(req):
@@ -685,8 +816,26 @@ def test_golden_events_match_the_schema():
                         "eventSource": "esmd:redis", "eventVersion": "1.0", "eventID": "s:1-0",
                         "eventName": "esmd:redis:record",
                         "eventSourceARN": "arn:esmd:redis:h:6379/0:stream/s"}]}
-    errors = sorted(e.message for e in VALIDATOR.iter_errors(bad))
+    assert not VALIDATOR.is_valid(bad)
+    native = jsonschema.Draft202012Validator({"$defs": SCHEMA["$defs"], "$ref": "#/$defs/record"})
+    errors = sorted(e.message for e in native.iter_errors(bad["Records"][0]))
     assert len(errors) == 2, errors  # the ID, the delivery count
+    kinesis = jsonschema.Draft202012Validator(
+        {"$defs": SCHEMA["$defs"], "$ref": "#/$defs/kinesis_record"})
+    good = {"kinesis": {"kinesisSchemaVersion": "1.0", "partitionKey": "1-0",
+                        "sequenceNumber": "1-0", "data": "e30=",
+                        "approximateArrivalTimestamp": 0.001},
+            "eventSource": "aws:kinesis", "eventVersion": "1.0",
+            "eventID": "shardId-000000000000:1-0", "eventName": "aws:kinesis:record",
+            "invokeIdentityArn": "arn:aws:iam::000000000000:role/esmd", "awsRegion": "us-east-1",
+            "eventSourceARN": "arn:aws:kinesis:us-east-1:000000000000:stream/s"}
+    kinesis.validate(good)
+    VALIDATOR.validate({"Records": [good]})
+    bad_k = json.loads(json.dumps(good))
+    bad_k["kinesis"]["data"] = "not base64!"
+    bad_k["awsRegion"] = "local"
+    errors = sorted(e.message for e in kinesis.iter_errors(bad_k))
+    assert len(errors) == 2, errors  # the data, the region
 
 
 # ---- configuration --------------------------------------------------------------------------

@@ -118,6 +118,8 @@ static void test_good_full(void **state)
 
     assert_string_equal(cfg->path, CONFIG_DATA "/good/full.yaml");
     assert_string_equal(cfg->postgres, "postgresql://esmd:esmd@localhost:5432/esmd");
+    assert_string_equal(cfg->aws.region, "eu-central-2");
+    assert_string_equal(cfg->aws.account_id, "123456789012");
     assert_string_equal(cfg->admin.listen, "[::1]:9100");
     assert_string_equal(cfg->admin.token, "s3cret-token");
     assert_string_equal(cfg->admin.access_key_id, "esmd-admin");
@@ -225,6 +227,9 @@ static void test_good_full(void **state)
     assert_string_equal(m->redis.consumer, "worker-1");
     assert_int_equal(m->redis.starting_position, ESMD_START_LATEST);
     assert_int_equal(m->redis.visibility_timeout_ms, 120000);
+    assert_int_equal(m->redis.event_format, ESMD_REDIS_EVENT_KINESIS);
+    assert_string_equal(m->redis.data_field, "payload");
+    assert_string_equal(m->redis.partition_key_field, "tenant");
     assert_int_equal(m->batch_size, 50);
     assert_int_equal(m->maximum_batching_window_ms, 0);
     assert_string_equal(m->on_failure, "http://localhost:9999/failed");
@@ -258,6 +263,8 @@ static void test_good_minimal_defaults(void **state)
 {
     (void)state;
     struct esmd_config *cfg = load_good("minimal.yaml", 0);
+    assert_string_equal(cfg->aws.region, "us-east-1");
+    assert_string_equal(cfg->aws.account_id, "000000000000");
     assert_string_equal(cfg->admin.listen, "127.0.0.1:9000");
     assert_null(cfg->admin.token);
     assert_null(cfg->admin.access_key_id);
@@ -514,7 +521,7 @@ static void test_env_expansion(void **state)
     /* Keys are not expanded; an unknown ${...} key is just an unknown key. */
     expect_errors("postgres: x\n${ESMD_TEST_HOST}: 1\n", 0,
                   "test.yaml:2:1: ${ESMD_TEST_HOST}: unknown key \"${ESMD_TEST_HOST}\" (allowed: "
-                  "postgres, admin, connections, functions, mappings)");
+                  "postgres, aws, admin, connections, functions, mappings)");
 }
 
 /* ---- filters as JSON ---- */
@@ -715,6 +722,7 @@ struct section {
 
 static const struct section sections[] = {
     {NULL, "postgres: x\nzz_unknown: 1\n"},
+    {"aws", "postgres: x\naws: { zz_unknown: 1 }\n"},
     {"admin", "postgres: x\nadmin: { zz_unknown: 1 }\n"},
     {"aws_credentials", "postgres: x\nadmin: { aws_credentials: { zz_unknown: 1 } }\n"},
     {"kafka_connection", "postgres: x\nconnections: { k: { type: kafka, zz_unknown: 1 } }\n"},

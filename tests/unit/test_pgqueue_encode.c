@@ -21,7 +21,19 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ARN ESMD_PGQUEUE_ARN_PREFIX "my-queue"
+/* SQS's ARNs, with the `aws` section's region and account (the defaults unless a test sets
+ * them with set_aws()). */
+#define DEFAULT_PREFIX "arn:aws:sqs:us-east-1:000000000000:"
+static char queue_arn[ESMD_PGQUEUE_ARN_PREFIX_MAX + 16] = DEFAULT_PREFIX "my-queue";
+#define ARN queue_arn
+
+static void set_aws(const char *region, const char *account)
+{
+    esmd_aws_set(region, account);
+    char prefix[ESMD_PGQUEUE_ARN_PREFIX_MAX];
+    esmd_pgqueue_arn_prefix(prefix);
+    snprintf(queue_arn, sizeof(queue_arn), "%smy-queue", prefix);
+}
 
 /* A hand-built message: the core's record plus the view the encoder reads. */
 struct tmsg {
@@ -126,6 +138,9 @@ static void test_spec_example(void **state)
     shard_init(&s0, "my-queue-0");
     struct esmd_batch batch;
     batch_init(&batch);
+    /* the spec's example comes from us-east-2, account 123456789012 */
+    set_aws("us-east-2", "123456789012");
+    assert_string_equal(ARN, "arn:aws:sqs:us-east-2:123456789012:my-queue");
     struct esmd_pgqueue_view v = {
         .message_id = "059f36b4-87a3-44ab-83d2-661975830a7d",
         .id = 42,
@@ -146,6 +161,21 @@ static void test_spec_example(void **state)
     assert_golden("spec_example.json", &batch);
     esmd_batch_clear(&batch);
     tmsg_free(t);
+    set_aws(ESMD_DEFAULT_REGION, ESMD_DEFAULT_ACCOUNT);
+}
+
+/* By default a queue's ARN is SQS's in us-east-1, account 000000000000. */
+static void test_arn_prefix(void **state)
+{
+    char prefix[ESMD_PGQUEUE_ARN_PREFIX_MAX];
+    assert_int_equal(esmd_pgqueue_arn_prefix(prefix), strlen(DEFAULT_PREFIX));
+    assert_string_equal(prefix, DEFAULT_PREFIX);
+    set_aws("ap-southeast-10", "123456789012");
+    assert_int_equal(esmd_pgqueue_arn_prefix(prefix),
+                     strlen("arn:aws:sqs:ap-southeast-10:123456789012:"));
+    assert_string_equal(prefix, "arn:aws:sqs:ap-southeast-10:123456789012:");
+    set_aws(ESMD_DEFAULT_REGION, ESMD_DEFAULT_ACCOUNT);
+    assert_string_equal(ARN, DEFAULT_PREFIX "my-queue");
 }
 
 static const char odd_body[] = "line1\nline2\t\"quoted\" \\ back /slash \xc3\xab\xe2\x82\xac"
@@ -176,7 +206,7 @@ static void two_messages_build(struct two_messages *tm)
         .sent_ms = 1700000000000LL,
         .first_ms = 1700000000500LL,
         .receive_count = 3,
-        .dlq_arn = ESMD_PGQUEUE_ARN_PREFIX "orders",
+        .dlq_arn = DEFAULT_PREFIX "orders",
     };
     struct esmd_pgqueue_view b = {
         .message_id = "1c2d3e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f",
@@ -262,9 +292,9 @@ static void test_round_trip(void **state)
             assert_string_equal(str_item(r, "md5OfMessageAttributes"), v->attributes_md5);
         else
             assert_null(cJSON_GetObjectItemCaseSensitive(r, "md5OfMessageAttributes"));
-        assert_string_equal(str_item(r, "eventSource"), "esmd:pgqueue");
+        assert_string_equal(str_item(r, "eventSource"), "aws:sqs");
         assert_string_equal(str_item(r, "eventSourceARN"), ARN);
-        assert_string_equal(str_item(r, "awsRegion"), "local");
+        assert_string_equal(str_item(r, "awsRegion"), "us-east-1");
     }
     const cJSON *ma =
         cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(records, 1), "messageAttributes");
@@ -337,8 +367,7 @@ static void test_exact_size_random(void **state)
 {
     static const char *const attrs[] = {NULL, "{}", n_attrs, spec_attrs};
     static const char *const senders[] = {"esmd", "we\"ird\\", "r\xc3\xb4le"};
-    static const char *const arns[] = {NULL, ESMD_PGQUEUE_ARN_PREFIX "orders",
-                                       ESMD_PGQUEUE_ARN_PREFIX "q\"x"};
+    static const char *const arns[] = {NULL, DEFAULT_PREFIX "orders", DEFAULT_PREFIX "q\"x"};
     for (int iter = 0; iter < 300; iter++) {
         struct esmd_batch batch;
         batch_init(&batch);
@@ -468,7 +497,8 @@ static void test_filter_sqs_rules(void **state)
     assert_false(matches("{\"body\":[\"hello\"]}", "{\"status\":\"ERROR\"}"));
     assert_true(matches("{\"body\":{\"status\":[\"ERROR\"]}}", "{\"status\":\"ERROR\"}"));
     assert_false(matches("{\"body\":{\"status\":[\"ERROR\"]}}", "{\"status\":\"OK\"}"));
-    assert_true(matches("{\"eventSourceARN\":[\"" ARN "\"]}", "anything"));
+    assert_true(matches("{\"eventSourceARN\":[\"" DEFAULT_PREFIX "my-queue\"]}", "anything"));
+    assert_true(matches("{\"eventSource\":[\"aws:sqs\"],\"awsRegion\":[\"us-east-1\"]}", "x"));
     assert_true(matches("{\"messageAttributes\":{\"n\":{\"stringValue\":[\"42\"]}}}", "x"));
     assert_true(matches("{\"attributes\":{\"ApproximateReceiveCount\":[\"1\"]}}", "{}"));
 }
@@ -487,10 +517,11 @@ static void test_json_compact(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_spec_example),      cmocka_unit_test(test_two_messages_golden),
-        cmocka_unit_test(test_round_trip),        cmocka_unit_test(test_empty_batch),
-        cmocka_unit_test(test_exact_size_random), cmocka_unit_test(test_filter_doc_shape),
-        cmocka_unit_test(test_filter_sqs_rules),  cmocka_unit_test(test_json_compact),
+        cmocka_unit_test(test_spec_example),        cmocka_unit_test(test_arn_prefix),
+        cmocka_unit_test(test_two_messages_golden), cmocka_unit_test(test_round_trip),
+        cmocka_unit_test(test_empty_batch),         cmocka_unit_test(test_exact_size_random),
+        cmocka_unit_test(test_filter_doc_shape),    cmocka_unit_test(test_filter_sqs_rules),
+        cmocka_unit_test(test_json_compact),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

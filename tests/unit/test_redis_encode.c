@@ -111,7 +111,7 @@ static void source_for(struct esmd_redis_source *src, const char *url, const cha
     char err[200];
     assert_int_equal(esmd_redis_url_parse(url, &u, err, sizeof(err)), ESMD_OK);
     char *arn = esmd_redis_arn(&u, stream);
-    esmd_redis_source_init(src, stream, arn);
+    esmd_redis_source_init(src, stream, arn, NULL);
     free(arn);
     esmd_redis_url_free(&u);
 }
@@ -502,6 +502,316 @@ static void test_filter_doc(void **state)
     esmd_redis_source_free(&src);
 }
 
+/* ---- the kinesis format ---- */
+
+static void kinesis_source(struct esmd_redis_source *src, const char *stream,
+                           const char *data_field, const char *pkey_field)
+{
+    struct esmd_redis_format_opts fmt = {ESMD_REDIS_FORMAT_KINESIS, data_field, pkey_field};
+    char *arn = esmd_redis_kinesis_arn(stream);
+    esmd_redis_source_init(src, stream, arn, &fmt);
+    free(arn);
+}
+
+static char *record_of(const struct esmd_redis_source *src, const struct trec *t)
+{
+    struct esmd_buf b = ESMD_BUF_INIT;
+    esmd_redis_record_write(&b, src, &t->e);
+    assert_int_equal(b.len, esmd_redis_record_size(src, &t->e));
+    esmd_buf_cstr(&b);
+    return esmd_buf_steal(&b, NULL);
+}
+
+/* data_field and partition_key_field: the exact record, every byte written by hand. */
+static void test_kinesis_exact(void **state)
+{
+    struct esmd_redis_source src;
+    kinesis_source(&src, "orders", "payload", "tenant");
+    struct trec *t = trec_new(1700000000123ULL, 0, 4);
+    FIELD(t, "tenant", "acme");
+    FIELD(t, "payload", "{\"id\":1}");
+    FIELD(t, "payload", "second"); /* the first one is the data */
+    char *got = record_of(&src, t);
+    assert_string_equal(
+        got, "{\"kinesis\":{\"kinesisSchemaVersion\":\"1.0\",\"partitionKey\":\"acme\","
+             "\"sequenceNumber\":\"1700000000123-0\",\"data\":\"eyJpZCI6MX0=\","
+             "\"approximateArrivalTimestamp\":1700000000.123},\"eventSource\":\"aws:kinesis\","
+             "\"eventVersion\":\"1.0\",\"eventID\":\"shardId-000000000000:1700000000123-0\","
+             "\"eventName\":\"aws:kinesis:record\","
+             "\"invokeIdentityArn\":\"arn:aws:iam::000000000000:role/esmd\","
+             "\"awsRegion\":\"us-east-1\","
+             "\"eventSourceARN\":\"arn:aws:kinesis:us-east-1:000000000000:stream/orders\"}");
+    free(got);
+    free(t);
+
+    /* without the fields: every field as JSON, the entry ID as partitionKey */
+    t = trec_new(5, 1, 1);
+    FIELD(t, "a", "1");
+    got = record_of(&src, t);
+    assert_non_null(strstr(got,
+                           "\"partitionKey\":\"5-1\",\"sequenceNumber\":\"5-1\","
+                           "\"data\":\"eyJhIjoiMSJ9\",\"approximateArrivalTimestamp\":0.005}"));
+    free(got);
+    free(t);
+
+    /* a partition key that is not UTF-8 is not one: the entry ID */
+    t = trec_new(5, 2, 1);
+    FIELD(t, "tenant", "\xff");
+    got = record_of(&src, t);
+    assert_non_null(strstr(got, "\"partitionKey\":\"5-2\""));
+    free(got);
+    free(t);
+    esmd_redis_source_free(&src);
+}
+
+/* The record has exactly the members of Lambda's Kinesis record (spec example, docs/redis.md),
+ * with the configured region and account in its ARNs. */
+static void test_kinesis_spec_shape(void **state)
+{
+    static const char spec[] =
+        "{\"kinesis\":{\"kinesisSchemaVersion\":\"1.0\",\"partitionKey\":\"1\","
+        "\"sequenceNumber\":\"49590338271490256608559692538361571095921575989136588898\","
+        "\"data\":\"SGVsbG8sIHRoaXMgaXMgYSB0ZXN0Lg==\","
+        "\"approximateArrivalTimestamp\":1545084650.987},\"eventSource\":\"aws:kinesis\","
+        "\"eventVersion\":\"1.0\",\"eventID\":\"shardId-000000000006:"
+        "49590338271490256608559692538361571095921575989136588898\","
+        "\"eventName\":\"aws:kinesis:record\","
+        "\"invokeIdentityArn\":\"arn:aws:iam::123456789012:role/lambda-role\","
+        "\"awsRegion\":\"us-east-2\","
+        "\"eventSourceARN\":\"arn:aws:kinesis:us-east-2:123456789012:stream/lambda-stream\"}";
+    esmd_aws_set("us-east-2", "123456789012");
+    struct esmd_redis_source src;
+    kinesis_source(&src, "lambda-stream", "d", "pk");
+    struct trec *t = trec_new(1545084650987ULL, 0, 1);
+    FIELD(t, "pk", "1");
+    FIELD(t, "d", "Hello, this is a test.");
+    char *got = record_of(&src, t);
+    cJSON *g = cJSON_Parse(got), *w = cJSON_Parse(spec);
+    assert_non_null(g);
+    assert_non_null(w);
+    const cJSON *a, *b;
+    assert_int_equal(cJSON_GetArraySize(g), cJSON_GetArraySize(w));
+    cJSON_ArrayForEach(b, w)
+    {
+        a = cJSON_GetObjectItemCaseSensitive(g, b->string);
+        if (!a)
+            fail_msg("member %s missing", b->string);
+        assert_int_equal(a->type, b->type);
+    }
+    const cJSON *gk = cJSON_GetObjectItemCaseSensitive(g, "kinesis");
+    const cJSON *wk = cJSON_GetObjectItemCaseSensitive(w, "kinesis");
+    assert_int_equal(cJSON_GetArraySize(gk), cJSON_GetArraySize(wk));
+    cJSON_ArrayForEach(b, wk)
+    {
+        a = cJSON_GetObjectItemCaseSensitive(gk, b->string);
+        if (!a)
+            fail_msg("kinesis.%s missing", b->string);
+        assert_int_equal(a->type, b->type);
+        if (strcmp(b->string, "sequenceNumber") != 0) { /* the entry ID, not Kinesis's */
+            char *x = cJSON_PrintUnformatted(a), *y = cJSON_PrintUnformatted(b);
+            assert_string_equal(x, y);
+            free(x);
+            free(y);
+        }
+    }
+    static const char *const same[] = {"eventSource", "eventVersion", "eventName", "awsRegion",
+                                       "eventSourceARN"};
+    for (size_t i = 0; i < ESMD_ARRAY_LEN(same); i++)
+        assert_string_equal(cJSON_GetObjectItemCaseSensitive(g, same[i])->valuestring,
+                            cJSON_GetObjectItemCaseSensitive(w, same[i])->valuestring);
+    assert_string_equal(cJSON_GetObjectItemCaseSensitive(g, "invokeIdentityArn")->valuestring,
+                        "arn:aws:iam::123456789012:role/esmd");
+    assert_string_equal(cJSON_GetObjectItemCaseSensitive(g, "eventID")->valuestring,
+                        "shardId-000000000000:1545084650987-0");
+    cJSON_Delete(g);
+    cJSON_Delete(w);
+    free(got);
+    free(t);
+    esmd_redis_source_free(&src);
+    esmd_aws_set(ESMD_DEFAULT_REGION, ESMD_DEFAULT_ACCOUNT);
+}
+
+static cJSON *decoded_data(const cJSON *record, struct esmd_buf *raw)
+{
+    const cJSON *k = cJSON_GetObjectItemCaseSensitive(record, "kinesis");
+    const cJSON *d = cJSON_GetObjectItemCaseSensitive(k, "data");
+    assert_true(cJSON_IsString(d));
+    esmd_buf_reset(raw);
+    assert_int_equal(esmd_base64_decode(d->valuestring, strlen(d->valuestring), raw), ESMD_OK);
+    return cJSON_ParseWithLength(raw->data ? raw->data : "", raw->len);
+}
+
+/* Without data_field the data is a JSON object of the fields: one member per name, in entry
+ * order, a repeated name with the array of its values. */
+static void test_kinesis_fields_object(void **state)
+{
+    struct esmd_redis_source src;
+    kinesis_source(&src, "jobs", NULL, NULL);
+    struct trec *t = trec_new(1700000000124ULL, 7, 3);
+    FIELD(t, "k", "1");
+    FIELD(t, "type", "x");
+    FIELD(t, "k", "2");
+    FIELD(t, "k", "3");
+    FIELD(t, "payload", "{\"id\":1}");
+    FIELD(t, "bin", "\xff"); /* not UTF-8: U+FFFD */
+    char *got = record_of(&src, t);
+    cJSON *rec = cJSON_Parse(got);
+    struct esmd_buf raw = ESMD_BUF_INIT;
+    cJSON *data = decoded_data(rec, &raw);
+    assert_non_null(data);
+    esmd_buf_cstr(&raw);
+    assert_string_equal(raw.data, "{\"k\":[\"1\",\"2\",\"3\"],\"type\":\"x\",\"payload\":"
+                                  "\"{\\\"id\\\":1}\",\"bin\":\"\xef\xbf\xbd\"}");
+    cJSON_Delete(data);
+    cJSON_Delete(rec);
+    free(got);
+    free(t);
+
+    /* no field: {} */
+    t = trec_new(1, 0, 1);
+    got = record_of(&src, t);
+    assert_non_null(strstr(got, "\"data\":\"e30=\""));
+    free(got);
+    free(t);
+    esmd_buf_free(&raw);
+    esmd_redis_source_free(&src);
+}
+
+static void test_kinesis_exact_size_random(void **state)
+{
+    static const char *const names[] = {"a", "data", "pk", "\xc3\xbc", "k\"q"};
+    for (int iter = 0; iter < 300; iter++) {
+        struct esmd_redis_source src;
+        const char *df = rnd_n(2) ? names[rnd_n(ESMD_ARRAY_LEN(names))] : NULL;
+        const char *pf = rnd_n(2) ? names[rnd_n(ESMD_ARRAY_LEN(names))] : NULL;
+        kinesis_source(&src, rnd_n(2) ? "orders" : "t\"q\xc3\xbc", df, pf);
+        struct esmd_shard shard = {.key = "k"};
+        struct esmd_batch batch;
+        batch_init(&batch);
+        size_t nrec = 1 + rnd_n(30);
+        struct trec **recs = calloc(nrec, sizeof(*recs));
+        char(*bytes)[8][64] = calloc(nrec, sizeof(*bytes));
+        for (size_t r = 0; r < nrec; r++) {
+            uint64_t ms = rnd_n(4) == 0 ? rnd() : (uint64_t)rnd_n(2000000000000ULL);
+            recs[r] = trec_new(ms, rnd_n(3) == 0 ? rnd() : rnd_n(100), 1);
+            size_t nf = rnd_n(8);
+            for (size_t f = 0; f < nf; f++) {
+                const char *name = names[rnd_n(ESMD_ARRAY_LEN(names))];
+                size_t vlen = rnd_n(64);
+                rnd_bytes(bytes[r][f], vlen, rnd_n(4) != 0);
+                trec_field(recs[r], name, strlen(name), bytes[r][f], vlen);
+            }
+            char *one = record_of(&src, recs[r]); /* asserts write == size */
+            free(one);
+            trec_add(&batch, &src, recs[r], &shard);
+        }
+        struct esmd_buf out = ESMD_BUF_INIT;
+        esmd_redis_encode_batch(&src, &batch, trec_entry, &out);
+        assert_int_equal(out.len, esmd_batch_bytes(&batch));
+        cJSON *root = cJSON_ParseWithLength(out.data, out.len);
+        if (!root)
+            fail_msg("iteration %d: not JSON: %s", iter, esmd_buf_cstr(&out));
+        const cJSON *records = cJSON_GetObjectItemCaseSensitive(root, "Records");
+        assert_int_equal(cJSON_GetArraySize(records), (int)nrec);
+        struct esmd_buf raw = ESMD_BUF_INIT, want = ESMD_BUF_INIT;
+        for (size_t r = 0; r < nrec; r++) {
+            const cJSON *o = cJSON_GetArrayItem(records, (int)r);
+            cJSON *data = decoded_data(o, &raw);
+            esmd_buf_reset(&want);
+            esmd_redis_kinesis_data(&src, &recs[r]->e, &want);
+            assert_int_equal(raw.len, want.len);
+            if (want.len)
+                assert_memory_equal(raw.data, want.data, want.len);
+            /* the data is the data field's value as it is, or a JSON object */
+            const struct esmd_redis_field *f = NULL;
+            for (size_t i = 0; df && i < recs[r]->e.nfields && !f; i++)
+                if (recs[r]->f[i].name_len == strlen(df) &&
+                    !memcmp(recs[r]->f[i].name, df, strlen(df)))
+                    f = &recs[r]->f[i];
+            if (f) {
+                assert_int_equal(raw.len, f->value_len);
+                if (f->value_len)
+                    assert_memory_equal(raw.data, f->value, f->value_len);
+            } else {
+                assert_true(cJSON_IsObject(data));
+            }
+            cJSON_Delete(data);
+            char id[ESMD_REDIS_ID_MAX];
+            esmd_redis_id_format(recs[r]->e.id, id);
+            const cJSON *k = cJSON_GetObjectItemCaseSensitive(o, "kinesis");
+            assert_string_equal(cJSON_GetObjectItemCaseSensitive(k, "sequenceNumber")->valuestring,
+                                id);
+            assert_true(esmd_redis_item_is(recs[r]->e.id,
+                                           cJSON_GetObjectItemCaseSensitive(k, "sequenceNumber")));
+        }
+        esmd_buf_free(&raw);
+        esmd_buf_free(&want);
+        cJSON_Delete(root);
+        esmd_buf_free(&out);
+        esmd_batch_clear(&batch);
+        esmd_redis_source_free(&src);
+        for (size_t r = 0; r < nrec; r++)
+            free(recs[r]);
+        free(recs);
+        free(bytes);
+    }
+}
+
+static void check_kinesis_doc(const struct esmd_redis_source *src, struct trec *t,
+                              enum esmd_filter_data want, const char *golden)
+{
+    struct esmd_buf b = ESMD_BUF_INIT;
+    assert_int_equal(esmd_redis_filter_doc(src, &t->e, &b), want);
+    assert_string_equal(esmd_buf_cstr(&b), golden);
+    cJSON *j = cJSON_ParseWithLength(b.data, b.len);
+    assert_non_null(j);
+    cJSON_Delete(j);
+    esmd_buf_free(&b);
+}
+
+#define KDOC(pk, id, ts, data)                                                                     \
+    "{\"kinesisSchemaVersion\":\"1.0\",\"partitionKey\":\"" pk "\",\"sequenceNumber\":\"" id       \
+    "\",\"approximateArrivalTimestamp\":" ts data                                                  \
+    ",\"eventSourceARN\":\"arn:aws:kinesis:us-east-1:000000000000:stream/s\","                     \
+    "\"awsRegion\":\"us-east-1\"}"
+
+/* Kinesis's rule: patterns see data decoded, JSON embedded as JSON. */
+static void test_kinesis_filter_doc(void **state)
+{
+    struct esmd_redis_source all, one;
+    kinesis_source(&all, "s", NULL, NULL);
+    kinesis_source(&one, "s", "d", "p");
+    struct trec *t = trec_new(1545084650987ULL, 3, 2);
+    FIELD(t, "p", "tenant-1");
+    FIELD(t, "d", " {\"id\":1} ");
+    FIELD(t, "n", "42");
+    /* every field: the object the function decodes (values are strings) */
+    check_kinesis_doc(
+        &all, t, ESMD_FILTER_DATA_JSON,
+        KDOC("1545084650987-3", "1545084650987-3", "1545084650.987",
+             ",\"data\":{\"p\":\"tenant-1\",\"d\":\" {\\\"id\\\":1} \",\"n\":\"42\"}"));
+    /* the data field's JSON, embedded */
+    check_kinesis_doc(
+        &one, t, ESMD_FILTER_DATA_JSON,
+        KDOC("tenant-1", "1545084650987-3", "1545084650.987", ",\"data\": {\"id\":1} "));
+    free(t);
+    t = trec_new(1, 0, 1);
+    FIELD(t, "d", "42");
+    check_kinesis_doc(&one, t, ESMD_FILTER_DATA_TEXT, KDOC("1-0", "1-0", "0.001", ",\"data\":42"));
+    free(t);
+    t = trec_new(1, 1, 1);
+    FIELD(t, "d", "plain \"text\"");
+    check_kinesis_doc(&one, t, ESMD_FILTER_DATA_TEXT,
+                      KDOC("1-1", "1-1", "0.001", ",\"data\":\"plain \\\"text\\\"\""));
+    free(t);
+    t = trec_new(1, 2, 1);
+    FIELD(t, "d", "\xff\x00"); /* not UTF-8: no data */
+    check_kinesis_doc(&one, t, ESMD_FILTER_DATA_NONE, KDOC("1-2", "1-2", "0.001", ""));
+    free(t);
+    esmd_redis_source_free(&all);
+    esmd_redis_source_free(&one);
+}
+
 /* ---- IDs ---- */
 
 static void test_ids(void **state)
@@ -726,6 +1036,11 @@ int main(void)
         cmocka_unit_test(test_idset),
         cmocka_unit_test(test_failure_info),
         cmocka_unit_test(test_item_is),
+        cmocka_unit_test(test_kinesis_exact),
+        cmocka_unit_test(test_kinesis_spec_shape),
+        cmocka_unit_test(test_kinesis_fields_object),
+        cmocka_unit_test(test_kinesis_exact_size_random),
+        cmocka_unit_test(test_kinesis_filter_doc),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
