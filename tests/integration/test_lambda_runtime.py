@@ -332,8 +332,6 @@ def test_kafka_powertools_consumer_decodes_records_unchanged(rie, esmd, kafka, p
 # ---- Redis stream: Kinesis batch processing ---------------------------------------------------
 
 
-@pytest.mark.xfail(reason="needs the Kinesis event from the Redis source (helper C2's change, "
-                          "not in HEAD yet): the event has Records[].redis, no Records[].kinesis")
 def test_redis_kinesis_batch_processor_partial_failures(rie, esmd, redis, postgres, names):
     r = rie("kinesis_handler.handler")
     stream = names.topic()
