@@ -148,3 +148,14 @@ bool esmd_function_prefix_ours(const char *prefix, size_t n)
     w = snprintf(want, sizeof(want), "arn:aws:lambda:%s:%s:", aws_region, aws_account);
     return (size_t)w == n && memcmp(prefix, want, n) == 0;
 }
+
+int esmd_hex_digit(int c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}

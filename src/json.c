@@ -3,11 +3,14 @@
 
 #include <stdint.h>
 
-size_t esmd_utf8_seq(const unsigned char *s, size_t n)
+size_t esmd_utf8_decode(const unsigned char *s, size_t n, uint32_t *out)
 {
     unsigned char c = s[0];
-    if (c < 0x80)
+    if (c < 0x80) {
+        if (out)
+            *out = c;
         return 1;
+    }
     size_t len;
     uint32_t cp;
     if (c >= 0xC2 && c <= 0xDF) {
@@ -32,7 +35,14 @@ size_t esmd_utf8_seq(const unsigned char *s, size_t n)
     if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)) ||
         (cp >= 0xD800 && cp <= 0xDFFF))
         return 0;
+    if (out)
+        *out = cp;
     return len;
+}
+
+size_t esmd_utf8_seq(const unsigned char *s, size_t n)
+{
+    return esmd_utf8_decode(s, n, NULL);
 }
 
 bool esmd_utf8_valid(const char *str, size_t len)

@@ -65,4 +65,8 @@ void esmd_function_arn(const char *name, char *out, size_t outlen);
 bool esmd_function_prefix_ours(const char *prefix, size_t n);
 void esmd_iso8601_ms(int64_t ms, char out[32]);
 
+/* The value of one hexadecimal digit ('0'-'9', 'a'-'f', 'A'-'F'), or -1 for any other byte.
+ * The one hex decoder of the project: percent-decoding, \\u escapes, request ids. */
+int esmd_hex_digit(int c);
+
 #endif

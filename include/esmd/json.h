@@ -6,9 +6,15 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 /* Maximum nesting esmd_json_valid() accepts (deeper documents are "not JSON"). */
 #define ESMD_JSON_MAX_DEPTH 512
+
+/* The one UTF-8 decoder of the project. Decodes the well-formed sequence at s (n > 0 bytes
+ * available): returns its length (1..4) and stores its code point in *cp (cp may be NULL), or
+ * returns 0 if malformed (RFC 3629: no overlongs, no surrogates, nothing above U+10FFFF). */
+size_t esmd_utf8_decode(const unsigned char *s, size_t n, uint32_t *cp);
 
 /* Length of the well-formed UTF-8 sequence at s (1..4; n bytes available), 0 if malformed. */
 size_t esmd_utf8_seq(const unsigned char *s, size_t n);

@@ -1,4 +1,5 @@
 /* esmd_json_valid / esmd_utf8_valid: what counts as a JSON payload for filtering. */
+#include "esmd/common.h"
 #include "esmd/json.h"
 
 #include <setjmp.h>
@@ -110,13 +111,41 @@ static void test_utf8(void **state)
     assert_false(esmd_utf8_valid("\x80", 1));
 }
 
+static void test_utf8_decode(void **state)
+{
+    (void)state;
+    uint32_t cp = 0;
+    assert_int_equal(esmd_utf8_decode((const unsigned char *)"A", 1, &cp), 1);
+    assert_int_equal(cp, 0x41);
+    assert_int_equal(esmd_utf8_decode((const unsigned char *)"\xc3\xa9", 2, &cp), 2);
+    assert_int_equal(cp, 0xE9);
+    assert_int_equal(esmd_utf8_decode((const unsigned char *)"\xe2\x82\xac", 3, &cp), 3);
+    assert_int_equal(cp, 0x20AC);
+    assert_int_equal(esmd_utf8_decode((const unsigned char *)"\xf0\x9f\x98\x80", 4, &cp), 4);
+    assert_int_equal(cp, 0x1F600);
+    assert_int_equal(esmd_utf8_decode((const unsigned char *)"\xf0\x9f\x98", 3, &cp), 0);
+    assert_int_equal(esmd_utf8_decode((const unsigned char *)"\xf4\x90\x80\x80", 4, NULL), 0);
+}
+
+static void test_hex_digit(void **state)
+{
+    (void)state;
+    assert_int_equal(esmd_hex_digit('0'), 0);
+    assert_int_equal(esmd_hex_digit('9'), 9);
+    assert_int_equal(esmd_hex_digit('a'), 10);
+    assert_int_equal(esmd_hex_digit('F'), 15);
+    assert_int_equal(esmd_hex_digit('g'), -1);
+    assert_int_equal(esmd_hex_digit('/'), -1);
+    assert_int_equal(esmd_hex_digit(0), -1);
+    assert_int_equal(esmd_hex_digit(0xC3), -1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_valid_documents),
-        cmocka_unit_test(test_invalid_documents),
-        cmocka_unit_test(test_depth_limit),
-        cmocka_unit_test(test_utf8),
+        cmocka_unit_test(test_valid_documents), cmocka_unit_test(test_invalid_documents),
+        cmocka_unit_test(test_depth_limit),     cmocka_unit_test(test_utf8),
+        cmocka_unit_test(test_utf8_decode),     cmocka_unit_test(test_hex_digit),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
