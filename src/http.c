@@ -58,6 +58,7 @@ struct esmd_http_req {
     struct MHD_Connection *conn;
     const char *method; /* borrowed from MHD: valid for the request */
     const char *url;
+    char *raw_path; /* owned: the request target as sent, up to '?' (http_uri_log) */
     struct esmd_buf body;
     bool too_large;
     size_t max_body; /* ESMD_MAX_PAYLOAD or the route's limit */
@@ -189,6 +190,7 @@ static void http_req_free(struct esmd_http_req *req)
         free(req->hdrs[i].value);
     }
     free(req->hdrs);
+    free(req->raw_path);
     esmd_buf_free(&req->body);
     free(req);
 }
@@ -209,9 +211,22 @@ static void http_completed(void *cls, struct MHD_Connection *conn, void **con_cl
         if (req->abort_fn)
             req->abort_fn(req->abort_ud, req);
     }
+    if (req->conn != NULL) /* http_access counted it */
+        atomic_fetch_sub(&((struct esmd_http *)cls)->active, 1);
     http_req_free(req);
     *con_cls = NULL;
-    atomic_fetch_sub(&((struct esmd_http *)cls)->active, 1);
+}
+
+/* MHD's thread, once the request line is read and before MHD decodes it: the request object
+ * starts here, holding the path as sent (http_access fills in the rest on its first call). */
+static void *http_uri_log(void *cls, const char *uri, struct MHD_Connection *conn)
+{
+    struct esmd_http_req *req = esmd_xcalloc(1, sizeof(*req));
+
+    ESMD_UNUSED(conn);
+    req->http = cls;
+    req->raw_path = esmd_xstrndup(uri, strcspn(uri, "?"));
+    return req;
 }
 
 const char *esmd_http_req_method(const struct esmd_http_req *req)
@@ -222,6 +237,11 @@ const char *esmd_http_req_method(const struct esmd_http_req *req)
 const char *esmd_http_req_path(const struct esmd_http_req *req)
 {
     return req->url;
+}
+
+const char *esmd_http_req_raw_path(const struct esmd_http_req *req)
+{
+    return req->raw_path ? req->raw_path : req->url;
 }
 
 const char *esmd_http_req_header(const struct esmd_http_req *req, const char *name)
@@ -459,12 +479,13 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
     struct esmd_http_req *req = *con_cls;
 
     ESMD_UNUSED(version);
-    if (req == NULL) {
+    if (req == NULL || req->conn == NULL) {
         const char *cl =
             MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
 
         atomic_fetch_add(&http->active, 1);
-        req = esmd_xcalloc(1, sizeof(*req));
+        if (req == NULL)
+            req = esmd_xcalloc(1, sizeof(*req));
         req->http = http;
         req->conn = conn;
         req->method = method;
@@ -715,8 +736,8 @@ struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen, char
     http->daemon = MHD_start_daemon(
         flags, port, NULL, NULL, http_access, http, MHD_OPTION_EXTERNAL_LOGGER, http_mhd_log, http,
         MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss, MHD_OPTION_NOTIFY_COMPLETED, http_completed,
-        http, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)ESMD_HTTP_CONN_TIMEOUT_S,
-        MHD_OPTION_END);
+        http, MHD_OPTION_URI_LOG_CALLBACK, http_uri_log, http, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned int)ESMD_HTTP_CONN_TIMEOUT_S, MHD_OPTION_END);
     if (http->daemon == NULL) {
         snprintf(err, errlen, "cannot listen on %s: %s", listen,
                  http->lasterr[0] ? http->lasterr : "libmicrohttpd failed to start");

@@ -56,6 +56,10 @@ int esmd_http_route_limited(struct esmd_http *http, const char *method, const ch
 /* Request accessors; returned strings are borrowed, valid as long as req. */
 const char *esmd_http_req_method(const struct esmd_http_req *req);
 const char *esmd_http_req_path(const struct esmd_http_req *req); /* without the query */
+/* The path as the client sent it, percent-encoding kept, without the query: what the Lambda API
+ * routes split into segments (an encoded '/' or NUL must not change the route: see
+ * src/lambda_api.c). esmd_http_req_path() is the decoded one (MHD cuts it at a %00). */
+const char *esmd_http_req_raw_path(const struct esmd_http_req *req);
 const char *esmd_http_req_header(const struct esmd_http_req *req, const char *name); /* or NULL */
 const char *esmd_http_req_query(const struct esmd_http_req *req, const char *name);  /* or NULL */
 /* Calls fn(ud, name, value) for every query argument, decoded, in the order sent (value NULL
