@@ -488,7 +488,7 @@ static void adm_source_uri(const struct esmd_mapping_cfg *c, struct esmd_buf *b)
         esmd_buf_printf(b, "pgqueue://%s", c->pgqueue.queue);
 }
 
-/* Lambda's ESM configuration (spec §7.3) for m. */
+/* Lambda's ESM configuration (docs/lambda.md#esm-response) for m. */
 static void adm_esm_json(const struct esmd_admin *adm, const struct adm_map *m, struct esmd_buf *b)
 {
     const struct esmd_mapping_cfg *c = m->cfg;

@@ -272,8 +272,8 @@ static void put_function_arn(struct esmd_buf *b, const char *name)
     esmd_buf_puts(b, ":$LATEST\"");
 }
 
-/* The invocation record (spec §6.4). status < 0: the function never answered (no
- * responseContext / responsePayload). */
+/* The invocation record (docs/lambda.md#invocation-record). status < 0: the function never answered
+ * (no responseContext / responsePayload). */
 static void build_record(struct esmd_buf *b, const struct aq_ev *ev, const char *condition,
                          int status, const char *fe, const char *resp, size_t resplen)
 {

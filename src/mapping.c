@@ -612,8 +612,8 @@ static void start_part(struct inflight *inf)
 
 /* ---- giving up: on-failure records ---- */
 
-/* Appends the on-failure record of rec (spec/lambda-semantics.md §2.6, Kafka-topic form, for every
- * destination kind): invocation and response context, the source's block for a batch of one,
+/* Appends the on-failure record of rec (docs/lambda.md#kafka-on-failure, Kafka-topic form, for
+ * every destination kind): invocation and response context, the source's block for a batch of one,
  * and the record itself as a one-record event (left out when it is too big to carry). */
 static void failure_record(struct inflight *inf, struct esmd_record *rec, struct esmd_buf *out)
 {
@@ -746,7 +746,7 @@ static void remember_response(struct inflight *inf, const struct esmd_invoke_res
     inf->last_request_id = esmd_xstrdup(res->request_id);
 }
 
-/* batchItemFailures (spec/lambda-semantics.md §1.9). Returns 1 when the response names no
+/* batchItemFailures (docs/lambda.md#partial-batch). Returns 1 when the response names no
  * failure (success), 0 with `failed[i]` set for each failed record of the part, -1 when the
  * response is malformed or names a record that is not in the part (the whole part failed). */
 static int parse_item_failures(struct inflight *inf, const struct esmd_invoke_result *res,
@@ -1110,12 +1110,12 @@ static void free_filters(struct esmd_mapping *map)
 }
 
 /* One matcher per way the record's data can appear (enum esmd_filter_data). Without fallback
- * (SQS, Kinesis: §5.4) all three are the patterns as written. With Lambda's Kafka fallback
- * (§2.7): when the data and a pattern's condition on it disagree, only the pattern's other
- * conditions apply — so [JSON] (an object or array) keeps object conditions and drops value-list
- * ones, [TEXT] (a scalar or text) keeps value-list conditions and drops object ones, [NONE]
- * (not UTF-8) drops every data condition. Only top-level data conditions; patterns were checked
- * at config load. */
+ * (SQS, Kinesis: docs/lambda.md#filter-non-json) all three are the patterns as written. With
+ * Lambda's Kafka fallback (docs/lambda.md#kafka-filtering): when the data and a pattern's condition
+ * on it disagree, only the pattern's other conditions apply — so [JSON] (an object or array) keeps
+ * object conditions and drops value-list ones, [TEXT] (a scalar or text) keeps value-list
+ * conditions and drops object ones, [NONE] (not UTF-8) drops every data condition. Only top-level
+ * data conditions; patterns were checked at config load. */
 static int compile_filters(const struct esmd_mapping *map, const char *const *patterns, size_t n,
                            struct esmd_filter *out[3], bool *alias, char *err, size_t errlen)
 {

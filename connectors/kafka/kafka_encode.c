@@ -1,4 +1,4 @@
-/* The self-managed Kafka event (spec/lambda-semantics.md §2.2), written straight into a buffer.
+/* The self-managed Kafka event (docs/lambda.md#kafka-event), written straight into a buffer.
  *
  * Every writer here has a size twin; both are built from the same string literals so the
  * sizes the core batches by are the bytes the encoder writes. */

@@ -65,7 +65,7 @@ void esmd_kafka_encode_batch(const char *servers, const struct esmd_batch *batch
  * value is left out. Header values: as strings when UTF-8, base64 otherwise, null when null.
  * timestamp: left out when the record has none. Returns how the value was written. */
 /* Appends the KafkaBatchInfo object of an on-failure record for v alone (Lambda's Kafka-topic
- * destination form, spec/lambda-semantics.md §2.6):
+ * destination form, docs/lambda.md#kafka-on-failure):
  * {"batchSize":1,"bootstrapServers":"…","payloadSize":N,
  *  "recordInfo":{"offset":"15","timestamp":"2019-11-14T00:38:04.835Z","topic":"t","partition":0}}
  * topic and partition are esmd's additions (the payload, which has them, is left out of records

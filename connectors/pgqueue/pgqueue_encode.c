@@ -1,4 +1,4 @@
-/* The Postgres queue's event, modelled on Lambda's SQS event (spec/lambda-semantics.md §3.1),
+/* The Postgres queue's event, modelled on Lambda's SQS event (docs/lambda.md#sqs-event),
  * written straight into a buffer.
  *
  * The writer and its size twin are built from the same string literals, so the sizes the core

@@ -49,7 +49,7 @@ size_t esmd_pgqueue_envelope_size(void);
 /* Exact bytes esmd_pgqueue_record_write() writes for v; arn: the queue's ARN (borrowed). */
 size_t esmd_pgqueue_record_size(const struct esmd_pgqueue_view *v, const char *arn);
 
-/* Appends one record, as Lambda's SQS event record (spec/lambda-semantics.md §3.1):
+/* Appends one record, as Lambda's SQS event record (docs/lambda.md#sqs-event):
  * {"messageId":"..","receiptHandle":"<id>:<receipt>","body":"..","attributes":{
  *  "ApproximateReceiveCount":"1","SentTimestamp":"..","SenderId":"..",
  *  "ApproximateFirstReceiveTimestamp":"..","DeadLetterQueueSourceArn":".." (dead-lettered only)},
@@ -69,8 +69,8 @@ void esmd_pgqueue_encode_batch(const struct esmd_batch *batch, const char *arn,
 /* Appends the document filters see of one message: the record as above, with `body` embedded
  * as JSON when it is JSON (ESMD_FILTER_DATA_JSON), as a string otherwise (ESMD_FILTER_DATA_TEXT;
  * bytes that are not UTF-8 become U+FFFD). The connector has no filter fallback: patterns apply
- * as written, which is SQS's rule (spec §5.4): a string body with a JSON data pattern, or a JSON
- * body with a string data pattern, does not match (the message is dropped). */
+ * as written, which is SQS's rule (docs/lambda.md#filter-non-json): a string body with a JSON data
+ * pattern, or a JSON body with a string data pattern, does not match (the message is dropped). */
 enum esmd_filter_data esmd_pgqueue_filter_doc(const struct esmd_pgqueue_view *v, const char *arn,
                                               struct esmd_buf *out);
 

@@ -208,7 +208,7 @@ enum esmd_filter_data esmd_redis_filter_doc(const struct esmd_redis_source *src,
 /* ---- failure handling ---- */
 
 /* Appends the RedisBatchInfo object of an on-failure record for one entry (a batch of one),
- * modelled on Kinesis's KinesisBatchInfo (spec/lambda-semantics.md §4.3):
+ * modelled on Kinesis's KinesisBatchInfo (docs/lambda.md#kinesis-on-failure):
  * {"batchSize":1,"payloadSize":312,"stream":"s","group":"g","startSequenceNumber":"<id>",
  *  "endSequenceNumber":"<id>","approximateArrivalOfFirstRecord":"<ISO-8601>",
  *  "approximateArrivalOfLastRecord":"<ISO-8601>","streamArn":"arn:esmd:redis:..."}

@@ -1,5 +1,5 @@
-/* Admin API authentication (DESIGN.md "Admin API"): every admin route except /healthz, /readyz
- * and /metrics calls esmd_admin_authorize() first.
+/* Admin API authentication (docs/admin.md#authentication): every admin route except /healthz,
+ * /readyz and /metrics calls esmd_admin_authorize() first.
  *
  * Accepted credentials:
  *  - `Authorization: Bearer <admin.token>` (compared in constant time);

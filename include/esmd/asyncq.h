@@ -1,4 +1,4 @@
-/* The asynchronous invocation queue (DESIGN.md "Async invocation", docs/async.md), on Postgres
+/* The asynchronous invocation queue (docs/design.md#async-life, docs/async.md), on Postgres
  * (migrations/0004_async.sql), and the Lambda-compatible routes that drive it:
  *   POST   /2015-03-31/functions/{name}/invocations          Invoke (Event, RequestResponse,
  * DryRun) PUT|POST|GET|DELETE /2019-09-25/functions/{name}/event-invoke-config GET

@@ -1,4 +1,4 @@
-/* The YAML configuration (DESIGN.md "YAML configuration"): loading, validation, typed structs.
+/* The YAML configuration (docs/configuration.md): loading, validation, typed structs.
  *
  * libyaml events are turned into nodes that keep file:line:column; each section is read through
  * a key table; every problem is collected (not only the first) as

@@ -43,7 +43,8 @@ struct esmd_connector_stats {
 };
 
 /* How a record's data (Kafka: value; Redis: fields; queue: body) appears in its filter document,
- * which decides how filters treat it (spec/lambda-semantics.md §2.7, §5.4; README "Filtering"). */
+ * which decides how filters treat it (docs/lambda.md#kafka-filtering, #filter-non-json; README
+ * "Filtering"). */
 enum esmd_filter_data {
     ESMD_FILTER_DATA_JSON, /* a JSON object or array, embedded as it is */
     ESMD_FILTER_DATA_TEXT, /* a JSON scalar embedded as it is, or UTF-8 text as a JSON string */
@@ -100,10 +101,10 @@ struct esmd_connector_ops {
     enum esmd_filter_data (*filter_doc)(void *c, const struct esmd_record *rec,
                                         struct esmd_buf *out);
     const char *data_key; /* "value" for Kafka */
-    /* Lambda's Kafka rule (§2.7): when the data and a pattern's data condition disagree (an
-     * object pattern on text, a value-list pattern on an object, or data that is not UTF-8),
-     * only the pattern's other conditions apply. false: patterns apply as written, so such a
-     * record is dropped (SQS, Kinesis: §5.4). */
+    /* Lambda's Kafka rule (docs/lambda.md#kafka-filtering): when the data and a pattern's data
+     * condition disagree (an object pattern on text, a value-list pattern on an object, or data
+     * that is not UTF-8), only the pattern's other conditions apply. false: patterns apply as
+     * written, so such a record is dropped (SQS, Kinesis: docs/lambda.md#filter-non-json). */
     bool filter_fallback;
     /* Graceful stop: stop fetching, commit what was acked, leave the group; calls done(ud) when
      * finished (possibly later, from the loop). Emits nothing after this call. */

@@ -1,5 +1,6 @@
 /* Destinations: where on-failure records (event source mappings) and invocation records (async
- * queue: on_success / on_failure / dead_letter) go. DESIGN.md "Destinations".
+ * queue: on_success / on_failure / dead_letter) go. docs/design.md#destinations,
+ * docs/destinations.md.
  *
  * URIs: kafka://CONNECTION/TOPIC (produced with the given key), redis://CONNECTION/STREAM (XADD),
  * pgqueue://QUEUE (esmd's Postgres queue, esmd.send()), http://… and https://… (POST, 2xx =

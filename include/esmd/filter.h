@@ -17,7 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Lambda's limits (spec/lambda-semantics.md §5.1); the config can raise them. */
+/* Lambda's limits (docs/lambda.md#filter-limits); the config can raise them. */
 #define ESMD_FILTER_DEFAULT_MAX_PATTERNS 5
 #define ESMD_FILTER_DEFAULT_MAX_PATTERN_LEN 4096
 

@@ -80,8 +80,8 @@ void esmd_http_req_add_header(struct esmd_http_req *req, const char *name, const
 /* Answers. body (len bytes) is copied; content_type NULL = none. req is invalid afterwards. */
 void esmd_http_respond(struct esmd_http_req *req, int status, const char *content_type,
                        const char *body, size_t len);
-/* Lambda's error shape (spec §7.4): x-amzn-ErrorType: type and {"Type":"User","Message":message}
- * ("Service" instead of "User" for a status of 500 or more). */
+/* Lambda's error shape (docs/lambda.md#errors): x-amzn-ErrorType: type and
+ * {"Type":"User","Message":message} ("Service" instead of "User" for a status of 500 or more). */
 void esmd_http_respond_error(struct esmd_http_req *req, int status, const char *type,
                              const char *message);
 

@@ -1,8 +1,8 @@
 /* Function invoker: HTTP POSTs on one libcurl multi handle driven by the libev loop.
  *
- * Endpoint contract (DESIGN.md): 2xx = success unless X-Amz-Function-Error is set or the body is
- * the Runtime Interface Emulator's {"errorType","errorMessage"} object (= function error); a 2xx
- * whose body is the RIE's "Task timed out after N seconds" text = timeout; 429 = throttled;
+ * Endpoint contract (docs/endpoint.md): 2xx = success unless X-Amz-Function-Error is set or the
+ * body is the Runtime Interface Emulator's {"errorType","errorMessage"} object (= function error);
+ * a 2xx whose body is the RIE's "Task timed out after N seconds" text = timeout; 429 = throttled;
  * other 4xx/5xx and transport failures = error; curl timeout (the function's `timeout`) =
  * timeout. Per function: max_concurrency in-flight requests (shared by every user of the
  * function; the rest wait in FIFO order), extra headers, kept-alive connections. */

@@ -72,9 +72,9 @@ def test_batch_entirely_filtered_out_invokes_nothing_and_is_committed(kafka, end
 @pytest.mark.kafka
 def test_values_that_do_not_fit_the_pattern_fall_back_to_metadata(kafka, endpoint, esmd,
                                                                   kafka_config, names):
-    """Lambda's Kafka rule (spec §2.7): when the value and a pattern's value condition disagree
-    (object pattern on text, value-list pattern on an object, bytes that are not UTF-8), only the
-    pattern's other conditions apply."""
+    """Lambda's Kafka rule (docs/lambda.md#kafka-filtering): when the value and a pattern's value
+    condition disagree (object pattern on text, value-list pattern on an object, bytes that are
+    not UTF-8), only the pattern's other conditions apply."""
     topic = kafka.create_topic(names.topic(), 1)
     group = names.group()
     kafka.produce(topic, [

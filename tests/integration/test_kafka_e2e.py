@@ -3,7 +3,7 @@
 Every test runs twice, against librdkafka's mock cluster ([mock]) and a real Apache Kafka broker
 ([broker]) (conftest.py, docs/testing.md "Kafka: mock and real broker"). Each test uses its own
 topic and consumer group on the session's cluster and its own endpoint. The assertions are about what the endpoint received (the Lambda self-managed Kafka
-event, spec/lambda-semantics.md §2.2) and what the consumer group committed."""
+event, docs/lambda.md#kafka-event) and what the consumer group committed."""
 
 import base64
 import json

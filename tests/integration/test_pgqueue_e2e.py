@@ -2,7 +2,7 @@
 a recording HTTP function endpoint, plus the queue's SQL functions on their own.
 
 Each test uses its own queue names on the session's Postgres. The assertions are about what the
-endpoint received (Lambda's SQS event, spec/lambda-semantics.md §3.1) and what is left in the
+endpoint received (Lambda's SQS event, docs/lambda.md#sqs-event) and what is left in the
 table: a message is deleted only once a batch holding it succeeded (or a filter dropped it)."""
 
 import hashlib

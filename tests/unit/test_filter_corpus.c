@@ -1,5 +1,5 @@
 /* The filter engine against the shared conformance corpus (tests/unit/data/filter/
- * filter-corpus.jsonl, a copy of /work/shared/conformance/filter-corpus.jsonl): one case a line,
+ * filter-corpus.jsonl, the project's conformance cases for the pattern language): one case a line,
  * {"id", "feature", "pattern", "event", "match", "verified": {ENGINE:
  * true|false|"unsupported..."}}.
  *

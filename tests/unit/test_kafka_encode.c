@@ -2,7 +2,7 @@
  *
  * Records are built by hand as esmd_kafka_view (the encoder never sees a librdkafka message).
  * Golden files in tests/unit/data/kafka/ were written independently of this encoder (Python's
- * json and base64); spec_example.json is the event of spec/lambda-semantics.md §2.2, compact. */
+ * json and base64); spec_example.json is the event of docs/lambda.md#kafka-event, compact. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

@@ -3,7 +3,7 @@
  *
  * Messages are built by hand as esmd_pgqueue_view. The golden files in tests/unit/data/pgqueue/
  * were written independently of this encoder, with Python's json and hashlib (compact separators,
- * ensure_ascii=False); spec_example.json is the SQS event of spec/lambda-semantics.md §3.1 as a
+ * ensure_ascii=False); spec_example.json is the SQS event of docs/lambda.md#sqs-event as a
  * Postgres queue sends it. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -483,7 +483,7 @@ static bool matches(const char *pattern, const char *body)
     return m;
 }
 
-/* spec/lambda-semantics.md §5.4, SQS: plain string body with a plain string pattern filters
+/* docs/lambda.md#filter-non-json, SQS: plain string body with a plain string pattern filters
  * normally; with a JSON (object) pattern it is dropped; a JSON body with a string pattern is
  * dropped; JSON with JSON filters normally; no data pattern filters on metadata only. The
  * connector has no filter fallback, so the core matches every record with the patterns as
