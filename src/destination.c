@@ -36,6 +36,7 @@
 #include "esmd/log.h"
 #include "esmd/metrics.h"
 #include "esmd/pg.h"
+#include "esmd/redis_link.h"
 
 #include <curl/curl.h>
 #include <errno.h>
@@ -113,10 +114,8 @@ struct redis_w {
     struct redis_w *next;
     struct esmd_dests *d;
     char *name;
-    char *host;
-    int port, db;
-    char *user, *password;
-    char url_err[160]; /* non-empty: the URL cannot be used */
+    struct esmd_redis_url url;
+    char url_err[300]; /* non-empty: the URL cannot be used */
     redisAsyncContext *ac;
     enum redis_state state;
     int setup_waiting;
@@ -624,91 +623,6 @@ static void kw_write(struct delivery *dl)
 
 /* ---- redis writer ---- */
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
-static char *pct_decode(const char *s, size_t n)
-{
-    char *out = esmd_xmalloc(n + 1);
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] == '%' && i + 2 < n + 1 && hexval(s[i + 1]) >= 0 && hexval(s[i + 2]) >= 0 &&
-            (hexval(s[i + 1]) | hexval(s[i + 2])) != 0) {
-            out[k++] = (char)(hexval(s[i + 1]) * 16 + hexval(s[i + 2]));
-            i += 2;
-            continue;
-        }
-        out[k++] = s[i];
-    }
-    out[k] = '\0';
-    return out;
-}
-
-/* redis://[[user]:password@]host[:port][/db], as the Redis source reads it. */
-static void rw_parse(struct redis_w *rw, const char *url)
-{
-    rw->port = 6379;
-    if (!has_prefix(url, "redis://")) {
-        snprintf(rw->url_err, sizeof(rw->url_err), "connection %s: url must start with redis://",
-                 rw->name);
-        return;
-    }
-    const char *p = url + 8;
-    const char *end = p + strcspn(p, "/?#");
-    const char *at = NULL;
-    for (const char *q = p; q < end; q++)
-        if (*q == '@')
-            at = q;
-    if (at) {
-        const char *colon = memchr(p, ':', (size_t)(at - p));
-        if (colon) {
-            if (colon > p)
-                rw->user = pct_decode(p, (size_t)(colon - p));
-            rw->password = pct_decode(colon + 1, (size_t)(at - colon - 1));
-        }
-        p = at + 1;
-    }
-    const char *host = p, *host_end, *port = NULL;
-    if (*p == '[') {
-        const char *close = memchr(p, ']', (size_t)(end - p));
-        host = p + 1;
-        host_end = close ? close : end;
-        if (close && close + 1 < end && close[1] == ':')
-            port = close + 2;
-    } else {
-        host_end = memchr(p, ':', (size_t)(end - p));
-        if (host_end)
-            port = host_end + 1;
-        else
-            host_end = end;
-    }
-    if (host_end <= host) {
-        snprintf(rw->url_err, sizeof(rw->url_err), "connection %s: the redis url has no host",
-                 rw->name);
-        return;
-    }
-    rw->host = esmd_xstrndup(host, (size_t)(host_end - host));
-    if (port && port < end) {
-        long v = strtol(port, NULL, 10);
-        if (v < 1 || v > 65535) {
-            snprintf(rw->url_err, sizeof(rw->url_err), "connection %s: bad port in the redis url",
-                     rw->name);
-            return;
-        }
-        rw->port = (int)v;
-    }
-    if (*end == '/' && end[1])
-        rw->db = atoi(end + 1);
-}
-
 static void rw_fail_waiting(struct redis_w *rw, const char *why)
 {
     while (rw->waiting) {
@@ -725,7 +639,7 @@ static void rw_on_connect(const redisAsyncContext *ac, int status)
     if (!rw || status == REDIS_OK || rw->ac != ac)
         return;
     char why[300];
-    snprintf(why, sizeof(why), "redis %s:%d: cannot connect: %s", rw->host, rw->port,
+    snprintf(why, sizeof(why), "redis %s:%d: cannot connect: %s", rw->url.host, rw->url.port,
              ac->errstr[0] ? ac->errstr : "error");
     rw->ac = NULL; /* hiredis frees it after this callback */
     rw->state = RW_IDLE;
@@ -738,7 +652,7 @@ static void rw_on_disconnect(const redisAsyncContext *ac, int status)
     if (!rw || rw->ac != ac)
         return;
     char why[300];
-    snprintf(why, sizeof(why), "redis %s:%d: connection lost: %s", rw->host, rw->port,
+    snprintf(why, sizeof(why), "redis %s:%d: connection lost: %s", rw->url.host, rw->url.port,
              status == REDIS_OK ? "closed" : (ac->errstr[0] ? ac->errstr : "error"));
     rw->ac = NULL;
     rw->state = RW_IDLE;
@@ -757,8 +671,8 @@ static void rw_on_setup(redisAsyncContext *ac, void *reply, void *privdata)
     rw->last_activity = ev_now(rw->d->loop);
     if (r->type == REDIS_REPLY_ERROR) {
         char why[400];
-        snprintf(why, sizeof(why), "redis %s:%d: %s: %.*s", rw->host, rw->port, what, (int)r->len,
-                 r->str);
+        snprintf(why, sizeof(why), "redis %s:%d: %s: %.*s", rw->url.host, rw->url.port, what,
+                 (int)r->len, r->str);
         rw_fail_waiting(rw, why);
         redisAsyncDisconnect(ac); /* a later write connects again */
         return;
@@ -794,7 +708,7 @@ static void rw_on_xadd(redisAsyncContext *ac, void *reply, void *privdata)
     if (!r) {
         char why[300];
         snprintf(why, sizeof(why), "redis %s:%d: connection lost before the reply",
-                 rw ? rw->host : "?", rw ? rw->port : 0);
+                 rw ? rw->url.host : "?", rw ? rw->url.port : 0);
         delivery_done(dl, DL_FAIL, why);
         return;
     }
@@ -832,9 +746,9 @@ static bool rw_setup_cmd(struct redis_w *rw, const char *what, int argc, const c
 
 static bool rw_connect(struct redis_w *rw, char *err, size_t errlen)
 {
-    redisAsyncContext *ac = redisAsyncConnect(rw->host, rw->port);
+    redisAsyncContext *ac = redisAsyncConnect(rw->url.host, rw->url.port);
     if (!ac || ac->err) {
-        snprintf(err, errlen, "redis %s:%d: cannot connect: %s", rw->host, rw->port,
+        snprintf(err, errlen, "redis %s:%d: cannot connect: %s", rw->url.host, rw->url.port,
                  ac ? ac->errstr : "out of memory");
         if (ac)
             redisAsyncFree(ac);
@@ -849,13 +763,14 @@ static bool rw_connect(struct redis_w *rw, char *err, size_t errlen)
     rw->setup_waiting = 0;
     rw->last_activity = ev_now(rw->d->loop);
     bool ok = true;
-    if (rw->password) {
-        const char *argv[3] = {"AUTH", rw->user ? rw->user : rw->password, rw->password};
-        ok = rw_setup_cmd(rw, "AUTH", rw->user ? 3 : 2, argv);
+    if (rw->url.password) {
+        const char *argv[3] = {"AUTH", rw->url.user ? rw->url.user : rw->url.password,
+                               rw->url.password};
+        ok = rw_setup_cmd(rw, "AUTH", rw->url.user ? 3 : 2, argv);
     }
-    if (ok && rw->db != 0) {
+    if (ok && rw->url.db != 0) {
         char db[16];
-        snprintf(db, sizeof(db), "%d", rw->db);
+        snprintf(db, sizeof(db), "%d", rw->url.db);
         const char *argv[2] = {"SELECT", db};
         ok = rw_setup_cmd(rw, "SELECT", 2, argv);
     }
@@ -868,7 +783,8 @@ static bool rw_connect(struct redis_w *rw, char *err, size_t errlen)
     if (ok)
         ok = rw_setup_cmd(rw, "CLIENT SETNAME", 3, argv);
     if (!ok) {
-        snprintf(err, errlen, "redis %s:%d: cannot send the connection setup", rw->host, rw->port);
+        snprintf(err, errlen, "redis %s:%d: cannot send the connection setup", rw->url.host,
+                 rw->url.port);
         return false;
     }
     ev_timer_again(rw->d->loop, &rw->watchdog);
@@ -907,8 +823,8 @@ static void rw_watchdog_cb(struct ev_loop *loop, ev_timer *w, int revents)
     }
     bool busy = rw->outstanding > 0 || rw->state != RW_UP;
     if (busy && ev_now(loop) - rw->last_activity > DESTS_WRITE_TIMEOUT_MS / 1000.0) {
-        ESMD_WARN(NULL, "redis %s:%d (connection %s): no reply in %d s; reconnecting", rw->host,
-                  rw->port, rw->name, DESTS_WRITE_TIMEOUT_MS / 1000);
+        ESMD_WARN(NULL, "redis %s:%d (connection %s): no reply in %d s; reconnecting", rw->url.host,
+                  rw->url.port, rw->name, DESTS_WRITE_TIMEOUT_MS / 1000);
         redisAsyncContext *ac = rw->ac;
         rw->ac = NULL; /* its callbacks see it is not the writer's connection any more */
         rw->state = RW_IDLE;
@@ -2044,7 +1960,10 @@ struct esmd_dests *esmd_dests_new(struct ev_loop *loop, const struct esmd_config
             struct redis_w *rw = esmd_xcalloc(1, sizeof(*rw));
             rw->d = d;
             rw->name = esmd_xstrdup(conn->name);
-            rw_parse(rw, conn->url ? conn->url : "");
+            char uerr[200];
+            if (esmd_redis_url_parse(conn->url ? conn->url : "", &rw->url, uerr, sizeof(uerr)) !=
+                ESMD_OK)
+                snprintf(rw->url_err, sizeof(rw->url_err), "connection %s: %s", rw->name, uerr);
             ev_init(&rw->watchdog, rw_watchdog_cb);
             rw->watchdog.repeat = 1.0;
             rw->watchdog.data = rw;
@@ -2291,9 +2210,7 @@ static void dests_destroy(struct esmd_dests *d)
         struct redis_w *rw = d->rws;
         d->rws = rw->next;
         free(rw->name);
-        free(rw->host);
-        free(rw->user);
-        free(rw->password);
+        esmd_redis_url_free(&rw->url);
         free(rw);
     }
     for (size_t i = 0; i < d->nfunctions; i++)

@@ -1,5 +1,5 @@
-/* Private to connectors/redis: stream entry IDs, the connection URL, the event encoder and the
- * filter document, and the entry view they work from.
+/* Private to connectors/redis: stream entry IDs, the event encoder and the filter document, and
+ * the entry view they work from (the connection URL: include/esmd/redis_link.h).
  *
  * The encoder never touches a redisReply: it reads a small view of one entry, so the exact-size
  * contract (esmd_batch_bytes() == bytes written) can be tested with entries built by hand.
@@ -13,6 +13,7 @@
 #include "esmd/batch.h"
 #include "esmd/buf.h"
 #include "esmd/connector.h"
+#include "esmd/redis_link.h"
 
 struct cJSON;
 
@@ -48,24 +49,6 @@ void esmd_redis_idset_insert(struct esmd_redis_idset *s, struct esmd_redis_id id
 bool esmd_redis_idset_has(const struct esmd_redis_idset *s, struct esmd_redis_id id);
 void esmd_redis_idset_remove(struct esmd_redis_idset *s, struct esmd_redis_id id);
 void esmd_redis_idset_free(struct esmd_redis_idset *s);
-
-/* ---- the connection URL ---- */
-
-/* redis://[[user]:password@]host[:port][/db]. Every string is owned (free with
- * esmd_redis_url_free()); user and password are NULL when absent, percent-decoded. */
-struct esmd_redis_url {
-    char *host; /* a name, an IPv4 address or an IPv6 address (without its brackets) */
-    int port;   /* default 6379 */
-    int db;     /* default 0 */
-    char *user;
-    char *password;
-};
-
-/* Parses url into *u. Returns 0, or ESMD_EINVAL with a message naming the problem in err
- * (rediss:// is refused: TLS needs hiredis >= 1.0). *u needs no free on failure. */
-int esmd_redis_url_parse(const char *url, struct esmd_redis_url *u, char *err,
-                         size_t errlen) ESMD_MUST_CHECK;
-void esmd_redis_url_free(struct esmd_redis_url *u);
 
 /* ---- what the encoder reads ---- */
 

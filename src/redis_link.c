@@ -1,21 +1,11 @@
-/* redis:// connection URLs: redis://[[user]:password@]host[:port][/db]. */
-#include "redis_private.h"
+/* Redis connections shared by the Redis source and the redis:// writer
+ * (include/esmd/redis_link.h): the URL parser. */
+#include "esmd/redis_link.h"
 
 #include <hiredis/hiredis.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
 
 /* Percent-decodes n bytes of s; NULL on a bad escape or an encoded NUL. */
 static char *pct_decode(const char *s, size_t n)
@@ -27,8 +17,8 @@ static char *pct_decode(const char *s, size_t n)
             out[k++] = s[i];
             continue;
         }
-        int hi = i + 1 < n ? hexval(s[i + 1]) : -1;
-        int lo = i + 2 < n ? hexval(s[i + 2]) : -1;
+        int hi = i + 1 < n ? esmd_hex_digit(s[i + 1]) : -1;
+        int lo = i + 2 < n ? esmd_hex_digit(s[i + 2]) : -1;
         if (hi < 0 || lo < 0 || (hi == 0 && lo == 0)) {
             free(out);
             return NULL;
