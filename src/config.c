@@ -16,6 +16,7 @@
 #include <cJSON.h>
 #include <yaml.h>
 
+#include <assert.h>
 #include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
@@ -24,11 +25,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* What one file may hold (docs/configuration.md, "Values"). */
 #define MAX_DEPTH 64                     /* nesting levels of the YAML document */
 #define MAX_FILE_SIZE (16 * 1024 * 1024) /* bytes */
-#define MAX_FILTERS_LIMIT 100            /* how far max_filters may raise Lambda's 5 */
-#define MAX_PATTERN_LEN_LIMIT 65536      /* how far max_filter_pattern_length may raise 4096 */
-#define SHOW_MAX 60                      /* characters of a value quoted in a message */
+#define MAX_NODES 1000000                /* YAML nodes: keys' values, list items, scalars */
+#define MAX_MAPPINGS 10000
+#define MAX_FUNCTIONS 10000
+#define MAX_CONNECTIONS 1000
+#define SMALL_MAP 8                 /* a map with more pairs gets an index of its keys */
+#define SHOW_NAMES 20               /* names listed in "(defined: ...)" */
+#define MAX_FILTERS_LIMIT 100       /* how far max_filters may raise Lambda's 5 */
+#define MAX_PATTERN_LEN_LIMIT 65536 /* how far max_filter_pattern_length may raise 4096 */
+#define SHOW_MAX 60                 /* characters of a value quoted in a message */
 #define DEFAULT_LISTEN "127.0.0.1:9000"
 
 #define MS_SEC 1000LL
@@ -147,19 +155,31 @@ enum node_kind { NODE_SCALAR, NODE_MAP, NODE_LIST };
 
 struct node_pair;
 
+/* An index of borrowed strings for lookups in constant time: map keys, mapping, function and
+ * connection names. Open addressing; a slot holds an index into the caller's array + 1. */
+struct strindex {
+    uint32_t *slots; /* owned; NULL while empty */
+    size_t cap;      /* a power of two */
+    size_t n;
+};
+
 /* One YAML node. Scalars hold their text with ${VAR} expanded; a map keeps its keys in document
- * order (duplicates are reported and dropped when the tree is built). */
+ * order (duplicates are reported and dropped when the tree is built). A node's key path
+ * ("mappings[0].source.topics[1]") and name ("topics[1]") are computed from its parents when a
+ * message needs them (node_path(), node_name()), so the tree takes memory linear in the file. */
 struct node {
     enum node_kind kind;
-    int line, col; /* 1-based */
-    char *path;    /* owned: key path, "" for the document */
-    char *name;    /* owned: last part of the path ("batch_size", "topics[1]") */
-    char *value;   /* owned: scalar text */
-    bool quoted;   /* scalar written quoted, as a block, or tagged !!str: always a string */
-    bool bad;      /* an error about this node was reported already; readers skip it */
+    int line, col;             /* 1-based */
+    const struct node *parent; /* NULL for the document */
+    const char *key;           /* borrowed: the key of a map's value (NULL for a list item) */
+    size_t index;              /* a list item's position */
+    char *value;               /* owned: scalar text */
+    bool quoted; /* scalar written quoted, as a block, or tagged !!str: always a string */
+    bool bad;    /* an error about this node was reported already; readers skip it */
     struct node_pair *pairs; /* NODE_MAP */
     size_t npairs;
-    struct node **items; /* NODE_LIST */
+    struct strindex keys; /* NODE_MAP with more than SMALL_MAP pairs: index of pairs by key */
+    struct node **items;  /* NODE_LIST */
     size_t nitems;
 };
 
@@ -184,10 +204,131 @@ struct loader {
     struct esmd_config *cfg;
     yaml_parser_t parser;
     bool yaml_failed; /* a syntax error was reported: there is no usable tree */
+    size_t nnodes;    /* nodes built so far (MAX_NODES) */
     struct pending_dest *dests;
     size_t ndests, capdests;
-    char shown[SHOW_MAX + 8]; /* show()'s result */
+    const struct node *functions, *connections; /* their sections: name → index lookups */
+    struct strindex mapping_names;              /* names of the mappings read so far */
+    struct esmd_buf path, name;                 /* node_path()'s and node_name()'s results */
+    char shown[SHOW_MAX + 8];                   /* show()'s result */
 };
+
+/* ---- string index ---- */
+
+static uint64_t compares; /* esmd_config_compares() */
+
+uint64_t esmd_config_compares(void)
+{
+    return compares;
+}
+
+static bool same_key(const char *a, const char *b)
+{
+    compares++;
+    return strcmp(a, b) == 0;
+}
+
+static size_t str_hash(const char *s)
+{
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    return (size_t)(h ^ (h >> 32));
+}
+
+/* The index of the entry whose key (key_at(arr, index)) is key, or -1. */
+static long strindex_find(const struct strindex *ix, const char *key,
+                          const char *(*key_at)(const void *arr, size_t i), const void *arr)
+{
+    if (!ix->slots)
+        return -1;
+    for (size_t i = str_hash(key) & (ix->cap - 1);; i = (i + 1) & (ix->cap - 1)) {
+        uint32_t slot = ix->slots[i];
+        if (!slot)
+            return -1;
+        if (same_key(key_at(arr, slot - 1), key))
+            return (long)slot - 1;
+    }
+}
+
+/* Adds entry `index` (keys must be unique: look up first). */
+static void strindex_add(struct strindex *ix, size_t index,
+                         const char *(*key_at)(const void *arr, size_t i), const void *arr)
+{
+    if (2 * (ix->n + 1) > ix->cap) { /* keep at most half full */
+        size_t cap = ix->cap ? ix->cap * 2 : 16;
+        uint32_t *old = ix->slots;
+        size_t oldcap = ix->cap;
+        ix->slots = esmd_xcalloc(cap, sizeof(*ix->slots));
+        ix->cap = cap;
+        for (size_t j = 0; j < oldcap; j++) {
+            if (!old[j])
+                continue;
+            size_t i = str_hash(key_at(arr, old[j] - 1)) & (cap - 1);
+            while (ix->slots[i])
+                i = (i + 1) & (cap - 1);
+            ix->slots[i] = old[j];
+        }
+        free(old);
+    }
+    size_t i = str_hash(key_at(arr, index)) & (ix->cap - 1);
+    while (ix->slots[i])
+        i = (i + 1) & (ix->cap - 1);
+    ix->slots[i] = (uint32_t)index + 1;
+    ix->n++;
+}
+
+static void strindex_free(struct strindex *ix)
+{
+    free(ix->slots);
+    *ix = (struct strindex){0};
+}
+
+static const char *pair_key_at(const void *arr, size_t i)
+{
+    return ((const struct node_pair *)arr)[i].key;
+}
+
+/* ---- nodes ---- */
+
+static void put_path(struct esmd_buf *b, const struct node *n)
+{
+    if (!n->parent)
+        return;
+    put_path(b, n->parent);
+    if (n->key)
+        esmd_buf_printf(b, "%s%s", b->len ? "." : "", n->key);
+    else
+        esmd_buf_printf(b, "[%zu]", n->index);
+}
+
+/* n's key path, "" for the document. Valid until the next call. */
+static const char *node_path(struct loader *ld, const struct node *n)
+{
+    esmd_buf_reset(&ld->path);
+    put_path(&ld->path, n);
+    return esmd_buf_cstr(&ld->path);
+}
+
+static void put_name(struct esmd_buf *b, const struct node *n)
+{
+    if (!n->parent)
+        return;
+    if (n->key) {
+        esmd_buf_puts(b, n->key);
+        return;
+    }
+    put_name(b, n->parent);
+    esmd_buf_printf(b, "[%zu]", n->index);
+}
+
+/* The last part of n's key path ("batch_size", "topics[1]"). Valid until the next call. */
+static const char *node_name(struct loader *ld, const struct node *n)
+{
+    esmd_buf_reset(&ld->name);
+    put_name(&ld->name, n);
+    return esmd_buf_cstr(&ld->name);
+}
 
 ESMD_PRINTF(5, 6)
 static void ld_err_at(struct loader *ld, int line, int col, const char *key, const char *fmt, ...)
@@ -204,7 +345,7 @@ static void ld_err(struct loader *ld, const struct node *n, const char *fmt, ...
 {
     va_list ap;
     va_start(ap, fmt);
-    errs_addv(ld->errs, ld->file, n->line, n->col, n->path, fmt, ap);
+    errs_addv(ld->errs, ld->file, n->line, n->col, node_path(ld, n), fmt, ap);
     va_end(ap);
 }
 
@@ -213,54 +354,43 @@ static void node_free(struct node *n)
     if (!n)
         return;
     for (size_t i = 0; i < n->npairs; i++) {
-        free(n->pairs[i].key);
         node_free(n->pairs[i].val);
+        free(n->pairs[i].key);
     }
     for (size_t i = 0; i < n->nitems; i++)
         node_free(n->items[i]);
     free(n->pairs);
+    strindex_free(&n->keys);
     free(n->items);
     free(n->value);
-    free(n->path);
-    free(n->name);
     free(n);
 }
 
-/* Takes ownership of path and name. */
-static struct node *node_new(enum node_kind kind, int line, int col, char *path, char *name)
+/* key is borrowed: it must live as long as the node (the parent's pair owns it). */
+static struct node *node_new(struct loader *ld, enum node_kind kind, int line, int col,
+                             const struct node *parent, const char *key, size_t index)
 {
     struct node *n = esmd_xcalloc(1, sizeof(*n));
     n->kind = kind;
     n->line = line;
     n->col = col;
-    n->path = path;
-    n->name = name;
+    n->parent = parent;
+    n->key = key;
+    n->index = index;
+    ld->nnodes++;
     return n;
-}
-
-static char *path_key(const char *parent, const char *key)
-{
-    struct esmd_buf b = ESMD_BUF_INIT;
-    if (*parent)
-        esmd_buf_printf(&b, "%s.%s", parent, key);
-    else
-        esmd_buf_puts(&b, key);
-    return esmd_buf_steal(&b, NULL);
-}
-
-static char *path_index(const char *parent, size_t i)
-{
-    struct esmd_buf b = ESMD_BUF_INIT;
-    esmd_buf_printf(&b, "%s[%zu]", parent, i);
-    return esmd_buf_steal(&b, NULL);
 }
 
 static const struct node_pair *map_find(const struct node *n, const char *key)
 {
     if (!n || n->kind != NODE_MAP)
         return NULL;
+    if (n->keys.slots) {
+        long i = strindex_find(&n->keys, key, pair_key_at, n->pairs);
+        return i < 0 ? NULL : &n->pairs[i];
+    }
     for (size_t i = 0; i < n->npairs; i++)
-        if (strcmp(n->pairs[i].key, key) == 0)
+        if (same_key(n->pairs[i].key, key))
             return &n->pairs[i];
     return NULL;
 }
@@ -413,8 +543,21 @@ static bool is_str_tag(const char *tag)
     return !strcmp(tag, "tag:yaml.org,2002:str") || !strcmp(tag, "!!str");
 }
 
-static struct node *parse_node(struct loader *ld, yaml_event_t *ev, char *path, char *name,
-                               int depth);
+static struct node *parse_node(struct loader *ld, yaml_event_t *ev, const struct node *parent,
+                               const char *key, size_t index, int depth);
+
+static void map_add(struct node *n, char *key, int line, int col, struct node *val)
+{
+    if ((n->npairs & (n->npairs - 1)) == 0) /* 0, 1, 2, 4, ...: grow by doubling */
+        n->pairs = esmd_xrealloc(n->pairs, (n->npairs ? n->npairs * 2 : 1) * sizeof(*n->pairs));
+    n->pairs[n->npairs++] = (struct node_pair){key, line, col, val};
+    if (n->npairs == SMALL_MAP + 1) {
+        for (size_t i = 0; i < n->npairs; i++)
+            strindex_add(&n->keys, i, pair_key_at, n->pairs);
+    } else if (n->npairs > SMALL_MAP) {
+        strindex_add(&n->keys, n->npairs - 1, pair_key_at, n->pairs);
+    }
+}
 
 static bool parse_map_body(struct loader *ld, struct node *n, int depth)
 {
@@ -432,9 +575,9 @@ static bool parse_map_body(struct loader *ld, struct node *n, int depth)
             key = esmd_xstrndup((const char *)kev.data.scalar.value, kev.data.scalar.length);
             yaml_event_delete(&kev);
         } else {
-            ld_err_at(ld, kline, kcol, n->path, "a key must be a scalar, not a list or mapping");
-            struct node *junk =
-                parse_node(ld, &kev, esmd_xstrdup(n->path), esmd_xstrdup(n->name), depth + 1);
+            ld_err_at(ld, kline, kcol, node_path(ld, n),
+                      "a key must be a scalar, not a list or mapping");
+            struct node *junk = parse_node(ld, &kev, n->parent, n->key, n->index, depth + 1);
             if (!junk)
                 return false;
             node_free(junk);
@@ -443,8 +586,7 @@ static bool parse_map_body(struct loader *ld, struct node *n, int depth)
             free(key);
             return false;
         }
-        const char *k = key ? key : "";
-        struct node *val = parse_node(ld, &vev, path_key(n->path, k), esmd_xstrdup(k), depth + 1);
+        struct node *val = parse_node(ld, &vev, n, key ? key : "", 0, depth + 1);
         if (!val) {
             free(key);
             return false;
@@ -452,15 +594,14 @@ static bool parse_map_body(struct loader *ld, struct node *n, int depth)
         const struct node_pair *dup = key ? map_find(n, key) : NULL;
         if (!key || dup) {
             if (dup)
-                ld_err_at(ld, kline, kcol, val->path, "key \"%s\" appears twice (first at line %d)",
-                          show_text(ld, key, false), dup->line);
-            free(key);
+                ld_err_at(ld, kline, kcol, node_path(ld, val),
+                          "key \"%s\" appears twice (first at line %d)", show_text(ld, key, false),
+                          dup->line);
             node_free(val);
+            free(key);
             continue;
         }
-        if ((n->npairs & (n->npairs - 1)) == 0) /* 0, 1, 2, 4, ...: grow by doubling */
-            n->pairs = esmd_xrealloc(n->pairs, (n->npairs ? n->npairs * 2 : 1) * sizeof(*n->pairs));
-        n->pairs[n->npairs++] = (struct node_pair){key, kline, kcol, val};
+        map_add(n, key, kline, kcol, val);
     }
 }
 
@@ -474,8 +615,7 @@ static bool parse_list_body(struct loader *ld, struct node *n, int depth)
             yaml_event_delete(&ev);
             return true;
         }
-        char *ipath = path_index(n->path, n->nitems), *iname = path_index(n->name, n->nitems);
-        struct node *item = parse_node(ld, &ev, ipath, iname, depth + 1);
+        struct node *item = parse_node(ld, &ev, n, NULL, n->nitems, depth + 1);
         if (!item)
             return false;
         if ((n->nitems & (n->nitems - 1)) == 0)
@@ -484,23 +624,32 @@ static bool parse_list_body(struct loader *ld, struct node *n, int depth)
     }
 }
 
-/* Builds the node that starts with *ev, which it consumes; takes ownership of path and name.
- * Returns NULL after a YAML syntax error (already reported). */
-static struct node *parse_node(struct loader *ld, yaml_event_t *ev, char *path, char *name,
-                               int depth)
+/* Builds the node that starts with *ev, which it consumes, as the value of key in parent (key
+ * borrowed, NULL for list item `index`). Returns NULL after a YAML syntax error or past a limit
+ * (already reported). */
+static struct node *parse_node(struct loader *ld, yaml_event_t *ev, const struct node *parent,
+                               const char *key, size_t index, int depth)
 {
     int line = (int)ev->start_mark.line + 1, col = (int)ev->start_mark.column + 1;
     struct node *n = NULL;
     bool ok = true;
 
+    if (ld->nnodes >= MAX_NODES) {
+        ld_err_at(ld, line, col, "",
+                  "the file holds more than %d YAML nodes (values and list items), the limit",
+                  MAX_NODES);
+        ld->yaml_failed = true;
+        yaml_event_delete(ev);
+        return NULL;
+    }
     switch (ev->type) {
     case YAML_SCALAR_EVENT: {
-        n = node_new(NODE_SCALAR, line, col, path, name);
+        n = node_new(ld, NODE_SCALAR, line, col, parent, key, index);
         const char *tag = (const char *)ev->data.scalar.tag;
         const char *v = (const char *)ev->data.scalar.value;
         n->quoted = ev->data.scalar.style != YAML_PLAIN_SCALAR_STYLE || (tag && is_str_tag(tag));
         if (strlen(v) != ev->data.scalar.length) {
-            ld_err(ld, n, "%s must not contain a NUL character", n->name);
+            ld_err(ld, n, "%s must not contain a NUL character", node_name(ld, n));
             n->bad = true;
             n->value = esmd_xstrdup("");
         } else {
@@ -509,7 +658,7 @@ static struct node *parse_node(struct loader *ld, yaml_event_t *ev, char *path, 
         break;
     }
     case YAML_ALIAS_EVENT:
-        n = node_new(NODE_SCALAR, line, col, path, name);
+        n = node_new(ld, NODE_SCALAR, line, col, parent, key, index);
         n->value = esmd_xstrdup("");
         ld_err(ld, n, "YAML aliases (*%s) are not supported",
                show_text(ld, (const char *)ev->data.alias.anchor, false));
@@ -518,7 +667,7 @@ static struct node *parse_node(struct loader *ld, yaml_event_t *ev, char *path, 
     case YAML_SEQUENCE_START_EVENT:
     case YAML_MAPPING_START_EVENT: {
         bool map = ev->type == YAML_MAPPING_START_EVENT;
-        n = node_new(map ? NODE_MAP : NODE_LIST, line, col, path, name);
+        n = node_new(ld, map ? NODE_MAP : NODE_LIST, line, col, parent, key, index);
         if (depth >= MAX_DEPTH) {
             ld_err(ld, n, "the document is nested deeper than %d levels", MAX_DEPTH);
             ld->yaml_failed = true;
@@ -532,7 +681,7 @@ static struct node *parse_node(struct loader *ld, yaml_event_t *ev, char *path, 
         return ok ? n : NULL;
     }
     default:
-        n = node_new(NODE_SCALAR, line, col, path, name);
+        n = node_new(ld, NODE_SCALAR, line, col, parent, key, index);
         ld_err(ld, n, "YAML syntax error: unexpected event");
         ld->yaml_failed = true;
         ok = false;
@@ -571,7 +720,7 @@ static struct node *load_tree(struct loader *ld)
     yaml_event_delete(&ev); /* document start */
     if (!next_event(ld, &ev))
         goto cleanup;
-    root = parse_node(ld, &ev, esmd_xstrdup(""), esmd_xstrdup(""), 0);
+    root = parse_node(ld, &ev, NULL, NULL, 0, 0);
     if (!root || !next_event(ld, &ev)) /* document end */
         goto cleanup;
     yaml_event_delete(&ev);
@@ -837,7 +986,7 @@ static const char *read_text(struct loader *ld, const struct node *n)
     if (n->bad)
         return NULL;
     if (n->kind != NODE_SCALAR || is_null(n)) {
-        ld_err(ld, n, "%s must be a string, got %s", n->name, show(ld, n));
+        ld_err(ld, n, "%s must be a string, got %s", node_name(ld, n), show(ld, n));
         return NULL;
     }
     return n->value;
@@ -849,8 +998,8 @@ static bool expect_map(struct loader *ld, const struct node *n)
         return false;
     if (n->kind == NODE_MAP)
         return true;
-    ld_err(ld, n, "%s must be a mapping, got %s", *n->name ? n->name : "the configuration",
-           show(ld, n));
+    const char *name = node_name(ld, n);
+    ld_err(ld, n, "%s must be a mapping, got %s", *name ? name : "the configuration", show(ld, n));
     return false;
 }
 
@@ -860,7 +1009,7 @@ static bool expect_list(struct loader *ld, const struct node *n)
         return false;
     if (n->kind == NODE_LIST)
         return true;
-    ld_err(ld, n, "%s must be a list, got %s", n->name, show(ld, n));
+    ld_err(ld, n, "%s must be a list, got %s", node_name(ld, n), show(ld, n));
     return false;
 }
 
@@ -876,7 +1025,7 @@ static bool read_int(struct loader *ld, const struct node *n, int64_t min, int64
         *out = v;
         return true;
     }
-    ld_err(ld, n, "%s must be %san integer from %lld to %lld, got %s", n->name,
+    ld_err(ld, n, "%s must be %san integer from %lld to %lld, got %s", node_name(ld, n),
            minus_one ? "-1 or " : "", (long long)min, (long long)max, show(ld, n));
     return false;
 }
@@ -890,7 +1039,7 @@ static bool read_bool(struct loader *ld, const struct node *n, bool *out)
         *out = n->value[0] == 't';
         return true;
     }
-    ld_err(ld, n, "%s must be true or false, got %s", n->name, show(ld, n));
+    ld_err(ld, n, "%s must be true or false, got %s", node_name(ld, n), show(ld, n));
     return false;
 }
 
@@ -911,12 +1060,12 @@ static bool read_duration(struct loader *ld, const struct node *n, int64_t min, 
             return true;
         }
         if (!n->quoted && parse_i64(n->value, &v) && v >= 0) {
-            ld_err(ld, n, "%s needs a unit: ms, s, m or h, got %s", n->name, show(ld, n));
+            ld_err(ld, n, "%s needs a unit: ms, s, m or h, got %s", node_name(ld, n), show(ld, n));
             return false;
         }
     }
     char lo[32], hi[32];
-    ld_err(ld, n, "%s must be %sa duration from %s to %s, got %s", n->name,
+    ld_err(ld, n, "%s must be %sa duration from %s to %s, got %s", node_name(ld, n),
            minus_one ? "-1 or " : "", fmt_duration(min, lo), fmt_duration(max, hi), show(ld, n));
     return false;
 }
@@ -934,7 +1083,7 @@ static bool read_enum(struct loader *ld, const struct node *n, const char *const
     struct esmd_buf b = ESMD_BUF_INIT;
     for (int i = 0; names[i]; i++)
         esmd_buf_printf(&b, "%s%s", i ? ", " : "", names[i]);
-    ld_err(ld, n, "%s must be one of %s, got %s", n->name, esmd_buf_cstr(&b), show(ld, n));
+    ld_err(ld, n, "%s must be one of %s, got %s", node_name(ld, n), esmd_buf_cstr(&b), show(ld, n));
     esmd_buf_free(&b);
     return false;
 }
@@ -1028,11 +1177,11 @@ static void read_key(struct loader *ld, const struct cfg_key *k, const struct no
         if (!s)
             return;
         if ((k->flags & KEY_NONEMPTY) && !*s) {
-            ld_err(ld, n, "%s must not be empty", n->name);
+            ld_err(ld, n, "%s must not be empty", node_name(ld, n));
             return;
         }
         if (k->check && !k->check(s)) {
-            ld_err(ld, n, "%s must be %s, got %s", n->name, k->what, show(ld, n));
+            ld_err(ld, n, "%s must be %s, got %s", node_name(ld, n), k->what, show(ld, n));
             return;
         }
         char **str = (char **)(void *)field;
@@ -1062,46 +1211,54 @@ static void read_key(struct loader *ld, const struct cfg_key *k, const struct no
     }
 }
 
-static const struct cfg_key *table_find(struct cfg_table t, const char *name)
+static long table_find(struct cfg_table t, const char *name)
 {
     for (size_t i = 0; i < t.n; i++)
-        if (!strcmp(t.keys[i].name, name))
-            return &t.keys[i];
-    return NULL;
+        if (same_key(t.keys[i].name, name))
+            return (long)i;
+    return -1;
 }
 
 static bool in_list(const char *const *list, const char *s)
 {
     for (; list && *list; list++)
-        if (!strcmp(*list, s))
+        if (same_key(*list, s))
             return true;
     return false;
 }
 
+#define MAX_TABLE 32 /* keys in one table */
+
 /* Reads mapping n through table t into obj: unknown keys (except those in skip) are errors,
  * known ones are read in table order, missing required ones reported at n. Returns false when n
- * is not a mapping. */
+ * is not a mapping. Each of n's keys is compared with the table's once: linear in n's size. */
 static bool read_section_skip(struct loader *ld, const struct node *n, struct cfg_table t,
                               void *obj, const char *const *skip)
 {
     if (!expect_map(ld, n))
         return false;
+    const struct node *vals[MAX_TABLE] = {0};
+    assert(t.n <= MAX_TABLE);
     for (size_t i = 0; i < n->npairs; i++) {
         const struct node_pair *p = &n->pairs[i];
-        if (table_find(t, p->key) || in_list(skip, p->key))
+        long k = table_find(t, p->key);
+        if (k >= 0) {
+            vals[k] = p->val;
+            continue;
+        }
+        if (in_list(skip, p->key))
             continue;
         struct esmd_buf b = ESMD_BUF_INIT;
         for (size_t j = 0; j < t.n; j++)
             esmd_buf_printf(&b, "%s%s", j ? ", " : "", t.keys[j].name);
-        ld_err_at(ld, p->line, p->col, p->val->path, "unknown key \"%s\" (allowed: %s)",
+        ld_err_at(ld, p->line, p->col, node_path(ld, p->val), "unknown key \"%s\" (allowed: %s)",
                   show_text(ld, p->key, false), esmd_buf_cstr(&b));
         esmd_buf_free(&b);
     }
     for (size_t i = 0; i < t.n; i++) {
         const struct cfg_key *k = &t.keys[i];
-        const struct node *val = map_get(n, k->name);
-        if (val)
-            read_key(ld, k, val, obj);
+        if (vals[i])
+            read_key(ld, k, vals[i], obj);
         else if (k->flags & KEY_REQUIRED)
             ld_err(ld, n, "missing required key \"%s\"", k->name);
     }
@@ -1118,11 +1275,13 @@ static char *defined_names(const void *arr, size_t n, size_t size, size_t name_o
 {
     struct esmd_buf b = ESMD_BUF_INIT;
     esmd_buf_puts(&b, n ? "(defined: " : "(none is defined)");
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n && i < SHOW_NAMES; i++) {
         const char *name =
             *(char *const *)(const void *)((const char *)arr + i * size + name_offset);
         esmd_buf_printf(&b, "%s%s", i ? ", " : "", name ? name : "");
     }
+    if (n > SHOW_NAMES)
+        esmd_buf_printf(&b, " and %zu more", n - SHOW_NAMES);
     if (n)
         esmd_buf_putc(&b, ')');
     return esmd_buf_steal(&b, NULL);
@@ -1140,7 +1299,8 @@ static const struct esmd_conn_cfg *resolve_conn(struct loader *ld, const struct 
                                                 const char *what)
 {
     const struct esmd_config *cfg = ld->cfg;
-    const struct esmd_conn_cfg *conn = esmd_config_connection(cfg, name);
+    const struct node_pair *p = map_find(ld->connections, name);
+    const struct esmd_conn_cfg *conn = p ? &cfg->connections[p - ld->connections->pairs] : NULL;
     if (!conn) {
         char *names = defined_names(cfg->connections, cfg->nconnections, sizeof(*conn),
                                     offsetof(struct esmd_conn_cfg, name));
@@ -1161,7 +1321,8 @@ static const struct esmd_function_cfg *resolve_function(struct loader *ld, const
                                                         const char *name)
 {
     const struct esmd_config *cfg = ld->cfg;
-    const struct esmd_function_cfg *fn = esmd_config_function(cfg, name);
+    const struct node_pair *p = map_find(ld->functions, name);
+    const struct esmd_function_cfg *fn = p ? &cfg->functions[p - ld->functions->pairs] : NULL;
     if (!fn) {
         char *names = defined_names(cfg->functions, cfg->nfunctions, sizeof(*fn),
                                     offsetof(struct esmd_function_cfg, name));
@@ -1192,21 +1353,22 @@ static bool read_kvlist(struct loader *ld, const struct node *n, struct esmd_kvl
     for (size_t i = 0; i < n->npairs; i++) {
         const struct node_pair *p = &n->pairs[i];
         if (kind == KV_HEADERS && !valid_header_name(p->key)) {
-            ld_err_at(ld, p->line, p->col, p->val->path,
+            ld_err_at(ld, p->line, p->col, node_path(ld, p->val),
                       "\"%s\" is not a valid HTTP header name (letters, digits and "
                       "!#$%%&'*+-.^_`|~)",
                       show_text(ld, p->key, false));
             continue;
         }
         if (kind == KV_PROPERTIES && !*p->key) {
-            ld_err_at(ld, p->line, p->col, p->val->path, "a property name must not be empty");
+            ld_err_at(ld, p->line, p->col, node_path(ld, p->val),
+                      "a property name must not be empty");
             continue;
         }
         const char *s = read_text(ld, p->val);
         if (!s)
             continue;
         if (kind == KV_HEADERS && strpbrk(s, "\r\n")) {
-            ld_err(ld, p->val, "%s must not contain line breaks", p->val->name);
+            ld_err(ld, p->val, "%s must not contain line breaks", node_name(ld, p->val));
             continue;
         }
         list->items[list->n].key = esmd_xstrdup(p->key);
@@ -1322,12 +1484,13 @@ static bool read_connections(struct loader *ld, const struct node *n, void *obj)
         return false;
     cfg->connections = esmd_xcalloc(n->npairs, sizeof(*cfg->connections));
     cfg->nconnections = n->npairs;
+    ld->connections = n;
     for (size_t i = 0; i < n->npairs; i++) {
         const struct node_pair *p = &n->pairs[i];
         struct esmd_conn_cfg *conn = &cfg->connections[i];
         conn->name = esmd_xstrdup(p->key);
         if (!valid_name(p->key))
-            ld_err_at(ld, p->line, p->col, p->val->path,
+            ld_err_at(ld, p->line, p->col, node_path(ld, p->val),
                       "a connection name must be " NAME_RULE ", got \"%s\"",
                       show_text(ld, p->key, false));
         const struct node *type = map_get(p->val, "type");
@@ -1380,6 +1543,7 @@ static bool read_functions(struct loader *ld, const struct node *n, void *obj)
         return false;
     cfg->functions = esmd_xcalloc(n->npairs, sizeof(*cfg->functions));
     cfg->nfunctions = n->npairs;
+    ld->functions = n;
     for (size_t i = 0; i < n->npairs; i++) {
         const struct node_pair *p = &n->pairs[i];
         struct esmd_function_cfg *fn = &cfg->functions[i];
@@ -1389,7 +1553,7 @@ static bool read_functions(struct loader *ld, const struct node *n, void *obj)
         fn->async.maximum_retry_attempts = 2;
         fn->async.maximum_event_age_ms = 6 * MS_HOUR;
         if (!valid_function_name(p->key))
-            ld_err_at(ld, p->line, p->col, p->val->path,
+            ld_err_at(ld, p->line, p->col, node_path(ld, p->val),
                       "a function name must be " FUNCTION_NAME_RULE ", got \"%s\"",
                       show_text(ld, p->key, false));
         read_section(ld, p->val, TABLE(function_keys), fn);
@@ -1410,22 +1574,29 @@ static bool read_kafka_conn(struct loader *ld, const struct node *n, void *obj)
     return k->conn != NULL;
 }
 
-static bool read_topic(struct loader *ld, const struct node *n, struct esmd_kafka_source_cfg *k)
+static const char *string_at(const void *arr, size_t i)
+{
+    return ((char *const *)arr)[i];
+}
+
+/* Appends topic n to k->topics; seen indexes the topics read so far. */
+static bool read_topic(struct loader *ld, const struct node *n, struct esmd_kafka_source_cfg *k,
+                       struct strindex *seen)
 {
     const char *s = read_text(ld, n);
     if (!s)
         return false;
     if (!valid_topic(s)) {
-        ld_err(ld, n, "%s must be a Kafka topic name (" TOPIC_RULE "), got %s", n->name,
+        ld_err(ld, n, "%s must be a Kafka topic name (" TOPIC_RULE "), got %s", node_name(ld, n),
                show(ld, n));
         return false;
     }
-    for (size_t i = 0; i < k->ntopics; i++)
-        if (!strcmp(k->topics[i], s)) {
-            ld_err(ld, n, "topic \"%s\" is listed twice", s);
-            return false;
-        }
+    if (strindex_find(seen, s, string_at, k->topics) >= 0) {
+        ld_err(ld, n, "topic \"%s\" is listed twice", s);
+        return false;
+    }
     k->topics[k->ntopics++] = esmd_xstrdup(s);
+    strindex_add(seen, k->ntopics - 1, string_at, k->topics);
     return true;
 }
 
@@ -1434,19 +1605,21 @@ static bool read_topics(struct loader *ld, const struct node *n, void *obj)
     struct esmd_kafka_source_cfg *k = obj;
     if (n->bad)
         return false;
+    struct strindex seen = {0};
+    bool ok = true;
     if (n->kind == NODE_SCALAR && !is_null(n)) {
         k->topics = esmd_xcalloc(1, sizeof(*k->topics));
-        return read_topic(ld, n, k);
-    }
-    if (n->kind != NODE_LIST || n->nitems == 0) {
+        ok = read_topic(ld, n, k, &seen);
+    } else if (n->kind != NODE_LIST || n->nitems == 0) {
         ld_err(ld, n, "topics must be a topic name or a non-empty list of topic names, got %s",
                n->kind == NODE_LIST ? "an empty list" : show(ld, n));
-        return false;
+        ok = false;
+    } else {
+        k->topics = esmd_xcalloc(n->nitems, sizeof(*k->topics));
+        for (size_t i = 0; i < n->nitems; i++)
+            ok &= read_topic(ld, n->items[i], k, &seen);
     }
-    k->topics = esmd_xcalloc(n->nitems, sizeof(*k->topics));
-    bool ok = true;
-    for (size_t i = 0; i < n->nitems; i++)
-        ok &= read_topic(ld, n->items[i], k);
+    strindex_free(&seen);
     return ok;
 }
 
@@ -1458,11 +1631,11 @@ static bool read_timestamp(struct loader *ld, const struct node *n, void *obj)
     int64_t v;
     if (n->kind != NODE_SCALAR || n->quoted || !parse_i64(n->value, &v) || v < 0 ||
         v > INT64_MAX / 1000) {
-        ld_err(ld, n, "%s must be a Unix time in seconds, got %s", n->name, show(ld, n));
+        ld_err(ld, n, "%s must be a Unix time in seconds, got %s", node_name(ld, n), show(ld, n));
         return false;
     }
     if (v > esmd_now_ms() / 1000) {
-        ld_err(ld, n, "%s must not be in the future, got %s", n->name, show(ld, n));
+        ld_err(ld, n, "%s must not be in the future, got %s", node_name(ld, n), show(ld, n));
         return false;
     }
     k->starting_position_timestamp_ms = v * 1000;
@@ -1580,7 +1753,7 @@ static bool read_source(struct loader *ld, const struct node *n, void *obj)
             if (kind < 0)
                 kind = k;
             else
-                ld_err_at(ld, p->line, p->col, p->val->path,
+                ld_err_at(ld, p->line, p->col, node_path(ld, p->val),
                           "a source has only one of kafka, redis or pgqueue (found %s and %s)",
                           source_kinds[kind], source_kinds[k]);
         }
@@ -1609,6 +1782,11 @@ static bool read_source(struct loader *ld, const struct node *n, void *obj)
 
 /* mappings */
 
+static const char *mapping_name_at(const void *arr, size_t i)
+{
+    return ((const struct esmd_mapping_cfg *)arr)[i].name;
+}
+
 static bool read_mapping_name(struct loader *ld, const struct node *n, void *obj)
 {
     struct esmd_mapping_cfg *map = obj;
@@ -1619,13 +1797,14 @@ static bool read_mapping_name(struct loader *ld, const struct node *n, void *obj
         ld_err(ld, n, "name must be " NAME_RULE ", got %s", show(ld, n));
         return false;
     }
-    for (const struct esmd_mapping_cfg *o = ld->cfg->mappings; o < map; o++)
-        if (o->name && !strcmp(o->name, s)) {
-            ld_err(ld, n, "mapping name \"%s\" is already used by mappings[%zu]", s,
-                   (size_t)(o - ld->cfg->mappings));
-            return false;
-        }
+    long other = strindex_find(&ld->mapping_names, s, mapping_name_at, ld->cfg->mappings);
+    if (other >= 0) {
+        ld_err(ld, n, "mapping name \"%s\" is already used by mappings[%ld]", s, other);
+        return false;
+    }
     map->name = esmd_xstrdup(s);
+    strindex_add(&ld->mapping_names, (size_t)(map - ld->cfg->mappings), mapping_name_at,
+                 ld->cfg->mappings);
     return true;
 }
 
@@ -1684,7 +1863,7 @@ static bool read_filters(struct loader *ld, const struct node *n, void *obj)
         if (item->bad)
             continue;
         if (item->kind != NODE_MAP) {
-            ld_err(ld, item, "%s must be a mapping (a filter pattern), got %s", item->name,
+            ld_err(ld, item, "%s must be a mapping (a filter pattern), got %s", node_name(ld, item),
                    show(ld, item));
             continue;
         }
@@ -1698,7 +1877,7 @@ static bool read_filters(struct loader *ld, const struct node *n, void *obj)
         struct esmd_filter_error ferr;
         if (esmd_filter_check(text, strlen(text), &ferr) != 0) {
             ld_err(ld, item, "%s is not a valid filter pattern: %s (at character %zu of %s)",
-                   item->name, ferr.message, ferr.offset + 1, text);
+                   node_name(ld, item), ferr.message, ferr.offset + 1, text);
         } else {
             struct esmd_filter_cfg *f = &map->filters[map->nfilters++];
             f->pattern = esmd_xstrdup(text);
@@ -1761,7 +1940,7 @@ static void read_mapping(struct loader *ld, const struct node *n, struct esmd_ma
         size_t len = strlen(map->filters[i].pattern);
         if (len > (size_t)map->max_filter_pattern_length) {
             char key[256];
-            snprintf(key, sizeof(key), "%s[%zu]", fl->path, i);
+            snprintf(key, sizeof(key), "%s[%zu]", node_path(ld, fl), i);
             ld_err_at(ld, map->filters[i].line, map->filters[i].col, key,
                       "filters[%zu] is %zu characters long as JSON, more than the limit of %d "
                       "(max_filter_pattern_length)",
@@ -1858,14 +2037,15 @@ static bool check_destination(struct loader *ld, const struct node *n, const cha
         rest = uri + strlen("function://");
         if (!valid_function_name(rest)) {
             ld_err(ld, n, "%s must be function://NAME (NAME " FUNCTION_NAME_RULE "), got %s",
-                   n->name, show(ld, n));
+                   node_name(ld, n), show(ld, n));
             return false;
         }
         return resolve_function(ld, n, rest) != NULL;
     }
     if (has_prefix(uri, "http://") || has_prefix(uri, "https://")) {
         if (!valid_http_url(uri)) {
-            ld_err(ld, n, "%s must be an http:// or https:// URL, got %s", n->name, show(ld, n));
+            ld_err(ld, n, "%s must be an http:// or https:// URL, got %s", node_name(ld, n),
+                   show(ld, n));
             return false;
         }
         return true;
@@ -1874,27 +2054,29 @@ static bool check_destination(struct loader *ld, const struct node *n, const cha
         if (!split_conn(uri + strlen("kafka://"), conn, sizeof(conn), &rest) ||
             !valid_topic(rest)) {
             ld_err(ld, n, "%s must be kafka://CONNECTION/TOPIC (TOPIC " TOPIC_RULE "), got %s",
-                   n->name, show(ld, n));
+                   node_name(ld, n), show(ld, n));
             return false;
         }
         return resolve_conn(ld, n, conn, ESMD_CONN_KAFKA, "destination") != NULL;
     }
     if (has_prefix(uri, "redis://")) {
         if (!split_conn(uri + strlen("redis://"), conn, sizeof(conn), &rest) || has_space(rest)) {
-            ld_err(ld, n, "%s must be redis://CONNECTION/STREAM, got %s", n->name, show(ld, n));
+            ld_err(ld, n, "%s must be redis://CONNECTION/STREAM, got %s", node_name(ld, n),
+                   show(ld, n));
             return false;
         }
         return resolve_conn(ld, n, conn, ESMD_CONN_REDIS, "destination") != NULL;
     }
     if (has_prefix(uri, "pgqueue://")) {
         if (!valid_name(uri + strlen("pgqueue://"))) {
-            ld_err(ld, n, "%s must be pgqueue://QUEUE (QUEUE " NAME_RULE "), got %s", n->name,
-                   show(ld, n));
+            ld_err(ld, n, "%s must be pgqueue://QUEUE (QUEUE " NAME_RULE "), got %s",
+                   node_name(ld, n), show(ld, n));
             return false;
         }
         return true;
     }
-    ld_err(ld, n, "%s must be a destination URI (" DEST_FORMS "), got %s", n->name, show(ld, n));
+    ld_err(ld, n, "%s must be a destination URI (" DEST_FORMS "), got %s", node_name(ld, n),
+           show(ld, n));
     return false;
 }
 
@@ -1914,6 +2096,33 @@ static void check_destinations(struct loader *ld)
  * A feature parsed before it runs gets a refuse_unbuilt() here again, called when
  * !(flags & ESMD_CONFIG_ALLOW_UNBUILT), with its line in a bad fixture and docs/configuration.md
  * "Not available yet". */
+
+/* ---- limits ---- */
+
+/* The sections of the document are within what one file may hold; otherwise reports the first
+ * one that is not and nothing else is read. */
+static bool within_limits(struct loader *ld, const struct node *root)
+{
+    static const struct {
+        const char *section;
+        size_t max;
+        const char *what;
+    } limits[] = {
+        {"mappings", MAX_MAPPINGS, "mappings"},
+        {"functions", MAX_FUNCTIONS, "functions"},
+        {"connections", MAX_CONNECTIONS, "connections"},
+    };
+    for (size_t i = 0; i < ESMD_ARRAY_LEN(limits); i++) {
+        const struct node *n = map_get(root, limits[i].section);
+        size_t count = !n ? 0 : n->kind == NODE_LIST ? n->nitems : n->npairs;
+        if (count > limits[i].max) {
+            ld_err(ld, n, "the file defines %zu %s, more than the limit of %zu", count,
+                   limits[i].what, limits[i].max);
+            return false;
+        }
+    }
+    return true;
+}
 
 /* ---- public ---- */
 
@@ -2001,12 +2210,17 @@ struct esmd_config *esmd_config_parse_flags(const char *text, size_t len, const 
     cfg->aws.account_id = esmd_xstrdup(ESMD_DEFAULT_ACCOUNT);
     ld.cfg = cfg;
 
-    struct node *root = load_tree(&ld);
-    if (!ld.yaml_failed) {
+    struct node *root = NULL;
+    bool too_big = ld.len > MAX_FILE_SIZE;
+    if (too_big)
+        errs_add(errs, ld.file, "the file is larger than %d MB", MAX_FILE_SIZE / 1024 / 1024);
+    else
+        root = load_tree(&ld);
+    if (!too_big && !ld.yaml_failed && within_limits(&ld, root)) {
         if (!root || is_null(root)) { /* an empty file: report what is missing */
             int line = root ? root->line : 1, col = root ? root->col : 1;
             node_free(root);
-            root = node_new(NODE_MAP, line, col, esmd_xstrdup(""), esmd_xstrdup(""));
+            root = node_new(&ld, NODE_MAP, line, col, NULL, NULL, 0);
         }
         read_section(&ld, root, TABLE(top_keys), cfg);
         check_destinations(&ld);
@@ -2015,6 +2229,9 @@ struct esmd_config *esmd_config_parse_flags(const char *text, size_t len, const 
     }
     node_free(root);
     free(ld.dests);
+    strindex_free(&ld.mapping_names);
+    esmd_buf_free(&ld.path);
+    esmd_buf_free(&ld.name);
     sort_errors(errs, first);
     if (errs->n > first) {
         esmd_config_free(cfg);

@@ -711,6 +711,137 @@ static void test_deep_nesting(void **state)
     esmd_buf_free(&b);
 }
 
+/* ---- linear loading and limits ---- */
+
+/* Key comparisons made by one parse of text (errors or not). */
+static uint64_t compares_of(const struct esmd_buf *text)
+{
+    struct esmd_config_errors errs;
+    esmd_config_errors_init(&errs);
+    uint64_t before = esmd_config_compares();
+    esmd_config_free(esmd_config_parse(text->data, text->len, "scale.yaml", &errs));
+    esmd_config_errors_free(&errs);
+    return esmd_config_compares() - before;
+}
+
+/* n unknown top-level keys, n mappings with distinct names referring to n functions by name and
+ * as destinations, and a mapping of n topics. */
+static void scale_file(struct esmd_buf *b, int n)
+{
+    esmd_buf_reset(b);
+    esmd_buf_puts(b, "postgres: x\nconnections: { k: { type: kafka, bootstrap_servers: h } }\n");
+    for (int i = 0; i < n; i++)
+        esmd_buf_printf(b, "unknown%d: 1\n", i);
+    esmd_buf_puts(b, "functions:\n");
+    for (int i = 0; i < n; i++)
+        esmd_buf_printf(b, "  f%d: { url: http://h/ }\n", i);
+    esmd_buf_puts(b, "mappings:\n");
+    for (int i = 0; i < n; i++)
+        esmd_buf_printf(b,
+                        "  - { name: m%d, function: f%d, on_failure: function://f%d,"
+                        " source: { kafka: k, topics: t } }\n",
+                        i, i, i);
+    esmd_buf_puts(b, "  - { name: topics, function: f0, source: { kafka: k, topics: [");
+    for (int i = 0; i < n; i++)
+        esmd_buf_printf(b, "%st%d", i ? ", " : "", i);
+    esmd_buf_puts(b, "] } }\n");
+}
+
+/* Loading is linear: four times the keys, names and topics make about four times the key
+ * comparisons (quadratic lookups made sixteen times as many). Counted, not timed. */
+static void test_linear_loading(void **state)
+{
+    (void)state;
+    struct esmd_buf b = ESMD_BUF_INIT;
+    scale_file(&b, 1000);
+    uint64_t small = compares_of(&b);
+    scale_file(&b, 4000);
+    uint64_t large = compares_of(&b);
+    esmd_buf_free(&b);
+    assert_true(small > 0);
+    if (large > 5 * small)
+        fail_msg("4x the file made %.1fx the key comparisons (%llu, %llu)",
+                 (double)large / (double)small, (unsigned long long)small,
+                 (unsigned long long)large);
+}
+
+/* One error naming the limit, and nothing else read: `count` empty items in section `what`, a
+ * list of {} or, with a name prefix, a map of NAME: {}. */
+static void expect_limit(const char *what, int count, const char *prefix, const char *expected)
+{
+    struct esmd_buf b = ESMD_BUF_INIT;
+    esmd_buf_printf(&b, "postgres: x\n%s: %c", what, prefix ? '{' : '[');
+    for (int i = 0; i < count; i++) {
+        esmd_buf_puts(&b, i ? ", " : "");
+        if (prefix)
+            esmd_buf_printf(&b, "%s%d: {}", prefix, i);
+        else
+            esmd_buf_puts(&b, "{}");
+    }
+    esmd_buf_printf(&b, "%c\n", prefix ? '}' : ']');
+    struct esmd_config_errors errs;
+    esmd_config_errors_init(&errs);
+    assert_null(esmd_config_parse(b.data, b.len, "big.yaml", &errs));
+    char *got = format_errors(&errs);
+    assert_string_equal(got, expected);
+    free(got);
+    esmd_config_errors_free(&errs);
+    esmd_buf_free(&b);
+}
+
+static void test_limits(void **state)
+{
+    (void)state;
+    expect_limit("mappings", 10001, NULL,
+                 "big.yaml:2:11: mappings: the file defines 10001 mappings, more than the limit "
+                 "of 10000\n");
+    expect_limit("functions", 10001, "f",
+                 "big.yaml:2:12: functions: the file defines 10001 functions, more than the "
+                 "limit of 10000\n");
+    expect_limit("connections", 1001, "c",
+                 "big.yaml:2:14: connections: the file defines 1001 connections, more than the "
+                 "limit of 1000\n");
+    /* At the limits: no limit error (other errors, as the items are empty). */
+    struct esmd_buf b = ESMD_BUF_INIT;
+    esmd_buf_puts(&b, "postgres: x\nmappings: [");
+    for (int i = 0; i < 10000; i++)
+        esmd_buf_puts(&b, i ? ", {}" : "{}");
+    esmd_buf_puts(&b, "]\n");
+    struct esmd_config_errors errs;
+    esmd_config_errors_init(&errs);
+    assert_null(esmd_config_parse(b.data, b.len, "big.yaml", &errs));
+    assert_int_equal(errs.n, 3 * 10000); /* name, function, source missing */
+    esmd_config_errors_free(&errs);
+
+    /* Nodes: a million list items. */
+    esmd_buf_reset(&b);
+    esmd_buf_puts(&b, "postgres: x\nx: [");
+    for (int i = 0; i < 1000000; i++)
+        esmd_buf_puts(&b, i ? ",1" : "1");
+    esmd_buf_puts(&b, "]\n");
+    esmd_config_errors_init(&errs);
+    assert_null(esmd_config_parse(b.data, b.len, "big.yaml", &errs));
+    char *got = format_errors(&errs);
+    assert_string_equal(got, "big.yaml:2:1999999: the file holds more than 1000000 YAML nodes "
+                             "(values and list items), the limit\n");
+    free(got);
+    esmd_config_errors_free(&errs);
+
+    /* Size: parsing from memory has the same limit as reading a file. */
+    esmd_buf_reset(&b);
+    esmd_buf_puts(&b, "postgres: x\n#");
+    while (b.len <= 16 * 1024 * 1024)
+        esmd_buf_puts(&b, "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef");
+    esmd_buf_puts(&b, "\n");
+    esmd_config_errors_init(&errs);
+    assert_null(esmd_config_parse(b.data, b.len, "big.yaml", &errs));
+    got = format_errors(&errs);
+    assert_string_equal(got, "big.yaml: the file is larger than 16 MB\n");
+    free(got);
+    esmd_config_errors_free(&errs);
+    esmd_buf_free(&b);
+}
+
 /* ---- the key tables against schemas/config.schema.json ----
  * An unknown key in each section makes the loader list that section's table; the list must be
  * the schema's properties for the same section. */
@@ -818,6 +949,8 @@ int main(void)
         cmocka_unit_test(test_errors_append_and_missing_file),
         cmocka_unit_test(test_deep_nesting),
         cmocka_unit_test(test_key_tables_match_schema),
+        cmocka_unit_test(test_linear_loading),
+        cmocka_unit_test(test_limits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
