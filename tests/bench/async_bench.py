@@ -22,75 +22,19 @@ Phases repeat --runs times (best of, the machine is shared and noisy); every run
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pgtmp  # noqa: E402
-
-
-def log(msg):
-    print("[bench] " + msg, file=sys.stderr, flush=True)
-
-
-def run(args, timeout=900):
-    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError("%s failed (%d): %s%s" % (" ".join(args), out.returncode, out.stdout,
-                                                     out.stderr))
-    return out.stdout.strip()
-
-
-def psql(pg, sql):
-    return run([os.path.join(pg.bindir, "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1",
-                "-d", pg.url, "-c", sql], 600)
-
-
-def sink_stats(port):
-    with urllib.request.urlopen("http://127.0.0.1:%d/stats" % port, timeout=5) as r:
-        return json.loads(r.read())
-
-
-def wait_http(url, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("%s did not answer" % url)
-
-
-def stop(p, timeout=30):
-    if p.poll() is not None:
-        return p.returncode
-    p.send_signal(signal.SIGTERM)
-    try:
-        return p.wait(timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        return p.wait()
-
-
-def cpu_ticks(pid):
-    """CPU time (user + system, clock ticks) of a process and its children that are gone."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            v = f.read().rsplit(")", 1)[1].split()
-        return int(v[11]) + int(v[12])
-    except OSError:
-        return 0
+import benchlib as bl  # noqa: E402
+from benchlib import log, psql, run, sink_stats, stop  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--build", default="./build", help="dir holding esmd, asyncload, sink")
+    bl.add_build_arg(ap, "esmd, asyncload, sink")
     ap.add_argument("--esmd", help="the esmd binary (default: BUILD/esmd)")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=8)
@@ -99,27 +43,20 @@ def main():
     ap.add_argument("--max-concurrency", type=int, default=256, help="function max_concurrency")
     ap.add_argument("--runs", type=int, default=3, help="runs of each phase (best of)")
     a = ap.parse_args()
-    tools = {n: os.path.join(a.build, n) for n in ("esmd", "asyncload", "sink")}
+    tools = bl.find_tools(a.build, ["asyncload", "sink"] + ([] if a.esmd else ["esmd"]),
+                          "async_bench")
     if a.esmd:
         tools["esmd"] = a.esmd
-    for n, p in tools.items():
-        if not os.path.exists(p):
-            sys.exit("%s not built (cmake --build %s)" % (p, a.build))
     tmp = tempfile.mkdtemp(prefix="esmd-async-bench-")
     runs = {"accept_alone": [], "accept_draining": [], "drain": []}
     durable = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
-    hz = os.sysconf("SC_CLK_TCK")
-    with pgtmp.PgTmp(settings=durable) as pg:
-        sink = subprocess.Popen([tools["sink"], "--port", "0", "--pattern", '"pad":'],
-                                stdout=subprocess.PIPE, text=True)
-        sink_port = int(sink.stdout.readline().strip())
-        admin = pgtmp.free_port()
+    procs = bl.Procs()
+    with bl.PgTmp(settings=durable) as pg:
+        sink, sink_port = bl.start_sink(procs, tools, '"pad":')
+        admin = bl.free_port()
         cfg = os.path.join(tmp, "esmd.yaml")
-        with open(cfg, "w") as f:
-            f.write("postgres: %s\nadmin:\n  listen: 127.0.0.1:%d\n  token: bench\n"
-                    "functions:\n  fn:\n    url: http://127.0.0.1:%d/2015-03-31/functions/"
-                    "function/invocations\n    timeout: 30s\n    max_concurrency: %d\n"
-                    % (pg.url, admin, sink_port, a.max_concurrency))
+        bl.esmd_config(cfg, "async_bench.py", pg.url, admin, sink_port, a.max_concurrency,
+                       extra="  token: bench\n")
         logf = open(os.path.join(tmp, "esmd.stderr"), "ab")
         esmd = None
 
@@ -128,7 +65,7 @@ def main():
                        ESMD_ASYNC_WORKERS="1" if workers else "0")
             p = subprocess.Popen([tools["esmd"], "run", "-c", cfg], stdout=logf, stderr=logf,
                                  env=env)
-            wait_http("http://127.0.0.1:%d/healthz" % admin)
+            bl.wait_http("http://127.0.0.1:%d/healthz" % admin)
             return p
 
         def queued():
@@ -139,12 +76,12 @@ def main():
             psql(pg, "TRUNCATE esmd.async_events")
             esmd = start_esmd(workers)
             base = sink_stats(sink_port)["records"]
-            c0 = cpu_ticks(esmd.pid)
+            c0 = bl.cpu_seconds(esmd.pid)
             out = json.loads(run([tools["asyncload"], "--url", "http://127.0.0.1:%d" % admin,
-                                  "--function", "fn", "--token", "bench", "--clients",
+                                  "--function", "sink", "--token", "bench", "--clients",
                                   str(a.clients), "--seconds", str(a.seconds), "--size",
                                   str(a.size)]))
-            out["esmd_cpu_s"] = round((cpu_ticks(esmd.pid) - c0) / hz, 2)
+            out["esmd_cpu_s"] = round(bl.cpu_seconds(esmd.pid) - c0, 2)
             stop(esmd)
             # every 202 is either still queued or was invoked (the sink counts what it got)
             out["queued"] = queued()
@@ -177,10 +114,10 @@ def main():
             payload = '{"pad":"%s"}' % ("x" * max(a.size - 10, 1))
             one = pgbench("INSERT INTO esmd.async_events (function, request_id, payload) "
                           "VALUES (:fn, gen_random_uuid(), :p);\n", a.clients,
-                          {"fn": "fn", "p": payload})
+                          {"fn": "sink", "p": payload})
             rows16 = ", ".join("(:fn, gen_random_uuid(), :p)" for _ in range(16))
             sixteen = pgbench("INSERT INTO esmd.async_events (function, request_id, payload) "
-                              "VALUES %s;\n" % rows16, 2, {"fn": "fn", "p": payload}) * 16
+                              "VALUES %s;\n" % rows16, 2, {"fn": "sink", "p": payload}) * 16
             log("postgres alone: %d clients x 1 row/commit %.0f rows/s; 2 x 16 rows %.0f rows/s"
                 % (a.clients, one, sixteen))
             for _ in range(a.runs):
@@ -189,14 +126,14 @@ def main():
             for _ in range(a.runs):
                 psql(pg, "TRUNCATE esmd.async_events")
                 psql(pg, "INSERT INTO esmd.async_events (function, request_id, payload) "
-                         "SELECT 'fn', gen_random_uuid(), '{\"pad\":\"' || repeat('x', %d) "
+                         "SELECT 'sink', gen_random_uuid(), '{\"pad\":\"' || repeat('x', %d) "
                          "|| '\"}' FROM generate_series(1, %d)"
                      % (max(a.size - 10, 1), a.events))
                 psql(pg, "VACUUM ANALYZE esmd.async_events")
                 base = sink_stats(sink_port)["records"]
                 t0 = time.monotonic()
                 esmd = start_esmd()
-                c0 = cpu_ticks(esmd.pid)
+                c0 = bl.cpu_seconds(esmd.pid)
                 deadline = t0 + 600
                 while True:
                     got = sink_stats(sink_port)["records"] - base
@@ -209,14 +146,14 @@ def main():
                 d = {"events": a.events, "seconds": round(t, 3),
                      "invocations_per_s": round(a.events / t),
                      "sink_requests": sink_stats(sink_port)["records"] - base,
-                     "esmd_cpu_s": round((cpu_ticks(esmd.pid) - c0) / hz, 2)}
+                     "esmd_cpu_s": round(bl.cpu_seconds(esmd.pid) - c0, 2)}
                 stop(esmd)
                 log("drain: %s" % json.dumps(d))
                 runs["drain"].append(d)
         finally:
             if esmd:
                 stop(esmd)
-            stop(sink)
+            procs.stop_all()
 
     def best(key, field):
         return max(runs[key], key=lambda r: r[field])

@@ -4,7 +4,7 @@
  *   filter_bench --compile-test [COUNT]
  *
  * PATTERNS.jsonl holds one {"set": SET, "name": NAME, "pattern": "<pattern JSON as a string>"}
- * a line, EVENTS.jsonl one event a line (the format /work/shared/bench/filter-workload.py
+ * a line, EVENTS.jsonl one event a line (the format tests/bench/filter_workload.py
  * writes). For each set, in the order the sets first appear, the set's patterns are compiled
  * into one matcher (id = index in the set), then every event is run through
  * esmd_filter_match_all, pass after pass, until at least S seconds (default 1) were measured.

@@ -16,16 +16,15 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pgtmp  # noqa: E402
+import benchlib as bl  # noqa: E402
+from benchlib import log  # noqa: E402
 
 # The mock cluster silently deletes the oldest message sets of a partition past 5 MB (or 100,000
 # message sets). A record costs its value, its key and about 12 bytes of record and batch
@@ -33,8 +32,7 @@ import pgtmp  # noqa: E402
 MOCK_MAX_BYTES = 5 * 1024 * 1024
 RECORD_OVERHEAD = 12
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-KAFKA_BROKER = os.path.join(ROOT, "scripts", "kafka-broker")
+KAFKA_BROKER = os.path.join(bl.ROOT, "scripts", "kafka-broker")
 
 # The librdkafka queue settings esmd gives its consumer (connectors/kafka/kafka.c, docs/kafka.md
 # "Flow control"). The ceiling consumer gets them too: with librdkafka's defaults a plain
@@ -42,14 +40,9 @@ KAFKA_BROKER = os.path.join(ROOT, "scripts", "kafka-broker")
 ESMD_CONSUMER_PROPS = ["queued.min.messages=1000000", "queued.max.messages.kbytes=16384"]
 
 
-def log(msg):
-    print("[bench] " + msg, file=sys.stderr, flush=True)
-
-
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--build", default=os.environ.get("ESMD_BUILD", "./build"),
-                    help="dir holding esmd, kafkatool, sink (default: $ESMD_BUILD or ./build)")
+    bl.add_build_arg(ap, "esmd, kafkatool, sink")
     ap.add_argument("--broker", choices=("mock", "real", "both"), default="both",
                     help="mock: librdkafka's mock cluster; real: Kafka from scripts/kafka-broker;"
                          " both (default): one series on each, mock first")
@@ -70,87 +63,8 @@ def parse_args():
     ap.add_argument("--skip-esmd", action="store_true", help="only measure the ceiling")
     ap.add_argument("--property", action="append", default=[], metavar="KEY=VALUE",
                     help="librdkafka property for esmd's connection (repeatable)")
-    ap.add_argument("--wrap", default="",
-                    help="command line to run esmd under, e.g. 'perf record -g -o esmd.perf'")
-    ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, logs)")
+    bl.add_run_args(ap)
     return ap.parse_args()
-
-
-class Procs:
-    """Every child we start, stopped in reverse order."""
-
-    def __init__(self):
-        self.items = []
-
-    def start(self, name, args, **kw):
-        log("start %s: %s" % (name, " ".join(args)))
-        p = subprocess.Popen(args, **kw)
-        self.items.append((name, p))
-        return p
-
-    def stop(self, p, timeout=15):
-        if p.poll() is not None:
-            return p.returncode
-        if p.stdin:
-            try:
-                p.stdin.close()
-            except OSError:
-                pass
-        p.send_signal(signal.SIGTERM)
-        try:
-            return p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log("pid %d did not stop in %d s: killing it" % (p.pid, timeout))
-            p.kill()
-            return p.wait()
-
-    def stop_all(self):
-        for _, p in reversed(self.items):
-            self.stop(p)
-        self.items = []
-
-
-def run_tool(args, timeout):
-    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError("%s failed (%d): %s%s" % (" ".join(args), out.returncode, out.stdout,
-                                                     out.stderr))
-    return out.stdout.strip()
-
-
-def first_line(p, what):
-    """The first stdout line of a child that prints one when it is ready."""
-    line = p.stdout.readline()
-    if not line:
-        raise RuntimeError("%s exited before printing its address (rc %s)" % (what, p.poll()))
-    return line.strip()
-
-
-def sink_stats(port):
-    with urllib.request.urlopen("http://127.0.0.1:%d/stats" % port, timeout=5) as r:
-        return json.loads(r.read())
-
-
-def proc_status(pid, key):
-    """A /proc/PID/status field in kB, or None."""
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def cpu_seconds(pid):
-    """User + system CPU seconds a live process has used so far, or 0."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def write_config(path, pg_url, admin_port, bootstrap, sink_port, a):
@@ -158,21 +72,12 @@ def write_config(path, pg_url, admin_port, bootstrap, sink_port, a):
     if a.property:
         props = "    properties:\n" + "".join(
             "      %s: %s\n" % tuple(json.dumps(x) for x in kv.split("=", 1)) for kv in a.property)
-    cfg = """\
-# Generated by tests/bench/kafka_bench.py
-postgres: {pg}
-admin:
-  listen: 127.0.0.1:{admin}
-connections:
+    connections = """\
   bench-kafka:
     type: kafka
     bootstrap_servers: "{boot}"
-{props}functions:
-  sink:
-    url: http://127.0.0.1:{sink}/2015-03-31/functions/function/invocations
-    timeout: 30s
-    max_concurrency: {conc}
-mappings:
+{props}""".format(boot=bootstrap, props=props)
+    mappings = """\
   - name: bench
     function: sink
     source:
@@ -182,100 +87,48 @@ mappings:
       starting_position: trim_horizon
     batch_size: {batch}
     maximum_batching_window: {window}
-""".format(pg=pg_url, admin=admin_port, boot=bootstrap, sink=sink_port, conc=a.concurrency,
-           batch=a.batch_size, window=a.window, props=props)
-    with open(path, "w") as f:
-        f.write(cfg)
-
-
-def tail(path, n=30):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
+""".format(batch=a.batch_size, window=a.window)
+    bl.esmd_config(path, "kafka_bench.py", pg_url, admin_port, sink_port, a.concurrency,
+                   connections, mappings)
 
 
 def run_esmd(a, tools, procs, tmp, bootstrap, broker_pid, results):
-    sink = procs.start("sink", [tools["sink"], "--port", "0"], stdout=subprocess.PIPE, text=True)
-    sink_port = int(first_line(sink, "sink"))
+    sink, sink_port = bl.start_sink(procs, tools)
 
-    pg = pgtmp.PgTmp(keep=a.keep)
+    pg = bl.PgTmp(keep=a.keep)
     log("start postgres")
     pg.start()
     try:
         cfg = os.path.join(tmp, "esmd.yaml")
-        admin_port = pgtmp.free_port()
+        admin_port = bl.free_port()
         write_config(cfg, pg.url, admin_port, bootstrap, sink_port, a)
         esmd_log = os.path.join(tmp, "esmd.log")
         with open(esmd_log, "w") as logf:
-            broker_cpu0, sink_cpu0 = cpu_seconds(broker_pid), cpu_seconds(sink.pid)
+            broker_cpu0, sink_cpu0 = bl.cpu_seconds(broker_pid), bl.cpu_seconds(sink.pid)
             t_start = time.monotonic()
-            esmd = procs.start("esmd", a.wrap.split() + [tools["esmd"], "run", "-c", cfg], stdout=logf,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        t_first = t_last = None
-        hwm = 0
-        last_records = -1
-        last_progress = last_warn = time.monotonic()
-        stats = {"requests": 0, "records": 0, "bytes": 0}
-        deadline = t_start + a.timeout
-        while True:
-            now = time.monotonic()
-            if esmd.poll() is not None:
-                raise RuntimeError("esmd exited with %d; last lines of %s:\n%s"
-                                   % (esmd.returncode, esmd_log, tail(esmd_log)))
-            hwm = max(hwm, proc_status(esmd.pid, "VmHWM") or 0)
-            stats = sink_stats(sink_port)
-            if stats["records"] > 0 and t_first is None:
-                t_first = now
-            if stats["records"] != last_records:
-                last_records = stats["records"]
-                last_progress = now
-                if stats["records"] >= a.records:
-                    t_last = now
-                    break
-            if now > deadline:
-                raise RuntimeError("timeout: sink saw %d of %d records after %.0f s; esmd log:\n%s"
-                                   % (stats["records"], a.records, a.timeout, tail(esmd_log)))
-            if now - last_progress > 5 and now - last_warn > 5:
-                last_warn = now
-                log("no progress for %.0f s at %d records" % (now - last_progress,
-                                                              stats["records"]))
-            time.sleep(0.02)
-        hwm = max(hwm, proc_status(esmd.pid, "VmHWM") or 0)
-        cpu = {"esmd": cpu_seconds(esmd.pid), "sink": cpu_seconds(sink.pid) - sink_cpu0,
-               "broker": cpu_seconds(broker_pid) - broker_cpu0}
+            esmd = procs.start("esmd", a.wrap.split() + [tools["esmd"], "run", "-c", cfg],
+                               stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        w = bl.wait_for_sink(esmd, sink_port, a.records, a.timeout, esmd_log, t_start)
+        cpu = {"esmd": bl.cpu_seconds(esmd.pid), "sink": bl.cpu_seconds(sink.pid) - sink_cpu0,
+               "broker": bl.cpu_seconds(broker_pid) - broker_cpu0}
 
         # Offsets esmd committed for the group (commits are asynchronous: give them a moment).
         committed = None
         for _ in range(50):
-            out = run_tool([tools["kafkatool"], "committed", "-b", bootstrap, "-g", "bench",
-                            "-t", "bench", "--partitions", str(a.partitions)], 60)
+            out = bl.run([tools["kafkatool"], "committed", "-b", bootstrap, "-g", "bench",
+                          "-t", "bench", "--partitions", str(a.partitions)], 60)
             committed = sum(max(v, 0) for v in json.loads(out).values())
             if committed >= a.records:
                 break
             time.sleep(0.2)
         time.sleep(0.5)
-        stats = sink_stats(sink_port)
+        stats = bl.sink_stats(sink_port)
         # esmd's own view of the run (durations, batches, retries), kept with --keep.
-        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % admin_port, timeout=5) as r:
-            with open(os.path.join(tmp, "metrics.txt"), "wb") as f:
-                f.write(r.read())
+        bl.save_metrics(admin_port, os.path.join(tmp, "metrics.txt"))
 
         rc = procs.stop(esmd, timeout=30)
-        results.update({
-            "esmd_rate": a.records / max(t_last - t_first, 1e-9),
-            "esmd_rate_from_start": a.records / max(t_last - t_start, 1e-9),
-            "esmd_first_s": t_first - t_start,
-            "esmd_span_s": t_last - t_first,
-            "rss_mb": hwm / 1024.0,
-            "requests": stats["requests"],
-            "records_seen": stats["records"],
-            "bytes": stats["bytes"],
-            "committed": committed,
-            "esmd_exit": rc,
-            "cpu": cpu,
-        })
+        results.update(bl.esmd_figures(a.records, t_start, w, stats))
+        results.update({"committed": committed, "esmd_exit": rc, "cpu": cpu})
     finally:
         procs.stop_all()
         pg.stop()
@@ -292,12 +145,11 @@ def print_table(a, kind, r):
          % (a.records, a.size, a.partitions, ", keyed" if a.keyed else "")),
         ("produce", "%.0f records/s" % r["produce_rate"]),
         ("ceiling (librdkafka consumer)", "%.0f records/s (best of %s; %s)"
-         % (r["ceiling"], " / ".join("%.0f" % x for x in r["ceiling_runs"]),
+         % (r["ceiling"], bl.runs_text(r["ceiling_runs"]),
             ("librdkafka's defaults" if a.ceiling_defaults else "esmd's queue settings")
             + (" + --property" if a.property else ""))),
     ]
     if "esmd_rate" in r:
-        reqs = r["requests"]
         rows += [
             ("esmd (first→last record)", "%.0f records/s" % r["esmd_rate"]),
             ("esmd / ceiling", "%.1f %% (of the median ceiling run: %.1f %%)"
@@ -309,19 +161,11 @@ def print_table(a, kind, r):
             ("CPU s during the run", "esmd %.2f, %s %.2f, sink %.2f (of %d CPUs)"
              % (r["cpu"]["esmd"], "mock cluster" if kind == "mock" else "Kafka JVM",
                 r["cpu"]["broker"], r["cpu"]["sink"], os.cpu_count())),
-            ("requests", "%d" % reqs),
-            ("avg records/request", "%.1f" % (r["records_seen"] / reqs if reqs else 0)),
-            ("avg request body", "%.1f KB" % (r["bytes"] / reqs / 1024.0 if reqs else 0)),
-            ("records at sink", "%d (%d duplicates)" % (r["records_seen"],
-                                                       r["records_seen"] - a.records)),
+        ] + bl.request_rows(r, a.records) + [
             ("committed offsets (sum)", "%s" % r["committed"]),
             ("esmd exit status on SIGTERM", "%s" % r["esmd_exit"]),
         ]
-    width = max(len(k) for k, _ in rows)
-    print()
-    for k, v in rows:
-        print("%-*s  %s" % (width, k, v))
-    sys.stdout.flush()
+    bl.print_rows(rows)
 
 
 def print_summary(a, series):
@@ -344,7 +188,7 @@ class MockBroker:
         self.proc = procs.start("mock", [tools["kafkatool"], "mock", "--topic",
                                          "bench:%d" % a.partitions],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.bootstrap = first_line(self.proc, "kafkatool mock")
+        self.bootstrap = bl.first_line(self.proc, "kafkatool mock")
         self.pid = self.proc.pid
         self.version = ""
         log("mock cluster at %s" % self.bootstrap)
@@ -374,7 +218,7 @@ class RealBroker:
         self.version = os.environ.get("ESMD_KAFKA_VERSION", "") or kafka_version()
         log("Kafka %s at %s (started in %.1f s)" % (self.version, self.bootstrap,
                                                     time.monotonic() - t0))
-        log(run_tool([tools["kafkatool"], "create-topic", "-b", self.bootstrap, "-t", "bench",
+        log(bl.run([tools["kafkatool"], "create-topic", "-b", self.bootstrap, "-t", "bench",
                       "--partitions", str(a.partitions)], 120))
 
     def stop(self):
@@ -407,7 +251,7 @@ def real_broker_missing():
 
 def run_series(a, kind, tools, tmp):
     """Broker, produce, ceiling and esmd for one broker kind; returns the results."""
-    procs = Procs()
+    procs = bl.Procs()
     results = {}
     broker = None
     try:
@@ -417,13 +261,13 @@ def run_series(a, kind, tools, tmp):
         bootstrap = broker.bootstrap
 
         t0 = time.monotonic()
-        out = run_tool([tools["kafkatool"], "produce", "-b", bootstrap, "-t", "bench",
+        out = bl.run([tools["kafkatool"], "produce", "-b", bootstrap, "-t", "bench",
                         "--count", str(a.records), "--size", str(a.size),
                         "--partitions", str(a.partitions)] + (["--keyed"] if a.keyed else []),
                        600)
         results["produce_rate"] = a.records / (time.monotonic() - t0)
         log(out)
-        wm = json.loads(run_tool([tools["kafkatool"], "watermarks", "-b", bootstrap, "-t",
+        wm = json.loads(bl.run([tools["kafkatool"], "watermarks", "-b", bootstrap, "-t",
                                   "bench"], 60))
         kept = sum(hi - lo for lo, hi in wm.values())
         if kept != a.records:
@@ -437,7 +281,7 @@ def run_series(a, kind, tools, tmp):
         xargs = [x for kv in props for x in ("-X", kv)]
         runs = []
         for _ in range(a.ceiling_runs):
-            out = run_tool([tools["kafkatool"], "consume-rate", "-b", bootstrap, "-t", "bench",
+            out = bl.run([tools["kafkatool"], "consume-rate", "-b", bootstrap, "-t", "bench",
                             "--count", str(a.records)] + xargs, 600)
             log(out)
             runs.append(float(re.search(r"= ([0-9.]+) records/s", out).group(1)))
@@ -469,12 +313,8 @@ def main():
         if why:
             log("skipping the real-broker series: %s" % why)
             kinds.remove("real")
-    tools = {n: os.path.join(a.build, n) for n in ("kafkatool", "sink", "esmd")}
-    need = ["kafkatool"] + ([] if a.skip_esmd else ["sink", "esmd"])
-    for n in need:
-        if not os.access(tools[n], os.X_OK):
-            sys.exit("kafka_bench: %s not found or not executable (build it, or --build DIR)"
-                     % tools[n])
+    tools = bl.find_tools(a.build, ["kafkatool"] + ([] if a.skip_esmd else ["sink", "esmd"]),
+                          "kafka_bench", ["sink", "esmd"])
 
     tmp = tempfile.mkdtemp(prefix="esmd-bench-")
     series = []
