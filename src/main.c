@@ -552,9 +552,10 @@ static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
 }
 
 /* Records the configured mappings in esmd.mapping_state (blocking, before the loop runs). */
-static int write_mapping_state(const struct esmd_config *cfg, const char *instance_id, char *err,
-                               size_t errlen)
+static int write_mapping_state(void *ud, char *err, size_t errlen)
 {
+    const struct service *svc = ud;
+    const struct esmd_config *cfg = svc->cfg;
     static const char *const kinds[] = {"kafka", "redis", "pgqueue"};
     PGconn *pg = PQconnectdb(cfg->postgres);
     int rc = ESMD_OK;
@@ -570,7 +571,7 @@ static int write_mapping_state(const struct esmd_config *cfg, const char *instan
                                 kinds[m->kind],
                                 m->enabled ? "t" : "f",
                                 m->enabled ? "Enabled" : "Disabled",
-                                instance_id};
+                                svc->instance_id};
         PGresult *res = PQexecParams(
             pg,
             "INSERT INTO esmd.mapping_state (name, function, source_kind, enabled, state, "
@@ -593,26 +594,70 @@ out:
     return rc;
 }
 
-/* Applies migrations, waiting up to a minute for Postgres to come up. */
-static int startup_migrate(const struct esmd_config *cfg)
+static int apply_migrations(void *ud, char *err, size_t errlen)
+{
+    const struct service *svc = ud;
+    int applied = 0;
+    int rc = esmd_pg_migrate(svc->cfg->postgres, &applied, err, errlen);
+    if (rc == ESMD_OK && applied > 0)
+        ESMD_INFO(NULL, "applied %d database migration%s", applied, applied == 1 ? "" : "s");
+    return rc;
+}
+
+static int load_overrides(void *ud, char *err, size_t errlen)
+{
+    const struct service *svc = ud;
+    return esmd_admin_load(svc->admin, err, errlen);
+}
+
+/* SIGTERM or SIGINT while start-up waits for the database (before the loop's ev_signal
+ * watchers exist): stop waiting and exit 0, as a stop after start-up does. */
+static volatile sig_atomic_t startup_stop_signal;
+
+static void on_startup_signal(int sig)
+{
+    startup_stop_signal = sig;
+}
+
+/* Until the loop's watchers take over: SIGTERM/SIGINT end start-up, SIGHUP is ignored. */
+static void startup_signals(void)
+{
+    struct sigaction sa = {0};
+    sa.sa_handler = on_startup_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGHUP, &sa, NULL);
+}
+
+/* Runs one start-up step that needs the database until it succeeds. esmd never gives up on
+ * start-up (docs/operations.md#start-up): the database may be down, starting, restarting or
+ * shutting down, or a lock may hold a step up, and each such failure is logged and retried after
+ * 1, 1, 1, then 2 seconds, for as long as it takes. A stop signal ends the wait: returns
+ * ESMD_ESTATE then, ESMD_OK once the step succeeded. Every step is idempotent. */
+static int startup_step(struct service *svc, const char *what,
+                        int (*step)(void *ud, char *err, size_t errlen))
 {
     char err[1024];
-    double start = esmd_mono();
-    for (int attempt = 0;; attempt++) {
-        int applied = 0;
-        if (esmd_pg_migrate(cfg->postgres, &applied, err, sizeof(err)) == ESMD_OK) {
-            if (applied > 0)
-                ESMD_INFO(NULL, "applied %d database migration%s", applied,
-                          applied == 1 ? "" : "s");
+    for (int attempt = 0; !startup_stop_signal; attempt++) {
+        err[0] = '\0';
+        if (step(svc, err, sizeof(err)) == ESMD_OK) {
+            if (attempt > 0)
+                ESMD_INFO(NULL, "%s: done after %d attempts", what, attempt + 1);
             return ESMD_OK;
         }
-        if (esmd_mono() - start > 60.0) {
-            ESMD_ERROR(NULL, "database migration failed: %s", err);
-            return ESMD_EIO;
-        }
-        ESMD_WARN(NULL, "database not ready (%s); retrying", err);
-        sleep(attempt < 3 ? 1 : 2);
+        size_t n = strlen(err);
+        while (n > 0 && (err[n - 1] == '\n' || err[n - 1] == ' '))
+            err[--n] = '\0';
+        ESMD_WARN(NULL, "%s: database not ready (%s); retrying", what, err);
+        unsigned left = attempt < 3 ? 1 : 2;
+        while (left > 0 && !startup_stop_signal)
+            left = sleep(left);
     }
+    ESMD_INFO(NULL, "%s: stopped by %s before start-up ended", what,
+              startup_stop_signal == SIGTERM ? "SIGTERM" : "SIGINT");
+    return ESMD_ESTATE;
 }
 
 static int cmd_run(int argc, char **argv)
@@ -644,10 +689,10 @@ static int cmd_run(int argc, char **argv)
 
     int exit_code = 1;
     char err[1024];
-    if (startup_migrate(svc.cfg) != ESMD_OK)
-        goto out;
-    if (write_mapping_state(svc.cfg, svc.instance_id, err, sizeof(err)) != ESMD_OK) {
-        ESMD_ERROR(NULL, "could not record mapping state: %s", err);
+    startup_signals();
+    if (startup_step(&svc, "database migrations", apply_migrations) != ESMD_OK ||
+        startup_step(&svc, "recording the mapping state", write_mapping_state) != ESMD_OK) {
+        exit_code = 0;
         goto out;
     }
 
@@ -657,9 +702,6 @@ static int cmd_run(int argc, char **argv)
     ev_signal_init(&svc.sigint, on_signal, SIGINT);
     ev_signal_init(&svc.sighup, on_signal, SIGHUP);
     svc.sigterm.data = svc.sigint.data = svc.sighup.data = &svc;
-    ev_signal_start(svc.loop, &svc.sigterm);
-    ev_signal_start(svc.loop, &svc.sigint);
-    ev_signal_start(svc.loop, &svc.sighup);
 
     svc.inv = esmd_invoker_new(svc.loop, err, sizeof(err));
     if (!svc.inv) {
@@ -726,8 +768,8 @@ static int cmd_run(int argc, char **argv)
         ESMD_ERROR(NULL, "admin API: %s", err);
         goto out;
     }
-    if (esmd_admin_load(svc.admin, err, sizeof(err)) != ESMD_OK) {
-        ESMD_ERROR(NULL, "admin API: could not read the mapping overrides: %s", err);
+    if (startup_step(&svc, "reading the mapping overrides", load_overrides) != ESMD_OK) {
+        exit_code = 0;
         goto out;
     }
     if (esmd_admin_start(svc.admin, svc.http) != ESMD_OK) {
@@ -747,6 +789,13 @@ static int cmd_run(int argc, char **argv)
     ev_timer_start(svc.loop, &svc.state_timer);
     ev_unref(svc.loop); /* the state timer alone does not keep the loop running */
 
+    /* The loop's own signal watchers replace start-up's handlers; a stop signal that came
+     * meanwhile stops the service as soon as the loop runs. */
+    ev_signal_start(svc.loop, &svc.sigterm);
+    ev_signal_start(svc.loop, &svc.sigint);
+    ev_signal_start(svc.loop, &svc.sighup);
+    if (startup_stop_signal)
+        service_stop(&svc, startup_stop_signal == SIGTERM ? "SIGTERM" : "SIGINT");
     ev_run(svc.loop, 0);
     exit_code = 0;
 
