@@ -8,6 +8,8 @@
 
 #include <cmocka.h>
 
+#include "testutil.h"
+
 #include "esmd/buf.h"
 #include "esmd/config.h"
 
@@ -21,20 +23,6 @@
 #define CONFIG_DATA "tests/unit/data/config" /* relative to the repo root */
 
 /* ---- helpers ---- */
-
-static char *read_file(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    struct esmd_buf b = ESMD_BUF_INIT;
-    char chunk[4096];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
-        esmd_buf_append(&b, chunk, n);
-    fclose(f);
-    return esmd_buf_steal(&b, NULL);
-}
 
 /* All errors formatted, one per line, each ending in '\n'. Caller frees. */
 static char *format_errors(const struct esmd_config_errors *errs)
@@ -87,7 +75,7 @@ static struct esmd_config *load_good(const char *name, unsigned flags)
 {
     char path[512];
     snprintf(path, sizeof(path), CONFIG_DATA "/good/%s", name);
-    char *text = read_file(path);
+    char *text = esmd_test_read_file(path, NULL);
     assert_non_null(text);
     struct esmd_config_errors errs;
     esmd_config_errors_init(&errs);
@@ -309,7 +297,7 @@ static void test_good_files_load(void **state)
         esmd_config_errors_init(&errs);
         struct esmd_config *cfg = NULL;
         if (unbuilt) {
-            char *text = read_file(path);
+            char *text = esmd_test_read_file(path, NULL);
             cfg =
                 esmd_config_parse_flags(text, strlen(text), path, ESMD_CONFIG_ALLOW_UNBUILT, &errs);
             free(text);
@@ -357,7 +345,7 @@ static void test_bad_files(void **state)
         char yaml[512], err[512];
         snprintf(yaml, sizeof(yaml), CONFIG_DATA "/bad/%s.yaml", names[i]);
         snprintf(err, sizeof(err), CONFIG_DATA "/bad/%s.err", names[i]);
-        char *want = read_file(err);
+        char *want = esmd_test_read_file(err, NULL);
         struct esmd_config_errors errs;
         esmd_config_errors_init(&errs);
         struct esmd_config *cfg = esmd_config_load(yaml, &errs);
@@ -869,7 +857,7 @@ static const struct section sections[] = {
 static void test_key_tables_match_schema(void **state)
 {
     (void)state;
-    char *text = read_file("schemas/config.schema.json");
+    char *text = esmd_test_read_file("schemas/config.schema.json", NULL);
     assert_non_null(text);
     cJSON *schema = cJSON_Parse(text);
     free(text);

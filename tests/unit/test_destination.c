@@ -11,6 +11,8 @@
 
 #include <cmocka.h>
 
+#include "testutil.h"
+
 #include "esmd/config.h"
 #include "esmd/destination.h"
 #include "esmd/log.h"
@@ -26,149 +28,7 @@
 
 #define DOWN_PG "host=127.0.0.1 port=1 connect_timeout=2"
 
-static const char *g_base;
-static char g_conninfo[2048];
-static char g_dbname[64];
-static bool g_own_db;
-
-#define NEED_PG()                                                                                  \
-    do {                                                                                           \
-        if (!g_base)                                                                               \
-            skip();                                                                                \
-    } while (0)
-
 /* ---- helpers ---------------------------------------------------------------------------- */
-
-static void build_conninfo(const char *base, const char *db, char *out, size_t n)
-{
-    char *msg = NULL;
-    PQconninfoOption *opts = PQconninfoParse(base, &msg);
-    assert_non_null(opts);
-    size_t o = 0;
-    for (const PQconninfoOption *opt = opts; opt->keyword; opt++) {
-        if (!opt->val || !*opt->val || strcmp(opt->keyword, "dbname") == 0)
-            continue;
-        o += (size_t)snprintf(out + o, n - o, "%s='", opt->keyword);
-        for (const char *s = opt->val; *s && o + 3 < n; s++) {
-            if (*s == '\'' || *s == '\\')
-                out[o++] = '\\';
-            out[o++] = *s;
-        }
-        o += (size_t)snprintf(out + o, n - o, "' ");
-        assert_true(o < n);
-    }
-    snprintf(out + o, n - o, "dbname='%s'", db);
-    PQconninfoFree(opts);
-}
-
-static PGconn *blocking_conn(void)
-{
-    PGconn *c = PQconnectdb(g_conninfo);
-    assert_non_null(c);
-    if (PQstatus(c) != CONNECTION_OK)
-        fail_msg("connect: %s", PQerrorMessage(c));
-    PQsetNoticeProcessor(c, NULL, NULL);
-    return c;
-}
-
-static void exec_ok(PGconn *c, const char *sql)
-{
-    PGresult *res = PQexec(c, sql);
-    ExecStatusType st = PQresultStatus(res);
-    if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK)
-        fail_msg("%s: %s", sql, PQresultErrorMessage(res));
-    PQclear(res);
-}
-
-/* First column of the first row, as a long (-1 when no row). */
-static long scalar(PGconn *c, const char *sql)
-{
-    PGresult *res = PQexec(c, sql);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        fail_msg("%s: %s", sql, PQresultErrorMessage(res));
-    long v = PQntuples(res) > 0 ? atol(PQgetvalue(res, 0, 0)) : -1;
-    PQclear(res);
-    return v;
-}
-
-static int group_setup(void **state)
-{
-    (void)state;
-    const char *base = getenv("ESMD_TEST_PG");
-    if (!base || !*base)
-        return 0;
-    g_base = base;
-    PGconn *c = PQconnectdb(base);
-    if (PQstatus(c) != CONNECTION_OK) {
-        fprintf(stderr, "ESMD_TEST_PG: cannot connect: %s", PQerrorMessage(c));
-        PQfinish(c);
-        return -1;
-    }
-    snprintf(g_dbname, sizeof(g_dbname), "esmd_test_dest_%d", (int)getpid());
-    char sql[128];
-    snprintf(sql, sizeof(sql), "CREATE DATABASE %s", g_dbname);
-    PGresult *res = PQexec(c, sql);
-    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
-        g_own_db = true;
-        build_conninfo(base, g_dbname, g_conninfo, sizeof(g_conninfo));
-    } else {
-        fprintf(stderr, "# cannot create a scratch database (%s); using ESMD_TEST_PG's own\n",
-                PQresultErrorMessage(res));
-        snprintf(g_conninfo, sizeof(g_conninfo), "%s", base);
-    }
-    PQclear(res);
-    PQfinish(c);
-    char err[512];
-    if (esmd_pg_migrate(g_conninfo, NULL, err, sizeof(err)) != 0) {
-        fprintf(stderr, "migrate: %s\n", err);
-        return -1;
-    }
-    return 0;
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    if (!g_own_db)
-        return 0;
-    PGconn *c = PQconnectdb(g_base);
-    char sql[128];
-    snprintf(sql, sizeof(sql), "DROP DATABASE IF EXISTS %s WITH (FORCE)", g_dbname);
-    PQclear(PQexec(c, sql));
-    PQfinish(c);
-    return 0;
-}
-
-static void tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    (void)loop;
-    (void)w;
-    (void)revents;
-}
-
-static bool run_until(struct ev_loop *loop, bool (*cond)(void *), void *arg, double timeout_s)
-{
-    ev_timer tick;
-    ev_timer_init(&tick, tick_cb, 0.01, 0.01);
-    ev_timer_start(loop, &tick);
-    double end = ev_time() + timeout_s;
-    bool ok;
-    while (!(ok = cond(arg)) && ev_time() < end)
-        ev_run(loop, EVRUN_ONCE);
-    ev_timer_stop(loop, &tick);
-    return ok;
-}
-
-static bool cond_false(void *arg)
-{
-    (void)arg;
-    return false;
-}
-
-static void run_for(struct ev_loop *loop, double s)
-{
-    run_until(loop, cond_false, NULL, s);
-}
 
 static const char *g_yaml = "postgres: postgresql://localhost/esmd\n"
                             "connections:\n"
@@ -313,7 +173,7 @@ static void test_send_refusals(void **state)
     assert_int_equal(esmd_dests_send(d, "pgqueue://q", "\"\xed\xa0\x80\"", 5, NULL, 0, on_sent, &s),
                      ESMD_EINVAL); /* a surrogate */
     assert_int_equal(esmd_dests_send(d, "pgqueue://q", "{}", 2, NULL, 0, NULL, NULL), ESMD_EINVAL);
-    run_for(loop, 0.05);
+    esmd_test_run_for(loop, 0.05);
     assert_int_equal(s.calls, 0);
     esmd_dests_free(d);
     assert_int_equal(s.calls, 0);
@@ -336,11 +196,11 @@ static void test_free_fails_waiting_sends(void **state)
     struct sent s[3] = {{0}};
     assert_int_equal(do_send(d, "pgqueue://q", "{\"n\":1}", NULL, &s[0]), 0);
     assert_int_equal(do_send(d, "http://127.0.0.1:1/x", "[1,2]", NULL, &s[1]), 0);
-    run_for(loop, 0.1);
+    esmd_test_run_for(loop, 0.1);
     assert_int_equal(do_send(d, "kafka://k/t", "\"é\"", "key", &s[2]), 0);
     int stopped = 0;
     esmd_dests_stop(d, on_stopped, &stopped);
-    run_for(loop, 0.2);
+    esmd_test_run_for(loop, 0.2);
     assert_int_equal(stopped, 0);
     for (int i = 0; i < 3; i++)
         assert_int_equal(s[i].calls, 0);
@@ -393,8 +253,8 @@ static void test_ready_detail(void **state)
 
 static void reset_outbox(PGconn *c)
 {
-    exec_ok(c, "DELETE FROM esmd.outbox");
-    exec_ok(c, "DELETE FROM esmd.queue_messages");
+    esmd_test_pg_exec(c, "DELETE FROM esmd.outbox");
+    esmd_test_pg_exec(c, "DELETE FROM esmd.queue_messages");
 }
 
 struct rows_cond {
@@ -406,14 +266,14 @@ struct rows_cond {
 static bool cond_rows(void *arg)
 {
     struct rows_cond *rc = arg;
-    return scalar(rc->c, rc->sql) == rc->want;
+    return esmd_test_pg_long(rc->c, rc->sql) == rc->want;
 }
 
 static void wait_rows(struct ev_loop *loop, PGconn *c, const char *sql, long want, double timeout)
 {
     struct rows_cond rc = {c, sql, want};
-    if (!run_until(loop, cond_rows, &rc, timeout))
-        fail_msg("%s: got %ld, want %ld", sql, scalar(c, sql), want);
+    if (!esmd_test_run_until(loop, cond_rows, &rc, timeout))
+        fail_msg("%s: got %ld, want %ld", sql, esmd_test_pg_long(c, sql), want);
 }
 
 /* Group commit, a failing destination next to a working one, the failure recorded on the rows,
@@ -421,15 +281,16 @@ static void wait_rows(struct ev_loop *loop, PGconn *c, const char *sql, long wan
 static void test_send_deliver_and_fail(void **state)
 {
     (void)state;
-    NEED_PG();
+    ESMD_TEST_NEED_PG();
     FILE *logf = tmpfile();
     esmd_log_set_stream(logf);
-    PGconn *c = blocking_conn();
+    PGconn *c = esmd_test_pg_connect();
     reset_outbox(c);
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
     struct esmd_config *cfg = config();
     char err[512];
-    struct esmd_dests *d = esmd_dests_new(loop, cfg, g_conninfo, "unit", err, sizeof(err));
+    struct esmd_dests *d =
+        esmd_dests_new(loop, cfg, esmd_test_pg_conninfo(), "unit", err, sizeof(err));
     assert_non_null(d);
     struct sent s[15];
     memset(s, 0, sizeof(s));
@@ -443,18 +304,18 @@ static void test_send_deliver_and_fail(void **state)
         assert_int_equal(do_send(d, "pgqueue://unit_q", body, NULL, &s[i]), 0);
     }
     struct all_sent all = {s, 15};
-    assert_true(run_until(loop, cond_all_sent, &all, 10));
+    assert_true(esmd_test_run_until(loop, cond_all_sent, &all, 10));
     assert_int_equal(g_reentrant, 0);
     for (int i = 0; i < 15; i++) {
         assert_int_equal(s[i].calls, 1);
         assert_true(s[i].ok);
     }
     /* one INSERT: one transaction start time */
-    assert_int_equal(scalar(c, "SELECT count(DISTINCT created_at) FROM esmd.outbox"), 1);
+    assert_int_equal(esmd_test_pg_long(c, "SELECT count(DISTINCT created_at) FROM esmd.outbox"), 1);
     /* the working destination is not held up by the failing one */
     wait_rows(loop, c, "SELECT count(*) FROM esmd.queue_messages WHERE queue = 'unit_q'", 5, 10);
-    assert_int_equal(scalar(c, "SELECT count(*) FROM esmd.queue_messages WHERE body ~ "
-                               "'^\\{\"up\": 1[0-4] \\}$'"),
+    assert_int_equal(esmd_test_pg_long(c, "SELECT count(*) FROM esmd.queue_messages WHERE body ~ "
+                                          "'^\\{\"up\": 1[0-4] \\}$'"),
                      5);
     wait_rows(loop, c, "SELECT count(*) FROM esmd.outbox WHERE destination = 'pgqueue://unit_q'", 0,
               10);
@@ -479,11 +340,11 @@ static void test_send_deliver_and_fail(void **state)
     int stopped = 0;
     esmd_dests_stop(d, on_stopped, &stopped);
     assert_int_equal(stopped, 0);
-    assert_true(run_until(loop, cond_int, &stopped, 10));
+    assert_true(esmd_test_run_until(loop, cond_int, &stopped, 10));
     assert_int_equal(stopped, 1);
     esmd_dests_free(d);
     /* rows not delivered stay for the next start */
-    assert_int_equal(scalar(c, "SELECT count(*) FROM esmd.outbox"), 10);
+    assert_int_equal(esmd_test_pg_long(c, "SELECT count(*) FROM esmd.outbox"), 10);
     PQfinish(c);
     esmd_config_free(cfg);
     ev_loop_destroy(loop);
@@ -497,15 +358,16 @@ static void test_send_deliver_and_fail(void **state)
 static void test_pgqueue_refused_record(void **state)
 {
     (void)state;
-    NEED_PG();
+    ESMD_TEST_NEED_PG();
     FILE *logf = tmpfile();
     esmd_log_set_stream(logf);
-    PGconn *c = blocking_conn();
+    PGconn *c = esmd_test_pg_connect();
     reset_outbox(c);
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
     struct esmd_config *cfg = config();
     char err[512];
-    struct esmd_dests *d = esmd_dests_new(loop, cfg, g_conninfo, "unit", err, sizeof(err));
+    struct esmd_dests *d =
+        esmd_dests_new(loop, cfg, esmd_test_pg_conninfo(), "unit", err, sizeof(err));
     assert_non_null(d);
     size_t big = 1100 * 1024;
     char *payload = malloc(big + 3);
@@ -521,16 +383,17 @@ static void test_pgqueue_refused_record(void **state)
     assert_int_equal(do_send(d, "pgqueue://big_q", "3", NULL, &s[3]), 0);
     free(payload);
     struct all_sent all = {s, 4};
-    assert_true(run_until(loop, cond_all_sent, &all, 10));
+    assert_true(esmd_test_run_until(loop, cond_all_sent, &all, 10));
     wait_rows(loop, c, "SELECT count(*) FROM esmd.queue_messages WHERE queue = 'big_q'", 3, 10);
-    assert_int_equal(scalar(c, "SELECT count(*) FROM esmd.queue_messages WHERE queue = 'big_q' "
-                               "AND body IN ('1', '2', '3')"),
-                     3);
+    assert_int_equal(
+        esmd_test_pg_long(c, "SELECT count(*) FROM esmd.queue_messages WHERE queue = 'big_q' "
+                             "AND body IN ('1', '2', '3')"),
+        3);
     wait_rows(loop, c,
               "SELECT count(*) FROM esmd.outbox WHERE attempts >= 1 AND last_error LIKE "
               "'pgqueue: %1048576 bytes%'",
               1, 10);
-    assert_int_equal(scalar(c, "SELECT count(*) FROM esmd.outbox"), 1);
+    assert_int_equal(esmd_test_pg_long(c, "SELECT count(*) FROM esmd.outbox"), 1);
     esmd_dests_free(d);
     PQfinish(c);
     esmd_config_free(cfg);
@@ -545,32 +408,33 @@ static void test_pgqueue_refused_record(void **state)
 static void test_leases(void **state)
 {
     (void)state;
-    NEED_PG();
-    PGconn *c = blocking_conn();
+    ESMD_TEST_NEED_PG();
+    PGconn *c = esmd_test_pg_connect();
     reset_outbox(c);
-    exec_ok(c, "INSERT INTO esmd.outbox (destination, payload, lease_owner, lease_token, "
-               "lease_until, next_attempt_at) VALUES "
-               "('pgqueue://lq', '\"mine-earlier\"', 'unit', gen_random_uuid(), "
-               " now() + interval '60 s', now() + interval '60 s'), "
-               "('pgqueue://lq', '\"other-live\"', 'other', gen_random_uuid(), "
-               " now() + interval '60 s', now() + interval '60 s'), "
-               "('pgqueue://lq', '\"other-expired\"', 'other', gen_random_uuid(), "
-               " now() - interval '1 s', now() - interval '1 s'), "
-               "('kafka://elsewhere/t', '\"not-mine\"', NULL, NULL, NULL, now())");
+    esmd_test_pg_exec(c, "INSERT INTO esmd.outbox (destination, payload, lease_owner, lease_token, "
+                         "lease_until, next_attempt_at) VALUES "
+                         "('pgqueue://lq', '\"mine-earlier\"', 'unit', gen_random_uuid(), "
+                         " now() + interval '60 s', now() + interval '60 s'), "
+                         "('pgqueue://lq', '\"other-live\"', 'other', gen_random_uuid(), "
+                         " now() + interval '60 s', now() + interval '60 s'), "
+                         "('pgqueue://lq', '\"other-expired\"', 'other', gen_random_uuid(), "
+                         " now() - interval '1 s', now() - interval '1 s'), "
+                         "('kafka://elsewhere/t', '\"not-mine\"', NULL, NULL, NULL, now())");
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
     struct esmd_config *cfg = config();
     char err[512];
-    struct esmd_dests *d = esmd_dests_new(loop, cfg, g_conninfo, "unit", err, sizeof(err));
+    struct esmd_dests *d =
+        esmd_dests_new(loop, cfg, esmd_test_pg_conninfo(), "unit", err, sizeof(err));
     assert_non_null(d);
     wait_rows(loop, c, "SELECT count(*) FROM esmd.queue_messages WHERE queue = 'lq'", 2, 10);
-    run_for(loop, 1.5);
-    assert_int_equal(scalar(c, "SELECT count(*) FROM esmd.queue_messages WHERE body IN "
-                               "('\"mine-earlier\"', '\"other-expired\"')"),
+    esmd_test_run_for(loop, 1.5);
+    assert_int_equal(esmd_test_pg_long(c, "SELECT count(*) FROM esmd.queue_messages WHERE body IN "
+                                          "('\"mine-earlier\"', '\"other-expired\"')"),
                      2);
-    assert_int_equal(scalar(c, "SELECT count(*) FROM esmd.outbox WHERE payload IN "
-                               "('\"other-live\"', '\"not-mine\"')"),
+    assert_int_equal(esmd_test_pg_long(c, "SELECT count(*) FROM esmd.outbox WHERE payload IN "
+                                          "('\"other-live\"', '\"not-mine\"')"),
                      2);
-    assert_int_equal(scalar(c, "SELECT count(*) FROM esmd.outbox"), 2);
+    assert_int_equal(esmd_test_pg_long(c, "SELECT count(*) FROM esmd.outbox"), 2);
     struct esmd_buf b = ESMD_BUF_INIT;
     assert_true(esmd_dests_ready(d, &b)); /* rows of another configuration: shown only */
     const char *detail = esmd_buf_cstr(&b);
@@ -615,33 +479,45 @@ static bool cond_freer(void *arg)
 static void test_free_from_callbacks(void **state)
 {
     (void)state;
-    NEED_PG();
-    PGconn *c = blocking_conn();
+    ESMD_TEST_NEED_PG();
+    PGconn *c = esmd_test_pg_connect();
     reset_outbox(c);
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
     struct esmd_config *cfg = config();
     char err[512];
     struct freer f = {0};
-    f.d = esmd_dests_new(loop, cfg, g_conninfo, "unit", err, sizeof(err));
+    f.d = esmd_dests_new(loop, cfg, esmd_test_pg_conninfo(), "unit", err, sizeof(err));
     assert_non_null(f.d);
     for (int i = 0; i < 3; i++)
         assert_int_equal(esmd_dests_send(f.d, "pgqueue://fq", "{}", 2, NULL, 0, free_on_sent, &f),
                          0);
-    assert_true(run_until(loop, cond_freer, &f, 10));
+    assert_true(esmd_test_run_until(loop, cond_freer, &f, 10));
     assert_int_equal(f.calls, 3); /* the other two still hear of their commit */
-    run_for(loop, 0.2);
+    esmd_test_run_for(loop, 0.2);
 
     struct freer g = {0};
-    g.d = esmd_dests_new(loop, cfg, g_conninfo, "unit", err, sizeof(err));
+    g.d = esmd_dests_new(loop, cfg, esmd_test_pg_conninfo(), "unit", err, sizeof(err));
     assert_non_null(g.d);
-    run_for(loop, 0.3);
+    esmd_test_run_for(loop, 0.3);
     esmd_dests_stop(g.d, free_on_stopped, &g);
-    assert_true(run_until(loop, cond_freer, &g, 10));
-    run_for(loop, 0.1);
+    assert_true(esmd_test_run_until(loop, cond_freer, &g, 10));
+    esmd_test_run_for(loop, 0.1);
     PQfinish(c);
     esmd_config_free(cfg);
     ev_loop_destroy(loop);
     esmd_metrics_reset();
+}
+
+static int group_setup(void **state)
+{
+    (void)state;
+    return esmd_test_pg_setup("esmd_test_dest", true);
+}
+
+static int group_teardown(void **state)
+{
+    (void)state;
+    return esmd_test_pg_teardown();
 }
 
 int main(void)

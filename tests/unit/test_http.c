@@ -8,6 +8,8 @@
 
 #include <cmocka.h>
 
+#include "testutil.h"
+
 #include <curl/curl.h>
 #include <ev.h>
 #include <pthread.h>
@@ -164,20 +166,6 @@ static void fetch_start(struct ctx *c, struct fetch *f, pthread_t *th, ev_async 
     assert_int_equal(pthread_create(th, NULL, fetch_thread, f), 0);
 }
 
-static void run_until_flag(struct ev_loop *loop, bool *flag)
-{
-    ev_timer guard;
-    bool expired = false;
-
-    ev_timer_init(&guard, guard_cb, 20., 0.);
-    guard.data = &expired;
-    ev_timer_start(loop, &guard);
-    while (!*flag && !expired)
-        ev_run(loop, EVRUN_ONCE);
-    ev_timer_stop(loop, &guard);
-    assert_true(*flag);
-}
-
 static void fetch_finish(struct ctx *c, pthread_t th, ev_async *wake)
 {
     pthread_join(th, NULL);
@@ -191,7 +179,7 @@ static void fetch(struct ctx *c, struct fetch *f, const char *method, const char
     bool done;
 
     fetch_start(c, f, &th, &wake, &done, method, path);
-    run_until_flag(c->loop, &done);
+    esmd_test_run_until_flag(c->loop, &done, 20.);
     fetch_finish(c, th, &wake);
 }
 
@@ -451,7 +439,7 @@ static void test_answer_later(void **state)
     fetch(c, &g, NULL, "/healthz");
     assert_int_equal(g.status, 200);
     esmd_buf_free(&g.resp);
-    run_until_flag(c->loop, &done);
+    esmd_test_run_until_flag(c->loop, &done, 20.);
     fetch_finish(c, th, &wake);
     assert_int_equal(f.status, 200);
     esmd_buf_free(&f.resp);
@@ -562,12 +550,7 @@ int main(void)
     };
     int rc;
 
-    unsetenv("http_proxy");
-    unsetenv("HTTP_PROXY");
-    unsetenv("all_proxy");
-    unsetenv("ALL_PROXY");
-    curl_global_init(CURL_GLOBAL_DEFAULT);
-    esmd_log_set_level(ESMD_LOG_ERROR);
+    esmd_test_http_init();
     rc = cmocka_run_group_tests(tests, NULL, NULL);
     curl_global_cleanup();
     return rc;

@@ -6,6 +6,8 @@
 
 #include <cmocka.h>
 
+#include "testutil.h"
+
 #include <arpa/inet.h>
 #include <curl/curl.h>
 #include <ev.h>
@@ -361,40 +363,6 @@ static int teardown(void **state)
     return 0;
 }
 
-static void guard_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    (void)loop;
-    (void)revents;
-    *(bool *)w->data = true;
-}
-
-/* Runs the loop until *n reaches target (or a generous time limit passes). */
-static void run_until(struct ev_loop *loop, const int *n, int target)
-{
-    ev_timer guard;
-    bool expired = false;
-
-    ev_timer_init(&guard, guard_cb, 20., 0.);
-    guard.data = &expired;
-    ev_timer_start(loop, &guard);
-    while (*n < target && !expired)
-        ev_run(loop, EVRUN_ONCE);
-    ev_timer_stop(loop, &guard);
-    assert_int_equal(*n, target);
-}
-
-static void sleep_loop(struct ev_loop *loop, double s)
-{
-    ev_timer guard;
-    bool expired = false;
-
-    ev_timer_init(&guard, guard_cb, s, 0.);
-    guard.data = &expired;
-    ev_timer_start(loop, &guard);
-    while (!expired)
-        ev_run(loop, EVRUN_ONCE);
-}
-
 static struct esmd_invoke_req *start(struct esmd_function *fn, const char *body, const char *key,
                                      const char *mapping, struct got *g)
 {
@@ -419,7 +387,7 @@ static struct got invoke_one(struct ctx *c, int slot, const char *path, int64_t 
     snprintf(c->name[slot], sizeof(c->name[slot]), "fn%d", slot);
     fn = add_fn(c, slot, c->name[slot], url, timeout_ms, 1);
     start(fn, "{\"Records\":[]}", "key-1", mapping, &g);
-    run_until(c->loop, &g.n, 1);
+    esmd_test_run_until_count(c->loop, &g.n, 1, 20.);
     return g;
 }
 
@@ -452,8 +420,8 @@ static void test_ok_and_headers(void **state)
     assert_string_equal(esmd_function_name(fn), "orders");
     start(fn, "{\"Records\":[1]}", "kafka:orders:0:42-45", "m1", &g1);
     start(fn, "{\"Records\":[2]}", "bad\nkey", NULL, &g2);
-    run_until(c->loop, &g1.n, 1);
-    run_until(c->loop, &g2.n, 1);
+    esmd_test_run_until_count(c->loop, &g1.n, 1, 20.);
+    esmd_test_run_until_count(c->loop, &g2.n, 1, 20.);
 
     assert_int_equal(g1.outcome, ESMD_INVOKE_OK);
     assert_int_equal(g1.status, 200);
@@ -591,7 +559,7 @@ static void test_connection_refused(void **state)
     snprintf(url, sizeof(url), "http://127.0.0.1:%d/", ntohs(sin.sin_port));
     fn = add_fn(c, 0, "closed", url, 5000, 1);
     start(fn, "{}", "k", "m1", &g);
-    run_until(c->loop, &g.n, 1);
+    esmd_test_run_until_count(c->loop, &g.n, 1, 20.);
     assert_int_equal(g.outcome, ESMD_INVOKE_ERROR);
     assert_int_equal(g.status, 0);
     assert_true(strlen(g.error) > 0);
@@ -617,7 +585,7 @@ static void test_max_concurrency(void **state)
     assert_int_equal(esmd_function_queued(fn), 8);
     assert_true(metric_value(ESMD_GAUGE, "esmd_invoke_queued", "slow", NULL) == 8);
     assert_true(metric_value(ESMD_GAUGE, "esmd_concurrent_executions", "slow", NULL) == 2);
-    run_until(c->loop, &results, base + 10);
+    esmd_test_run_until_count(c->loop, &results, base + 10, 20.);
     for (int i = 0; i < 10; i++) {
         assert_int_equal(g[i].outcome, ESMD_INVOKE_OK);
         assert_true(g[i].max_inflight <= 2);
@@ -646,7 +614,7 @@ static void test_keep_alive(void **state)
     for (int i = 0; i < 6; i++) {
         start(fn, "{}", "k", NULL, &g[i]);
     }
-    run_until(c->loop, &results, base + 6);
+    esmd_test_run_until_count(c->loop, &results, base + 6, 20.);
     for (int i = 0; i < 6; i++)
         assert_int_equal(g[i].outcome, ESMD_INVOKE_OK);
     /* Six requests, one after the other, on one kept-alive connection. */
@@ -672,7 +640,7 @@ static void test_cancel(void **state)
     assert_int_equal(gb.outcome, ESMD_INVOKE_CANCELLED);
     assert_int_equal(esmd_function_queued(fn), 0);
 
-    sleep_loop(c->loop, 0.1); /* a is on the wire now */
+    esmd_test_run_for(c->loop, 0.1); /* a is on the wire now */
     assert_int_equal(ga.n, 0);
     esmd_invoke_cancel(a);
     assert_int_equal(ga.n, 1);
@@ -682,9 +650,9 @@ static void test_cancel(void **state)
     /* The invoker works on afterwards (the config is borrowed: point it at /ok). */
     snprintf(c->url[0], sizeof(c->url[0]), "http://127.0.0.1:%d/ok", srv.port);
     start(fn, "{}", "k", NULL, &gc);
-    run_until(c->loop, &gc.n, 1);
+    esmd_test_run_until_count(c->loop, &gc.n, 1, 20.);
     assert_int_equal(gc.outcome, ESMD_INVOKE_OK);
-    sleep_loop(c->loop, 0.05);
+    esmd_test_run_for(c->loop, 0.05);
     assert_int_equal(ga.n, 1); /* never called twice */
     assert_true(metric_value(ESMD_COUNTER, "esmd_invocations_total", "cancel", NULL) == 1);
 }
@@ -724,7 +692,7 @@ static void test_cancel_from_callback(void **state)
     in_start = false;
     ch.victim = start(ch.fn, "{}", "k", NULL, &victim);
     ch.victim_got = &victim;
-    run_until(c->loop, &ch.next.n, 1);
+    esmd_test_run_until_count(c->loop, &ch.next.n, 1, 20.);
     assert_int_equal(ch.n, 1);
     assert_int_equal(victim.n, 1);
     assert_int_equal(ch.next.outcome, ESMD_INVOKE_OK);
@@ -741,7 +709,7 @@ static void test_free_cancels(void **state)
     fn = add_fn(c, 0, "freeing", url, 5000, 1);
     start(fn, "{}", "k", NULL, &ga);
     start(fn, "{}", "k", NULL, &gb);
-    sleep_loop(c->loop, 0.05);
+    esmd_test_run_for(c->loop, 0.05);
     esmd_invoker_free(c->inv);
     c->inv = NULL;
     assert_int_equal(ga.n, 1);
@@ -781,12 +749,7 @@ int main(void)
     };
     int rc;
 
-    unsetenv("http_proxy");
-    unsetenv("HTTP_PROXY");
-    unsetenv("all_proxy");
-    unsetenv("ALL_PROXY");
-    curl_global_init(CURL_GLOBAL_DEFAULT);
-    esmd_log_set_level(ESMD_LOG_ERROR);
+    esmd_test_http_init();
     rc = cmocka_run_group_tests(tests, group_setup, group_teardown);
     curl_global_cleanup();
     return rc;

@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "testutil.h"
+
 #include "../../connectors/kafka/kafka_private.h"
 
 #include <cJSON.h>
@@ -104,27 +106,6 @@ static void batch_init(struct esmd_batch *batch, const char *servers)
     esmd_batch_init(batch, &lim);
 }
 
-static char *read_file(const char *name)
-{
-    char path[512];
-    snprintf(path, sizeof(path), "%s/kafka/%s", ESMD_TEST_DATA, name);
-    FILE *fp = fopen(path, "rb");
-    if (!fp) {
-        fail_msg("cannot open %s", path);
-        return NULL;
-    }
-    fseek(fp, 0, SEEK_END);
-    long n = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    char *s = malloc((size_t)n + 1);
-    assert_int_equal(fread(s, 1, (size_t)n, fp), (size_t)n);
-    s[n] = '\0';
-    fclose(fp);
-    while (n > 0 && s[n - 1] == '\n') /* files end with one newline; events do not */
-        s[--n] = '\0';
-    return s;
-}
-
 static void assert_golden(const char *name, const struct esmd_batch *batch, const char *servers)
 {
     struct esmd_buf out = ESMD_BUF_INIT;
@@ -132,10 +113,7 @@ static void assert_golden(const char *name, const struct esmd_batch *batch, cons
     const char *got = esmd_buf_cstr(&out);
     assert_int_equal(out.len, esmd_batch_bytes(batch));
     assert_int_equal(strlen(got), esmd_batch_bytes(batch));
-    char *want = read_file(name);
-    if (strcmp(got, want) != 0)
-        fail_msg("%s differs:\n got: %s\nwant: %s", name, got, want);
-    free(want);
+    esmd_test_assert_golden("kafka", name, got, out.len);
     esmd_buf_free(&out);
 }
 
@@ -313,22 +291,6 @@ static void test_round_trip(void **state)
 
 /* ---- exactness on random batches ---- */
 
-static uint64_t rng_state = 0x9e3779b97f4a7c15ULL;
-
-static uint64_t rnd(void)
-{
-    /* xorshift64*: deterministic across platforms */
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * 2685821657736338717ULL;
-}
-
-static size_t rnd_n(size_t n)
-{
-    return (size_t)(rnd() % n);
-}
-
 /* Random bytes, biased towards what needs escaping: quotes, backslashes, control bytes, bytes
  * that are not valid UTF-8, valid multi-byte sequences. No NUL when `cstring`. */
 static void rnd_bytes(unsigned char *p, size_t n, bool cstring)
@@ -350,12 +312,12 @@ static void rnd_bytes(unsigned char *p, size_t n, bool cstring)
                                          "/"};
     size_t i = 0;
     while (i < n) {
-        if (rnd_n(3) == 0) {
-            const char *s = pieces[rnd_n(ESMD_ARRAY_LEN(pieces))];
+        if (esmd_test_rand_n(3) == 0) {
+            const char *s = pieces[esmd_test_rand_n(ESMD_ARRAY_LEN(pieces))];
             for (; *s && i < n; s++)
                 p[i++] = (unsigned char)*s;
         } else {
-            unsigned char c = (unsigned char)rnd();
+            unsigned char c = (unsigned char)esmd_test_rand();
             p[i++] = cstring && c == 0 ? 'x' : c;
         }
     }
@@ -367,42 +329,44 @@ static void test_exact_size_random(void **state)
                                          "\xc3\xbc-topic", "ctl\x01", "bad\xff"};
     static const char *const servers[] = {"localhost:9092", "b1:9092,b2:9092", "we\"ird\\\x02"};
     for (int iter = 0; iter < 300; iter++) {
-        const char *srv = servers[rnd_n(ESMD_ARRAY_LEN(servers))];
+        const char *srv = servers[esmd_test_rand_n(ESMD_ARRAY_LEN(servers))];
         struct esmd_batch batch;
         batch_init(&batch, srv);
-        size_t nshards = 1 + rnd_n(5);
+        size_t nshards = 1 + esmd_test_rand_n(5);
         struct esmd_shard shards[5];
         char keys[5][64];
         const char *shard_topic[5];
         int32_t shard_part[5];
         for (size_t s = 0; s < nshards; s++) {
-            shard_topic[s] = topics[rnd_n(ESMD_ARRAY_LEN(topics))];
-            shard_part[s] = (int32_t)(s * 1000 + rnd_n(1000));
+            shard_topic[s] = topics[esmd_test_rand_n(ESMD_ARRAY_LEN(topics))];
+            shard_part[s] = (int32_t)(s * 1000 + esmd_test_rand_n(1000));
             snprintf(keys[s], sizeof(keys[s]), "%s-%d", shard_topic[s], (int)shard_part[s]);
             shard_init(&shards[s], keys[s]);
         }
         int64_t next_offset[5] = {0};
-        size_t nrec = 1 + rnd_n(40);
+        size_t nrec = 1 + esmd_test_rand_n(40);
         struct trec **recs = calloc(nrec, sizeof(*recs));
         for (size_t r = 0; r < nrec; r++) {
-            size_t s = rnd_n(nshards);
+            size_t s = esmd_test_rand_n(nshards);
             unsigned char key[40], value[300];
-            size_t klen = rnd_n(sizeof(key)), vlen = rnd_n(sizeof(value));
+            size_t klen = esmd_test_rand_n(sizeof(key)), vlen = esmd_test_rand_n(sizeof(value));
             rnd_bytes(key, klen, false);
             rnd_bytes(value, vlen, false);
-            int64_t ts = rnd_n(4) == 0 ? -1 : (int64_t)(rnd() >> 1);
-            rd_kafka_timestamp_type_t tt = (rd_kafka_timestamp_type_t)rnd_n(3);
-            next_offset[s] += 1 + (int64_t)rnd_n(rnd_n(2) ? 3 : 1000000000);
+            int64_t ts = esmd_test_rand_n(4) == 0 ? -1 : (int64_t)(esmd_test_rand() >> 1);
+            rd_kafka_timestamp_type_t tt = (rd_kafka_timestamp_type_t)esmd_test_rand_n(3);
+            next_offset[s] += 1 + (int64_t)esmd_test_rand_n(esmd_test_rand_n(2) ? 3 : 1000000000);
             recs[r] = trec_new(shard_topic[s], shard_part[s], next_offset[s], ts, tt,
-                               rnd_n(5) ? key : NULL, klen, rnd_n(5) ? value : NULL, vlen);
-            size_t nh = rnd_n(5);
+                               esmd_test_rand_n(5) ? key : NULL, klen,
+                               esmd_test_rand_n(5) ? value : NULL, vlen);
+            size_t nh = esmd_test_rand_n(5);
             for (size_t h = 0; h < nh; h++) {
                 unsigned char name[16], hv[20];
-                size_t nlen = rnd_n(sizeof(name) - 1), hlen = rnd_n(sizeof(hv));
+                size_t nlen = esmd_test_rand_n(sizeof(name) - 1),
+                       hlen = esmd_test_rand_n(sizeof(hv));
                 rnd_bytes(name, nlen, true);
                 name[nlen] = '\0';
                 rnd_bytes(hv, hlen, false);
-                trec_header(recs[r], (const char *)name, rnd_n(4) ? hv : NULL, hlen);
+                trec_header(recs[r], (const char *)name, esmd_test_rand_n(4) ? hv : NULL, hlen);
             }
             /* one record alone: its write is exactly its size */
             struct esmd_buf one = ESMD_BUF_INIT;

@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "testutil.h"
+
 #include "esmd/connector.h"
 #include "esmd/log.h"
 
@@ -331,25 +333,22 @@ static void fake_start(struct fake *f, struct test_cfg *tc)
 
 typedef bool (*pred_fn)(struct fake *f, void *arg);
 
+struct pred_call {
+    struct fake *f;
+    pred_fn pred;
+    void *arg;
+};
+
+static bool pred_holds(void *p)
+{
+    struct pred_call *c = p;
+    return c->pred(c->f, c->arg);
+}
+
 static bool run_until(struct fake *f, pred_fn pred, void *arg, double timeout_s)
 {
-    double deadline = ev_time() + timeout_s;
-    while (!pred(f, arg)) {
-        if (ev_time() > deadline)
-            return false;
-        ev_run(f->loop, EVRUN_ONCE);
-    }
-    return true;
-}
-
-static bool never(struct fake *f, void *arg)
-{
-    return false;
-}
-
-static void run_for(struct fake *f, double s)
-{
-    run_until(f, never, NULL, s);
+    struct pred_call c = {f, pred, arg};
+    return esmd_test_run_until(f->loop, pred_holds, &c, timeout_s);
 }
 
 static bool total_at_least(struct fake *f, void *arg)
@@ -453,7 +452,7 @@ static void test_consume_ack_resume(void **state)
     test_cfg_init(&tc, topic, group, ESMD_START_TRIM_HORIZON, NULL);
     fake_start(&f, &tc);
     wait_total(&f, NREC);
-    run_for(&f, 0.3); /* nothing more arrives */
+    esmd_test_run_for(f.loop, 0.3); /* nothing more arrives */
     assert_int_equal(f.total, NREC);
     assert_true(f.ready);
     for (int p = 0; p < NPART; p++) {
@@ -503,7 +502,7 @@ static void test_consume_ack_resume(void **state)
         ops->ack(f.conn, f.parts[p].shard, acked[p]);
         ops->ack(f.conn, f.parts[p].shard, 1);
     }
-    run_for(&f, 0.5); /* the coalesced async commit completes */
+    esmd_test_run_for(f.loop, 0.5); /* the coalesced async commit completes */
     struct esmd_connector_stats st;
     ops->stats(f.conn, &st);
     assert_int_equal(st.committed, 5 + 10 + 15 + 20);
@@ -526,7 +525,7 @@ static void test_consume_ack_resume(void **state)
     for (int p = 0; p < NPART; p++)
         rest += (size_t)(NREC / NPART - acked[p]);
     wait_total(&f, rest);
-    run_for(&f, 0.3);
+    esmd_test_run_for(f.loop, 0.3);
     assert_int_equal(f.total, rest);
     for (int p = 0; p < NPART; p++)
         assert_contiguous(&f.parts[p], acked[p], (size_t)(NREC / NPART - acked[p]));
@@ -550,11 +549,11 @@ static void test_latest(void **state)
     fake_start(&f, &tc);
     int n = NPART;
     assert_true(run_until(&f, shards_open, &n, JOIN_TIMEOUT_S));
-    run_for(&f, 1.5); /* positions resolve to the end */
+    esmd_test_run_for(f.loop, 1.5); /* positions resolve to the end */
     assert_int_equal(f.total, 0);
     produce(topic, NREC, 2 * NPART);
     wait_total(&f, 2 * NPART);
-    run_for(&f, 0.3);
+    esmd_test_run_for(f.loop, 0.3);
     assert_int_equal(f.total, 2 * NPART);
     for (int p = 0; p < NPART; p++)
         assert_contiguous(&f.parts[p], NREC / NPART, 2);
@@ -584,7 +583,7 @@ static void test_pause_resume(void **state)
     fake_start(&f, &tc);
     size_t others = (size_t)(NREC / NPART * (NPART - 1));
     wait_total(&f, others + 1);
-    run_for(&f, 0.5);
+    esmd_test_run_for(f.loop, 0.5);
     for (int p = 1; p < NPART; p++)
         assert_contiguous(&f.parts[p], 0, NREC / NPART);
     assert_int_equal(f.parts[0].n, f.parts[0].n_at_pause); /* nothing after the pause */
@@ -596,7 +595,7 @@ static void test_pause_resume(void **state)
     ops->resume(f.conn, f.parts[0].shard);
     ops->resume(f.conn, f.parts[0].shard); /* idempotent */
     wait_total(&f, NREC);
-    run_for(&f, 0.3);
+    esmd_test_run_for(f.loop, 0.3);
     assert_contiguous(&f.parts[0], 0, NREC / NPART);
     fake_stop(&f);
     fake_free(&f);
@@ -620,7 +619,7 @@ static void test_cooperative_two_members(void **state)
         assert_contiguous(&a.parts[p], 0, NREC / NPART);
         ops->ack(a.conn, a.parts[p].shard, NREC / NPART);
     }
-    run_for(&a, 0.5);
+    esmd_test_run_for(a.loop, 0.5);
 
     /* b shares a's loop so both are served while the group rebalances */
     fake_init(&b, topic);
@@ -670,7 +669,7 @@ static void test_many(void **state)
     test_cfg_init(&tc, topic, "g-many", ESMD_START_TRIM_HORIZON, NULL);
     fake_start(&f, &tc);
     wait_total(&f, (size_t)many);
-    run_for(&f, 0.3);
+    esmd_test_run_for(f.loop, 0.3);
     for (int p = 0; p < NPART; p++)
         assert_contiguous(&f.parts[p], 0, (size_t)(many / NPART));
     /* released early (as the core does after a batch) while the consumer runs on */
@@ -735,7 +734,7 @@ static void test_broker_outage(void **state)
     assert_true(run_until(&f, is_ready, &want, JOIN_TIMEOUT_S));
     produce(topic, 40, 8);
     wait_total(&f, 48);
-    run_for(&f, 0.3);
+    esmd_test_run_for(f.loop, 0.3);
     for (int p = 0; p < NPART; p++) {
         struct part_log *pl = &f.parts[p];
         assert_true(pl->n >= 12);
@@ -759,7 +758,7 @@ static void test_at_timestamp(void **state)
     fake_start(&f, &tc);
     int n = NPART;
     assert_true(run_until(&f, shards_open, &n, JOIN_TIMEOUT_S));
-    run_for(&f, 1.0);
+    esmd_test_run_for(f.loop, 1.0);
     assert_int_equal(f.total, 0);
     produce(topic, NREC, NPART);
     wait_total(&f, NPART);

@@ -11,6 +11,8 @@
 
 #include <cmocka.h>
 
+#include "testutil.h"
+
 #include "esmd/log.h"
 #include "esmd/pg.h"
 
@@ -21,66 +23,11 @@
 #include <string.h>
 #include <unistd.h>
 
-static const char *g_base;    /* ESMD_TEST_PG */
-static char g_conninfo[2048]; /* the scratch database */
-static char g_dbname[64];
-static bool g_own_db;
-
-#define NEED_PG()                                                                                  \
-    do {                                                                                           \
-        if (!g_base)                                                                               \
-            skip();                                                                                \
-    } while (0)
-
 /* ---- helpers ---------------------------------------------------------------------------- */
-
-/* base's options with dbname replaced, as a quoted keyword=value conninfo. */
-static void build_conninfo(const char *base, const char *db, char *out, size_t n)
-{
-    char *msg = NULL;
-    PQconninfoOption *opts = PQconninfoParse(base, &msg);
-    assert_non_null(opts);
-    size_t o = 0;
-    for (const PQconninfoOption *opt = opts; opt->keyword; opt++) {
-        if (!opt->val || !*opt->val || strcmp(opt->keyword, "dbname") == 0)
-            continue;
-        o += (size_t)snprintf(out + o, n - o, "%s='", opt->keyword);
-        for (const char *s = opt->val; *s && o + 3 < n; s++) {
-            if (*s == '\'' || *s == '\\')
-                out[o++] = '\\';
-            out[o++] = *s;
-        }
-        o += (size_t)snprintf(out + o, n - o, "' ");
-        assert_true(o < n);
-    }
-    snprintf(out + o, n - o, "dbname='%s'", db);
-    PQconninfoFree(opts);
-}
-
-static PGconn *blocking_conn(void)
-{
-    PGconn *c = PQconnectdb(g_conninfo);
-    assert_non_null(c);
-    if (PQstatus(c) != CONNECTION_OK)
-        fail_msg("connect: %s", PQerrorMessage(c));
-    return c;
-}
-
-/* Runs sql; returns the first column of the first row as a malloc'd string ("" if none). */
-static char *scalar(PGconn *c, const char *sql)
-{
-    PGresult *res = PQexec(c, sql);
-    ExecStatusType st = PQresultStatus(res);
-    if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK)
-        fail_msg("%s: %s", sql, PQresultErrorMessage(res));
-    char *v = strdup(PQntuples(res) > 0 ? PQgetvalue(res, 0, 0) : "");
-    PQclear(res);
-    return v;
-}
 
 static void assert_scalar(PGconn *c, const char *sql, const char *want)
 {
-    char *v = scalar(c, sql);
+    char *v = esmd_test_pg_text(c, sql);
     if (strcmp(v, want) != 0)
         fail_msg("%s: got '%s', want '%s'", sql, v, want);
     free(v);
@@ -88,87 +35,11 @@ static void assert_scalar(PGconn *c, const char *sql, const char *want)
 
 static void reset_schema(void)
 {
-    PGconn *c = blocking_conn();
+    PGconn *c = esmd_test_pg_connect();
     PQsetNoticeProcessor(c, NULL, NULL);
-    free(scalar(c, "SET client_min_messages = warning"));
-    free(scalar(c, "DROP SCHEMA IF EXISTS esmd CASCADE"));
+    free(esmd_test_pg_text(c, "SET client_min_messages = warning"));
+    free(esmd_test_pg_text(c, "DROP SCHEMA IF EXISTS esmd CASCADE"));
     PQfinish(c);
-}
-
-static int group_setup(void **state)
-{
-    (void)state;
-    const char *base = getenv("ESMD_TEST_PG");
-    if (!base || !*base)
-        return 0;
-    g_base = base;
-    PGconn *c = PQconnectdb(base);
-    if (PQstatus(c) != CONNECTION_OK) {
-        fprintf(stderr, "ESMD_TEST_PG: cannot connect: %s", PQerrorMessage(c));
-        PQfinish(c);
-        return -1;
-    }
-    snprintf(g_dbname, sizeof(g_dbname), "esmd_test_pg_%d", (int)getpid());
-    char sql[128];
-    snprintf(sql, sizeof(sql), "CREATE DATABASE %s", g_dbname);
-    PGresult *res = PQexec(c, sql);
-    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
-        g_own_db = true;
-        build_conninfo(base, g_dbname, g_conninfo, sizeof(g_conninfo));
-    } else {
-        fprintf(stderr, "# cannot create a scratch database (%s); using ESMD_TEST_PG's own\n",
-                PQresultErrorMessage(res));
-        snprintf(g_conninfo, sizeof(g_conninfo), "%s", base);
-    }
-    PQclear(res);
-    PQfinish(c);
-    return 0;
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    if (!g_own_db)
-        return 0;
-    PGconn *c = PQconnectdb(g_base);
-    char sql[128];
-    snprintf(sql, sizeof(sql), "DROP DATABASE IF EXISTS %s WITH (FORCE)", g_dbname);
-    PQclear(PQexec(c, sql));
-    PQfinish(c);
-    return 0;
-}
-
-/* Loop helpers: run until cond(arg) is true or timeout_s passes; a 10 ms tick keeps
- * ev_run(ONCE) from blocking forever. */
-static void tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    (void)loop;
-    (void)w;
-    (void)revents;
-}
-
-static bool run_until(struct ev_loop *loop, bool (*cond)(void *), void *arg, double timeout_s)
-{
-    ev_timer tick;
-    ev_timer_init(&tick, tick_cb, 0.01, 0.01);
-    ev_timer_start(loop, &tick);
-    double end = ev_time() + timeout_s;
-    bool ok;
-    while (!(ok = cond(arg)) && ev_time() < end)
-        ev_run(loop, EVRUN_ONCE);
-    ev_timer_stop(loop, &tick);
-    return ok;
-}
-
-static bool cond_false(void *arg)
-{
-    (void)arg;
-    return false;
-}
-
-static void run_for(struct ev_loop *loop, double s)
-{
-    run_until(loop, cond_false, NULL, s);
 }
 
 static bool cond_ready(void *arg)
@@ -234,10 +105,10 @@ static void query(struct esmd_pg *pg, const char *sql, int n, const char *const 
 static struct esmd_pg *connect_ready(struct ev_loop *loop)
 {
     char err[256] = "";
-    struct esmd_pg *pg = esmd_pg_new(loop, g_conninfo, "test", err, sizeof(err));
+    struct esmd_pg *pg = esmd_pg_new(loop, esmd_test_pg_conninfo(), "test", err, sizeof(err));
     if (!pg)
         fail_msg("esmd_pg_new: %s", err);
-    assert_true(run_until(loop, cond_ready, pg, 10));
+    assert_true(esmd_test_run_until(loop, cond_ready, pg, 10));
     return pg;
 }
 
@@ -298,7 +169,7 @@ static void test_unreachable_and_redacted(void **state)
     assert_non_null(pg);
     struct outcome o = {0};
     query(pg, "SELECT 1", 0, NULL, &o);
-    run_for(loop, 0.5); /* a few reconnect attempts */
+    esmd_test_run_for(loop, 0.5); /* a few reconnect attempts */
     assert_false(esmd_pg_ready(pg));
     assert_int_equal(o.calls, 0);
     assert_true(esmd_pg_last_error(pg)[0] != '\0');
@@ -329,15 +200,15 @@ static void test_unreachable_and_redacted(void **state)
 static void test_migrate_applies_all_then_none(void **state)
 {
     (void)state;
-    NEED_PG();
+    ESMD_TEST_NEED_PG();
     reset_schema();
     char err[512] = "";
     int applied = -1;
-    assert_int_equal(esmd_pg_migrate(g_conninfo, &applied, err, sizeof(err)), 0);
+    assert_int_equal(esmd_pg_migrate(esmd_test_pg_conninfo(), &applied, err, sizeof(err)), 0);
     assert_string_equal(err, "");
     assert_int_equal(applied, (int)esmd_pg_migration_count());
 
-    PGconn *c = blocking_conn();
+    PGconn *c = esmd_test_pg_connect();
     char want[32];
     snprintf(want, sizeof(want), "%zu", esmd_pg_migration_count());
     assert_scalar(c, "SELECT count(*) FROM esmd.schema_migrations", want);
@@ -346,8 +217,8 @@ static void test_migrate_applies_all_then_none(void **state)
                   "FROM esmd.schema_migrations ORDER BY version LIMIT 1",
                   "0001 0001_mapping_state true");
     /* mapping_state with Lambda's defaults */
-    free(scalar(c, "INSERT INTO esmd.mapping_state (name, function, source_kind) "
-                   "VALUES ('m1', 'orders', 'kafka')"));
+    free(esmd_test_pg_text(c, "INSERT INTO esmd.mapping_state (name, function, source_kind) "
+                              "VALUES ('m1', 'orders', 'kafka')"));
     assert_scalar(c,
                   "SELECT concat_ws('|', enabled, state, state_transition_reason, "
                   "last_processing_result, config IS NULL, instance_id IS NULL, "
@@ -358,10 +229,11 @@ static void test_migrate_applies_all_then_none(void **state)
     assert_string_equal(PQresultErrorField(res, PG_DIAG_SQLSTATE), "23514"); /* check_violation */
     PQclear(res);
     /* a version from a newer esmd is left alone */
-    free(scalar(c, "INSERT INTO esmd.schema_migrations (version, name) VALUES ('9999', 'x')"));
+    free(esmd_test_pg_text(
+        c, "INSERT INTO esmd.schema_migrations (version, name) VALUES ('9999', 'x')"));
 
     applied = -1;
-    assert_int_equal(esmd_pg_migrate(g_conninfo, &applied, err, sizeof(err)), 0);
+    assert_int_equal(esmd_pg_migrate(esmd_test_pg_conninfo(), &applied, err, sizeof(err)), 0);
     assert_int_equal(applied, 0);
     snprintf(want, sizeof(want), "%zu", esmd_pg_migration_count() + 1);
     assert_scalar(c, "SELECT count(*) FROM esmd.schema_migrations", want);
@@ -384,15 +256,15 @@ static const char *g_conc_sqls[] = {
 static void *migrator_main(void *arg)
 {
     struct migrator *m = arg;
-    m->rc = esmd_pg_migrate_list(g_conninfo, g_conc_names, g_conc_sqls, 2, &m->applied, m->err,
-                                 sizeof(m->err));
+    m->rc = esmd_pg_migrate_list(esmd_test_pg_conninfo(), g_conc_names, g_conc_sqls, 2, &m->applied,
+                                 m->err, sizeof(m->err));
     return NULL;
 }
 
 static void test_migrate_concurrent(void **state)
 {
     (void)state;
-    NEED_PG();
+    ESMD_TEST_NEED_PG();
     reset_schema();
     struct migrator m[2];
     memset(m, 0, sizeof(m));
@@ -407,7 +279,7 @@ static void test_migrate_concurrent(void **state)
     /* one applied both, the other waited for the lock and found nothing to do */
     assert_int_equal(m[0].applied + m[1].applied, 2);
     assert_true(m[0].applied == 0 || m[1].applied == 0);
-    PGconn *c = blocking_conn();
+    PGconn *c = esmd_test_pg_connect();
     assert_scalar(c, "SELECT string_agg(version, ',' ORDER BY version) FROM esmd.schema_migrations",
                   "0001,0002");
     assert_scalar(c, "SELECT count(*) FROM esmd.t_conc", "1");
@@ -417,7 +289,7 @@ static void test_migrate_concurrent(void **state)
 static void test_migrate_broken(void **state)
 {
     (void)state;
-    NEED_PG();
+    ESMD_TEST_NEED_PG();
     reset_schema();
     /* given out of order: applied in name order */
     const char *names[] = {"0003_after", "0001_ok", "0002_broken"};
@@ -427,15 +299,16 @@ static void test_migrate_broken(void **state)
                           broken};
     char err[512] = "";
     int applied = -1;
-    assert_int_equal(esmd_pg_migrate_list(g_conninfo, names, sqls, 3, &applied, err, sizeof(err)),
-                     ESMD_EIO);
+    assert_int_equal(
+        esmd_pg_migrate_list(esmd_test_pg_conninfo(), names, sqls, 3, &applied, err, sizeof(err)),
+        ESMD_EIO);
     assert_int_equal(applied, 1);
     assert_non_null(strstr(err, "0002_broken"));
     assert_non_null(strstr(err, "esmd.no_such_table"));
     assert_non_null(strstr(err, "does not exist"));
     assert_null(strchr(err, '\n'));
 
-    PGconn *c = blocking_conn();
+    PGconn *c = esmd_test_pg_connect();
     assert_scalar(c, "SELECT string_agg(version, ',' ORDER BY version) FROM esmd.schema_migrations",
                   "0001");
     assert_scalar(c, "SELECT to_regclass('esmd.t_ok') IS NOT NULL", "t");
@@ -445,8 +318,9 @@ static void test_migrate_broken(void **state)
 
     /* fixed: the rest applies */
     sqls[2] = "CREATE TABLE esmd.t_half (id int);";
-    assert_int_equal(esmd_pg_migrate_list(g_conninfo, names, sqls, 3, &applied, err, sizeof(err)),
-                     0);
+    assert_int_equal(
+        esmd_pg_migrate_list(esmd_test_pg_conninfo(), names, sqls, 3, &applied, err, sizeof(err)),
+        0);
     assert_int_equal(applied, 2);
     assert_scalar(c, "SELECT string_agg(version, ',' ORDER BY version) FROM esmd.schema_migrations",
                   "0001,0002,0003");
@@ -471,10 +345,10 @@ static void test_migrate_connect_error(void **state)
 static void test_async_order_params_errors(void **state)
 {
     (void)state;
-    NEED_PG();
+    ESMD_TEST_NEED_PG();
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
     char err[256] = "";
-    struct esmd_pg *pg = esmd_pg_new(loop, g_conninfo, "test", err, sizeof(err));
+    struct esmd_pg *pg = esmd_pg_new(loop, esmd_test_pg_conninfo(), "test", err, sizeof(err));
     assert_non_null(pg);
     g_seq = 0;
     g_reentrant = 0;
@@ -495,7 +369,7 @@ static void test_async_order_params_errors(void **state)
     assert_int_equal(esmd_pg_query(pg, "SELECT $1", 1, NULL, on_result, &o[5]), ESMD_EINVAL);
     assert_int_equal(esmd_pg_query(pg, "SELECT 1", -1, NULL, on_result, &o[5]), ESMD_EINVAL);
 
-    assert_true(run_until(loop, cond_called, &o[4], 10));
+    assert_true(esmd_test_run_until(loop, cond_called, &o[4], 10));
     assert_true(esmd_pg_ready(pg));
     assert_int_equal(g_reentrant, 0);
     for (int i = 0; i < 5; i++) {
@@ -521,7 +395,7 @@ static void test_async_order_params_errors(void **state)
     /* queued on a ready, idle connection: still deferred to the loop */
     struct outcome late = {0};
     query(pg, "SELECT 'late'", 0, NULL, &late);
-    assert_true(run_until(loop, cond_called, &late, 10));
+    assert_true(esmd_test_run_until(loop, cond_called, &late, 10));
     assert_string_equal(late.value, "late");
     assert_int_equal(g_reentrant, 0);
 
@@ -555,7 +429,7 @@ static void test_async_order_params_errors(void **state)
     esmd_buf_free(&ua.buf);
     assert_int_equal(esmd_pg_query_binary(pg, "SELECT 1", 1, bp, bl, NULL, on_result, &bin),
                      ESMD_EINVAL); /* lengths without formats */
-    assert_true(run_until(loop, cond_called, &bin, 10));
+    assert_true(esmd_test_run_until(loop, cond_called, &bin, 10));
     assert_string_equal(bin.err, "");
     assert_string_equal(bin.value, "a\"b|back\\slash||\xc3\xbcn\xc3\xaf|{}|x,y");
     assert_string_equal(bin.value2, "00112233-4455-6677-8899-aabbccddeeff");
@@ -568,27 +442,27 @@ static void test_async_order_params_errors(void **state)
 static void test_async_reconnect(void **state)
 {
     (void)state;
-    NEED_PG();
+    ESMD_TEST_NEED_PG();
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
     struct esmd_pg *pg = connect_ready(loop);
     g_seq = 0;
 
     struct outcome pid1 = {0};
     query(pg, "SELECT pg_backend_pid()", 0, NULL, &pid1);
-    assert_true(run_until(loop, cond_called, &pid1, 10));
+    assert_true(esmd_test_run_until(loop, cond_called, &pid1, 10));
 
     /* a long query in flight, one queued behind it, then the backend is killed */
     struct outcome sleeping = {0}, before = {0}, after = {0};
     query(pg, "SELECT pg_sleep(30)", 0, NULL, &sleeping);
-    run_for(loop, 0.3);
+    esmd_test_run_for(loop, 0.3);
     query(pg, "SELECT pg_backend_pid()", 0, NULL, &before);
-    PGconn *c = blocking_conn();
+    PGconn *c = esmd_test_pg_connect();
     char sql[512];
     snprintf(sql, sizeof(sql), "SELECT pg_terminate_backend(%s)", pid1.value);
     assert_scalar(c, sql, "t");
 
-    assert_true(run_until(loop, cond_not_ready, pg, 10));
-    assert_true(run_until(loop, cond_called, &sleeping, 10));
+    assert_true(esmd_test_run_until(loop, cond_not_ready, pg, 10));
+    assert_true(esmd_test_run_until(loop, cond_called, &sleeping, 10));
     assert_false(sleeping.have_res);
     assert_true(strncmp(sleeping.err, "connection lost: ", 17) == 0);
     assert_true(esmd_pg_last_error(pg)[0] != '\0');
@@ -596,7 +470,7 @@ static void test_async_reconnect(void **state)
     /* issued after the loss: waits for the reconnection */
     const char *pa[] = {"after"};
     query(pg, "SELECT $1::text, pg_backend_pid()", 1, pa, &after);
-    assert_true(run_until(loop, cond_called, &after, 15));
+    assert_true(esmd_test_run_until(loop, cond_called, &after, 15));
     assert_true(esmd_pg_ready(pg));
     assert_int_equal(before.calls, 1);
     assert_string_equal(before.err, "");
@@ -609,8 +483,8 @@ static void test_async_reconnect(void **state)
     /* killed while idle: noticed without a query, then back */
     snprintf(sql, sizeof(sql), "SELECT pg_terminate_backend(%s)", after.value2);
     assert_scalar(c, sql, "t");
-    assert_true(run_until(loop, cond_not_ready, pg, 10));
-    assert_true(run_until(loop, cond_ready, pg, 15));
+    assert_true(esmd_test_run_until(loop, cond_not_ready, pg, 10));
+    assert_true(esmd_test_run_until(loop, cond_ready, pg, 15));
     PQfinish(c);
     esmd_pg_free(pg);
     ev_loop_destroy(loop);
@@ -623,10 +497,10 @@ static void test_async_reconnect(void **state)
 static void test_prepared(void **state)
 {
     (void)state;
-    NEED_PG();
+    ESMD_TEST_NEED_PG();
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
     char err[256] = "";
-    struct esmd_pg *pg = esmd_pg_new(loop, g_conninfo, "test", err, sizeof(err));
+    struct esmd_pg *pg = esmd_pg_new(loop, esmd_test_pg_conninfo(), "test", err, sizeof(err));
     assert_non_null(pg);
     assert_int_equal(esmd_pg_prepare(pg, "twice", "SELECT $1::int * 2, pg_backend_pid()", 1), 0);
     assert_int_equal(esmd_pg_prepare(pg, "twice", "SELECT 1", 0), ESMD_EINVAL); /* taken */
@@ -635,29 +509,29 @@ static void test_prepared(void **state)
     assert_int_equal(esmd_pg_query_prepared(pg, "nope", 0, NULL, NULL, NULL, on_result, &bad),
                      ESMD_EINVAL);
     assert_int_equal(esmd_pg_query_prepared(pg, "twice", 1, p21, NULL, NULL, on_result, &a), 0);
-    assert_true(run_until(loop, cond_called, &a, 10));
+    assert_true(esmd_test_run_until(loop, cond_called, &a, 10));
     assert_string_equal(a.err, "");
     assert_string_equal(a.value, "42");
 
-    PGconn *conn = blocking_conn();
+    PGconn *conn = esmd_test_pg_connect();
     char sql[512];
     snprintf(sql, sizeof(sql), "SELECT pg_terminate_backend(%s)", a.value2);
     assert_scalar(conn, sql, "t");
-    assert_true(run_until(loop, cond_not_ready, pg, 10));
+    assert_true(esmd_test_run_until(loop, cond_not_ready, pg, 10));
     assert_int_equal(esmd_pg_query_prepared(pg, "twice", 1, p5, NULL, NULL, on_result, &b), 0);
-    assert_true(run_until(loop, cond_called, &b, 15));
+    assert_true(esmd_test_run_until(loop, cond_called, &b, 15));
     assert_string_equal(b.err, "");
     assert_string_equal(b.value, "10");
     assert_string_not_equal(b.value2, a.value2); /* a new session, prepared again */
 
     struct outcome gone = {0};
     query(pg, "DEALLOCATE twice", 0, NULL, &gone);
-    assert_true(run_until(loop, cond_called, &gone, 10));
+    assert_true(esmd_test_run_until(loop, cond_called, &gone, 10));
     assert_int_equal(esmd_pg_query_prepared(pg, "twice", 1, p7, NULL, NULL, on_result, &c1), 0);
-    assert_true(run_until(loop, cond_called, &c1, 10));
+    assert_true(esmd_test_run_until(loop, cond_called, &c1, 10));
     assert_non_null(strstr(c1.err, "does not exist"));
     assert_int_equal(esmd_pg_query_prepared(pg, "twice", 1, p7, NULL, NULL, on_result, &c2), 0);
-    assert_true(run_until(loop, cond_called, &c2, 10));
+    assert_true(esmd_test_run_until(loop, cond_called, &c2, 10));
     assert_string_equal(c2.err, "");
     assert_string_equal(c2.value, "14");
     PQfinish(conn);
@@ -668,15 +542,15 @@ static void test_prepared(void **state)
 static void test_async_idle_ping(void **state)
 {
     (void)state;
-    NEED_PG();
+    ESMD_TEST_NEED_PG();
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
     struct esmd_pg *pg = connect_ready(loop);
     struct outcome pid = {0};
     query(pg, "SELECT pg_backend_pid()", 0, NULL, &pid);
-    assert_true(run_until(loop, cond_called, &pid, 10));
-    run_for(loop, 5.6);
+    assert_true(esmd_test_run_until(loop, cond_called, &pid, 10));
+    esmd_test_run_for(loop, 5.6);
     assert_true(esmd_pg_ready(pg));
-    PGconn *c = blocking_conn();
+    PGconn *c = esmd_test_pg_connect();
     char sql[512];
     snprintf(sql, sizeof(sql), "SELECT query FROM pg_stat_activity WHERE pid = %s", pid.value);
     assert_scalar(c, sql, "SELECT 1");
@@ -709,13 +583,13 @@ static void on_free_pg(void *ud, const PGresult *res, const char *err)
 static void test_async_free(void **state)
 {
     (void)state;
-    NEED_PG();
+    ESMD_TEST_NEED_PG();
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
     char err[256] = "";
     g_seq = 0;
 
     /* free before connected */
-    struct esmd_pg *pg = esmd_pg_new(loop, g_conninfo, "test", err, sizeof(err));
+    struct esmd_pg *pg = esmd_pg_new(loop, esmd_test_pg_conninfo(), "test", err, sizeof(err));
     assert_non_null(pg);
     struct closer cl[3];
     memset(cl, 0, sizeof(cl));
@@ -731,7 +605,7 @@ static void test_async_free(void **state)
         assert_string_equal(cl[i].o.err, "closed");
         assert_int_equal(cl[i].query_rc, ESMD_ESTATE);
     }
-    run_for(loop, 0.1); /* no watcher of the freed object may fire */
+    esmd_test_run_for(loop, 0.1); /* no watcher of the freed object may fire */
 
     /* free from inside a result callback, with one in flight and one queued */
     pg = connect_ready(loop);
@@ -743,14 +617,14 @@ static void test_async_free(void **state)
         assert_int_equal(esmd_pg_query(pg, "SELECT pg_sleep(0.2)", 0, NULL, on_closed, &rest[i]),
                          0);
     }
-    assert_true(run_until(loop, cond_called, &first.o, 10));
+    assert_true(esmd_test_run_until(loop, cond_called, &first.o, 10));
     assert_string_equal(first.o.err, "");
     assert_true(first.o.have_res);
     for (int i = 0; i < 2; i++) {
         assert_int_equal(rest[i].o.calls, 1);
         assert_string_equal(rest[i].o.err, "closed");
     }
-    run_for(loop, 0.3);
+    esmd_test_run_for(loop, 0.3);
     ev_loop_destroy(loop);
 }
 
@@ -800,10 +674,10 @@ static bool cond_note2(void *arg)
 static void test_async_listen(void **state)
 {
     (void)state;
-    NEED_PG();
+    ESMD_TEST_NEED_PG();
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
     char err[256] = "";
-    struct esmd_pg *pg = esmd_pg_new(loop, g_conninfo, "test", err, sizeof(err));
+    struct esmd_pg *pg = esmd_pg_new(loop, esmd_test_pg_conninfo(), "test", err, sizeof(err));
     assert_non_null(pg);
     char long_name[80];
     memset(long_name, 'c', 64);
@@ -816,41 +690,53 @@ static void test_async_listen(void **state)
     g_in_query = true;
     assert_int_equal(esmd_pg_listen(pg, "esmd_test_chan", on_note, &nt), 0);
     g_in_query = false;
-    assert_true(run_until(loop, cond_marks1, &nt, 10));
+    assert_true(esmd_test_run_until(loop, cond_marks1, &nt, 10));
     assert_int_equal(nt.n, 0);
     assert_string_equal(nt.channel, "esmd_test_chan");
 
     /* a channel name that needs quoting, subscribed while connected */
     assert_int_equal(esmd_pg_listen(pg, "Odd \"Chan\"", on_note, &q), 0);
-    assert_true(run_until(loop, cond_marks1, &q, 10));
+    assert_true(esmd_test_run_until(loop, cond_marks1, &q, 10));
 
-    PGconn *c = blocking_conn();
+    PGconn *c = esmd_test_pg_connect();
     PQclear(PQexec(c, "NOTIFY other_chan, 'nope'"));
     PQclear(PQexec(c, "NOTIFY esmd_test_chan, 'hello'"));
     PQclear(PQexec(c, "SELECT pg_notify('Odd \"Chan\"', 'odd')"));
-    assert_true(run_until(loop, cond_note1, &nt, 10));
-    assert_true(run_until(loop, cond_note1, &q, 10));
+    assert_true(esmd_test_run_until(loop, cond_note1, &nt, 10));
+    assert_true(esmd_test_run_until(loop, cond_note1, &q, 10));
     assert_string_equal(nt.last, "hello");
     assert_string_equal(q.last, "odd");
 
     /* the connection is lost: LISTEN again, a new mark, notifications flow again */
     struct outcome pid = {0};
     query(pg, "SELECT pg_backend_pid()", 0, NULL, &pid);
-    assert_true(run_until(loop, cond_called, &pid, 10));
+    assert_true(esmd_test_run_until(loop, cond_called, &pid, 10));
     char sql[512];
     snprintf(sql, sizeof(sql), "SELECT pg_terminate_backend(%s)", pid.value);
     assert_scalar(c, sql, "t");
-    assert_true(run_until(loop, cond_not_ready, pg, 10));
-    assert_true(run_until(loop, cond_marks2, &nt, 15));
-    assert_true(run_until(loop, cond_marks2, &q, 15));
+    assert_true(esmd_test_run_until(loop, cond_not_ready, pg, 10));
+    assert_true(esmd_test_run_until(loop, cond_marks2, &nt, 15));
+    assert_true(esmd_test_run_until(loop, cond_marks2, &q, 15));
     PQclear(PQexec(c, "NOTIFY esmd_test_chan, 'again'"));
-    assert_true(run_until(loop, cond_note2, &nt, 10));
+    assert_true(esmd_test_run_until(loop, cond_note2, &nt, 10));
     assert_string_equal(nt.last, "again");
     assert_int_equal(nt.n, 2);
     assert_int_equal(g_reentrant, 0);
     PQfinish(c);
     esmd_pg_free(pg);
     ev_loop_destroy(loop);
+}
+
+static int group_setup(void **state)
+{
+    (void)state;
+    return esmd_test_pg_setup("esmd_test_pg", false);
+}
+
+static int group_teardown(void **state)
+{
+    (void)state;
+    return esmd_test_pg_teardown();
 }
 
 int main(void)

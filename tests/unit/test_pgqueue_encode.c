@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "testutil.h"
+
 #include "../../connectors/pgqueue/pgqueue_private.h"
 
 #include "esmd/filter.h"
@@ -90,27 +92,6 @@ static void shard_init(struct esmd_shard *shard, const char *key)
     shard->key = (char *)key;
 }
 
-static char *read_file(const char *name)
-{
-    char path[512];
-    snprintf(path, sizeof(path), "%s/pgqueue/%s", ESMD_TEST_DATA, name);
-    FILE *fp = fopen(path, "rb");
-    if (!fp) {
-        fail_msg("cannot open %s", path);
-        return NULL;
-    }
-    fseek(fp, 0, SEEK_END);
-    long n = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    char *s = malloc((size_t)n + 1);
-    assert_int_equal(fread(s, 1, (size_t)n, fp), (size_t)n);
-    s[n] = '\0';
-    fclose(fp);
-    while (n > 0 && s[n - 1] == '\n') /* files end with one newline; events do not */
-        s[--n] = '\0';
-    return s;
-}
-
 static void assert_golden(const char *name, const struct esmd_batch *batch)
 {
     struct esmd_buf out = ESMD_BUF_INIT;
@@ -118,10 +99,7 @@ static void assert_golden(const char *name, const struct esmd_batch *batch)
     const char *got = esmd_buf_cstr(&out);
     assert_int_equal(out.len, esmd_batch_bytes(batch));
     assert_int_equal(strlen(got), esmd_batch_bytes(batch));
-    char *want = read_file(name);
-    if (strcmp(got, want) != 0)
-        fail_msg("%s differs:\n got: %s\nwant: %s", name, got, want);
-    free(want);
+    esmd_test_assert_golden("pgqueue", name, got, out.len);
     esmd_buf_free(&out);
 }
 
@@ -317,21 +295,6 @@ static void test_empty_batch(void **state)
 
 /* ---- exactness on random batches ---- */
 
-static uint64_t rng_state = 0x2545f4914f6cdd1dULL;
-
-static uint64_t rnd(void)
-{
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * 2685821657736338717ULL;
-}
-
-static size_t rnd_n(size_t n)
-{
-    return (size_t)(rnd() % n);
-}
-
 /* Random bytes, biased towards what needs escaping, and bytes that are not valid UTF-8. */
 static void rnd_bytes(char *p, size_t n)
 {
@@ -352,12 +315,12 @@ static void rnd_bytes(char *p, size_t n)
                                          "/"};
     size_t i = 0;
     while (i < n) {
-        if (rnd_n(3) == 0) {
-            const char *s = pieces[rnd_n(ESMD_ARRAY_LEN(pieces))];
+        if (esmd_test_rand_n(3) == 0) {
+            const char *s = pieces[esmd_test_rand_n(ESMD_ARRAY_LEN(pieces))];
             for (; *s && i < n; s++)
                 p[i++] = *s;
         } else {
-            char c = (char)rnd();
+            char c = (char)esmd_test_rand();
             p[i++] = c ? c : 'x';
         }
     }
@@ -375,16 +338,16 @@ static void test_exact_size_random(void **state)
         shard_init(&shards[0], "q-0");
         shard_init(&shards[1], "q-1");
         shard_init(&shards[2], "q-2");
-        size_t n = 1 + rnd_n(30);
+        size_t n = 1 + esmd_test_rand_n(30);
         struct tmsg **msgs = calloc(n, sizeof(*msgs));
         for (size_t i = 0; i < n; i++) {
             char body[400];
-            size_t blen = rnd_n(sizeof(body));
+            size_t blen = esmd_test_rand_n(sizeof(body));
             rnd_bytes(body, blen);
-            const char *a = attrs[rnd_n(ESMD_ARRAY_LEN(attrs))];
+            const char *a = attrs[esmd_test_rand_n(ESMD_ARRAY_LEN(attrs))];
             struct esmd_pgqueue_view v = {
                 .message_id = "0b6c5b8e-6a3e-4c55-9a43-0e4b7e9f1d2a",
-                .id = (int64_t)(rnd() >> (1 + rnd_n(62))),
+                .id = (int64_t)(esmd_test_rand() >> (1 + esmd_test_rand_n(62))),
                 .receipt = "5e1f4b2c-7d0e-4b7a-9f1e-2c3d4e5f6a7b",
                 .body = body,
                 .body_len = blen,
@@ -392,14 +355,14 @@ static void test_exact_size_random(void **state)
                 .attributes_len = a ? strlen(a) : 0,
                 .attributes_md5 = a ? "582c92c5c5b6ac403040a4f3ab3115c9" : NULL,
                 .body_md5 = "e4e68fb7bd0e697a0ae8f1bb342846b3",
-                .sender = senders[rnd_n(ESMD_ARRAY_LEN(senders))],
-                .sent_ms = (int64_t)(rnd() >> 1),
-                .first_ms = rnd_n(2) ? (int64_t)(rnd() >> 1) : 0,
-                .receive_count = (int)rnd_n(100000),
-                .dlq_arn = arns[rnd_n(ESMD_ARRAY_LEN(arns))],
+                .sender = senders[esmd_test_rand_n(ESMD_ARRAY_LEN(senders))],
+                .sent_ms = (int64_t)(esmd_test_rand() >> 1),
+                .first_ms = esmd_test_rand_n(2) ? (int64_t)(esmd_test_rand() >> 1) : 0,
+                .receive_count = (int)esmd_test_rand_n(100000),
+                .dlq_arn = arns[esmd_test_rand_n(ESMD_ARRAY_LEN(arns))],
             };
             msgs[i] = tmsg_new(&v);
-            tmsg_add(&batch, msgs[i], &shards[rnd_n(3)]);
+            tmsg_add(&batch, msgs[i], &shards[esmd_test_rand_n(3)]);
         }
         struct esmd_buf out = ESMD_BUF_INIT;
         esmd_pgqueue_encode_batch(&batch, ARN, tmsg_view, &out);
@@ -523,5 +486,6 @@ int main(void)
         cmocka_unit_test(test_filter_doc_shape),    cmocka_unit_test(test_filter_sqs_rules),
         cmocka_unit_test(test_json_compact),
     };
+    esmd_test_rand_seed(0x2545f4914f6cdd1dULL);
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "testutil.h"
+
 #include "../../connectors/redis/redis_private.h"
 
 #include <cJSON.h>
@@ -69,27 +71,6 @@ static void trec_add(struct esmd_batch *batch, const struct esmd_redis_source *s
     esmd_batch_add(batch, &t->rec);
 }
 
-static char *read_file(const char *name)
-{
-    char path[512];
-    snprintf(path, sizeof(path), "%s/redis/%s", ESMD_TEST_DATA, name);
-    FILE *fp = fopen(path, "rb");
-    if (!fp) {
-        fail_msg("cannot open %s", path);
-        return NULL;
-    }
-    fseek(fp, 0, SEEK_END);
-    long n = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    char *s = malloc((size_t)n + 1);
-    assert_int_equal(fread(s, 1, (size_t)n, fp), (size_t)n);
-    s[n] = '\0';
-    fclose(fp);
-    while (n > 0 && s[n - 1] == '\n') /* files end with one newline; events do not */
-        s[--n] = '\0';
-    return s;
-}
-
 static void assert_golden(const char *name, const struct esmd_redis_source *src,
                           const struct esmd_batch *batch)
 {
@@ -98,10 +79,7 @@ static void assert_golden(const char *name, const struct esmd_redis_source *src,
     const char *got = esmd_buf_cstr(&out);
     assert_int_equal(out.len, esmd_batch_bytes(batch));
     assert_int_equal(strlen(got), esmd_batch_bytes(batch));
-    char *want = read_file(name);
-    if (strcmp(got, want) != 0)
-        fail_msg("%s differs:\n got: %s\nwant: %s", name, got, want);
-    free(want);
+    esmd_test_assert_golden("redis", name, got, out.len);
     esmd_buf_free(&out);
 }
 
@@ -319,22 +297,6 @@ static void test_round_trip(void **state)
 
 /* ---- exactness on random batches ---- */
 
-static uint64_t rng_state = 0x9e3779b97f4a7c15ULL;
-
-static uint64_t rnd(void)
-{
-    /* xorshift64*: deterministic across platforms */
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * 2685821657736338717ULL;
-}
-
-static size_t rnd_n(size_t n)
-{
-    return (size_t)(rnd() % n);
-}
-
 /* Random bytes, biased towards what needs escaping: quotes, backslashes, control bytes, bytes
  * that are not valid UTF-8, valid multi-byte sequences. Mostly text when `text`. */
 static void rnd_bytes(char *p, size_t n, bool text)
@@ -345,12 +307,12 @@ static void rnd_bytes(char *p, size_t n, bool text)
     size_t i = 0;
     size_t npieces = ESMD_ARRAY_LEN(pieces) - (text ? 3 : 0);
     while (i < n) {
-        if (text || rnd_n(3) == 0) {
-            const char *s = pieces[rnd_n(npieces)];
+        if (text || esmd_test_rand_n(3) == 0) {
+            const char *s = pieces[esmd_test_rand_n(npieces)];
             for (; *s && i < n; s++)
                 p[i++] = *s;
         } else {
-            p[i++] = (char)rnd();
+            p[i++] = (char)esmd_test_rand();
         }
     }
 }
@@ -363,23 +325,25 @@ static void test_exact_size_random(void **state)
                                        "redis://u:p@[fe80::1]:6379/3"};
     for (int iter = 0; iter < 300; iter++) {
         struct esmd_redis_source src;
-        const char *stream = streams[rnd_n(ESMD_ARRAY_LEN(streams))];
-        source_for(&src, urls[rnd_n(ESMD_ARRAY_LEN(urls))], stream);
+        const char *stream = streams[esmd_test_rand_n(ESMD_ARRAY_LEN(streams))];
+        source_for(&src, urls[esmd_test_rand_n(ESMD_ARRAY_LEN(urls))], stream);
         struct esmd_shard shard = {.key = "k"};
         struct esmd_batch batch;
         batch_init(&batch);
-        size_t nrec = 1 + rnd_n(40);
+        size_t nrec = 1 + esmd_test_rand_n(40);
         struct trec **recs = calloc(nrec, sizeof(*recs));
         char(*bytes)[16][2][64] = calloc(nrec, sizeof(*bytes));
         for (size_t r = 0; r < nrec; r++) {
-            uint64_t ms = rnd_n(4) == 0 ? rnd() : (uint64_t)rnd_n(2000000000000ULL);
-            uint64_t seq = rnd_n(3) == 0 ? rnd() : rnd_n(100);
-            recs[r] = trec_new(ms, seq, 1 + (int64_t)rnd_n(rnd_n(2) ? 3 : 1000000));
-            size_t nf = rnd_n(6);
+            uint64_t ms = esmd_test_rand_n(4) == 0 ? esmd_test_rand()
+                                                   : (uint64_t)esmd_test_rand_n(2000000000000ULL);
+            uint64_t seq = esmd_test_rand_n(3) == 0 ? esmd_test_rand() : esmd_test_rand_n(100);
+            recs[r] =
+                trec_new(ms, seq, 1 + (int64_t)esmd_test_rand_n(esmd_test_rand_n(2) ? 3 : 1000000));
+            size_t nf = esmd_test_rand_n(6);
             for (size_t f = 0; f < nf; f++) {
-                size_t nlen = rnd_n(20), vlen = rnd_n(64);
-                rnd_bytes(bytes[r][f][0], nlen, rnd_n(8) != 0);
-                rnd_bytes(bytes[r][f][1], vlen, rnd_n(4) != 0);
+                size_t nlen = esmd_test_rand_n(20), vlen = esmd_test_rand_n(64);
+                rnd_bytes(bytes[r][f][0], nlen, esmd_test_rand_n(8) != 0);
+                rnd_bytes(bytes[r][f][1], vlen, esmd_test_rand_n(4) != 0);
                 trec_field(recs[r], bytes[r][f][0], nlen, bytes[r][f][1], vlen);
             }
             /* one record alone: its write is exactly its size */
@@ -682,23 +646,27 @@ static void test_kinesis_exact_size_random(void **state)
     static const char *const names[] = {"a", "data", "pk", "\xc3\xbc", "k\"q"};
     for (int iter = 0; iter < 300; iter++) {
         struct esmd_redis_source src;
-        const char *df = rnd_n(2) ? names[rnd_n(ESMD_ARRAY_LEN(names))] : NULL;
-        const char *pf = rnd_n(2) ? names[rnd_n(ESMD_ARRAY_LEN(names))] : NULL;
-        kinesis_source(&src, rnd_n(2) ? "orders" : "t\"q\xc3\xbc", df, pf);
+        const char *df =
+            esmd_test_rand_n(2) ? names[esmd_test_rand_n(ESMD_ARRAY_LEN(names))] : NULL;
+        const char *pf =
+            esmd_test_rand_n(2) ? names[esmd_test_rand_n(ESMD_ARRAY_LEN(names))] : NULL;
+        kinesis_source(&src, esmd_test_rand_n(2) ? "orders" : "t\"q\xc3\xbc", df, pf);
         struct esmd_shard shard = {.key = "k"};
         struct esmd_batch batch;
         batch_init(&batch);
-        size_t nrec = 1 + rnd_n(30);
+        size_t nrec = 1 + esmd_test_rand_n(30);
         struct trec **recs = calloc(nrec, sizeof(*recs));
         char(*bytes)[8][64] = calloc(nrec, sizeof(*bytes));
         for (size_t r = 0; r < nrec; r++) {
-            uint64_t ms = rnd_n(4) == 0 ? rnd() : (uint64_t)rnd_n(2000000000000ULL);
-            recs[r] = trec_new(ms, rnd_n(3) == 0 ? rnd() : rnd_n(100), 1);
-            size_t nf = rnd_n(8);
+            uint64_t ms = esmd_test_rand_n(4) == 0 ? esmd_test_rand()
+                                                   : (uint64_t)esmd_test_rand_n(2000000000000ULL);
+            recs[r] = trec_new(
+                ms, esmd_test_rand_n(3) == 0 ? esmd_test_rand() : esmd_test_rand_n(100), 1);
+            size_t nf = esmd_test_rand_n(8);
             for (size_t f = 0; f < nf; f++) {
-                const char *name = names[rnd_n(ESMD_ARRAY_LEN(names))];
-                size_t vlen = rnd_n(64);
-                rnd_bytes(bytes[r][f], vlen, rnd_n(4) != 0);
+                const char *name = names[esmd_test_rand_n(ESMD_ARRAY_LEN(names))];
+                size_t vlen = esmd_test_rand_n(64);
+                rnd_bytes(bytes[r][f], vlen, esmd_test_rand_n(4) != 0);
                 trec_field(recs[r], name, strlen(name), bytes[r][f], vlen);
             }
             char *one = record_of(&src, recs[r]); /* asserts write == size */
@@ -868,13 +836,13 @@ static void test_idset(void **state)
         /* clustered IDs, as a stream's are, and some far apart */
         ids[i] = (struct esmd_redis_id){1700000000000ULL + i / 7, i % 7};
         if (i % 97 == 0)
-            ids[i] = (struct esmd_redis_id){rnd(), rnd()};
+            ids[i] = (struct esmd_redis_id){esmd_test_rand(), esmd_test_rand()};
     }
     assert_false(esmd_redis_idset_has(&set, ids[0]));
     esmd_redis_idset_remove(&set, ids[0]); /* on an empty set */
     for (int round = 0; round < 200000; round++) {
-        size_t i = rnd_n(N);
-        if (rnd_n(3) == 0) {
+        size_t i = esmd_test_rand_n(N);
+        if (esmd_test_rand_n(3) == 0) {
             esmd_redis_idset_remove(&set, ids[i]);
             in[i] = false;
         } else {
