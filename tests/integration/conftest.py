@@ -77,6 +77,26 @@ def kafka_broker():
     k.close()
 
 
+@pytest.fixture
+def own_broker(request):
+    """own_broker(sasl=None): a broker of the test's own (for kills, restarts, SASL), closed at
+    the end of the test (request it before `esmd`, so that esmd is stopped first)."""
+    made = []
+
+    def make(sasl=None):
+        b = servers.KafkaBroker(sasl=sasl)
+        made.append(b)
+        return b
+
+    yield make
+    failed = getattr(request.node, "rep_call", None) is None or request.node.rep_call.failed
+    for b in made:
+        if failed:
+            print("\n==== broker server.log (%s), last lines ====\n%s" % (
+                b.dir, servers.tail(b.logfile, 40)))
+        b.close()
+
+
 # The modules whose Kafka tests run against both the mock and the real broker (docs/testing.md,
 # "Kafka: mock and real broker").
 BOTH_KAFKAS = {"test_kafka_e2e", "test_failure_handling", "test_destinations"}

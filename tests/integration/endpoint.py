@@ -10,6 +10,8 @@ the test says.
     ep.function_error_first(1)           # first 1: 200 + X-Amz-Function-Error: Unhandled
     ep.delay(0.5)                        # every request takes 0.5 s
     ep.behaviour = lambda req: Response(500) if ... else None   # None = default answer
+    Response.reset()                     # close the connection with a TCP RST, no answer
+    Response.garbage(b"HTTP/1.1 2")      # these bytes, then close (a malformed answer)
     ep.script([Response(500), Response(200)])                   # by arrival order
     ep.wait_for(lambda: ep.record_count() >= 100, timeout=60)
     ep.max_concurrent                    # most requests ever in flight at once
@@ -22,6 +24,9 @@ esmd should have taken as delivered).
 import base64
 import http.server
 import json
+import socket
+import struct
+import sys
 import threading
 import time
 
@@ -31,19 +36,33 @@ INVOKE_PATH = "/2015-03-31/functions/function/invocations"
 class Response:
     """How to answer one request. success=None means: 2xx without a function error."""
 
-    def __init__(self, status=200, body=b"{}", headers=None, delay=0.0, success=None):
+    def __init__(self, status=200, body=b"{}", headers=None, delay=0.0, success=None,
+                 action=None, raw=b""):
+        self.action = action  # None: an HTTP answer; "reset" / "garbage": see below
+        self.raw = raw
         self.status = status
         self.body = body if isinstance(body, bytes) else json.dumps(body).encode() \
             if not isinstance(body, str) else body.encode()
         self.headers = dict(headers or {})
         self.delay = delay
         if success is None:
-            success = 200 <= status < 300 and not any(
+            success = action is None and 200 <= status < 300 and not any(
                 k.lower() == "x-amz-function-error" for k in self.headers)
         self.success = success
 
+    @classmethod
+    def reset(cls, delay=0.0):
+        """No answer: the connection is closed with a TCP RST (SO_LINGER 0)."""
+        return cls(delay=delay, action="reset", success=False)
+
+    @classmethod
+    def garbage(cls, raw, delay=0.0):
+        """raw bytes instead of an HTTP answer, then the connection is closed."""
+        return cls(delay=delay, action="garbage", raw=raw, success=False)
+
     def __repr__(self):
-        return "Response(%d, delay=%s, success=%s)" % (self.status, self.delay, self.success)
+        return "Response(%s, delay=%s, success=%s)" % (self.action or self.status, self.delay,
+                                                       self.success)
 
 
 OK = Response()
@@ -130,6 +149,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             resp = ep._decide(req)
             if resp.delay:
                 ep._closing.wait(resp.delay)
+            if resp.action is not None:
+                self._break(resp)
+                return
             self.send_response(resp.status)
             for k, v in resp.headers.items():
                 self.send_header(k, v)
@@ -142,6 +164,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             ep._leave(req)
+
+    def _break(self, resp):
+        """Answers with a connection reset or with raw bytes, and closes the connection."""
+        self.close_connection = True
+        if resp.action == "garbage":
+            self.wfile.write(resp.raw)
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+        else:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+        self.connection.close()
 
     def do_POST(self):
         self._handle()
@@ -167,6 +201,12 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
+
+    def handle_error(self, request, client_address):
+        """A client that went away (esmd killed or timing out) is not an error of the test."""
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class Endpoint:

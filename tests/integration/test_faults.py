@@ -1,15 +1,156 @@
-"""Faults an operator meets: the database going away while esmd starts, stop signals during
-start-up. esmd never gives up on start-up (docs/operations.md#start-up): every start-up step
-that needs PostgreSQL waits and retries until it succeeds or a stop signal arrives."""
+"""Faults an operator meets, injected by the test: the database going away while esmd starts,
+stop signals during start-up, and — on every source — esmd killed with SIGKILL again and again
+under load, the servers restarted, and a function that fails, hangs, resets the connection and
+answers garbage at random (docs/operations.md).
 
+Each load test prints its tally (`lost`, `duplicates`, `out of order`) and asserts: nothing
+lost, first deliveries in order where the source orders (Kafka partition, Redis stream),
+nothing left pending at the end, and esmd still running, stopping with exit status 0."""
+
+import base64
+import json
 import os
+import random
 import subprocess
+import threading
 import time
 
 import pytest
 
 import servers
+from endpoint import Response
+from kafka_tally import Producer, Tally, kafka_cfg, wait_committed
 from servers import wait_for
+
+KILLS = 3
+# Failed batches are retried after 20 ms doubling to 200 ms instead of 250 ms .. 30 s.
+FAST_RETRIES = {"ESMD_MAPPING_RETRY_BACKOFF": "20,200"}
+
+
+class Chaos:
+    """A seeded function that misbehaves at random: per request a 500, a hang past the
+    function's timeout, a connection reset, or one of several malformed answers (a truncated
+    body, broken chunked encoding, no HTTP at all); otherwise None (the endpoint's default
+    200). `counts` says how often each happened."""
+
+    GARBAGE = [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"tr",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnot hex\r\n",
+        b"\x00\x01\x02 this is not HTTP\r\n\r\n",
+        b"HTTP/1.1 2",
+    ]
+
+    def __init__(self, seed, fail=0.08, hang=0.01, reset=0.03, garbage=0.03, hang_s=2.0):
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.p = [("fail", fail), ("hang", hang), ("reset", reset), ("garbage", garbage)]
+        self.hang_s = hang_s
+        self.counts = {k: 0 for k, _ in self.p}
+
+    def __call__(self, req):
+        with self.lock:
+            x = self.rng.random()
+            pick = None
+            for kind, p in self.p:
+                if x < p:
+                    pick = kind
+                    break
+                x -= p
+            if pick is None:
+                return None
+            self.counts[pick] += 1
+            g = self.rng.choice(self.GARBAGE)
+        if pick == "fail":
+            return Response(500, {"message": "injected failure"})
+        if pick == "hang":
+            return Response(200, delay=self.hang_s, success=False)
+        if pick == "reset":
+            return Response.reset()
+        return Response.garbage(g)
+
+
+class ChaosTally(Tally):
+    """The Kafka Tally behind a Chaos function: only records answered with success count."""
+
+    def __init__(self, endpoint, topic, chaos):
+        super().__init__(endpoint, topic)
+        self.chaos = chaos
+
+    def _on_request(self, req):
+        resp = self.chaos(req)
+        if resp is None:
+            super()._on_request(req)
+        return resp
+
+
+class Ledger:
+    """Deliveries by item number behind a Chaos function, for the Redis and Postgres-queue
+    sources: `key(record)` gives a record's number. Counts successful deliveries per number and
+    first deliveries that came below an earlier first delivery (out of order)."""
+
+    def __init__(self, endpoint, chaos, key):
+        self.chaos, self.key = chaos, key
+        self.lock = threading.Condition()
+        self.times = {}
+        self.highest_first = -1
+        self.out_of_order = 0
+        self.examples = []
+        endpoint.behaviour = self._on_request
+
+    def _on_request(self, req):
+        resp = self.chaos(req)
+        if resp is not None:
+            return resp
+        ev = req.json if isinstance(req.json, dict) else {}
+        with self.lock:
+            for rec in ev.get("Records") or []:
+                i = self.key(rec)
+                if i not in self.times:
+                    if i < self.highest_first:
+                        self.out_of_order += 1
+                        if len(self.examples) < 10:
+                            self.examples.append("%d first delivered after %d" % (
+                                i, self.highest_first))
+                    self.highest_first = max(self.highest_first, i)
+                self.times[i] = self.times.get(i, 0) + 1
+            self.lock.notify_all()
+        req.body, req.json = b"", None
+        return None
+
+    def delivered(self):
+        with self.lock:
+            return len(self.times)
+
+    def wait_all(self, n, timeout):
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while len([i for i in range(n) if i in self.times]) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = [i for i in range(n) if i not in self.times]
+                    raise AssertionError("%d of %d never delivered, e.g. %s" % (
+                        len(missing), n, missing[:10]))
+                self.lock.wait(min(left, 0.2))
+
+    def report(self, name, n):
+        with self.lock:
+            lost = len([i for i in range(n) if i not in self.times])
+            dups = sum(t - 1 for t in self.times.values())
+            print("\n%s: %d items; lost %d, duplicates %d, out of order %d; function %s" % (
+                name, n, lost, dups, self.out_of_order, self.chaos.counts))
+            return lost, dups
+
+
+def kill_and_restart_under_load(proc, delivered, kills=KILLS, step=800, timeout=120):
+    """SIGKILLs esmd `kills` times, each after `step` more items were delivered, and starts it
+    again at once (a service manager's restart)."""
+    for k in range(kills):
+        target = delivered() + step
+        wait_for(lambda: delivered() >= target, timeout, 0.05,
+                 "%d delivered before kill %d" % (target, k + 1))
+        assert proc.running(), servers.tail(proc.logfile)
+        proc.kill9()
+        proc.start()
 
 
 def redis_mapping_config(postgres, redis, endpoint, stream, name):
@@ -109,3 +250,141 @@ def test_stop_signal_while_waiting_for_the_database(postgres, endpoint, esmd, na
     assert proc.running()
     assert proc.stop(timeout=10) == 0
     assert "stopped by SIGTERM before start-up ended" in proc.log()
+
+
+# ---- load under faults, per source ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+def test_kafka_kill9_with_a_chaotic_function(kafka_broker, postgres, endpoint, esmd, names):
+    """The broker's own crash under load is test_kafka_broker.py's
+    test_broker_sigkill_and_restart_under_load."""
+    b = kafka_broker
+    topic = b.create_topic(names.topic(), 4)
+    group = names.group()
+    chaos = Chaos(seed=7)
+    tally = ChaosTally(endpoint, topic, chaos)
+    # A member killed with SIGKILL never leaves the group: its successor waits for the session
+    # to time out, so the shortest session the broker allows keeps the test at seconds.
+    cfg = kafka_cfg(b, topic, group, endpoint.url, names.mapping(), batch_size=50,
+                    window="20ms", max_concurrency=4, timeout="1s",
+                    properties={"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"})
+    proc = esmd(cfg, env=FAST_RETRIES)
+    producer = Producer(b, topic, 4, chunk=400, pause=0.2)
+    producer.start()
+    kill_and_restart_under_load(proc, tally.delivered)
+    wait_for(lambda: producer.produced >= 10000, 120, 0.1, "10,000 records produced")
+    produced = producer.stop()
+    hw = b.watermarks(topic)
+    assert sum(hw.values()) >= produced
+    tally.wait_complete(hw, 180, "every offset delivered after %d kills" % KILLS)
+    lost, _ = tally.report("kafka: %d x kill -9, chaotic function %s" % (
+        KILLS, chaos.counts), hw)
+    assert lost == 0
+    tally.assert_in_order(hw)
+    wait_committed(b, group, topic, hw, timeout=60)
+    assert proc.running()
+    assert proc.stop() == 0
+
+
+def kinesis_item(rec):
+    """The generated entry's number: redistool's field v = {"i": N, ...}, in the data."""
+    return json.loads(json.loads(base64.b64decode(rec["kinesis"]["data"]))["v"])["i"]
+
+
+@pytest.mark.slow
+def test_redis_kill9_and_a_redis_restart_with_a_chaotic_function(postgres, endpoint, esmd,
+                                                                 names):
+    r = servers.Redis(persistent=True)
+    try:
+        stream = names.topic()
+        chaos = Chaos(seed=11)
+        ledger = Ledger(endpoint, chaos, kinesis_item)
+        cfg = redis_mapping_config(postgres, r, endpoint, stream, names.mapping())
+        cfg["functions"]["fn"].update(timeout="1s", max_concurrency=4)
+        cfg["mappings"][0]["source"]["visibility_timeout"] = "5s"
+        proc = esmd(cfg, env=FAST_RETRIES)
+        total, chunk = 6000, 300
+        produced = {"n": 0}
+        halt = threading.Event()
+
+        def produce():
+            while produced["n"] < total and not halt.is_set():
+                try:
+                    subprocess.run([servers.binary("redistool"), "produce", "-u", r.url, "-s",
+                                    stream, "--count", str(chunk), "--size", "60", "--start",
+                                    str(produced["n"])], check=True, timeout=60,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    produced["n"] += chunk
+                except subprocess.CalledProcessError:
+                    time.sleep(0.2)  # Redis is restarting: the chunk is sent again
+                halt.wait(0.05)
+
+        t = threading.Thread(target=produce, daemon=True)
+        t.start()
+        kill_and_restart_under_load(proc, ledger.delivered, step=600)
+        r.restart()
+        t.join(180)
+        assert produced["n"] == total
+        ledger.wait_all(total, 180)
+        lost, _ = ledger.report("redis: %d x kill -9, Redis restart" % KILLS, total)
+        assert lost == 0
+        assert ledger.out_of_order == 0, ledger.examples
+        wait_for(lambda: r.command("XPENDING", stream, "g")[0] == 0, 60, 0.2,
+                 "no entry pending in the group")
+        assert proc.running()
+        assert proc.stop() == 0
+    finally:
+        r.close()
+
+
+@pytest.mark.slow
+def test_pgqueue_kill9_and_a_postgres_restart_with_a_chaotic_function(postgres, endpoint, esmd,
+                                                                      names):
+    queue, dlq = names.mapping() + "_q", names.mapping() + "_dlq"
+    chaos = Chaos(seed=13)
+    ledger = Ledger(endpoint, chaos, lambda rec: json.loads(rec["body"])["i"])
+    cfg = {
+        "postgres": postgres.url,
+        "functions": {"fn": {"url": endpoint.url, "timeout": "1s", "max_concurrency": 8}},
+        "mappings": [{"name": names.mapping(), "function": "fn",
+                      "source": {"pgqueue": queue, "visibility_timeout": "3s",
+                                 "maximum_concurrency": 4, "max_receive_count": 1000,
+                                 "dead_letter_queue": dlq},
+                      "batch_size": 20, "maximum_batching_window": "0ms"}],
+    }
+    proc = esmd(cfg, env=FAST_RETRIES)
+    total, chunk = 4000, 200
+    sent = {"n": 0}
+    halt = threading.Event()
+
+    def send():
+        while sent["n"] < total and not halt.is_set():
+            try:
+                postgres.sql("SELECT count(*) FROM esmd.send_batch('%s', ARRAY(SELECT "
+                             "format('{\"i\":%%s}', i) FROM generate_series(%d, %d) i))" % (
+                                 queue, sent["n"], sent["n"] + chunk - 1))
+                sent["n"] += chunk
+            except RuntimeError:
+                time.sleep(0.2)  # PostgreSQL is restarting: the batch was not committed
+            halt.wait(0.05)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    kill_and_restart_under_load(proc, ledger.delivered, step=500)
+    postgres.stop()
+    time.sleep(1.0)
+    postgres.start()
+    t.join(180)
+    assert sent["n"] == total
+    ledger.wait_all(total, 180)
+    lost, _ = ledger.report("pgqueue: %d x kill -9, PostgreSQL restart" % KILLS, total)
+    assert lost == 0
+    left = postgres.sql("SELECT queue, count(*) FROM esmd.queue_messages WHERE queue IN "
+                        "('%s', '%s') GROUP BY queue" % (queue, dlq))
+    wait_for(lambda: not postgres.sql("SELECT 1 FROM esmd.queue_messages WHERE queue = '%s' "
+                                      "LIMIT 1" % queue), 60, 0.2, "the queue drained")
+    assert not postgres.sql("SELECT 1 FROM esmd.queue_messages WHERE queue = '%s'" % dlq), left
+    assert proc.running()
+    assert proc.stop() == 0
