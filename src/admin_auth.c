@@ -3,6 +3,7 @@
 #include "esmd/admin_auth.h"
 #include "esmd/buf.h"
 #include "esmd/http.h"
+#include "esmd/lambda_api.h"
 #include "esmd/log.h"
 
 #include <openssl/crypto.h>
@@ -404,11 +405,10 @@ static void q_add(void *ud, const char *name, const char *value)
 
 static void deny(struct esmd_http_req *req, int status, const char *type, const char *msg)
 {
-    char rid[37];
+    struct esmd_api_call call;
 
-    esmd_uuid4(rid);
-    esmd_http_req_add_header(req, "x-amzn-RequestId", rid);
-    esmd_http_respond_error(req, status, type, msg);
+    esmd_api_begin(&call, req);
+    esmd_api_error(&call, status, type, "%s", msg);
 }
 
 bool esmd_admin_authorize(const struct esmd_admin_auth *a, struct esmd_http_req *req)

@@ -14,10 +14,8 @@
  * outbox (esmd_dests_send) before the event is deleted; a crash before the delete runs the event
  * again when its lease ends (at once when the same instance id restarts). */
 #include "esmd/asyncq.h"
-#include "esmd/admin_auth.h"
 #include "esmd/backoff.h"
 #include "esmd/destination.h"
-#include "esmd/http.h"
 #include "esmd/invoke.h"
 #include "esmd/json.h"
 #include "esmd/log.h"
@@ -26,12 +24,9 @@
 
 #include <cJSON.h>
 #include <ev.h>
-#include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #define AQ_INS_CONNS_MAX 8
 #define AQ_INS_MAX_ROWS 4000
@@ -44,7 +39,6 @@
 #define AQ_CHANNEL "esmd_async"
 #define AQ_INSERT "esmd_async_insert" /* the prepared INSERT of accepted events */
 #define AQ_CONFIG_CHANNEL "esmd_async_config"
-#define AQ_JSON "application/json"
 
 struct esmd_asyncq;
 
@@ -118,7 +112,6 @@ struct esmd_asyncq {
     struct ev_loop *loop;
     struct esmd_invoker *inv;
     struct esmd_dests *dests;
-    const struct esmd_admin_auth *auth;
     char *instance_id;
     char token[37];
     struct aq_fn *fns;
@@ -501,22 +494,6 @@ static void set_str(char **dst, const char *s, size_t n)
     *dst = s ? esmd_xstrndup(s, n) : NULL;
 }
 
-/* The seconds a timed-out invocation ran: the function's own timeout when it said so (the RIE
- * answers "Task timed out after 1.00 seconds" for AWS_LAMBDA_FUNCTION_TIMEOUT=1), else esmd's
- * `timeout`, which cut the request off. */
-static double timeout_secs(const struct esmd_invoke_result *res, int64_t timeout_ms)
-{
-    static const char rie_timeout[] = "Task timed out after ";
-    if (res->body && strncmp(res->body, rie_timeout, sizeof(rie_timeout) - 1) == 0) {
-        const char *num = res->body + sizeof(rie_timeout) - 1; /* the body is NUL-terminated */
-        char *end;
-        double v = strtod(num, &end);
-        if (end != num && v >= 0 && v < 1e6)
-            return v;
-    }
-    return (double)timeout_ms / 1000.0;
-}
-
 static void ev_invoked(void *ud, const struct esmd_invoke_result *res)
 {
     struct aq_ev *ev = ud;
@@ -569,7 +546,7 @@ static void ev_invoked(void *ud, const struct esmd_invoke_result *res)
         char ts[32];
         esmd_iso8601_ms(now, ts);
         snprintf(msg, sizeof(msg), "{\"errorMessage\":\"%s %s Task timed out after %.2f seconds\"}",
-                 ts, ev->rid, timeout_secs(res, f->cfg->timeout_ms));
+                 ts, ev->rid, esmd_invoke_timeout_seconds(res, f->cfg->timeout_ms));
         set_str(&ev->last_resp, msg, strlen(msg));
     }
     if (function_error) {
@@ -1227,619 +1204,131 @@ static void release_done(void *ud, const PGresult *res, const char *err)
     }
 }
 
-/* ---- HTTP: common ---- */
+/* ---- event-invoke-config: for the API (src/api_eic.c) ---- */
 
-static void respond_err(struct esmd_http_req *req, const char *rid, int status, const char *type,
-                        const char *fmt, ...) ESMD_PRINTF(5, 6);
-
-static void respond_err(struct esmd_http_req *req, const char *rid, int status, const char *type,
-                        const char *fmt, ...)
+bool esmd_asyncq_accepting(const struct esmd_asyncq *q)
 {
-    char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
-    esmd_http_req_add_header(req, "x-amzn-RequestId", rid);
-    esmd_http_respond_error(req, status, type, msg);
+    return q && !q->stopping && !q->closing;
 }
 
-/* Resolves the {FunctionName} path segment (name, name:qualifier, full or partial ARN) and the
- * Qualifier query argument to a configured function; only $LATEST (or none) is a qualifier. */
-static struct aq_fn *resolve_fn(struct esmd_asyncq *q, struct esmd_http_req *req, const char *seg,
-                                size_t n, const char *rid)
+size_t esmd_asyncq_max_payload(const struct esmd_asyncq *q)
 {
-    char name[256];
-    if (n >= sizeof(name))
-        n = sizeof(name) - 1;
-    memcpy(name, seg, n);
-    name[n] = '\0';
-    char *s = name;
-    char *fnpos = strstr(s, "function:");
-    if (strncmp(s, "arn:", 4) == 0 || (fnpos && fnpos != s)) {
-        if (!fnpos) {
-            respond_err(req, rid, 400, "InvalidParameterValueException",
-                        "1 validation error detected: Value '%s' at 'functionName' failed to "
-                        "satisfy constraint",
-                        name);
-            return NULL;
-        }
-        s = fnpos + strlen("function:");
-    }
-    /* what stood before "function:" ("arn:aws:lambda:R:A:", "A:" or nothing): a function of
-     * another account or region is not one of ours */
-    size_t plen = s == name ? 0 : (size_t)(s - name) - strlen("function:");
-    bool ours = esmd_function_prefix_ours(name, plen);
-    char *qual = strchr(s, ':');
-    if (qual)
-        *qual++ = '\0';
-    const char *qarg = esmd_http_req_query(req, "Qualifier");
-    struct aq_fn *f = ours ? fn_find(q, s) : NULL;
-    if (f &&
-        ((qual && strcmp(qual, "$LATEST") != 0) || (qarg && *qarg && strcmp(qarg, "$LATEST") != 0)))
-        f = NULL;
-    if (!f) {
-        char arn[300];
-        esmd_function_arn(s, arn, sizeof(arn));
-        respond_err(req, rid, 404, "ResourceNotFoundException", "Function not found: %s%s%s", arn,
-                    qual || (qarg && *qarg) ? ":" : "",
-                    qual   ? qual
-                    : qarg ? qarg
-                           : "");
-    }
-    return f;
+    return q->max_async;
 }
 
-/* ---- HTTP: Invoke ---- */
-
-struct sync_call {
-    struct esmd_asyncq *q;
-    struct esmd_http_req *req;
-    struct esmd_invoke_req *ireq;
-    char rid[37];
-    char *body;
-    int64_t timeout_ms; /* the function's, for a timeout's message */
-    bool aborted;
-};
-
-static void sync_abort(void *ud, struct esmd_http_req *req)
+int esmd_asyncq_eic_get(struct esmd_asyncq *q, const char *function, struct esmd_asyncq_eic *out)
 {
-    struct sync_call *sc = ud;
-    ESMD_UNUSED(req);
-    sc->aborted = true;
-    sc->req = NULL;
-    if (sc->ireq)
-        esmd_invoke_cancel(sc->ireq); /* sync_done frees sc */
-}
-
-static void sync_done(void *ud, const struct esmd_invoke_result *res)
-{
-    struct sync_call *sc = ud;
-    struct esmd_http_req *req = sc->req;
-    sc->ireq = NULL;
-    if (!sc->aborted && req) {
-        esmd_http_req_on_abort(req, NULL, NULL);
-        esmd_http_req_add_header(req, "x-amzn-RequestId", sc->rid);
-        switch (res->outcome) {
-        case ESMD_INVOKE_OK:
-        case ESMD_INVOKE_FUNCTION_ERROR:
-        case ESMD_INVOKE_TIMEOUT: {
-            esmd_http_req_add_header(req, "X-Amz-Executed-Version", "$LATEST");
-            if (res->outcome != ESMD_INVOKE_OK) {
-                const char *fe = res->function_error;
-                if (!fe || (strcmp(fe, "Handled") != 0 && strcmp(fe, "Unhandled") != 0))
-                    fe = "Unhandled";
-                esmd_http_req_add_header(req, "X-Amz-Function-Error", fe);
-            }
-            if (res->outcome == ESMD_INVOKE_TIMEOUT && !esmd_json_valid(res->body, res->body_len)) {
-                char msg[200], ts[32];
-                esmd_iso8601_ms(esmd_now_ms(), ts);
-                snprintf(msg, sizeof(msg),
-                         "{\"errorMessage\":\"%s %s Task timed out after %.2f seconds\","
-                         "\"errorType\":\"Sandbox.Timedout\"}",
-                         ts, sc->rid, timeout_secs(res, sc->timeout_ms));
-                esmd_http_respond(req, 200, AQ_JSON, msg, strlen(msg));
-            } else if (res->body_len == 0) {
-                esmd_http_respond(req, 200, AQ_JSON, "null", 4);
-            } else {
-                esmd_http_respond(req, 200, AQ_JSON, res->body, res->body_len);
-            }
-            break;
-        }
-        case ESMD_INVOKE_THROTTLED: {
-            char ra[32];
-            int64_t s = res->retry_after_ms > 0 ? (res->retry_after_ms + 999) / 1000 : 1;
-            snprintf(ra, sizeof(ra), "%lld", (long long)s);
-            esmd_http_req_add_header(req, "Retry-After", ra);
-            esmd_http_respond_error(req, 429, "TooManyRequestsException",
-                                    "Rate Exceeded. (the function endpoint answered 429)");
-            break;
-        }
-        case ESMD_INVOKE_ERROR: {
-            char msg[600];
-            snprintf(msg, sizeof(msg), "the function endpoint failed: %s",
-                     res->error ? res->error : "error");
-            esmd_http_respond_error(req, 502, "ServiceException", msg);
-            break;
-        }
-        case ESMD_INVOKE_CANCELLED:
-            esmd_http_respond_error(req, 503, "ServiceException", "shutting down");
-            break;
-        }
-    }
-    free(sc->body);
-    free(sc);
-}
-
-struct event_call {
-    struct esmd_http_req *req;
-};
-
-static void event_abort(void *ud, struct esmd_http_req *req)
-{
-    struct event_call *ec = ud;
-    ESMD_UNUSED(req);
-    ec->req = NULL;
-}
-
-static void event_done(void *ud, bool ok, const char *rid, const char *err)
-{
-    struct event_call *ec = ud;
-    if (ec->req) {
-        esmd_http_req_on_abort(ec->req, NULL, NULL);
-        esmd_http_req_add_header(ec->req, "x-amzn-RequestId", rid);
-        if (ok)
-            esmd_http_respond(ec->req, 202, NULL, "", 0);
-        else
-            esmd_http_respond_error(ec->req, 500, "ServiceException",
-                                    err ? err : "could not store the event");
-    }
-    free(ec);
-}
-
-static size_t invoke_limit(void *ud, struct esmd_http_req *req)
-{
-    struct esmd_asyncq *q = ud;
-    const char *t = esmd_http_req_header(req, "X-Amz-Invocation-Type");
-    return t && strcmp(t, "Event") == 0 ? q->max_async : ESMD_MAX_PAYLOAD;
-}
-
-static void route_invoke(void *ud, struct esmd_http_req *req)
-{
-    struct esmd_asyncq *q = ud;
-    char rid[37];
-    if (!esmd_admin_authorize(q->auth, req))
-        return;
-    esmd_uuid4(rid);
-    const char *path = esmd_http_req_path(req);
-    const char *seg = path + strlen("/2015-03-31/functions/");
-    const char *slash = strchr(seg, '/');
-    if (!slash || strcmp(slash, "/invocations") != 0 || slash == seg) {
-        respond_err(req, rid, 404, "ResourceNotFoundException", "no route for POST %s", path);
-        return;
-    }
-    struct aq_fn *f = resolve_fn(q, req, seg, (size_t)(slash - seg), rid);
+    const struct aq_fn *f = fn_find(q, function);
     if (!f)
-        return;
-    const char *type = esmd_http_req_header(req, "X-Amz-Invocation-Type");
-    if (!type || !*type)
-        type = "RequestResponse";
-    size_t len;
-    const char *body = esmd_http_req_body(req, &len);
-    if (strcmp(type, "DryRun") == 0) {
-        esmd_http_req_add_header(req, "x-amzn-RequestId", rid);
-        esmd_http_respond(req, 204, NULL, "", 0);
-        return;
-    }
-    bool event = strcmp(type, "Event") == 0;
-    if (!event && strcmp(type, "RequestResponse") != 0) {
-        respond_err(req, rid, 400, "InvalidParameterValueException",
-                    "1 validation error detected: Value '%s' at 'invocationType' failed to "
-                    "satisfy constraint: Member must satisfy enum value set: [Event, "
-                    "RequestResponse, DryRun]",
-                    type);
-        return;
-    }
-    if (len > 0 && !esmd_json_valid(body, len)) {
-        respond_err(req, rid, 400, "InvalidRequestContentException",
-                    "Could not parse request body into json: the payload is not one JSON "
-                    "document");
-        return;
-    }
-    if (q->stopping || q->closing) {
-        respond_err(req, rid, 503, "ServiceException", "shutting down");
-        return;
-    }
-    if (event) {
-        struct event_call *ec = esmd_xcalloc(1, sizeof(*ec));
-        ec->req = req;
-        int rc = esmd_asyncq_enqueue(q, f->cfg->name, body, len, event_done, ec);
-        if (rc != 0) {
-            free(ec);
-            if (rc == ESMD_ETOOBIG)
-                respond_err(req, rid, 413, "RequestTooLargeException",
-                            "Request must be smaller than %zu bytes for the InvokeFunction "
-                            "operation with InvocationType Event",
-                            q->max_async);
-            else
-                respond_err(req, rid, 500, "ServiceException", "could not queue the event");
-            return;
-        }
-        esmd_http_req_on_abort(req, event_abort, ec);
-        return;
-    }
-    struct sync_call *sc = esmd_xcalloc(1, sizeof(*sc));
-    sc->q = q;
-    sc->req = req;
-    memcpy(sc->rid, rid, sizeof(rid));
-    sc->timeout_ms = f->cfg->timeout_ms;
-    if (len == 0) {
-        body = "{}";
-        len = 2;
-    }
-    sc->body = esmd_xstrndup(body, len);
-    sc->ireq = esmd_invoke_start(f->fn, sc->body, len, rid, NULL, sync_done, sc);
-    if (!sc->ireq) {
-        free(sc->body);
-        free(sc);
-        respond_err(req, rid, 503, "ServiceException", "shutting down");
-        return;
-    }
-    esmd_http_req_on_abort(req, sync_abort, sc);
+        return ESMD_ENOENT;
+    out->set = f->ov.has || f->cfg->async.set;
+    out->maximum_retry_attempts = fn_mra(f);
+    out->maximum_event_age_s = fn_age_ms(f) / 1000;
+    out->on_success = fn_dest(f, true);
+    out->on_failure = fn_dest(f, false);
+    out->last_modified = f->ov.has ? f->ov.modified_at : q->started_at;
+    return ESMD_OK;
 }
 
-/* ---- HTTP: event-invoke-config ---- */
-
-static void put_dest_json(struct esmd_buf *b, const char *uri)
-{
-    if (uri && *uri) {
-        esmd_buf_puts(b, "{\"Destination\":");
-        esmd_buf_put_json_string(b, uri, strlen(uri));
-        esmd_buf_putc(b, '}');
-    } else {
-        esmd_buf_puts(b, "{}");
-    }
-}
-
-/* The effective configuration of f as Lambda's FunctionEventInvokeConfig. */
-static void eic_json(struct esmd_buf *b, const struct aq_fn *f, double started_at)
-{
-    double mod = f->ov.has ? f->ov.modified_at : started_at;
-    esmd_buf_puts(b, "{\"FunctionArn\":");
-    put_function_arn(b, f->cfg->name);
-    esmd_buf_printf(b,
-                    ",\"LastModified\":%.3f,\"MaximumRetryAttempts\":%d,"
-                    "\"MaximumEventAgeInSeconds\":%lld,\"DestinationConfig\":{\"OnSuccess\":",
-                    mod, fn_mra(f), (long long)(fn_age_ms(f) / 1000));
-    put_dest_json(b, fn_dest(f, true));
-    esmd_buf_puts(b, ",\"OnFailure\":");
-    put_dest_json(b, fn_dest(f, false));
-    esmd_buf_puts(b, "}}");
-}
-
-static bool fn_has_config(const struct aq_fn *f)
-{
-    return f->ov.has || f->cfg->async.set;
-}
-
-struct eic_call {
+struct eic_op {
     struct esmd_asyncq *q;
-    struct esmd_http_req *req;
     struct aq_fn *f;
-    char rid[37];
     bool is_delete;
+    esmd_asyncq_eic_cb cb;
+    void *ud;
 };
-
-static void eic_abort(void *ud, struct esmd_http_req *req)
-{
-    struct eic_call *ec = ud;
-    ESMD_UNUSED(req);
-    ec->req = NULL;
-}
 
 static void eic_done(void *ud, const PGresult *res, const char *err)
 {
-    struct eic_call *ec = ud;
-    struct esmd_asyncq *q = ec->q;
+    struct eic_op *op = ud;
+    struct esmd_asyncq *q = op->q;
+    int rc = ESMD_OK;
     q->config_queries--;
-    if (!q->closing && res && !err) {
-        if (ec->is_delete) {
-            if (PQntuples(res) > 0)
-                ov_clear(&ec->f->ov);
-        } else if (PQntuples(res) > 0) {
+    if (err || !res) {
+        ESMD_WARN(&(struct esmd_log_ctx){NULL, op->f->cfg->name, NULL},
+                  "async: storing the event-invoke-config: %s", err ? err : "no result");
+        rc = ESMD_EIO;
+    } else if (op->is_delete && PQntuples(res) == 0) {
+        rc = ESMD_ENOENT;
+    } else if (!q->closing) {
+        if (op->is_delete)
+            ov_clear(&op->f->ov);
+        else if (PQntuples(res) > 0)
             ov_apply_row(q, res, 0);
-        }
     }
-    if (ec->req) {
-        struct esmd_http_req *req = ec->req;
-        esmd_http_req_on_abort(req, NULL, NULL);
-        if (err || !res) {
-            respond_err(req, ec->rid, 500, "ServiceException", "storing the configuration: %s",
-                        err ? err : "no result");
-        } else if (ec->is_delete) {
-            if (PQntuples(res) == 0) {
-                char arn[300];
-                esmd_function_arn(ec->f->cfg->name, arn, sizeof(arn));
-                respond_err(req, ec->rid, 404, "ResourceNotFoundException",
-                            "The function %s:$LATEST doesn't have an EventInvokeConfig", arn);
-            } else {
-                esmd_http_req_add_header(req, "x-amzn-RequestId", ec->rid);
-                esmd_http_respond(req, 204, NULL, "", 0);
-            }
-        } else {
-            struct esmd_buf b = ESMD_BUF_INIT;
-            eic_json(&b, ec->f, q->started_at);
-            esmd_http_req_add_header(req, "x-amzn-RequestId", ec->rid);
-            esmd_http_respond(req, 200, AQ_JSON, esmd_buf_cstr(&b), b.len);
-            esmd_buf_free(&b);
-        }
-    }
-    free(ec);
+    op->cb(op->ud, rc);
+    free(op);
     if (!q->closing)
         stop_maybe_done(q);
 }
 
-/* Validates a Destination value: an esmd destination URI, or a Lambda function ARN of a
- * configured function (becomes function://NAME). out gets the URI ("" for none). */
-static bool eic_dest(struct esmd_asyncq *q, const cJSON *obj, const char *which, char *out,
-                     size_t outlen, char *why, size_t whylen)
+static int eic_query(struct esmd_asyncq *q, const char *function, bool is_delete, const char *sql,
+                     int nparams, const char *const *params, esmd_asyncq_eic_cb cb, void *ud)
 {
-    out[0] = '\0';
-    if (obj == NULL || cJSON_IsNull(obj))
-        return true;
-    if (!cJSON_IsObject(obj)) {
-        snprintf(why, whylen, "DestinationConfig.%s must be an object", which);
-        return false;
+    struct aq_fn *f = fn_find(q, function);
+    if (!f)
+        return ESMD_ENOENT;
+    if (q->closing)
+        return ESMD_ESTATE;
+    struct eic_op *op = esmd_xcalloc(1, sizeof(*op));
+    op->q = q;
+    op->f = f;
+    op->is_delete = is_delete;
+    op->cb = cb;
+    op->ud = ud;
+    q->config_queries++;
+    if (esmd_pg_query(q->work, sql, nparams, params, eic_done, op) != 0) {
+        q->config_queries--;
+        free(op);
+        return ESMD_ESTATE;
     }
-    const cJSON *d = cJSON_GetObjectItemCaseSensitive(obj, "Destination");
-    if (d == NULL || cJSON_IsNull(d) || (cJSON_IsString(d) && d->valuestring[0] == '\0'))
-        return true;
-    if (!cJSON_IsString(d) || strlen(d->valuestring) > 350) {
-        snprintf(why, whylen,
-                 "DestinationConfig.%s.Destination must be a string of at most 350 "
-                 "characters",
-                 which);
-        return false;
-    }
-    const char *v = d->valuestring;
-    if (strncmp(v, "arn:", 4) == 0) {
-        const char *p = strstr(v, ":function:");
-        if (p && !esmd_function_prefix_ours(v, (size_t)(p - v) + 1)) {
-            snprintf(why, whylen,
-                     "DestinationConfig.%s.Destination %s: not a function of this region and "
-                     "account (arn:aws:lambda:%s:%s:function:NAME)",
-                     which, v, esmd_aws_region(), esmd_aws_account());
-            return false;
-        }
-        if (strncmp(v, "arn:aws:lambda:", 15) != 0 || !p) {
-            snprintf(why, whylen,
-                     "DestinationConfig.%s.Destination %s: esmd takes a destination URI "
-                     "(function://NAME, http(s)://..., kafka://CONNECTION/TOPIC, "
-                     "redis://CONNECTION/STREAM, pgqueue://QUEUE) or a Lambda function ARN",
-                     which, v);
-            return false;
-        }
-        p += strlen(":function:");
-        size_t n = strcspn(p, ":");
-        snprintf(out, outlen, "function://%.*s", (int)n, p);
-    } else {
-        snprintf(out, outlen, "%s", v);
-    }
-    char err[512];
-    if (esmd_dests_check(q->dests, out, err, sizeof(err)) != 0) {
-        snprintf(why, whylen, "DestinationConfig.%s.Destination: %s", which, err);
-        return false;
-    }
-    return true;
+    return ESMD_OK;
 }
 
-static void eic_write(struct esmd_asyncq *q, struct esmd_http_req *req, struct aq_fn *f,
-                      const char *rid, bool replace)
+int esmd_asyncq_eic_put(struct esmd_asyncq *q, const char *function,
+                        const struct esmd_asyncq_eic_change *ch, esmd_asyncq_eic_cb cb, void *ud)
 {
-    size_t len;
-    const char *body = esmd_http_req_body(req, &len);
-    cJSON *j = cJSON_ParseWithLength(body, len);
-    char why[700], succ[400], fail[400], mra[16], age[16];
-    bool has_mra = false, has_age = false, has_succ = false, has_fail = false;
-    if (!j || !cJSON_IsObject(j)) {
-        cJSON_Delete(j);
-        respond_err(req, rid, 400, "InvalidRequestContentException",
-                    "Could not parse request body into json");
-        return;
-    }
-    const cJSON *m = cJSON_GetObjectItemCaseSensitive(j, "MaximumRetryAttempts");
-    const cJSON *a = cJSON_GetObjectItemCaseSensitive(j, "MaximumEventAgeInSeconds");
-    const cJSON *dc = cJSON_GetObjectItemCaseSensitive(j, "DestinationConfig");
-    if (m && !cJSON_IsNull(m)) {
-        if (!cJSON_IsNumber(m) || m->valuedouble != floor(m->valuedouble) || m->valuedouble < 0 ||
-            m->valuedouble > 2) {
-            cJSON_Delete(j);
-            respond_err(req, rid, 400, "InvalidParameterValueException",
-                        "1 validation error detected: Value at 'maximumRetryAttempts' failed to "
-                        "satisfy constraint: Member must have value between 0 and 2");
-            return;
-        }
-        has_mra = true;
-        snprintf(mra, sizeof(mra), "%d", (int)m->valuedouble);
-    }
-    if (a && !cJSON_IsNull(a)) {
-        if (!cJSON_IsNumber(a) || a->valuedouble != floor(a->valuedouble) || a->valuedouble < 60 ||
-            a->valuedouble > 21600) {
-            cJSON_Delete(j);
-            respond_err(req, rid, 400, "InvalidParameterValueException",
-                        "1 validation error detected: Value at 'maximumEventAgeInSeconds' failed "
-                        "to satisfy constraint: Member must have value between 60 and 21600");
-            return;
-        }
-        has_age = true;
-        snprintf(age, sizeof(age), "%d", (int)a->valuedouble);
-    }
-    if (dc && !cJSON_IsNull(dc)) {
-        if (!cJSON_IsObject(dc)) {
-            cJSON_Delete(j);
-            respond_err(req, rid, 400, "InvalidParameterValueException",
-                        "DestinationConfig must be an object");
-            return;
-        }
-        const cJSON *os = cJSON_GetObjectItemCaseSensitive(dc, "OnSuccess");
-        const cJSON *of = cJSON_GetObjectItemCaseSensitive(dc, "OnFailure");
-        if (!eic_dest(q, os, "OnSuccess", succ, sizeof(succ), why, sizeof(why)) ||
-            !eic_dest(q, of, "OnFailure", fail, sizeof(fail), why, sizeof(why))) {
-            cJSON_Delete(j);
-            respond_err(req, rid, 400, "InvalidParameterValueException", "%s", why);
-            return;
-        }
-        has_succ = os != NULL;
-        has_fail = of != NULL;
-    }
-    cJSON_Delete(j);
-    /* Put: every field is set (absent = NULL: falls back to the YAML). Update: only those sent. */
-    const char *params[] = {f->cfg->name,
+    char mra[16], age[16];
+    snprintf(mra, sizeof(mra), "%d", ch->maximum_retry_attempts);
+    snprintf(age, sizeof(age), "%d", ch->maximum_event_age_s);
+    bool has_mra = ch->maximum_retry_attempts >= 0, has_age = ch->maximum_event_age_s >= 0;
+    /* replace: every field is set (absent = NULL: falls back to the YAML); else only those given */
+    const char *params[] = {function,
                             has_mra ? mra : NULL,
                             has_age ? age : NULL,
-                            has_succ ? succ : NULL,
-                            has_fail ? fail : NULL,
-                            replace || has_mra ? "t" : "f",
-                            replace || has_age ? "t" : "f",
-                            replace || has_succ ? "t" : "f",
-                            replace || has_fail ? "t" : "f"};
-    struct eic_call *ec = esmd_xcalloc(1, sizeof(*ec));
-    ec->q = q;
-    ec->req = req;
-    ec->f = f;
-    memcpy(ec->rid, rid, 37);
-    q->config_queries++;
-    if (esmd_pg_query(
-            q->work,
-            "WITH up AS (INSERT INTO esmd.event_invoke_config AS t (function_name, "
-            "maximum_retry_attempts, maximum_event_age_seconds, on_success, on_failure, "
-            "last_modified) VALUES ($1, $2::int, $3::int, $4, $5, now()) "
-            "ON CONFLICT (function_name) DO UPDATE SET "
-            "maximum_retry_attempts = CASE WHEN $6::bool THEN EXCLUDED.maximum_retry_attempts "
-            "ELSE t.maximum_retry_attempts END, "
-            "maximum_event_age_seconds = CASE WHEN $7::bool THEN "
-            "EXCLUDED.maximum_event_age_seconds ELSE t.maximum_event_age_seconds END, "
-            "on_success = CASE WHEN $8::bool THEN EXCLUDED.on_success ELSE t.on_success END, "
-            "on_failure = CASE WHEN $9::bool THEN EXCLUDED.on_failure ELSE t.on_failure END, "
-            "last_modified = now() RETURNING " OV_COLUMNS "), "
-            "n AS (SELECT pg_notify('" AQ_CONFIG_CHANNEL "', $1)) "
-            "SELECT up.* FROM up, n",
-            9, params, eic_done, ec) != 0) {
-        q->config_queries--;
-        free(ec);
-        respond_err(req, rid, 503, "ServiceException", "shutting down");
-        return;
-    }
-    esmd_http_req_on_abort(req, eic_abort, ec);
+                            ch->on_success,
+                            ch->on_failure,
+                            ch->replace || has_mra ? "t" : "f",
+                            ch->replace || has_age ? "t" : "f",
+                            ch->replace || ch->on_success ? "t" : "f",
+                            ch->replace || ch->on_failure ? "t" : "f"};
+    return eic_query(
+        q, function, false,
+        "WITH up AS (INSERT INTO esmd.event_invoke_config AS t (function_name, "
+        "maximum_retry_attempts, maximum_event_age_seconds, on_success, on_failure, "
+        "last_modified) VALUES ($1, $2::int, $3::int, $4, $5, now()) "
+        "ON CONFLICT (function_name) DO UPDATE SET "
+        "maximum_retry_attempts = CASE WHEN $6::bool THEN EXCLUDED.maximum_retry_attempts "
+        "ELSE t.maximum_retry_attempts END, "
+        "maximum_event_age_seconds = CASE WHEN $7::bool THEN "
+        "EXCLUDED.maximum_event_age_seconds ELSE t.maximum_event_age_seconds END, "
+        "on_success = CASE WHEN $8::bool THEN EXCLUDED.on_success ELSE t.on_success END, "
+        "on_failure = CASE WHEN $9::bool THEN EXCLUDED.on_failure ELSE t.on_failure END, "
+        "last_modified = now() RETURNING " OV_COLUMNS "), "
+        "n AS (SELECT pg_notify('" AQ_CONFIG_CHANNEL "', $1)) "
+        "SELECT up.* FROM up, n",
+        9, params, cb, ud);
 }
 
-static void route_eic(void *ud, struct esmd_http_req *req)
+int esmd_asyncq_eic_delete(struct esmd_asyncq *q, const char *function, esmd_asyncq_eic_cb cb,
+                           void *ud)
 {
-    struct esmd_asyncq *q = ud;
-    char rid[37];
-    if (!esmd_admin_authorize(q->auth, req))
-        return;
-    esmd_uuid4(rid);
-    const char *path = esmd_http_req_path(req);
-    const char *method = esmd_http_req_method(req);
-    const char *seg = path + strlen("/2019-09-25/functions/");
-    const char *slash = strchr(seg, '/');
-    bool list = false;
-    if (slash && strcmp(slash, "/event-invoke-config/list") == 0)
-        list = true;
-    else if (!slash || strcmp(slash, "/event-invoke-config") != 0) {
-        respond_err(req, rid, 404, "ResourceNotFoundException", "no route for %s %s", method, path);
-        return;
-    }
-    if (list && strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
-        esmd_http_req_add_header(req, "Allow", "GET");
-        respond_err(req, rid, 405, "MethodNotAllowedException", "method %s not allowed on %s",
-                    method, path);
-        return;
-    }
-    struct aq_fn *f = resolve_fn(q, req, seg, (size_t)(slash - seg), rid);
-    if (!f)
-        return;
-    if (list) {
-        const char *mi = esmd_http_req_query(req, "MaxItems");
-        if (mi) {
-            char *end;
-            long v = strtol(mi, &end, 10);
-            if (*end || v < 1 || v > 50) {
-                respond_err(req, rid, 400, "InvalidParameterValueException",
-                            "1 validation error detected: Value '%s' at 'maxItems' failed to "
-                            "satisfy constraint: Member must have value between 1 and 50",
-                            mi);
-                return;
-            }
-        }
-        struct esmd_buf b = ESMD_BUF_INIT;
-        esmd_buf_puts(&b, "{\"FunctionEventInvokeConfigs\":[");
-        if (fn_has_config(f))
-            eic_json(&b, f, q->started_at);
-        esmd_buf_puts(&b, "]}");
-        esmd_http_req_add_header(req, "x-amzn-RequestId", rid);
-        esmd_http_respond(req, 200, AQ_JSON, esmd_buf_cstr(&b), b.len);
-        esmd_buf_free(&b);
-        return;
-    }
-    if (strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0) {
-        if (!fn_has_config(f)) {
-            char arn[300];
-            esmd_function_arn(f->cfg->name, arn, sizeof(arn));
-            respond_err(req, rid, 404, "ResourceNotFoundException",
-                        "The function %s:$LATEST doesn't have an EventInvokeConfig", arn);
-            return;
-        }
-        struct esmd_buf b = ESMD_BUF_INIT;
-        eic_json(&b, f, q->started_at);
-        esmd_http_req_add_header(req, "x-amzn-RequestId", rid);
-        esmd_http_respond(req, 200, AQ_JSON, esmd_buf_cstr(&b), b.len);
-        esmd_buf_free(&b);
-        return;
-    }
-    if (q->closing) {
-        respond_err(req, rid, 503, "ServiceException", "shutting down");
-        return;
-    }
-    if (strcmp(method, "PUT") == 0 || strcmp(method, "POST") == 0) {
-        eic_write(q, req, f, rid, strcmp(method, "PUT") == 0);
-        return;
-    }
-    /* DELETE */
-    struct eic_call *ec = esmd_xcalloc(1, sizeof(*ec));
-    ec->q = q;
-    ec->req = req;
-    ec->f = f;
-    ec->is_delete = true;
-    memcpy(ec->rid, rid, 37);
-    const char *params[] = {f->cfg->name};
-    q->config_queries++;
-    if (esmd_pg_query(q->work,
-                      "WITH d AS (DELETE FROM esmd.event_invoke_config WHERE function_name = $1 "
-                      "RETURNING function_name) "
-                      "SELECT pg_notify('" AQ_CONFIG_CHANNEL "', function_name) FROM d",
-                      1, params, eic_done, ec) != 0) {
-        q->config_queries--;
-        free(ec);
-        respond_err(req, rid, 503, "ServiceException", "shutting down");
-        return;
-    }
-    esmd_http_req_on_abort(req, eic_abort, ec);
-}
-
-int esmd_asyncq_routes(struct esmd_asyncq *q, struct esmd_http *http)
-{
-    static const char *const methods[] = {"GET", "PUT", "POST", "DELETE"};
-    if (!q || !http)
-        return ESMD_EINVAL;
-    if (esmd_http_route_limited(http, "POST", "/2015-03-31/functions/*", route_invoke, invoke_limit,
-                                q) != 0)
-        return ESMD_EINVAL;
-    for (size_t i = 0; i < ESMD_ARRAY_LEN(methods); i++)
-        if (esmd_http_route(http, methods[i], "/2019-09-25/functions/*", route_eic, q) != 0)
-            return ESMD_EINVAL;
-    return ESMD_OK;
+    const char *params[] = {function};
+    return eic_query(q, function, true,
+                     "WITH d AS (DELETE FROM esmd.event_invoke_config WHERE function_name = $1 "
+                     "RETURNING function_name) "
+                     "SELECT pg_notify('" AQ_CONFIG_CHANNEL "', function_name) FROM d",
+                     1, params, cb, ud);
 }
 
 /* ---- the function:// destination sink ---- */
@@ -1874,8 +1363,8 @@ static int sink(void *ud, const char *function, const char *payload, size_t len,
 
 struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_config *cfg,
                                     struct esmd_invoker *inv, struct esmd_dests *dests,
-                                    const struct esmd_admin_auth *auth, const char *conninfo,
-                                    const char *instance_id, char *err, size_t errlen)
+                                    const char *conninfo, const char *instance_id, char *err,
+                                    size_t errlen)
 {
     if (!loop || !cfg || !inv || !dests || !conninfo) {
         snprintf(err, errlen,
@@ -1887,7 +1376,6 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
     q->loop = loop;
     q->inv = inv;
     q->dests = dests;
-    q->auth = auth;
     q->instance_id = esmd_xstrdup(instance_id && *instance_id ? instance_id : "esmd");
     esmd_uuid4(q->token);
     q->started_at = (double)esmd_now_ms() / 1000.0;

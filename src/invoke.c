@@ -970,3 +970,18 @@ void esmd_invoke_cancel(struct esmd_invoke_req *req)
     invoke_detach(req);
     invoke_complete_simple(req, ESMD_INVOKE_CANCELLED, "cancelled");
 }
+
+double esmd_invoke_timeout_seconds(const struct esmd_invoke_result *res, int64_t timeout_ms)
+{
+    static const char rie_timeout[] = "Task timed out after ";
+
+    if (res->body && strncmp(res->body, rie_timeout, sizeof(rie_timeout) - 1) == 0) {
+        const char *num = res->body + sizeof(rie_timeout) - 1; /* the body is NUL-terminated */
+        char *end;
+        double v = strtod(num, &end);
+
+        if (end != num && v >= 0 && v < 1e6)
+            return v;
+    }
+    return (double)timeout_ms / 1000.0;
+}

@@ -2,6 +2,7 @@
 #include "esmd/json.h"
 
 #include <stdint.h>
+#include <string.h>
 
 size_t esmd_utf8_decode(const unsigned char *s, size_t n, uint32_t *out)
 {
@@ -183,26 +184,25 @@ static bool scan_scalar(struct scan *sc)
     }
 }
 
-bool esmd_json_valid(const char *str, size_t len)
+/* One value at sc->i, and the whitespace after it; false when it is not valid JSON. */
+static bool scan_value(struct scan *sc)
 {
     /* stack[d] is the container at depth d: '{' or '['. */
     char stack[ESMD_JSON_MAX_DEPTH];
     int depth = 0;
-    struct scan sc = {(const unsigned char *)str, len, 0};
-    skip_ws(&sc);
     for (;;) {
         /* expecting a value */
-        if (sc.i >= sc.len)
+        if (sc->i >= sc->len)
             return false;
-        unsigned char c = sc.s[sc.i];
+        unsigned char c = sc->s[sc->i];
         if (c == '{' || c == '[') {
             if (depth == ESMD_JSON_MAX_DEPTH)
                 return false;
             stack[depth++] = (char)c;
-            sc.i++;
-            skip_ws(&sc);
-            if (sc.i < sc.len && sc.s[sc.i] == (c == '{' ? '}' : ']')) {
-                sc.i++;
+            sc->i++;
+            skip_ws(sc);
+            if (sc->i < sc->len && sc->s[sc->i] == (c == '{' ? '}' : ']')) {
+                sc->i++;
                 depth--;
                 goto after_value;
             }
@@ -210,17 +210,17 @@ bool esmd_json_valid(const char *str, size_t len)
                 goto object_key;
             continue;
         }
-        if (!scan_scalar(&sc))
+        if (!scan_scalar(sc))
             return false;
     after_value:
-        skip_ws(&sc);
+        skip_ws(sc);
         if (depth == 0)
-            return sc.i == sc.len;
-        if (sc.i >= sc.len)
+            return true;
+        if (sc->i >= sc->len)
             return false;
-        c = sc.s[sc.i++];
+        c = sc->s[sc->i++];
         if (c == ',') {
-            skip_ws(&sc);
+            skip_ws(sc);
             if (stack[depth - 1] == '{')
                 goto object_key;
             continue;
@@ -230,12 +230,60 @@ bool esmd_json_valid(const char *str, size_t len)
         depth--;
         goto after_value;
     object_key:
-        if (sc.i >= sc.len || sc.s[sc.i] != '"' || !scan_string(&sc))
+        if (sc->i >= sc->len || sc->s[sc->i] != '"' || !scan_string(sc))
             return false;
+        skip_ws(sc);
+        if (sc->i >= sc->len || sc->s[sc->i] != ':')
+            return false;
+        sc->i++;
+        skip_ws(sc);
+    }
+}
+
+bool esmd_json_valid(const char *str, size_t len)
+{
+    struct scan sc = {(const unsigned char *)str, len, 0};
+    skip_ws(&sc);
+    return scan_value(&sc) && sc.i == sc.len;
+}
+
+bool esmd_json_next(const char *s, size_t len, size_t *pos, struct esmd_json_span *key,
+                    struct esmd_json_span *val)
+{
+    struct scan sc = {(const unsigned char *)s, len, *pos};
+    skip_ws(&sc);
+    if (sc.i < sc.len && (sc.s[sc.i] == '{' || sc.s[sc.i] == '[' || sc.s[sc.i] == ','))
+        sc.i++;
+    skip_ws(&sc);
+    if (sc.i >= sc.len || sc.s[sc.i] == '}' || sc.s[sc.i] == ']')
+        return false;
+    if (key != NULL) {
+        key->p = s + sc.i;
+        if (sc.s[sc.i] != '"' || !scan_string(&sc))
+            return false;
+        key->n = (size_t)(s + sc.i - key->p);
         skip_ws(&sc);
         if (sc.i >= sc.len || sc.s[sc.i] != ':')
             return false;
         sc.i++;
         skip_ws(&sc);
     }
+    if (sc.i >= sc.len)
+        return false;
+    val->p = s + sc.i;
+    if (!scan_value(&sc))
+        return false;
+    val->n = (size_t)(s + sc.i - val->p);
+    while (val->n > 0 && (val->p[val->n - 1] == ' ' || val->p[val->n - 1] == '\t' ||
+                          val->p[val->n - 1] == '\n' || val->p[val->n - 1] == '\r'))
+        val->n--;
+    *pos = sc.i;
+    return true;
+}
+
+bool esmd_json_key_is(const struct esmd_json_span *key, const char *name)
+{
+    size_t n = strlen(name);
+
+    return key->n == n + 2 && memcmp(key->p + 1, name, n) == 0;
 }

@@ -2,6 +2,7 @@
  * loop. */
 #include "esmd/admin.h"
 #include "esmd/admin_auth.h"
+#include "esmd/api.h"
 #include "esmd/asyncq.h"
 #include "esmd/buf.h"
 #include "esmd/config.h"
@@ -399,6 +400,7 @@ struct service {
     struct esmd_mapping **maps;
     size_t nmaps;
     struct esmd_admin_auth *auth; /* admin API credentials */
+    struct esmd_api_ctx api;      /* the Invoke and event-invoke-config routes' */
     struct esmd_admin *admin;     /* mapping admin API (UpdateEventSourceMapping, /admin/) */
     struct esmd_asyncq *asyncq;   /* asynchronous invocation queue (Invoke, event-invoke-config) */
     size_t nstopped;
@@ -752,13 +754,15 @@ static int cmd_run(int argc, char **argv)
         }
     }
     svc.auth = esmd_admin_auth_new(&svc.cfg->admin);
-    svc.asyncq = esmd_asyncq_new(svc.loop, svc.cfg, svc.inv, svc.dests, svc.auth, svc.cfg->postgres,
+    svc.asyncq = esmd_asyncq_new(svc.loop, svc.cfg, svc.inv, svc.dests, svc.cfg->postgres,
                                  svc.instance_id, err, sizeof(err));
     if (!svc.asyncq) {
         ESMD_ERROR(NULL, "async queue: %s", err);
         goto out;
     }
-    if (esmd_asyncq_routes(svc.asyncq, svc.http) != ESMD_OK) {
+    svc.api = (struct esmd_api_ctx){svc.cfg, svc.asyncq, svc.inv, svc.dests, svc.auth};
+    if (esmd_api_invoke_routes(&svc.api, svc.http) != ESMD_OK ||
+        esmd_api_eic_routes(&svc.api, svc.http) != ESMD_OK) {
         ESMD_ERROR(NULL, "async queue: could not register its routes");
         goto out;
     }

@@ -1,8 +1,6 @@
 /* The asynchronous invocation queue (docs/design.md#async-life, docs/async.md), on Postgres
- * (migrations/0004_async.sql), and the Lambda-compatible routes that drive it:
- *   POST   /2015-03-31/functions/{name}/invocations          Invoke (Event, RequestResponse,
- * DryRun) PUT|POST|GET|DELETE /2019-09-25/functions/{name}/event-invoke-config GET
- * /2019-09-25/functions/{name}/event-invoke-config/list
+ * (migrations/0004_async.sql). The Lambda-compatible routes that drive it (Invoke,
+ * event-invoke-config) are in src/api_invoke.c and src/api_eic.c (include/esmd/api.h).
  *
  * Accepting: events are inserted by group commit (every event accepted while an INSERT is in
  * flight goes into the next one) and acknowledged (202, or the enqueue callback) only after the
@@ -33,21 +31,14 @@ struct ev_loop;
 struct esmd_asyncq;
 struct esmd_invoker;
 struct esmd_dests;
-struct esmd_http;
-struct esmd_admin_auth;
 
 /* Creates the queue and starts its workers (Postgres connections: two for inserts, one for
- * claims / LISTEN / configuration, one for settling). cfg, inv, dests and auth are borrowed and
- * must outlive the queue. instance_id: this process's stable id (leases). NULL with err. */
+ * claims / LISTEN / configuration, one for settling). cfg, inv and dests are borrowed and must
+ * outlive the queue. instance_id: this process's stable id (leases). NULL with err. */
 struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_config *cfg,
                                     struct esmd_invoker *inv, struct esmd_dests *dests,
-                                    const struct esmd_admin_auth *auth, const char *conninfo,
-                                    const char *instance_id, char *err,
+                                    const char *conninfo, const char *instance_id, char *err,
                                     size_t errlen) ESMD_MUST_CHECK;
-
-/* Registers the Invoke and event-invoke-config routes on http (authorised with the auth given
- * to esmd_asyncq_new). Returns 0 or ESMD_EINVAL. */
-int esmd_asyncq_routes(struct esmd_asyncq *q, struct esmd_http *http) ESMD_MUST_CHECK;
 
 /* cb of esmd_asyncq_enqueue(): ok once the event is committed (request_id: its id), or !ok with
  * err. Strings borrowed for the call. */
@@ -66,6 +57,48 @@ void esmd_asyncq_stop(struct esmd_asyncq *q, void (*done)(void *ud), void *ud);
 /* Frees now; claimed events not settled keep their lease and run again after it. NULL ok.
  * Enqueues not committed get cb(!ok) from inside this call. */
 void esmd_asyncq_free(struct esmd_asyncq *q);
+
+/* Whether events are accepted (false once stopping). */
+bool esmd_asyncq_accepting(const struct esmd_asyncq *q);
+/* The largest payload of an event (ESMD_ASYNC_MAX_PAYLOAD; at most ESMD_MAX_PAYLOAD). */
+size_t esmd_asyncq_max_payload(const struct esmd_asyncq *q);
+
+/* ---- event-invoke-config (the run-time overrides of a function's `async` section) ---- */
+
+/* A function's event-invoke-config in force: its override where it has one, else its
+ * configuration's. Strings borrowed until the next change (the loop turn). */
+struct esmd_asyncq_eic {
+    bool set; /* an `async` section or an override exists (Get finds a configuration) */
+    int maximum_retry_attempts;
+    int64_t maximum_event_age_s;
+    const char *on_success, *on_failure; /* destination URIs; NULL: none */
+    double last_modified;                /* epoch seconds */
+};
+
+/* Fills out for `function`. 0, or ESMD_ENOENT for a function the queue does not have. */
+int esmd_asyncq_eic_get(struct esmd_asyncq *q, const char *function,
+                        struct esmd_asyncq_eic *out) ESMD_MUST_CHECK;
+
+/* A change (validated by the caller). */
+struct esmd_asyncq_eic_change {
+    bool replace;                        /* every field (absent ones fall back to the file's) */
+    int maximum_retry_attempts;          /* -1: not given */
+    int maximum_event_age_s;             /* -1: not given */
+    const char *on_success, *on_failure; /* NULL: not given; "": none */
+};
+
+/* cb of a change: rc 0 once stored and in force here (every instance hears it through NOTIFY),
+ * ESMD_ENOENT for a delete that found no override, ESMD_EIO when the database failed (logged). */
+typedef void (*esmd_asyncq_eic_cb)(void *ud, int rc);
+
+/* Stores ch for `function` (strings copied). Returns 0 (cb runs from the loop), ESMD_ENOENT
+ * (unknown function) or ESMD_ESTATE (closing); cb is not called on errors. */
+int esmd_asyncq_eic_put(struct esmd_asyncq *q, const char *function,
+                        const struct esmd_asyncq_eic_change *ch, esmd_asyncq_eic_cb cb,
+                        void *ud) ESMD_MUST_CHECK;
+/* Deletes the override of `function`; as esmd_asyncq_eic_put. */
+int esmd_asyncq_eic_delete(struct esmd_asyncq *q, const char *function, esmd_asyncq_eic_cb cb,
+                           void *ud) ESMD_MUST_CHECK;
 
 /* Appends {"ready":bool,"queued_here":N,...} for /readyz; returns readiness. */
 bool esmd_asyncq_ready(struct esmd_asyncq *q, struct esmd_buf *detail);

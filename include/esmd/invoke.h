@@ -75,4 +75,9 @@ void esmd_invoke_cancel(struct esmd_invoke_req *req);
 
 const char *esmd_invoke_outcome_name(enum esmd_invoke_outcome o);
 
+/* The seconds a timed-out invocation ran, for Lambda's "Task timed out after N seconds": the
+ * function's own timeout when its answer said so (the RIE answers "Task timed out after 1.00
+ * seconds" for AWS_LAMBDA_FUNCTION_TIMEOUT=1), else timeout_ms, which cut the request off. */
+double esmd_invoke_timeout_seconds(const struct esmd_invoke_result *res, int64_t timeout_ms);
+
 #endif

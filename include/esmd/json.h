@@ -26,4 +26,21 @@ bool esmd_utf8_valid(const char *s, size_t len);
  * in its strings and valid escapes; NUL bytes are refused. */
 bool esmd_json_valid(const char *s, size_t len);
 
+/* A piece of a JSON text: p[0..n), borrowed from the text. */
+struct esmd_json_span {
+    const char *p;
+    size_t n;
+};
+
+/* Walks the members of the object (key set) or the elements of the array (key NULL) at s[0..len)
+ * (one JSON value; *pos starts at 0 and is advanced by each call), as the text sent: numbers
+ * keep their digits, strings their escapes (key and string values include the quotes). Returns
+ * false at the end, or at the first thing that is not valid JSON. For bodies that passed
+ * esmd_json_valid() where a value must be seen as sent (a filter pattern, an event). */
+bool esmd_json_next(const char *s, size_t len, size_t *pos, struct esmd_json_span *key,
+                    struct esmd_json_span *val);
+
+/* Whether a key span from esmd_json_next() is the string name (no escapes in name). */
+bool esmd_json_key_is(const struct esmd_json_span *key, const char *name);
+
 #endif
