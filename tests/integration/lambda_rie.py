@@ -27,6 +27,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 
 import servers
 
@@ -61,9 +63,10 @@ class Rie:
     """One aws-lambda-rie process running `handler` (module.function in lambda_handlers/).
 
     timeout: AWS_LAMBDA_FUNCTION_TIMEOUT in seconds (the RIE's default is 300).
-    env: more environment for the handler (the RIE passes its environment to the runtime)."""
+    env: more environment for the handler (the RIE passes its environment to the runtime).
+    warm: invoke it once before returning (see warm_up)."""
 
-    def __init__(self, handler, timeout=None, env=None, name="esmd-test-fn"):
+    def __init__(self, handler, timeout=None, env=None, name="esmd-test-fn", warm=True):
         self.exe = rie_binary()
         if not os.access(self.exe, os.X_OK):
             raise RuntimeError("%s not found: scripts/install-deps builds the Runtime Interface "
@@ -98,6 +101,27 @@ class Rie:
         # The RIE has no health route and every POST on its path is an invocation (Init runs on
         # the first one), so "answers" means: accepts TCP connections.
         servers.wait_for(self._listening, 20, 0.05, "aws-lambda-rie on port %d" % self.port)
+        if warm:
+            self.warm_up()
+
+    def warm_up(self):
+        """One invocation with an empty event, before esmd sends any: the runtime's Init (the
+        handler module's imports: Powertools, pydantic) runs on the first invocation and takes
+        seconds on a loaded machine, longer than the short function timeouts some tests use;
+        esmd would time out, send the next request, and the RIE serves one at a time (a second
+        request crashes it). The warm-up's record, whatever the handler made of `{}`, is
+        removed."""
+        req = urllib.request.Request(self.url, data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                resp.read()
+        except urllib.error.HTTPError as e:  # a handler error is still a warm runtime
+            e.read()
+        try:
+            os.unlink(self.record_file)
+        except FileNotFoundError:
+            pass
 
     def _listening(self):
         if self.proc.poll() is not None:
