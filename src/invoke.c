@@ -650,11 +650,53 @@ static void invoke_pump(struct esmd_function *fn)
     invoke_gauges(fn);
 }
 
+/* Says what went wrong with a transfer that ended without a whole answer, in the words an
+ * operator reads in the log and in on-failure records (docs/endpoint.md#errors), rather than
+ * libcurl's: a malformed answer is not a plain "error" of a 200. */
+static void invoke_transfer_error(const struct esmd_invoke_req *req, CURLcode cc, char *msg,
+                                  size_t len)
+{
+    const char *detail = req->errbuf[0] != '\0' ? req->errbuf : curl_easy_strerror(cc);
+
+    if (req->too_large) {
+        snprintf(msg, len, "response over 6 MB (more than %d bytes)", ESMD_MAX_PAYLOAD);
+        return;
+    }
+    switch (cc) {
+    case CURLE_PARTIAL_FILE:
+        snprintf(msg, len, "truncated response: the connection closed before the body ended (%s)",
+                 detail);
+        return;
+    case CURLE_GOT_NOTHING:
+        snprintf(msg, len, "no response: the connection closed before an answer (%s)", detail);
+        return;
+    case CURLE_OUT_OF_MEMORY:
+        /* what libcurl 7.88 reports for a header block over its 100 KB limit */
+        snprintf(msg, len, "response headers too large (libcurl keeps at most 100 KB of them)");
+        return;
+    case CURLE_UNSUPPORTED_PROTOCOL:
+    case CURLE_WEIRD_SERVER_REPLY:
+        snprintf(msg, len, "malformed response: not HTTP/1.x (%s)", detail);
+        return;
+    case CURLE_RECV_ERROR:
+        if (strstr(detail, "chunked") != NULL)
+            snprintf(msg, len, "invalid chunked encoding (%s)", detail);
+        else
+            snprintf(msg, len, "connection failed while reading the response (%s)", detail);
+        return;
+    case CURLE_SEND_ERROR:
+        snprintf(msg, len, "connection failed while sending the request (%s)", detail);
+        return;
+    default:
+        snprintf(msg, len, "%s", detail);
+    }
+}
+
 /* Classifies a finished transfer and completes the request. */
 static void invoke_finish(struct esmd_invoke_req *req, CURLcode cc)
 {
     struct esmd_invoke_result res = {0};
-    char msg[CURL_ERROR_SIZE + 64];
+    char msg[CURL_ERROR_SIZE + 128];
     char fnerr[ESMD_INVOKE_FNERR_MAX];
     long status = 0;
     cJSON *doc = NULL;
@@ -673,16 +715,12 @@ static void invoke_finish(struct esmd_invoke_req *req, CURLcode cc)
     invoke_detach(req);
 
     if (cc != CURLE_OK) {
-        if (req->too_large) {
-            res.outcome = ESMD_INVOKE_ERROR;
-            snprintf(msg, sizeof(msg), "response too large (over %d bytes)", ESMD_MAX_PAYLOAD);
-        } else if (cc == CURLE_OPERATION_TIMEDOUT) {
+        if (cc == CURLE_OPERATION_TIMEDOUT) {
             res.outcome = ESMD_INVOKE_TIMEOUT;
             snprintf(msg, sizeof(msg), "timed out after %ld ms", req->fn->timeout_ms);
         } else {
             res.outcome = ESMD_INVOKE_ERROR;
-            snprintf(msg, sizeof(msg), "%s",
-                     req->errbuf[0] != '\0' ? req->errbuf : curl_easy_strerror(cc));
+            invoke_transfer_error(req, cc, msg, sizeof(msg));
         }
         res.error = msg;
         goto done;
