@@ -1,16 +1,21 @@
 /* The YAML configuration (include/esmd/config.h, docs/configuration.md).
  *
  * Three steps:
- *   1. libyaml events become a tree of nodes; every node keeps file:line:col, its key path
- *      ("mappings[0].source.topics") and, for scalars, the text with ${VAR} already expanded;
- *   2. each section is read through a key table (struct cfg_key: name, type, range, flags), the
- *      only place where a key is declared; unknown keys are errors;
+ *   1. libyaml events become a tree of nodes; every node keeps file:line:col and its place in
+ *      its parent (from which messages get its key path, "mappings[0].source.topics") and, for
+ *      scalars, the text with ${VAR} already expanded; maps of more than SMALL_MAP keys are
+ *      indexed, so loading is linear in the file, which is bounded (MAX_*);
+ *   2. each section is read through a key table (struct esmd_cfg_key: name, type, range, flags),
+ *      the only place where a key is declared; unknown keys are errors. A source's keys and a
+ *      connection's are the connector's own tables (include/esmd/connector.h), read here with its
+ *      own checks, so check-config refuses what the connector would;
  *   3. checks that need the whole file (destinations).
  * Every problem is appended to the error list; reading goes on after an error, so one run reports
  * them all. The errors of one load are sorted by position at the end. */
 #include "esmd/config.h"
 
 #include "esmd/buf.h"
+#include "esmd/connector.h"
 #include "esmd/filter.h"
 
 #include <cJSON.h>
@@ -167,35 +172,35 @@ struct strindex {
  * order (duplicates are reported and dropped when the tree is built). A node's key path
  * ("mappings[0].source.topics[1]") and name ("topics[1]") are computed from its parents when a
  * message needs them (node_path(), node_name()), so the tree takes memory linear in the file. */
-struct node {
+struct esmd_cfg_node {
     enum node_kind kind;
-    int line, col;             /* 1-based */
-    const struct node *parent; /* NULL for the document */
-    const char *key;           /* borrowed: the key of a map's value (NULL for a list item) */
-    size_t index;              /* a list item's position */
-    char *value;               /* owned: scalar text */
-    bool quoted; /* scalar written quoted, as a block, or tagged !!str: always a string */
-    bool bad;    /* an error about this node was reported already; readers skip it */
+    int line, col;                      /* 1-based */
+    const struct esmd_cfg_node *parent; /* NULL for the document */
+    const char *key; /* borrowed: the key of a map's value (NULL for a list item) */
+    size_t index;    /* a list item's position */
+    char *value;     /* owned: scalar text */
+    bool quoted;     /* scalar written quoted, as a block, or tagged !!str: always a string */
+    bool bad;        /* an error about this node was reported already; readers skip it */
     struct node_pair *pairs; /* NODE_MAP */
     size_t npairs;
     struct strindex keys; /* NODE_MAP with more than SMALL_MAP pairs: index of pairs by key */
-    struct node **items;  /* NODE_LIST */
+    struct esmd_cfg_node **items; /* NODE_LIST */
     size_t nitems;
 };
 
 struct node_pair {
     char *key; /* owned */
     int line, col;
-    struct node *val; /* owned */
+    struct esmd_cfg_node *val; /* owned */
 };
 
 /* A destination URI read before the functions and connections it names are all known. */
 struct pending_dest {
-    const struct node *n;
+    const struct esmd_cfg_node *n;
     char **uri; /* the field in the config; cleared when the URI is wrong */
 };
 
-struct loader {
+struct esmd_cfg_loader {
     const char *file;
     const char *text;
     size_t len;
@@ -207,10 +212,11 @@ struct loader {
     size_t nnodes;    /* nodes built so far (MAX_NODES) */
     struct pending_dest *dests;
     size_t ndests, capdests;
-    const struct node *functions, *connections; /* their sections: name → index lookups */
-    struct strindex mapping_names;              /* names of the mappings read so far */
-    struct esmd_buf path, name;                 /* node_path()'s and node_name()'s results */
-    char shown[SHOW_MAX + 8];                   /* show()'s result */
+    const struct esmd_cfg_node *functions, *connections; /* their sections: name → index lookups */
+    const struct esmd_connector_ops *source_ops;         /* the kind of the source being read */
+    struct strindex mapping_names;                       /* names of the mappings read so far */
+    struct esmd_buf path, name; /* node_path()'s and node_name()'s results */
+    char shown[SHOW_MAX + 8];   /* show()'s result */
 };
 
 /* ---- string index ---- */
@@ -291,7 +297,7 @@ static const char *pair_key_at(const void *arr, size_t i)
 
 /* ---- nodes ---- */
 
-static void put_path(struct esmd_buf *b, const struct node *n)
+static void put_path(struct esmd_buf *b, const struct esmd_cfg_node *n)
 {
     if (!n->parent)
         return;
@@ -303,14 +309,14 @@ static void put_path(struct esmd_buf *b, const struct node *n)
 }
 
 /* n's key path, "" for the document. Valid until the next call. */
-static const char *node_path(struct loader *ld, const struct node *n)
+static const char *node_path(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n)
 {
     esmd_buf_reset(&ld->path);
     put_path(&ld->path, n);
     return esmd_buf_cstr(&ld->path);
 }
 
-static void put_name(struct esmd_buf *b, const struct node *n)
+static void put_name(struct esmd_buf *b, const struct esmd_cfg_node *n)
 {
     if (!n->parent)
         return;
@@ -323,7 +329,7 @@ static void put_name(struct esmd_buf *b, const struct node *n)
 }
 
 /* The last part of n's key path ("batch_size", "topics[1]"). Valid until the next call. */
-static const char *node_name(struct loader *ld, const struct node *n)
+static const char *node_name(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n)
 {
     esmd_buf_reset(&ld->name);
     put_name(&ld->name, n);
@@ -331,7 +337,8 @@ static const char *node_name(struct loader *ld, const struct node *n)
 }
 
 ESMD_PRINTF(5, 6)
-static void ld_err_at(struct loader *ld, int line, int col, const char *key, const char *fmt, ...)
+static void ld_err_at(struct esmd_cfg_loader *ld, int line, int col, const char *key,
+                      const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -341,7 +348,7 @@ static void ld_err_at(struct loader *ld, int line, int col, const char *key, con
 
 /* An error at node n, under n's key path. */
 ESMD_PRINTF(3, 4)
-static void ld_err(struct loader *ld, const struct node *n, const char *fmt, ...)
+static void ld_err(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -349,7 +356,7 @@ static void ld_err(struct loader *ld, const struct node *n, const char *fmt, ...
     va_end(ap);
 }
 
-static void node_free(struct node *n)
+static void node_free(struct esmd_cfg_node *n)
 {
     if (!n)
         return;
@@ -367,10 +374,11 @@ static void node_free(struct node *n)
 }
 
 /* key is borrowed: it must live as long as the node (the parent's pair owns it). */
-static struct node *node_new(struct loader *ld, enum node_kind kind, int line, int col,
-                             const struct node *parent, const char *key, size_t index)
+static struct esmd_cfg_node *node_new(struct esmd_cfg_loader *ld, enum node_kind kind, int line,
+                                      int col, const struct esmd_cfg_node *parent, const char *key,
+                                      size_t index)
 {
-    struct node *n = esmd_xcalloc(1, sizeof(*n));
+    struct esmd_cfg_node *n = esmd_xcalloc(1, sizeof(*n));
     n->kind = kind;
     n->line = line;
     n->col = col;
@@ -381,7 +389,7 @@ static struct node *node_new(struct loader *ld, enum node_kind kind, int line, i
     return n;
 }
 
-static const struct node_pair *map_find(const struct node *n, const char *key)
+static const struct node_pair *map_find(const struct esmd_cfg_node *n, const char *key)
 {
     if (!n || n->kind != NODE_MAP)
         return NULL;
@@ -395,13 +403,13 @@ static const struct node_pair *map_find(const struct node *n, const char *key)
     return NULL;
 }
 
-static const struct node *map_get(const struct node *n, const char *key)
+static const struct esmd_cfg_node *map_get(const struct esmd_cfg_node *n, const char *key)
 {
     const struct node_pair *p = map_find(n, key);
     return p ? p->val : NULL;
 }
 
-static bool is_null(const struct node *n)
+static bool is_null(const struct esmd_cfg_node *n)
 {
     if (n->kind != NODE_SCALAR || n->quoted)
         return false;
@@ -411,7 +419,7 @@ static bool is_null(const struct node *n)
 
 /* How a value is shown in messages: plain scalars as written, quoted ones in quotes, long ones
  * cut, control characters as '?'. Valid until the next call. */
-static const char *show_text(struct loader *ld, const char *s, bool quoted)
+static const char *show_text(struct esmd_cfg_loader *ld, const char *s, bool quoted)
 {
     size_t len = strlen(s), cut = len > SHOW_MAX ? SHOW_MAX - 3 : len, o = 0;
     if (quoted)
@@ -430,7 +438,7 @@ static const char *show_text(struct loader *ld, const char *s, bool quoted)
     return ld->shown;
 }
 
-static const char *show(struct loader *ld, const struct node *n)
+static const char *show(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n)
 {
     if (n->kind == NODE_MAP)
         return "a mapping";
@@ -445,7 +453,7 @@ static const char *show(struct loader *ld, const struct node *n)
 
 /* ---- building the tree ---- */
 
-static void yaml_syntax_error(struct loader *ld)
+static void yaml_syntax_error(struct esmd_cfg_loader *ld)
 {
     yaml_parser_t *p = &ld->parser;
     int line = (int)p->problem_mark.line + 1, col = (int)p->problem_mark.column + 1;
@@ -472,7 +480,7 @@ static void yaml_syntax_error(struct loader *ld)
     ld->yaml_failed = true;
 }
 
-static bool next_event(struct loader *ld, yaml_event_t *ev)
+static bool next_event(struct esmd_cfg_loader *ld, yaml_event_t *ev)
 {
     if (yaml_parser_parse(&ld->parser, ev))
         return true;
@@ -495,7 +503,7 @@ static bool is_var_name(const char *s, size_t n)
 
 /* Returns s with every ${VAR} replaced from the environment and $${ written as ${; caller frees.
  * Unset or malformed references are reported at n, which is then marked bad. */
-static char *expand_vars(struct loader *ld, struct node *n, const char *s)
+static char *expand_vars(struct esmd_cfg_loader *ld, struct esmd_cfg_node *n, const char *s)
 {
     if (!strchr(s, '$'))
         return esmd_xstrdup(s);
@@ -543,10 +551,12 @@ static bool is_str_tag(const char *tag)
     return !strcmp(tag, "tag:yaml.org,2002:str") || !strcmp(tag, "!!str");
 }
 
-static struct node *parse_node(struct loader *ld, yaml_event_t *ev, const struct node *parent,
-                               const char *key, size_t index, int depth);
+static struct esmd_cfg_node *parse_node(struct esmd_cfg_loader *ld, yaml_event_t *ev,
+                                        const struct esmd_cfg_node *parent, const char *key,
+                                        size_t index, int depth);
 
-static void map_add(struct node *n, char *key, int line, int col, struct node *val)
+static void map_add(struct esmd_cfg_node *n, char *key, int line, int col,
+                    struct esmd_cfg_node *val)
 {
     if ((n->npairs & (n->npairs - 1)) == 0) /* 0, 1, 2, 4, ...: grow by doubling */
         n->pairs = esmd_xrealloc(n->pairs, (n->npairs ? n->npairs * 2 : 1) * sizeof(*n->pairs));
@@ -559,7 +569,7 @@ static void map_add(struct node *n, char *key, int line, int col, struct node *v
     }
 }
 
-static bool parse_map_body(struct loader *ld, struct node *n, int depth)
+static bool parse_map_body(struct esmd_cfg_loader *ld, struct esmd_cfg_node *n, int depth)
 {
     for (;;) {
         yaml_event_t kev, vev;
@@ -577,7 +587,8 @@ static bool parse_map_body(struct loader *ld, struct node *n, int depth)
         } else {
             ld_err_at(ld, kline, kcol, node_path(ld, n),
                       "a key must be a scalar, not a list or mapping");
-            struct node *junk = parse_node(ld, &kev, n->parent, n->key, n->index, depth + 1);
+            struct esmd_cfg_node *junk =
+                parse_node(ld, &kev, n->parent, n->key, n->index, depth + 1);
             if (!junk)
                 return false;
             node_free(junk);
@@ -586,7 +597,7 @@ static bool parse_map_body(struct loader *ld, struct node *n, int depth)
             free(key);
             return false;
         }
-        struct node *val = parse_node(ld, &vev, n, key ? key : "", 0, depth + 1);
+        struct esmd_cfg_node *val = parse_node(ld, &vev, n, key ? key : "", 0, depth + 1);
         if (!val) {
             free(key);
             return false;
@@ -605,7 +616,7 @@ static bool parse_map_body(struct loader *ld, struct node *n, int depth)
     }
 }
 
-static bool parse_list_body(struct loader *ld, struct node *n, int depth)
+static bool parse_list_body(struct esmd_cfg_loader *ld, struct esmd_cfg_node *n, int depth)
 {
     for (;;) {
         yaml_event_t ev;
@@ -615,7 +626,7 @@ static bool parse_list_body(struct loader *ld, struct node *n, int depth)
             yaml_event_delete(&ev);
             return true;
         }
-        struct node *item = parse_node(ld, &ev, n, NULL, n->nitems, depth + 1);
+        struct esmd_cfg_node *item = parse_node(ld, &ev, n, NULL, n->nitems, depth + 1);
         if (!item)
             return false;
         if ((n->nitems & (n->nitems - 1)) == 0)
@@ -627,11 +638,12 @@ static bool parse_list_body(struct loader *ld, struct node *n, int depth)
 /* Builds the node that starts with *ev, which it consumes, as the value of key in parent (key
  * borrowed, NULL for list item `index`). Returns NULL after a YAML syntax error or past a limit
  * (already reported). */
-static struct node *parse_node(struct loader *ld, yaml_event_t *ev, const struct node *parent,
-                               const char *key, size_t index, int depth)
+static struct esmd_cfg_node *parse_node(struct esmd_cfg_loader *ld, yaml_event_t *ev,
+                                        const struct esmd_cfg_node *parent, const char *key,
+                                        size_t index, int depth)
 {
     int line = (int)ev->start_mark.line + 1, col = (int)ev->start_mark.column + 1;
-    struct node *n = NULL;
+    struct esmd_cfg_node *n = NULL;
     bool ok = true;
 
     if (ld->nnodes >= MAX_NODES) {
@@ -697,9 +709,9 @@ static struct node *parse_node(struct loader *ld, yaml_event_t *ev, const struct
 
 /* Returns the document's root node, or NULL for an empty file or after a syntax error
  * (ld->yaml_failed). */
-static struct node *load_tree(struct loader *ld)
+static struct esmd_cfg_node *load_tree(struct esmd_cfg_loader *ld)
 {
-    struct node *root = NULL;
+    struct esmd_cfg_node *root = NULL;
     yaml_event_t ev;
     if (!yaml_parser_initialize(&ld->parser)) {
         ld_err_at(ld, 0, 0, "", "cannot initialise the YAML parser");
@@ -747,8 +759,7 @@ static bool is_alnum(char c)
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
 }
 
-/* 1..maxlen characters, each a letter, a digit or one of extra. */
-static bool valid_chars(const char *s, size_t maxlen, const char *extra)
+bool esmd_config_valid_chars(const char *s, size_t maxlen, const char *extra)
 {
     size_t n = strlen(s);
     if (n == 0 || n > maxlen)
@@ -772,44 +783,28 @@ static bool has_prefix(const char *s, const char *prefix)
     return strncmp(s, prefix, strlen(prefix)) == 0;
 }
 
-#define NAME_RULE "1 to 64 characters of letters, digits, '_', '.' or '-'"
 #define FUNCTION_NAME_RULE "1 to 64 characters of letters, digits, '_' or '-'"
-#define TOPIC_RULE "1 to 249 characters of letters, digits, '.', '_' or '-'"
-#define GROUP_RULE "1 to 200 characters of letters, digits or -/*:_+=.@"
 
 /* Mapping, connection and queue names. */
-static bool valid_name(const char *s)
+bool esmd_config_valid_name(const char *s)
 {
-    return valid_chars(s, 64, "_.-");
+    return esmd_config_valid_chars(s, 64, "_.-");
 }
 
 static bool valid_function_name(const char *s)
 {
-    return valid_chars(s, 64, "_-");
+    return esmd_config_valid_chars(s, 64, "_-");
 }
 
-static bool valid_topic(const char *s)
+bool esmd_config_valid_topic(const char *s)
 {
-    return valid_chars(s, 249, "._-") && strcmp(s, ".") != 0 && strcmp(s, "..") != 0;
-}
-
-static bool valid_group(const char *s)
-{
-    return valid_chars(s, 200, "-/*:_+=.@");
+    return esmd_config_valid_chars(s, 249, "._-") && strcmp(s, ".") != 0 && strcmp(s, "..") != 0;
 }
 
 static bool valid_http_url(const char *s)
 {
     const char *rest = has_prefix(s, "http://") ? s + 7 : has_prefix(s, "https://") ? s + 8 : NULL;
     return rest && *rest && !strchr("/?#", *rest) && !has_space(s);
-}
-
-static bool valid_redis_url(const char *s)
-{
-    const char *rest = has_prefix(s, "redis://")    ? s + 8
-                       : has_prefix(s, "rediss://") ? s + 9
-                                                    : NULL;
-    return rest && *rest && !has_space(s);
 }
 
 /* host:port with port 1..65535; an IPv6 host in brackets. */
@@ -846,7 +841,7 @@ static bool valid_listen(const char *s)
 
 static bool valid_header_name(const char *s)
 {
-    return valid_chars(s, 256, "!#$%&'*+-.^_`|~");
+    return esmd_config_valid_chars(s, 256, "!#$%&'*+-.^_`|~");
 }
 
 /* Decimal integer with optional sign, no spaces. */
@@ -963,7 +958,7 @@ int esmd_parse_size(const char *s, int64_t *out)
 
 /* A duration the way messages show it: the largest unit that divides it ("15m", "6h", "500ms");
  * minutes only above one minute, so 60 s stays "60s". */
-static const char *fmt_duration(int64_t ms, char out[32])
+const char *esmd_config_fmt_duration(int64_t ms, char out[32])
 {
     if (ms == 0)
         snprintf(out, 32, "0s");
@@ -981,7 +976,7 @@ static const char *fmt_duration(int64_t ms, char out[32])
 /* ---- typed readers: each reports its own error and returns false ---- */
 
 /* The scalar text of n, or NULL after "must be a string". */
-static const char *read_text(struct loader *ld, const struct node *n)
+static const char *read_text(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n)
 {
     if (n->bad)
         return NULL;
@@ -992,7 +987,7 @@ static const char *read_text(struct loader *ld, const struct node *n)
     return n->value;
 }
 
-static bool expect_map(struct loader *ld, const struct node *n)
+static bool expect_map(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n)
 {
     if (n->bad)
         return false;
@@ -1003,7 +998,7 @@ static bool expect_map(struct loader *ld, const struct node *n)
     return false;
 }
 
-static bool expect_list(struct loader *ld, const struct node *n)
+static bool expect_list(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n)
 {
     if (n->bad)
         return false;
@@ -1014,8 +1009,8 @@ static bool expect_list(struct loader *ld, const struct node *n)
 }
 
 /* An integer in min..max, or -1 too with minus_one. Plain scalars only: "10" is a string. */
-static bool read_int(struct loader *ld, const struct node *n, int64_t min, int64_t max,
-                     bool minus_one, int64_t *out)
+static bool read_int(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, int64_t min,
+                     int64_t max, bool minus_one, int64_t *out)
 {
     if (n->bad)
         return false;
@@ -1030,7 +1025,7 @@ static bool read_int(struct loader *ld, const struct node *n, int64_t min, int64
     return false;
 }
 
-static bool read_bool(struct loader *ld, const struct node *n, bool *out)
+static bool read_bool(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, bool *out)
 {
     if (n->bad)
         return false;
@@ -1044,8 +1039,8 @@ static bool read_bool(struct loader *ld, const struct node *n, bool *out)
 }
 
 /* A duration in min..max milliseconds, or -1 too with minus_one. */
-static bool read_duration(struct loader *ld, const struct node *n, int64_t min, int64_t max,
-                          bool minus_one, int64_t *out)
+static bool read_duration(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, int64_t min,
+                          int64_t max, bool minus_one, int64_t *out)
 {
     if (n->bad)
         return false;
@@ -1066,11 +1061,13 @@ static bool read_duration(struct loader *ld, const struct node *n, int64_t min, 
     }
     char lo[32], hi[32];
     ld_err(ld, n, "%s must be %sa duration from %s to %s, got %s", node_name(ld, n),
-           minus_one ? "-1 or " : "", fmt_duration(min, lo), fmt_duration(max, hi), show(ld, n));
+           minus_one ? "-1 or " : "", esmd_config_fmt_duration(min, lo),
+           esmd_config_fmt_duration(max, hi), show(ld, n));
     return false;
 }
 
-static bool read_enum(struct loader *ld, const struct node *n, const char *const *names, int *out)
+static bool read_enum(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
+                      const char *const *names, int *out)
 {
     if (n->bad)
         return false;
@@ -1090,74 +1087,23 @@ static bool read_enum(struct loader *ld, const struct node *n, const char *const
 
 /* ---- key tables ---- */
 
-enum key_type {
-    KEY_STR,      /* char *; optional check */
-    KEY_INT,      /* int in min..max */
-    KEY_BOOL,     /* bool: true | false */
-    KEY_DURATION, /* int64_t milliseconds in min..max */
-    KEY_ENUM,     /* enum (int) indexing names */
-    KEY_DEST,     /* char *: destination URI, checked when the whole file is read */
-    KEY_CUSTOM,   /* read() gets the value node and the section's struct */
-};
-
-#define KEY_REQUIRED 0x1u
-#define KEY_NONEMPTY 0x2u  /* KEY_STR: "" is an error */
-#define KEY_MINUS_ONE 0x4u /* KEY_INT, KEY_DURATION: -1 is allowed besides min..max */
-
-struct cfg_key {
-    const char *name;
-    enum key_type type;
-    unsigned flags;
-    size_t offset; /* of the field in the section's struct */
-    int64_t min, max;
-    bool (*check)(const char *s); /* KEY_STR */
-    const char *what;             /* KEY_STR: what check() wants, for the message */
-    const char *const *names;     /* KEY_ENUM: NULL-terminated */
-    bool (*read)(struct loader *ld, const struct node *n, void *obj); /* KEY_CUSTOM */
-};
-
-#define K_STR(n, st, f, fl)                                                                        \
-    {                                                                                              \
-        .name = n, .type = KEY_STR, .flags = fl, .offset = offsetof(st, f)                         \
-    }
-#define K_CHECK(n, st, f, fl, fn, w)                                                               \
-    {                                                                                              \
-        .name = n, .type = KEY_STR, .flags = fl, .offset = offsetof(st, f), .check = fn, .what = w \
-    }
-#define K_INT(n, st, f, lo, hi, fl)                                                                \
-    {                                                                                              \
-        .name = n, .type = KEY_INT, .flags = fl, .offset = offsetof(st, f), .min = lo, .max = hi   \
-    }
-#define K_BOOL(n, st, f)                                                                           \
-    {                                                                                              \
-        .name = n, .type = KEY_BOOL, .offset = offsetof(st, f)                                     \
-    }
-#define K_DUR(n, st, f, lo, hi, fl)                                                                \
-    {                                                                                              \
-        .name = n, .type = KEY_DURATION, .flags = fl, .offset = offsetof(st, f), .min = lo,        \
-        .max = hi                                                                                  \
-    }
-#define K_ENUM(n, st, f, list, fl)                                                                 \
-    {                                                                                              \
-        .name = n, .type = KEY_ENUM, .flags = fl, .offset = offsetof(st, f), .names = list         \
-    }
-#define K_DEST(n, st, f)                                                                           \
-    {                                                                                              \
-        .name = n, .type = KEY_DEST, .offset = offsetof(st, f)                                     \
-    }
-#define K_CUSTOM(n, fn, fl)                                                                        \
-    {                                                                                              \
-        .name = n, .type = KEY_CUSTOM, .flags = fl, .read = fn                                     \
-    }
-
 struct cfg_table {
-    const struct cfg_key *keys;
+    const struct esmd_cfg_key *keys;
     size_t n;
 };
 
 #define TABLE(k) ((struct cfg_table){k, ESMD_ARRAY_LEN(k)})
 
-static void defer_dest(struct loader *ld, const struct node *n, char **uri)
+/* A table that ends with a {0} entry (a connector's). */
+static struct cfg_table table_of(const struct esmd_cfg_key *keys)
+{
+    size_t n = 0;
+    while (keys[n].name)
+        n++;
+    return (struct cfg_table){keys, n};
+}
+
+static void defer_dest(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, char **uri)
 {
     if (ld->ndests == ld->capdests) {
         ld->capdests = ld->capdests ? ld->capdests * 2 : 8;
@@ -1166,49 +1112,90 @@ static void defer_dest(struct loader *ld, const struct node *n, char **uri)
     ld->dests[ld->ndests++] = (struct pending_dest){n, uri};
 }
 
-static void read_key(struct loader *ld, const struct cfg_key *k, const struct node *n, void *obj)
+enum kv_kind { KV_PROPERTIES, KV_HEADERS };
+
+static bool read_kvlist(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
+                        struct esmd_kvlist *list, enum kv_kind kind);
+static bool read_names(struct esmd_cfg_loader *ld, const struct esmd_cfg_key *k,
+                       const struct esmd_cfg_node *n, void *obj);
+static bool read_unix_time(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, int64_t *out);
+static bool read_connection(struct esmd_cfg_loader *ld, const struct esmd_cfg_key *k,
+                            const struct esmd_cfg_node *n, void *obj);
+
+/* A string key: its checks, then the copy into *field. */
+static bool read_str(struct esmd_cfg_loader *ld, const struct esmd_cfg_key *k,
+                     const struct esmd_cfg_node *n, char **field)
+{
+    const char *s = read_text(ld, n);
+    if (!s)
+        return false;
+    if ((k->flags & ESMD_CFG_NONEMPTY) && !*s) {
+        ld_err(ld, n, "%s must not be empty", node_name(ld, n));
+        return false;
+    }
+    if (k->check && !k->check(s)) {
+        ld_err(ld, n, "%s must be %s, got %s", node_name(ld, n), k->what, show(ld, n));
+        return false;
+    }
+    char why[256];
+    if (k->parse && k->parse(s, why, sizeof(why)) != 0) {
+        /* The value is not shown: the parser's message names the problem, and a URL may hold a
+         * password. */
+        ld_err(ld, n, "%s is not %s: %s", node_name(ld, n), k->what, why);
+        return false;
+    }
+    free(*field);
+    *field = esmd_xstrdup(s);
+    if (k->type == ESMD_CFG_DEST)
+        defer_dest(ld, n, field);
+    return true;
+}
+
+/* Reads n as key k into obj; false after an error (n is then marked bad). */
+static bool read_key(struct esmd_cfg_loader *ld, const struct esmd_cfg_key *k,
+                     const struct esmd_cfg_node *n, void *obj)
 {
     char *field = (char *)obj + k->offset;
     int64_t v;
+    bool ok = false;
     switch (k->type) {
-    case KEY_STR:
-    case KEY_DEST: {
-        const char *s = read_text(ld, n);
-        if (!s)
-            return;
-        if ((k->flags & KEY_NONEMPTY) && !*s) {
-            ld_err(ld, n, "%s must not be empty", node_name(ld, n));
-            return;
-        }
-        if (k->check && !k->check(s)) {
-            ld_err(ld, n, "%s must be %s, got %s", node_name(ld, n), k->what, show(ld, n));
-            return;
-        }
-        char **str = (char **)(void *)field;
-        free(*str);
-        *str = esmd_xstrdup(s);
-        if (k->type == KEY_DEST)
-            defer_dest(ld, n, str);
-        return;
-    }
-    case KEY_INT:
-        if (read_int(ld, n, k->min, k->max, k->flags & KEY_MINUS_ONE, &v))
+    case ESMD_CFG_STR:
+    case ESMD_CFG_DEST:
+        ok = read_str(ld, k, n, (char **)(void *)field);
+        break;
+    case ESMD_CFG_INT:
+        if ((ok = read_int(ld, n, k->min, k->max, k->flags & ESMD_CFG_MINUS_ONE, &v)))
             *(int *)(void *)field = (int)v;
-        return;
-    case KEY_BOOL:
-        read_bool(ld, n, (bool *)(void *)field);
-        return;
-    case KEY_DURATION:
-        if (read_duration(ld, n, k->min, k->max, k->flags & KEY_MINUS_ONE, &v))
+        break;
+    case ESMD_CFG_BOOL:
+        ok = read_bool(ld, n, (bool *)(void *)field);
+        break;
+    case ESMD_CFG_DURATION:
+        if ((ok = read_duration(ld, n, k->min, k->max, k->flags & ESMD_CFG_MINUS_ONE, &v)))
             *(int64_t *)(void *)field = v;
-        return;
-    case KEY_ENUM:
-        read_enum(ld, n, k->names, (int *)(void *)field);
-        return;
-    case KEY_CUSTOM:
-        k->read(ld, n, obj);
-        return;
+        break;
+    case ESMD_CFG_ENUM:
+        ok = read_enum(ld, n, k->names, (int *)(void *)field);
+        break;
+    case ESMD_CFG_CONNECTION:
+        ok = read_connection(ld, k, n, obj);
+        break;
+    case ESMD_CFG_NAMES:
+        ok = read_names(ld, k, n, obj);
+        break;
+    case ESMD_CFG_UNIX_TIME:
+        ok = read_unix_time(ld, n, (int64_t *)(void *)field);
+        break;
+    case ESMD_CFG_PROPERTIES:
+        ok = read_kvlist(ld, n, (struct esmd_kvlist *)(void *)field, KV_PROPERTIES);
+        break;
+    case ESMD_CFG_CUSTOM:
+        ok = k->read(ld, n, obj);
+        break;
     }
+    if (!ok) /* the nodes are the loader's: readers get them const so they do not change them */
+        ((struct esmd_cfg_node *)(uintptr_t)n)->bad = true;
+    return ok;
 }
 
 static long table_find(struct cfg_table t, const char *name)
@@ -1229,16 +1216,29 @@ static bool in_list(const char *const *list, const char *s)
 
 #define MAX_TABLE 32 /* keys in one table */
 
+static void set_default(const struct esmd_cfg_key *k, void *obj)
+{
+    char *field = (char *)obj + k->offset;
+    if (!k->def)
+        return;
+    if (k->type == ESMD_CFG_DURATION)
+        *(int64_t *)(void *)field = k->def;
+    else if (k->type == ESMD_CFG_INT || k->type == ESMD_CFG_ENUM)
+        *(int *)(void *)field = (int)k->def;
+}
+
 /* Reads mapping n through table t into obj: unknown keys (except those in skip) are errors,
  * known ones are read in table order, missing required ones reported at n. Returns false when n
  * is not a mapping. Each of n's keys is compared with the table's once: linear in n's size. */
-static bool read_section_skip(struct loader *ld, const struct node *n, struct cfg_table t,
-                              void *obj, const char *const *skip)
+static bool read_section_skip(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
+                              struct cfg_table t, void *obj, const char *const *skip)
 {
     if (!expect_map(ld, n))
         return false;
-    const struct node *vals[MAX_TABLE] = {0};
+    const struct esmd_cfg_node *vals[MAX_TABLE] = {0};
     assert(t.n <= MAX_TABLE);
+    for (size_t i = 0; i < t.n; i++)
+        set_default(&t.keys[i], obj);
     for (size_t i = 0; i < n->npairs; i++) {
         const struct node_pair *p = &n->pairs[i];
         long k = table_find(t, p->key);
@@ -1256,16 +1256,17 @@ static bool read_section_skip(struct loader *ld, const struct node *n, struct cf
         esmd_buf_free(&b);
     }
     for (size_t i = 0; i < t.n; i++) {
-        const struct cfg_key *k = &t.keys[i];
+        const struct esmd_cfg_key *k = &t.keys[i];
         if (vals[i])
             read_key(ld, k, vals[i], obj);
-        else if (k->flags & KEY_REQUIRED)
+        else if (k->flags & ESMD_CFG_REQUIRED)
             ld_err(ld, n, "missing required key \"%s\"", k->name);
     }
     return true;
 }
 
-static bool read_section(struct loader *ld, const struct node *n, struct cfg_table t, void *obj)
+static bool read_section(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
+                         struct cfg_table t, void *obj)
 {
     return read_section_skip(ld, n, t, obj, NULL);
 }
@@ -1287,16 +1288,25 @@ static char *defined_names(const void *arr, size_t n, size_t size, size_t name_o
     return esmd_buf_steal(&b, NULL);
 }
 
-static const char *conn_type_name(enum esmd_conn_type type)
+/* The connector whose connections are of this type. */
+static const struct esmd_connector_ops *conn_connector(enum esmd_conn_type type)
 {
-    return type == ESMD_CONN_REDIS ? "redis" : "kafka";
+    const struct esmd_connector_ops *ops;
+    for (size_t i = 0; (ops = esmd_connector_at(i)); i++)
+        if (ops->conn_keys && (int)ops->source == (int)type)
+            return ops;
+    return NULL;
 }
 
-/* The connection called name, of the given type (what = "source" or "destination"), or NULL
- * after an error at n. */
-static const struct esmd_conn_cfg *resolve_conn(struct loader *ld, const struct node *n,
-                                                const char *name, enum esmd_conn_type type,
-                                                const char *what)
+static const char *conn_type_name(enum esmd_conn_type type)
+{
+    const struct esmd_connector_ops *ops = conn_connector(type);
+    return ops ? ops->kind : "?";
+}
+
+static const struct esmd_conn_cfg *resolve_conn(struct esmd_cfg_loader *ld,
+                                                const struct esmd_cfg_node *n, const char *name,
+                                                enum esmd_conn_type type, const char *what)
 {
     const struct esmd_config *cfg = ld->cfg;
     const struct node_pair *p = map_find(ld->connections, name);
@@ -1317,8 +1327,8 @@ static const struct esmd_conn_cfg *resolve_conn(struct loader *ld, const struct 
     return conn;
 }
 
-static const struct esmd_function_cfg *resolve_function(struct loader *ld, const struct node *n,
-                                                        const char *name)
+static const struct esmd_function_cfg *
+resolve_function(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, const char *name)
 {
     const struct esmd_config *cfg = ld->cfg;
     const struct node_pair *p = map_find(ld->functions, name);
@@ -1335,17 +1345,9 @@ static const struct esmd_function_cfg *resolve_function(struct loader *ld, const
 
 /* ---- sections ---- */
 
-static const char *const conn_types[] = {"kafka", "redis", NULL};
-static const char *const kafka_positions[] = {"trim_horizon", "latest", "at_timestamp", NULL};
-static const char *const redis_positions[] = {"trim_horizon", "latest", NULL};
-static const char *const redis_formats[] = {"kinesis", "native", NULL};
-static const char *const source_kinds[] = {"kafka", "redis", "pgqueue", NULL};
-
-enum kv_kind { KV_PROPERTIES, KV_HEADERS };
-
 /* A mapping of name → scalar into list; scalars of any type are kept as written. */
-static bool read_kvlist(struct loader *ld, const struct node *n, struct esmd_kvlist *list,
-                        enum kv_kind kind)
+static bool read_kvlist(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
+                        struct esmd_kvlist *list, enum kv_kind kind)
 {
     if (!expect_map(ld, n))
         return false;
@@ -1412,13 +1414,13 @@ static bool valid_account_id(const char *s)
     return i == 12 && s[i] == '\0';
 }
 
-static bool read_aws(struct loader *ld, const struct node *n, void *obj)
+static bool read_aws(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj)
 {
-    static const struct cfg_key keys[] = {
-        K_CHECK("region", struct esmd_aws_cfg, region, 0, valid_region,
-                "an AWS region name such as us-east-1"),
-        K_CHECK("account_id", struct esmd_aws_cfg, account_id, 0, valid_account_id,
-                "an AWS account id of 12 digits such as 000000000000"),
+    static const struct esmd_cfg_key keys[] = {
+        ESMD_K_CHECK("region", struct esmd_aws_cfg, region, 0, valid_region,
+                     "an AWS region name such as us-east-1"),
+        ESMD_K_CHECK("account_id", struct esmd_aws_cfg, account_id, 0, valid_account_id,
+                     "an AWS account id of 12 digits such as 000000000000"),
     };
     struct esmd_config *cfg = obj;
     return read_section(ld, n, TABLE(keys), &cfg->aws);
@@ -1426,23 +1428,25 @@ static bool read_aws(struct loader *ld, const struct node *n, void *obj)
 
 /* admin */
 
-static bool read_aws_credentials(struct loader *ld, const struct node *n, void *obj)
+static bool read_aws_credentials(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
+                                 void *obj)
 {
-    static const struct cfg_key keys[] = {
-        K_STR("access_key_id", struct esmd_admin_cfg, access_key_id, KEY_REQUIRED | KEY_NONEMPTY),
-        K_STR("secret_access_key", struct esmd_admin_cfg, secret_access_key,
-              KEY_REQUIRED | KEY_NONEMPTY),
+    static const struct esmd_cfg_key keys[] = {
+        ESMD_K_STR("access_key_id", struct esmd_admin_cfg, access_key_id,
+                   ESMD_CFG_REQUIRED | ESMD_CFG_NONEMPTY),
+        ESMD_K_STR("secret_access_key", struct esmd_admin_cfg, secret_access_key,
+                   ESMD_CFG_REQUIRED | ESMD_CFG_NONEMPTY),
     };
     return read_section(ld, n, TABLE(keys), obj);
 }
 
-static bool read_admin(struct loader *ld, const struct node *n, void *obj)
+static bool read_admin(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj)
 {
-    static const struct cfg_key keys[] = {
-        K_CHECK("listen", struct esmd_admin_cfg, listen, 0, valid_listen,
-                "host:port (e.g. 127.0.0.1:9000)"),
-        K_STR("token", struct esmd_admin_cfg, token, KEY_NONEMPTY),
-        K_CUSTOM("aws_credentials", read_aws_credentials, 0),
+    static const struct esmd_cfg_key keys[] = {
+        ESMD_K_CHECK("listen", struct esmd_admin_cfg, listen, 0, valid_listen,
+                     "host:port (e.g. 127.0.0.1:9000)"),
+        ESMD_K_STR("token", struct esmd_admin_cfg, token, ESMD_CFG_NONEMPTY),
+        ESMD_K_CUSTOM("aws_credentials", read_aws_credentials, 0),
     };
     struct esmd_config *cfg = obj;
     return read_section(ld, n, TABLE(keys), &cfg->admin);
@@ -1450,34 +1454,68 @@ static bool read_admin(struct loader *ld, const struct node *n, void *obj)
 
 /* connections */
 
-static bool read_properties(struct loader *ld, const struct node *n, void *obj)
+/* The connector kinds that have connections, or that are source kinds: "kafka, redis" and, with
+ * `or`, "kafka, redis or pgqueue". */
+static void put_kinds(struct esmd_buf *b, bool connections, const char *last_sep)
 {
-    struct esmd_conn_cfg *conn = obj;
-    return read_kvlist(ld, n, &conn->properties, KV_PROPERTIES);
+    const struct esmd_connector_ops *ops;
+    size_t count = 0, total = 0;
+    for (size_t i = 0; (ops = esmd_connector_at(i)); i++)
+        total += !connections || ops->conn_keys;
+    for (size_t i = 0; (ops = esmd_connector_at(i)); i++) {
+        if (connections && !ops->conn_keys)
+            continue;
+        if (count)
+            esmd_buf_puts(b, count + 1 == total ? last_sep : ", ");
+        esmd_buf_puts(b, ops->kind);
+        count++;
+    }
 }
 
-static const struct cfg_key kafka_conn_keys[] = {
-    K_ENUM("type", struct esmd_conn_cfg, type, conn_types, KEY_REQUIRED),
-    K_STR("bootstrap_servers", struct esmd_conn_cfg, bootstrap_servers,
-          KEY_REQUIRED | KEY_NONEMPTY),
-    K_CUSTOM("properties", read_properties, 0),
-};
+/* A connection: `type` names the connector, whose conn_keys are the other keys. While the type
+ * is missing or wrong, every key of every type is allowed and none but type is required. */
+static void read_connection_entry(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
+                                  struct esmd_conn_cfg *conn)
+{
+    const struct esmd_connector_ops *ops, *type_ops = NULL;
+    const char *kinds[8];
+    size_t nkinds = 0;
+    for (size_t i = 0; (ops = esmd_connector_at(i)); i++) {
+        if (!ops->conn_keys)
+            continue;
+        assert(nkinds + 1 < ESMD_ARRAY_LEN(kinds));
+        kinds[nkinds++] = ops->kind;
+    }
+    kinds[nkinds] = NULL;
 
-static const struct cfg_key redis_conn_keys[] = {
-    K_ENUM("type", struct esmd_conn_cfg, type, conn_types, KEY_REQUIRED),
-    K_CHECK("url", struct esmd_conn_cfg, url, KEY_REQUIRED, valid_redis_url,
-            "a redis:// or rediss:// URL"),
-};
+    struct esmd_cfg_key keys[MAX_TABLE];
+    size_t nkeys = 0;
+    keys[nkeys++] = (struct esmd_cfg_key){.name = "type",
+                                          .type = ESMD_CFG_ENUM,
+                                          .flags = ESMD_CFG_REQUIRED,
+                                          .offset = offsetof(struct esmd_conn_cfg, type),
+                                          .names = kinds};
+    const struct esmd_cfg_node *type = map_get(n, "type");
+    for (size_t i = 0; type && type->kind == NODE_SCALAR && (ops = esmd_connector_at(i)); i++)
+        if (ops->conn_keys && !strcmp(type->value, ops->kind))
+            type_ops = ops;
+    for (size_t i = 0; (ops = esmd_connector_at(i)); i++) {
+        if (!ops->conn_keys || (type_ops && ops != type_ops))
+            continue;
+        for (size_t j = 0; ops->conn_keys[j].name; j++) {
+            assert(nkeys < MAX_TABLE);
+            keys[nkeys] = ops->conn_keys[j];
+            if (!type_ops)
+                keys[nkeys].flags &= ~ESMD_CFG_REQUIRED;
+            nkeys++;
+        }
+    }
+    read_section(ld, n, (struct cfg_table){keys, nkeys}, conn);
+    if (type_ops) /* type was read as an index into kinds: make it the connector's kind */
+        conn->type = (enum esmd_conn_type)type_ops->source;
+}
 
-/* Used while the type is missing or wrong: every key of every type, none but type required. */
-static const struct cfg_key any_conn_keys[] = {
-    K_ENUM("type", struct esmd_conn_cfg, type, conn_types, KEY_REQUIRED),
-    K_STR("bootstrap_servers", struct esmd_conn_cfg, bootstrap_servers, KEY_NONEMPTY),
-    K_CUSTOM("properties", read_properties, 0),
-    K_CHECK("url", struct esmd_conn_cfg, url, 0, valid_redis_url, "a redis:// or rediss:// URL"),
-};
-
-static bool read_connections(struct loader *ld, const struct node *n, void *obj)
+static bool read_connections(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj)
 {
     struct esmd_config *cfg = obj;
     if (!expect_map(ld, n))
@@ -1489,54 +1527,49 @@ static bool read_connections(struct loader *ld, const struct node *n, void *obj)
         const struct node_pair *p = &n->pairs[i];
         struct esmd_conn_cfg *conn = &cfg->connections[i];
         conn->name = esmd_xstrdup(p->key);
-        if (!valid_name(p->key))
+        if (!esmd_config_valid_name(p->key))
             ld_err_at(ld, p->line, p->col, node_path(ld, p->val),
-                      "a connection name must be " NAME_RULE ", got \"%s\"",
+                      "a connection name must be " ESMD_CFG_NAME_RULE ", got \"%s\"",
                       show_text(ld, p->key, false));
-        const struct node *type = map_get(p->val, "type");
-        struct cfg_table t = TABLE(any_conn_keys);
-        if (type && type->kind == NODE_SCALAR && !strcmp(type->value, "kafka"))
-            t = TABLE(kafka_conn_keys);
-        else if (type && type->kind == NODE_SCALAR && !strcmp(type->value, "redis"))
-            t = TABLE(redis_conn_keys);
-        read_section(ld, p->val, t, conn);
+        read_connection_entry(ld, p->val, conn);
     }
     return true;
 }
 
 /* functions */
 
-static bool read_headers(struct loader *ld, const struct node *n, void *obj)
+static bool read_headers(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj)
 {
     struct esmd_function_cfg *fn = obj;
     return read_kvlist(ld, n, &fn->headers, KV_HEADERS);
 }
 
-static bool read_async(struct loader *ld, const struct node *n, void *obj)
+static bool read_async(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj)
 {
-    static const struct cfg_key keys[] = {
-        K_INT("maximum_retry_attempts", struct esmd_async_cfg, maximum_retry_attempts, 0, 2, 0),
-        K_DUR("maximum_event_age", struct esmd_async_cfg, maximum_event_age_ms, 60 * MS_SEC,
-              6 * MS_HOUR, 0),
-        K_DEST("on_success", struct esmd_async_cfg, on_success),
-        K_DEST("on_failure", struct esmd_async_cfg, on_failure),
-        K_DEST("dead_letter", struct esmd_async_cfg, dead_letter),
+    static const struct esmd_cfg_key keys[] = {
+        ESMD_K_INT("maximum_retry_attempts", struct esmd_async_cfg, maximum_retry_attempts, 0, 2, 0,
+                   0),
+        ESMD_K_DUR("maximum_event_age", struct esmd_async_cfg, maximum_event_age_ms, 60 * MS_SEC,
+                   6 * MS_HOUR, 0, 0),
+        ESMD_K_DEST("on_success", struct esmd_async_cfg, on_success),
+        ESMD_K_DEST("on_failure", struct esmd_async_cfg, on_failure),
+        ESMD_K_DEST("dead_letter", struct esmd_async_cfg, dead_letter),
     };
     struct esmd_function_cfg *fn = obj;
     fn->async.set = read_section(ld, n, TABLE(keys), &fn->async);
     return fn->async.set;
 }
 
-static const struct cfg_key function_keys[] = {
-    K_CHECK("url", struct esmd_function_cfg, url, KEY_REQUIRED, valid_http_url,
-            "an http:// or https:// URL"),
-    K_DUR("timeout", struct esmd_function_cfg, timeout_ms, 1 * MS_SEC, 15 * MS_MIN, 0),
-    K_INT("max_concurrency", struct esmd_function_cfg, max_concurrency, 1, 10000, 0),
-    K_CUSTOM("headers", read_headers, 0),
-    K_CUSTOM("async", read_async, 0),
+static const struct esmd_cfg_key function_keys[] = {
+    ESMD_K_CHECK("url", struct esmd_function_cfg, url, ESMD_CFG_REQUIRED, valid_http_url,
+                 "an http:// or https:// URL"),
+    ESMD_K_DUR("timeout", struct esmd_function_cfg, timeout_ms, 1 * MS_SEC, 15 * MS_MIN, 0, 0),
+    ESMD_K_INT("max_concurrency", struct esmd_function_cfg, max_concurrency, 1, 10000, 0, 0),
+    ESMD_K_CUSTOM("headers", read_headers, 0),
+    ESMD_K_CUSTOM("async", read_async, 0),
 };
 
-static bool read_functions(struct loader *ld, const struct node *n, void *obj)
+static bool read_functions(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj)
 {
     struct esmd_config *cfg = obj;
     if (!expect_map(ld, n))
@@ -1561,17 +1594,22 @@ static bool read_functions(struct loader *ld, const struct node *n, void *obj)
     return true;
 }
 
-/* mappings: sources */
+/* mappings: sources, read through their connector's key table */
 
-static bool read_kafka_conn(struct loader *ld, const struct node *n, void *obj)
+/* A connection name, resolved to a connection of the source's kind. */
+static bool read_connection(struct esmd_cfg_loader *ld, const struct esmd_cfg_key *k,
+                            const struct esmd_cfg_node *n, void *obj)
 {
-    struct esmd_kafka_source_cfg *k = obj;
     const char *s = read_text(ld, n);
     if (!s)
         return false;
-    k->connection = esmd_xstrdup(s);
-    k->conn = resolve_conn(ld, n, s, ESMD_CONN_KAFKA, "source");
-    return k->conn != NULL;
+    char **name = (char **)(void *)((char *)obj + k->offset);
+    const struct esmd_conn_cfg **conn =
+        (const struct esmd_conn_cfg **)(void *)((char *)obj + k->aux);
+    free(*name);
+    *name = esmd_xstrdup(s);
+    *conn = resolve_conn(ld, n, s, (enum esmd_conn_type)ld->source_ops->source, "source");
+    return *conn != NULL;
 }
 
 static const char *string_at(const void *arr, size_t i)
@@ -1579,53 +1617,55 @@ static const char *string_at(const void *arr, size_t i)
     return ((char *const *)arr)[i];
 }
 
-/* Appends topic n to k->topics; seen indexes the topics read so far. */
-static bool read_topic(struct loader *ld, const struct node *n, struct esmd_kafka_source_cfg *k,
-                       struct strindex *seen)
+/* Appends name n to (*names)[*count]; seen indexes the names read so far. */
+static bool read_name(struct esmd_cfg_loader *ld, const struct esmd_cfg_key *k,
+                      const struct esmd_cfg_node *n, char **names, size_t *count,
+                      struct strindex *seen)
 {
     const char *s = read_text(ld, n);
     if (!s)
         return false;
-    if (!valid_topic(s)) {
-        ld_err(ld, n, "%s must be a Kafka topic name (" TOPIC_RULE "), got %s", node_name(ld, n),
-               show(ld, n));
+    if (k->check && !k->check(s)) {
+        ld_err(ld, n, "%s must be %s, got %s", node_name(ld, n), k->what, show(ld, n));
         return false;
     }
-    if (strindex_find(seen, s, string_at, k->topics) >= 0) {
-        ld_err(ld, n, "topic \"%s\" is listed twice", s);
+    if (strindex_find(seen, s, string_at, names) >= 0) {
+        ld_err(ld, n, "%s \"%s\" is listed twice", k->item, s);
         return false;
     }
-    k->topics[k->ntopics++] = esmd_xstrdup(s);
-    strindex_add(seen, k->ntopics - 1, string_at, k->topics);
+    names[(*count)++] = esmd_xstrdup(s);
+    strindex_add(seen, *count - 1, string_at, names);
     return true;
 }
 
-static bool read_topics(struct loader *ld, const struct node *n, void *obj)
+static bool read_names(struct esmd_cfg_loader *ld, const struct esmd_cfg_key *k,
+                       const struct esmd_cfg_node *n, void *obj)
 {
-    struct esmd_kafka_source_cfg *k = obj;
+    char ***names = (char ***)(void *)((char *)obj + k->offset);
+    size_t *count = (size_t *)(void *)((char *)obj + k->aux);
     if (n->bad)
         return false;
     struct strindex seen = {0};
     bool ok = true;
     if (n->kind == NODE_SCALAR && !is_null(n)) {
-        k->topics = esmd_xcalloc(1, sizeof(*k->topics));
-        ok = read_topic(ld, n, k, &seen);
+        *names = esmd_xcalloc(1, sizeof(**names));
+        ok = read_name(ld, k, n, *names, count, &seen);
     } else if (n->kind != NODE_LIST || n->nitems == 0) {
-        ld_err(ld, n, "topics must be a topic name or a non-empty list of topic names, got %s",
+        ld_err(ld, n, "%s must be a %s name or a non-empty list of %s names, got %s",
+               node_name(ld, n), k->item, k->item,
                n->kind == NODE_LIST ? "an empty list" : show(ld, n));
         ok = false;
     } else {
-        k->topics = esmd_xcalloc(n->nitems, sizeof(*k->topics));
+        *names = esmd_xcalloc(n->nitems, sizeof(**names));
         for (size_t i = 0; i < n->nitems; i++)
-            ok &= read_topic(ld, n->items[i], k, &seen);
+            ok &= read_name(ld, k, n->items[i], *names, count, &seen);
     }
     strindex_free(&seen);
     return ok;
 }
 
-static bool read_timestamp(struct loader *ld, const struct node *n, void *obj)
+static bool read_unix_time(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, int64_t *out)
 {
-    struct esmd_kafka_source_cfg *k = obj;
     if (n->bad)
         return false;
     int64_t v;
@@ -1638,146 +1678,99 @@ static bool read_timestamp(struct loader *ld, const struct node *n, void *obj)
         ld_err(ld, n, "%s must not be in the future, got %s", node_name(ld, n), show(ld, n));
         return false;
     }
-    k->starting_position_timestamp_ms = v * 1000;
+    *out = v * 1000;
     return true;
 }
 
-static const struct cfg_key kafka_source_keys[] = {
-    K_CUSTOM("kafka", read_kafka_conn, KEY_REQUIRED),
-    K_CUSTOM("topics", read_topics, KEY_REQUIRED),
-    K_CHECK("consumer_group", struct esmd_kafka_source_cfg, consumer_group, 0, valid_group,
-            "a consumer group id (" GROUP_RULE ")"),
-    K_ENUM("starting_position", struct esmd_kafka_source_cfg, starting_position, kafka_positions,
-           0),
-    K_CUSTOM("starting_position_timestamp", read_timestamp, 0),
-};
-
-static bool read_redis_conn(struct loader *ld, const struct node *n, void *obj)
+/* The kinds (source keys) besides the one read: skipped, as they are reported already. */
+static const char *const *source_kind_keys(void)
 {
-    struct esmd_redis_source_cfg *r = obj;
-    const char *s = read_text(ld, n);
-    if (!s)
-        return false;
-    r->connection = esmd_xstrdup(s);
-    r->conn = resolve_conn(ld, n, s, ESMD_CONN_REDIS, "source");
-    return r->conn != NULL;
-}
-
-static const struct cfg_key redis_source_keys[] = {
-    K_CUSTOM("redis", read_redis_conn, KEY_REQUIRED),
-    K_STR("stream", struct esmd_redis_source_cfg, stream, KEY_REQUIRED | KEY_NONEMPTY),
-    K_STR("group", struct esmd_redis_source_cfg, group, KEY_REQUIRED | KEY_NONEMPTY),
-    K_STR("consumer", struct esmd_redis_source_cfg, consumer, KEY_NONEMPTY),
-    K_ENUM("starting_position", struct esmd_redis_source_cfg, starting_position, redis_positions,
-           0),
-    K_DUR("visibility_timeout", struct esmd_redis_source_cfg, visibility_timeout_ms, 1 * MS_SEC,
-          12 * MS_HOUR, 0),
-    K_ENUM("event_format", struct esmd_redis_source_cfg, event_format, redis_formats, 0),
-    K_STR("data_field", struct esmd_redis_source_cfg, data_field, KEY_NONEMPTY),
-    K_STR("partition_key_field", struct esmd_redis_source_cfg, partition_key_field, KEY_NONEMPTY),
-};
-
-static const struct cfg_key pgqueue_source_keys[] = {
-    K_CHECK("pgqueue", struct esmd_pgqueue_source_cfg, queue, KEY_REQUIRED, valid_name,
-            "a queue name (" NAME_RULE ")"),
-    K_STR("connection", struct esmd_pgqueue_source_cfg, connection, KEY_NONEMPTY),
-    K_DUR("visibility_timeout", struct esmd_pgqueue_source_cfg, visibility_timeout_ms, 1 * MS_SEC,
-          12 * MS_HOUR, 0),
-    K_INT("max_receive_count", struct esmd_pgqueue_source_cfg, max_receive_count, 1, 1000, 0),
-    K_CHECK("dead_letter_queue", struct esmd_pgqueue_source_cfg, dead_letter_queue, 0, valid_name,
-            "a queue name (" NAME_RULE ")"),
-    K_INT("maximum_concurrency", struct esmd_pgqueue_source_cfg, maximum_concurrency, 2, 1000, 0),
-};
-
-static bool is_text(const struct node *n, const char *s)
-{
-    return n && n->kind == NODE_SCALAR && !strcmp(n->value, s);
-}
-
-/* data_field and partition_key_field shape the kinesis record; the native one has neither. */
-static void check_redis_source(struct loader *ld, const struct node *n,
-                               const struct esmd_redis_source_cfg *r)
-{
-    static const char *const kinesis_only[] = {"data_field", "partition_key_field"};
-    if (r->event_format != ESMD_REDIS_EVENT_NATIVE)
-        return;
-    for (size_t i = 0; i < ESMD_ARRAY_LEN(kinesis_only); i++) {
-        const struct node *k = map_get(n, kinesis_only[i]);
-        if (k)
-            ld_err(ld, k,
-                   "%s is for event_format: kinesis; the native event carries every field in "
-                   "fields and binaryFields",
-                   kinesis_only[i]);
+    static const char *keys[8];
+    if (!keys[0]) {
+        const struct esmd_connector_ops *ops;
+        for (size_t i = 0; (ops = esmd_connector_at(i)); i++) {
+            assert(i + 1 < ESMD_ARRAY_LEN(keys));
+            keys[i] = ops->kind;
+        }
     }
+    return keys;
 }
 
-static void check_kafka_source(struct loader *ld, const struct node *n)
-{
-    const struct node *pos = map_get(n, "starting_position");
-    const struct node *ts = map_get(n, "starting_position_timestamp");
-    bool at = is_text(pos, "at_timestamp");
-    bool known = !pos || at || is_text(pos, "trim_horizon") || is_text(pos, "latest");
-    if (at && !ts)
-        ld_err(ld, n,
-               "missing required key \"starting_position_timestamp\" (starting_position is "
-               "at_timestamp)");
-    if (ts && !at && known)
-        ld_err(ld, ts,
-               "starting_position_timestamp is only allowed with starting_position: "
-               "at_timestamp");
-}
-
-static void check_pgqueue_source(struct loader *ld, const struct node *n,
-                                 struct esmd_pgqueue_source_cfg *q)
-{
-    const struct node *dlq = map_get(n, "dead_letter_queue");
-    if (dlq && !map_get(n, "max_receive_count"))
-        ld_err(ld, dlq,
-               "dead_letter_queue needs max_receive_count (the receives before a message "
-               "moves there)");
-    else if (dlq && q->queue && q->dead_letter_queue && !strcmp(q->queue, q->dead_letter_queue))
-        ld_err(ld, dlq, "dead_letter_queue must not be the queue itself");
-}
-
-static bool read_source(struct loader *ld, const struct node *n, void *obj)
+static bool read_source(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj)
 {
     struct esmd_mapping_cfg *map = obj;
     if (!expect_map(ld, n))
         return false;
-    int kind = -1;
+    const struct esmd_connector_ops *kind = NULL;
     for (size_t i = 0; i < n->npairs; i++) {
         const struct node_pair *p = &n->pairs[i];
-        for (int k = 0; source_kinds[k]; k++) {
-            if (strcmp(p->key, source_kinds[k]) != 0)
-                continue;
-            if (kind < 0)
-                kind = k;
-            else
-                ld_err_at(ld, p->line, p->col, node_path(ld, p->val),
-                          "a source has only one of kafka, redis or pgqueue (found %s and %s)",
-                          source_kinds[kind], source_kinds[k]);
+        const struct esmd_connector_ops *ops = esmd_connector_find(p->key);
+        if (!ops)
+            continue;
+        if (!kind) {
+            kind = ops;
+            continue;
         }
+        struct esmd_buf b = ESMD_BUF_INIT;
+        put_kinds(&b, false, " or ");
+        ld_err_at(ld, p->line, p->col, node_path(ld, p->val),
+                  "a source has only one of %s (found %s and %s)", esmd_buf_cstr(&b), kind->kind,
+                  ops->kind);
+        esmd_buf_free(&b);
     }
-    if (kind < 0) {
-        ld_err(ld, n, "source needs one of the keys kafka, redis or pgqueue (the source kind)");
+    if (!kind) {
+        struct esmd_buf b = ESMD_BUF_INIT;
+        put_kinds(&b, false, " or ");
+        ld_err(ld, n, "source needs one of the keys %s (the source kind)", esmd_buf_cstr(&b));
+        esmd_buf_free(&b);
         return false;
     }
-    map->kind = (enum esmd_source_kind)kind;
-    switch (map->kind) {
-    case ESMD_SOURCE_KAFKA:
-        read_section_skip(ld, n, TABLE(kafka_source_keys), &map->kafka, source_kinds);
-        check_kafka_source(ld, n);
-        break;
-    case ESMD_SOURCE_REDIS:
-        read_section_skip(ld, n, TABLE(redis_source_keys), &map->redis, source_kinds);
-        check_redis_source(ld, n, &map->redis);
-        break;
-    case ESMD_SOURCE_PGQUEUE:
-        read_section_skip(ld, n, TABLE(pgqueue_source_keys), &map->pgqueue, source_kinds);
-        check_pgqueue_source(ld, n, &map->pgqueue);
-        break;
-    }
+    map->kind = kind->source;
+    ld->source_ops = kind;
+    read_section_skip(ld, n, table_of(kind->source_keys), map, source_kind_keys());
     return true;
+}
+
+/* The connector's checks, once the mapping is read. */
+
+struct esmd_cfg_check {
+    struct esmd_cfg_loader *ld;
+    const struct esmd_cfg_node *mapping, *source;
+};
+
+/* The node key names (see esmd_cfg_check in config.h) and the section that holds it. */
+static const struct esmd_cfg_node *check_node(const struct esmd_cfg_check *chk, const char *key,
+                                              const struct esmd_cfg_node **section)
+{
+    *section = chk->mapping;
+    if (!key)
+        return chk->mapping;
+    if (!strcmp(key, "source"))
+        return chk->source;
+    if (!strncmp(key, "source.", 7)) {
+        *section = chk->source;
+        return map_get(chk->source, key + 7);
+    }
+    return map_get(chk->mapping, key);
+}
+
+enum esmd_cfg_state esmd_cfg_state(const struct esmd_cfg_check *chk, const char *key)
+{
+    const struct esmd_cfg_node *section;
+    const struct esmd_cfg_node *n = check_node(chk, key, &section);
+    return !n ? ESMD_CFG_ABSENT : n->bad ? ESMD_CFG_BAD : ESMD_CFG_SET;
+}
+
+void esmd_cfg_error(struct esmd_cfg_check *chk, const char *key, const char *fmt, ...)
+{
+    const struct esmd_cfg_node *section;
+    const struct esmd_cfg_node *n = check_node(chk, key, &section);
+    if (!n)
+        n = section;
+    va_list ap;
+    va_start(ap, fmt);
+    errs_addv(chk->ld->errs, chk->ld->file, n->line, n->col, node_path(chk->ld, n), fmt, ap);
+    va_end(ap);
 }
 
 /* mappings */
@@ -1787,14 +1780,14 @@ static const char *mapping_name_at(const void *arr, size_t i)
     return ((const struct esmd_mapping_cfg *)arr)[i].name;
 }
 
-static bool read_mapping_name(struct loader *ld, const struct node *n, void *obj)
+static bool read_mapping_name(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj)
 {
     struct esmd_mapping_cfg *map = obj;
     const char *s = read_text(ld, n);
     if (!s)
         return false;
-    if (!valid_name(s)) {
-        ld_err(ld, n, "name must be " NAME_RULE ", got %s", show(ld, n));
+    if (!esmd_config_valid_name(s)) {
+        ld_err(ld, n, "name must be " ESMD_CFG_NAME_RULE ", got %s", show(ld, n));
         return false;
     }
     long other = strindex_find(&ld->mapping_names, s, mapping_name_at, ld->cfg->mappings);
@@ -1808,7 +1801,8 @@ static bool read_mapping_name(struct loader *ld, const struct node *n, void *obj
     return true;
 }
 
-static bool read_mapping_function(struct loader *ld, const struct node *n, void *obj)
+static bool read_mapping_function(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
+                                  void *obj)
 {
     struct esmd_mapping_cfg *map = obj;
     const char *s = read_text(ld, n);
@@ -1821,7 +1815,7 @@ static bool read_mapping_function(struct loader *ld, const struct node *n, void 
 
 /* A filter pattern as JSON: plain scalars written as JSON numbers stay numbers exactly as
  * written, true/false and null become JSON literals, everything else is a string. */
-static cJSON *node_to_json(const struct node *n)
+static cJSON *node_to_json(const struct esmd_cfg_node *n)
 {
     cJSON *j = NULL;
     switch (n->kind) {
@@ -1852,14 +1846,14 @@ static cJSON *node_to_json(const struct node *n)
     return cJSON_CreateString(v);
 }
 
-static bool read_filters(struct loader *ld, const struct node *n, void *obj)
+static bool read_filters(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj)
 {
     struct esmd_mapping_cfg *map = obj;
     if (!expect_list(ld, n))
         return false;
     map->filters = esmd_xcalloc(n->nitems, sizeof(*map->filters));
     for (size_t i = 0; i < n->nitems; i++) {
-        const struct node *item = n->items[i];
+        const struct esmd_cfg_node *item = n->items[i];
         if (item->bad)
             continue;
         if (item->kind != NODE_MAP) {
@@ -1889,50 +1883,48 @@ static bool read_filters(struct loader *ld, const struct node *n, void *obj)
     return true;
 }
 
-static const struct cfg_key mapping_keys[] = {
-    K_CUSTOM("name", read_mapping_name, KEY_REQUIRED),
-    K_CUSTOM("function", read_mapping_function, KEY_REQUIRED),
-    K_BOOL("enabled", struct esmd_mapping_cfg, enabled),
-    K_CUSTOM("source", read_source, KEY_REQUIRED),
-    K_INT("batch_size", struct esmd_mapping_cfg, batch_size, 1, 10000, 0),
-    K_DUR("maximum_batching_window", struct esmd_mapping_cfg, maximum_batching_window_ms, 0,
-          300 * MS_SEC, 0),
-    K_CUSTOM("filters", read_filters, 0),
-    K_INT("max_filters", struct esmd_mapping_cfg, max_filters, 1, MAX_FILTERS_LIMIT, 0),
-    K_INT("max_filter_pattern_length", struct esmd_mapping_cfg, max_filter_pattern_length, 1,
-          MAX_PATTERN_LEN_LIMIT, 0),
-    K_INT("maximum_retry_attempts", struct esmd_mapping_cfg, maximum_retry_attempts, 0, 10000,
-          KEY_MINUS_ONE),
-    K_DUR("maximum_record_age", struct esmd_mapping_cfg, maximum_record_age_ms, 60 * MS_SEC,
-          7 * 24 * MS_HOUR, KEY_MINUS_ONE),
-    K_BOOL("bisect_batch_on_function_error", struct esmd_mapping_cfg,
-           bisect_batch_on_function_error),
-    K_BOOL("report_batch_item_failures", struct esmd_mapping_cfg, report_batch_item_failures),
-    K_DEST("on_failure", struct esmd_mapping_cfg, on_failure),
+static const struct esmd_cfg_key mapping_keys[] = {
+    ESMD_K_CUSTOM("name", read_mapping_name, ESMD_CFG_REQUIRED),
+    ESMD_K_CUSTOM("function", read_mapping_function, ESMD_CFG_REQUIRED),
+    ESMD_K_BOOL("enabled", struct esmd_mapping_cfg, enabled),
+    ESMD_K_CUSTOM("source", read_source, ESMD_CFG_REQUIRED),
+    ESMD_K_INT("batch_size", struct esmd_mapping_cfg, batch_size, 1, 10000, 0, 0),
+    ESMD_K_DUR("maximum_batching_window", struct esmd_mapping_cfg, maximum_batching_window_ms, 0,
+               300 * MS_SEC, 0, 0),
+    ESMD_K_CUSTOM("filters", read_filters, 0),
+    ESMD_K_INT("max_filters", struct esmd_mapping_cfg, max_filters, 1, MAX_FILTERS_LIMIT, 0, 0),
+    ESMD_K_INT("max_filter_pattern_length", struct esmd_mapping_cfg, max_filter_pattern_length, 1,
+               MAX_PATTERN_LEN_LIMIT, 0, 0),
+    ESMD_K_INT("maximum_retry_attempts", struct esmd_mapping_cfg, maximum_retry_attempts, 0, 10000,
+               ESMD_CFG_MINUS_ONE, 0),
+    ESMD_K_DUR("maximum_record_age", struct esmd_mapping_cfg, maximum_record_age_ms, 60 * MS_SEC,
+               7 * 24 * MS_HOUR, ESMD_CFG_MINUS_ONE, 0),
+    ESMD_K_BOOL("bisect_batch_on_function_error", struct esmd_mapping_cfg,
+                bisect_batch_on_function_error),
+    ESMD_K_BOOL("report_batch_item_failures", struct esmd_mapping_cfg, report_batch_item_failures),
+    ESMD_K_DEST("on_failure", struct esmd_mapping_cfg, on_failure),
 };
 
-static void read_mapping(struct loader *ld, const struct node *n, struct esmd_mapping_cfg *map)
+static void read_mapping(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
+                         struct esmd_mapping_cfg *map)
 {
     map->enabled = true;
     map->batch_size = 0;                  /* unset: the default depends on the source */
     map->maximum_batching_window_ms = -1; /* same */
     map->maximum_retry_attempts = -1;
     map->maximum_record_age_ms = -1;
-    map->kafka.starting_position = ESMD_START_TRIM_HORIZON;
-    map->redis.starting_position = ESMD_START_TRIM_HORIZON;
-    map->redis.visibility_timeout_ms = 30 * MS_SEC;
-    map->pgqueue.visibility_timeout_ms = 30 * MS_SEC;
-    map->pgqueue.maximum_concurrency = 2;
+    ld->source_ops = NULL;
     if (!read_section(ld, n, TABLE(mapping_keys), map))
         return;
 
+    const struct esmd_connector_ops *ops = ld->source_ops;
     if (map->batch_size == 0)
-        map->batch_size = map->kind == ESMD_SOURCE_PGQUEUE ? 10 : 100;
+        map->batch_size = ops ? ops->default_batch_size : 100;
     if (map->max_filters == 0)
         map->max_filters = ESMD_FILTER_DEFAULT_MAX_PATTERNS;
     if (map->max_filter_pattern_length == 0)
         map->max_filter_pattern_length = ESMD_FILTER_DEFAULT_MAX_PATTERN_LEN;
-    const struct node *fl = map_get(n, "filters");
+    const struct esmd_cfg_node *fl = map_get(n, "filters");
     if (fl && map->nfilters > (size_t)map->max_filters)
         ld_err(ld, fl, "filters may have at most %d patterns (max_filters), got %zu",
                map->max_filters, map->nfilters);
@@ -1948,48 +1940,14 @@ static void read_mapping(struct loader *ld, const struct node *n, struct esmd_ma
         }
     }
     if (map->maximum_batching_window_ms < 0)
-        map->maximum_batching_window_ms = map->kind == ESMD_SOURCE_KAFKA ? 500 : 0;
-    if (map->kind == ESMD_SOURCE_KAFKA && !map->kafka.consumer_group && map->name) {
-        struct esmd_buf b = ESMD_BUF_INIT;
-        esmd_buf_printf(&b, "esmd-%s", map->name);
-        map->kafka.consumer_group = esmd_buf_steal(&b, NULL);
-    }
-    /* Lambda's SQS mappings have no stream retry controls: failed messages come back after the
-     * visibility timeout and go to the dead-letter queue after max_receive_count receives. */
-    if (map->kind == ESMD_SOURCE_PGQUEUE) {
-        static const char *const stream_only[] = {"maximum_retry_attempts", "maximum_record_age",
-                                                  "bisect_batch_on_function_error", "on_failure"};
-        for (size_t i = 0; i < ESMD_ARRAY_LEN(stream_only); i++) {
-            const struct node *k = map_get(n, stream_only[i]);
-            if (k)
-                ld_err(ld, k,
-                       "%s is for stream sources (kafka, redis); a pgqueue source retries through "
-                       "its visibility_timeout and max_receive_count, and dead-letters to its "
-                       "dead_letter_queue",
-                       stream_only[i]);
-        }
-    }
-    /* As Lambda refuses an SQS queue whose visibility timeout is below the function timeout. */
-    const struct node *src = map_get(n, "source");
-    /* A redrive policy, as SQS's, names both how many receives and where to. */
-    if (map->kind == ESMD_SOURCE_PGQUEUE && src && src->kind == NODE_MAP &&
-        map->pgqueue.max_receive_count > 0 && !map->pgqueue.dead_letter_queue)
-        ld_err(ld, map_get(src, "max_receive_count"),
-               "max_receive_count needs dead_letter_queue (where a message goes once it has been "
-               "received max_receive_count times)");
-    if (map->kind == ESMD_SOURCE_PGQUEUE && map->fn && src && src->kind == NODE_MAP &&
-        map->fn->timeout_ms > map->pgqueue.visibility_timeout_ms) {
-        const struct node *vt = map_get(src, "visibility_timeout");
-        char a[32], b[32];
-        ld_err(ld, vt ? vt : src,
-               "visibility_timeout (%s%s) must not be shorter than the timeout of function "
-               "\"%s\" (%s)",
-               fmt_duration(map->pgqueue.visibility_timeout_ms, a), vt ? "" : ", the default",
-               map->fn->name, fmt_duration(map->fn->timeout_ms, b));
+        map->maximum_batching_window_ms = ops ? ops->default_batching_window_ms : 0;
+    if (ops && ops->cfg_check) {
+        struct esmd_cfg_check chk = {ld, n, map_get(n, "source")};
+        ops->cfg_check(map, &chk);
     }
 }
 
-static bool read_mappings(struct loader *ld, const struct node *n, void *obj)
+static bool read_mappings(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj)
 {
     struct esmd_config *cfg = obj;
     if (!expect_list(ld, n))
@@ -2002,13 +1960,13 @@ static bool read_mappings(struct loader *ld, const struct node *n, void *obj)
 }
 
 /* the document; table order is reading order: names are defined before they are used */
-static const struct cfg_key top_keys[] = {
-    K_STR("postgres", struct esmd_config, postgres, KEY_REQUIRED | KEY_NONEMPTY),
-    K_CUSTOM("aws", read_aws, 0),
-    K_CUSTOM("admin", read_admin, 0),
-    K_CUSTOM("connections", read_connections, 0),
-    K_CUSTOM("functions", read_functions, 0),
-    K_CUSTOM("mappings", read_mappings, 0),
+static const struct esmd_cfg_key top_keys[] = {
+    ESMD_K_STR("postgres", struct esmd_config, postgres, ESMD_CFG_REQUIRED | ESMD_CFG_NONEMPTY),
+    ESMD_K_CUSTOM("aws", read_aws, 0),
+    ESMD_K_CUSTOM("admin", read_admin, 0),
+    ESMD_K_CUSTOM("connections", read_connections, 0),
+    ESMD_K_CUSTOM("functions", read_functions, 0),
+    ESMD_K_CUSTOM("mappings", read_mappings, 0),
 };
 
 /* ---- destinations ---- */
@@ -2026,10 +1984,11 @@ static bool split_conn(const char *s, char *conn, size_t connlen, const char **r
     memcpy(conn, s, (size_t)(slash - s));
     conn[slash - s] = '\0';
     *rest = slash + 1;
-    return valid_name(conn);
+    return esmd_config_valid_name(conn);
 }
 
-static bool check_destination(struct loader *ld, const struct node *n, const char *uri)
+static bool check_destination(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
+                              const char *uri)
 {
     char conn[80];
     const char *rest;
@@ -2052,8 +2011,9 @@ static bool check_destination(struct loader *ld, const struct node *n, const cha
     }
     if (has_prefix(uri, "kafka://")) {
         if (!split_conn(uri + strlen("kafka://"), conn, sizeof(conn), &rest) ||
-            !valid_topic(rest)) {
-            ld_err(ld, n, "%s must be kafka://CONNECTION/TOPIC (TOPIC " TOPIC_RULE "), got %s",
+            !esmd_config_valid_topic(rest)) {
+            ld_err(ld, n,
+                   "%s must be kafka://CONNECTION/TOPIC (TOPIC " ESMD_CFG_TOPIC_RULE "), got %s",
                    node_name(ld, n), show(ld, n));
             return false;
         }
@@ -2068,8 +2028,8 @@ static bool check_destination(struct loader *ld, const struct node *n, const cha
         return resolve_conn(ld, n, conn, ESMD_CONN_REDIS, "destination") != NULL;
     }
     if (has_prefix(uri, "pgqueue://")) {
-        if (!valid_name(uri + strlen("pgqueue://"))) {
-            ld_err(ld, n, "%s must be pgqueue://QUEUE (QUEUE " NAME_RULE "), got %s",
+        if (!esmd_config_valid_name(uri + strlen("pgqueue://"))) {
+            ld_err(ld, n, "%s must be pgqueue://QUEUE (QUEUE " ESMD_CFG_NAME_RULE "), got %s",
                    node_name(ld, n), show(ld, n));
             return false;
         }
@@ -2080,7 +2040,7 @@ static bool check_destination(struct loader *ld, const struct node *n, const cha
     return false;
 }
 
-static void check_destinations(struct loader *ld)
+static void check_destinations(struct esmd_cfg_loader *ld)
 {
     for (size_t i = 0; i < ld->ndests; i++) {
         struct pending_dest *d = &ld->dests[i];
@@ -2101,7 +2061,7 @@ static void check_destinations(struct loader *ld)
 
 /* The sections of the document are within what one file may hold; otherwise reports the first
  * one that is not and nothing else is read. */
-static bool within_limits(struct loader *ld, const struct node *root)
+static bool within_limits(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *root)
 {
     static const struct {
         const char *section;
@@ -2113,7 +2073,7 @@ static bool within_limits(struct loader *ld, const struct node *root)
         {"connections", MAX_CONNECTIONS, "connections"},
     };
     for (size_t i = 0; i < ESMD_ARRAY_LEN(limits); i++) {
-        const struct node *n = map_get(root, limits[i].section);
+        const struct esmd_cfg_node *n = map_get(root, limits[i].section);
         size_t count = !n ? 0 : n->kind == NODE_LIST ? n->nitems : n->npairs;
         if (count > limits[i].max) {
             ld_err(ld, n, "the file defines %zu %s, more than the limit of %zu", count,
@@ -2135,6 +2095,46 @@ static void kvlist_free(struct esmd_kvlist *l)
     free(l->items);
 }
 
+/* Frees what the keys of a table read into obj. */
+static void free_fields(const struct esmd_cfg_key *keys, void *obj)
+{
+    for (const struct esmd_cfg_key *k = keys; k && k->name; k++) {
+        void *field = (char *)obj + k->offset;
+        switch (k->type) {
+        case ESMD_CFG_STR:
+        case ESMD_CFG_DEST:
+        case ESMD_CFG_CONNECTION:
+            free(*(char **)field);
+            *(char **)field = NULL;
+            break;
+        case ESMD_CFG_NAMES: {
+            char **names = *(char ***)field;
+            size_t *n = (size_t *)(void *)((char *)obj + k->aux);
+            for (size_t i = 0; i < *n; i++)
+                free(names[i]);
+            free(names);
+            *(char ***)field = NULL;
+            *n = 0;
+            break;
+        }
+        case ESMD_CFG_PROPERTIES:
+            kvlist_free(field);
+            *(struct esmd_kvlist *)field = (struct esmd_kvlist){0};
+            break;
+        default:
+            break;
+        }
+    }
+}
+
+/* Frees the fields of every connector's connection keys (conn) or source keys (a mapping). */
+static void free_connector_fields(void *obj, bool conn)
+{
+    const struct esmd_connector_ops *ops;
+    for (size_t i = 0; (ops = esmd_connector_at(i)); i++)
+        free_fields(conn ? ops->conn_keys : ops->source_keys, obj);
+}
+
 void esmd_config_free(struct esmd_config *cfg)
 {
     if (!cfg)
@@ -2150,9 +2150,7 @@ void esmd_config_free(struct esmd_config *cfg)
     for (size_t i = 0; i < cfg->nconnections; i++) {
         struct esmd_conn_cfg *c = &cfg->connections[i];
         free(c->name);
-        free(c->bootstrap_servers);
-        kvlist_free(&c->properties);
-        free(c->url);
+        free_connector_fields(c, true);
     }
     free(cfg->connections);
     for (size_t i = 0; i < cfg->nfunctions; i++) {
@@ -2169,20 +2167,7 @@ void esmd_config_free(struct esmd_config *cfg)
         struct esmd_mapping_cfg *map = &cfg->mappings[i];
         free(map->name);
         free(map->function);
-        free(map->kafka.connection);
-        for (size_t j = 0; j < map->kafka.ntopics; j++)
-            free(map->kafka.topics[j]);
-        free(map->kafka.topics);
-        free(map->kafka.consumer_group);
-        free(map->redis.connection);
-        free(map->redis.stream);
-        free(map->redis.group);
-        free(map->redis.consumer);
-        free(map->redis.data_field);
-        free(map->redis.partition_key_field);
-        free(map->pgqueue.queue);
-        free(map->pgqueue.connection);
-        free(map->pgqueue.dead_letter_queue);
+        free_connector_fields(map, false);
         for (size_t j = 0; j < map->nfilters; j++)
             free(map->filters[j].pattern);
         free(map->filters);
@@ -2195,7 +2180,7 @@ void esmd_config_free(struct esmd_config *cfg)
 struct esmd_config *esmd_config_parse_flags(const char *text, size_t len, const char *filename,
                                             unsigned flags, struct esmd_config_errors *errs)
 {
-    struct loader ld = {0};
+    struct esmd_cfg_loader ld = {0};
     ld.file = filename ? filename : "<config>";
     ld.text = text ? text : "";
     ld.len = text ? len : 0;
@@ -2210,7 +2195,7 @@ struct esmd_config *esmd_config_parse_flags(const char *text, size_t len, const 
     cfg->aws.account_id = esmd_xstrdup(ESMD_DEFAULT_ACCOUNT);
     ld.cfg = cfg;
 
-    struct node *root = NULL;
+    struct esmd_cfg_node *root = NULL;
     bool too_big = ld.len > MAX_FILE_SIZE;
     if (too_big)
         errs_add(errs, ld.file, "the file is larger than %d MB", MAX_FILE_SIZE / 1024 / 1024);

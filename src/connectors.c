@@ -1,4 +1,5 @@
-/* The one table of source connectors. */
+/* The one table of source connectors: the one list of kinds (config.c reads it for the source
+ * keys, the connection types and their messages). */
 #include "esmd/connector.h"
 
 #include <string.h>
@@ -19,4 +20,9 @@ const struct esmd_connector_ops *esmd_connector_find(const char *kind)
         if (strcmp(connectors[i]->kind, kind) == 0)
             return connectors[i];
     return NULL;
+}
+
+const struct esmd_connector_ops *esmd_connector_at(size_t i)
+{
+    return i < ESMD_ARRAY_LEN(connectors) ? connectors[i] : NULL;
 }

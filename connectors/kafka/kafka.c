@@ -1188,6 +1188,12 @@ static void kafka_stats(void *c, struct esmd_connector_stats *st)
 const struct esmd_connector_ops esmd_connector_kafka = {
     .kind = "kafka",
     .grouped = true,
+    .source = ESMD_SOURCE_KAFKA,
+    .source_keys = esmd_kafka_source_keys,
+    .conn_keys = esmd_kafka_conn_keys,
+    .default_batch_size = 100,
+    .default_batching_window_ms = 500,
+    .cfg_check = esmd_kafka_cfg_check,
     .create = kafka_create,
     .envelope_size = kafka_envelope_size,
     .start = kafka_start,

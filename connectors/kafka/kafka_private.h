@@ -79,4 +79,9 @@ bool esmd_kafka_item_is(const struct esmd_kafka_view *v, const struct cJSON *id)
 
 enum esmd_filter_data esmd_kafka_filter_doc(const struct esmd_kafka_view *v, struct esmd_buf *out);
 
+/* kafka_config.c: the key tables and checks of esmd_connector_kafka (connector.h). */
+extern const struct esmd_cfg_key esmd_kafka_source_keys[];
+extern const struct esmd_cfg_key esmd_kafka_conn_keys[];
+void esmd_kafka_cfg_check(struct esmd_mapping_cfg *map, struct esmd_cfg_check *chk);
+
 #endif

@@ -78,4 +78,8 @@ enum esmd_filter_data esmd_pgqueue_filter_doc(const struct esmd_pgqueue_view *v,
  * ", " and ": ") into out[] (room for len bytes); returns the length written. */
 size_t esmd_pgqueue_json_compact(const char *in, size_t len, char *out);
 
+/* pgqueue_config.c: the key table and checks of esmd_connector_pgqueue (connector.h). */
+extern const struct esmd_cfg_key esmd_pgqueue_source_keys[];
+void esmd_pgqueue_cfg_check(struct esmd_mapping_cfg *map, struct esmd_cfg_check *chk);
+
 #endif

@@ -203,4 +203,9 @@ void esmd_redis_failure_info(const struct esmd_redis_source *src, const char *gr
  * entry ID as a string ("1700000000123-0", the record's sequenceNumber). */
 bool esmd_redis_item_is(struct esmd_redis_id id, const struct cJSON *item);
 
+/* redis_config.c: the key tables and checks of esmd_connector_redis (connector.h). */
+extern const struct esmd_cfg_key esmd_redis_source_keys[];
+extern const struct esmd_cfg_key esmd_redis_conn_keys[];
+void esmd_redis_cfg_check(struct esmd_mapping_cfg *map, struct esmd_cfg_check *chk);
+
 #endif

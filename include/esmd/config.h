@@ -9,6 +9,8 @@
 
 #include "esmd/common.h"
 
+#include <stddef.h>
+
 /* ---- errors ---- */
 
 struct esmd_config_error {
@@ -40,14 +42,18 @@ struct esmd_kvlist {
     size_t n;
 };
 
-enum esmd_conn_type { ESMD_CONN_KAFKA, ESMD_CONN_REDIS };
+enum esmd_source_kind { ESMD_SOURCE_KAFKA, ESMD_SOURCE_REDIS, ESMD_SOURCE_PGQUEUE };
+
+/* The kind of a connection is that of the connector that declares its keys
+ * (include/esmd/connector.h, conn_keys). */
+enum esmd_conn_type { ESMD_CONN_KAFKA = ESMD_SOURCE_KAFKA, ESMD_CONN_REDIS = ESMD_SOURCE_REDIS };
 
 struct esmd_conn_cfg {
     char *name;
     enum esmd_conn_type type;
     char *bootstrap_servers;       /* kafka: required */
     struct esmd_kvlist properties; /* kafka: librdkafka properties, passed as is */
-    char *url;                     /* redis: required, redis://host:port/db */
+    char *url;                     /* redis: required, redis://host:port/db (redis_link.h) */
 };
 
 struct esmd_async_cfg {
@@ -67,8 +73,6 @@ struct esmd_function_cfg {
     struct esmd_kvlist headers; /* extra request headers */
     struct esmd_async_cfg async;
 };
-
-enum esmd_source_kind { ESMD_SOURCE_KAFKA, ESMD_SOURCE_REDIS, ESMD_SOURCE_PGQUEUE };
 
 enum esmd_starting_position {
     ESMD_START_TRIM_HORIZON,
@@ -167,6 +171,148 @@ struct esmd_config {
     struct esmd_mapping_cfg *mappings;
     size_t nmappings;
 };
+
+/* ---- key tables ----
+ * Every section of the file is read through a table of its keys, the only place a key is
+ * declared: src/config.c's for the core sections, each connector's for its `source:` keys and its
+ * `connections:` entries (include/esmd/connector.h). schemas/config.schema.json and
+ * docs/configuration.md are tested against the same tables. */
+
+enum esmd_cfg_type {
+    ESMD_CFG_STR,        /* char *; optional check() or parse() */
+    ESMD_CFG_INT,        /* int in min..max */
+    ESMD_CFG_BOOL,       /* bool: true | false */
+    ESMD_CFG_DURATION,   /* int64_t milliseconds in min..max */
+    ESMD_CFG_ENUM,       /* enum (int) indexing names */
+    ESMD_CFG_DEST,       /* char *: destination URI, checked when the whole file is read */
+    ESMD_CFG_CONNECTION, /* char *: the name of a connection of the connector's own kind; the
+                          * resolved const struct esmd_conn_cfg * is stored at `aux` */
+    ESMD_CFG_NAMES,      /* char ** at offset, size_t count at aux: one `item` name or a
+                          * non-empty list of them, each passing check(), none twice */
+    ESMD_CFG_UNIX_TIME,  /* int64_t milliseconds: a Unix time in seconds, not in the future */
+    ESMD_CFG_PROPERTIES, /* struct esmd_kvlist: name -> scalar, kept as written */
+    ESMD_CFG_CUSTOM,     /* src/config.c's own sections: read() */
+};
+
+#define ESMD_CFG_REQUIRED 0x1u
+#define ESMD_CFG_NONEMPTY 0x2u  /* STR: "" is an error */
+#define ESMD_CFG_MINUS_ONE 0x4u /* INT, DURATION: -1 is allowed besides min..max */
+
+struct esmd_cfg_loader; /* private to src/config.c */
+struct esmd_cfg_node;
+
+struct esmd_cfg_key {
+    const char *name;
+    enum esmd_cfg_type type;
+    unsigned flags;
+    size_t offset; /* of the field in the section's struct */
+    size_t aux;    /* CONNECTION, NAMES: of the second field */
+    int64_t min, max;
+    int64_t def;                  /* INT, DURATION, ENUM: the value when absent (0: none) */
+    bool (*check)(const char *s); /* STR, NAMES */
+    const char *what;             /* STR, NAMES: what check() or parse() wants, for messages */
+    const char *item;             /* NAMES: what one name is ("topic") */
+    /* STR: a parser whose message (in err) says what is wrong; 0 when s is good. The error is
+     * "KEY is not WHAT: MESSAGE", without the value (a URL may hold a password). */
+    int (*parse)(const char *s, char *err, size_t errlen);
+    const char *const *names; /* ENUM: NULL-terminated */
+    bool (*read)(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj); /* CUSTOM */
+};
+
+/* The visibility timeout of the sources that have one (redis, pgqueue): 1s to 12h, 30s. */
+#define ESMD_CFG_VISIBILITY_MIN_MS 1000
+#define ESMD_CFG_VISIBILITY_MAX_MS (12 * 3600 * 1000)
+#define ESMD_CFG_VISIBILITY_DEFAULT_MS 30000
+
+/* Table entries: key n of the field f of struct st (f may be nested: "kafka.topics"); fl is
+ * ESMD_CFG_* flags, d the default (ESMD_CFG_INT, DURATION, ENUM), w what check() or parse() wants,
+ * for messages. A connector's table ends with {0}. */
+#define ESMD_K_STR(n, st, f, fl)                                                                   \
+    {                                                                                              \
+        .name = n, .type = ESMD_CFG_STR, .flags = fl, .offset = offsetof(st, f)                    \
+    }
+#define ESMD_K_CHECK(n, st, f, fl, fn, w)                                                          \
+    {                                                                                              \
+        .name = n, .type = ESMD_CFG_STR, .flags = fl, .offset = offsetof(st, f), .check = fn,      \
+        .what = w                                                                                  \
+    }
+#define ESMD_K_PARSE(n, st, f, fl, fn, w)                                                          \
+    {                                                                                              \
+        .name = n, .type = ESMD_CFG_STR, .flags = fl, .offset = offsetof(st, f), .parse = fn,      \
+        .what = w                                                                                  \
+    }
+#define ESMD_K_INT(n, st, f, lo, hi, fl, d)                                                        \
+    {                                                                                              \
+        .name = n, .type = ESMD_CFG_INT, .flags = fl, .offset = offsetof(st, f), .min = lo,        \
+        .max = hi, .def = d                                                                        \
+    }
+#define ESMD_K_BOOL(n, st, f)                                                                      \
+    {                                                                                              \
+        .name = n, .type = ESMD_CFG_BOOL, .offset = offsetof(st, f)                                \
+    }
+#define ESMD_K_DUR(n, st, f, lo, hi, fl, d)                                                        \
+    {                                                                                              \
+        .name = n, .type = ESMD_CFG_DURATION, .flags = fl, .offset = offsetof(st, f), .min = lo,   \
+        .max = hi, .def = d                                                                        \
+    }
+#define ESMD_K_ENUM(n, st, f, list, fl, d)                                                         \
+    {                                                                                              \
+        .name = n, .type = ESMD_CFG_ENUM, .flags = fl, .offset = offsetof(st, f), .names = list,   \
+        .def = d                                                                                   \
+    }
+#define ESMD_K_DEST(n, st, f)                                                                      \
+    {                                                                                              \
+        .name = n, .type = ESMD_CFG_DEST, .offset = offsetof(st, f)                                \
+    }
+#define ESMD_K_CONN(n, st, f, conn, fl)                                                            \
+    {                                                                                              \
+        .name = n, .type = ESMD_CFG_CONNECTION, .flags = fl, .offset = offsetof(st, f),            \
+        .aux = offsetof(st, conn)                                                                  \
+    }
+#define ESMD_K_NAMES(n, st, f, count, fl, fn, w, it)                                               \
+    {                                                                                              \
+        .name = n, .type = ESMD_CFG_NAMES, .flags = fl, .offset = offsetof(st, f),                 \
+        .aux = offsetof(st, count), .check = fn, .what = w, .item = it                             \
+    }
+#define ESMD_K_UNIX_TIME(n, st, f)                                                                 \
+    {                                                                                              \
+        .name = n, .type = ESMD_CFG_UNIX_TIME, .offset = offsetof(st, f)                           \
+    }
+#define ESMD_K_PROPERTIES(n, st, f)                                                                \
+    {                                                                                              \
+        .name = n, .type = ESMD_CFG_PROPERTIES, .offset = offsetof(st, f)                          \
+    }
+#define ESMD_K_CUSTOM(n, fn, fl)                                                                   \
+    {                                                                                              \
+        .name = n, .type = ESMD_CFG_CUSTOM, .flags = fl, .read = fn                                \
+    }
+
+/* Given to a connector's cfg_check (include/esmd/connector.h) for the mapping being read. A key
+ * is "source.NAME" for a key of the source section, "source" for the section itself, or a key of
+ * the mapping ("on_failure"; NULL for the mapping itself). */
+struct esmd_cfg_check;
+
+enum esmd_cfg_state {
+    ESMD_CFG_ABSENT, /* not in the file */
+    ESMD_CFG_SET,    /* read into the config */
+    ESMD_CFG_BAD,    /* in the file, with an error reported */
+};
+
+enum esmd_cfg_state esmd_cfg_state(const struct esmd_cfg_check *chk, const char *key);
+/* Reports an error at key, or at the section holding it when the key is absent. */
+void esmd_cfg_error(struct esmd_cfg_check *chk, const char *key, const char *fmt, ...)
+    ESMD_PRINTF(3, 4);
+
+/* Names of mappings, connections and queues: 1 to 64 characters of letters, digits, '_', '.' or
+ * '-' (ESMD_CFG_NAME_RULE). Kafka topic names: ESMD_CFG_TOPIC_RULE. */
+#define ESMD_CFG_NAME_RULE "1 to 64 characters of letters, digits, '_', '.' or '-'"
+#define ESMD_CFG_TOPIC_RULE "1 to 249 characters of letters, digits, '.', '_' or '-'"
+bool esmd_config_valid_name(const char *s);
+/* 1 to maxlen characters, each a letter, a digit or one of extra. */
+bool esmd_config_valid_chars(const char *s, size_t maxlen, const char *extra);
+bool esmd_config_valid_topic(const char *s);
+/* A duration the way messages show it ("15m", "6h", "500ms"); returns out. */
+const char *esmd_config_fmt_duration(int64_t ms, char out[32]);
 
 /* Reads and validates a file. Returns a config the caller frees with esmd_config_free(), or
  * NULL with every problem appended to errs (errs must be initialised). */

@@ -59,6 +59,20 @@ struct esmd_connector_ops {
      * its visibility timeout). Streams (false): the core retries the batch in place. */
     bool queue;
 
+    /* Configuration (docs/configuration.md), read by src/config.c before any I/O, so that
+     * check-config refuses what the connector would refuse. Key tables end with a {0} entry:
+     * the keys of this kind's `source:` section (offsets into struct esmd_mapping_cfg; the
+     * kind's own key, e.g. `kafka:`, among them) and of its `connections:` entries besides `type`
+     * (offsets into struct esmd_conn_cfg; NULL when the kind has no connections). cfg_check,
+     * optional, runs once the mapping is read (errors or not: it looks at esmd_cfg_state()):
+     * defaults that depend on other keys, checks across keys. */
+    enum esmd_source_kind source;
+    const struct esmd_cfg_key *source_keys;
+    const struct esmd_cfg_key *conn_keys;
+    int default_batch_size;
+    int64_t default_batching_window_ms;
+    void (*cfg_check)(struct esmd_mapping_cfg *map, struct esmd_cfg_check *chk);
+
     /* Allocates from validated config; no I/O. NULL with err on failure. */
     void *(*create)(const struct esmd_mapping_cfg *cfg, const struct esmd_host *host, char *err,
                     size_t errlen);
@@ -116,5 +130,7 @@ struct esmd_connector_ops {
 
 /* Registered connectors (src/connectors.c). NULL when the kind is unknown. */
 const struct esmd_connector_ops *esmd_connector_find(const char *kind);
+/* The i-th registered connector, NULL past the last: the one list of kinds. */
+const struct esmd_connector_ops *esmd_connector_at(size_t i);
 
 #endif

@@ -12,6 +12,7 @@
 
 #include "esmd/buf.h"
 #include "esmd/config.h"
+#include "esmd/connector.h"
 
 #include <cJSON.h>
 #include <dirent.h>
@@ -904,6 +905,141 @@ static void test_key_tables_match_schema(void **state)
     cJSON_Delete(schema);
 }
 
+/* Each connector's own key tables (connector.h: source_keys, conn_keys) against the schema's
+ * "<kind>_source" and "<kind>_connection" and docs/configuration.md: names in order, required
+ * keys, enum values, integer ranges, defaults. */
+static const cJSON *schema_def(const cJSON *schema, const char *name)
+{
+    const cJSON *def =
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(schema, "$defs"), name);
+    if (!def)
+        fail_msg("schemas/config.schema.json has no $defs/%s", name);
+    return def;
+}
+
+static bool schema_requires(const cJSON *def, const char *key)
+{
+    const cJSON *r;
+    cJSON_ArrayForEach(r, cJSON_GetObjectItemCaseSensitive(def, "required"))
+    {
+        if (cJSON_IsString(r) && !strcmp(r->valuestring, key))
+            return true;
+    }
+    return false;
+}
+
+static void check_table(const cJSON *def, const char *defname, const struct esmd_cfg_key *keys,
+                        bool with_type, const char *docs)
+{
+    const cJSON *props = cJSON_GetObjectItemCaseSensitive(def, "properties");
+    const cJSON *p = props ? props->child : NULL;
+    if (with_type) {
+        if (!p || strcmp(p->string, "type") != 0)
+            fail_msg("%s: the first property must be type", defname);
+        p = p->next;
+    }
+    size_t nrequired = with_type;
+    for (const struct esmd_cfg_key *k = keys; k->name; k++, p = p->next) {
+        if (!p || strcmp(p->string, k->name) != 0)
+            fail_msg("%s: the table has %s where the schema has %s", defname, k->name,
+                     p ? p->string : "no more keys");
+        char quoted[128];
+        snprintf(quoted, sizeof(quoted), "`%s`", k->name);
+        if (!strstr(docs, quoted))
+            fail_msg("docs/configuration.md does not document %s (%s)", quoted, defname);
+        bool required = k->flags & ESMD_CFG_REQUIRED;
+        nrequired += required;
+        if (required != schema_requires(def, k->name))
+            fail_msg("%s.%s: required in %s only", defname, k->name,
+                     required ? "the table" : "the schema");
+        const cJSON *dflt = cJSON_GetObjectItemCaseSensitive(p, "default");
+        switch (k->type) {
+        case ESMD_CFG_ENUM: {
+            const cJSON *e = cJSON_GetObjectItemCaseSensitive(p, "enum");
+            size_t i = 0;
+            const cJSON *v;
+            cJSON_ArrayForEach(v, e)
+            {
+                if (!k->names[i] || strcmp(k->names[i], v->valuestring) != 0)
+                    fail_msg("%s.%s: enum differs at %zu", defname, k->name, i);
+                i++;
+            }
+            if (k->names[i])
+                fail_msg("%s.%s: the schema lacks %s", defname, k->name, k->names[i]);
+            if (dflt && strcmp(dflt->valuestring, k->names[k->def]) != 0)
+                fail_msg("%s.%s: default %s in the schema", defname, k->name, dflt->valuestring);
+            break;
+        }
+        case ESMD_CFG_INT: {
+            const cJSON *lo = cJSON_GetObjectItemCaseSensitive(p, "minimum");
+            const cJSON *hi = cJSON_GetObjectItemCaseSensitive(p, "maximum");
+            if (!lo || !hi || (int64_t)lo->valuedouble != k->min ||
+                (int64_t)hi->valuedouble != k->max)
+                fail_msg("%s.%s: range differs from the schema's", defname, k->name);
+            if ((dflt ? (int64_t)dflt->valuedouble : 0) != k->def)
+                fail_msg("%s.%s: default differs from the schema's", defname, k->name);
+            break;
+        }
+        case ESMD_CFG_DURATION: {
+            char want[32];
+            if (k->def &&
+                (!dflt || strcmp(dflt->valuestring, esmd_config_fmt_duration(k->def, want)) != 0))
+                fail_msg("%s.%s: default differs from the schema's", defname, k->name);
+            break;
+        }
+        default:
+            break;
+        }
+    }
+    if (p)
+        fail_msg("%s: the schema has %s, the table does not", defname, p->string);
+    if ((size_t)cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(def, "required")) != nrequired)
+        fail_msg("%s: the schema requires keys the table does not", defname);
+}
+
+static void test_connector_tables_match_schema(void **state)
+{
+    (void)state;
+    char *text = esmd_test_read_file("schemas/config.schema.json", NULL);
+    char *docs = esmd_test_read_file("docs/configuration.md", NULL);
+    assert_non_null(text);
+    assert_non_null(docs);
+    cJSON *schema = cJSON_Parse(text);
+    assert_non_null(schema);
+    const struct esmd_connector_ops *ops;
+    size_t nsources = 0, nconns = 0;
+    for (size_t i = 0; (ops = esmd_connector_at(i)); i++) {
+        char name[64];
+        snprintf(name, sizeof(name), "%s_source", ops->kind);
+        check_table(schema_def(schema, name), name, ops->source_keys, false, docs);
+        assert_string_equal(ops->source_keys[0].name, ops->kind); /* the kind's own key first */
+        nsources++;
+        if (!ops->conn_keys)
+            continue;
+        snprintf(name, sizeof(name), "%s_connection", ops->kind);
+        const cJSON *def = schema_def(schema, name);
+        check_table(def, name, ops->conn_keys, true, docs);
+        const cJSON *type = cJSON_GetObjectItemCaseSensitive(
+            cJSON_GetObjectItemCaseSensitive(def, "properties"), "type");
+        assert_string_equal(cJSON_GetObjectItemCaseSensitive(type, "const")->valuestring,
+                            ops->kind);
+        nconns++;
+    }
+    /* Every kind, and only those, among the schema's sources and connections. */
+    const cJSON *source = cJSON_GetObjectItemCaseSensitive(
+        cJSON_GetObjectItemCaseSensitive(schema_def(schema, "mapping"), "properties"), "source");
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(source, "oneOf")),
+                     nsources);
+    const cJSON *conns = cJSON_GetObjectItemCaseSensitive(
+        cJSON_GetObjectItemCaseSensitive(schema, "properties"), "connections");
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(
+                         cJSON_GetObjectItemCaseSensitive(conns, "additionalProperties"), "oneOf")),
+                     nconns);
+    cJSON_Delete(schema);
+    free(text);
+    free(docs);
+}
+
 int main(void)
 {
     /* The tests use paths relative to the repo root, wherever they are started from. */
@@ -937,6 +1073,7 @@ int main(void)
         cmocka_unit_test(test_errors_append_and_missing_file),
         cmocka_unit_test(test_deep_nesting),
         cmocka_unit_test(test_key_tables_match_schema),
+        cmocka_unit_test(test_connector_tables_match_schema),
         cmocka_unit_test(test_linear_loading),
         cmocka_unit_test(test_limits),
     };
