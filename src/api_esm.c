@@ -257,6 +257,7 @@ static bool adm_read_filters(struct esmd_api_call *call, const struct esmd_mappi
         return false;
     }
     ch->filters = esmd_xcalloc((size_t)cJSON_GetArraySize(fl) + 1, sizeof(char *));
+    size_t budget = ESMD_FILTER_MAX_MAPPING_BYTES; /* compiled size left for the mapping */
     cJSON_ArrayForEach(it, fl)
     {
         const cJSON *p = cJSON_GetObjectItemCaseSensitive(it, "Pattern");
@@ -276,7 +277,7 @@ static bool adm_read_filters(struct esmd_api_call *call, const struct esmd_mappi
                 i, len, c->max_filter_pattern_length);
             return false;
         }
-        if (esmd_filter_check(p->valuestring, len, &fe) != 0) {
+        if (esmd_filter_check_budget(p->valuestring, len, &budget, &fe) != 0) {
             esmd_api_bad(
                 call,
                 "Invalid filter pattern definition. FilterCriteria.Filters[%zu].Pattern:%d:%d: %s",

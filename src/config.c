@@ -1852,6 +1852,7 @@ static bool read_filters(struct esmd_cfg_loader *ld, const struct esmd_cfg_node 
     if (!expect_list(ld, n))
         return false;
     map->filters = esmd_xcalloc(n->nitems, sizeof(*map->filters));
+    size_t budget = ESMD_FILTER_MAX_MAPPING_BYTES; /* compiled size left for the mapping */
     for (size_t i = 0; i < n->nitems; i++) {
         const struct esmd_cfg_node *item = n->items[i];
         if (item->bad)
@@ -1869,9 +1870,11 @@ static bool read_filters(struct esmd_cfg_loader *ld, const struct esmd_cfg_node 
             continue;
         }
         struct esmd_filter_error ferr;
-        if (esmd_filter_check(text, strlen(text), &ferr) != 0) {
-            ld_err(ld, item, "%s is not a valid filter pattern: %s (at character %zu of %s)",
-                   node_name(ld, item), ferr.message, ferr.offset + 1, text);
+        size_t tlen = strlen(text);
+        if (esmd_filter_check_budget(text, tlen, &budget, &ferr) != 0) {
+            ld_err(ld, item, "%s is not a valid filter pattern: %s (at character %zu of %.200s%s)",
+                   node_name(ld, item), ferr.message, ferr.offset + 1, text,
+                   tlen > 200 ? "..." : "");
         } else {
             struct esmd_filter_cfg *f = &map->filters[map->nfilters++];
             f->pattern = esmd_xstrdup(text);

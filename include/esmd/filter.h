@@ -21,6 +21,12 @@
 #define ESMD_FILTER_DEFAULT_MAX_PATTERNS 5
 #define ESMD_FILTER_DEFAULT_MAX_PATTERN_LEN 4096
 
+/* Compiled size (docs/filters.md#limits): what one pattern may add to a matcher, and what a
+ * mapping's patterns may add together. "$or" repeats the values of the conditions outside it in
+ * every alternative, so a short pattern can compile to much more than its text. */
+#define ESMD_FILTER_MAX_PATTERN_BYTES ((size_t)4 << 20)
+#define ESMD_FILTER_MAX_MAPPING_BYTES ((size_t)16 << 20)
+
 struct esmd_filter;
 
 struct esmd_filter_error {
@@ -37,7 +43,8 @@ struct esmd_filter *esmd_filter_new(void);
 void esmd_filter_free(struct esmd_filter *f);
 
 /* Compiles one pattern (JSON object text, `len` bytes, need not be NUL-terminated) and adds it to
- * the matcher under `id`. Returns 0, or -1 with *err filled (the matcher is unchanged then). */
+ * the matcher under `id`. Returns 0, or -1 with *err filled (the matcher is unchanged then); a
+ * pattern that compiles to more than ESMD_FILTER_MAX_PATTERN_BYTES is refused. */
 int esmd_filter_add(struct esmd_filter *f, const char *pattern, size_t len, uint32_t id,
                     struct esmd_filter_error *err);
 
@@ -48,8 +55,16 @@ int esmd_filter_add(struct esmd_filter *f, const char *pattern, size_t len, uint
 int esmd_filter_add_skip(struct esmd_filter *f, const char *pattern, size_t len, uint32_t id,
                          const char *const *skip, struct esmd_filter_error *err);
 
-/* Checks a pattern without keeping it (what `esmd check-config` and the admin API use). */
+/* Checks a pattern without keeping it. */
 int esmd_filter_check(const char *pattern, size_t len, struct esmd_filter_error *err);
+
+/* As esmd_filter_check, for the patterns of one mapping in turn (what `esmd check-config` and the
+ * admin API use): *budget is what is left of the mapping's compiled size (start with
+ * ESMD_FILTER_MAX_MAPPING_BYTES). A pattern that does not fit in it is refused, and *budget
+ * becomes SIZE_MAX so that the patterns after it are only checked (one such error a mapping); a
+ * pattern that fits takes its size from it. */
+int esmd_filter_check_budget(const char *pattern, size_t len, size_t *budget,
+                             struct esmd_filter_error *err);
 
 size_t esmd_filter_count_patterns(const struct esmd_filter *f);
 

@@ -122,6 +122,17 @@ def test_admin_list_get_and_errors(kafka, esmd, kafka_config, names, postgres):
     st, _, body = call(proc, "PUT", ESM + "/" + u, {"FilterCriteria": {"Filters": [
         {"Pattern": '{"value": {"type": [{"prefx": "a"}]}}'}]}})
     assert "prefx" in body["Message"] and "Filters[0].Pattern:1:" in body["Message"], body
+    # compiled size (docs/filters.md#limits): 400 values repeated in 1,024 "$or" alternatives
+    # is about 3.6 MB; 5 of them pass the 16 MB of a mapping, one of 800 values the 4 MB of a
+    # pattern (both under the 4,096 characters of max_filter_pattern_length)
+    ors = {"o%d" % i: {"$or": [{"a": [1]}, {"b": [2]}]} for i in range(10)}
+    big = json.dumps(dict(ors, v=list(range(400))), separators=(",", ":"))
+    assert_error(call(proc, "PUT", ESM + "/" + u, {"FilterCriteria": {"Filters": [
+        {"Pattern": big}] * 5}}), 400, "InvalidParameterValueException",
+        "Filters[4].Pattern:1:1: with this pattern, the mapping's filters compile to")
+    assert_error(call(proc, "PUT", ESM + "/" + u, {"FilterCriteria": {"Filters": [
+        {"Pattern": json.dumps(dict(ors, v=list(range(800))), separators=(",", ":"))}]}}), 400,
+        "InvalidParameterValueException", "more than the limit of 4 MB per pattern")
     assert_error(call(proc, "PUT", ESM + "/" + u, {"FilterCriteria": {"Filters": [
         {"Pattern": "{}"}] * 6}}), 400, "InvalidParameterValueException", "at most 5")
     assert_error(call(proc, "PUT", ESM + "/" + u, {"DestinationConfig": {

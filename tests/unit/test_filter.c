@@ -274,6 +274,17 @@ static void test_cidr(void **state)
     YES("{\"ip\": [\"2001:0db8::0:1\"]}", "{\"ip\": \"2001:db8::1\"}");
     NO("{\"ip\": [\"2001:db8::1\"]}", "{\"ip\": \"2001:db8::2\"}");
     NO("{\"ip\": [\"08:23\"]}", "{\"ip\": \"8:23\"}"); /* not an address */
+    /* A NUL inside the text is not the end of the address (inet_pton reads C strings). */
+    NO("{\"ip\": [{\"cidr\": \"10.0.0.0/8\"}]}", "{\"ip\": \"10.0.0.1\\u0000x\"}");
+    NO("{\"ip\": [\"10.0.0.1\"]}", "{\"ip\": \"10.0.0.1\\u0000\"}");
+    YES("{\"ip\": [{\"cidr\": \"1:2:3:4:5:6:7::/112\"}]}", "{\"ip\": \"1:2:3:4:5:6:7:ff\"}");
+    NO("{\"ip\": [{\"cidr\": \"::/0\"}]}", "{\"ip\": \"1:2:3:4:5:6:7:8::\"}");
+    NO("{\"ip\": [{\"cidr\": \"::/0\"}]}", "{\"ip\": \"::01.2.3.4\"}");
+    struct esmd_filter_error err;
+    const char *bad = "{\"ip\": [{\"cidr\": \"10.0.0.0\\u0000/8\"}]}";
+    assert_int_equal(esmd_filter_check(bad, strlen(bad), &err), -1);
+    bad = "{\"ip\": [{\"cidr\": \"10.0.0.00/8\"}]}";
+    assert_int_equal(esmd_filter_check(bad, strlen(bad), &err), -1);
 }
 
 static void test_or(void **state)
@@ -724,6 +735,79 @@ static void test_match_all_ids(void **state)
     esmd_filter_free(NULL);
 }
 
+/* {"v": [0, 1, ..., n-1]} with `nor` parallel two-branch "$or" beside it (2^nor alternatives,
+ * each repeating the n values). Caller frees. */
+static char *big_pattern(int n, int nor, size_t *len)
+{
+    size_t cap = (size_t)n * 8 + (size_t)nor * 64 + 64, o = 0;
+    char *p = malloc(cap);
+    o += (size_t)snprintf(p + o, cap - o, "{\"v\": [");
+    for (int i = 0; i < n; i++)
+        o += (size_t)snprintf(p + o, cap - o, "%s%d", i ? "," : "", i);
+    o += (size_t)snprintf(p + o, cap - o, "]");
+    for (int i = 0; i < nor; i++)
+        o += (size_t)snprintf(p + o, cap - o, ", \"o%d\": {\"$or\": [{\"a\": [1]}, {\"b\": [2]}]}",
+                              i);
+    o += (size_t)snprintf(p + o, cap - o, "}");
+    *len = o;
+    return p;
+}
+
+static void test_compiled_size(void **state)
+{
+    struct esmd_filter_error err;
+    size_t len;
+    /* Near the longest pattern max_filter_pattern_length allows (65,536): 12,000 numbers fit. */
+    char *p = big_pattern(12000, 0, &len);
+    assert_true(len < 65536);
+    struct esmd_filter *f = esmd_filter_new();
+    assert_int_equal(esmd_filter_add(f, p, len, 1, &err), 0);
+    assert_true(ev(f, "{\"v\": 11999}"));
+    free(p);
+    /* 1,000 values repeated in 1,024 alternatives, under 10 KB of text: refused, matcher as it
+     * was, and the same from esmd_filter_check. */
+    p = big_pattern(1000, 10, &len);
+    assert_true(len < 10000);
+    assert_int_equal(esmd_filter_add(f, p, len, 2, &err), -1);
+    assert_string_equal(err.message,
+                        "the pattern compiles to 8.3 MB, more than the limit of 4 MB per pattern "
+                        "(docs/filters.md#limits): use fewer values, or fewer \"$or\" alternatives "
+                        "that repeat them");
+    assert_int_equal(err.line, 1);
+    assert_int_equal(err.column, 1);
+    assert_int_equal(esmd_filter_count_patterns(f), 1);
+    assert_int_equal(esmd_filter_check(p, len, &err), -1);
+    free(p);
+    /* 64 alternatives of the same values: fits. */
+    p = big_pattern(1000, 6, &len);
+    assert_int_equal(esmd_filter_add(f, p, len, 3, &err), 0);
+    assert_int_equal(esmd_filter_count_patterns(f), 2);
+    free(p);
+    esmd_filter_free(f);
+
+    /* A mapping's patterns together: 10,000 values each (49 KB of text, about 0.6 MB compiled),
+     * the 27th is past 16 MB; said once, and the patterns after it are still checked. */
+    p = big_pattern(10000, 0, &len);
+    size_t budget = ESMD_FILTER_MAX_MAPPING_BYTES;
+    int refused = -1, errors = 0;
+    for (int i = 0; i < 100; i++) {
+        if (esmd_filter_check_budget(p, len, &budget, &err) != 0) {
+            errors++;
+            if (refused < 0)
+                refused = i;
+        }
+    }
+    assert_int_equal(refused, 26);
+    assert_int_equal(errors, 1);
+    assert_true(strstr(err.message, "with this pattern, the mapping's filters compile to 16.") ==
+                err.message);
+    assert_non_null(strstr(err.message, "more than the limit of 16 MB per mapping"));
+    const char *syntax = "{\"v\": [}";
+    assert_int_equal(esmd_filter_check_budget(syntax, strlen(syntax), &budget, &err), -1);
+    assert_string_equal(err.message, "invalid JSON: unexpected character '}'");
+    free(p);
+}
+
 static void test_many_patterns(void **state)
 {
     /* 5000 exact patterns on one field and 5000 on distinct fields in one matcher. */
@@ -834,6 +918,7 @@ int main(void)
         cmocka_unit_test(test_skip),
         cmocka_unit_test(test_match_all_ids),
         cmocka_unit_test(test_many_patterns),
+        cmocka_unit_test(test_compiled_size),
         cmocka_unit_test(test_no_alloc),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
