@@ -37,7 +37,6 @@ static void put_pattern(struct esmd_buf *b, const char *p)
 static void adm_native_json(const struct esmd_admin *adm, const struct adm_map *m,
                             struct esmd_buf *b)
 {
-    static const char *const kinds[] = {"kafka", "redis", "pgqueue"};
     const struct esmd_mapping_cfg *c = m->cfg;
     const struct adm_ovr *o = &m->ovr;
     const char *dest = adm_cur_on_failure(m);
@@ -50,7 +49,7 @@ static void adm_native_json(const struct esmd_admin *adm, const struct adm_map *
     esmd_buf_puts(b, ",\"function\":");
     adm_put_str(b, c->function);
     esmd_buf_printf(b, ",\"source\":\"%s\",\"running\":%s,\"enabled\":%s,\"state\":\"%s\"",
-                    kinds[c->kind], m->map ? "true" : "false",
+                    esmd_config_kind_name(c->kind), m->map ? "true" : "false",
                     adm_eff_enabled(m) ? "true" : "false",
                     adm_eff_enabled(m) ? "Enabled" : "Disabled");
     esmd_buf_printf(b, ",\"batch_size\":%d,\"maximum_batching_window_ms\":%" PRId64,

@@ -2089,6 +2089,12 @@ static bool within_limits(struct esmd_cfg_loader *ld, const struct esmd_cfg_node
 
 /* ---- public ---- */
 
+const char *esmd_config_kind_name(enum esmd_source_kind kind)
+{
+    const struct esmd_connector_ops *ops = esmd_connector_of(kind);
+    return ops ? ops->kind : "?";
+}
+
 static void kvlist_free(struct esmd_kvlist *l)
 {
     for (size_t i = 0; i < l->n; i++) {

@@ -26,3 +26,11 @@ const struct esmd_connector_ops *esmd_connector_at(size_t i)
 {
     return i < ESMD_ARRAY_LEN(connectors) ? connectors[i] : NULL;
 }
+
+const struct esmd_connector_ops *esmd_connector_of(enum esmd_source_kind kind)
+{
+    for (size_t i = 0; i < ESMD_ARRAY_LEN(connectors); i++)
+        if (connectors[i]->source == kind)
+            return connectors[i];
+    return NULL;
+}

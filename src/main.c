@@ -558,7 +558,6 @@ static int write_mapping_state(void *ud, char *err, size_t errlen)
 {
     const struct service *svc = ud;
     const struct esmd_config *cfg = svc->cfg;
-    static const char *const kinds[] = {"kafka", "redis", "pgqueue"};
     PGconn *pg = PQconnectdb(cfg->postgres);
     int rc = ESMD_OK;
     if (PQstatus(pg) != CONNECTION_OK) {
@@ -570,7 +569,7 @@ static int write_mapping_state(void *ud, char *err, size_t errlen)
         const struct esmd_mapping_cfg *m = &cfg->mappings[i];
         const char *params[] = {m->name,
                                 m->function,
-                                kinds[m->kind],
+                                esmd_config_kind_name(m->kind),
                                 m->enabled ? "t" : "f",
                                 m->enabled ? "Enabled" : "Disabled",
                                 svc->instance_id};

@@ -1187,11 +1187,10 @@ struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_ma
                                       struct esmd_invoker *inv, const char *instance_id, char *err,
                                       size_t errlen)
 {
-    static const char *const kinds[] = {"kafka", "redis", "pgqueue"};
-    const struct esmd_connector_ops *ops = esmd_connector_find(kinds[cfg->kind]);
+    const struct esmd_connector_ops *ops = esmd_connector_of(cfg->kind);
     if (!ops) {
-        snprintf(err, errlen, "mapping %s: source kind %s is not available in this build",
-                 cfg->name, kinds[cfg->kind]);
+        snprintf(err, errlen, "mapping %s: source kind %d is not available in this build",
+                 cfg->name, (int)cfg->kind);
         return NULL;
     }
     struct esmd_function *fn = esmd_invoker_function(inv, cfg->function);

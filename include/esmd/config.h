@@ -311,6 +311,8 @@ bool esmd_config_valid_name(const char *s);
 /* 1 to maxlen characters, each a letter, a digit or one of extra. */
 bool esmd_config_valid_chars(const char *s, size_t maxlen, const char *extra);
 bool esmd_config_valid_topic(const char *s);
+/* The name of a source kind, its YAML key ("kafka"), from the connectors' registry. */
+const char *esmd_config_kind_name(enum esmd_source_kind kind);
 /* A duration the way messages show it ("15m", "6h", "500ms"); returns out. */
 const char *esmd_config_fmt_duration(int64_t ms, char out[32]);
 

@@ -132,5 +132,7 @@ struct esmd_connector_ops {
 const struct esmd_connector_ops *esmd_connector_find(const char *kind);
 /* The i-th registered connector, NULL past the last: the one list of kinds. */
 const struct esmd_connector_ops *esmd_connector_at(size_t i);
+/* The connector of a source kind (ops->source == kind); NULL when none is registered. */
+const struct esmd_connector_ops *esmd_connector_of(enum esmd_source_kind kind);
 
 #endif
