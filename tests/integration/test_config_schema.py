@@ -8,6 +8,11 @@ for reasons the loader alone sees (undefined names, duration ranges, ${VAR} erro
 carry no marker and must pass the schema, so the marker list stays honest.
 
 ${VAR} is expanded after loading, as the loader does, with dummy values; $${ is a literal ${.
+
+The key tables themselves are compared with this schema and docs/configuration.md by
+tests/unit/test_config.c: every section's key names in order (test_key_tables_match_schema), and
+each connector's own tables (connectors/<kind>/<kind>_config.c) key by key — required keys, enum
+values, integer ranges, defaults (test_connector_tables_match_schema).
 """
 
 import pathlib
