@@ -113,8 +113,8 @@ static void eic_done(void *ud, int rc)
 
 /* Reads DestinationConfig.<which> (obj may be NULL) into out: an esmd destination URI, or a
  * Lambda function ARN of this region and account (becomes function://NAME); "" for none.
- * false with why. */
-static bool eic_dest(const struct esmd_api_ctx *ctx, const cJSON *obj, const char *which, char *out,
+ * false with why. dests NULL: the URI is not checked further. */
+static bool eic_dest(const struct esmd_dests *dests, const cJSON *obj, const char *which, char *out,
                      size_t outlen, char *why, size_t whylen)
 {
     out[0] = '\0';
@@ -157,18 +157,20 @@ static bool eic_dest(const struct esmd_api_ctx *ctx, const cJSON *obj, const cha
         snprintf(out, outlen, "%s", v);
     }
     char err[512];
-    if (esmd_dests_check(ctx->dests, out, err, sizeof(err)) != 0) {
+    if (dests && esmd_dests_check(dests, out, err, sizeof(err)) != 0) {
         snprintf(why, whylen, "DestinationConfig.%s.Destination: %s", which, err);
         return false;
     }
     return true;
 }
 
-/* Reads the body of a Put (replace) or Update into ch; false after answering 400. */
-static bool eic_read(const struct esmd_api_ctx *ctx, struct esmd_api_call *call,
-                     struct esmd_asyncq_eic_change *ch, char *succ, char *fail, size_t destlen)
+/* Parses the body of a Put (replace) or Update into ch (destinations into succ and fail, destlen
+ * bytes each). false with e. */
+static bool eic_parse(const struct esmd_dests *dests, const char *body, size_t len,
+                      struct esmd_asyncq_eic_change *ch, char *succ, char *fail, size_t destlen,
+                      struct esmd_api_err *e)
 {
-    cJSON *j = esmd_api_body_object(call, false);
+    cJSON *j = esmd_api_parse_object(body, len, false, e);
     char why[700];
     int64_t n;
     bool ok = false;
@@ -179,28 +181,28 @@ static bool eic_read(const struct esmd_api_ctx *ctx, struct esmd_api_call *call,
     const cJSON *dc = cJSON_GetObjectItemCaseSensitive(j, "DestinationConfig");
     if (m && !cJSON_IsNull(m)) {
         if (!esmd_api_json_int(m, &eic_mra, &n)) {
-            esmd_api_range_error(call, &eic_mra, NULL);
+            esmd_api_range_err(e, &eic_mra, NULL);
             goto out;
         }
         ch->maximum_retry_attempts = (int)n;
     }
     if (a && !cJSON_IsNull(a)) {
         if (!esmd_api_json_int(a, &eic_age, &n)) {
-            esmd_api_range_error(call, &eic_age, NULL);
+            esmd_api_range_err(e, &eic_age, NULL);
             goto out;
         }
         ch->maximum_event_age_s = (int)n;
     }
     if (dc && !cJSON_IsNull(dc)) {
         if (!cJSON_IsObject(dc)) {
-            esmd_api_bad(call, "DestinationConfig must be an object");
+            esmd_api_err_bad(e, "DestinationConfig must be an object");
             goto out;
         }
         const cJSON *os = cJSON_GetObjectItemCaseSensitive(dc, "OnSuccess");
         const cJSON *of = cJSON_GetObjectItemCaseSensitive(dc, "OnFailure");
-        if (!eic_dest(ctx, os, "OnSuccess", succ, destlen, why, sizeof(why)) ||
-            !eic_dest(ctx, of, "OnFailure", fail, destlen, why, sizeof(why))) {
-            esmd_api_bad(call, "%s", why);
+        if (!eic_dest(dests, os, "OnSuccess", succ, destlen, why, sizeof(why)) ||
+            !eic_dest(dests, of, "OnFailure", fail, destlen, why, sizeof(why))) {
+            esmd_api_err_bad(e, "%s", why);
             goto out;
         }
         ch->on_success = os ? succ : NULL;
@@ -212,15 +214,31 @@ out:
     return ok;
 }
 
+int esmd_api_eic_check(const char *body, size_t len, char *why, size_t whylen)
+{
+    struct esmd_asyncq_eic_change ch = {.maximum_retry_attempts = -1, .maximum_event_age_s = -1};
+    char succ[EIC_DEST_MAX + 64], fail[EIC_DEST_MAX + 64];
+    struct esmd_api_err e;
+    if (eic_parse(NULL, body, len, &ch, succ, fail, sizeof(succ), &e))
+        return 0;
+    snprintf(why, whylen, "%s: %s", e.type, e.message);
+    return e.status;
+}
+
 static void eic_change(const struct esmd_api_ctx *ctx, struct esmd_api_call *call,
                        const struct esmd_function_cfg *fc, bool is_delete, bool replace)
 {
     struct esmd_asyncq_eic_change ch = {
         .replace = replace, .maximum_retry_attempts = -1, .maximum_event_age_s = -1};
     char succ[EIC_DEST_MAX + 64], fail[EIC_DEST_MAX + 64];
+    struct esmd_api_err e;
+    size_t len;
+    const char *body = esmd_http_req_body(call->req, &len);
     int rc;
-    if (!is_delete && !eic_read(ctx, call, &ch, succ, fail, sizeof(succ)))
+    if (!is_delete && !eic_parse(ctx->dests, body, len, &ch, succ, fail, sizeof(succ), &e)) {
+        esmd_api_answer_err(call, &e);
         return;
+    }
     struct eic_call *ec = esmd_xcalloc(1, sizeof(*ec));
     ec->ctx = ctx;
     ec->call = *call;

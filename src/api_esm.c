@@ -220,23 +220,23 @@ static bool esm_function_name(const char *s, char name[ESMD_API_NAME_MAX + 1])
     return true;
 }
 
-/* Reads FilterCriteria into ch (patterns borrowed from v). false after answering 400. */
-static bool adm_read_filters(struct esmd_api_call *call, const struct esmd_mapping_cfg *c,
+/* Reads FilterCriteria into ch (patterns borrowed from v). false with e. */
+static bool esm_read_filters(struct esmd_api_err *e, const struct esmd_mapping_cfg *c,
                              const cJSON *v, struct adm_change *ch)
 {
     const cJSON *fl, *it;
     size_t i = 0;
 
     if (!cJSON_IsObject(v)) {
-        esmd_api_bad(call,
-                     "FilterCriteria must be an object {\"Filters\":[{\"Pattern\":\"...\"}]}");
+        esmd_api_err_bad(e,
+                         "FilterCriteria must be an object {\"Filters\":[{\"Pattern\":\"...\"}]}");
         return false;
     }
     cJSON_ArrayForEach(it, v)
     {
         if (strcmp(it->string, "Filters") != 0) {
-            esmd_api_bad(call, "FilterCriteria: unknown field \"%s\" (expected Filters)",
-                         it->string);
+            esmd_api_err_bad(e, "FilterCriteria: unknown field \"%s\" (expected Filters)",
+                             it->string);
             return false;
         }
     }
@@ -245,17 +245,18 @@ static bool adm_read_filters(struct esmd_api_call *call, const struct esmd_mappi
     if (fl == NULL || cJSON_IsNull(fl))
         return true; /* {} removes all filters */
     if (!cJSON_IsArray(fl)) {
-        esmd_api_bad(call, "FilterCriteria.Filters must be an array");
+        esmd_api_err_bad(e, "FilterCriteria.Filters must be an array");
         return false;
     }
     if (cJSON_GetArraySize(fl) > c->max_filters) {
-        esmd_api_bad(
-            call,
+        esmd_api_err_bad(
+            e,
             "FilterCriteria.Filters: at most %d filters for this mapping (its max_filters), "
             "got %d",
             c->max_filters, cJSON_GetArraySize(fl));
         return false;
     }
+    free(ch->filters); /* a second FilterCriteria */
     ch->filters = esmd_xcalloc((size_t)cJSON_GetArraySize(fl) + 1, sizeof(char *));
     size_t budget = ESMD_FILTER_MAX_MAPPING_BYTES; /* compiled size left for the mapping */
     cJSON_ArrayForEach(it, fl)
@@ -265,21 +266,21 @@ static bool adm_read_filters(struct esmd_api_call *call, const struct esmd_mappi
         size_t len;
 
         if (!cJSON_IsObject(it) || !cJSON_IsString(p) || cJSON_GetArraySize(it) != 1) {
-            esmd_api_bad(call, "FilterCriteria.Filters[%zu] must be {\"Pattern\": string}", i);
+            esmd_api_err_bad(e, "FilterCriteria.Filters[%zu] must be {\"Pattern\": string}", i);
             return false;
         }
         len = strlen(p->valuestring);
         if (len > (size_t)c->max_filter_pattern_length) {
-            esmd_api_bad(
-                call,
+            esmd_api_err_bad(
+                e,
                 "FilterCriteria.Filters[%zu].Pattern is %zu characters long; at most %d for "
                 "this mapping (its max_filter_pattern_length)",
                 i, len, c->max_filter_pattern_length);
             return false;
         }
         if (esmd_filter_check_budget(p->valuestring, len, &budget, &fe) != 0) {
-            esmd_api_bad(
-                call,
+            esmd_api_err_bad(
+                e,
                 "Invalid filter pattern definition. FilterCriteria.Filters[%zu].Pattern:%d:%d: %s",
                 i, fe.line, fe.column, fe.message);
             return false;
@@ -290,7 +291,7 @@ static bool adm_read_filters(struct esmd_api_call *call, const struct esmd_mappi
     return true;
 }
 
-static bool adm_read_destination(struct esmd_admin *adm, struct esmd_api_call *call,
+static bool esm_read_destination(struct esmd_api_err *e, const struct esmd_dests *dests,
                                  const struct esmd_mapping_cfg *c, const cJSON *v,
                                  struct adm_change *ch)
 {
@@ -298,16 +299,16 @@ static bool adm_read_destination(struct esmd_admin *adm, struct esmd_api_call *c
     char err[512];
 
     if (!cJSON_IsObject(v)) {
-        esmd_api_bad(call,
-                     "DestinationConfig must be an object {\"OnFailure\":{\"Destination\":...}}");
+        esmd_api_err_bad(
+            e, "DestinationConfig must be an object {\"OnFailure\":{\"Destination\":...}}");
         return false;
     }
     cJSON_ArrayForEach(it, v)
     {
         if (strcmp(it->string, "OnFailure") != 0) {
-            esmd_api_bad(call,
-                         "Unsupported DestinationConfig parameter for given event source mapping "
-                         "type.");
+            esmd_api_err_bad(
+                e, "Unsupported DestinationConfig parameter for given event source mapping "
+                   "type.");
             return false;
         }
     }
@@ -315,19 +316,20 @@ static bool adm_read_destination(struct esmd_admin *adm, struct esmd_api_call *c
     if (of == NULL)
         return true;
     if (c->kind == ESMD_SOURCE_PGQUEUE) {
-        esmd_api_bad(call, "Unsupported DestinationConfig parameter for given event source mapping "
-                           "type. (a pgqueue mapping dead-letters to its dead_letter_queue)");
+        esmd_api_err_bad(e,
+                         "Unsupported DestinationConfig parameter for given event source mapping "
+                         "type. (a pgqueue mapping dead-letters to its dead_letter_queue)");
         return false;
     }
     if (!cJSON_IsObject(of)) {
-        esmd_api_bad(call,
-                     "DestinationConfig.OnFailure must be an object {\"Destination\": string}");
+        esmd_api_err_bad(e,
+                         "DestinationConfig.OnFailure must be an object {\"Destination\": string}");
         return false;
     }
     cJSON_ArrayForEach(it, of)
     {
         if (strcmp(it->string, "Destination") != 0) {
-            esmd_api_bad(call, "DestinationConfig.OnFailure: unknown field \"%s\"", it->string);
+            esmd_api_err_bad(e, "DestinationConfig.OnFailure: unknown field \"%s\"", it->string);
             return false;
         }
     }
@@ -337,23 +339,24 @@ static bool adm_read_destination(struct esmd_admin *adm, struct esmd_api_call *c
         return true;
     }
     if (!cJSON_IsString(d) || strlen(d->valuestring) > 2048) {
-        esmd_api_bad(call, "DestinationConfig.OnFailure.Destination must be a destination URI (at "
-                           "most 2048 characters) or \"\"");
+        esmd_api_err_bad(e, "DestinationConfig.OnFailure.Destination must be a destination URI (at "
+                            "most 2048 characters) or \"\"");
         return false;
     }
     if (d->valuestring[0] != '\0') {
-        if (adm->dests == NULL) {
-            esmd_api_bad(call,
-                         "DestinationConfig.OnFailure.Destination: destinations are not available");
+        if (dests == NULL) {
+            esmd_api_err_bad(
+                e, "DestinationConfig.OnFailure.Destination: destinations are not available");
             return false;
         }
-        if (esmd_dests_check(adm->dests, d->valuestring, err, sizeof(err)) != 0) {
-            esmd_api_bad(call, "DestinationConfig.OnFailure.Destination: %s", err);
+        if (esmd_dests_check(dests, d->valuestring, err, sizeof(err)) != 0) {
+            esmd_api_err_bad(e, "DestinationConfig.OnFailure.Destination: %s", err);
             return false;
         }
         if (strncmp(d->valuestring, "function://", 11) == 0) {
-            esmd_api_bad(call, "DestinationConfig.OnFailure.Destination: a function:// destination "
-                               "needs the async invocation queue");
+            esmd_api_err_bad(e,
+                             "DestinationConfig.OnFailure.Destination: a function:// destination "
+                             "needs the async invocation queue");
             return false;
         }
     }
@@ -361,7 +364,12 @@ static bool adm_read_destination(struct esmd_admin *adm, struct esmd_api_call *c
     return true;
 }
 
-static void esm_update(struct esmd_admin *adm, struct esmd_api_call *call, const char *uuid)
+/* Parses an UpdateEventSourceMapping body for mapping c into ch (strings borrowed from *root,
+ * which the caller deletes, and ch->filters, which it frees). dests NULL: destinations refused.
+ * false with e. */
+static bool esm_parse(const struct esmd_mapping_cfg *c, const struct esmd_dests *dests,
+                      const char *body, size_t len, cJSON **root, struct adm_change *ch,
+                      struct esmd_api_err *e)
 {
     static const char *const fixed[] = {
         "MaximumRetryAttempts",  "MaximumRecordAgeInSeconds",  "BisectBatchOnFunctionError",
@@ -370,60 +378,53 @@ static void esm_update(struct esmd_admin *adm, struct esmd_api_call *call, const
         "MetricsConfig",         "ProvisionedPollerConfig",    "DocumentDBEventSourceConfig",
         "LoggingConfig",
     };
-    struct adm_change ch = {.enabled = -1, .window_ms = -1};
-    size_t mi;
-    struct adm_map *m = esmd_admin_find_uuid(adm, uuid, &mi);
-    cJSON *root = NULL;
     const cJSON *v;
     int64_t n;
 
-    if (m == NULL) {
-        esmd_api_error(call, 404, "ResourceNotFoundException", ESM_NOT_FOUND);
-        return;
-    }
-    if ((root = esmd_api_body_object(call, true)) == NULL)
-        return;
-    cJSON_ArrayForEach(v, root)
+    if ((*root = esmd_api_parse_object(body, len, true, e)) == NULL)
+        return false;
+    cJSON_ArrayForEach(v, *root)
     {
         const char *k = v->string;
 
         if (strcmp(k, "Enabled") == 0) {
             if (!cJSON_IsBool(v)) {
-                esmd_api_bad(call, "Enabled must be true or false");
-                goto out;
+                esmd_api_err_bad(e, "Enabled must be true or false");
+                return false;
             }
-            ch.enabled = cJSON_IsTrue(v);
+            ch->enabled = cJSON_IsTrue(v);
         } else if (strcmp(k, esm_batch.name) == 0) {
             if (!esmd_api_json_int(v, &esm_batch, &n)) {
-                esmd_api_range_error(call, &esm_batch, NULL);
-                goto out;
+                esmd_api_range_err(e, &esm_batch, NULL);
+                return false;
             }
-            ch.batch_size = (int)n;
+            ch->batch_size = (int)n;
         } else if (strcmp(k, esm_window.name) == 0) {
             if (!esmd_api_json_int(v, &esm_window, &n)) {
-                esmd_api_range_error(call, &esm_window, NULL);
-                goto out;
+                esmd_api_range_err(e, &esm_window, NULL);
+                return false;
             }
-            ch.window_ms = n * 1000;
+            ch->window_ms = n * 1000;
         } else if (strcmp(k, "FilterCriteria") == 0) {
-            if (!adm_read_filters(call, m->cfg, v, &ch))
-                goto out;
+            if (!esm_read_filters(e, c, v, ch))
+                return false;
         } else if (strcmp(k, "DestinationConfig") == 0) {
-            if (!adm_read_destination(adm, call, m->cfg, v, &ch))
-                goto out;
+            if (!esm_read_destination(e, dests, c, v, ch))
+                return false;
         } else if (strcmp(k, "FunctionName") == 0) {
             char name[ESMD_API_NAME_MAX + 1];
 
             if (!cJSON_IsString(v) || !esm_function_name(v->valuestring, name)) {
-                esmd_api_bad(call, "FunctionName must be a function name or ARN");
-                goto out;
+                esmd_api_err_bad(e, "FunctionName must be a function name or ARN");
+                return false;
             }
-            if (strcmp(name, m->cfg->function) != 0) {
-                esmd_api_bad(call,
-                             "FunctionName: esmd does not move a mapping to another function at "
-                             "run time; change `function` of mapping %s in the configuration file",
-                             m->cfg->name);
-                goto out;
+            if (strcmp(name, c->function) != 0) {
+                esmd_api_err_bad(e,
+                                 "FunctionName: esmd does not move a mapping to another function "
+                                 "at run time; change `function` of mapping %s in the "
+                                 "configuration file",
+                                 c->name);
+                return false;
             }
         } else {
             bool known = false;
@@ -431,22 +432,55 @@ static void esm_update(struct esmd_admin *adm, struct esmd_api_call *call, const
             for (size_t i = 0; i < ESMD_ARRAY_LEN(fixed); i++)
                 known = known || strcmp(k, fixed[i]) == 0;
             if (known)
-                esmd_api_bad(call,
-                             "%s cannot be changed at run time in esmd; set it for mapping %s in "
-                             "the configuration file",
-                             k, m->cfg->name);
+                esmd_api_err_bad(e,
+                                 "%s cannot be changed at run time in esmd; set it for mapping %s "
+                                 "in the configuration file",
+                                 k, c->name);
             else
-                esmd_api_bad(call, "unknown field \"%.100s\"", k);
-            goto out;
+                esmd_api_err_bad(e, "unknown field \"%.100s\"", k);
+            return false;
         }
     }
-    if (ch.enabled < 0 && ch.batch_size == 0 && ch.window_ms < 0 && !ch.has_filters &&
-        ch.on_failure == NULL) {
-        esmd_admin_answer_mapping(adm, call, m, true, 202);
-        goto out;
+    return true;
+}
+
+int esmd_admin_esm_check(const struct esmd_mapping_cfg *c, const char *body, size_t len, char *why,
+                         size_t whylen)
+{
+    struct adm_change ch = {.enabled = -1, .window_ms = -1};
+    struct esmd_api_err e;
+    cJSON *root = NULL;
+    int status = 0;
+
+    if (!esm_parse(c, NULL, body, len, &root, &ch, &e)) {
+        snprintf(why, whylen, "%s: %s", e.type, e.message);
+        status = e.status;
     }
-    esmd_admin_change(adm, call, mi, &ch, true);
-out:
+    free(ch.filters);
+    cJSON_Delete(root);
+    return status;
+}
+
+static void esm_update(struct esmd_admin *adm, struct esmd_api_call *call, const char *uuid)
+{
+    struct adm_change ch = {.enabled = -1, .window_ms = -1};
+    size_t mi, len;
+    struct adm_map *m = esmd_admin_find_uuid(adm, uuid, &mi);
+    const char *body = esmd_http_req_body(call->req, &len);
+    struct esmd_api_err e;
+    cJSON *root = NULL;
+
+    if (m == NULL) {
+        esmd_api_error(call, 404, "ResourceNotFoundException", ESM_NOT_FOUND);
+        return;
+    }
+    if (!esm_parse(m->cfg, adm->dests, body, len, &root, &ch, &e))
+        esmd_api_answer_err(call, &e);
+    else if (ch.enabled < 0 && ch.batch_size == 0 && ch.window_ms < 0 && !ch.has_filters &&
+             ch.on_failure == NULL)
+        esmd_admin_answer_mapping(adm, call, m, true, 202);
+    else
+        esmd_admin_change(adm, call, mi, &ch, true);
     free(ch.filters);
     cJSON_Delete(root);
 }

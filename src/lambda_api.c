@@ -32,36 +32,62 @@ void esmd_api_respond_json(struct esmd_api_call *call, int status, const struct 
     esmd_api_respond(call, status, "application/json", json->data ? json->data : "", json->len);
 }
 
-static void api_verror(struct esmd_api_call *call, int status, const char *type, const char *fmt,
-                       va_list ap) ESMD_PRINTF(4, 0);
+static void api_verr(struct esmd_api_err *e, int status, const char *type, const char *fmt,
+                     va_list ap) ESMD_PRINTF(4, 0);
 
-static void api_verror(struct esmd_api_call *call, int status, const char *type, const char *fmt,
-                       va_list ap)
+static void api_verr(struct esmd_api_err *e, int status, const char *type, const char *fmt,
+                     va_list ap)
 {
-    char msg[1024];
+    e->status = status;
+    e->type = type;
+    vsnprintf(e->message, sizeof(e->message), fmt, ap);
+}
 
-    vsnprintf(msg, sizeof(msg), fmt, ap);
+void esmd_api_err_set(struct esmd_api_err *e, int status, const char *type, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    api_verr(e, status, type, fmt, ap);
+    va_end(ap);
+}
+
+void esmd_api_err_bad(struct esmd_api_err *e, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    api_verr(e, 400, "InvalidParameterValueException", fmt, ap);
+    va_end(ap);
+}
+
+void esmd_api_answer_err(struct esmd_api_call *call, const struct esmd_api_err *e)
+{
     esmd_http_req_add_header(call->req, "x-amzn-RequestId", call->rid);
-    esmd_http_respond_error(call->req, status, type, msg);
+    esmd_http_respond_error(call->req, e->status, e->type, e->message);
     call->req = NULL;
 }
 
 void esmd_api_error(struct esmd_api_call *call, int status, const char *type, const char *fmt, ...)
 {
+    struct esmd_api_err e;
     va_list ap;
 
     va_start(ap, fmt);
-    api_verror(call, status, type, fmt, ap);
+    api_verr(&e, status, type, fmt, ap);
     va_end(ap);
+    esmd_api_answer_err(call, &e);
 }
 
 void esmd_api_bad(struct esmd_api_call *call, const char *fmt, ...)
 {
+    struct esmd_api_err e;
     va_list ap;
 
     va_start(ap, fmt);
-    api_verror(call, 400, "InvalidParameterValueException", fmt, ap);
+    api_verr(&e, 400, "InvalidParameterValueException", fmt, ap);
     va_end(ap);
+    esmd_api_answer_err(call, &e);
 }
 
 /* ---- FunctionName ---- */
@@ -174,22 +200,30 @@ bool esmd_api_query_int(const char *s, const struct esmd_api_range *r, int64_t *
     return true;
 }
 
+void esmd_api_range_err(struct esmd_api_err *e, const struct esmd_api_range *r, const char *value)
+{
+    if (r->member == NULL)
+        esmd_api_err_bad(e, "%s must be an integer from %" PRId64 " to %" PRId64, r->name, r->min,
+                         r->max);
+    else if (value == NULL)
+        esmd_api_err_bad(e,
+                         "1 validation error detected: Value at '%s' failed to satisfy "
+                         "constraint: Member must have value between %" PRId64 " and %" PRId64,
+                         r->member, r->min, r->max);
+    else
+        esmd_api_err_bad(e,
+                         "1 validation error detected: Value '%.64s' at '%s' failed to satisfy "
+                         "constraint: Member must have value between %" PRId64 " and %" PRId64,
+                         value, r->member, r->min, r->max);
+}
+
 void esmd_api_range_error(struct esmd_api_call *call, const struct esmd_api_range *r,
                           const char *value)
 {
-    if (r->member == NULL)
-        esmd_api_bad(call, "%s must be an integer from %" PRId64 " to %" PRId64, r->name, r->min,
-                     r->max);
-    else if (value == NULL)
-        esmd_api_bad(call,
-                     "1 validation error detected: Value at '%s' failed to satisfy constraint: "
-                     "Member must have value between %" PRId64 " and %" PRId64,
-                     r->member, r->min, r->max);
-    else
-        esmd_api_bad(call,
-                     "1 validation error detected: Value '%.64s' at '%s' failed to satisfy "
-                     "constraint: Member must have value between %" PRId64 " and %" PRId64,
-                     value, r->member, r->min, r->max);
+    struct esmd_api_err e;
+
+    esmd_api_range_err(&e, r, value);
+    esmd_api_answer_err(call, &e);
 }
 
 /* ---- request bodies ---- */
@@ -261,35 +295,46 @@ bool esmd_api_json_find_nul(const char *s, size_t len, const char *prefix, struc
     return false;
 }
 
-cJSON *esmd_api_body_object(struct esmd_api_call *call, bool empty_ok)
+cJSON *esmd_api_parse_object(const char *body, size_t len, bool empty_ok, struct esmd_api_err *e)
 {
-    size_t len;
-    const char *body = esmd_http_req_body(call->req, &len), *why;
     struct esmd_buf where = ESMD_BUF_INIT;
+    const char *why;
     cJSON *root;
 
     if (len == 0 && empty_ok)
         return cJSON_CreateObject();
     if ((why = esmd_api_json_check(body, len)) != NULL) {
-        esmd_api_error(call, 400, "InvalidRequestContentException",
-                       "Could not parse request body into json: %s", why);
+        esmd_api_err_set(e, 400, "InvalidRequestContentException",
+                         "Could not parse request body into json: %s", why);
         return NULL;
     }
     root = cJSON_ParseWithLength(body, len);
     if (!cJSON_IsObject(root)) {
         cJSON_Delete(root);
-        esmd_api_error(call, 400, "InvalidRequestContentException",
-                       "Could not parse request body into json: expected a JSON object");
+        esmd_api_err_set(e, 400, "InvalidRequestContentException",
+                         "Could not parse request body into json: expected a JSON object");
         return NULL;
     }
     if (esmd_api_json_find_nul(body, len, "", &where)) {
         cJSON_Delete(root);
-        esmd_api_bad(call, "%.200s must not contain a NUL character (\\u0000)",
-                     esmd_buf_cstr(&where));
+        esmd_api_err_bad(e, "%.200s must not contain a NUL character (\\u0000)",
+                         esmd_buf_cstr(&where));
         esmd_buf_free(&where);
         return NULL;
     }
     esmd_buf_free(&where);
+    return root;
+}
+
+cJSON *esmd_api_body_object(struct esmd_api_call *call, bool empty_ok)
+{
+    size_t len;
+    const char *body = esmd_http_req_body(call->req, &len);
+    struct esmd_api_err e;
+    cJSON *root = esmd_api_parse_object(body, len, empty_ok, &e);
+
+    if (root == NULL)
+        esmd_api_answer_err(call, &e);
     return root;
 }
 

@@ -1,22 +1,25 @@
 /* The admin API for event source mappings (docs/admin.md):
  *
- *  - Lambda-compatible: ListEventSourceMappings, GetEventSourceMapping, UpdateEventSourceMapping
- *    under /2015-03-31/event-source-mappings[/{UUID}] (Enabled, BatchSize,
- *    MaximumBatchingWindowInSeconds, FilterCriteria, DestinationConfig);
- *  - native: GET /admin/mappings[/{name}], POST /admin/mappings/{name}/pause|resume,
- *    DELETE /admin/mappings/{name}/overrides, POST /admin/filter/test.
+ *  - Lambda-compatible (src/api_esm.c): ListEventSourceMappings, GetEventSourceMapping,
+ *    UpdateEventSourceMapping under /2015-03-31/event-source-mappings[/{UUID}] (Enabled,
+ *    BatchSize, MaximumBatchingWindowInSeconds, FilterCriteria, DestinationConfig);
+ *  - native (src/admin.c): GET /admin/mappings[/{name}], POST /admin/mappings/{name}/pause|resume,
+ *    DELETE /admin/mappings/{name}/overrides, POST /admin/filter/test; and /admin/dead-letters
+ *    (src/admin_dlq.c).
  *
  * Changes are overrides of the configuration file's values, stored per mapping name in
- * esmd.mapping_overrides (migrations/0005) and applied at once through the mapping API. Every
- * change sends NOTIFY esmd_mapping_overrides (payload: the mapping name) in its transaction;
- * every instance LISTENs on its own Postgres connection and re-reads the row, so all instances
- * with the same configuration converge on what the database holds. At start-up the overrides
- * are read (blocking, before the loop runs) and applied before the mappings start; an
- * overridden field whose value in the file has changed since it was overridden is dropped (the
- * file's new value wins).
+ * esmd.mapping_overrides (migrations/0005) by src/admin_store.c and applied at once through the
+ * mapping API. Every change sends NOTIFY esmd_mapping_overrides (payload: the mapping name) in
+ * its transaction; every instance LISTENs on its own Postgres connection and re-reads the row,
+ * so all instances with the same configuration converge on what the database holds. At start-up
+ * the overrides are read (blocking, before the loop runs) and applied before the mappings start;
+ * an overridden field whose value in the file has changed since it was overridden is dropped
+ * (the file's new value wins). Requests follow Lambda's conventions through
+ * include/esmd/lambda_api.h.
  *
- * A mapping's UUID is a UUIDv5 (SHA-1, RFC 4122 §4.3) of its name in a fixed esmd namespace, so
- * every instance and every restart agree on it. Everything runs on the loop thread. */
+ * A mapping's UUID is a UUIDv5 (SHA-1, RFC 4122 section 4.3) of its name in a fixed esmd
+ * namespace, so every instance and every restart agree on it. Everything runs on the loop
+ * thread. */
 #ifndef ESMD_ADMIN_H
 #define ESMD_ADMIN_H
 
@@ -65,5 +68,11 @@ void esmd_admin_free(struct esmd_admin *adm);
 
 /* The UUID esmd gives the mapping `name` (36 chars + NUL into out[37]). */
 void esmd_admin_mapping_uuid(const char *name, char out[37]);
+
+/* Checks an UpdateEventSourceMapping body for mapping c as the route does, without
+ * destinations (a non-empty DestinationConfig destination is refused). Returns 0, or the status
+ * of the error answer with "Type: message" in why. */
+int esmd_admin_esm_check(const struct esmd_mapping_cfg *c, const char *body, size_t len, char *why,
+                         size_t whylen);
 
 #endif

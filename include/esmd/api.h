@@ -32,4 +32,11 @@ int esmd_api_invoke_routes(const struct esmd_api_ctx *ctx, struct esmd_http *htt
 /* Registers the event-invoke-config operations on http. 0 or ESMD_EINVAL. */
 int esmd_api_eic_routes(const struct esmd_api_ctx *ctx, struct esmd_http *http) ESMD_MUST_CHECK;
 
+/* ---- pieces, for tests ---- */
+
+/* Checks a Put/UpdateFunctionEventInvokeConfig body as the route does, without the destination
+ * router (destination URIs are checked for shape only). Returns 0, or the status of the error
+ * answer with "Type: message" in why. */
+int esmd_api_eic_check(const char *body, size_t len, char *why, size_t whylen);
+
 #endif

@@ -50,6 +50,19 @@ void esmd_api_error(struct esmd_api_call *call, int status, const char *type, co
 /* 400 InvalidParameterValueException with message fmt. */
 void esmd_api_bad(struct esmd_api_call *call, const char *fmt, ...) ESMD_PRINTF(2, 3);
 
+/* An error answer decided by code that has no request (a body parser), sent with
+ * esmd_api_answer_err(). */
+struct esmd_api_err {
+    int status;
+    const char *type; /* static */
+    char message[1024];
+};
+void esmd_api_err_set(struct esmd_api_err *e, int status, const char *type, const char *fmt, ...)
+    ESMD_PRINTF(4, 5);
+/* 400 InvalidParameterValueException. */
+void esmd_api_err_bad(struct esmd_api_err *e, const char *fmt, ...) ESMD_PRINTF(2, 3);
+void esmd_api_answer_err(struct esmd_api_call *call, const struct esmd_api_err *e);
+
 /* ---- FunctionName ---- */
 
 #define ESMD_API_FUNCTION_MAX 170 /* FunctionName, any form */
@@ -88,7 +101,9 @@ struct esmd_api_range {
 bool esmd_api_json_int(const cJSON *v, const struct esmd_api_range *r, int64_t *out);
 /* A query argument: 1 to 10 decimal digits, within r. */
 bool esmd_api_query_int(const char *s, const struct esmd_api_range *r, int64_t *out);
-/* Answers 400 InvalidParameterValueException for a value outside r (value: as sent, or NULL). */
+/* The 400 InvalidParameterValueException of a value outside r (value: as sent, or NULL). */
+void esmd_api_range_err(struct esmd_api_err *e, const struct esmd_api_range *r, const char *value);
+/* Answers it. */
 void esmd_api_range_error(struct esmd_api_call *call, const struct esmd_api_range *r,
                           const char *value);
 
@@ -104,10 +119,11 @@ const char *esmd_api_json_check(const char *body, size_t len);
  * Destination", "Filters[2].Pattern"; prefix, may be "", is put before it), or false. */
 bool esmd_api_json_find_nul(const char *s, size_t len, const char *prefix, struct esmd_buf *where);
 
-/* The body of call as a cJSON object (caller deletes), after the strict check and with no NUL in
- * any string. An empty body gives {} when empty_ok. NULL after answering 400
- * InvalidRequestContentException (not one JSON object) or InvalidParameterValueException (a
- * NUL, naming the field). */
+/* body[0..len) as a cJSON object (caller deletes), after the strict check and with no NUL in any
+ * string. An empty body gives {} when empty_ok. NULL with e: 400 InvalidRequestContentException
+ * (not one JSON object) or InvalidParameterValueException (a NUL, naming the field). */
+cJSON *esmd_api_parse_object(const char *body, size_t len, bool empty_ok, struct esmd_api_err *e);
+/* The same for the body of call: NULL after answering. */
 cJSON *esmd_api_body_object(struct esmd_api_call *call, bool empty_ok);
 
 /* ---- paths ---- */

@@ -319,6 +319,104 @@ def test_admin_pause_resume(kafka, endpoint, esmd, kafka_config, names, postgres
     assert_error(call(proc, "GET", "/admin/mappings/nosuch"), 404, "ResourceNotFoundException")
 
 
+EIC = "/2019-09-25/functions/fn/event-invoke-config"
+
+
+@pytest.mark.kafka
+def test_admin_bodies_pass_one_strict_check(kafka, esmd, kafka_config, names, postgres):
+    """Issue 13, defects 2 and 3: every admin JSON body is checked before use (UTF-8, one JSON
+    document and nothing after it, no raw control character, an object) and a NUL in a string
+    that esmd stores or compiles is refused naming the field; nothing is stored, and no database
+    error text reaches the client."""
+    topic = kafka.create_topic(names.topic(), 1)
+    cfg = kafka_config(topic)
+    name = cfg["mappings"][0]["name"]
+    u = mapping_uuid(name)
+    proc = esmd(cfg)
+    call(proc, "DELETE", EIC)
+    bad_bodies = [
+        b'{"MaximumRetryAttempts":0}\x00garbage',
+        b'{"MaximumRetryAttempts":0} trailing',
+        b'{"MaximumRetryAttempts":0}{"MaximumRetryAttempts":1}',
+        b'}}]]',
+        b'{"MaximumRetryAttempts":0,"x":"a\x01b"}',
+        b'{"DestinationConfig":{"OnFailure":{"Destination":"pgqueue://q\xff\xfe"}}}',
+        b'{"MaximumRetryAttempts":0,"x":"\xc0\xaf"}',
+        b'[]',
+    ]
+    for body in bad_bodies:
+        for method, path in (("PUT", EIC), ("POST", EIC), ("PUT", ESM + "/" + u)):
+            st, hdrs, got = call(proc, method, path, raw=body)
+            assert_error((st, hdrs, got), 400, "InvalidRequestContentException")
+            assert hdrs.get("x-amzn-RequestId"), (method, path, body)
+    for method in ("PUT", "POST"):
+        st, _, got = call(proc, method, EIC, {"DestinationConfig": {"OnFailure": {
+            "Destination": "function://fn\u0000evil"}}})
+        assert_error((st, _, got), 400, "InvalidParameterValueException",
+                     "DestinationConfig.OnFailure.Destination")
+    assert_error(call(proc, "PUT", EIC, {"DestinationConfig": {"OnSuccess": {
+        "Destination": "arn:aws:lambda:us-east-1:000000000000:function:fn\u0000x"}}}), 400,
+        "InvalidParameterValueException", "DestinationConfig.OnSuccess.Destination")
+    assert_error(call(proc, "GET", EIC), 404, "ResourceNotFoundException")
+    assert postgres.sql("SELECT count(*) FROM esmd.event_invoke_config "
+                        "WHERE function_name = 'fn'") == [["0"]]
+
+    pattern = json.dumps({"value": {"type": ["a"]}})
+    assert_error(call(proc, "PUT", ESM + "/" + u, {"FilterCriteria": {"Filters": [
+        {"Pattern": "{}"}, {"Pattern": pattern + "\u0000junk"}]}}), 400,
+        "InvalidParameterValueException", "FilterCriteria.Filters[1].Pattern")
+    assert_error(call(proc, "PUT", ESM + "/" + u, {"DestinationConfig": {"OnFailure": {
+        "Destination": "pgqueue://admin_failed\u0000evil"}}}), 400,
+        "InvalidParameterValueException", "DestinationConfig.OnFailure.Destination")
+    assert_error(call(proc, "POST", "/admin/filter/test", {
+        "pattern": {"value": ["a\u0000b"]}, "event": {"value": "a"}}), 400,
+        "InvalidParameterValueException", "pattern.value[0]")
+    assert_error(call(proc, "POST", "/admin/filter/test", {
+        "patterns": ["{}", pattern + "\u0000junk"], "event": {"value": "a"}}), 400,
+        "InvalidParameterValueException", "patterns[1]")
+    assert_error(call(proc, "POST", "/admin/filter/test", raw=b'{"pattern":{}} x'), 400,
+                 "InvalidRequestContentException")
+    # a NUL in an event is data, not a stored value
+    st, _, got = call(proc, "POST", "/admin/filter/test", {
+        "pattern": {"value": [{"prefix": "a"}]}, "event": {"value": "a\u0000b"}})
+    assert st == 200 and got["match"] is True, got
+    assert overrides_row(postgres, name) is None
+    assert "FilterCriteria" not in the_esm(proc)
+
+
+@pytest.mark.kafka
+def test_admin_routes_on_the_raw_path(kafka, esmd, kafka_config, names, postgres):
+    """Issue 13, defect 4: an encoded NUL or '/' inside a path segment is a 400, never another
+    resource (MHD decodes %00 into the end of the path and %2F into a separator)."""
+    topic = kafka.create_topic(names.topic(), 1)
+    cfg = kafka_config(topic)
+    name = cfg["mappings"][0]["name"]
+    proc = esmd(cfg)
+    call(proc, "DELETE", EIC)
+    for method, path, body in (
+            ("POST", "/admin/mappings/%s/pause%%00x" % name, None),
+            ("POST", "/admin/mappings/%s%%2Fpause" % name, None),
+            ("POST", "/admin/mappings/%s%%2fpause" % name, None),
+            ("DELETE", "/admin/mappings/%s/overrides%%00" % name, None),
+            ("PUT", EIC + "%00x", {"MaximumRetryAttempts": 0}),
+            ("PUT", "/2019-09-25/functions/fn%2Fevent-invoke-config", {"MaximumRetryAttempts": 0}),
+            ("PUT", ESM + "/" + mapping_uuid(name) + "%00", {"Enabled": False}),
+            ("POST", "/2015-03-31/functions/fn%2Finvocations", {}),
+            ("GET", "/admin/mappings%%2F%s" % name, None)):
+        st, hdrs, got = call(proc, method, path, body)
+        assert_error((st, hdrs, got), 400, "InvalidParameterValueException", "encoded")
+    assert the_esm(proc)["State"] == "Enabled"
+    assert overrides_row(postgres, name) is None
+    assert_error(call(proc, "GET", EIC), 404, "ResourceNotFoundException")
+    # encoded characters that are not '/' or NUL are decoded as before
+    st, _, nat = call(proc, "GET", "/admin/mappings/%s" % name.replace("-", "%2D"))
+    assert st == 200 and nat["name"] == name, nat
+    st, _, got = call(proc, "GET", "/2019-09-25/functions/"
+                      "arn%3Aaws%3Alambda%3Aus-east-1%3A000000000000%3Afunction%3Afn"
+                      "/event-invoke-config")
+    assert st == 404 and "doesn't have an EventInvokeConfig" in got["Message"], got
+
+
 def test_admin_yaml_disabled_mapping_can_be_enabled(esmd, kafka, kafka_config, endpoint, names):
     topic = kafka.create_topic(names.topic(), 1)
     cfg = kafka_config(topic, mapping_extra={"enabled": False})
