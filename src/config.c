@@ -1115,7 +1115,8 @@ static void defer_dest(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n
 enum kv_kind { KV_PROPERTIES, KV_HEADERS };
 
 static bool read_kvlist(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
-                        struct esmd_kvlist *list, enum kv_kind kind);
+                        struct esmd_kvlist *list, enum kv_kind kind,
+                        int (*check)(const char *key, const char *value, char *err, size_t errlen));
 static bool read_names(struct esmd_cfg_loader *ld, const struct esmd_cfg_key *k,
                        const struct esmd_cfg_node *n, void *obj);
 static bool read_unix_time(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, int64_t *out);
@@ -1187,7 +1188,7 @@ static bool read_key(struct esmd_cfg_loader *ld, const struct esmd_cfg_key *k,
         ok = read_unix_time(ld, n, (int64_t *)(void *)field);
         break;
     case ESMD_CFG_PROPERTIES:
-        ok = read_kvlist(ld, n, (struct esmd_kvlist *)(void *)field, KV_PROPERTIES);
+        ok = read_kvlist(ld, n, (struct esmd_kvlist *)(void *)field, KV_PROPERTIES, k->check_kv);
         break;
     case ESMD_CFG_CUSTOM:
         ok = k->read(ld, n, obj);
@@ -1346,8 +1347,10 @@ resolve_function(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, cons
 /* ---- sections ---- */
 
 /* A mapping of name → scalar into list; scalars of any type are kept as written. */
+/* check (NULL: none) judges each pair; its message is the error. */
 static bool read_kvlist(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
-                        struct esmd_kvlist *list, enum kv_kind kind)
+                        struct esmd_kvlist *list, enum kv_kind kind,
+                        int (*check)(const char *key, const char *value, char *err, size_t errlen))
 {
     if (!expect_map(ld, n))
         return false;
@@ -1371,6 +1374,11 @@ static bool read_kvlist(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *
             continue;
         if (kind == KV_HEADERS && strpbrk(s, "\r\n")) {
             ld_err(ld, p->val, "%s must not contain line breaks", node_name(ld, p->val));
+            continue;
+        }
+        char why[256];
+        if (check && check(p->key, s, why, sizeof(why)) != 0) {
+            ld_err(ld, p->val, "%s", why);
             continue;
         }
         list->items[list->n].key = esmd_xstrdup(p->key);
@@ -1541,7 +1549,7 @@ static bool read_connections(struct esmd_cfg_loader *ld, const struct esmd_cfg_n
 static bool read_headers(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj)
 {
     struct esmd_function_cfg *fn = obj;
-    return read_kvlist(ld, n, &fn->headers, KV_HEADERS);
+    return read_kvlist(ld, n, &fn->headers, KV_HEADERS, NULL);
 }
 
 static bool read_async(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj)

@@ -789,20 +789,6 @@ static void close_finish(struct esmd_kafka *kc)
 static void kafka_destroy(void *c);
 static void kafka_free(struct esmd_kafka *kc);
 
-static bool reserved_property(const char *key)
-{
-    static const char *const reserved[] = {
-        "bootstrap.servers",        /* the connection's bootstrap_servers */
-        "group.id",                 /* the source's consumer_group */
-        "enable.auto.offset.store", /* offsets are stored only when the core acks */
-        "log.queue",                /* logs must reach the loop thread */
-    };
-    for (size_t i = 0; i < ESMD_ARRAY_LEN(reserved); i++)
-        if (strcmp(key, reserved[i]) == 0)
-            return true;
-    return false;
-}
-
 static int conf_set(rd_kafka_conf_t *conf, const char *key, const char *value, char *err,
                     size_t errlen)
 {
@@ -871,7 +857,7 @@ static void *kafka_create(const struct esmd_mapping_cfg *cfg, const struct esmd_
             goto fail;
     const struct esmd_kvlist *props = &src->conn->properties;
     for (size_t i = 0; i < props->n; i++) {
-        if (reserved_property(props->items[i].key)) {
+        if (esmd_kafka_property_reserved(props->items[i].key)) {
             snprintf(err, errlen,
                      "connection %s: kafka property %s is set by esmd and cannot be overridden",
                      src->conn->name ? src->conn->name : "?", props->items[i].key);

@@ -3,6 +3,7 @@
 #include "kafka_private.h"
 
 #include <stddef.h>
+#include <stdio.h>
 #include <string.h>
 
 #define GROUP_RULE "1 to 200 characters of letters, digits or -/*:_+=.@"
@@ -13,6 +14,33 @@ static bool valid_group(const char *s)
 }
 
 static const char *const positions[] = {"trim_horizon", "latest", "at_timestamp", NULL};
+
+bool esmd_kafka_property_reserved(const char *key)
+{
+    static const char *const reserved[] = {
+        "bootstrap.servers",        /* the connection's bootstrap_servers */
+        "group.id",                 /* the source's consumer_group */
+        "enable.auto.offset.store", /* offsets are stored only when the core acks */
+        "log.queue",                /* logs must reach the loop thread */
+    };
+    for (size_t i = 0; i < ESMD_ARRAY_LEN(reserved); i++)
+        if (strcmp(key, reserved[i]) == 0)
+            return true;
+    return false;
+}
+
+/* librdkafka's own parser judges the property, as when the consumer or producer is set up. */
+static int check_property(const char *key, const char *value, char *err, size_t errlen)
+{
+    char why[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    rd_kafka_conf_res_t res = rd_kafka_conf_set(conf, key, value, why, sizeof(why));
+    rd_kafka_conf_destroy(conf);
+    if (res == RD_KAFKA_CONF_OK)
+        return 0;
+    snprintf(err, errlen, "kafka property %s: %s", key, why);
+    return ESMD_EINVAL;
+}
 
 #define MAP struct esmd_mapping_cfg
 
@@ -31,7 +59,7 @@ const struct esmd_cfg_key esmd_kafka_source_keys[] = {
 const struct esmd_cfg_key esmd_kafka_conn_keys[] = {
     ESMD_K_STR("bootstrap_servers", struct esmd_conn_cfg, bootstrap_servers,
                ESMD_CFG_REQUIRED | ESMD_CFG_NONEMPTY),
-    ESMD_K_PROPERTIES("properties", struct esmd_conn_cfg, properties),
+    ESMD_K_PROPERTIES("properties", struct esmd_conn_cfg, properties, check_property),
     {0},
 };
 
@@ -48,6 +76,15 @@ void esmd_kafka_cfg_check(struct esmd_mapping_cfg *map, struct esmd_cfg_check *c
         esmd_cfg_error(chk, "source.starting_position_timestamp",
                        "starting_position_timestamp is only allowed with starting_position: "
                        "at_timestamp");
+    /* The consumer's own settings: a source's connection may not set them (a producer's, for a
+     * kafka:// destination, may). */
+    const struct esmd_conn_cfg *conn = map->kafka.conn;
+    for (size_t i = 0; conn && i < conn->properties.n; i++)
+        if (esmd_kafka_property_reserved(conn->properties.items[i].key))
+            esmd_cfg_error(chk, "source.kafka",
+                           "connection %s sets kafka property %s, which esmd sets for a source "
+                           "and which cannot be overridden",
+                           conn->name, conn->properties.items[i].key);
     if (!map->kafka.consumer_group && map->name) {
         struct esmd_buf b = ESMD_BUF_INIT;
         esmd_buf_printf(&b, "esmd-%s", map->name);

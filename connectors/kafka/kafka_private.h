@@ -83,5 +83,7 @@ enum esmd_filter_data esmd_kafka_filter_doc(const struct esmd_kafka_view *v, str
 extern const struct esmd_cfg_key esmd_kafka_source_keys[];
 extern const struct esmd_cfg_key esmd_kafka_conn_keys[];
 void esmd_kafka_cfg_check(struct esmd_mapping_cfg *map, struct esmd_cfg_check *chk);
+/* A librdkafka property esmd sets for a source, which a connection may not override. */
+bool esmd_kafka_property_reserved(const char *key);
 
 #endif

@@ -216,6 +216,8 @@ struct esmd_cfg_key {
      * "KEY is not WHAT: MESSAGE", without the value (a URL may hold a password). */
     int (*parse)(const char *s, char *err, size_t errlen);
     const char *const *names; /* ENUM: NULL-terminated */
+    /* PROPERTIES: judges one pair (0: good), with a message that names the key. */
+    int (*check_kv)(const char *key, const char *value, char *err, size_t errlen);
     bool (*read)(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj); /* CUSTOM */
 };
 
@@ -278,9 +280,9 @@ struct esmd_cfg_key {
     {                                                                                              \
         .name = n, .type = ESMD_CFG_UNIX_TIME, .offset = offsetof(st, f)                           \
     }
-#define ESMD_K_PROPERTIES(n, st, f)                                                                \
+#define ESMD_K_PROPERTIES(n, st, f, fn)                                                            \
     {                                                                                              \
-        .name = n, .type = ESMD_CFG_PROPERTIES, .offset = offsetof(st, f)                          \
+        .name = n, .type = ESMD_CFG_PROPERTIES, .offset = offsetof(st, f), .check_kv = fn          \
     }
 #define ESMD_K_CUSTOM(n, fn, fl)                                                                   \
     {                                                                                              \
