@@ -2,16 +2,34 @@
  * key table and checks, read by src/config.c through esmd_connector_pgqueue. */
 #include "pgqueue_private.h"
 
+#include <libpq-fe.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <string.h>
 
 #define MAP struct esmd_mapping_cfg
 #define QUEUE_NAME "a queue name (" ESMD_CFG_NAME_RULE ")"
 
+/* libpq's own parser judges the connection string, as when the connector connects. Its message
+ * is not repeated: it quotes the string, which may hold a password. */
+static int check_conninfo(const char *s, char *err, size_t errlen)
+{
+    char *msg = NULL;
+    PQconninfoOption *opts = PQconninfoParse(s, &msg);
+    bool ok = opts != NULL;
+    PQconninfoFree(opts);
+    PQfreemem(msg);
+    if (ok)
+        return 0;
+    snprintf(err, errlen, "libpq cannot parse it (see libpq's \"Connection Strings\")");
+    return ESMD_EINVAL;
+}
+
 const struct esmd_cfg_key esmd_pgqueue_source_keys[] = {
     ESMD_K_CHECK("pgqueue", MAP, pgqueue.queue, ESMD_CFG_REQUIRED, esmd_config_valid_name,
                  QUEUE_NAME),
-    ESMD_K_STR("connection", MAP, pgqueue.connection, ESMD_CFG_NONEMPTY),
+    ESMD_K_PARSE("connection", MAP, pgqueue.connection, ESMD_CFG_NONEMPTY, check_conninfo,
+                 "a usable Postgres connection string"),
     ESMD_K_DUR("visibility_timeout", MAP, pgqueue.visibility_timeout_ms, ESMD_CFG_VISIBILITY_MIN_MS,
                ESMD_CFG_VISIBILITY_MAX_MS, 0, ESMD_CFG_VISIBILITY_DEFAULT_MS),
     ESMD_K_INT("max_receive_count", MAP, pgqueue.max_receive_count, 1, 1000, 0, 0),
