@@ -13,7 +13,8 @@
 #include "admin_dlq.h"
 
 #include "esmd/admin_auth.h"
-#include "esmd/json.h"
+#include "esmd/lambda_api.h"
+#include "esmd/log.h"
 #include "esmd/pg.h"
 
 #include <cJSON.h>
@@ -22,7 +23,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define DLQ_JSON "application/json"
 #define DLQ_LIMIT_DEFAULT 100
 #define DLQ_LIMIT_MAX 1000
 #define DLQ_MAX_IDS 1000
@@ -53,7 +53,7 @@ enum dlq_kind { DLQ_LIST, DLQ_SHOW, DLQ_REDRIVE };
 
 struct dlq_op {
     struct esmd_admin_dlq *d;
-    struct esmd_http_req *req; /* NULL once the client went away */
+    struct esmd_api_call call; /* call.req NULL once the client went away */
     enum dlq_kind kind;
 };
 
@@ -103,11 +103,6 @@ static bool dlq_uuid(const char *s)
     return true;
 }
 
-static void dlq_bad(struct esmd_http_req *req, const char *msg)
-{
-    esmd_http_respond_error(req, 400, "InvalidParameterValueException", msg);
-}
-
 /* ---- answers ---- */
 
 static void dlq_abort(void *ud, struct esmd_http_req *req)
@@ -115,134 +110,107 @@ static void dlq_abort(void *ud, struct esmd_http_req *req)
     struct dlq_op *op = ud;
 
     (void)req;
-    op->req = NULL;
+    op->call.req = NULL;
 }
 
 static void dlq_done(void *ud, const PGresult *res, const char *err)
 {
     struct dlq_op *op = ud;
-    struct esmd_http_req *req = op->req;
+    struct esmd_api_call *call = &op->call;
     bool ok = res != NULL && PQresultStatus(res) == PGRES_TUPLES_OK;
 
-    if (req == NULL) {
+    if (call->req == NULL) {
         free(op);
         return;
     }
-    esmd_http_req_on_abort(req, NULL, NULL);
+    esmd_http_req_on_abort(call->req, NULL, NULL);
     if (!ok) {
         const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-        const char *why = err ? err : PQresultErrorMessage(res);
-        char msg[768];
 
-        if (op->kind == DLQ_REDRIVE && state && strcmp(state, "22P02") == 0) {
-            snprintf(msg, sizeof(msg), "a message of the queue is not a JSON event: %s", why);
-            dlq_bad(req, msg);
-        } else {
-            snprintf(msg, sizeof(msg), "could not read the dead-letter queue: %s", why);
-            esmd_http_respond_error(req, op->d->closing ? 503 : 500, "ServiceException", msg);
-        }
-        free(op);
-        return;
+        /* the database's message goes to the log, not to the client */
+        ESMD_WARN(NULL, "admin: dead-letter queue: %s", err ? err : PQresultErrorMessage(res));
+        if (op->kind == DLQ_REDRIVE && state && strcmp(state, "22P02") == 0)
+            esmd_api_bad(call, "a message of the queue is not a JSON event; nothing was redriven");
+        else
+            esmd_api_error(call, op->d->closing ? 503 : 500, "ServiceException",
+                           "could not read the dead-letter queue");
+    } else if (op->kind == DLQ_SHOW && PQntuples(res) == 0) {
+        esmd_api_error(call, 404, "ResourceNotFoundException",
+                       "no such message in the dead-letter queue");
+    } else if (op->kind == DLQ_REDRIVE && PQntuples(res) == 1 && !PQgetisnull(res, 0, 1)) {
+        esmd_api_error(call, 404, "ResourceNotFoundException",
+                       "messages not in the queue (or being received by a consumer): %.600s; "
+                       "nothing was redriven",
+                       PQgetvalue(res, 0, 1));
+    } else if (PQntuples(res) != 1 || PQgetisnull(res, 0, 0)) {
+        esmd_api_error(call, 500, "ServiceException", "unexpected answer from Postgres");
+    } else {
+        esmd_api_respond(call, 200, "application/json", PQgetvalue(res, 0, 0),
+                         (size_t)PQgetlength(res, 0, 0));
     }
-    if (op->kind == DLQ_SHOW && PQntuples(res) == 0) {
-        esmd_http_respond_error(req, 404, "ResourceNotFoundException",
-                                "no such message in the dead-letter queue");
-        free(op);
-        return;
-    }
-    if (op->kind == DLQ_REDRIVE && PQntuples(res) == 1 && !PQgetisnull(res, 0, 1)) {
-        char msg[768];
-
-        snprintf(msg, sizeof(msg),
-                 "messages not in the queue (or being received by a consumer): %.600s; "
-                 "nothing was redriven",
-                 PQgetvalue(res, 0, 1));
-        esmd_http_respond_error(req, 404, "ResourceNotFoundException", msg);
-        free(op);
-        return;
-    }
-    if (PQntuples(res) != 1 || PQgetisnull(res, 0, 0)) {
-        esmd_http_respond_error(req, 500, "ServiceException", "unexpected answer from Postgres");
-        free(op);
-        return;
-    }
-    esmd_http_respond(req, 200, DLQ_JSON, PQgetvalue(res, 0, 0), (size_t)PQgetlength(res, 0, 0));
     free(op);
 }
 
-static void dlq_query(struct esmd_admin_dlq *d, struct esmd_http_req *req, enum dlq_kind kind,
+static void dlq_query(struct esmd_admin_dlq *d, struct esmd_api_call *call, enum dlq_kind kind,
                       const char *sql, int n, const char *const *params)
 {
     struct dlq_op *op = esmd_xcalloc(1, sizeof(*op));
 
     op->d = d;
-    op->req = req;
+    op->call = *call;
     op->kind = kind;
     if (d->closing || esmd_pg_query(d->pg, sql, n, params, dlq_done, op) != 0) {
         free(op);
-        esmd_http_respond_error(req, 503, "ServiceException", "shutting down");
+        esmd_api_error(call, 503, "ServiceException", "shutting down");
         return;
     }
-    esmd_http_req_on_abort(req, dlq_abort, op);
+    esmd_http_req_on_abort(call->req, dlq_abort, op);
 }
 
 /* ---- routes ---- */
 
-static void dlq_list(struct esmd_admin_dlq *d, struct esmd_http_req *req, const char *queue)
+static void dlq_list(struct esmd_admin_dlq *d, struct esmd_api_call *call, const char *queue)
 {
-    const char *ls = esmd_http_req_query(req, "limit");
-    long limit = DLQ_LIMIT_DEFAULT;
-    char lbuf[16];
+    static const struct esmd_api_range limits = {"limit", NULL, 1, DLQ_LIMIT_MAX};
+    const char *ls = esmd_http_req_query(call->req, "limit");
+    int64_t limit = DLQ_LIMIT_DEFAULT;
+    char lbuf[24];
 
-    if (ls != NULL) {
-        char *end;
-
-        if (!isdigit((unsigned char)ls[0]) || strlen(ls) > 7 ||
-            (limit = strtol(ls, &end, 10), *end != '\0') || limit < 1 || limit > DLQ_LIMIT_MAX) {
-            dlq_bad(req, "limit must be an integer from 1 to 1000");
-            return;
-        }
+    if (ls != NULL && !esmd_api_query_int(ls, &limits, &limit)) {
+        esmd_api_range_error(call, &limits, ls);
+        return;
     }
-    snprintf(lbuf, sizeof(lbuf), "%ld", limit);
+    snprintf(lbuf, sizeof(lbuf), "%lld", (long long)limit);
     const char *params[2] = {queue, lbuf};
-    dlq_query(d, req, DLQ_LIST,
+    dlq_query(d, call, DLQ_LIST,
               "SELECT json_build_object('queue', $1::text, 'messages', coalesce(json_agg(" DLQ_OBJ
               " ORDER BY m.sent_at, m.id), '[]'::json))::text FROM (SELECT * FROM "
               "esmd.queue_messages WHERE queue = $1 ORDER BY sent_at, id LIMIT $2::integer) m",
               2, params);
 }
 
-static void dlq_show(struct esmd_admin_dlq *d, struct esmd_http_req *req, const char *queue,
+static void dlq_show(struct esmd_admin_dlq *d, struct esmd_api_call *call, const char *queue,
                      const char *mid)
 {
     if (!dlq_uuid(mid)) {
-        dlq_bad(req, "messageId must be a UUID");
+        esmd_api_bad(call, "messageId must be a UUID");
         return;
     }
     const char *params[2] = {queue, mid};
-    dlq_query(d, req, DLQ_SHOW,
+    dlq_query(d, call, DLQ_SHOW,
               "SELECT " DLQ_OBJ "::text FROM esmd.queue_messages m "
               "WHERE m.queue = $1 AND m.message_id = $2::uuid",
               2, params);
 }
 
-static void dlq_redrive(struct esmd_admin_dlq *d, struct esmd_http_req *req, const char *queue)
+static void dlq_redrive(struct esmd_admin_dlq *d, struct esmd_api_call *call, const char *queue)
 {
-    size_t len;
-    const char *body = esmd_http_req_body(req, &len);
-    cJSON *root = NULL;
+    cJSON *root = esmd_api_body_object(call, false);
     const cJSON *fn = NULL, *ids = NULL, *it;
     struct esmd_buf idlist = ESMD_BUF_INIT;
-    char msg[256];
 
-    if (len == 0 || !esmd_json_valid(body, len) ||
-        !cJSON_IsObject(root = cJSON_ParseWithLength(body, len))) {
-        cJSON_Delete(root);
-        esmd_http_respond_error(req, 400, "InvalidRequestContentException",
-                                "Could not parse request body into json: expected a JSON object "
-                                "with \"function\"");
+    if (root == NULL)
         return;
-    }
     cJSON_ArrayForEach(it, root)
     {
         if (strcmp(it->string, "function") == 0) {
@@ -250,34 +218,33 @@ static void dlq_redrive(struct esmd_admin_dlq *d, struct esmd_http_req *req, con
         } else if (strcmp(it->string, "messageIds") == 0) {
             ids = it;
         } else {
-            snprintf(msg, sizeof(msg), "unknown field %.100s (expected function, messageIds)",
-                     it->string);
-            dlq_bad(req, msg);
+            esmd_api_bad(call, "unknown field %.100s (expected function, messageIds)", it->string);
             goto out;
         }
     }
     if (!cJSON_IsString(fn) || fn->valuestring[0] == '\0') {
-        dlq_bad(req, "function (a configured function's name) is required: the function to "
-                     "invoke with the dead letters (listing shows each one's FunctionName)");
+        esmd_api_bad(call, "function (a configured function's name) is required: the function "
+                           "to invoke with the dead letters (listing shows each one's "
+                           "FunctionName)");
         goto out;
     }
     if (esmd_config_function(d->cfg, fn->valuestring) == NULL) {
-        snprintf(msg, sizeof(msg), "Function not found: %.100s", fn->valuestring);
-        esmd_http_respond_error(req, 404, "ResourceNotFoundException", msg);
+        esmd_api_error(call, 404, "ResourceNotFoundException", "Function not found: %.100s",
+                       fn->valuestring);
         goto out;
     }
     if (ids != NULL) {
         int n = cJSON_GetArraySize(ids);
 
         if (!cJSON_IsArray(ids) || n < 1 || n > DLQ_MAX_IDS) {
-            dlq_bad(req, "messageIds must be an array of 1 to 1000 message ids");
+            esmd_api_bad(call, "messageIds must be an array of 1 to 1000 message ids");
             goto out;
         }
         esmd_buf_putc(&idlist, '{');
         cJSON_ArrayForEach(it, ids)
         {
             if (!cJSON_IsString(it) || !dlq_uuid(it->valuestring)) {
-                dlq_bad(req, "messageIds must hold message ids (UUIDs)");
+                esmd_api_bad(call, "messageIds must hold message ids (UUIDs)");
                 goto out;
             }
             if (idlist.len > 1)
@@ -290,7 +257,7 @@ static void dlq_redrive(struct esmd_admin_dlq *d, struct esmd_http_req *req, con
      * the JSON answer, and the missing ids (then nothing was changed). */
     const char *params[3] = {queue, fn->valuestring, ids ? esmd_buf_cstr(&idlist) : NULL};
     dlq_query(
-        d, req, DLQ_REDRIVE,
+        d, call, DLQ_REDRIVE,
         "WITH want AS (SELECT DISTINCT unnest($3::uuid[]) AS mid),"
         " m AS MATERIALIZED (SELECT q.id, q.message_id, q.body, q.sent_at,"
         "  q.attributes->'RequestID'->>'stringValue' AS orig"
@@ -325,44 +292,36 @@ out:
 static void dlq_route(void *ud, struct esmd_http_req *req)
 {
     struct esmd_admin_dlq *d = ud;
-    const char *path = esmd_http_req_path(req), *method = esmd_http_req_method(req);
-    const char *rest = path + strlen(ESMD_ADMIN_DLQ_PATH), *slash;
-    char queue[DLQ_QUEUE_MAX + 1], sub[64];
-    size_t ql;
+    const char *method = esmd_http_req_method(req), *queue, *sub;
     bool get = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
+    struct esmd_api_call call;
+    struct esmd_api_path p;
 
+    esmd_api_begin(&call, req);
     if (!esmd_admin_authorize(d->auth, req))
         return;
-    if (*rest == '/')
-        rest++;
-    slash = strchr(rest, '/');
-    ql = slash ? (size_t)(slash - rest) : strlen(rest);
-    if (ql == 0) {
-        esmd_http_respond_error(req, 404, "ResourceNotFoundException", "no such admin route");
+    if (!esmd_api_path_split(&call, &p))
         return;
+    if (p.n < 3 || p.n > 4 || strcmp(p.seg[0], "admin") != 0 ||
+        strcmp(p.seg[1], "dead-letters") != 0 || p.seg[2][0] == '\0' ||
+        (p.n == 4 && p.seg[3][0] == '\0')) {
+        esmd_api_error(&call, 404, "ResourceNotFoundException", "no such admin route");
+        goto out;
     }
-    if (!dlq_queue_name(rest, ql)) {
-        dlq_bad(req, "the queue name must be 1 to 64 of A-Z a-z 0-9 _ . -");
-        return;
-    }
-    memcpy(queue, rest, ql);
-    queue[ql] = '\0';
-    sub[0] = '\0';
-    if (slash) {
-        if (strlen(slash + 1) >= sizeof(sub) || strchr(slash + 1, '/') || slash[1] == '\0') {
-            esmd_http_respond_error(req, 404, "ResourceNotFoundException", "no such admin route");
-            return;
-        }
-        snprintf(sub, sizeof(sub), "%s", slash + 1);
-    }
-    if (get && sub[0] == '\0')
-        dlq_list(d, req, queue);
+    queue = p.seg[2];
+    sub = p.n == 4 ? p.seg[3] : "";
+    if (!dlq_queue_name(queue, strlen(queue)))
+        esmd_api_bad(&call, "the queue name must be 1 to 64 of A-Z a-z 0-9 _ . -");
+    else if (get && sub[0] == '\0')
+        dlq_list(d, &call, queue);
     else if (get)
-        dlq_show(d, req, queue, sub);
+        dlq_show(d, &call, queue, sub);
     else if (strcmp(method, "POST") == 0 && strcmp(sub, "redrive") == 0)
-        dlq_redrive(d, req, queue);
+        dlq_redrive(d, &call, queue);
     else
-        esmd_http_respond_error(req, 404, "ResourceNotFoundException", "no such admin route");
+        esmd_api_error(&call, 404, "ResourceNotFoundException", "no such admin route");
+out:
+    esmd_api_path_free(&p);
 }
 
 int esmd_admin_dlq_routes(struct esmd_admin_dlq *d, struct esmd_http *http,

@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from servers import assert_error, wait_for
+from test_async_e2e import db  # noqa: F401 (fixture)
 from test_kafka_e2e import wait_committed
 
 ESM = "/2015-03-31/event-source-mappings"
@@ -541,3 +542,29 @@ def test_admin_aws_cli(esmd, kafka, kafka_config, names, tmp_path):
     env["AWS_SECRET_ACCESS_KEY"] = "wrong"
     rc, out, err = aws("get-event-source-mapping", "--uuid", u)
     assert rc != 0
+
+
+def test_admin_dead_letter_routes_check_bodies_and_paths(esmd, postgres, db, endpoint):  # noqa: F811
+    """Issue 13, defects 2-4 on /admin/dead-letters: a NUL in the function of a redrive, an
+    encoded '/' or NUL in the path, and a queue message that is not JSON are refused without
+    moving anything, and no database error text reaches the client."""
+    from test_admin_dead_letters import DL, call as dl_call, dead_lettered, failing
+    from test_async_e2e import FAST, config as async_config, queue_len
+
+    endpoint.behaviour = failing
+    proc = esmd(async_config(db, endpoint, {"maximum_retry_attempts": 0,
+                                            "dead_letter": "pgqueue://fn_dlq"}), env=FAST)
+    dead_lettered(proc, endpoint, [{"n": 1}])
+    assert_error(dl_call(proc, "POST", DL + "/fn_dlq/redrive", {"function": "fn\u0000x"}), 400,
+                 "InvalidParameterValueException", "function must not contain a NUL")
+    for path in (DL + "/fn_dlq%2Fredrive", DL + "/fn_dlq/redrive%00x", DL + "%2Ffn_dlq/redrive"):
+        assert_error(dl_call(proc, "POST", path, {"function": "fn"}), 400,
+                     "InvalidParameterValueException", "encoded")
+    assert_error(dl_call(proc, "POST", DL + "/fn_dlq/redrive", raw=b'{"function":"fn"} x'), 400,
+                 "InvalidRequestContentException")
+    postgres.sql("SELECT esmd.send('fn_dlq', 'not json')", db[1])
+    st, hdrs, body = dl_call(proc, "POST", DL + "/fn_dlq/redrive", {"function": "fn"})
+    assert_error((st, hdrs, body), 400, "InvalidParameterValueException", "not a JSON event")
+    assert "invalid input syntax" not in body["Message"] and "ERROR" not in body["Message"], body
+    assert len(dl_call(proc, "GET", DL + "/fn_dlq")[2]["messages"]) == 2
+    assert queue_len(postgres, db) == 0
