@@ -10,6 +10,7 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <openssl/sha.h>
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +20,7 @@
 #define SIGV4_ALGO "AWS4-HMAC-SHA256"
 #define SIGV4_MAX_SKEW_MS (15 * 60 * 1000)
 #define SIGV4_MAX_HEADERS 64
+#define SIGV4_UNSIGNED "UNSIGNED-PAYLOAD"
 
 struct esmd_admin_auth {
     char *token; /* NULL = none */
@@ -76,6 +78,15 @@ static void hmac256(const void *key, size_t keylen, const void *msg, size_t n,
     unsigned int len = 32;
 
     HMAC(EVP_sha256(), key, (int)keylen, msg, n, out, &len);
+}
+
+static bool sha256_hex_valid(const char *s)
+{
+    size_t i = 0;
+
+    while (i < 64 && esmd_hex_digit(s[i]) >= 0)
+        i++;
+    return i == 64 && s[64] == '\0';
 }
 
 /* Constant-time equality of two strings of any lengths (a: from the request, b: the secret). */
@@ -232,7 +243,7 @@ enum esmd_sigv4_result esmd_admin_sigv4_check(const char *access_key_id, const c
     char akid[256], body_hash[65], creq_hash[65];
     struct esmd_buf creq = ESMD_BUF_INIT, sts = ESMD_BUF_INIT, tmp = ESMD_BUF_INIT;
     enum esmd_sigv4_result rc = ESMD_SIGV4_MALFORMED;
-    const char *amz_date, *csha, *params;
+    const char *amz_date, *csha, *params, *payload = NULL;
     size_t nh = 0;
 
     snprintf(why, whylen, "the Authorization header is not an AWS Signature Version 4 one");
@@ -293,13 +304,38 @@ enum esmd_sigv4_result esmd_admin_sigv4_check(const char *access_key_id, const c
             goto out;
         }
     }
-    sha256_hex(body ? body : "", len, body_hash);
+    /* The payload hash: the body's, or (body not read yet) the one the client declares */
     csha = hdr(ud, "x-amz-content-sha256");
-    if (csha != NULL && strcmp(csha, "UNSIGNED-PAYLOAD") != 0 && strcasecmp(csha, body_hash) != 0) {
+    if (csha != NULL && strcmp(csha, SIGV4_UNSIGNED) == 0) {
+        /* A signature that does not cover the body: only where there is nothing to swap. */
+        if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
+            rc = ESMD_SIGV4_UNSIGNED;
+            snprintf(why, whylen,
+                     "X-Amz-Content-Sha256: " SIGV4_UNSIGNED " is accepted on GET and HEAD only: "
+                     "sign the payload");
+            goto out;
+        }
+        payload = SIGV4_UNSIGNED;
+    } else if (csha != NULL && !sha256_hex_valid(csha)) {
         rc = ESMD_SIGV4_BAD_HASH;
-        snprintf(why, whylen, "X-Amz-Content-Sha256 does not match the request body");
+        snprintf(why, whylen,
+                 "X-Amz-Content-Sha256 must be the SHA-256 of the body (64 hex digits) "
+                 "or " SIGV4_UNSIGNED);
         goto out;
-    }
+    } else if (body != NULL) {
+        sha256_hex(body, len, body_hash);
+        if (csha != NULL && strcasecmp(csha, body_hash) != 0) {
+            rc = ESMD_SIGV4_BAD_HASH;
+            snprintf(why, whylen, "X-Amz-Content-Sha256 does not match the request body");
+            goto out;
+        }
+        payload = body_hash;
+    } else if (csha != NULL) {
+        for (int i = 0; i < 64; i++)
+            body_hash[i] = (char)tolower((unsigned char)csha[i]);
+        body_hash[64] = '\0';
+        payload = body_hash;
+    } /* else the signature waits for the body */
 
     /* canonical request */
     esmd_buf_printf(&creq, "%s\n", method);
@@ -338,8 +374,12 @@ enum esmd_sigv4_result esmd_admin_sigv4_check(const char *access_key_id, const c
             goto out;
         }
     }
-    esmd_buf_printf(&creq, "\n%s\n%s", signed_hdrs,
-                    csha && strcmp(csha, "UNSIGNED-PAYLOAD") == 0 ? "UNSIGNED-PAYLOAD" : body_hash);
+    if (payload == NULL) {
+        rc = ESMD_SIGV4_NEED_BODY;
+        why[0] = '\0';
+        goto out;
+    }
+    esmd_buf_printf(&creq, "\n%s\n%s", signed_hdrs, payload);
     sha256_hex(creq.data, creq.len, creq_hash);
     esmd_buf_printf(&sts, SIGV4_ALGO "\n%s\n%s/%s/%s/aws4_request\n%s", amz_date, scope_date,
                     region, svc, creq_hash);
@@ -411,40 +451,43 @@ static void deny(struct esmd_http_req *req, int status, const char *type, const 
     esmd_api_error(&call, status, type, "%s", msg);
 }
 
-bool esmd_admin_authorize(const struct esmd_admin_auth *a, struct esmd_http_req *req)
+/* The check of esmd_admin_authorize() and esmd_admin_auth_request(). with_body: the body is in
+ * (then the answer is OK or DENIED); without it, a SigV4 request may answer BODY. */
+static enum esmd_http_auth auth_check(const struct esmd_admin_auth *a, struct esmd_http_req *req,
+                                      bool with_body)
 {
     const char *authz = esmd_http_req_header(req, "Authorization");
     bool any = a && (a->token || a->access_key_id);
 
     if (!any) {
         if (esmd_http_req_is_loopback(req))
-            return true;
+            return ESMD_HTTP_AUTH_OK;
         deny(req, 403, "AccessDeniedException",
              "the admin API accepts only loopback clients when neither admin.token nor "
              "admin.aws_credentials is configured");
-        return false;
+        return ESMD_HTTP_AUTH_DENIED;
     }
     if (authz == NULL || authz[0] == '\0') {
         deny(req, 401, "MissingAuthenticationTokenException",
              "Missing Authentication Token: send Authorization: Bearer <admin.token> or sign the "
              "request with AWS Signature Version 4");
-        return false;
+        return ESMD_HTTP_AUTH_DENIED;
     }
     if (strncasecmp(authz, "Bearer ", 7) == 0) {
         const char *t = authz + 7;
         while (*t == ' ')
             t++;
         if (a->token && secret_equal(t, strlen(t), a->token, strlen(a->token)))
-            return true;
+            return ESMD_HTTP_AUTH_OK;
         deny(req, 401, "UnrecognizedClientException", "The bearer token is invalid.");
-        return false;
+        return ESMD_HTTP_AUTH_DENIED;
     }
     if (strncmp(authz, SIGV4_ALGO " ", strlen(SIGV4_ALGO) + 1) == 0) {
         struct qcollect q = {0};
         struct esmd_buf cq = ESMD_BUF_INIT;
-        size_t len;
-        const char *body = esmd_http_req_body(req, &len);
-        char why[256];
+        size_t len = 0;
+        const char *body = with_body ? esmd_http_req_body(req, &len) : NULL;
+        char why[256], line[300];
         enum esmd_sigv4_result r;
 
         esmd_http_req_query_each(req, q_add, &q);
@@ -458,21 +501,35 @@ bool esmd_admin_authorize(const struct esmd_admin_auth *a, struct esmd_http_req 
         esmd_buf_free(&cq);
         switch (r) {
         case ESMD_SIGV4_OK:
-            return true;
+            return ESMD_HTTP_AUTH_OK;
+        case ESMD_SIGV4_NEED_BODY:
+            return ESMD_HTTP_AUTH_BODY; /* only without the body */
         case ESMD_SIGV4_UNKNOWN_KEY:
             deny(req, 403, "UnrecognizedClientException", why);
-            return false;
+            return ESMD_HTTP_AUTH_DENIED;
         case ESMD_SIGV4_STALE:
             deny(req, 403, "InvalidSignatureException", why);
-            return false;
+            return ESMD_HTTP_AUTH_DENIED;
         default:
-            esmd_log_limited(ESMD_LOG_WARN, NULL, "admin-auth", "admin: refused a request: %s",
-                             why);
+            snprintf(line, sizeof(line), "admin: refused a request: %s", why);
+            esmd_http_req_warn(req, "admin-auth", line);
             deny(req, 403, "InvalidSignatureException", why);
-            return false;
+            return ESMD_HTTP_AUTH_DENIED;
         }
     }
     deny(req, 401, "UnrecognizedClientException",
          "unsupported Authorization scheme (Bearer or AWS4-HMAC-SHA256)");
-    return false;
+    return ESMD_HTTP_AUTH_DENIED;
+}
+
+bool esmd_admin_authorize(const struct esmd_admin_auth *a, struct esmd_http_req *req)
+{
+    if (esmd_http_req_authenticated(req))
+        return true;
+    return auth_check(a, req, true) == ESMD_HTTP_AUTH_OK;
+}
+
+enum esmd_http_auth esmd_admin_auth_request(void *ud, struct esmd_http_req *req, bool body)
+{
+    return auth_check(ud, req, body);
 }

@@ -1455,6 +1455,8 @@ static bool read_admin(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n
                      "host:port (e.g. 127.0.0.1:9000)"),
         ESMD_K_STR("token", struct esmd_admin_cfg, token, ESMD_CFG_NONEMPTY),
         ESMD_K_CUSTOM("aws_credentials", read_aws_credentials, 0),
+        ESMD_K_INT("max_connections_per_client", struct esmd_admin_cfg, max_connections_per_client,
+                   1, 100000, 0, 0), /* 0: the listener's default */
     };
     struct esmd_config *cfg = obj;
     return read_section(ld, n, TABLE(keys), &cfg->admin);

@@ -14,9 +14,15 @@
  *                 loop: esmd_http_respond() stores the answer and resumes the connection; from
  *                 then on the request belongs to MHD's thread again, which queues the answer
  *                 and frees the request in its completion callback.
- * An oversized body (413) and requests during shutdown (503) are answered on MHD's thread
- * without a handler. MHD's log lines are handed to the loop too (the logger is not
- * thread-safe). */
+ * An oversized body (413), a request that matches no route (404/405), one refused by the
+ * authentication function, one over the connection limits (429) and requests during shutdown
+ * (503) are answered on MHD's thread without a handler; all but the last two from the request
+ * line and headers, before any of the body is read (docs/admin.md "Authentication"). MHD's log
+ * lines and esmd_http_req_warn()'s are handed to the loop too (the logger is not thread-safe).
+ *
+ * Connection limits: MHD's accept policy and connection notifications (both on MHD's thread)
+ * count the connections of every client address in http->clients; a connection past the limits
+ * goes to the reserve, marked in its socket context (struct http_conn). */
 #include "esmd/http.h"
 #include "esmd/log.h"
 #include "esmd/metrics.h"
@@ -44,6 +50,7 @@ struct esmd_http_route {
     char *path;   /* owned; without the trailing '*' of a prefix */
     size_t plen;
     bool prefix;
+    bool open; /* no authentication: the built-in routes */
     esmd_http_handler fn;
     esmd_http_limit_fn limit;
     void *ud;
@@ -61,10 +68,15 @@ struct esmd_http_req {
     char *raw_path; /* owned: the request target as sent, up to '?' (http_uri_log) */
     struct esmd_buf body;
     bool too_large;
-    size_t max_body; /* ESMD_MAX_PAYLOAD or the route's limit */
-    bool dispatched; /* the handler ran (or an error answer was chosen) */
-    bool answered;   /* esmd_http_respond() was called */
-    bool queued;     /* the answer was handed to MHD */
+    size_t max_body;        /* ESMD_MAX_PAYLOAD or the route's limit */
+    size_t discarded;       /* body bytes dropped after too_large */
+    esmd_http_auth_fn auth; /* NULL: an open route (or no authentication set) */
+    void *auth_ud;
+    bool auth_body;     /* auth is to be called again with the body */
+    bool authenticated; /* auth answered ESMD_HTTP_AUTH_OK */
+    bool dispatched;    /* the handler ran (or an error answer was chosen) */
+    bool answered;      /* esmd_http_respond() was called */
+    bool queued;        /* the answer was handed to MHD */
     bool suspended;
     int status;
     struct MHD_Response *resp;  /* owned until queued */
@@ -74,6 +86,19 @@ struct esmd_http_req {
     void *abort_ud;
     struct esmd_http_req *prev, *next; /* in http->pending while suspended */
     struct esmd_http_req *inbox_next;  /* in http->inbox, waiting for the loop */
+};
+
+/* A client address with connections (MHD's thread only). IPv4 as v4-mapped IPv6. */
+struct http_client {
+    struct in6_addr addr;
+    unsigned n;        /* connections within the limits */
+    unsigned nreserve; /* connections in the reserve */
+};
+
+/* One connection: its socket context (MHD's thread only). */
+struct http_conn {
+    struct in6_addr addr;
+    bool reserve;
 };
 
 struct esmd_http {
@@ -87,6 +112,12 @@ struct esmd_http {
     struct esmd_buf logs;                      /* MHD's log lines, '\n'-separated */
     esmd_http_ready_fn ready_fn;
     void *ready_ud;
+    esmd_http_auth_fn auth; /* under mu */
+    void *auth_ud;
+    struct esmd_http_limits lim; /* the defaults applied */
+    struct http_client *clients; /* MHD's thread: owned, nclients of them */
+    size_t nclients, capclients;
+    unsigned nconns, nreserve;     /* MHD's thread: connections within the limits, in reserve */
     struct esmd_http_req *pending; /* loop: dispatched, suspended, unanswered */
     int port;
     atomic_bool stopping;
@@ -115,10 +146,15 @@ static void http_wake_cb(struct ev_loop *loop, ev_async *w, int revents)
         esmd_buf_init(&http->logs);
     }
     pthread_mutex_unlock(&http->mu);
+    /* lines of the key (a pointer: esmd_log_limited's rate-limit key), message, '\n' */
     for (char *line = logs.data, *nl; line && line < logs.data + logs.len; line = nl + 1) {
+        const char *key;
+
+        memcpy(&key, line, sizeof(key));
+        line += sizeof(key);
         nl = memchr(line, '\n', (size_t)(logs.data + logs.len - line));
         *nl = '\0';
-        esmd_log_limited(ESMD_LOG_WARN, NULL, "http.mhd", "http: %s", line);
+        esmd_log_limited(ESMD_LOG_WARN, NULL, key, "%s", line);
     }
     esmd_buf_free(&logs);
     while (reqs != NULL) {
@@ -139,30 +175,55 @@ static void http_wake_cb(struct ev_loop *loop, ev_async *w, int revents)
     }
 }
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wformat-nonliteral"
-/* MHD's thread (or MHD_start_daemon's caller): kept for start-up errors, logged by the loop. */
-static void http_mhd_log(void *cls, const char *fmt, va_list ap)
+/* Any thread: a warning for the loop to log (rate-limited per key: a string with static
+ * storage). */
+static void http_log_push(struct esmd_http *http, const char *key, const char *msg)
 {
-    struct esmd_http *http = cls;
-    char line[256];
-    size_t n;
+    size_t n = strlen(msg);
 
-    vsnprintf(line, sizeof(line), fmt, ap);
-    n = strlen(line);
-    while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
-        line[--n] = '\0';
+    while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
+        n--;
     pthread_mutex_lock(&http->mu);
-    memcpy(http->lasterr, line, n + 1);
     if (http->logs.len < 64 * 1024) {
-        esmd_buf_append(&http->logs, line, n);
+        size_t at;
+
+        esmd_buf_append(&http->logs, &key, sizeof(key));
+        at = http->logs.len;
+        esmd_buf_append(&http->logs, msg, n);
+        for (size_t i = at; i < http->logs.len; i++)
+            if (http->logs.data[i] == '\n')
+                http->logs.data[i] = ' ';
         esmd_buf_putc(&http->logs, '\n');
     }
     pthread_mutex_unlock(&http->mu);
     if (http->daemon != NULL)
         ev_async_send(http->loop, &http->wake);
 }
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+/* MHD's thread (or MHD_start_daemon's caller): kept for start-up errors, logged by the loop. */
+static void http_mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    struct esmd_http *http = cls;
+    char line[256] = "http: ";
+    size_t n;
+
+    vsnprintf(line + 6, sizeof(line) - 6, fmt, ap);
+    n = strlen(line);
+    while (n > 6 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+        line[--n] = '\0';
+    pthread_mutex_lock(&http->mu);
+    snprintf(http->lasterr, sizeof(http->lasterr), "%s", line + 6);
+    pthread_mutex_unlock(&http->mu);
+    http_log_push(http, "http.mhd", line);
+}
 #pragma GCC diagnostic pop
+
+void esmd_http_req_warn(struct esmd_http_req *req, const char *key, const char *msg)
+{
+    http_log_push(req->http, key, msg);
+}
 
 /* ---- requests ---- */
 
@@ -438,9 +499,14 @@ out:
     esmd_buf_free(&msg);
 }
 
-/* The body limit of the first route that matches the request (method and path). */
-static size_t http_body_limit(struct esmd_http *http, struct esmd_http_req *req)
+/* What the request line and headers decide, before any body is read (MHD's thread): the body
+ * limit of the first route that matches (method and path), whether it is open, and the
+ * authentication function. false when no route matches: req is answered (404 / 405). */
+static bool http_route_lookup(struct esmd_http *http, struct esmd_http_req *req, bool *open)
 {
+    esmd_http_limit_fn limit = NULL;
+    void *limit_ud = NULL;
+    bool found = false;
     size_t lim = ESMD_MAX_PAYLOAD;
 
     pthread_mutex_lock(&http->mu); /* routes may still be being added */
@@ -449,12 +515,141 @@ static size_t http_body_limit(struct esmd_http *http, struct esmd_http_req *req)
 
         if (!http_path_matches(r, req->url) || !http_method_matches(r->method, req->method))
             continue;
-        if (r->limit != NULL)
-            lim = r->limit(r->ud, req);
+        found = true;
+        *open = r->open;
+        limit = r->limit;
+        limit_ud = r->ud;
         break;
     }
+    if (found && !*open) {
+        req->auth = http->auth;
+        req->auth_ud = http->auth_ud;
+    }
+    if (!found)
+        http_dispatch(req); /* no handler runs: 404 or 405 */
     pthread_mutex_unlock(&http->mu);
-    return lim > ESMD_MAX_PAYLOAD ? ESMD_MAX_PAYLOAD : lim;
+    if (limit != NULL)
+        lim = limit(limit_ud, req);
+    req->max_body = lim > ESMD_MAX_PAYLOAD ? ESMD_MAX_PAYLOAD : lim;
+    return found;
+}
+
+/* ---- connection limits (MHD's thread) ---- */
+
+static void http_sockaddr_v6(const struct sockaddr *sa, struct in6_addr *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (sa == NULL)
+        return;
+    if (sa->sa_family == AF_INET6) {
+        *out = ((const struct sockaddr_in6 *)sa)->sin6_addr;
+    } else if (sa->sa_family == AF_INET) {
+        out->s6_addr[10] = 0xff;
+        out->s6_addr[11] = 0xff;
+        memcpy(&out->s6_addr[12], &((const struct sockaddr_in *)sa)->sin_addr, 4);
+    }
+}
+
+/* The entry of addr, or NULL (add: a new one, counts 0). Linear: at most one entry per open
+ * connection, looked up once per accepted and per closed connection. */
+static struct http_client *http_client(struct esmd_http *http, const struct in6_addr *addr,
+                                       bool add)
+{
+    for (size_t i = 0; i < http->nclients; i++)
+        if (memcmp(&http->clients[i].addr, addr, sizeof(*addr)) == 0)
+            return &http->clients[i];
+    if (!add)
+        return NULL;
+    if (http->nclients == http->capclients) {
+        http->capclients = http->capclients ? 2 * http->capclients : 16;
+        http->clients = esmd_xrealloc(http->clients, http->capclients * sizeof(*http->clients));
+    }
+    http->clients[http->nclients] = (struct http_client){.addr = *addr};
+    return &http->clients[http->nclients++];
+}
+
+enum http_admit { HTTP_ADMIT_FULL, HTTP_ADMIT_RESERVE, HTTP_ADMIT_REFUSE };
+
+static enum http_admit http_admit(const struct esmd_http *http, const struct http_client *c)
+{
+    if ((c == NULL || c->n < http->lim.per_client) && http->nconns < http->lim.max_connections)
+        return HTTP_ADMIT_FULL;
+    if (http->nreserve < http->lim.reserve &&
+        (c == NULL || c->nreserve < ESMD_HTTP_RESERVE_PER_CLIENT))
+        return HTTP_ADMIT_RESERVE;
+    return HTTP_ADMIT_REFUSE;
+}
+
+static enum MHD_Result http_accept_policy(void *cls, const struct sockaddr *addr, socklen_t len)
+{
+    struct esmd_http *http = cls;
+    struct in6_addr a;
+    char text[INET6_ADDRSTRLEN], msg[160];
+
+    ESMD_UNUSED(len);
+    http_sockaddr_v6(addr, &a);
+    if (http_admit(http, http_client(http, &a, false)) != HTTP_ADMIT_REFUSE)
+        return MHD_YES;
+    if (inet_ntop(AF_INET6, &a, text, sizeof(text)) == NULL)
+        snprintf(text, sizeof(text), "?");
+    snprintf(msg, sizeof(msg), "http: refused a connection from %s: too many connections", text);
+    http_log_push(http, "http.limit", msg);
+    return MHD_NO;
+}
+
+static void http_notify(void *cls, struct MHD_Connection *conn, void **socket_context,
+                        enum MHD_ConnectionNotificationCode toe)
+{
+    struct esmd_http *http = cls;
+    struct http_conn *hc = *socket_context;
+    struct http_client *c;
+
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+
+        hc = esmd_xcalloc(1, sizeof(*hc));
+        http_sockaddr_v6(ci ? ci->client_addr : NULL, &hc->addr);
+        c = http_client(http, &hc->addr, true);
+        /* the accept policy let it in: within the limits, or in the reserve */
+        hc->reserve = http_admit(http, c) != HTTP_ADMIT_FULL;
+        if (hc->reserve) {
+            c->nreserve++;
+            http->nreserve++;
+            MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT,
+                                      (unsigned int)ESMD_HTTP_RESERVE_TIMEOUT_S);
+        } else {
+            c->n++;
+            http->nconns++;
+        }
+        *socket_context = hc;
+        return;
+    }
+    if (hc == NULL)
+        return;
+    c = http_client(http, &hc->addr, false);
+    if (c != NULL) {
+        if (hc->reserve) {
+            c->nreserve--;
+            http->nreserve--;
+        } else {
+            c->n--;
+            http->nconns--;
+        }
+        if (c->n == 0 && c->nreserve == 0)
+            *c = http->clients[--http->nclients];
+    }
+    free(hc);
+    *socket_context = NULL;
+}
+
+static bool http_conn_reserve(struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    const struct http_conn *hc = ci ? ci->socket_context : NULL;
+
+    return hc != NULL && hc->reserve;
 }
 
 /* Hands a stored answer to MHD. */
@@ -471,6 +666,46 @@ static enum MHD_Result http_queue(struct esmd_http_req *req)
     return ret;
 }
 
+/* The first call for a request: its line and headers are in, none of its body. Answers now
+ * (returns true) what needs no body: no route, over the limits, too large, refused. */
+static bool http_headers(struct esmd_http *http, struct esmd_http_req *req)
+{
+    const char *cl =
+        MHD_lookup_connection_value(req->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    bool open = false, reserve = http_conn_reserve(req->conn);
+
+    if (reserve) /* one request a reserve connection */
+        esmd_http_req_add_header(req, MHD_HTTP_HEADER_CONNECTION, "close");
+    if (!http_route_lookup(http, req, &open))
+        return true;
+    if (reserve && !open) { /* and only the built-in routes */
+        esmd_http_respond_error(req, 429, "TooManyRequestsException",
+                                "too many connections from this address or to esmd: only "
+                                "/healthz, /readyz and /metrics are served on this one");
+        return true;
+    }
+    if (cl != NULL && strtoull(cl, NULL, 10) > req->max_body) {
+        req->too_large = true;
+        http_dispatch(req); /* the 413 */
+        return true;
+    }
+    if (req->auth != NULL) {
+        switch (req->auth(req->auth_ud, req, false)) {
+        case ESMD_HTTP_AUTH_OK:
+            req->authenticated = true;
+            break;
+        case ESMD_HTTP_AUTH_BODY:
+            req->auth_body = true;
+            break;
+        case ESMD_HTTP_AUTH_DENIED:
+            if (!req->answered)
+                esmd_http_respond_error(req, 403, "AccessDeniedException", "access denied");
+            return true;
+        }
+    }
+    return false;
+}
+
 static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const char *url,
                                    const char *method, const char *version, const char *upload_data,
                                    size_t *upload_data_size, void **con_cls)
@@ -480,9 +715,6 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
 
     ESMD_UNUSED(version);
     if (req == NULL || req->conn == NULL) {
-        const char *cl =
-            MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-
         atomic_fetch_add(&http->active, 1);
         if (req == NULL)
             req = esmd_xcalloc(1, sizeof(*req));
@@ -492,21 +724,20 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
         req->url = url;
         esmd_buf_init(&req->body);
         *con_cls = req;
-        req->max_body = http_body_limit(http, req);
-        if (cl != NULL && strtoull(cl, NULL, 10) > req->max_body) {
-            /* Answer now: MHD discards the body and closes the connection. */
-            req->too_large = true;
-            http_dispatch(req);
+        if (http_headers(http, req)) /* answered: MHD drops the body and closes */
             return http_queue(req);
-        }
         return MHD_YES;
     }
     if (*upload_data_size > 0) {
-        if (!req->dispatched && !req->too_large) {
-            if (req->body.len + *upload_data_size > req->max_body)
-                req->too_large = true;
-            else
-                esmd_buf_append(&req->body, upload_data, *upload_data_size);
+        if (req->dispatched || req->too_large) {
+            /* Dropped; an endless (chunked) body is cut off after as much again. */
+            req->discarded += *upload_data_size;
+            if (req->discarded > ESMD_MAX_PAYLOAD)
+                return MHD_NO;
+        } else if (req->body.len + *upload_data_size > req->max_body) {
+            req->too_large = true;
+        } else {
+            esmd_buf_append(&req->body, upload_data, *upload_data_size);
         }
         *upload_data_size = 0;
         return MHD_YES;
@@ -522,6 +753,16 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
         else
             esmd_http_respond_error(req, 503, "ServiceException", "shutting down");
         return http_queue(req);
+    }
+    if (req->auth_body) {
+        enum esmd_http_auth r = req->auth(req->auth_ud, req, true);
+
+        if (r == ESMD_HTTP_AUTH_DENIED) {
+            if (!req->answered)
+                esmd_http_respond_error(req, 403, "AccessDeniedException", "access denied");
+            return http_queue(req);
+        }
+        req->authenticated = r == ESMD_HTTP_AUTH_OK;
     }
     /* Over to the loop, suspended until the handler answers. */
     req->dispatched = true;
@@ -654,14 +895,8 @@ out:
     return rc;
 }
 
-int esmd_http_route(struct esmd_http *http, const char *method, const char *path,
-                    esmd_http_handler fn, void *ud)
-{
-    return esmd_http_route_limited(http, method, path, fn, NULL, ud);
-}
-
-int esmd_http_route_limited(struct esmd_http *http, const char *method, const char *path,
-                            esmd_http_handler fn, esmd_http_limit_fn limit, void *ud)
+static int http_route_add(struct esmd_http *http, const char *method, const char *path,
+                          esmd_http_handler fn, esmd_http_limit_fn limit, void *ud, bool open)
 {
     struct esmd_http_route *r;
     size_t n;
@@ -679,8 +914,36 @@ int esmd_http_route_limited(struct esmd_http *http, const char *method, const ch
     r->fn = fn;
     r->limit = limit;
     r->ud = ud;
+    r->open = open;
     pthread_mutex_unlock(&http->mu);
     return ESMD_OK;
+}
+
+int esmd_http_route(struct esmd_http *http, const char *method, const char *path,
+                    esmd_http_handler fn, void *ud)
+{
+    return http_route_add(http, method, path, fn, NULL, ud, false);
+}
+
+int esmd_http_route_limited(struct esmd_http *http, const char *method, const char *path,
+                            esmd_http_handler fn, esmd_http_limit_fn limit, void *ud)
+{
+    return http_route_add(http, method, path, fn, limit, ud, false);
+}
+
+void esmd_http_set_auth(struct esmd_http *http, esmd_http_auth_fn fn, void *ud)
+{
+    if (http == NULL)
+        return;
+    pthread_mutex_lock(&http->mu); /* MHD's thread reads it for every request */
+    http->auth = fn;
+    http->auth_ud = ud;
+    pthread_mutex_unlock(&http->mu);
+}
+
+bool esmd_http_req_authenticated(const struct esmd_http_req *req)
+{
+    return req != NULL && req->authenticated;
 }
 
 static void http_free(struct esmd_http *http)
@@ -690,13 +953,14 @@ static void http_free(struct esmd_http *http)
         free(http->routes[i].path);
     }
     free(http->routes);
+    free(http->clients);
     esmd_buf_free(&http->logs);
     pthread_mutex_destroy(&http->mu);
     free(http);
 }
 
-struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen, char *err,
-                                  size_t errlen)
+struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen,
+                                  const struct esmd_http_limits *limits, char *err, size_t errlen)
 {
     struct esmd_http *http;
     struct sockaddr_storage ss;
@@ -718,6 +982,14 @@ struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen, char
     esmd_buf_init(&http->logs);
     atomic_init(&http->stopping, false);
     atomic_init(&http->active, 0);
+    if (limits != NULL)
+        http->lim = *limits;
+    if (http->lim.max_connections == 0)
+        http->lim.max_connections = ESMD_HTTP_MAX_CONNECTIONS;
+    if (http->lim.per_client == 0)
+        http->lim.per_client = ESMD_HTTP_PER_CLIENT;
+    if (http->lim.reserve == 0)
+        http->lim.reserve = ESMD_HTTP_RESERVE;
     ev_async_init(&http->wake, http_wake_cb);
     http->wake.data = http;
     ev_async_start(loop, &http->wake);
@@ -727,17 +999,19 @@ struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen, char
     } else {
         port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
     }
-    if (esmd_http_route(http, "GET", "/healthz", http_healthz, http) != 0 ||
-        esmd_http_route(http, "GET", "/readyz", http_readyz, http) != 0 ||
-        esmd_http_route(http, "GET", "/metrics", http_metrics, http) != 0) {
+    if (http_route_add(http, "GET", "/healthz", http_healthz, NULL, http, true) != 0 ||
+        http_route_add(http, "GET", "/readyz", http_readyz, NULL, http, true) != 0 ||
+        http_route_add(http, "GET", "/metrics", http_metrics, NULL, http, true) != 0) {
         snprintf(err, errlen, "cannot register the built-in routes");
         goto fail;
     }
     http->daemon = MHD_start_daemon(
-        flags, port, NULL, NULL, http_access, http, MHD_OPTION_EXTERNAL_LOGGER, http_mhd_log, http,
-        MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss, MHD_OPTION_NOTIFY_COMPLETED, http_completed,
-        http, MHD_OPTION_URI_LOG_CALLBACK, http_uri_log, http, MHD_OPTION_CONNECTION_TIMEOUT,
-        (unsigned int)ESMD_HTTP_CONN_TIMEOUT_S, MHD_OPTION_END);
+        flags, port, http_accept_policy, http, http_access, http, MHD_OPTION_EXTERNAL_LOGGER,
+        http_mhd_log, http, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
+        MHD_OPTION_NOTIFY_COMPLETED, http_completed, http, MHD_OPTION_URI_LOG_CALLBACK,
+        http_uri_log, http, MHD_OPTION_NOTIFY_CONNECTION, http_notify, http,
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned int)(http->lim.max_connections + http->lim.reserve),
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)ESMD_HTTP_CONN_TIMEOUT_S, MHD_OPTION_END);
     if (http->daemon == NULL) {
         snprintf(err, errlen, "cannot listen on %s: %s", listen,
                  http->lasterr[0] ? http->lasterr : "libmicrohttpd failed to start");

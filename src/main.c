@@ -724,7 +724,11 @@ static int cmd_run(int argc, char **argv)
         ESMD_ERROR(NULL, "destinations: %s", err);
         goto out;
     }
-    svc.http = esmd_http_start(svc.loop, svc.cfg->admin.listen, err, sizeof(err));
+    svc.http =
+        esmd_http_start(svc.loop, svc.cfg->admin.listen,
+                        &(struct esmd_http_limits){
+                            .per_client = (unsigned)svc.cfg->admin.max_connections_per_client},
+                        err, sizeof(err));
     if (!svc.http) {
         ESMD_ERROR(NULL, "admin listener %s: %s", svc.cfg->admin.listen, err);
         goto out;
@@ -753,6 +757,8 @@ static int cmd_run(int argc, char **argv)
         }
     }
     svc.auth = esmd_admin_auth_new(&svc.cfg->admin);
+    /* Credentials are checked from the headers, before a request's body is read. */
+    esmd_http_set_auth(svc.http, esmd_admin_auth_request, svc.auth);
     svc.asyncq = esmd_asyncq_new(svc.loop, svc.cfg, svc.inv, svc.dests, svc.cfg->postgres,
                                  svc.instance_id, err, sizeof(err));
     if (!svc.asyncq) {

@@ -151,6 +151,7 @@ struct esmd_admin_cfg {
     char *token;         /* NULL = none */
     char *access_key_id; /* aws_credentials, NULL = none */
     char *secret_access_key;
+    int max_connections_per_client; /* 1..100000; 0 = the listener's default (512) */
 };
 
 /* The region and account of every ARN esmd writes or reads (docs/configuration.md, `aws`). */

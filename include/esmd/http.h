@@ -14,9 +14,28 @@ struct esmd_http;
  * to detail and return whether the service is ready. */
 typedef bool (*esmd_http_ready_fn)(void *ud, struct esmd_buf *detail);
 
-/* Listens on "host:port" (IPv4, [IPv6] or name). NULL with err on failure (bad address,
- * port in use). */
-struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen, char *err,
+/* Connection limits (docs/admin.md "Connection limits"). One client address may hold
+ * per_client connections and all clients together max_connections. Past either, a connection
+ * still gets a place in a small reserve (reserve places in all, ESMD_HTTP_RESERVE_PER_CLIENT per
+ * address) where only the built-in routes (/healthz, /readyz, /metrics) are served: anything
+ * else is answered 429 TooManyRequestsException without reading its body. A reserve connection
+ * serves one request and is closed after ESMD_HTTP_RESERVE_TIMEOUT_S idle seconds. Past the
+ * reserve, connections are closed as soon as they are accepted. */
+#define ESMD_HTTP_MAX_CONNECTIONS 1000
+#define ESMD_HTTP_PER_CLIENT 512
+#define ESMD_HTTP_RESERVE 20
+#define ESMD_HTTP_RESERVE_PER_CLIENT 2
+#define ESMD_HTTP_RESERVE_TIMEOUT_S 5
+struct esmd_http_limits {
+    unsigned max_connections; /* 0 = ESMD_HTTP_MAX_CONNECTIONS */
+    unsigned per_client;      /* 0 = ESMD_HTTP_PER_CLIENT */
+    unsigned reserve;         /* 0 = ESMD_HTTP_RESERVE */
+};
+
+/* Listens on "host:port" (IPv4, [IPv6] or name). limits: NULL or borrowed (0 fields = the
+ * defaults). NULL with err on failure (bad address, port in use). */
+struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen,
+                                  const struct esmd_http_limits *limits, char *err,
                                   size_t errlen) ESMD_MUST_CHECK;
 void esmd_http_set_ready_fn(struct esmd_http *http, esmd_http_ready_fn fn, void *ud);
 /* The port actually bound (useful with port 0). */
@@ -29,7 +48,8 @@ void esmd_http_stop(struct esmd_http *http);
 
 struct esmd_http_req; /* one request; owned by the listener */
 
-/* Runs on the loop thread once the whole request body has arrived. The handler must answer
+/* Runs on the loop thread once the whole request body has arrived (and, with an authentication
+ * function, was authenticated: see esmd_http_set_auth). The handler must answer
  * exactly once with esmd_http_respond*(), now or later from the loop (the connection is
  * suspended meanwhile). req is borrowed: valid until the answer, or until its abort callback. */
 typedef void (*esmd_http_handler)(void *ud, struct esmd_http_req *req);
@@ -52,6 +72,32 @@ typedef size_t (*esmd_http_limit_fn)(void *ud, struct esmd_http_req *req);
 int esmd_http_route_limited(struct esmd_http *http, const char *method, const char *path,
                             esmd_http_handler fn, esmd_http_limit_fn limit,
                             void *ud) ESMD_MUST_CHECK;
+
+/* ---- authentication (before any body is read) ---- */
+
+enum esmd_http_auth {
+    ESMD_HTTP_AUTH_OK,     /* authenticated: the body is read, then the handler runs */
+    ESMD_HTTP_AUTH_BODY,   /* undecided: call again once the whole body is in */
+    ESMD_HTTP_AUTH_DENIED, /* refused: the function has answered req (an error) */
+};
+/* Authentication of every request to a registered route (the built-in /healthz, /readyz and
+ * /metrics are open). Called on the listener's thread (the rules of esmd_http_limit_fn apply:
+ * it may read req and what does not change after start, and log with esmd_http_req_warn()
+ * only): first with body false, from the request line and headers, before a byte of the body
+ * is read (a request refused then has its body dropped unread); when that answered
+ * ESMD_HTTP_AUTH_BODY, again with body true once the whole body is in (anything but
+ * ESMD_HTTP_AUTH_DENIED then hands the request to its handler unauthenticated). A request that
+ * matches no route is answered 404/405 from its headers, without this function. */
+typedef enum esmd_http_auth (*esmd_http_auth_fn)(void *ud, struct esmd_http_req *req, bool body);
+/* Sets the authentication function (ud borrowed: must outlive the listener). Set it before the
+ * routes it protects are added. */
+void esmd_http_set_auth(struct esmd_http *http, esmd_http_auth_fn fn, void *ud);
+/* Whether the authentication function accepted req (ESMD_HTTP_AUTH_OK), so that a handler
+ * need not check its credentials again. */
+bool esmd_http_req_authenticated(const struct esmd_http_req *req);
+/* Logs a warning from any thread: from the listener's, the line is handed to the loop. key: a
+ * string with static storage, the rate-limit key as esmd_log_limited()'s; msg is copied. */
+void esmd_http_req_warn(struct esmd_http_req *req, const char *key, const char *msg);
 
 /* Request accessors; returned strings are borrowed, valid as long as req. */
 const char *esmd_http_req_method(const struct esmd_http_req *req);

@@ -394,7 +394,7 @@ static void test_error_unknown_keys(void **state)
     (void)state;
     expect_errors("postgres: x\nadmin: { listen: \"a:1\", tokn: t }\n", 0,
                   "test.yaml:2:25: admin.tokn: unknown key \"tokn\" (allowed: listen, token, "
-                  "aws_credentials)");
+                  "aws_credentials, max_connections_per_client)");
     expect_errors("postgres: x\n" KAFKA FN
                   "mappings:\n  - name: m\n    function: f\n    source: { kafka: k, topics: "
                   "[t], topic: t }\n",

@@ -10,9 +10,14 @@
 
 #include "testutil.h"
 
+#include <arpa/inet.h>
 #include <curl/curl.h>
 #include <ev.h>
+#include <netinet/in.h>
 #include <pthread.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +34,8 @@ struct fetch {
     const char *body;
     size_t body_len;
     bool chunked;
+    const char *source; /* client address to connect from (CURLOPT_INTERFACE), or NULL */
+    const char *header; /* one more request header line, or NULL */
     struct ev_loop *loop;
     ev_async *wake;
     /* out */
@@ -39,6 +46,7 @@ struct fetch {
     char error_type[128];
     char allow[64];
     char x_test[64];
+    char connection[64];
 };
 
 static size_t fetch_write(char *p, size_t size, size_t n, void *ud)
@@ -73,6 +81,7 @@ static size_t fetch_header(char *p, size_t size, size_t n, void *ud)
     fetch_header_value(p, size * n, "x-amzn-ErrorType", f->error_type, sizeof(f->error_type));
     fetch_header_value(p, size * n, "Allow", f->allow, sizeof(f->allow));
     fetch_header_value(p, size * n, "X-Test", f->x_test, sizeof(f->x_test));
+    fetch_header_value(p, size * n, "Connection", f->connection, sizeof(f->connection));
     return size * n;
 }
 
@@ -107,6 +116,10 @@ static void *fetch_thread(void *arg)
     curl_easy_setopt(easy, CURLOPT_HEADERDATA, f);
     h = curl_slist_append(h, "X-Client: test");
     h = curl_slist_append(h, "Expect:");
+    if (f->header != NULL)
+        h = curl_slist_append(h, f->header);
+    if (f->source != NULL)
+        curl_easy_setopt(easy, CURLOPT_INTERFACE, f->source);
     if (f->chunked) {
         h = curl_slist_append(h, "Transfer-Encoding: chunked");
         curl_easy_setopt(easy, CURLOPT_UPLOAD, 1L);
@@ -183,13 +196,15 @@ static void fetch(struct ctx *c, struct fetch *f, const char *method, const char
     fetch_finish(c, th, &wake);
 }
 
+static const struct esmd_http_limits *setup_limits;
+
 static int setup(void **state)
 {
     struct ctx *c = calloc(1, sizeof(*c));
     char err[256];
 
     c->loop = ev_loop_new(EVFLAG_AUTO);
-    c->http = esmd_http_start(c->loop, "127.0.0.1:0", err, sizeof(err));
+    c->http = esmd_http_start(c->loop, "127.0.0.1:0", setup_limits, err, sizeof(err));
     if (c->http == NULL) {
         fprintf(stderr, "esmd_http_start: %s\n", err);
         return -1;
@@ -197,6 +212,31 @@ static int setup(void **state)
     c->port = esmd_http_port(c->http);
     *state = c;
     return 0;
+}
+
+/* per_client 3, max_connections 6, reserve 2 */
+static int setup_small(void **state)
+{
+    static const struct esmd_http_limits lim = {
+        .max_connections = 6, .per_client = 3, .reserve = 2};
+    int rc;
+
+    setup_limits = &lim;
+    rc = setup(state);
+    setup_limits = NULL;
+    return rc;
+}
+
+/* per_client 1, reserve 1 */
+static int setup_tiny(void **state)
+{
+    static const struct esmd_http_limits lim = {.per_client = 1, .reserve = 1};
+    int rc;
+
+    setup_limits = &lim;
+    rc = setup(state);
+    setup_limits = NULL;
+    return rc;
 }
 
 static int teardown(void **state)
@@ -507,32 +547,249 @@ static void test_listen_addresses(void **state)
     struct esmd_http *h;
 
     err[0] = '\0';
-    assert_null(esmd_http_start(c->loop, "nonsense", err, sizeof(err)));
+    assert_null(esmd_http_start(c->loop, "nonsense", NULL, err, sizeof(err)));
     assert_non_null(strstr(err, "expected host:port"));
-    assert_null(esmd_http_start(c->loop, "127.0.0.1:99999", err, sizeof(err)));
+    assert_null(esmd_http_start(c->loop, "127.0.0.1:99999", NULL, err, sizeof(err)));
     assert_non_null(strstr(err, "port must be"));
-    assert_null(esmd_http_start(c->loop, "::1:80", err, sizeof(err)));
-    assert_null(esmd_http_start(c->loop, "[::1:80", err, sizeof(err)));
-    assert_null(esmd_http_start(c->loop, "no-such-host.invalid:80", err, sizeof(err)));
+    assert_null(esmd_http_start(c->loop, "::1:80", NULL, err, sizeof(err)));
+    assert_null(esmd_http_start(c->loop, "[::1:80", NULL, err, sizeof(err)));
+    assert_null(esmd_http_start(c->loop, "no-such-host.invalid:80", NULL, err, sizeof(err)));
 
     /* Port in use. */
     snprintf(addr, sizeof(addr), "127.0.0.1:%d", c->port);
     err[0] = '\0';
-    assert_null(esmd_http_start(c->loop, addr, err, sizeof(err)));
+    assert_null(esmd_http_start(c->loop, addr, NULL, err, sizeof(err)));
     assert_non_null(strstr(err, "cannot listen on"));
 
-    h = esmd_http_start(c->loop, "localhost:0", err, sizeof(err));
+    h = esmd_http_start(c->loop, "localhost:0", NULL, err, sizeof(err));
     assert_non_null(h);
     assert_true(esmd_http_port(h) > 0);
     esmd_http_stop(h);
 
     /* IPv6 loopback, when the host has it. */
-    h = esmd_http_start(c->loop, "[::1]:0", err, sizeof(err));
+    h = esmd_http_start(c->loop, "[::1]:0", NULL, err, sizeof(err));
     if (h != NULL) {
         assert_true(esmd_http_port(h) > 0);
         esmd_http_stop(h);
     }
     esmd_http_stop(NULL);
+}
+
+/* ---- authentication before the body, connection limits ---- */
+
+/* A raw connection from source (an address of 127.0.0.0/8) to the listener. */
+static int raw_connect(struct ctx *c, const char *source)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET};
+    struct timeval tv = {20, 0};
+
+    assert_true(fd >= 0);
+    assert_int_equal(setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)), 0);
+    assert_int_equal(inet_pton(AF_INET, source, &sin.sin_addr), 1);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    sin.sin_port = htons((uint16_t)c->port);
+    assert_int_equal(connect(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    return fd;
+}
+
+/* Sends text and reads the answer until the server closes the connection (the answers under
+ * test close it); returns what was read. The loop does not run meanwhile: only answers given
+ * on the listener's thread arrive. */
+static void raw_exchange(int fd, const char *text, struct esmd_buf *out)
+{
+    char buf[4096];
+    ssize_t n;
+
+    assert_int_equal(send(fd, text, strlen(text), MSG_NOSIGNAL), (ssize_t)strlen(text));
+    while ((n = recv(fd, buf, sizeof(buf), 0)) > 0)
+        esmd_buf_append(out, buf, (size_t)n);
+    assert_int_equal(n, 0); /* closed by the server, not timed out */
+    close(fd);
+}
+
+struct authc {
+    int calls, body_calls;
+};
+
+/* X-Key: good → OK; later → decided with the body ("hello" passes); anything else → 401. */
+static enum esmd_http_auth test_auth(void *ud, struct esmd_http_req *req, bool body)
+{
+    struct authc *a = ud;
+    const char *k = esmd_http_req_header(req, "X-Key");
+
+    if (body) {
+        a->body_calls++;
+        if (strcmp(esmd_http_req_body(req, NULL), "hello") == 0)
+            return ESMD_HTTP_AUTH_OK;
+        esmd_http_respond_error(req, 403, "InvalidSignatureException", "bad body");
+        return ESMD_HTTP_AUTH_DENIED;
+    }
+    a->calls++;
+    if (k != NULL && strcmp(k, "good") == 0)
+        return ESMD_HTTP_AUTH_OK;
+    if (k != NULL && strcmp(k, "later") == 0)
+        return ESMD_HTTP_AUTH_BODY;
+    esmd_http_respond_error(req, 401, "UnrecognizedClientException", "no credentials");
+    return ESMD_HTTP_AUTH_DENIED;
+}
+
+static int auth_handled;
+
+static void auth_handler(void *ud, struct esmd_http_req *req)
+{
+    struct esmd_buf b = ESMD_BUF_INIT;
+    size_t len;
+
+    (void)ud;
+    auth_handled++;
+    esmd_http_req_body(req, &len);
+    esmd_buf_printf(&b, "authenticated=%d body=%zu", esmd_http_req_authenticated(req), len);
+    esmd_http_respond(req, 201, "text/plain", esmd_buf_cstr(&b), b.len);
+    esmd_buf_free(&b);
+}
+
+static void post_with(struct ctx *c, struct fetch *f, const char *header, const char *body)
+{
+    memset(f, 0, sizeof(*f));
+    f->header = header;
+    f->body = body;
+    f->body_len = strlen(body);
+    fetch(c, f, "POST", "/echo");
+}
+
+/* Issue 13, defect 1: a request without credentials is refused from its headers; its body
+ * (6 MB announced, none sent) is never waited for nor read. */
+static void test_auth_before_body(void **state)
+{
+    struct ctx *c = *state;
+    struct authc a = {0};
+    struct fetch f = {0};
+    struct esmd_buf out = ESMD_BUF_INIT;
+
+    esmd_http_set_auth(c->http, test_auth, &a);
+    assert_int_equal(esmd_http_route(c->http, "POST", "/echo", auth_handler, NULL), 0);
+    auth_handled = 0;
+
+    raw_exchange(raw_connect(c, "127.0.0.1"),
+                 "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 6000000\r\n\r\n", &out);
+    assert_non_null(strstr(esmd_buf_cstr(&out), "HTTP/1.1 401"));
+    assert_non_null(strstr(esmd_buf_cstr(&out), "UnrecognizedClientException"));
+    assert_int_equal(a.calls, 1);
+
+    /* No route: 404 from the headers too, without the authentication function. */
+    esmd_buf_reset(&out);
+    raw_exchange(raw_connect(c, "127.0.0.1"),
+                 "POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 6000000\r\n\r\n", &out);
+    assert_non_null(strstr(esmd_buf_cstr(&out), "HTTP/1.1 404"));
+    assert_int_equal(a.calls, 1);
+    esmd_buf_free(&out);
+
+    /* The built-in routes are open. */
+    fetch(c, &f, NULL, "/healthz");
+    assert_int_equal(f.status, 200);
+    esmd_buf_free(&f.resp);
+    assert_int_equal(a.calls, 1);
+
+    /* Accepted from the headers. */
+    post_with(c, &f, "X-Key: good", "hello");
+    assert_int_equal(f.status, 201);
+    assert_string_equal(esmd_buf_cstr(&f.resp), "authenticated=1 body=5");
+    esmd_buf_free(&f.resp);
+    assert_int_equal(a.body_calls, 0);
+
+    /* Decided with the body: accepted, then refused. */
+    post_with(c, &f, "X-Key: later", "hello");
+    assert_int_equal(f.status, 201);
+    assert_string_equal(esmd_buf_cstr(&f.resp), "authenticated=1 body=5");
+    esmd_buf_free(&f.resp);
+    post_with(c, &f, "X-Key: later", "hellO");
+    assert_int_equal(f.status, 403);
+    assert_string_equal(f.error_type, "InvalidSignatureException");
+    esmd_buf_free(&f.resp);
+    assert_int_equal(a.body_calls, 2);
+    assert_int_equal(auth_handled, 2);
+}
+
+static void fetch_from(struct ctx *c, struct fetch *f, const char *source, const char *method,
+                       const char *path)
+{
+    memset(f, 0, sizeof(*f));
+    f->source = source;
+    if (method != NULL && strcmp(method, "POST") == 0) {
+        f->body = "hello";
+        f->body_len = 5;
+    }
+    fetch(c, f, method, path);
+}
+
+/* Issue 13, defect 1: one address over its cap gets only the built-in routes (429 for the
+ * rest), other addresses are served; with every place taken, /healthz still answers. */
+static void test_connection_limits(void **state)
+{
+    struct ctx *c = *state;
+    struct fetch f;
+    int idle[6];
+
+    assert_int_equal(esmd_http_route(c->http, "POST", "/echo", echo_handler, (void *)0x1), 0);
+    for (int i = 0; i < 3; i++) /* 127.0.0.1 at its cap (3) */
+        idle[i] = raw_connect(c, "127.0.0.1");
+
+    fetch_from(c, &f, "127.0.0.1", "POST", "/echo");
+    assert_int_equal(f.cc, CURLE_OK);
+    assert_int_equal(f.status, 429);
+    assert_string_equal(f.error_type, "TooManyRequestsException");
+    assert_string_equal(f.connection, "close");
+    esmd_buf_free(&f.resp);
+    fetch_from(c, &f, "127.0.0.1", NULL, "/healthz");
+    assert_int_equal(f.status, 200);
+    assert_string_equal(f.connection, "close");
+    esmd_buf_free(&f.resp);
+    fetch_from(c, &f, "127.0.0.2", "POST", "/echo");
+    assert_int_equal(f.status, 201);
+    esmd_buf_free(&f.resp);
+
+    /* All six places taken (3 + 3): every address gets the reserve only. */
+    for (int i = 3; i < 6; i++)
+        idle[i] = raw_connect(c, "127.0.0.3");
+    fetch_from(c, &f, "127.0.0.4", "POST", "/echo");
+    assert_int_equal(f.status, 429);
+    esmd_buf_free(&f.resp);
+    fetch_from(c, &f, "127.0.0.4", NULL, "/healthz");
+    assert_int_equal(f.status, 200);
+    esmd_buf_free(&f.resp);
+    fetch_from(c, &f, "127.0.0.5", NULL, "/metrics");
+    assert_int_equal(f.status, 200);
+    esmd_buf_free(&f.resp);
+
+    /* Places free again: served. */
+    for (int i = 0; i < 6; i++)
+        close(idle[i]);
+    for (int i = 0; i < 200; i++) {
+        fetch_from(c, &f, "127.0.0.1", "POST", "/echo");
+        esmd_buf_free(&f.resp);
+        if (f.status == 201)
+            break;
+    }
+    assert_int_equal(f.status, 201);
+}
+
+/* Past the reserve (one place, one per address here), connections are closed unanswered. */
+static void test_connection_refused_past_reserve(void **state)
+{
+    struct ctx *c = *state;
+    struct fetch f;
+    int a = raw_connect(c, "127.0.0.1"), b = raw_connect(c, "127.0.0.1");
+
+    fetch_from(c, &f, "127.0.0.1", NULL, "/healthz");
+    assert_int_not_equal(f.cc, CURLE_OK);
+    esmd_buf_free(&f.resp);
+    fetch_from(c, &f, "127.0.0.2", NULL, "/healthz");
+    assert_int_equal(f.status, 200);
+    esmd_buf_free(&f.resp);
+    close(a);
+    close(b);
 }
 
 int main(void)
@@ -547,6 +804,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_answer_later, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stop_with_pending, setup, teardown),
         cmocka_unit_test_setup_teardown(test_listen_addresses, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_auth_before_body, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_connection_limits, setup_small, teardown),
+        cmocka_unit_test_setup_teardown(test_connection_refused_past_reserve, setup_tiny, teardown),
     };
     int rc;
 
