@@ -1,11 +1,11 @@
-/* The asynchronous invocation queue (include/esmd/asyncq.h, docs/async.md).
+/* The asynchronous invocation queue (include/esmd/asyncq.h, docs/async.md): a policy on the
+ * lease-queue engine (include/esmd/leaseq.h) over esmd.async_events, one key per function.
  *
- * Connections to the service's Postgres:
- *   ins[0], ins[1]  INSERTs of accepted events: every event accepted while both are busy waits
- *                   and goes, with all the others waiting, into the next INSERT (group commit);
- *   work            LISTEN esmd_async / esmd_async_config, claims, event-invoke-config queries;
- *   done            settling: one statement deletes the finished events and reschedules the
- *                   ones to retry (everything settled during the previous statement).
+ * The engine's connections to the service's Postgres:
+ *   insert (async_queue.insert_connections, 2)  INSERTs of accepted events (group commit);
+ *   worker  LISTEN esmd_async / esmd_async_config, claims, event-invoke-config queries;
+ *   settle  settling (one statement deletes the finished events and reschedules the ones to
+ *           retry), and the NOTIFYs that wake the other instances.
  *
  * A claimed event is "outstanding" until it is settled. Per function at most 2 ×
  * max_concurrency events are outstanding (the invoker sends max_concurrency at a time and
@@ -18,6 +18,7 @@
 #include "esmd/destination.h"
 #include "esmd/invoke.h"
 #include "esmd/json.h"
+#include "esmd/leaseq.h"
 #include "esmd/log.h"
 #include "esmd/metrics.h"
 #include "esmd/pg.h"
@@ -28,16 +29,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define AQ_INS_CONNS_MAX 8
 #define AQ_INS_MAX_ROWS 4000
 #define AQ_INS_MAX_BYTES (16 * 1024 * 1024)
 #define AQ_CLAIM_MAX 1000
-#define AQ_SETTLE_MAX 256          /* ids per settle statement (see settle_flush) */
 #define AQ_RESP_KEEP (1024 * 1024) /* largest last_response kept for a later record */
 #define AQ_SETTLE_FAIL_DELAY_MS 5000
 #define AQ_NOTIFY_GAP_S 0.01 /* at most 100 NOTIFYs a second (see notify_flush) */
 #define AQ_CHANNEL "esmd_async"
-#define AQ_INSERT "esmd_async_insert" /* the prepared INSERT of accepted events */
 #define AQ_CONFIG_CHANNEL "esmd_async_config"
 
 struct esmd_asyncq;
@@ -56,16 +54,16 @@ struct aq_fn {
     struct esmd_asyncq *q;
     const struct esmd_function_cfg *cfg; /* borrowed */
     struct esmd_function *fn;            /* the invoker's */
+    struct esmd_leaseq_key *key;         /* the engine's */
     struct aq_override ov;
     int outstanding; /* claimed, not settled */
-    bool more;       /* may have due events */
     bool notify;     /* events stored since the last NOTIFY */
     struct esmd_series *m_received, *m_age, *m_drop_retries, *m_drop_age, *m_dlq_err;
 };
 
 /* An accepted event waiting for its INSERT. */
 struct aq_pending {
-    struct aq_pending *next;
+    struct esmd_leaseq_item item; /* first: the engine's */
     struct aq_fn *f;
     char rid[37];
     char *payload; /* owned */
@@ -100,89 +98,37 @@ struct aq_send {
     bool dlq;
 };
 
-/* A retry to write. */
-struct aq_upd {
-    int64_t id;
-    int attempts, invokes, throttles, status;
-    int64_t delay_ms;
-    char *fe, *resp, *err; /* owned or NULL */
-};
-
 struct esmd_asyncq {
     struct ev_loop *loop;
     struct esmd_invoker *inv;
     struct esmd_dests *dests;
-    char *instance_id;
-    char token[37];
     struct aq_fn *fns;
     size_t nfns;
     double started_at;
 
-    /* knobs */
+    /* async_queue settings */
     int64_t retry_base_ms;
     struct esmd_backoff backoff;
-    double poll_s;
     size_t max_async;
     int64_t lease_ms_override; /* -1: 2 × timeout + 30 s */
 
-    struct esmd_pg *ins[AQ_INS_CONNS_MAX], *work, *done;
-    bool notifying; /* a NOTIFY in flight, or the gap after it */
+    struct esmd_leaseq *lq;
+    struct esmd_pg *work, *done; /* the engine's claim and settle connections (borrowed) */
+    bool notifying;              /* a NOTIFY in flight, or the gap after it */
     ev_timer notify_gap;
-    int nins;     /* insert connections in use */
-    bool workers; /* false: accept events, never claim any (ESMD_ASYNC_WORKERS=0) */
-    struct aq_pending *pend, *pend_tail;
-    size_t npend;
-    int inserting;
-    bool ins_busy[AQ_INS_CONNS_MAX];
-    ev_timer ins_kick;
-
-    bool claiming, claim_again, claim_all;
-    ev_timer claim_kick, poll_tm;
 
     struct aq_ev *evs;
     struct aq_send *sends;
-    int64_t *dels;
-    size_t ndels, capdels;
-    struct aq_upd *upds;
-    size_t nupds, capupds;
-    bool settling;
-    ev_timer settle_kick;
     int config_queries;
 
     bool stopping, closing;
     void (*stop_done)(void *ud);
     void *stop_ud;
-    ev_timer stop_check;
 };
 
-static void claim_schedule(struct esmd_asyncq *q);
-static void settle_schedule(struct esmd_asyncq *q);
 static void stop_maybe_done(struct esmd_asyncq *q);
 
 /* ---- helpers ---- */
-
-static int64_t env_ms(const char *name, int64_t def, int64_t min)
-{
-    const char *v = getenv(name);
-    char *end;
-    long long n;
-    if (!v || !*v)
-        return def;
-    n = strtoll(v, &end, 10);
-    if (*end || n < min) {
-        ESMD_WARN(NULL, "async: ignoring %s=%s (an integer >= %lld)", name, v, (long long)min);
-        return def;
-    }
-    return n;
-}
-
-static void kick(struct esmd_asyncq *q, ev_timer *w)
-{
-    if (ev_is_active(w))
-        return;
-    ev_timer_set(w, 0., 0.);
-    ev_timer_start(q->loop, w);
-}
 
 static struct aq_fn *fn_find(struct esmd_asyncq *q, const char *name)
 {
@@ -217,21 +163,6 @@ static int64_t fn_lease_ms(const struct aq_fn *f)
     if (f->q->lease_ms_override > 0)
         return f->q->lease_ms_override;
     return 2 * f->cfg->timeout_ms + 30000;
-}
-
-static void put_array_text(struct esmd_buf *b, const char *s)
-{
-    if (!s) {
-        esmd_buf_puts(b, "NULL");
-        return;
-    }
-    esmd_buf_putc(b, '"');
-    for (; *s; s++) {
-        if (*s == '"' || *s == '\\')
-            esmd_buf_putc(b, '\\');
-        esmd_buf_putc(b, *s);
-    }
-    esmd_buf_putc(b, '"');
 }
 
 static void ov_clear(struct aq_override *ov)
@@ -316,37 +247,24 @@ static void ev_free(struct aq_ev *ev)
 /* The event is finished: delete it (batched). */
 static void settle_delete(struct aq_ev *ev)
 {
-    struct esmd_asyncq *q = ev->q;
-    if (q->ndels == q->capdels) {
-        q->capdels = q->capdels ? 2 * q->capdels : 256;
-        q->dels = esmd_xrealloc(q->dels, q->capdels * sizeof(*q->dels));
-    }
-    q->dels[q->ndels++] = ev->id;
+    esmd_leaseq_delete(ev->q->lq, ev->id);
     ev_free(ev);
-    settle_schedule(q);
 }
+
+/* The columns a retry writes (esmd_leaseq_retry): the counters and the last attempt. */
+static const char *const aq_retry_ints[] = {"attempts", "invokes", "throttles", "last_status",
+                                            NULL};
+static const char *const aq_retry_texts[] = {"last_function_error", "last_response", "last_error",
+                                             NULL};
 
 /* The event runs again in delay_ms with its counters as they are now. */
 static void settle_retry(struct aq_ev *ev, int64_t delay_ms)
 {
-    struct esmd_asyncq *q = ev->q;
-    if (q->nupds == q->capupds) {
-        q->capupds = q->capupds ? 2 * q->capupds : 64;
-        q->upds = esmd_xrealloc(q->upds, q->capupds * sizeof(*q->upds));
-    }
-    struct aq_upd *u = &q->upds[q->nupds++];
-    u->id = ev->id;
-    u->attempts = ev->attempts;
-    u->invokes = ev->invokes;
-    u->throttles = ev->throttles;
-    u->status = ev->last_status;
-    u->delay_ms = delay_ms < 0 ? 0 : delay_ms;
-    u->fe = ev->last_fe;
-    u->resp = ev->last_resp;
-    u->err = ev->last_err;
+    const int ints[] = {ev->attempts, ev->invokes, ev->throttles, ev->last_status};
+    char *texts[] = {ev->last_fe, ev->last_resp, ev->last_err}; /* taken */
     ev->last_fe = ev->last_resp = ev->last_err = NULL;
+    esmd_leaseq_retry(ev->q->lq, ev->id, delay_ms, ints, texts);
     ev_free(ev);
-    settle_schedule(q);
 }
 
 static void sends_done(struct aq_ev *ev)
@@ -588,119 +506,30 @@ static void ev_invoked(void *ud, const struct esmd_invoke_result *res)
         settle_retry(ev, delay);
     }
 out:
-    if (!q->stopping)
-        claim_schedule(q);
+    esmd_leaseq_claim_soon(q->lq);
     stop_maybe_done(q);
-}
-
-/* ---- the settle statement ---- */
-
-static void settle_done(void *ud, const PGresult *res, const char *err)
-{
-    struct esmd_asyncq *q = ud;
-    ESMD_UNUSED(res);
-    q->settling = false;
-    if (err && !q->closing)
-        esmd_log_limited(ESMD_LOG_WARN, NULL, "async-settle",
-                         "async: settling events failed: %s (they run again after their lease)",
-                         err);
-    if (q->closing)
-        return;
-    if (q->ndels || q->nupds)
-        settle_schedule(q);
-    stop_maybe_done(q);
-}
-
-static void settle_flush(struct esmd_asyncq *q)
-{
-    if (q->settling || q->closing || (q->ndels == 0 && q->nupds == 0))
-        return;
-    struct esmd_buf dels = ESMD_BUF_INIT, ids = ESMD_BUF_INIT, att = ESMD_BUF_INIT,
-                    inv = ESMD_BUF_INIT, thr = ESMD_BUF_INIT, st = ESMD_BUF_INIT,
-                    dly = ESMD_BUF_INIT, fe = ESMD_BUF_INIT, rsp = ESMD_BUF_INIT,
-                    er = ESMD_BUF_INIT;
-    /* at most AQ_SETTLE_MAX of each per statement: the planner joins a longer array of ids with
-     * a scan of the whole table instead of the primary key; the rest goes in the next one */
-    size_t nd = q->ndels < AQ_SETTLE_MAX ? q->ndels : AQ_SETTLE_MAX;
-    size_t nu = q->nupds < AQ_SETTLE_MAX ? q->nupds : AQ_SETTLE_MAX;
-    esmd_buf_putc(&dels, '{');
-    for (size_t i = 0; i < nd; i++)
-        esmd_buf_printf(&dels, "%s%lld", i ? "," : "", (long long)q->dels[i]);
-    esmd_buf_putc(&dels, '}');
-    if (q->ndels > nd)
-        memmove(q->dels, q->dels + nd, (q->ndels - nd) * sizeof(*q->dels));
-    q->ndels -= nd;
-    struct esmd_buf *arrs[] = {&ids, &att, &inv, &thr, &st, &dly, &fe, &rsp, &er};
-    for (size_t k = 0; k < ESMD_ARRAY_LEN(arrs); k++)
-        esmd_buf_putc(arrs[k], '{');
-    for (size_t i = 0; i < nu; i++) {
-        struct aq_upd *u = &q->upds[i];
-        const char *sep = i ? "," : "";
-        esmd_buf_printf(&ids, "%s%lld", sep, (long long)u->id);
-        esmd_buf_printf(&att, "%s%d", sep, u->attempts);
-        esmd_buf_printf(&inv, "%s%d", sep, u->invokes);
-        esmd_buf_printf(&thr, "%s%d", sep, u->throttles);
-        esmd_buf_printf(&st, "%s%d", sep, u->status);
-        esmd_buf_printf(&dly, "%s%lld", sep, (long long)u->delay_ms);
-        esmd_buf_puts(&fe, sep);
-        put_array_text(&fe, u->fe);
-        esmd_buf_puts(&rsp, sep);
-        put_array_text(&rsp, u->resp);
-        esmd_buf_puts(&er, sep);
-        put_array_text(&er, u->err);
-        free(u->fe);
-        free(u->resp);
-        free(u->err);
-    }
-    if (q->nupds > nu) /* (never with a NULL array: undefined even for 0 bytes) */
-        memmove(q->upds, q->upds + nu, (q->nupds - nu) * sizeof(*q->upds));
-    q->nupds -= nu;
-    for (size_t k = 0; k < ESMD_ARRAY_LEN(arrs); k++)
-        esmd_buf_putc(arrs[k], '}');
-    const char *params[] = {esmd_buf_cstr(&dels), q->token,
-                            esmd_buf_cstr(&ids),  esmd_buf_cstr(&att),
-                            esmd_buf_cstr(&inv),  esmd_buf_cstr(&thr),
-                            esmd_buf_cstr(&st),   esmd_buf_cstr(&dly),
-                            esmd_buf_cstr(&fe),   esmd_buf_cstr(&rsp),
-                            esmd_buf_cstr(&er)};
-    q->settling = true;
-    if (esmd_pg_query(q->done,
-                      "WITH d AS (DELETE FROM esmd.async_events WHERE id = ANY($1::bigint[]) "
-                      "AND lease_token = $2::uuid RETURNING 1), "
-                      "u AS (UPDATE esmd.async_events e SET attempts = u.a, invokes = u.i, "
-                      "throttles = u.t, last_status = u.s, "
-                      "next_attempt_at = clock_timestamp() + make_interval(secs => u.d / 1000.0), "
-                      "last_function_error = u.fe, last_response = u.r, last_error = u.er, "
-                      "lease_owner = NULL, lease_token = NULL "
-                      "FROM unnest($3::bigint[], $4::int[], $5::int[], $6::int[], $7::int[], "
-                      "$8::bigint[], $9::text[], $10::text[], $11::text[]) "
-                      "AS u(id, a, i, t, s, d, fe, r, er) "
-                      "WHERE e.id = u.id AND e.lease_token = $2::uuid RETURNING 1) "
-                      "SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM u)",
-                      11, params, settle_done, q) != 0)
-        q->settling = false;
-    for (size_t k = 0; k < ESMD_ARRAY_LEN(arrs); k++)
-        esmd_buf_free(arrs[k]);
-    esmd_buf_free(&dels);
-}
-
-static void settle_kick_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    ESMD_UNUSED(loop);
-    ESMD_UNUSED(revents);
-    settle_flush(w->data);
-}
-
-static void settle_schedule(struct esmd_asyncq *q)
-{
-    if (!q->settling)
-        kick(q, &q->settle_kick);
 }
 
 /* ---- claims ---- */
 
-static void aq_ev_start(struct esmd_asyncq *q, struct aq_fn *f, const PGresult *res, int r)
+/* Columns of a claimed event, from ESMD_LEASEQ_COL0 on. */
+enum {
+    AQ_COL_RID = ESMD_LEASEQ_COL0,
+    AQ_COL_PAYLOAD,
+    AQ_COL_RECEIVED,
+    AQ_COL_ATTEMPTS,
+    AQ_COL_INVOKES,
+    AQ_COL_THROTTLES,
+    AQ_COL_STATUS,
+    AQ_COL_FE,
+    AQ_COL_RESP,
+    AQ_COL_ERR,
+};
+
+static void aq_claimed(void *ud, void *key_ud, int64_t id, const PGresult *res, int r)
 {
+    struct esmd_asyncq *q = ud;
+    struct aq_fn *f = key_ud;
     struct aq_ev *ev = esmd_xcalloc(1, sizeof(*ev));
     ev->q = q;
     ev->f = f;
@@ -709,21 +538,22 @@ static void aq_ev_start(struct esmd_asyncq *q, struct aq_fn *f, const PGresult *
     if (q->evs)
         q->evs->prev = ev;
     q->evs = ev;
-    ev->id = strtoll(PQgetvalue(res, r, 0), NULL, 10);
-    snprintf(ev->rid, sizeof(ev->rid), "%s", PQgetvalue(res, r, 2));
-    ev->len = (size_t)PQgetlength(res, r, 3);
-    ev->payload = esmd_xstrndup(PQgetvalue(res, r, 3), ev->len);
-    ev->received_ms = strtoll(PQgetvalue(res, r, 4), NULL, 10);
-    ev->attempts = atoi(PQgetvalue(res, r, 5));
-    ev->invokes = atoi(PQgetvalue(res, r, 6));
-    ev->throttles = atoi(PQgetvalue(res, r, 7));
-    ev->last_status = PQgetisnull(res, r, 8) ? 0 : atoi(PQgetvalue(res, r, 8));
-    if (!PQgetisnull(res, r, 9))
-        ev->last_fe = esmd_xstrdup(PQgetvalue(res, r, 9));
-    if (!PQgetisnull(res, r, 10))
-        ev->last_resp = esmd_xstrdup(PQgetvalue(res, r, 10));
-    if (!PQgetisnull(res, r, 11))
-        ev->last_err = esmd_xstrdup(PQgetvalue(res, r, 11));
+    ev->id = id;
+    snprintf(ev->rid, sizeof(ev->rid), "%s", PQgetvalue(res, r, AQ_COL_RID));
+    ev->len = (size_t)PQgetlength(res, r, AQ_COL_PAYLOAD);
+    ev->payload = esmd_xstrndup(PQgetvalue(res, r, AQ_COL_PAYLOAD), ev->len);
+    ev->received_ms = strtoll(PQgetvalue(res, r, AQ_COL_RECEIVED), NULL, 10);
+    ev->attempts = atoi(PQgetvalue(res, r, AQ_COL_ATTEMPTS));
+    ev->invokes = atoi(PQgetvalue(res, r, AQ_COL_INVOKES));
+    ev->throttles = atoi(PQgetvalue(res, r, AQ_COL_THROTTLES));
+    ev->last_status =
+        PQgetisnull(res, r, AQ_COL_STATUS) ? 0 : atoi(PQgetvalue(res, r, AQ_COL_STATUS));
+    if (!PQgetisnull(res, r, AQ_COL_FE))
+        ev->last_fe = esmd_xstrdup(PQgetvalue(res, r, AQ_COL_FE));
+    if (!PQgetisnull(res, r, AQ_COL_RESP))
+        ev->last_resp = esmd_xstrdup(PQgetvalue(res, r, AQ_COL_RESP));
+    if (!PQgetisnull(res, r, AQ_COL_ERR))
+        ev->last_err = esmd_xstrdup(PQgetvalue(res, r, AQ_COL_ERR));
     int64_t now = esmd_now_ms();
     if (now - ev->received_ms > fn_age_ms(f)) {
         route_failure(ev, "EventAgeExceeded");
@@ -739,159 +569,14 @@ static void aq_ev_start(struct esmd_asyncq *q, struct aq_fn *f, const PGresult *
         settle_retry(ev, 0);
 }
 
-struct claim {
-    struct esmd_asyncq *q;
-    size_t n;
-    struct aq_fn **fns;
-    int *rooms;
-};
-
-static void claim_done(void *ud, const PGresult *res, const char *err)
+/* Outstanding events per function: 2 × max_concurrency. */
+static int aq_room(void *ud, void *key_ud)
 {
-    struct claim *c = ud;
-    struct esmd_asyncq *q = c->q;
-    q->claiming = false;
-    if (q->closing) {
-        free(c->fns);
-        free(c->rooms);
-        free(c);
-        return;
-    }
-    if (err || !res) {
-        /* not at once again: the poll timer retries every function (a claim that fails keeps
-         * failing until the database is fixed, and a retry loop would only hammer it) */
-        esmd_log_limited(ESMD_LOG_WARN, NULL, "async-claim",
-                         "async: claiming events: %s (retried at the next poll)",
-                         err ? err : "no result");
-        q->claim_again = false;
-    } else {
-        int *got = esmd_xcalloc(c->n + 1, sizeof(int));
-        for (int r = 0; r < PQntuples(res); r++) {
-            const char *name = PQgetvalue(res, r, 1);
-            for (size_t i = 0; i < c->n; i++) {
-                if (strcmp(c->fns[i]->cfg->name, name) == 0) {
-                    got[i]++;
-                    aq_ev_start(q, c->fns[i], res, r);
-                    break;
-                }
-            }
-        }
-        for (size_t i = 0; i < c->n; i++)
-            if (got[i] >= c->rooms[i])
-                c->fns[i]->more = true;
-        free(got);
-    }
-    free(c->fns);
-    free(c->rooms);
-    free(c);
-    if (q->claim_again && !q->stopping) {
-        q->claim_again = false;
-        claim_schedule(q);
-    }
-    for (size_t i = 0; i < q->nfns; i++)
-        if (q->fns[i].more && !q->stopping)
-            claim_schedule(q);
-    stop_maybe_done(q);
-}
-
-static int fn_room(const struct aq_fn *f)
-{
+    const struct aq_fn *f = key_ud;
+    ESMD_UNUSED(ud);
     int mc = f->cfg->max_concurrency > 0 ? f->cfg->max_concurrency : 1;
     int room = 2 * mc - f->outstanding;
     return room > AQ_CLAIM_MAX ? AQ_CLAIM_MAX : room;
-}
-
-static void claim_round(struct esmd_asyncq *q)
-{
-    if (q->stopping || q->closing || !q->workers)
-        return;
-    if (q->claiming) {
-        q->claim_again = true;
-        return;
-    }
-    bool all = q->claim_all;
-    q->claim_all = false;
-    struct claim *c = esmd_xcalloc(1, sizeof(*c));
-    c->q = q;
-    c->fns = esmd_xcalloc(q->nfns + 1, sizeof(*c->fns));
-    c->rooms = esmd_xcalloc(q->nfns + 1, sizeof(*c->rooms));
-    /* One subquery per function, each with its own LIMIT known when the statement is planned:
-     * a LIMIT taken from a joined array is estimated at a tenth of the table, and the planner
-     * then joins the claimed ids back with a sequential scan of the whole queue (a claim cost
-     * that grew with the backlog). */
-    struct esmd_buf sql = ESMD_BUF_INIT;
-    const char **params = esmd_xcalloc(2 + 3 * q->nfns, sizeof(*params));
-    char(*nums)[2][24] = esmd_xcalloc(q->nfns + 1, sizeof(*nums));
-    params[0] = q->instance_id;
-    params[1] = q->token;
-    esmd_buf_puts(&sql, "UPDATE esmd.async_events e SET lease_owner = $1, lease_token = $2::uuid, "
-                        "next_attempt_at = now() + make_interval(secs => claimed.lease / 1000.0) "
-                        "FROM (");
-    int np = 2;
-    for (size_t i = 0; i < q->nfns; i++) {
-        struct aq_fn *f = &q->fns[i];
-        int room = fn_room(f);
-        if ((!all && !f->more) || room <= 0)
-            continue;
-        f->more = false;
-        c->fns[c->n] = f;
-        c->rooms[c->n] = room;
-        snprintf(nums[c->n][0], sizeof(nums[c->n][0]), "%d", room);
-        snprintf(nums[c->n][1], sizeof(nums[c->n][1]), "%lld", (long long)fn_lease_ms(f));
-        params[np] = f->cfg->name;
-        params[np + 1] = nums[c->n][0];
-        params[np + 2] = nums[c->n][1];
-        esmd_buf_printf(&sql,
-                        "%sSELECT * FROM (SELECT c.id, $%d::bigint AS lease "
-                        "FROM esmd.async_events c "
-                        "WHERE c.function = $%d AND c.next_attempt_at <= now() "
-                        "ORDER BY c.next_attempt_at, c.id LIMIT $%d::int FOR UPDATE SKIP LOCKED) "
-                        "f%zu",
-                        c->n ? " UNION ALL " : "", np + 3, np + 1, np + 2, c->n);
-        np += 3;
-        c->n++;
-    }
-    if (c->n > 0) {
-        esmd_buf_puts(&sql, ") AS claimed WHERE e.id = claimed.id "
-                            "RETURNING e.id, e.function, e.request_id, e.payload, "
-                            "(extract(epoch FROM e.received_at) * 1000)::bigint, e.attempts, "
-                            "e.invokes, e.throttles, e.last_status, e.last_function_error, "
-                            "e.last_response, e.last_error");
-        q->claiming = true;
-        if (esmd_pg_query(q->work, esmd_buf_cstr(&sql), np, params, claim_done, c) != 0)
-            q->claiming = false;
-    }
-    if (!q->claiming) {
-        free(c->fns);
-        free(c->rooms);
-        free(c);
-    }
-    free(params);
-    free(nums);
-    esmd_buf_free(&sql);
-}
-
-static void claim_kick_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    ESMD_UNUSED(loop);
-    ESMD_UNUSED(revents);
-    claim_round(w->data);
-}
-
-static void claim_schedule(struct esmd_asyncq *q)
-{
-    if (q->stopping || q->closing)
-        return;
-    kick(q, &q->claim_kick);
-}
-
-static void poll_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    struct esmd_asyncq *q = w->data;
-    ESMD_UNUSED(loop);
-    ESMD_UNUSED(revents);
-    q->claim_all = true;
-    claim_schedule(q);
 }
 
 /* ---- accepting: group commit ---- */
@@ -902,13 +587,6 @@ static void pending_free(struct aq_pending *p)
     free(p);
 }
 
-struct ins_batch {
-    struct esmd_asyncq *q;
-    int conn;
-    struct aq_pending *recs;
-};
-
-static void ins_flush(struct esmd_asyncq *q);
 static void notify_flush(struct esmd_asyncq *q);
 
 static void notify_gap_cb(struct ev_loop *loop, ev_timer *w, int revents)
@@ -942,129 +620,95 @@ static void notify_flush(struct esmd_asyncq *q)
 {
     if (q->notifying || q->closing)
         return;
-    struct esmd_buf names = ESMD_BUF_INIT;
+    struct esmd_pg_array names;
+    esmd_pg_array_start(&names, ESMD_PG_OID_TEXT);
     for (size_t i = 0; i < q->nfns; i++) {
         if (!q->fns[i].notify)
             continue;
         q->fns[i].notify = false;
-        esmd_buf_putc(&names, names.len ? ',' : '{');
-        put_array_text(&names, q->fns[i].cfg->name);
+        esmd_pg_array_add(&names, q->fns[i].cfg->name, strlen(q->fns[i].cfg->name));
     }
-    if (names.len == 0)
-        return;
-    esmd_buf_putc(&names, '}');
-    const char *params[] = {esmd_buf_cstr(&names)};
-    q->notifying = true;
-    if (esmd_pg_query(q->done, "SELECT pg_notify('" AQ_CHANNEL "', f) FROM unnest($1::text[]) AS f",
-                      1, params, notify_done, q) != 0)
-        q->notifying = false;
-    esmd_buf_free(&names);
+    if (names.n > 0) {
+        esmd_pg_array_finish(&names);
+        const char *params[] = {names.buf.data};
+        const int lengths[] = {(int)names.buf.len}, formats[] = {1};
+        q->notifying = true;
+        if (esmd_pg_query_binary(
+                q->done, "SELECT pg_notify('" AQ_CHANNEL "', f) FROM unnest($1::text[]) AS f", 1,
+                params, lengths, formats, notify_done, q) != 0)
+            q->notifying = false;
+    }
+    esmd_buf_free(&names.buf);
 }
 
-static void ins_done(void *ud, const PGresult *res, const char *err)
+static void aq_inserted(void *ud, struct esmd_leaseq_item *items, bool ok, const char *err)
 {
-    struct ins_batch *b = ud;
-    struct esmd_asyncq *q = b->q;
-    ESMD_UNUSED(res);
-    q->inserting--;
-    q->ins_busy[b->conn] = false;
-    bool ok = err == NULL;
-    if (!ok && !q->closing)
-        esmd_log_limited(ESMD_LOG_WARN, NULL, "async-insert", "async: storing events: %s", err);
-    while (b->recs) {
-        struct aq_pending *p = b->recs;
-        b->recs = p->next;
+    struct esmd_asyncq *q = ud;
+    while (items) {
+        struct aq_pending *p = (struct aq_pending *)items;
+        items = items->next;
         if (ok) {
             esmd_series_inc(p->f->m_received, 1);
-            p->f->more = true;
+            esmd_leaseq_more(q->lq, p->f->key);
             p->f->notify = true;
         }
         p->cb(p->ud, ok, p->rid, ok ? NULL : err);
         pending_free(p);
     }
-    free(b);
     if (q->closing)
         return;
-    if (ok) {
-        claim_schedule(q);
+    if (ok)
         notify_flush(q);
-    }
-    if (q->pend)
-        ins_flush(q);
     stop_maybe_done(q);
 }
 
-/* 0..15 for a hex digit, -1 otherwise. */
-static int hexval(char c)
+/* One row of the INSERT: function, request id (16 bytes), payload. */
+static void aq_insert_row(void *ud, struct esmd_leaseq_item *item, struct esmd_pg_array *cols)
 {
-    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-}
-
-/* Every event waiting (up to AQ_INS_MAX_ROWS / AQ_INS_MAX_BYTES) goes into one INSERT on a free
- * connection: one statement, prepared once per connection (AQ_INSERT), whose three parameters
- * are binary arrays (functions, request ids, payloads), so neither side builds, parses or plans
- * a statement per batch. */
-static void ins_flush(struct esmd_asyncq *q)
-{
-    while (q->pend && q->inserting < q->nins) {
-        int conn = 0;
-        while (q->ins_busy[conn])
-            conn++;
-        struct ins_batch *b = esmd_xcalloc(1, sizeof(*b));
-        b->q = q;
-        struct esmd_pg_array fns, rids, payloads;
-        esmd_pg_array_start(&fns, ESMD_PG_OID_TEXT);
-        esmd_pg_array_start(&rids, ESMD_PG_OID_UUID);
-        esmd_pg_array_start(&payloads, ESMD_PG_OID_TEXT);
-        struct aq_pending **tail = &b->recs;
-        size_t n = 0, bytes = 0;
-        while (q->pend && n < AQ_INS_MAX_ROWS &&
-               (n == 0 || bytes + q->pend->len < AQ_INS_MAX_BYTES)) {
-            struct aq_pending *p = q->pend;
-            q->pend = p->next;
-            if (!q->pend)
-                q->pend_tail = NULL;
-            q->npend--;
-            p->next = NULL;
-            *tail = p;
-            tail = &p->next;
-            unsigned char u[16];
-            for (size_t i = 0, k = 0; i < 16; k++) {
-                if (p->rid[k] == '-')
-                    continue;
-                u[i++] = (unsigned char)(hexval(p->rid[k]) << 4 | hexval(p->rid[k + 1]));
-                k++;
-            }
-            esmd_pg_array_add(&fns, p->f->cfg->name, strlen(p->f->cfg->name));
-            esmd_pg_array_add(&rids, u, sizeof(u));
-            esmd_pg_array_add(&payloads, p->payload, p->len);
-            bytes += p->len;
-            n++;
-        }
-        esmd_pg_array_finish(&fns);
-        esmd_pg_array_finish(&rids);
-        esmd_pg_array_finish(&payloads);
-        const char *params[] = {fns.buf.data, rids.buf.data, payloads.buf.data};
-        const int lengths[] = {(int)fns.buf.len, (int)rids.buf.len, (int)payloads.buf.len};
-        const int formats[] = {1, 1, 1};
-        b->conn = conn;
-        q->ins_busy[conn] = true;
-        q->inserting++;
-        if (esmd_pg_query_prepared(q->ins[conn], AQ_INSERT, 3, params, lengths, formats, ins_done,
-                                   b) != 0)
-            ins_done(b, NULL, "closed");
-        esmd_buf_free(&fns.buf);
-        esmd_buf_free(&rids.buf);
-        esmd_buf_free(&payloads.buf);
+    struct aq_pending *p = (struct aq_pending *)item;
+    ESMD_UNUSED(ud);
+    unsigned char u[16];
+    for (size_t i = 0, k = 0; i < 16; k++) {
+        if (p->rid[k] == '-')
+            continue;
+        u[i++] = (unsigned char)(esmd_hex_digit(p->rid[k]) << 4 | esmd_hex_digit(p->rid[k + 1]));
+        k++;
     }
+    esmd_pg_array_add(&cols[0], p->f->cfg->name, strlen(p->f->cfg->name));
+    esmd_pg_array_add(&cols[1], u, sizeof(u));
+    esmd_pg_array_add(&cols[2], p->payload, p->len);
 }
 
-static void ins_kick_cb(struct ev_loop *loop, ev_timer *w, int revents)
+static bool aq_policy_idle(void *ud)
 {
-    ESMD_UNUSED(loop);
-    ESMD_UNUSED(revents);
-    ins_flush(w->data);
+    const struct esmd_asyncq *q = ud;
+    return q->evs == NULL && !q->notifying && q->config_queries == 0;
 }
+
+static const unsigned int aq_insert_oids[] = {ESMD_PG_OID_TEXT, ESMD_PG_OID_UUID, ESMD_PG_OID_TEXT};
+
+static const struct esmd_leaseq_policy aq_policy = {
+    .name = "async",
+    .rows = "events",
+    .table = "esmd.async_events",
+    .key_column = "function",
+    .returning = "t.request_id, t.payload, (extract(epoch FROM t.received_at) * 1000)::bigint, "
+                 "t.attempts, t.invokes, t.throttles, t.last_status, t.last_function_error, "
+                 "t.last_response, t.last_error",
+    .insert_sql = "INSERT INTO esmd.async_events (function, request_id, payload) "
+                  "SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[])",
+    .insert_nparams = 3,
+    .insert_oids = aq_insert_oids,
+    .insert_max_rows = AQ_INS_MAX_ROWS,
+    .insert_max_bytes = AQ_INS_MAX_BYTES,
+    .insert_row = aq_insert_row,
+    .inserted = aq_inserted,
+    .retry_ints = aq_retry_ints,
+    .retry_texts = aq_retry_texts,
+    .room = aq_room,
+    .claimed = aq_claimed,
+    .idle = aq_policy_idle,
+};
 
 int esmd_asyncq_enqueue(struct esmd_asyncq *q, const char *function, const char *payload,
                         size_t len, esmd_asyncq_cb cb, void *ud)
@@ -1089,15 +733,10 @@ int esmd_asyncq_enqueue(struct esmd_asyncq *q, const char *function, const char 
     esmd_uuid4(p->rid);
     p->payload = esmd_xstrndup(payload, len);
     p->len = len;
+    p->item.bytes = len;
     p->cb = cb;
     p->ud = ud;
-    if (q->pend_tail)
-        q->pend_tail->next = p;
-    else
-        q->pend = p;
-    q->pend_tail = p;
-    q->npend++;
-    kick(q, &q->ins_kick);
+    esmd_leaseq_insert(q->lq, &p->item);
     return ESMD_OK;
 }
 
@@ -1181,26 +820,11 @@ static void on_notify(void *ud, const char *channel, const char *payload)
         return;
     }
     if (payload == NULL) {
-        q->claim_all = true;
+        esmd_leaseq_more(q->lq, NULL);
     } else {
         struct aq_fn *f = fn_find(q, payload);
         if (f)
-            f->more = true;
-    }
-    claim_schedule(q);
-}
-
-static void release_done(void *ud, const PGresult *res, const char *err)
-{
-    struct esmd_asyncq *q = ud;
-    ESMD_UNUSED(res);
-    q->config_queries--;
-    if (err && !q->closing)
-        ESMD_WARN(NULL, "async: releasing the leases of an earlier process: %s", err);
-    if (!q->closing) {
-        q->claim_all = true;
-        claim_schedule(q);
-        stop_maybe_done(q);
+            esmd_leaseq_more(q->lq, f->key);
     }
 }
 
@@ -1372,28 +996,36 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
                  "or postgres");
         return NULL;
     }
+    const struct esmd_async_queue_cfg *acfg = &cfg->async_queue;
     struct esmd_asyncq *q = esmd_xcalloc(1, sizeof(*q));
     q->loop = loop;
     q->inv = inv;
     q->dests = dests;
-    q->instance_id = esmd_xstrdup(instance_id && *instance_id ? instance_id : "esmd");
-    esmd_uuid4(q->token);
     q->started_at = (double)esmd_now_ms() / 1000.0;
-    q->retry_base_ms = env_ms("ESMD_ASYNC_RETRY_BASE_MS", 60000, 1);
-    q->backoff.base_ms = env_ms("ESMD_ASYNC_BACKOFF_BASE_MS", 1000, 1);
-    q->backoff.cap_ms = env_ms("ESMD_ASYNC_BACKOFF_CAP_MS", 300000, 1);
-    q->poll_s = (double)env_ms("ESMD_ASYNC_POLL_MS", 1000, 10) / 1000.0;
-    q->max_async = (size_t)env_ms("ESMD_ASYNC_MAX_PAYLOAD", 1048576, 1);
+    q->retry_base_ms = acfg->retry_base_ms;
+    q->backoff.base_ms = acfg->backoff_base_ms;
+    q->backoff.cap_ms = acfg->backoff_cap_ms;
+    q->max_async = (size_t)acfg->max_payload;
     if (q->max_async > ESMD_MAX_PAYLOAD)
         q->max_async = ESMD_MAX_PAYLOAD;
-    q->lease_ms_override = env_ms("ESMD_ASYNC_LEASE_MS", -1, 1000);
-    q->workers = env_ms("ESMD_ASYNC_WORKERS", 1, 0) != 0;
-    q->nins = (int)env_ms("ESMD_ASYNC_INSERT_CONNS", 2, 1);
-    if (q->nins > AQ_INS_CONNS_MAX) {
-        ESMD_WARN(NULL, "async: ESMD_ASYNC_INSERT_CONNS=%d is more than %d: using %d", q->nins,
-                  AQ_INS_CONNS_MAX, AQ_INS_CONNS_MAX);
-        q->nins = AQ_INS_CONNS_MAX;
-    }
+    q->lease_ms_override = acfg->lease_ms;
+    ev_init(&q->notify_gap, notify_gap_cb);
+    q->notify_gap.data = q;
+
+    const struct esmd_leaseq_cfg lcfg = {
+        .conninfo = conninfo,
+        .instance_id = instance_id,
+        .insert_conns = acfg->insert_connections,
+        .settle_conn = true,
+        .claims = acfg->workers,
+        .poll_s = (double)acfg->poll_ms / 1000.0,
+        .weak_poll = true, /* the poll timer alone does not keep the loop running */
+    };
+    q->lq = esmd_leaseq_new(loop, &aq_policy, q, &lcfg, err, errlen);
+    if (!q->lq)
+        goto fail;
+    q->work = esmd_leaseq_pg(q->lq, ESMD_LEASEQ_CLAIM);
+    q->done = esmd_leaseq_pg(q->lq, ESMD_LEASEQ_SETTLE);
 
     struct esmd_metric *m_rcv = esmd_metric(ESMD_COUNTER, "esmd_async_events_received_total",
                                             "Asynchronous invocation events accepted (committed).");
@@ -1415,6 +1047,7 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
         if (!f->fn)
             continue;
         ov_clear(&f->ov);
+        f->key = esmd_leaseq_key_add(q->lq, f->cfg->name, fn_lease_ms(f), f);
         struct esmd_buf l = ESMD_BUF_INIT;
         esmd_metric_labels(&l, "function", f->cfg->name, NULL);
         f->m_received = esmd_series(m_rcv, esmd_buf_cstr(&l));
@@ -1429,81 +1062,35 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
         esmd_buf_free(&l);
         q->nfns++;
     }
-    ev_init(&q->ins_kick, ins_kick_cb);
-    ev_init(&q->claim_kick, claim_kick_cb);
-    ev_init(&q->settle_kick, settle_kick_cb);
-    ev_init(&q->poll_tm, poll_cb);
-    ev_init(&q->notify_gap, notify_gap_cb);
-    q->ins_kick.data = q->claim_kick.data = q->settle_kick.data = q->poll_tm.data = q;
-    q->notify_gap.data = q;
 
-    for (int i = 0; i < q->nins; i++) {
-        q->ins[i] = esmd_pg_new(loop, conninfo, "async-insert", err, errlen);
-        if (!q->ins[i])
-            goto fail;
-        if (esmd_pg_prepare(q->ins[i], AQ_INSERT,
-                            "INSERT INTO esmd.async_events (function, request_id, payload) "
-                            "SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[])",
-                            3) != 0) {
-            snprintf(err, errlen, "async queue: cannot prepare the insert");
-            goto fail;
-        }
-    }
-    q->work = esmd_pg_new(loop, conninfo, "async-worker", err, errlen);
-    if (!q->work)
-        goto fail;
-    q->done = esmd_pg_new(loop, conninfo, "async-settle", err, errlen);
-    if (!q->done)
-        goto fail;
     if (esmd_pg_listen(q->work, AQ_CHANNEL, on_notify, q) != 0 ||
         esmd_pg_listen(q->work, AQ_CONFIG_CHANNEL, on_notify, q) != 0) {
         snprintf(err, errlen, "async queue: LISTEN failed");
         goto fail;
     }
-    {
-        const char *params[] = {q->instance_id, q->token};
-        q->config_queries++;
-        if (esmd_pg_query(q->work,
-                          "UPDATE esmd.async_events SET next_attempt_at = now(), "
-                          "lease_owner = NULL, lease_token = NULL "
-                          "WHERE lease_owner = $1 AND lease_token IS DISTINCT FROM $2::uuid",
-                          2, params, release_done, q) != 0)
-            q->config_queries--;
-    }
+    esmd_leaseq_start(q->lq);
     config_reload(q, NULL);
     esmd_dests_set_function_sink(dests, sink, q);
-    ev_timer_set(&q->poll_tm, q->poll_s, q->poll_s);
-    ev_timer_start(loop, &q->poll_tm);
-    ev_unref(loop); /* the poll timer alone does not keep the loop running */
     return q;
 fail:
     esmd_asyncq_free(q);
     return NULL;
 }
 
-static bool aq_idle(const struct esmd_asyncq *q)
-{
-    return q->evs == NULL && q->pend == NULL && q->inserting == 0 && !q->settling &&
-           !q->notifying && q->ndels == 0 && q->nupds == 0 && !q->claiming &&
-           q->config_queries == 0;
-}
-
-static void stop_check_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    struct esmd_asyncq *q = w->data;
-    ESMD_UNUSED(loop);
-    ESMD_UNUSED(revents);
-    if (!q->stopping || !q->stop_done || !aq_idle(q))
-        return;
-    void (*done)(void *ud) = q->stop_done;
-    q->stop_done = NULL;
-    done(q->stop_ud);
-}
-
 static void stop_maybe_done(struct esmd_asyncq *q)
 {
-    if (q->stopping && q->stop_done && !q->closing && aq_idle(q))
-        kick(q, &q->stop_check);
+    if (q->stopping && !q->closing)
+        esmd_leaseq_check(q->lq);
+}
+
+static void lq_stopped(void *ud, bool late)
+{
+    struct esmd_asyncq *q = ud;
+    ESMD_UNUSED(late);
+    void (*done)(void *ud) = q->stop_done;
+    q->stop_done = NULL;
+    if (done)
+        done(q->stop_ud);
 }
 
 void esmd_asyncq_stop(struct esmd_asyncq *q, void (*done)(void *ud), void *ud)
@@ -1513,17 +1100,8 @@ void esmd_asyncq_stop(struct esmd_asyncq *q, void (*done)(void *ud), void *ud)
     q->stopping = true;
     q->stop_done = done;
     q->stop_ud = ud;
-    ev_init(&q->stop_check, stop_check_cb);
-    q->stop_check.data = q;
-    if (ev_is_active(&q->poll_tm)) {
-        ev_ref(q->loop);
-        ev_timer_stop(q->loop, &q->poll_tm);
-    }
-    ev_timer_stop(q->loop, &q->claim_kick);
     /* accepted events not yet sent to Postgres still go (their callers wait for the commit) */
-    ins_flush(q);
-    settle_schedule(q);
-    kick(q, &q->stop_check);
+    esmd_leaseq_stop(q->lq, 0, lq_stopped, q);
 }
 
 void esmd_asyncq_free(struct esmd_asyncq *q)
@@ -1533,14 +1111,6 @@ void esmd_asyncq_free(struct esmd_asyncq *q)
     q->closing = true;
     if (q->dests)
         esmd_dests_set_function_sink(q->dests, NULL, NULL);
-    if (ev_is_active(&q->poll_tm)) {
-        ev_ref(q->loop);
-        ev_timer_stop(q->loop, &q->poll_tm);
-    }
-    ev_timer_stop(q->loop, &q->ins_kick);
-    ev_timer_stop(q->loop, &q->claim_kick);
-    ev_timer_stop(q->loop, &q->settle_kick);
-    ev_timer_stop(q->loop, &q->stop_check);
     ev_timer_stop(q->loop, &q->notify_gap);
     /* invocations in flight: cancelled (their events keep the lease and run again later) */
     while (q->evs) {
@@ -1556,39 +1126,24 @@ void esmd_asyncq_free(struct esmd_asyncq *q)
     for (struct aq_send *s = q->sends; s; s = s->next)
         s->ev = NULL; /* freed by their callback */
     q->sends = NULL;
-    while (q->pend) {
-        struct aq_pending *p = q->pend;
-        q->pend = p->next;
-        p->cb(p->ud, false, p->rid, "shutting down");
-        pending_free(p);
-    }
-    for (int i = 0; i < q->nins; i++)
-        esmd_pg_free(q->ins[i]); /* inserts in flight: ins_done(closed) → their callers */
-    esmd_pg_free(q->work);
-    esmd_pg_free(q->done);
-    for (size_t i = 0; i < q->nupds; i++) {
-        free(q->upds[i].fe);
-        free(q->upds[i].resp);
-        free(q->upds[i].err);
-    }
-    free(q->upds);
-    free(q->dels);
+    /* accepted events not committed: their callers get !ok ("shutting down", "closed") */
+    esmd_leaseq_free(q->lq);
     for (size_t i = 0; i < q->nfns; i++)
         ov_clear(&q->fns[i].ov);
     free(q->fns);
-    free(q->instance_id);
     free(q);
 }
 
 bool esmd_asyncq_ready(struct esmd_asyncq *q, struct esmd_buf *detail)
 {
-    bool ready = q && esmd_pg_ready(q->ins[0]) && esmd_pg_ready(q->work) && !q->stopping;
+    bool ready = q && esmd_pg_ready(esmd_leaseq_pg(q->lq, ESMD_LEASEQ_INSERT)) &&
+                 esmd_pg_ready(q->work) && !q->stopping;
     if (detail) {
         int out = 0;
         for (size_t i = 0; q && i < q->nfns; i++)
             out += q->fns[i].outstanding;
         esmd_buf_printf(detail, "{\"ready\":%s,\"claimed\":%d,\"accepting\":%zu}",
-                        ready ? "true" : "false", out, q ? q->npend : (size_t)0);
+                        ready ? "true" : "false", out, q ? esmd_leaseq_waiting(q->lq) : (size_t)0);
     }
     return ready;
 }

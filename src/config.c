@@ -1434,6 +1434,29 @@ static bool read_aws(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, 
     return read_section(ld, n, TABLE(keys), &cfg->aws);
 }
 
+/* async_queue */
+
+/* Every key has a default (workers: true, set with the others in esmd_config_parse_flags). */
+static const struct esmd_cfg_key async_queue_keys[] = {
+    ESMD_K_DUR("retry_base", struct esmd_async_queue_cfg, retry_base_ms, 1, MS_HOUR, 0, MS_MIN),
+    ESMD_K_DUR("backoff_base", struct esmd_async_queue_cfg, backoff_base_ms, 1, MS_HOUR, 0, MS_SEC),
+    ESMD_K_DUR("backoff_cap", struct esmd_async_queue_cfg, backoff_cap_ms, 1, MS_HOUR, 0,
+               5 * MS_MIN),
+    ESMD_K_DUR("poll_interval", struct esmd_async_queue_cfg, poll_ms, 10, MS_MIN, 0, MS_SEC),
+    ESMD_K_DUR("lease", struct esmd_async_queue_cfg, lease_ms, MS_SEC, MS_HOUR, ESMD_CFG_MINUS_ONE,
+               -1),
+    ESMD_K_INT("max_payload", struct esmd_async_queue_cfg, max_payload, 1, ESMD_MAX_PAYLOAD, 0,
+               1024 * 1024),
+    ESMD_K_BOOL("workers", struct esmd_async_queue_cfg, workers),
+    ESMD_K_INT("insert_connections", struct esmd_async_queue_cfg, insert_connections, 1, 8, 0, 2),
+};
+
+static bool read_async_queue(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj)
+{
+    struct esmd_config *cfg = obj;
+    return read_section(ld, n, TABLE(async_queue_keys), &cfg->async_queue);
+}
+
 /* admin */
 
 static bool read_aws_credentials(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
@@ -1977,6 +2000,7 @@ static const struct esmd_cfg_key top_keys[] = {
     ESMD_K_STR("postgres", struct esmd_config, postgres, ESMD_CFG_REQUIRED | ESMD_CFG_NONEMPTY),
     ESMD_K_CUSTOM("aws", read_aws, 0),
     ESMD_K_CUSTOM("admin", read_admin, 0),
+    ESMD_K_CUSTOM("async_queue", read_async_queue, 0),
     ESMD_K_CUSTOM("connections", read_connections, 0),
     ESMD_K_CUSTOM("functions", read_functions, 0),
     ESMD_K_CUSTOM("mappings", read_mappings, 0),
@@ -2212,6 +2236,9 @@ struct esmd_config *esmd_config_parse_flags(const char *text, size_t len, const 
     cfg->admin.listen = esmd_xstrdup(DEFAULT_LISTEN);
     cfg->aws.region = esmd_xstrdup(ESMD_DEFAULT_REGION);
     cfg->aws.account_id = esmd_xstrdup(ESMD_DEFAULT_ACCOUNT);
+    for (size_t i = 0; i < ESMD_ARRAY_LEN(async_queue_keys); i++)
+        set_default(&async_queue_keys[i], &cfg->async_queue);
+    cfg->async_queue.workers = true;
     ld.cfg = cfg;
 
     struct esmd_cfg_node *root = NULL;

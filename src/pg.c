@@ -1189,6 +1189,29 @@ void esmd_pg_array_add(struct esmd_pg_array *a, const void *data, size_t len)
     a->n++;
 }
 
+void esmd_pg_array_add_null(struct esmd_pg_array *a)
+{
+    unsigned char *flags = (unsigned char *)a->buf.data + 4;
+    flags[3] = 1;                    /* has NULLs */
+    pg_put_u32(&a->buf, UINT32_MAX); /* length -1 */
+    a->n++;
+}
+
+void esmd_pg_array_add_int4(struct esmd_pg_array *a, int32_t v)
+{
+    pg_put_u32(&a->buf, 4);
+    pg_put_u32(&a->buf, (uint32_t)v);
+    a->n++;
+}
+
+void esmd_pg_array_add_int8(struct esmd_pg_array *a, int64_t v)
+{
+    pg_put_u32(&a->buf, 8);
+    pg_put_u32(&a->buf, (uint32_t)((uint64_t)v >> 32));
+    pg_put_u32(&a->buf, (uint32_t)v);
+    a->n++;
+}
+
 void esmd_pg_array_finish(struct esmd_pg_array *a)
 {
     unsigned char *p = (unsigned char *)a->buf.data + 12;

@@ -14,10 +14,8 @@
  * event is deleted only after its records are committed there, so a crash loses nothing
  * (at-least-once).
  *
- * Test knobs (environment, read at esmd_asyncq_new): ESMD_ASYNC_RETRY_BASE_MS (default 60000:
- * the delay before retry n of a function error is n × base), ESMD_ASYNC_BACKOFF_BASE_MS (default
- * 1000) and ESMD_ASYNC_BACKOFF_CAP_MS (default 300000) for throttles and system errors,
- * ESMD_ASYNC_POLL_MS (default 1000), ESMD_ASYNC_MAX_PAYLOAD (default 1048576 bytes).
+ * The queue is a policy on the lease-queue engine (include/esmd/leaseq.h). Its timings, lease,
+ * payload limit, workers and insert connections are cfg->async_queue (docs/configuration.md).
  *
  * Everything runs on the loop thread. */
 #ifndef ESMD_ASYNCQ_H
@@ -60,7 +58,7 @@ void esmd_asyncq_free(struct esmd_asyncq *q);
 
 /* Whether events are accepted (false once stopping). */
 bool esmd_asyncq_accepting(const struct esmd_asyncq *q);
-/* The largest payload of an event (ESMD_ASYNC_MAX_PAYLOAD; at most ESMD_MAX_PAYLOAD). */
+/* The largest payload of an event (async_queue.max_payload; at most ESMD_MAX_PAYLOAD). */
 size_t esmd_asyncq_max_payload(const struct esmd_asyncq *q);
 
 /* ---- event-invoke-config (the run-time overrides of a function's `async` section) ---- */

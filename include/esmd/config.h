@@ -160,11 +160,24 @@ struct esmd_aws_cfg {
     char *account_id; /* default "000000000000"; 12 digits */
 };
 
+/* How the asynchronous invocation queue runs (docs/configuration.md, `async_queue`). */
+struct esmd_async_queue_cfg {
+    int64_t retry_base_ms;   /* 1 ms..1 h, default 1 m: retry n of a function error after n × */
+    int64_t backoff_base_ms; /* 1 ms..1 h, default 1 s: throttles and system errors, doubling */
+    int64_t backoff_cap_ms;  /* 1 ms..1 h, default 5 m: ... up to this */
+    int64_t poll_ms;         /* 10 ms..1 m, default 1 s: claims without a wake-up */
+    int64_t lease_ms;        /* 1 s..1 h, or -1 (default): 2 × the function's timeout + 30 s */
+    int max_payload;         /* bytes, 1..6 MB, default 1 MB: an Event invocation's payload */
+    bool workers;            /* default true; false: accept events, never claim any */
+    int insert_connections;  /* 1..8, default 2 */
+};
+
 struct esmd_config {
     char *path;     /* the file it was read from */
     char *postgres; /* required conninfo / URI */
     struct esmd_aws_cfg aws;
     struct esmd_admin_cfg admin;
+    struct esmd_async_queue_cfg async_queue;
     struct esmd_conn_cfg *connections;
     size_t nconnections;
     struct esmd_function_cfg *functions;

@@ -69,11 +69,20 @@ struct esmd_pg_array {
     struct esmd_buf buf;
     size_t n;
 };
+#define ESMD_PG_OID_BYTEA 17
+#define ESMD_PG_OID_INT8 20
+#define ESMD_PG_OID_INT4 23
 #define ESMD_PG_OID_TEXT 25
 #define ESMD_PG_OID_UUID 2950
 void esmd_pg_array_start(struct esmd_pg_array *a, unsigned int elem_oid);
-/* One element of len bytes in the element type's binary form (text: the bytes; uuid: 16). */
+/* One element of len bytes in the element type's binary form (text, bytea: the bytes; uuid:
+ * 16). */
 void esmd_pg_array_add(struct esmd_pg_array *a, const void *data, size_t len);
+/* A NULL element. */
+void esmd_pg_array_add_null(struct esmd_pg_array *a);
+/* An int4 / int8 element (arrays of ESMD_PG_OID_INT4 / ESMD_PG_OID_INT8). */
+void esmd_pg_array_add_int4(struct esmd_pg_array *a, int32_t v);
+void esmd_pg_array_add_int8(struct esmd_pg_array *a, int64_t v);
 /* Writes the element count into the header; a->buf then holds the parameter. */
 void esmd_pg_array_finish(struct esmd_pg_array *a);
 

@@ -7,7 +7,7 @@ the server can make it (the other benchmarks turn them off; here they are what i
 1. accepted events/s: `asyncload` (tests/tools/asyncload.c, plain sockets and epoll) runs
    --clients concurrent keep-alive clients sending Invoke(Event) to `esmd run` for --seconds;
    every 202 counted is committed in Postgres (esmd answers after the commit). Measured twice:
-   with the workers off (ESMD_ASYNC_WORKERS=0: acceptance alone, the queue grows) and with the
+   with the workers off (async_queue.workers: false: acceptance alone, the queue grows) and with the
    workers invoking the `sink` endpoint at the same time on the same two cores.
 2. processed invocations/s: esmd is stopped, --events events are inserted into
    esmd.async_events by SQL, esmd is started again and the time until the sink has seen all of
@@ -54,17 +54,20 @@ def main():
     with bl.PgTmp(settings=durable) as pg:
         sink, sink_port = bl.start_sink(procs, tools, '"pad":')
         admin = bl.free_port()
-        cfg = os.path.join(tmp, "esmd.yaml")
-        bl.esmd_config(cfg, "async_bench.py", pg.url, admin, sink_port, a.max_concurrency,
-                       extra="  token: bench\n")
+        cfgs = {}
+        for workers in (True, False):
+            cfgs[workers] = os.path.join(tmp, "esmd-workers-%s.yaml" % ("on" if workers else "off"))
+            bl.esmd_config(cfgs[workers], "async_bench.py", pg.url, admin, sink_port,
+                           a.max_concurrency, extra="  token: bench\nasync_queue:\n  workers: %s\n"
+                           % ("true" if workers else "false"))
+        cfg = cfgs[True]
         logf = open(os.path.join(tmp, "esmd.stderr"), "ab")
         esmd = None
 
         def start_esmd(workers=True):
-            env = dict(os.environ, ESMD_LOG_LEVEL="warn",
-                       ESMD_ASYNC_WORKERS="1" if workers else "0")
-            p = subprocess.Popen([tools["esmd"], "run", "-c", cfg], stdout=logf, stderr=logf,
-                                 env=env)
+            env = dict(os.environ, ESMD_LOG_LEVEL="warn")
+            p = subprocess.Popen([tools["esmd"], "run", "-c", cfgs[workers]], stdout=logf,
+                                 stderr=logf, env=env)
             bl.wait_http("http://127.0.0.1:%d/healthz" % admin)
             return p
 

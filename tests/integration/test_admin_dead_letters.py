@@ -9,7 +9,7 @@ import requests
 
 from endpoint import Response
 from servers import assert_error
-from test_async_e2e import FAST, TOKEN, config, db, invoke, queue_len, wait  # noqa: F401
+from test_async_e2e import TOKEN, config, db, fast, invoke, queue_len, wait  # noqa: F401
 
 DL = "/admin/dead-letters"
 AUTH = {"Authorization": "Bearer " + TOKEN}
@@ -43,8 +43,8 @@ def dead_lettered(proc, endpoint, payloads, queue="fn_dlq"):
 
 def test_dead_letters_list_show_and_redrive(esmd, postgres, db, endpoint):  # noqa: F811
     endpoint.behaviour = failing
-    proc = esmd(config(db, endpoint, {"maximum_retry_attempts": 0,
-                                      "dead_letter": "pgqueue://fn_dlq"}), env=FAST)
+    proc = esmd(fast(config(db, endpoint, {"maximum_retry_attempts": 0,
+                                           "dead_letter": "pgqueue://fn_dlq"})))
     rids = dead_lettered(proc, endpoint, [{"order": 1, "items": [1, 2]}, {"order": 2}])
     assert len(endpoint.snapshot()) == 2
     wait(lambda: queue_len(postgres, db) == 0, what="the events deleted")
@@ -105,8 +105,8 @@ def test_dead_letters_list_show_and_redrive(esmd, postgres, db, endpoint):  # no
 
 def test_dead_letters_redrive_is_all_or_nothing(esmd, postgres, db, endpoint):  # noqa: F811
     endpoint.behaviour = failing
-    proc = esmd(config(db, endpoint, {"maximum_retry_attempts": 0,
-                                      "dead_letter": "pgqueue://fn_dlq"}), env=FAST)
+    proc = esmd(fast(config(db, endpoint, {"maximum_retry_attempts": 0,
+                                           "dead_letter": "pgqueue://fn_dlq"})))
     dead_lettered(proc, endpoint, [{"n": 1}])
     mid = call(proc, "GET", DL + "/fn_dlq")[2]["messages"][0]["messageId"]
     absent = str(uuid.uuid4())
@@ -125,7 +125,7 @@ def test_dead_letters_redrive_is_all_or_nothing(esmd, postgres, db, endpoint):  
 
 
 def test_dead_letters_errors_and_auth(esmd, db, endpoint):  # noqa: F811
-    proc = esmd(config(db, endpoint, {"dead_letter": "pgqueue://fn_dlq"}), env=FAST)
+    proc = esmd(fast(config(db, endpoint, {"dead_letter": "pgqueue://fn_dlq"})))
     # 404
     assert_error(call(proc, "GET", "%s/fn_dlq/%s" % (DL, uuid.uuid4())),
                  404, "ResourceNotFoundException")

@@ -3,7 +3,7 @@ routes that drive it (Invoke, event-invoke-config), with admin authentication
 (src/admin_auth.c): real Postgres, recording endpoints that fail on demand, the real AWS CLI.
 
 Every test uses its own database, so the queue holds only its events. Retry delays are
-shortened with ESMD_ASYNC_RETRY_BASE_MS / ESMD_ASYNC_BACKOFF_BASE_MS."""
+shortened with the async_queue section of the configuration (fast())."""
 
 import json
 import os
@@ -24,8 +24,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TOKEN = "test-admin-token"
 AKID = "esmd-admin"
 SECRET = "s3cr3t/KEY+value"
-FAST = {"ESMD_ASYNC_RETRY_BASE_MS": "300", "ESMD_ASYNC_BACKOFF_BASE_MS": "100",
-        "ESMD_ASYNC_BACKOFF_CAP_MS": "400", "ESMD_ASYNC_POLL_MS": "100"}
+# the async queue's retry delays and poll interval, shortened (docs/configuration.md, async_queue)
+FAST = {"retry_base": "300ms", "backoff_base": "100ms", "backoff_cap": "400ms",
+        "poll_interval": "100ms"}
+
+
+def fast(cfg, **settings):
+    """cfg with the FAST async_queue settings, and settings besides."""
+    cfg = dict(cfg)
+    cfg["async_queue"] = dict(FAST, **settings)
+    return cfg
 
 
 def _schema(name):
@@ -96,7 +104,7 @@ def test_readyz_reports_the_async_queue(esmd, db, endpoint):
 # ---- accepting, success, the record ---------------------------------------------------------
 
 def test_async_event_accepted_invoked_and_success_record(esmd, postgres, db, endpoint, sink):
-    proc = esmd(config(db, endpoint, {"on_success": sink.url}), env=FAST)
+    proc = esmd(fast(config(db, endpoint, {"on_success": sink.url})))
     r = invoke(proc, "fn", {"order": 1})
     assert r.status_code == 202, r.text
     assert r.content == b""
@@ -126,7 +134,7 @@ def test_async_event_accepted_invoked_and_success_record(esmd, postgres, db, end
 
 def test_async_function_error_retried_then_success(esmd, db, endpoint, sink):
     endpoint.function_error_first(2)
-    proc = esmd(config(db, endpoint, {"on_success": sink.url, "on_failure": sink.url}), env=FAST)
+    proc = esmd(fast(config(db, endpoint, {"on_success": sink.url, "on_failure": sink.url})))
     assert invoke(proc, "fn", {"a": 1}).status_code == 202
     wait(lambda: len(sink.snapshot()) >= 1, what="the record")
     reqs = endpoint.snapshot()
@@ -143,8 +151,8 @@ def test_async_function_error_retried_then_success(esmd, db, endpoint, sink):
 def test_async_retries_exhausted_on_failure_and_dead_letter(esmd, postgres, db, endpoint, sink):
     endpoint.behaviour = lambda req: Response(200, {"errorType": "Boom", "errorMessage": "it broke"},
                                               {"X-Amz-Function-Error": "Unhandled"})
-    proc = esmd(config(db, endpoint, {"maximum_retry_attempts": 1, "on_failure": sink.url,
-                                      "dead_letter": "pgqueue://fn_dlq"}), env=FAST)
+    proc = esmd(fast(config(db, endpoint, {"maximum_retry_attempts": 1, "on_failure": sink.url,
+                                           "dead_letter": "pgqueue://fn_dlq"})))
     r = invoke(proc, "fn", {"x": [1, 2]})
     rid = r.headers["x-amzn-RequestId"]
     wait(lambda: len(sink.snapshot()) >= 1, what="the failure record")
@@ -175,8 +183,7 @@ def test_async_retries_exhausted_on_failure_and_dead_letter(esmd, postgres, db, 
 
 def test_async_zero_retries(esmd, db, endpoint, sink):
     endpoint.function_error_first(5)
-    proc = esmd(config(db, endpoint, {"maximum_retry_attempts": 0, "on_failure": sink.url}),
-                env=FAST)
+    proc = esmd(fast(config(db, endpoint, {"maximum_retry_attempts": 0, "on_failure": sink.url})))
     invoke(proc, "fn", {})
     wait(lambda: len(sink.snapshot()) >= 1, what="the failure record")
     assert len(endpoint.snapshot()) == 1
@@ -185,8 +192,8 @@ def test_async_zero_retries(esmd, db, endpoint, sink):
 def test_async_throttles_and_5xx_retried_with_backoff(esmd, db, endpoint, sink):
     endpoint.script([Response(429, {"message": "slow down"}), Response(503, {}),
                      Response(500, {})])
-    proc = esmd(config(db, endpoint, {"maximum_retry_attempts": 0, "on_success": sink.url,
-                                      "on_failure": sink.url}), env=FAST)
+    proc = esmd(fast(config(db, endpoint, {"maximum_retry_attempts": 0, "on_success": sink.url,
+                                           "on_failure": sink.url})))
     invoke(proc, "fn", {"t": 1})
     wait(lambda: len(sink.snapshot()) >= 1, what="the record")
     # throttles and system errors do not use up maximum_retry_attempts (0 here)
@@ -198,8 +205,8 @@ def test_async_throttles_and_5xx_retried_with_backoff(esmd, db, endpoint, sink):
 
 def test_async_event_age_exceeded_while_failing(esmd, postgres, db, endpoint, sink):
     endpoint.behaviour = lambda req: Response(503, {"message": "down"})
-    proc = esmd(config(db, endpoint, {"maximum_event_age": "60s", "on_failure": sink.url,
-                                      "dead_letter": "pgqueue://age_dlq"}), env=FAST)
+    proc = esmd(fast(config(db, endpoint, {"maximum_event_age": "60s", "on_failure": sink.url,
+                                           "dead_letter": "pgqueue://age_dlq"})))
     # an event accepted 59.5 s ago (as if the function had been failing for a minute)
     postgres.sql("INSERT INTO esmd.async_events (function, request_id, payload, received_at) "
                  "VALUES ('fn', '%s', '{\"old\":true}', now() - interval '59.5 s')"
@@ -217,8 +224,7 @@ def test_async_event_age_exceeded_while_failing(esmd, postgres, db, endpoint, si
 
 
 def test_async_too_old_event_never_invoked(esmd, postgres, db, endpoint, sink):
-    proc = esmd(config(db, endpoint, {"maximum_event_age": "60s", "on_failure": sink.url}),
-                env=FAST)
+    proc = esmd(fast(config(db, endpoint, {"maximum_event_age": "60s", "on_failure": sink.url})))
     postgres.sql("INSERT INTO esmd.async_events (function, request_id, payload, received_at) "
                  "VALUES ('fn', '%s', '[1]', now() - interval '2 hours')" % uuid.uuid4(), db[1])
     wait(lambda: len(sink.snapshot()) >= 1, what="the record")
@@ -236,7 +242,7 @@ def test_async_function_destination(esmd, db, endpoint, sink):
     endpoint.function_error_first(1)
     cfg = config(db, endpoint, {"maximum_retry_attempts": 0, "on_failure": "function://handler"},
                  functions_extra={"handler": {"url": sink.url, "timeout": "5s"}})
-    proc = esmd(cfg, env=FAST)
+    proc = esmd(fast(cfg))
     invoke(proc, "fn", {"k": "v"})
     wait(lambda: len(sink.snapshot()) >= 1, what="the handler invocation")
     rec = json.loads(sink.snapshot()[0].body)
@@ -248,7 +254,7 @@ def test_async_function_destination(esmd, db, endpoint, sink):
 # ---- the Invoke route --------------------------------------------------------------------------
 
 def test_invoke_request_response_dryrun_and_errors(esmd, db, endpoint):
-    proc = esmd(config(db, endpoint), env=FAST)
+    proc = esmd(fast(config(db, endpoint)))
     endpoint.script([Response(200, {"answer": 42})])
     r = invoke(proc, "fn", {"q": 1}, itype="RequestResponse")
     assert r.status_code == 200 and r.json() == {"answer": 42}
@@ -286,7 +292,7 @@ def test_invoke_request_response_dryrun_and_errors(esmd, db, endpoint):
 def test_invoke_413_before_reading_the_body(esmd, db, endpoint):
     """A Content-Length over the limit is answered without waiting for the body."""
     import socket
-    proc = esmd(config(db, endpoint), env=FAST)
+    proc = esmd(fast(config(db, endpoint)))
     host, port = proc.admin[len("http://"):].split(":")
     s = socket.create_connection((host, int(port)), timeout=5)
     s.sendall(b"POST /2015-03-31/functions/fn/invocations HTTP/1.1\r\nHost: x\r\n"
@@ -300,7 +306,7 @@ def test_invoke_413_before_reading_the_body(esmd, db, endpoint):
 # ---- authentication ---------------------------------------------------------------------------
 
 def test_admin_auth_bearer(esmd, db, endpoint):
-    proc = esmd(config(db, endpoint), env=FAST)
+    proc = esmd(fast(config(db, endpoint)))
     r = invoke(proc, "fn", {}, token=None)
     assert r.status_code == 401
     assert r.headers["x-amzn-ErrorType"] == "MissingAuthenticationTokenException"
@@ -318,7 +324,7 @@ def test_admin_auth_bearer(esmd, db, endpoint):
 def test_admin_auth_loopback_only_without_credentials(esmd, db, endpoint):
     cfg = config(db, endpoint)
     cfg["admin"] = {}
-    proc = esmd(cfg, env=FAST)
+    proc = esmd(fast(cfg))
     assert invoke(proc, "fn", {}, token=None).status_code == 202
 
 
@@ -334,8 +340,7 @@ def eic(proc, fn, method="GET", body=None, suffix=""):
 def test_event_invoke_config_overrides_yaml(esmd, db, endpoint, sink):
     endpoint.behaviour = lambda req: Response(200, {"errorMessage": "no"},
                                               {"X-Amz-Function-Error": "Unhandled"})
-    proc = esmd(config(db, endpoint, {"maximum_retry_attempts": 2, "on_failure": sink.url}),
-                env=FAST)
+    proc = esmd(fast(config(db, endpoint, {"maximum_retry_attempts": 2, "on_failure": sink.url})))
     r = eic(proc, "fn")
     assert r.status_code == 200, r.text
     got = r.json()
@@ -372,8 +377,8 @@ def test_event_invoke_config_overrides_yaml(esmd, db, endpoint, sink):
 
 def test_event_invoke_config_shared_by_instances(esmd, db, endpoint):
     cfg = config(db, endpoint)
-    a = esmd(cfg, env=dict(FAST, ESMD_INSTANCE_ID="a"))
-    b = esmd(cfg, env=dict(FAST, ESMD_INSTANCE_ID="b"))
+    a = esmd(fast(cfg), env=dict(ESMD_INSTANCE_ID="a"))
+    b = esmd(fast(cfg), env=dict(ESMD_INSTANCE_ID="b"))
     assert eic(a, "fn").status_code == 404  # no async block, no row
     assert eic(a, "fn", "PUT", {"MaximumRetryAttempts": 1,
                                 "DestinationConfig": {"OnFailure": {
@@ -390,7 +395,7 @@ def test_function_arns_carry_the_aws_section_and_others_are_not_ours(esmd, db, e
     another region or account names no function of esmd's."""
     cfg = config(db, endpoint)
     cfg["aws"] = {"region": "eu-west-3", "account_id": "123456789012"}
-    proc = esmd(cfg, env=FAST)
+    proc = esmd(fast(cfg))
     ours = "arn:aws:lambda:eu-west-3:123456789012:function:fn"
     assert invoke(proc, ours, {"n": 1}, itype="DryRun").status_code == 204
     assert invoke(proc, "123456789012:function:fn", itype="DryRun").status_code == 204
@@ -425,7 +430,7 @@ def aws(proc, *args, secret=SECRET, check=True):
 
 
 def test_aws_cli_invoke_and_event_invoke_config(esmd, db, endpoint, tmp_path):
-    proc = esmd(config(db, endpoint), env=FAST)
+    proc = esmd(fast(config(db, endpoint)))
     out = tmp_path / "out.json"
     endpoint.script([Response(200, {"hello": "cli"})])
     r = aws(proc, "invoke", "--function-name", "fn", "--payload", '{"from":"cli"}', str(out))
@@ -461,7 +466,7 @@ def test_aws_cli_invoke_and_event_invoke_config(esmd, db, endpoint, tmp_path):
 
 
 def test_sigv4_refusals(esmd, db, endpoint):
-    proc = esmd(config(db, endpoint), env=FAST)
+    proc = esmd(fast(config(db, endpoint)))
     url = "%s/2015-03-31/functions/fn/invocations" % proc.admin
     bad = ("AWS4-HMAC-SHA256 Credential=%s/20240101/us-east-1/lambda/aws4_request, "
            "SignedHeaders=host;x-amz-date, Signature=%s" % (AKID, "0" * 64))
@@ -500,7 +505,7 @@ def _flood(proc, n, threads, accepted, lock, stop):
 
 def test_async_kill9_loses_no_accepted_event(esmd, postgres, db, endpoint):
     endpoint.delay(0.005)
-    proc = esmd(config(db, endpoint), env=dict(FAST, ESMD_INSTANCE_ID="k"))
+    proc = esmd(fast(config(db, endpoint)), env=dict(ESMD_INSTANCE_ID="k"))
     accepted, lock, stop = {}, threading.Lock(), threading.Event()
     ts = _flood(proc, 3000, 16, accepted, lock, stop)
     wait(lambda: len(accepted) >= 800, what="some 202s")
@@ -519,8 +524,8 @@ def test_async_kill9_loses_no_accepted_event(esmd, postgres, db, endpoint):
 def test_async_two_instances_share_the_queue(esmd, postgres, db, endpoint):
     endpoint.delay(0.002)
     cfg = config(db, endpoint)
-    a = esmd(cfg, env=dict(FAST, ESMD_INSTANCE_ID="a"))
-    b = esmd(cfg, env=dict(FAST, ESMD_INSTANCE_ID="b"))
+    a = esmd(fast(cfg), env=dict(ESMD_INSTANCE_ID="a"))
+    b = esmd(fast(cfg), env=dict(ESMD_INSTANCE_ID="b"))
     accepted, lock, stop = {}, threading.Lock(), threading.Event()
     ts = _flood(a, 1000, 8, accepted, lock, stop) + _flood(b, 1000, 8, {}, lock, stop)
     for t in ts:
@@ -543,7 +548,7 @@ def test_claims_do_not_scan_the_whole_queue(esmd, postgres, db, endpoint):
     sequential scan but the one at start that hands back this instance's leases."""
     cfg = config(db, endpoint)
     cfg["functions"]["fn"]["max_concurrency"] = 32
-    proc = esmd(cfg, env=FAST)  # creates the schema
+    proc = esmd(fast(cfg))  # creates the schema
     proc.stop()
     postgres.sql("INSERT INTO esmd.async_events (function, request_id, payload) "
                  "SELECT 'fn', gen_random_uuid(), '{\"n\":' || g || '}' "
@@ -572,7 +577,7 @@ def test_failing_claims_are_retried_at_the_poll_interval(esmd, postgres, db, end
     """A claim that fails (here: a column renamed under esmd) is logged and retried at the next
     poll, not at once: it once retried in a loop, thousands of statements a second against a
     database that was already in trouble. Once the table is right again the queue runs."""
-    proc = esmd(config(db, endpoint), env=FAST)  # polls every 100 ms
+    proc = esmd(fast(config(db, endpoint)))  # polls every 100 ms
     postgres.sql("ALTER TABLE esmd.async_events RENAME COLUMN payload TO payload_moved", db[1])
     time.sleep(3)
 
@@ -593,7 +598,7 @@ def test_many_concurrent_clients_all_answered(esmd, db, endpoint):
     alone, then Event). The listener's thread once ran libmicrohttpd in epoll mode, where a
     burst of exactly as many ready connections as its event array holds (128) could leave
     resumed connections unserved until they timed out: clients stalled for a minute."""
-    proc = esmd(config(db, endpoint), env=dict(FAST, ESMD_ASYNC_WORKERS="0"))
+    proc = esmd(fast(config(db, endpoint), workers=False))
     load = servers.binary("asyncload")
     for clients, kind in ((128, "DryRun"), (256, "DryRun"), (128, "Event"), (128, "DryRun"),
                           (129, "DryRun"), (128, "DryRun"), (200, "Event"), (128, "DryRun")):

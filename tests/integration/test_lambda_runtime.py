@@ -22,8 +22,13 @@ from lambda_rie import Rie, function
 from servers import wait_for
 
 TOKEN = "rie-test-token"
-FAST_ASYNC = {"ESMD_ASYNC_RETRY_BASE_MS": "300", "ESMD_ASYNC_BACKOFF_BASE_MS": "100",
-              "ESMD_ASYNC_BACKOFF_CAP_MS": "400", "ESMD_ASYNC_POLL_MS": "100"}
+FAST_ASYNC = {"retry_base": "300ms", "backoff_base": "100ms", "backoff_cap": "400ms",
+              "poll_interval": "100ms"}  # async_queue (docs/configuration.md)
+
+
+def fast_async(cfg):
+    """cfg with the async queue's retry delays and poll interval shortened."""
+    return dict(cfg, async_queue=FAST_ASYNC)
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
@@ -140,8 +145,9 @@ def test_rie_answers_and_serves_one_invocation_at_a_time(rie):
 def test_async_handler_exception_retried_then_on_failure_and_dead_letter(rie, esmd, postgres, db,
                                                                          sink):
     r = rie("async_handler.handler")
-    proc = esmd(async_config(db, r, {"maximum_retry_attempts": 1, "on_failure": sink.url,
-                                     "dead_letter": "pgqueue://fn_dlq"}), env=FAST_ASYNC)
+    proc = esmd(fast_async(async_config(db, r, {"maximum_retry_attempts": 1,
+                                                "on_failure": sink.url,
+                                                "dead_letter": "pgqueue://fn_dlq"})))
     payload = {"id": "e1", "fail_times": 99, "order": [1, 2]}
     rid = invoke_event(proc, payload)
     wait_for(lambda: sink.snapshot(), 60, 0.1, "the on-failure record")
@@ -178,8 +184,9 @@ def test_async_handler_exception_retried_then_on_failure_and_dead_letter(rie, es
 
 def test_async_handler_fails_once_then_succeeds(rie, esmd, db, sink):
     r = rie("async_handler.handler")
-    proc = esmd(async_config(db, r, {"maximum_retry_attempts": 2, "on_success": sink.url,
-                                     "on_failure": sink.url}), env=FAST_ASYNC)
+    proc = esmd(fast_async(async_config(db, r, {"maximum_retry_attempts": 2,
+                                                "on_success": sink.url,
+                                                "on_failure": sink.url})))
     payload = {"id": "e2", "fail_times": 1}
     rid = invoke_event(proc, payload)
     wait_for(lambda: sink.snapshot(), 60, 0.1, "the success record")
@@ -199,8 +206,8 @@ def test_async_rie_timeout_is_a_retried_failure(rie, esmd, db, sink):
     text `Task timed out after 1.00 seconds` (and restarts the runtime); esmd takes that as a
     timeout, which for the async queue is a function error: retried, then RetriesExhausted."""
     r = rie("async_handler.handler", timeout=1)
-    proc = esmd(async_config(db, r, {"maximum_retry_attempts": 1, "on_failure": sink.url}),
-                env=FAST_ASYNC)
+    proc = esmd(fast_async(async_config(db, r, {"maximum_retry_attempts": 1,
+                                                "on_failure": sink.url})))
     payload = {"id": "slow", "sleep": 3}
     rid = invoke_event(proc, payload)
     wait_for(lambda: sink.snapshot(), 60, 0.1, "the on-failure record")
@@ -222,8 +229,9 @@ def test_async_rie_timeout_is_a_retried_failure(rie, esmd, db, sink):
 
 def test_async_burst_through_one_rie_with_max_concurrency_1(rie, esmd, db, sink):
     r = rie("async_handler.handler")
-    proc = esmd(async_config(db, r, {"maximum_retry_attempts": 0, "on_success": sink.url,
-                                     "on_failure": sink.url}), env=FAST_ASYNC)
+    proc = esmd(fast_async(async_config(db, r, {"maximum_retry_attempts": 0,
+                                                "on_success": sink.url,
+                                                "on_failure": sink.url})))
     n = 20
     for i in range(n):
         invoke_event(proc, {"id": "b%d" % i, "sleep": 0.05})

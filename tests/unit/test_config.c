@@ -113,6 +113,15 @@ static void test_good_full(void **state)
     assert_string_equal(cfg->admin.token, "s3cret-token");
     assert_string_equal(cfg->admin.access_key_id, "esmd-admin");
     assert_string_equal(cfg->admin.secret_access_key, "aws-secret");
+    const struct esmd_async_queue_cfg *aq = &cfg->async_queue;
+    assert_int_equal(aq->retry_base_ms, 300);
+    assert_int_equal(aq->backoff_base_ms, 100);
+    assert_int_equal(aq->backoff_cap_ms, 120000);
+    assert_int_equal(aq->poll_ms, 50);
+    assert_int_equal(aq->lease_ms, 90000);
+    assert_int_equal(aq->max_payload, 256 * 1024);
+    assert_false(aq->workers);
+    assert_int_equal(aq->insert_connections, 4);
 
     assert_int_equal(cfg->nconnections, 2);
     const struct esmd_conn_cfg *k = esmd_config_connection(cfg, "main-kafka");
@@ -258,6 +267,15 @@ static void test_good_minimal_defaults(void **state)
     assert_null(cfg->admin.token);
     assert_null(cfg->admin.access_key_id);
     assert_null(cfg->admin.secret_access_key);
+    const struct esmd_async_queue_cfg *aq = &cfg->async_queue;
+    assert_int_equal(aq->retry_base_ms, 60000);
+    assert_int_equal(aq->backoff_base_ms, 1000);
+    assert_int_equal(aq->backoff_cap_ms, 300000);
+    assert_int_equal(aq->poll_ms, 1000);
+    assert_int_equal(aq->lease_ms, -1);
+    assert_int_equal(aq->max_payload, 1048576);
+    assert_true(aq->workers);
+    assert_int_equal(aq->insert_connections, 2);
     assert_int_equal(cfg->connections[0].properties.n, 0);
     const struct esmd_function_cfg *fn = &cfg->functions[0];
     assert_int_equal(fn->timeout_ms, 30000);
@@ -438,6 +456,18 @@ static void test_error_ranges(void **state)
     expect_errors("postgres: x\nfunctions: { f: { url: \"http://h/\", timeout: 30 } }\n", 0,
                   "test.yaml:2:46: functions.f.timeout: timeout needs a unit: ms, s, m or h, got "
                   "30");
+    expect_errors("postgres: x\nasync_queue: { max_payload: 7MB, poll_interval: 5ms, lease: 0s, "
+                  "insert_connections: 9, workers: 0 }\n",
+                  0,
+                  "test.yaml:2:29: async_queue.max_payload: max_payload must be an integer from "
+                  "1 to 6291456, got 7MB\n"
+                  "test.yaml:2:49: async_queue.poll_interval: poll_interval must be a duration "
+                  "from 10ms to 60s, got 5ms\n"
+                  "test.yaml:2:61: async_queue.lease: lease must be -1 or a duration from 1s to "
+                  "1h, got 0s\n"
+                  "test.yaml:2:85: async_queue.insert_connections: insert_connections must be an "
+                  "integer from 1 to 8, got 9\n"
+                  "test.yaml:2:97: async_queue.workers: workers must be true or false, got 0");
 }
 
 static void test_error_references(void **state)
@@ -510,7 +540,7 @@ static void test_env_expansion(void **state)
     /* Keys are not expanded; an unknown ${...} key is just an unknown key. */
     expect_errors("postgres: x\n${ESMD_TEST_HOST}: 1\n", 0,
                   "test.yaml:2:1: ${ESMD_TEST_HOST}: unknown key \"${ESMD_TEST_HOST}\" (allowed: "
-                  "postgres, aws, admin, connections, functions, mappings)");
+                  "postgres, aws, admin, async_queue, connections, functions, mappings)");
 }
 
 /* ---- filters as JSON ---- */
@@ -845,6 +875,7 @@ static const struct section sections[] = {
     {"aws", "postgres: x\naws: { zz_unknown: 1 }\n"},
     {"admin", "postgres: x\nadmin: { zz_unknown: 1 }\n"},
     {"aws_credentials", "postgres: x\nadmin: { aws_credentials: { zz_unknown: 1 } }\n"},
+    {"async_queue", "postgres: x\nasync_queue: { zz_unknown: 1 }\n"},
     {"kafka_connection", "postgres: x\nconnections: { k: { type: kafka, zz_unknown: 1 } }\n"},
     {"redis_connection", "postgres: x\nconnections: { k: { type: redis, zz_unknown: 1 } }\n"},
     {"function", "postgres: x\nfunctions: { f: { zz_unknown: 1 } }\n"},

@@ -435,6 +435,38 @@ static void test_async_order_params_errors(void **state)
     assert_string_equal(bin.value2, "00112233-4455-6677-8899-aabbccddeeff");
     assert_int_equal(g_reentrant, 0);
 
+    /* int4, int8 and NULL elements */
+    struct esmd_pg_array ia, la, na;
+    esmd_pg_array_start(&ia, ESMD_PG_OID_INT4);
+    esmd_pg_array_add_int4(&ia, -7);
+    esmd_pg_array_add_int4(&ia, 2147483647);
+    esmd_pg_array_finish(&ia);
+    esmd_pg_array_start(&la, ESMD_PG_OID_INT8);
+    esmd_pg_array_add_int8(&la, -5000000000LL);
+    esmd_pg_array_add_int8(&la, 9007199254740993LL);
+    esmd_pg_array_finish(&la);
+    esmd_pg_array_start(&na, ESMD_PG_OID_TEXT);
+    esmd_pg_array_add(&na, "x", 1);
+    esmd_pg_array_add_null(&na);
+    esmd_pg_array_add(&na, "", 0);
+    esmd_pg_array_finish(&na);
+    const char *np[] = {ia.buf.data, la.buf.data, na.buf.data};
+    const int nl[] = {(int)ia.buf.len, (int)la.buf.len, (int)na.buf.len}, nf[] = {1, 1, 1};
+    struct outcome nums = {0};
+    assert_int_equal(esmd_pg_query_binary(pg,
+                                          "SELECT array_to_string($1::int[], ',') || ';' || "
+                                          "array_to_string($2::bigint[], ','), "
+                                          "array_to_string($3::text[], ',', 'NULL')",
+                                          3, np, nl, nf, on_result, &nums),
+                     0);
+    esmd_buf_free(&ia.buf);
+    esmd_buf_free(&la.buf);
+    esmd_buf_free(&na.buf);
+    assert_true(esmd_test_run_until(loop, cond_called, &nums, 10));
+    assert_string_equal(nums.err, "");
+    assert_string_equal(nums.value, "-7,2147483647;-5000000000,9007199254740993");
+    assert_string_equal(nums.value2, "x,NULL,");
+
     esmd_pg_free(pg);
     ev_loop_destroy(loop);
 }
