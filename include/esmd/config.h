@@ -199,12 +199,13 @@ enum esmd_cfg_type {
     ESMD_CFG_DURATION,   /* int64_t milliseconds in min..max */
     ESMD_CFG_ENUM,       /* enum (int) indexing names */
     ESMD_CFG_DEST,       /* char *: destination URI, checked when the whole file is read */
-    ESMD_CFG_CONNECTION, /* char *: the name of a connection of the connector's own kind; the
-                          * resolved const struct esmd_conn_cfg * is stored at `aux` */
+    ESMD_CFG_CONNECTION, /* source tables only: char *, the name of a connection of the
+                          * connector's own kind; the resolved const struct esmd_conn_cfg * is
+                          * stored at `aux` */
     ESMD_CFG_NAMES,      /* char ** at offset, size_t count at aux: one `item` name or a
                           * non-empty list of them, each passing check(), none twice */
     ESMD_CFG_UNIX_TIME,  /* int64_t milliseconds: a Unix time in seconds, not in the future */
-    ESMD_CFG_PROPERTIES, /* struct esmd_kvlist: name -> scalar, kept as written */
+    ESMD_CFG_PROPERTIES, /* struct esmd_kvlist: name -> scalar, kept as written; check_kv() */
     ESMD_CFG_CUSTOM,     /* src/config.c's own sections: read() */
 };
 
