@@ -339,8 +339,10 @@ enum esmd_sigv4_result esmd_admin_sigv4_check(const char *access_key_id, const c
 
     /* canonical request */
     esmd_buf_printf(&creq, "%s\n", method);
-    uri_encode(&tmp, path, strlen(path), true);                 /* as sent */
-    uri_encode(&creq, tmp.data ? tmp.data : "", tmp.len, true); /* and encoded again */
+    /* The path as sent, encoded once more: what the SDKs sign for every service but S3 (an
+     * SDK sends /a%3Ab and signs /a%253Ab). Not the decoded path: /a%2Fb and /a/b, /x%00y and
+     * /x would sign alike. */
+    uri_encode(&creq, path, strlen(path), true);
     esmd_buf_printf(&creq, "\n%s\n", canonical_query ? canonical_query : "");
     {
         char copy[1024], *save = NULL;
@@ -493,7 +495,7 @@ static enum esmd_http_auth auth_check(const struct esmd_admin_auth *a, struct es
         esmd_http_req_query_each(req, q_add, &q);
         esmd_admin_sigv4_query(&cq, q.names, q.values, q.n);
         r = esmd_admin_sigv4_check(a->access_key_id, a->secret, "lambda", authz,
-                                   esmd_http_req_method(req), esmd_http_req_path(req),
+                                   esmd_http_req_method(req), esmd_http_req_raw_path(req),
                                    esmd_buf_cstr(&cq), body, len, req_header, req, esmd_now_ms(),
                                    why, sizeof(why));
         free(q.names);

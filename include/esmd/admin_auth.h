@@ -69,7 +69,8 @@ enum esmd_sigv4_result {
 typedef const char *(*esmd_sigv4_header_fn)(void *ud, const char *name);
 
 /* Verifies a SigV4 Authorization header for `service` ("lambda" for the admin API; any region).
- * method; path: the decoded request path (no query; it is encoded as the AWS SDKs do);
+ * method; path: the request path as sent, percent-encoding kept (no query; it is encoded once
+ * more, as the AWS SDKs do for every service but S3);
  * canonical_query: the canonical query string (esmd_admin_sigv4_query(); "" when none);
  * body/len: the payload, or NULL when it has not been read yet (then the payload hash is the
  * X-Amz-Content-Sha256 header's, and without one the result is at best

@@ -2,7 +2,7 @@
  * (scheme, Credential, SignedHeaders, Signature), the X-Amz-Date and X-Amz-Content-Sha256
  * checks, the canonical query (esmd_admin_sigv4_query: URI encoding, sorting) and the canonical
  * request (path encoding, header trimming). Input, one field a line:
- *   Authorization value, method, decoded path, then "name: value" headers and "?name=value"
+ *   Authorization value, method, path as sent, then "name: value" headers and "?name=value"
  *   query arguments ("?name" without '=': no value), up to an empty line; the body after it
  *   ("no body line": the check from the headers alone only).
  * Oracle: a request refused from its headers is refused with its body too, and the check with
