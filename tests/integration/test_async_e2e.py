@@ -593,6 +593,25 @@ def test_failing_claims_are_retried_at_the_poll_interval(esmd, postgres, db, end
     wait(lambda: len(endpoint.ok_requests()) == 1, what="the event invoked after the repair")
 
 
+def test_failed_settle_deletes_are_retried(esmd, postgres, db, endpoint):
+    """A settle statement that fails (here: a column renamed under esmd while an invocation is in
+    flight) has its deletes sent again a second later: the finished event is deleted once the
+    table is right, not invoked a second time when its lease (40 s here) ends."""
+    endpoint.delay(2)
+    proc = esmd(fast(config(db, endpoint)))
+    assert invoke(proc, "fn", {"once": 1}).status_code == 202
+    wait(lambda: len(endpoint.snapshot()) == 1, what="the invocation started")
+    postgres.sql("ALTER TABLE esmd.async_events RENAME COLUMN last_error TO last_error_moved",
+                 db[1])
+    wait(lambda: any("settling events failed" in (l.get("msg") or "") for l in proc.log_lines()),
+         what="the failed settle")
+    time.sleep(1.5)
+    postgres.sql("ALTER TABLE esmd.async_events RENAME COLUMN last_error_moved TO last_error",
+                 db[1])
+    wait(lambda: queue_len(postgres, db) == 0, timeout=10, what="the event deleted")
+    assert len(endpoint.ok_requests()) == 1
+
+
 def test_many_concurrent_clients_all_answered(esmd, db, endpoint):
     """128 and more keep-alive clients at once, every request answered (DryRun: the HTTP path
     alone, then Event). The listener's thread once ran libmicrohttpd in epoll mode, where a
