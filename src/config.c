@@ -13,6 +13,7 @@
  * Every problem is appended to the error list; reading goes on after an error, so one run reports
  * them all. The errors of one load are sorted by position at the end. */
 #include "esmd/config.h"
+#include "esmd/destination.h"
 
 #include "esmd/buf.h"
 #include "esmd/connector.h"
@@ -2008,73 +2009,32 @@ static const struct esmd_cfg_key top_keys[] = {
 
 /* ---- destinations ---- */
 
-#define DEST_FORMS                                                                                 \
-    "function://NAME, http(s)://..., kafka://CONNECTION/TOPIC, redis://CONNECTION/STREAM or "      \
-    "pgqueue://QUEUE"
-
-/* Splits "CONNECTION/REST"; false when either part is empty or the connection name is wrong. */
-static bool split_conn(const char *s, char *conn, size_t connlen, const char **rest)
+/* Lookups through the loader's indexes, for the destination parser. */
+static const struct esmd_conn_cfg *dest_connection(void *ud, const char *name)
 {
-    const char *slash = strchr(s, '/');
-    if (!slash || slash == s || (size_t)(slash - s) >= connlen || !slash[1])
-        return false;
-    memcpy(conn, s, (size_t)(slash - s));
-    conn[slash - s] = '\0';
-    *rest = slash + 1;
-    return esmd_config_valid_name(conn);
+    struct esmd_cfg_loader *ld = ud;
+    const struct node_pair *p = map_find(ld->connections, name);
+    return p ? &ld->cfg->connections[p - ld->connections->pairs] : NULL;
 }
 
+static const struct esmd_function_cfg *dest_function(void *ud, const char *name)
+{
+    struct esmd_cfg_loader *ld = ud;
+    const struct node_pair *p = map_find(ld->functions, name);
+    return p ? &ld->cfg->functions[p - ld->functions->pairs] : NULL;
+}
+
+/* The destination module's own parser (src/destination.c), the one the running service uses. */
 static bool check_destination(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
                               const char *uri)
 {
-    char conn[80];
-    const char *rest;
-    if (has_prefix(uri, "function://")) {
-        rest = uri + strlen("function://");
-        if (!valid_function_name(rest)) {
-            ld_err(ld, n, "%s must be function://NAME (NAME " FUNCTION_NAME_RULE "), got %s",
-                   node_name(ld, n), show(ld, n));
-            return false;
-        }
-        return resolve_function(ld, n, rest) != NULL;
+    char err[600];
+    const struct esmd_dests_names names = {ld->cfg, dest_connection, dest_function, ld};
+    if (esmd_dests_check_uri(&names, uri, err, sizeof(err)) != 0) {
+        ld_err(ld, n, "%s", err);
+        return false;
     }
-    if (has_prefix(uri, "http://") || has_prefix(uri, "https://")) {
-        if (!valid_http_url(uri)) {
-            ld_err(ld, n, "%s must be an http:// or https:// URL, got %s", node_name(ld, n),
-                   show(ld, n));
-            return false;
-        }
-        return true;
-    }
-    if (has_prefix(uri, "kafka://")) {
-        if (!split_conn(uri + strlen("kafka://"), conn, sizeof(conn), &rest) ||
-            !esmd_config_valid_topic(rest)) {
-            ld_err(ld, n,
-                   "%s must be kafka://CONNECTION/TOPIC (TOPIC " ESMD_CFG_TOPIC_RULE "), got %s",
-                   node_name(ld, n), show(ld, n));
-            return false;
-        }
-        return resolve_conn(ld, n, conn, ESMD_CONN_KAFKA, "destination") != NULL;
-    }
-    if (has_prefix(uri, "redis://")) {
-        if (!split_conn(uri + strlen("redis://"), conn, sizeof(conn), &rest) || has_space(rest)) {
-            ld_err(ld, n, "%s must be redis://CONNECTION/STREAM, got %s", node_name(ld, n),
-                   show(ld, n));
-            return false;
-        }
-        return resolve_conn(ld, n, conn, ESMD_CONN_REDIS, "destination") != NULL;
-    }
-    if (has_prefix(uri, "pgqueue://")) {
-        if (!esmd_config_valid_name(uri + strlen("pgqueue://"))) {
-            ld_err(ld, n, "%s must be pgqueue://QUEUE (QUEUE " ESMD_CFG_NAME_RULE "), got %s",
-                   node_name(ld, n), show(ld, n));
-            return false;
-        }
-        return true;
-    }
-    ld_err(ld, n, "%s must be a destination URI (" DEST_FORMS "), got %s", node_name(ld, n),
-           show(ld, n));
-    return false;
+    return true;
 }
 
 static void check_destinations(struct esmd_cfg_loader *ld)

@@ -1,6 +1,10 @@
 /* Redis connections shared by the Redis source and the redis:// writer
- * (include/esmd/redis_link.h): the URL parser. */
+ * (include/esmd/redis_link.h): the URL parser and the link setup. */
 #include "esmd/redis_link.h"
+
+#include <ev.h>
+#include <hiredis/adapters/libev.h>
+#include <hiredis/async.h>
 
 #include <hiredis/hiredis.h>
 #include <stdio.h>
@@ -150,4 +154,69 @@ int esmd_redis_url_parse(const char *url, struct esmd_redis_url *u, char *err, s
 fail:
     esmd_redis_url_free(u);
     return ESMD_EINVAL;
+}
+
+/* ---- the link ---- */
+
+static bool link_setup_cmd(redisAsyncContext *ac, const struct esmd_redis_link_cbs *cbs,
+                           const char *what, int argc, const char **argv, int *nsetup)
+{
+    size_t lens[3];
+    for (int i = 0; i < argc; i++)
+        lens[i] = strlen(argv[i]);
+    if (redisAsyncCommandArgv(ac, cbs->on_setup, (void *)what, argc, argv, lens) != REDIS_OK)
+        return false;
+    (*nsetup)++;
+    return true;
+}
+
+redisAsyncContext *esmd_redis_link_open(struct ev_loop *loop, const struct esmd_redis_url *u,
+                                        const char *client_name,
+                                        const struct esmd_redis_link_cbs *cbs, void *data,
+                                        int *nsetup, char *err, size_t errlen)
+{
+    *nsetup = 0;
+    redisAsyncContext *ac = redisAsyncConnect(u->host, u->port);
+    if (!ac || ac->err) {
+        snprintf(err, errlen, "redis %s:%d: cannot connect: %s", u->host, u->port,
+                 ac ? ac->errstr : "out of memory");
+        if (ac)
+            redisAsyncFree(ac);
+        return NULL;
+    }
+    ac->data = data;
+    redisEnableKeepAlive(&ac->c); /* best effort: notices a dead peer on an idle link */
+    redisLibevAttach(loop, ac);
+    redisAsyncSetConnectCallback(ac, cbs->on_connect);
+    redisAsyncSetDisconnectCallback(ac, cbs->on_disconnect);
+    /* queued now, written once connected */
+    bool ok = true;
+    if (u->password) {
+        const char *argv[3] = {"AUTH", u->user ? u->user : u->password, u->password};
+        ok = link_setup_cmd(ac, cbs, "AUTH", u->user ? 3 : 2, argv, nsetup);
+    }
+    if (ok && u->db != 0) {
+        char db[16];
+        snprintf(db, sizeof(db), "%d", u->db);
+        const char *argv[2] = {"SELECT", db};
+        ok = link_setup_cmd(ac, cbs, "SELECT", 2, argv, nsetup);
+    }
+    if (ok) {
+        char *name = esmd_xstrdup(client_name);
+        for (char *p = name; *p; p++)
+            if ((unsigned char)*p <= 0x20 || (unsigned char)*p >= 0x7f)
+                *p = '_';
+        const char *argv[3] = {"CLIENT", "SETNAME", name};
+        ok = link_setup_cmd(ac, cbs, "CLIENT SETNAME", 3, argv, nsetup);
+        free(name);
+    }
+    if (!ok) {
+        snprintf(err, errlen, "redis %s:%d: cannot send the connection setup: %s", u->host, u->port,
+                 ac->errstr[0] ? ac->errstr : "connection closing");
+        ac->data = NULL; /* the callbacks see a context that is not theirs */
+        redisAsyncFree(ac);
+        *nsetup = 0;
+        return NULL;
+    }
+    return ac;
 }

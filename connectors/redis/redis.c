@@ -37,7 +37,6 @@
 #include "esmd/log.h"
 
 #include <ev.h>
-#include <hiredis/adapters/libev.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <stdarg.h>
@@ -517,39 +516,11 @@ static void on_setup(redisAsyncContext *ac, void *reply, void *privdata)
         session_up(rc);
 }
 
-/* Queues AUTH / SELECT / CLIENT SETNAME on a link being opened. */
-static bool setup_link(struct esmd_redis *rc, int which)
-{
-    struct cmd *c = &rc->cmd;
-    if (rc->url.password) {
-        cmd_reset(c);
-        cmd_adds(c, "AUTH");
-        if (rc->url.user)
-            cmd_adds(c, rc->url.user);
-        cmd_adds(c, rc->url.password);
-        if (!send_cmd(rc, which, on_setup, "AUTH"))
-            return false;
-        rc->setup_waiting++;
-    }
-    if (rc->url.db != 0) {
-        char db[16];
-        snprintf(db, sizeof(db), "%d", rc->url.db);
-        cmd_reset(c);
-        cmd_adds(c, "SELECT");
-        cmd_adds(c, db);
-        if (!send_cmd(rc, which, on_setup, "SELECT"))
-            return false;
-        rc->setup_waiting++;
-    }
-    cmd_reset(c);
-    cmd_adds(c, "CLIENT");
-    cmd_adds(c, "SETNAME");
-    cmd_adds(c, rc->client_name[which]);
-    if (!send_cmd(rc, which, on_setup, "CLIENT SETNAME"))
-        return false;
-    rc->setup_waiting++;
-    return true;
-}
+static const struct esmd_redis_link_cbs link_cbs = {
+    .on_connect = on_connect,
+    .on_disconnect = on_disconnect,
+    .on_setup = on_setup,
+};
 
 static void session_start(struct esmd_redis *rc)
 {
@@ -559,27 +530,21 @@ static void session_start(struct esmd_redis *rc)
     rc->setup_waiting = 0;
     rc->read_client_id = -1;
     rc->session_started = ev_now(rc->host->loop);
+    /* AUTH, SELECT and CLIENT SETNAME are queued now and written once connected */
     for (int i = 0; i < NLINKS; i++) {
-        redisAsyncContext *ac = redisAsyncConnect(rc->url.host, rc->url.port);
-        if (!ac || ac->err) {
-            char why[160];
-            snprintf(why, sizeof(why), "%s", ac ? ac->errstr : "out of memory");
-            if (ac)
-                redisAsyncFree(ac);
-            session_fail(rc, "redis %s:%d: cannot connect: %s", rc->url.host, rc->url.port, why);
+        char why[300];
+        int nsetup;
+        redisAsyncContext *ac = esmd_redis_link_open(rc->host->loop, &rc->url, rc->client_name[i],
+                                                     &link_cbs, rc, &nsetup, why, sizeof(why));
+        if (!ac) {
+            session_fail(rc, "%s", why);
             return;
         }
-        ac->data = rc;
-        redisEnableKeepAlive(&ac->c); /* best effort: notices a dead peer on an idle link */
-        redisLibevAttach(rc->host->loop, ac);
-        redisAsyncSetConnectCallback(ac, on_connect);
-        redisAsyncSetDisconnectCallback(ac, on_disconnect);
         rc->link[i].ac = ac;
-        rc->link[i].waiting = 0;
+        rc->link[i].waiting = (unsigned)nsetup;
+        rc->link[i].busy_since = ev_now(rc->host->loop);
+        rc->setup_waiting += nsetup;
     }
-    /* commands are queued now and written once connected */
-    if (!setup_link(rc, LINK_READ) || !setup_link(rc, LINK_CMD))
-        return;
     struct cmd *c = &rc->cmd;
     cmd_reset(c);
     cmd_adds(c, "CLIENT");

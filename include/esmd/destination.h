@@ -32,7 +32,8 @@ struct esmd_dests;
 
 /* Creates the router for every destination URI the configuration names (connections are made
  * lazily, on first delivery) and starts the delivery worker (two Postgres connections: sends,
- * worker). cfg is read during the call only (what is needed is copied). conninfo: the service's
+ * worker). cfg is borrowed until esmd_dests_free() (URIs are checked against it, and the
+ * writers read their connections' settings there). conninfo: the service's
  * Postgres (outbox; migrations applied). instance_id: the stable id of this process (leases;
  * rows held by an earlier process with the same id are released at once). NULL with err. */
 struct esmd_dests *esmd_dests_new(struct ev_loop *loop, const struct esmd_config *cfg,
@@ -80,6 +81,25 @@ void esmd_dests_set_function_sink(struct esmd_dests *d, esmd_dests_function_sink
  * (function://) is. Returns 0, or ESMD_EINVAL with the reason in err. For the admin API. */
 int esmd_dests_check(const struct esmd_dests *d, const char *uri, char *err,
                      size_t errlen) ESMD_MUST_CHECK;
+
+/* Where the connection and function names of destination URIs are looked up: cfg, by
+ * esmd_config_connection() / esmd_config_function() unless the lookups are given (the
+ * configuration loader gives its indexes, so that checking every URI of a file stays linear).
+ * Borrowed. */
+struct esmd_dests_names {
+    const struct esmd_config *cfg;
+    const struct esmd_conn_cfg *(*connection)(void *ud, const char *name);   /* NULL ok */
+    const struct esmd_function_cfg *(*function)(void *ud, const char *name); /* NULL ok */
+    void *ud;
+};
+
+/* Whether uri is a destination a router made from this configuration can store, by the same
+ * parser as esmd_dests_check() (the configuration loader checks every destination URI with it,
+ * so that check-config and run refuse the same URIs): a well-formed URI whose connection
+ * (kafka://, redis://) or function (function://) the configuration defines. Returns 0, or
+ * ESMD_EINVAL with the reason in err (the URI named). */
+int esmd_dests_check_uri(const struct esmd_dests_names *names, const char *uri, char *err,
+                         size_t errlen) ESMD_MUST_CHECK;
 
 /* Graceful stop: no new claims; writes in progress finish; done(ud) when idle (sends and
  * writes finished, at most 40 s), from the loop, never inside this call. Then free. */

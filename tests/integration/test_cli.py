@@ -94,6 +94,20 @@ def test_run_refuses_a_bad_config():
             assert line in r.stderr
 
 
+def test_run_and_check_config_refuse_the_same_destinations():
+    """Destination URIs (and the Redis URLs of the connections redis:// destinations name) go
+    through the parsers the running service uses: run refuses destinations.yaml with exactly the
+    lines check-config prints."""
+    with open(os.path.join(BAD_DIR, "destinations.expected")) as f:
+        expected = f.read().splitlines()
+    assert any("99999999" in line for line in expected)
+    assert any("rediss://" in line for line in expected)
+    r = esmd("run", "-c", "destinations.yaml", cwd=BAD_DIR, timeout=30)
+    assert r.returncode == 1
+    for line in expected:
+        assert line in r.stderr
+
+
 def test_migrate_applies_once(postgres, tmp_path):
     db = "migrate_%d" % os.getpid()
     url = postgres.create_db(db)

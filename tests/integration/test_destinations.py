@@ -1,6 +1,6 @@
-"""Destinations through the Postgres outbox (src/destination.c, docs/destinations.md), driven by
-build/desttool against real servers: Postgres and Redis from the fixtures, librdkafka's mock
-cluster (the `kafka` fixture), the recording HTTP endpoint.
+"""Destinations through the Postgres outbox (src/outbox.c, src/dest_*.c, docs/destinations.md),
+driven by build/desttool against real servers: Postgres and Redis from the fixtures, librdkafka's
+mock cluster (the `kafka` fixture), the recording HTTP endpoint.
 
 Every test uses its own database, so the outbox holds only its rows."""
 

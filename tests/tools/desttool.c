@@ -1,4 +1,5 @@
-/* desttool: drives src/destination.c outside a mapping, for tests/integration/test_destinations.py.
+/* desttool: drives the destinations (src/outbox.c) outside a mapping, for
+ * tests/integration/test_destinations.py.
  *
  *   desttool run -c CONFIG [-i INSTANCE] [--send URI]... [--count N] [--key PREFIX] [--tag TAG]
  *                [--body TEXT] [--until-empty] [--report FILE] [--timeout S]

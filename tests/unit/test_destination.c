@@ -1,6 +1,6 @@
-/* Tests for src/destination.c. URI checks, payload checks, readiness detail and shutdown run
- * without a server (the outbox connections are made asynchronously and never succeed). The
- * rest needs a live PostgreSQL: ESMD_TEST_PG holds a libpq conninfo; the test creates a scratch
+/* Tests for src/outbox.c and src/destination.c. URI checks, payload checks, readiness detail and
+ * shutdown run without a server (the outbox connections are made asynchronously and never succeed).
+ * The rest needs a live PostgreSQL: ESMD_TEST_PG holds a libpq conninfo; the test creates a scratch
  * database esmd_test_dest_<pid> there (dropped at the end) and applies the migrations. Without
  * ESMD_TEST_PG those tests are skipped (tests/integration/test_destinations.py runs them
  * against the fixture's server). Kafka, Redis and HTTP end to end: test_destinations.py. */
