@@ -424,6 +424,26 @@ static void test_too_large(void **state)
     free(big);
 }
 
+/* A chunked body past the limit is dropped while it lasts (its 413 comes at its end), but not
+ * forever: more than 6 MB past the limit and the connection is closed unanswered. */
+static void test_endless_chunked_body_cut_off(void **state)
+{
+    struct ctx *c = *state;
+    struct fetch f = {0};
+    size_t n = 2 * (size_t)ESMD_MAX_PAYLOAD + 1024 * 1024;
+    char *big = malloc(n);
+
+    memset(big, 'a', n);
+    assert_int_equal(esmd_http_route(c->http, "POST", "/echo", echo_handler, (void *)0x1), 0);
+    f.body = big;
+    f.body_len = n;
+    f.chunked = true;
+    fetch(c, &f, "POST", "/echo");
+    assert_int_not_equal(f.cc, CURLE_OK);
+    esmd_buf_free(&f.resp);
+    free(big);
+}
+
 /* A route answering later, from a loop timer (the connection is suspended meanwhile). */
 struct later {
     ev_timer timer;
@@ -801,6 +821,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_not_found_and_method, setup, teardown),
         cmocka_unit_test_setup_teardown(test_route, setup, teardown),
         cmocka_unit_test_setup_teardown(test_too_large, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_endless_chunked_body_cut_off, setup, teardown),
         cmocka_unit_test_setup_teardown(test_answer_later, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stop_with_pending, setup, teardown),
         cmocka_unit_test_setup_teardown(test_listen_addresses, setup, teardown),
