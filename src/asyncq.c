@@ -662,11 +662,9 @@ static void aq_inserted(void *ud, struct esmd_leaseq_item *items, bool ok, const
     stop_maybe_done(q);
 }
 
-/* One row of the INSERT: function, request id (16 bytes), payload. */
-static void aq_insert_row(void *ud, struct esmd_leaseq_item *item, struct esmd_pg_array *cols)
+/* The event's request id as a uuid element (16 bytes). */
+static void aq_add_request_id(const struct aq_pending *p, struct esmd_pg_array *arr)
 {
-    struct aq_pending *p = (struct aq_pending *)item;
-    ESMD_UNUSED(ud);
     unsigned char u[16];
     for (size_t i = 0, k = 0; i < 16; k++) {
         if (p->rid[k] == '-')
@@ -674,9 +672,25 @@ static void aq_insert_row(void *ud, struct esmd_leaseq_item *item, struct esmd_p
         u[i++] = (unsigned char)(esmd_hex_digit(p->rid[k]) << 4 | esmd_hex_digit(p->rid[k + 1]));
         k++;
     }
+    esmd_pg_array_add(arr, u, sizeof(u));
+}
+
+/* One row of the INSERT: function, request id (16 bytes), payload. */
+static void aq_insert_row(void *ud, struct esmd_leaseq_item *item, struct esmd_pg_array *cols)
+{
+    struct aq_pending *p = (struct aq_pending *)item;
+    ESMD_UNUSED(ud);
     esmd_pg_array_add(&cols[0], p->f->cfg->name, strlen(p->f->cfg->name));
-    esmd_pg_array_add(&cols[1], u, sizeof(u));
+    aq_add_request_id(p, &cols[1]);
     esmd_pg_array_add(&cols[2], p->payload, p->len);
+}
+
+/* An INSERT cut off by a lost connection: its events are looked up by request id, which esmd
+ * made and the caller has not seen yet (docs/async.md#in-doubt-inserts). */
+static void aq_indoubt_value(void *ud, struct esmd_leaseq_item *item, struct esmd_pg_array *arr)
+{
+    ESMD_UNUSED(ud);
+    aq_add_request_id((const struct aq_pending *)item, arr);
 }
 
 static bool aq_policy_idle(void *ud)
@@ -703,6 +717,10 @@ static const struct esmd_leaseq_policy aq_policy = {
     .insert_max_bytes = AQ_INS_MAX_BYTES,
     .insert_row = aq_insert_row,
     .inserted = aq_inserted,
+    .indoubt_column = "request_id",
+    .indoubt_type = "uuid",
+    .indoubt_oid = ESMD_PG_OID_UUID,
+    .indoubt_value = aq_indoubt_value,
     .retry_ints = aq_retry_ints,
     .retry_texts = aq_retry_texts,
     .room = aq_room,

@@ -71,6 +71,8 @@ struct esmd_leaseq {
     struct esmd_leaseq_item *pend, *pend_tail;
     size_t npend;
     int inserting;
+    int indoubt;       /* INSERTs cut off by a lost connection, being looked up */
+    char *indoubt_sql; /* which of an array of indoubt_column values exist (1-based indexes) */
     bool ins_busy[ESMD_LEASEQ_INSERT_CONNS_MAX];
     ev_timer ins_kick;
 
@@ -104,8 +106,8 @@ static void kick(struct esmd_leaseq *lq, ev_timer *w)
 
 static bool lq_idle(const struct esmd_leaseq *lq)
 {
-    return lq->pend == NULL && lq->inserting == 0 && !lq->settling && lq->ndels == 0 &&
-           lq->nupds == 0 && !lq->claiming && !lq->releasing;
+    return lq->pend == NULL && lq->inserting == 0 && lq->indoubt == 0 && !lq->settling &&
+           lq->ndels == 0 && lq->nupds == 0 && !lq->claiming && !lq->releasing;
 }
 
 void esmd_leaseq_check(struct esmd_leaseq *lq)
@@ -435,7 +437,9 @@ static void claim_done(void *ud, const PGresult *res, const char *err)
  * result's column 0 is the key's index in the claim. */
 static void claim_round(struct esmd_leaseq *lq)
 {
-    if (lq->stopping || lq->closing || !lq->cfg.claims || lq->releasing)
+    /* while an INSERT is in doubt, a row it committed must not be claimed, run and deleted
+     * before the lookup finds it: it would be inserted again */
+    if (lq->stopping || lq->closing || !lq->cfg.claims || lq->releasing || lq->indoubt > 0)
         return;
     if (lq->claiming) {
         lq->claim_again = true;
@@ -591,14 +595,120 @@ void esmd_leaseq_start(struct esmd_leaseq *lq)
 
 static void ins_flush(struct esmd_leaseq *lq);
 
+static bool ins_lost(const struct esmd_leaseq *lq, const PGresult *res, const char *err)
+{
+    return err != NULL && res == NULL && lq->p->indoubt_column != NULL && !lq->closing &&
+           strncmp(err, "connection lost", 15) == 0;
+}
+
+static void indoubt_ask(struct lq_ins *b);
+
+/* The answer to "which of these rows exist": rows 1-based indexes into b->items. */
+static void indoubt_done(void *ud, const PGresult *res, const char *err)
+{
+    struct lq_ins *b = ud;
+    struct esmd_leaseq *lq = b->lq;
+    struct esmd_leaseq_item *items = b->items, *found = NULL, **ftail = &found;
+    struct esmd_leaseq_item *missing = NULL, *mlast = NULL;
+    size_t nfound = 0, nmissing = 0;
+
+    if (ins_lost(lq, res, err)) {
+        indoubt_ask(b); /* lost again: ask again once it is back */
+        return;
+    }
+    lq->indoubt--;
+    free(b);
+    if (err) {
+        /* cannot tell (closing, or the lookup failed): the rows are reported failed */
+        if (!lq->closing) {
+            ESMD_WARN(NULL,
+                      "%s: could not find out whether an INSERT cut off by a lost connection was "
+                      "committed: %s",
+                      lq->p->name, err);
+            esmd_leaseq_more(lq, NULL);
+            esmd_leaseq_check(lq);
+        }
+        lq->p->inserted(lq->ud, items, false, err); /* may free lq */
+        return;
+    }
+    int n = PQntuples(res);
+    size_t i = 1;
+    for (int r = 0; items; i++) {
+        struct esmd_leaseq_item *it = items;
+        items = it->next;
+        it->next = NULL;
+        while (r < n && strtoull(PQgetvalue(res, r, 0), NULL, 10) < i)
+            r++;
+        if (r < n && strtoull(PQgetvalue(res, r, 0), NULL, 10) == i) {
+            *ftail = it;
+            ftail = &it->next;
+            nfound++;
+        } else {
+            if (mlast)
+                mlast->next = it;
+            else
+                missing = it;
+            mlast = it;
+            nmissing++;
+        }
+    }
+    ESMD_INFO(NULL,
+              "%s: of an INSERT cut off by a lost connection, %zu %s were committed and %zu were "
+              "not (inserted again)",
+              lq->p->name, nfound, lq->p->rows, nmissing);
+    if (missing) { /* first in line for the next INSERT, in their order */
+        mlast->next = lq->pend;
+        if (!lq->pend)
+            lq->pend_tail = mlast;
+        lq->pend = missing;
+        lq->npend += nmissing;
+        kick(lq, &lq->ins_kick);
+    }
+    if (lq->indoubt == 0)
+        esmd_leaseq_more(lq, NULL); /* claims may go on */
+    esmd_leaseq_check(lq);
+    if (found)
+        lq->p->inserted(lq->ud, found, true, NULL); /* may free lq */
+}
+
+/* Asks on the INSERT's connection (queued: it runs once the connection is back, before the
+ * INSERTs queued after it) which of b's rows exist. */
+static void indoubt_ask(struct lq_ins *b)
+{
+    struct esmd_leaseq *lq = b->lq;
+    struct esmd_pg_array arr;
+    esmd_pg_array_start(&arr, lq->p->indoubt_oid);
+    for (struct esmd_leaseq_item *it = b->items; it; it = it->next)
+        lq->p->indoubt_value(lq->ud, it, &arr);
+    esmd_pg_array_finish(&arr);
+    const char *params[] = {arr.buf.data};
+    int lengths[] = {(int)arr.buf.len}, formats[] = {1};
+    int rc = esmd_pg_query_binary(lq->ins[b->conn], lq->indoubt_sql, 1, params, lengths, formats,
+                                  indoubt_done, b);
+    esmd_buf_free(&arr.buf);
+    if (rc != 0)
+        indoubt_done(b, NULL, "closed");
+}
+
 static void ins_done(void *ud, const PGresult *res, const char *err)
 {
     struct lq_ins *b = ud;
     struct esmd_leaseq *lq = b->lq;
     struct esmd_leaseq_item *items = b->items;
-    ESMD_UNUSED(res);
     lq->inserting--;
     lq->ins_busy[b->conn] = false;
+    if (ins_lost(lq, res, err)) {
+        /* committed or not? ask once the connection is back; the callers wait for the answer */
+        ESMD_WARN(NULL,
+                  "%s: the connection was lost during an INSERT (%s): finding out which %s "
+                  "were committed before answering for them",
+                  lq->p->name, err, lq->p->rows);
+        lq->indoubt++;
+        indoubt_ask(b);
+        if (lq->pend)
+            kick(lq, &lq->ins_kick);
+        return;
+    }
     free(b);
     if (err && !lq->closing)
         esmd_log_limited(ESMD_LOG_WARN, NULL, "leaseq-insert", "%s: storing %s: %s", lq->p->name,
@@ -755,6 +865,15 @@ struct esmd_leaseq *esmd_leaseq_new(struct ev_loop *loop, const struct esmd_leas
             goto fail;
         }
     }
+    if (policy->indoubt_column) {
+        struct esmd_buf sql = ESMD_BUF_INIT;
+        esmd_buf_printf(&sql,
+                        "SELECT k.i FROM unnest($1::%s[]) WITH ORDINALITY AS k(v, i) WHERE EXISTS "
+                        "(SELECT 1 FROM %s t WHERE t.%s = k.v) ORDER BY k.i",
+                        policy->indoubt_type, policy->table, policy->indoubt_column);
+        lq->indoubt_sql = esmd_xstrdup(esmd_buf_cstr(&sql));
+        esmd_buf_free(&sql);
+    }
     snprintf(name, sizeof(name), "%s-worker", policy->name);
     lq->claim_pg = esmd_pg_new(loop, cfg->conninfo, name, err, errlen);
     if (!lq->claim_pg)
@@ -811,6 +930,7 @@ void esmd_leaseq_free(struct esmd_leaseq *lq)
         free(key->name);
         free(key);
     }
+    free(lq->indoubt_sql);
     free(lq->instance_id);
     free(lq);
 }

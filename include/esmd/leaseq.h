@@ -9,7 +9,9 @@
  *   insert   rows handed to esmd_leaseq_insert() wait while the insert connections are busy and
  *            then go together into one INSERT (group commit), a statement prepared once per
  *            connection whose parameters are binary arrays (one element per row, one array per
- *            column); the policy hears of them (inserted) only after the commit;
+ *            column); the policy hears of them (inserted) only after the commit, and when the
+ *            connection is lost mid-INSERT, only once the engine has found out which rows the
+ *            database has (indoubt_column);
  *   claim    one statement claims due rows for every key that may have some and has room (the
  *            policy says how much): one sub-select per key, each with its own LIMIT, FOR UPDATE
  *            SKIP LOCKED, ordered by (next_attempt_at, id) on the index, joined back to the table
@@ -75,6 +77,17 @@ struct esmd_leaseq_policy {
      * commit (ok) or failure (err: Postgres's message, "closed" when freed). The engine does not
      * touch itself after this call: the policy may free it from here. */
     void (*inserted)(void *ud, struct esmd_leaseq_item *items, bool ok, const char *err);
+    /* In-doubt INSERTs (docs/async.md#in-doubt-inserts). When the connection is lost with an
+     * INSERT in flight, its commit may have happened or not. With indoubt_column set (a column
+     * of the table that holds a value unique to each row, of SQL type indoubt_type and element
+     * OID indoubt_oid), the engine asks, once the connection is back and before this process
+     * claims again, which of the INSERT's rows exist: those are inserted(ok), the others go
+     * into the next INSERT. NULL: such an INSERT is reported failed (inserted(!ok)). */
+    const char *indoubt_column;
+    const char *indoubt_type;
+    unsigned int indoubt_oid;
+    /* Adds item's value of indoubt_column to arr (one element). */
+    void (*indoubt_value)(void *ud, struct esmd_leaseq_item *item, struct esmd_pg_array *arr);
 
     /* The columns esmd_leaseq_retry() sets (NULL-terminated lists): from int4 values, from
      * text values. NULL: none. */
