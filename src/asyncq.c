@@ -492,10 +492,9 @@ static void ev_invoked(void *ud, const struct esmd_invoke_result *res)
         goto out;
     }
     {
-        int64_t delay = esmd_backoff_delay(&q->backoff, ev->throttles, esmd_random64());
-        if (res->retry_after_ms > delay)
-            delay =
-                res->retry_after_ms > q->backoff.cap_ms ? q->backoff.cap_ms : res->retry_after_ms;
+        int64_t delay = esmd_invoke_retry_delay(
+            res, esmd_backoff_delay(&q->backoff, ev->throttles, esmd_random64()),
+            q->backoff.cap_ms);
         ev->throttles++;
         if (now >= deadline) {
             route_failure(ev, "EventAgeExceeded");

@@ -42,6 +42,16 @@ struct esmd_invoke_result {
 
 typedef void (*esmd_invoke_cb)(void *ud, const struct esmd_invoke_result *res);
 
+/* How long to wait before sending again after a failed or throttled invocation: backoff_ms, or
+ * the response's Retry-After when that is longer, honoured up to cap_ms. The one clamp of
+ * Retry-After for every caller (mappings, the async queue). */
+static inline int64_t esmd_invoke_retry_delay(const struct esmd_invoke_result *res,
+                                              int64_t backoff_ms, int64_t cap_ms)
+{
+    int64_t ra = res->retry_after_ms < cap_ms ? res->retry_after_ms : cap_ms;
+    return ra > backoff_ms ? ra : backoff_ms;
+}
+
 /* NULL on failure with the reason in err. */
 struct esmd_invoker *esmd_invoker_new(struct ev_loop *loop, char *err,
                                       size_t errlen) ESMD_MUST_CHECK;
