@@ -1,5 +1,5 @@
 /* Batch accounting: which records fit, and the exact size of the event they make. */
-#include "esmd/batch.h"
+#include "batch_private.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -120,4 +120,32 @@ struct esmd_record *esmd_batch_remove_shard(struct esmd_batch *batch,
     memmove(g, g + 1, (batch->ngroups - idx - 1) * sizeof(*g));
     batch->ngroups--;
     return head;
+}
+
+struct esmd_shard *esmd_shard_new(const char *key, size_t overhead, void *priv)
+{
+    struct esmd_shard *shard = esmd_xcalloc(1, sizeof(*shard));
+    shard->key = esmd_xstrdup(key);
+    shard->overhead = overhead;
+    shard->priv = priv;
+    shard->state = ESMD_SHARD_IDLE;
+    return shard;
+}
+
+void esmd_shard_free(struct esmd_shard *shard)
+{
+    if (!shard)
+        return;
+    free(shard->key);
+    free(shard);
+}
+
+const char *esmd_shard_key(const struct esmd_shard *shard)
+{
+    return shard->key;
+}
+
+void *esmd_shard_priv(const struct esmd_shard *shard)
+{
+    return shard->priv;
 }

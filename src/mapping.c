@@ -1,5 +1,6 @@
 /* One event source mapping: poll → batch → invoke → settle. See include/esmd/mapping.h. */
 #include "esmd/mapping.h"
+#include "batch_private.h"
 #include "esmd/backoff.h"
 #include "esmd/batch.h"
 #include "esmd/connector.h"
@@ -171,20 +172,10 @@ static void release_list(struct esmd_mapping *map, struct esmd_record *rec)
     }
 }
 
-static void shard_free(struct esmd_shard *shard)
-{
-    free(shard->key);
-    free(shard);
-}
-
 static struct esmd_shard *host_shard_open(void *core, const char *key, size_t overhead, void *priv)
 {
     struct esmd_mapping *map = core;
-    struct esmd_shard *shard = esmd_xcalloc(1, sizeof(*shard));
-    shard->key = esmd_xstrdup(key);
-    shard->overhead = overhead;
-    shard->priv = priv;
-    shard->state = ESMD_SHARD_IDLE;
+    struct esmd_shard *shard = esmd_shard_new(key, overhead, priv);
     shard->next = map->shards;
     map->shards = shard;
     map->nshards++;
@@ -222,7 +213,7 @@ static void host_shard_close(void *core, struct esmd_shard *shard)
         shard->revoked = true; /* freed when its batch settles; never acked */
         shard->priv = NULL;
     } else {
-        shard_free(shard);
+        esmd_shard_free(shard);
     }
     map->dirty = true;
 }
@@ -412,7 +403,7 @@ static void inflight_end(struct inflight *inf, bool nack)
         shard->refs--;
         shard->state = ESMD_SHARD_IDLE;
         if (shard->revoked && shard->refs == 0)
-            shard_free(shard);
+            esmd_shard_free(shard);
     }
     free(inf->shards);
     free(inf->todo);
@@ -850,13 +841,9 @@ static void part_failed(struct inflight *inf, const struct esmd_invoke_result *r
         give_up(inf, "RetryAttemptsExhausted");
         return;
     }
-    int64_t delay = esmd_backoff_delay(&map->retry_backoff, inf->attempts - 1, esmd_random64());
-    if (res->retry_after_ms >= 0) {
-        int64_t ra =
-            res->retry_after_ms < RETRY_AFTER_CAP_MS ? res->retry_after_ms : RETRY_AFTER_CAP_MS;
-        if (ra > delay)
-            delay = ra;
-    }
+    int64_t delay = esmd_invoke_retry_delay(
+        res, esmd_backoff_delay(&map->retry_backoff, inf->attempts - 1, esmd_random64()),
+        RETRY_AFTER_CAP_MS);
     log_failure(inf, res, "retrying in ", delay);
     schedule_retry(inf, delay);
 }
@@ -878,13 +865,9 @@ static void on_invoke_result(void *ud, const struct esmd_invoke_result *res)
         /* Not an invocation: retried until the records expire, without using up retries. */
         esmd_series_inc(map->m.throttled, 1);
         set_last_result(map, "PROBLEM: Function call throttled");
-        int64_t delay = esmd_backoff_delay(&throttle_backoff, inf->throttles++, esmd_random64());
-        if (res->retry_after_ms >= 0) {
-            int64_t ra =
-                res->retry_after_ms < RETRY_AFTER_CAP_MS ? res->retry_after_ms : RETRY_AFTER_CAP_MS;
-            if (ra > delay)
-                delay = ra;
-        }
+        int64_t delay = esmd_invoke_retry_delay(
+            res, esmd_backoff_delay(&throttle_backoff, inf->throttles++, esmd_random64()),
+            RETRY_AFTER_CAP_MS);
         log_failure(inf, res, "retrying in ", delay);
         schedule_retry(inf, delay);
         return;
@@ -1371,7 +1354,7 @@ void esmd_mapping_free(struct esmd_mapping *map)
         struct esmd_shard *s = map->shards;
         map->shards = s->next;
         release_list(map, s->pending_head);
-        shard_free(s);
+        esmd_shard_free(s);
     }
     map->ops->destroy(map->conn);
     free_filters(map);

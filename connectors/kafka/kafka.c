@@ -939,7 +939,7 @@ static int kafka_start(void *c)
 
 static void pause_resume(struct esmd_kafka *kc, struct esmd_shard *shard, bool pause)
 {
-    struct kafka_part *part = shard ? shard->priv : NULL;
+    struct kafka_part *part = shard ? esmd_shard_priv(shard) : NULL;
     if (!kc->rk || !part || part->shard != shard || part->paused == pause)
         return;
     rd_kafka_topic_partition_list_t *list = one_partition(part);
@@ -969,7 +969,7 @@ static void kafka_resume(void *c, struct esmd_shard *shard)
 static void kafka_ack(void *c, struct esmd_shard *shard, int64_t next_seq)
 {
     struct esmd_kafka *kc = c;
-    struct kafka_part *part = shard ? shard->priv : NULL;
+    struct kafka_part *part = shard ? esmd_shard_priv(shard) : NULL;
     if (!kc->rk || !part || part->shard != shard || next_seq <= part->stored)
         return; /* revoked, or not moving forward */
     if (kc->state != KAFKA_RUNNING && kc->state != KAFKA_CLOSING)

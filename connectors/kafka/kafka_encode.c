@@ -190,7 +190,8 @@ void esmd_kafka_encode_batch(const char *servers, const struct esmd_batch *batch
         const struct esmd_batch_group *g = &batch->groups[i];
         if (i)
             esmd_buf_putc(out, ',');
-        esmd_buf_put_json_string(out, g->shard->key, strlen(g->shard->key));
+        const char *key = esmd_shard_key(g->shard);
+        esmd_buf_put_json_string(out, key, strlen(key));
         esmd_buf_append(out, ":[", 2);
         const struct esmd_record *rec = g->head;
         for (size_t j = 0; j < g->n && rec; j++, rec = rec->next) {

@@ -867,14 +867,14 @@ static int pgq_start(void *c)
 
 static void pgq_pause(void *c, struct esmd_shard *shard)
 {
-    struct pgq_shard *ps = shard ? shard->priv : NULL;
+    struct pgq_shard *ps = shard ? esmd_shard_priv(shard) : NULL;
     if (ps)
         ps->paused = true;
 }
 
 static void pgq_resume(void *c, struct esmd_shard *shard)
 {
-    struct pgq_shard *ps = shard ? shard->priv : NULL;
+    struct pgq_shard *ps = shard ? esmd_shard_priv(shard) : NULL;
     if (!ps || !ps->paused)
         return;
     ps->paused = false;
@@ -884,7 +884,7 @@ static void pgq_resume(void *c, struct esmd_shard *shard)
 static void pgq_ack(void *c, struct esmd_shard *shard, int64_t next_seq)
 {
     struct esmd_pgqueue *pq = c;
-    struct pgq_shard *ps = shard ? shard->priv : NULL;
+    struct pgq_shard *ps = shard ? esmd_shard_priv(shard) : NULL;
     if (!ps || pq->state == PGQ_STOPPED)
         return;
     if (shard_pop(ps, next_seq, &pq->del) > 0)
@@ -895,7 +895,7 @@ static void pgq_ack(void *c, struct esmd_shard *shard, int64_t next_seq)
 static void pgq_nack(void *c, struct esmd_shard *shard, int64_t next_seq)
 {
     struct esmd_pgqueue *pq = c;
-    struct pgq_shard *ps = shard ? shard->priv : NULL;
+    struct pgq_shard *ps = shard ? esmd_shard_priv(shard) : NULL;
     if (!ps)
         return;
     /* As Lambda: left invisible until their visibility timeout ends, then received again. */
@@ -916,7 +916,7 @@ static void pgq_nack(void *c, struct esmd_shard *shard, int64_t next_seq)
  * consecutive seqs: the record's is found by its distance to the first. */
 static struct pgq_entry *entry_of(const struct esmd_record *rec)
 {
-    struct pgq_shard *ps = rec->shard ? rec->shard->priv : NULL;
+    struct pgq_shard *ps = rec->shard ? esmd_shard_priv(rec->shard) : NULL;
     if (!ps || ps->n == 0)
         return NULL;
     int64_t d = rec->seq - ps->ents[ps->head].seq;

@@ -25,26 +25,14 @@ struct esmd_record {
     bool filtered;            /* set by the core: no filter matched, acked without a batch */
 };
 
-/* Shard state as the core tracks it. */
-enum esmd_shard_state {
-    ESMD_SHARD_IDLE,     /* no record in a batch */
-    ESMD_SHARD_OPEN,     /* some of its records are in the batch being formed */
-    ESMD_SHARD_INFLIGHT, /* some of its records are in a batch being invoked / retried */
-};
-
-struct esmd_shard {
-    char *key;       /* owned: "topic-3"; the group key in grouped events */
-    size_t overhead; /* exact bytes of its group without records, e.g. `"topic-3":[]` */
-    void *priv;      /* the connector's */
-    enum esmd_shard_state state;
-    bool revoked; /* the connector lost it: release, never ack */
-    bool paused;  /* the core asked the connector to stop fetching it */
-    int refs;     /* batches holding its records + 1 while open */
-    struct esmd_record *pending_head, *pending_tail; /* emitted, not yet in a batch */
-    size_t npending;
-    size_t pending_bytes;
-    struct esmd_shard *next; /* the core's list link */
-};
+/* A shard as a connector sees it: an opaque handle that host->shard_open() returns; the core
+ * keeps its bookkeeping (src/batch_private.h). Both accessors are for the connectors. */
+/* The shard's key as given to shard_open ("topic-3"), e.g. the group key of a grouped event.
+ * Borrowed: valid while the handle is. */
+const char *esmd_shard_key(const struct esmd_shard *shard);
+/* The connector's pointer given to shard_open; NULL once the shard is closed (revoked) while
+ * records of it are still in a batch. */
+void *esmd_shard_priv(const struct esmd_shard *shard);
 
 struct esmd_batch_group {
     struct esmd_shard *shard;

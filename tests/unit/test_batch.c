@@ -4,7 +4,7 @@
 #include <stddef.h>
 #include <cmocka.h>
 
-#include "esmd/batch.h"
+#include "../../src/batch_private.h" /* builds shards as the core does */
 
 #include <string.h>
 

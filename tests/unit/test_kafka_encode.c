@@ -11,6 +11,7 @@
 
 #include "testutil.h"
 
+#include "../../src/batch_private.h" /* shards on the stack, as the core makes them */
 #include "../../connectors/kafka/kafka_private.h"
 
 #include <cJSON.h>

@@ -12,6 +12,7 @@
 
 #include "testutil.h"
 
+#include "../../src/batch_private.h" /* the fake host makes shards as the core does */
 #include "esmd/connector.h"
 #include "esmd/log.h"
 
@@ -140,6 +141,7 @@ struct part_log {
     size_t n, cap;
     int64_t last_seq;
     bool pause_on_first; /* pause the shard from inside emit, as the core does */
+    bool paused;
     size_t n_at_pause;
 };
 
@@ -174,10 +176,7 @@ static struct esmd_shard *fake_shard_open(void *core, const char *key, size_t ov
     snprintf(want, sizeof(want), "\"%s\":[]", key);
     assert_int_equal(overhead, strlen(want));
     assert_null(f->parts[p].shard);
-    struct esmd_shard *shard = calloc(1, sizeof(*shard));
-    shard->key = strdup(key);
-    shard->overhead = overhead;
-    shard->priv = priv;
+    struct esmd_shard *shard = esmd_shard_new(key, overhead, priv);
     f->parts[p].shard = shard;
     f->parts[p].opens++;
     f->parts[p].last_seq = -1;
@@ -188,7 +187,7 @@ static struct esmd_shard *fake_shard_open(void *core, const char *key, size_t ov
 static void fake_shard_close(void *core, struct esmd_shard *shard)
 {
     struct fake *f = core;
-    int p = part_of(f, shard->key);
+    int p = part_of(f, esmd_shard_key(shard));
     assert_ptr_equal(f->parts[p].shard, shard);
     f->parts[p].shard = NULL;
     f->parts[p].closes++;
@@ -196,19 +195,18 @@ static void fake_shard_close(void *core, struct esmd_shard *shard)
     for (size_t i = 0; i < f->parts[p].n; i++)
         if (f->parts[p].recs[i]->shard == shard)
             f->parts[p].recs[i]->shard = NULL;
-    free(shard->key);
-    free(shard);
+    esmd_shard_free(shard);
 }
 
 static void fake_emit(void *core, struct esmd_shard *shard, struct esmd_record *rec)
 {
     struct fake *f = core;
     assert_false(f->stopped);
-    int p = part_of(f, shard->key);
+    int p = part_of(f, esmd_shard_key(shard));
     struct part_log *pl = &f->parts[p];
     assert_ptr_equal(pl->shard, shard);
     if (rec->seq <= pl->last_seq)
-        fail_msg("%s: seq %lld after %lld", shard->key, (long long)rec->seq,
+        fail_msg("%s: seq %lld after %lld", esmd_shard_key(shard), (long long)rec->seq,
                  (long long)pl->last_seq);
     pl->last_seq = rec->seq;
     rec->shard = shard;
@@ -220,8 +218,8 @@ static void fake_emit(void *core, struct esmd_shard *shard, struct esmd_record *
     }
     pl->recs[pl->n++] = rec;
     f->total++;
-    if (pl->pause_on_first && !shard->paused) {
-        shard->paused = true;
+    if (pl->pause_on_first && !pl->paused) {
+        pl->paused = true;
         ops->pause(f->conn, shard);
         pl->n_at_pause = pl->n;
     }
@@ -274,10 +272,7 @@ static void fake_free(struct fake *f)
     fake_release_all(f);
     ops->destroy(f->conn);
     for (int p = 0; p < NPART; p++) {
-        if (f->parts[p].shard) {
-            free(f->parts[p].shard->key);
-            free(f->parts[p].shard);
-        }
+        esmd_shard_free(f->parts[p].shard);
     }
     ev_timer_stop(f->loop, &f->guard);
     ev_loop_destroy(f->loop);
@@ -591,7 +586,7 @@ static void test_pause_resume(void **state)
     ops->pause(f.conn, f.parts[0].shard); /* idempotent */
 
     f.parts[0].pause_on_first = false;
-    f.parts[0].shard->paused = false;
+    f.parts[0].paused = false;
     ops->resume(f.conn, f.parts[0].shard);
     ops->resume(f.conn, f.parts[0].shard); /* idempotent */
     wait_total(&f, NREC);
@@ -694,10 +689,7 @@ static void test_destroy_before_release(void **state)
     ops->destroy(f.conn); /* logs an error: a caller bug, but no hang */
     fake_release_all(&f); /* the last one frees the connector */
     for (int p = 0; p < NPART; p++) {
-        if (f.parts[p].shard) {
-            free(f.parts[p].shard->key);
-            free(f.parts[p].shard);
-        }
+        esmd_shard_free(f.parts[p].shard);
     }
     ev_timer_stop(f.loop, &f.guard);
     ev_loop_destroy(f.loop);

@@ -13,6 +13,7 @@
 
 #include "testutil.h"
 
+#include "../../src/batch_private.h" /* shards on the stack, as the core makes them */
 #include "../../connectors/pgqueue/pgqueue_private.h"
 
 #include "esmd/filter.h"

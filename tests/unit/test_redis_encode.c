@@ -12,6 +12,7 @@
 
 #include "testutil.h"
 
+#include "../../src/batch_private.h" /* shards on the stack, as the core makes them */
 #include "../../connectors/redis/redis_private.h"
 
 #include <cJSON.h>
