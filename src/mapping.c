@@ -1,17 +1,39 @@
-/* One event source mapping: poll → batch → invoke → settle. See include/esmd/mapping.h. */
-#include "esmd/mapping.h"
-#include "batch_private.h"
-#include "esmd/backoff.h"
-#include "esmd/batch.h"
-#include "esmd/connector.h"
+/* One event source mapping: a record's way from the source to the function and back.
+ * See include/esmd/mapping.h.
+ *
+ * The life of a record, step by step, in the order of this file (as Varnish names the steps of
+ * a request); each step names the function that does it:
+ *
+ *   step    function                 what happens
+ *   ------  -----------------------  ---------------------------------------------------------
+ *   poll    host_shard_open()        the connector fetches from its shards (the core opens a
+ *           host_shard_close()       handle per shard, revoked shards are closed)
+ *   emit    host_emit()              the record joins its shard's pending list; too many
+ *                                    pending records pause the shard (backpressure)
+ *   filter  filter_record()          no filter matches: it is acked without being sent
+ *   batch   pump() → flush()         pending records of shards with no batch in flight join
+ *                                    the forming batch; flushed at batch_size, at the end of
+ *                                    the window, or before 6 MB; it becomes an inflight
+ *   encode  encode_part()            the connector writes the current part as Lambda's event
+ *   invoke  start_part()             POST to the function (records past maximum_record_age
+ *                                    are given up first)
+ *   settle  on_invoke_result() →     settle_success(): ack; settle_partial(): the records the
+ *           settle_success(),        function named in batchItemFailures are retried (streams)
+ *           settle_partial(),        or left for redelivery (queues), the others acked;
+ *           settle_failure()         settle_failure(): retry, bisect, give up or redeliver;
+ *                                    then part_done() → ack → release to the connector
+ *
+ * What happens after a failure (retries, throttles, maximum_record_age, bisecting, on-failure
+ * destinations, the batchItemFailures parser) is in src/mapping_failure.c; what the two share
+ * is in src/mapping_private.h. */
+#include "mapping_private.h"
+
 #include "esmd/destination.h"
 #include "esmd/filter.h"
 #include "esmd/invoke.h"
-#include "esmd/log.h"
 #include "esmd/metrics.h"
 
 #include <cJSON.h>
-#include <ev.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,151 +48,21 @@
 #define PENDING_MIN_RECORDS 10000
 #define PENDING_MAX_BYTES (8u * 1024 * 1024)
 #define MAP_PENDING_MIN_RECORDS 50000
-/* Retries of a failed batch: exponential from 250 ms up to 30 s, with jitter. */
-static const struct esmd_backoff default_retry_backoff = {250, 30000};
-/* Throttled invocations back off from 100 ms up to 10 s; a Retry-After is honoured up to 5 min. */
-static const struct esmd_backoff throttle_backoff = {100, 10000};
-#define RETRY_AFTER_CAP_MS 300000
-/* Lambda: unlimited retries with an on-failure destination mean 10. */
-#define ON_FAILURE_DEFAULT_RETRIES 10
 
-struct inflight {
-    struct esmd_mapping *map;
-    struct esmd_shard **shards; /* held (INFLIGHT) until the inflight ends */
-    size_t nshards;
-    struct esmd_batch batch; /* the current part */
-    struct esmd_batch *todo; /* parts after it; the next one is last */
-    size_t ntodo, captodo;
-    struct esmd_buf body; /* the current part's event, when `encoded` */
-    bool encoded;
-    char *idem_key;
-    int attempts;  /* failed invocations of the current records that count toward the limit */
-    int throttles; /* throttled attempts (do not count) */
-    int invokes;   /* invocations, for approximateInvokeCount */
-    bool next_part_is_retry;   /* the retry timer starts a retry (not the next part) */
-    long last_status;          /* of the last response, -1 before any */
-    char *last_function_error; /* of the last response */
-    char *last_request_id;
-    const char *condition; /* giving up: the on-failure condition */
-    size_t dest_pending;   /* on-failure records not yet stored */
-    bool dest_failed;
-    struct esmd_invoke_req *req;
-    ev_timer retry;
-    struct inflight *prev, *next;
-};
-
-struct esmd_mapping {
-    const struct esmd_mapping_cfg *cfg;
-    struct ev_loop *loop;
-    struct esmd_log_ctx log;
-    const struct esmd_connector_ops *ops;
-    void *conn;
-    struct esmd_host host;
-    struct esmd_function *fn;
-
-    struct esmd_shard *shards; /* open shards */
-    size_t nshards;
-    struct esmd_batch forming;
-    ev_timer window;
-    ev_prepare pump;
-    ev_timer stats_timer;
-    bool dirty; /* records or shards changed since the last pump */
-
-    struct inflight *inflight;
-    size_t ninflight;
-
-    bool ready;
-    char *not_ready_why;
-    char last_result[256];
-
-    bool stopping;
-    bool connector_stopping;
-    void (*stop_done)(void *ud);
-    void *stop_ud;
-    ev_idle stop_check;
-
-    /* Filters (NULL when the mapping has none): one matcher per way the record's data can
-     * appear in its filter document (enum esmd_filter_data), see compile_filters(). */
-    struct esmd_dests *dests;          /* on-failure destinations; NULL: none configured */
-    struct esmd_backoff retry_backoff; /* default_retry_backoff, or ESMD_MAPPING_RETRY_BACKOFF */
-
-    /* Values in force: the configuration's, or what the admin API set since. */
-    bool enabled;
-    int batch_size;
-    int64_t window_ms;
-    char *on_failure; /* owned; NULL = none */
-    char **patterns;  /* owned filter patterns (JSON text) */
-    size_t npatterns;
-    struct esmd_filter *filters[3];
-    bool alias_filters; /* filters[1] and [2] are filters[0] (no fallback) */
-    struct esmd_buf filter_doc;
-
-    size_t pending_high;     /* per-shard pause threshold (records) */
-    size_t map_pending_high; /* mapping-wide pause threshold (records) */
-    size_t npending;         /* records waiting in all shards */
-
-    struct {
-        struct esmd_series *polled, *invoked, *failed, *batches, *oversized, *retries, *throttled,
-            *lag, *inflight, *pending, *committed, *filtered, *dropped, *on_failure, *bisections;
-    } m;
-};
-
-/* ---- metrics ---- */
-
-static void metrics_init(struct esmd_mapping *map)
-{
-    struct esmd_buf labels = ESMD_BUF_INIT;
-    esmd_metric_labels(&labels, "mapping", map->cfg->name, "function", map->cfg->function, NULL);
-    const char *l = esmd_buf_cstr(&labels);
-#define SERIES(field, type, name, help) map->m.field = esmd_series(esmd_metric(type, name, help), l)
-    SERIES(polled, ESMD_COUNTER, "esmd_polled_events_total", "Records read from the source.");
-    SERIES(invoked, ESMD_COUNTER, "esmd_invoked_events_total",
-           "Records sent to the function, counted again on each retry.");
-    SERIES(failed, ESMD_COUNTER, "esmd_failed_invoke_events_total",
-           "Records in invocations that failed (function error, error, timeout).");
-    SERIES(batches, ESMD_COUNTER, "esmd_batches_total", "Batches sent (first attempts).");
-    SERIES(oversized, ESMD_COUNTER, "esmd_oversized_records_total",
-           "Records larger than the 6 MB payload cap on their own: skipped, never sent.");
-    SERIES(retries, ESMD_COUNTER, "esmd_batch_retries_total", "Retries of failed batches.");
-    SERIES(throttled, ESMD_COUNTER, "esmd_batch_throttles_total",
-           "Batch invocations answered 429 (retried, not counted as attempts).");
-    SERIES(lag, ESMD_GAUGE, "esmd_offset_lag", "Records behind the end of the source (sum).");
-    SERIES(inflight, ESMD_GAUGE, "esmd_inflight_batches", "Batches being invoked or retried.");
-    SERIES(pending, ESMD_GAUGE, "esmd_pending_records", "Records read and waiting for a batch.");
-    SERIES(dropped, ESMD_COUNTER, "esmd_dropped_events_total",
-           "Records given up without an on-failure destination (retries or record age exhausted, "
-           "over the payload cap): discarded.");
-    SERIES(on_failure, ESMD_COUNTER, "esmd_on_failure_events_total",
-           "Records given up and stored for the on-failure destination.");
-    SERIES(bisections, ESMD_COUNTER, "esmd_batch_bisections_total",
-           "Failed batches split in two (bisect_batch_on_function_error).");
-    SERIES(filtered, ESMD_COUNTER, "esmd_filtered_out_events_total",
-           "Records that matched none of the mapping's filters: acked without being sent.");
-    SERIES(committed, ESMD_COUNTER, "esmd_committed_events_total",
-           "Records acknowledged to the source (sum of committed offset deltas).");
-#undef SERIES
-    esmd_buf_free(&labels);
-}
-
-static void set_last_result(struct esmd_mapping *map, const char *fmt, ...) ESMD_PRINTF(2, 3);
-static void set_last_result(struct esmd_mapping *map, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(map->last_result, sizeof(map->last_result), fmt, ap);
-    va_end(ap);
-}
-
-/* ---- shards ---- */
+static void pump(struct esmd_mapping *map);
+static void start_part(struct inflight *inf);
+static void inflight_end(struct inflight *inf, bool nack);
 
 static void release_list(struct esmd_mapping *map, struct esmd_record *rec)
 {
     while (rec) {
         struct esmd_record *next = rec->next;
-        map->ops->release(map->conn, rec);
+        esmd_mapping_release(map, rec);
         rec = next;
     }
 }
+
+/* ---- poll: the connector's shards ---- */
 
 static struct esmd_shard *host_shard_open(void *core, const char *key, size_t overhead, void *priv)
 {
@@ -218,25 +110,45 @@ static void host_shard_close(void *core, struct esmd_shard *shard)
     map->dirty = true;
 }
 
+static void host_set_ready(void *core, bool ready, const char *why)
+{
+    struct esmd_mapping *map = core;
+    if (map->ready != ready)
+        ESMD_INFO(&map->log, "source %s%s%s", ready ? "ready" : "not ready", why ? ": " : "",
+                  why ? why : "");
+    map->ready = ready;
+    free(map->not_ready_why);
+    map->not_ready_why = esmd_xstrdup(why);
+}
+
+/* ---- emit, filter: a record arrives ---- */
+
+/* Marks rec `filtered` when no filter matches it (Lambda's filtering, docs/filters.md). */
+static void filter_record(struct esmd_mapping *map, struct esmd_record *rec)
+{
+    rec->filtered = false;
+    if (!map->filters[0])
+        return;
+    esmd_buf_reset(&map->filter_doc);
+    enum esmd_filter_data d = map->ops->filter_doc(map->conn, rec, &map->filter_doc);
+    if (!esmd_filter_match(map->filters[d], map->filter_doc.data, map->filter_doc.len)) {
+        rec->filtered = true;
+        esmd_series_inc(map->m.filtered, 1);
+    }
+}
+
 static void host_emit(void *core, struct esmd_shard *shard, struct esmd_record *rec)
 {
     struct esmd_mapping *map = core;
     rec->shard = shard;
     rec->next = NULL;
+    map->nheld++;
     esmd_series_inc(map->m.polled, 1);
     if (map->stopping) {
-        map->ops->release(map->conn, rec);
+        esmd_mapping_release(map, rec);
         return;
     }
-    rec->filtered = false;
-    if (map->filters[0]) {
-        esmd_buf_reset(&map->filter_doc);
-        enum esmd_filter_data d = map->ops->filter_doc(map->conn, rec, &map->filter_doc);
-        if (!esmd_filter_match(map->filters[d], map->filter_doc.data, map->filter_doc.len)) {
-            rec->filtered = true;
-            esmd_series_inc(map->m.filtered, 1);
-        }
-    }
+    filter_record(map, rec);
     if (shard->pending_tail)
         shard->pending_tail->next = rec;
     else
@@ -254,60 +166,7 @@ static void host_emit(void *core, struct esmd_shard *shard, struct esmd_record *
     map->dirty = true;
 }
 
-static void host_set_ready(void *core, bool ready, const char *why)
-{
-    struct esmd_mapping *map = core;
-    if (map->ready != ready)
-        ESMD_INFO(&map->log, "source %s%s%s", ready ? "ready" : "not ready", why ? ": " : "",
-                  why ? why : "");
-    map->ready = ready;
-    free(map->not_ready_why);
-    map->not_ready_why = esmd_xstrdup(why);
-}
-
-/* ---- batches ----
- *
- * A batch taken from the forming batch becomes an `inflight`: it holds its shards (state
- * INFLIGHT) until it is settled. It is worked on as parts: the current part (`batch`) is invoked,
- * retried, split (bisect), cut down (partial batch response, record age) or given up (on-failure
- * destination); parts still to do wait on a stack (`todo`, the next one on top), so each shard's
- * records are settled in order. Acks go to the source part by part. */
-
-static void pump(struct esmd_mapping *map);
-static void start_part(struct inflight *inf);
-static void start_part_soon(struct inflight *inf);
-
-static char *idempotency_key(const struct esmd_mapping *map, const struct esmd_batch *batch)
-{
-    struct esmd_buf b = ESMD_BUF_INIT;
-    esmd_buf_puts(&b, map->cfg->name);
-    esmd_buf_putc(&b, '/');
-    for (size_t i = 0; i < batch->ngroups; i++) {
-        const struct esmd_batch_group *g = &batch->groups[i];
-        esmd_buf_printf(&b, "%s%s:%lld-%lld", i ? "," : "", g->shard->key, (long long)g->head->seq,
-                        (long long)g->tail->seq);
-    }
-    if (b.len > 200) {
-        /* Too long for a header worth sending: FNV-1a of the same coordinates. */
-        uint64_t h = 1469598103934665603ULL;
-        for (size_t i = 0; i < b.len; i++)
-            h = (h ^ (unsigned char)b.data[i]) * 1099511628211ULL;
-        esmd_buf_reset(&b);
-        esmd_buf_printf(&b, "%s/%zu-shards-%016llx", map->cfg->name, batch->ngroups,
-                        (unsigned long long)h);
-    }
-    return esmd_buf_steal(&b, NULL);
-}
-
-/* The retry limit in force: Lambda's rule for streams is that unlimited retries (-1) with an
- * on-failure destination mean 10. -1: unlimited. */
-static int retry_limit(const struct esmd_mapping *map)
-{
-    int n = map->cfg->maximum_retry_attempts;
-    if (n < 0 && map->on_failure)
-        return ON_FAILURE_DEFAULT_RETRIES;
-    return n;
-}
+/* ---- batch: pending records into batches ---- */
 
 static void inflight_link(struct esmd_mapping *map, struct inflight *inf)
 {
@@ -349,6 +208,201 @@ static void flush(struct esmd_mapping *map)
     struct inflight *inf = inflight_new(map, &map->forming);
     esmd_series_inc(map->m.batches, 1);
     start_part(inf);
+}
+
+static void on_window(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct esmd_mapping *map = w->data;
+    ev_timer_stop(loop, w);
+    flush(map);
+    map->dirty = true;
+}
+
+/* A filtered-out record is finished without being sent: its offset is acked with the batch its
+ * shard is forming, or at once when the shard has nothing outstanding (pump only takes records
+ * of shards with no batch in flight). */
+static void skip_record(struct esmd_mapping *map, struct esmd_shard *shard, struct esmd_record *rec)
+{
+    int64_t next = rec->seq + 1;
+    if (shard->state == ESMD_SHARD_OPEN) {
+        /* Earlier records of the shard are in the forming batch: move its ack past this one. */
+        for (size_t i = 0; i < map->forming.ngroups; i++)
+            if (map->forming.groups[i].shard == shard)
+                map->forming.groups[i].ack_seq = next;
+    } else {
+        map->ops->ack(map->conn, shard, next);
+    }
+    esmd_mapping_release(map, rec);
+}
+
+/* A record over the 6 MB cap on its own can never be sent: its shard is idle (pump flushed what
+ * came before it), so it becomes a batch of its own that is given up at once. */
+static void give_up_oversized(struct esmd_mapping *map, struct esmd_record *rec)
+{
+    esmd_series_inc(map->m.oversized, 1);
+    ESMD_ERROR(&map->log, "record %s@%lld is %zu bytes encoded, over the %d-byte payload cap",
+               rec->shard->key, (long long)rec->seq, rec->size, ESMD_MAX_PAYLOAD);
+    struct esmd_batch one;
+    esmd_batch_init(&one, &map->forming.lim);
+    esmd_batch_add(&one, rec);
+    struct inflight *inf = inflight_new(map, &one);
+    esmd_mapping_give_up(inf, "MaximumPayloadSizeExceeded");
+}
+
+/* Moves pending records into batches; runs once per loop turn, before the loop sleeps. */
+static void pump(struct esmd_mapping *map)
+{
+    if (map->stopping || !map->enabled)
+        return;
+    for (struct esmd_shard *shard = map->shards; shard; shard = shard->next) {
+        while (shard->pending_head && shard->state != ESMD_SHARD_INFLIGHT) {
+            struct esmd_record *rec = shard->pending_head;
+            enum esmd_batch_fit fit =
+                rec->filtered ? ESMD_BATCH_FITS : esmd_batch_check(&map->forming, rec);
+            if (fit == ESMD_BATCH_FULL ||
+                (fit == ESMD_BATCH_TOO_BIG && shard->state == ESMD_SHARD_OPEN)) {
+                flush(map);
+                continue; /* the shard may now be in flight, or start the next batch */
+            }
+            shard->pending_head = rec->next;
+            if (!shard->pending_head)
+                shard->pending_tail = NULL;
+            shard->npending--;
+            shard->pending_bytes -= rec->size;
+            map->npending--;
+            if (rec->filtered) {
+                skip_record(map, shard, rec);
+                continue;
+            }
+            if (fit == ESMD_BATCH_TOO_BIG) {
+                give_up_oversized(map, rec);
+                break; /* the shard is in flight now */
+            }
+            if (map->forming.nrecords == 0) {
+                map->forming.opened_mono_ms = (int64_t)(ev_now(map->loop) * 1000.0);
+                if (map->window_ms > 0) {
+                    ev_timer_set(&map->window, (double)map->window_ms / 1000.0, 0.0);
+                    ev_timer_start(map->loop, &map->window);
+                }
+            }
+            esmd_batch_add(&map->forming, rec);
+            shard->state = ESMD_SHARD_OPEN;
+            if (esmd_batch_count_reached(&map->forming))
+                flush(map);
+        }
+        if (shard->paused && shard->npending <= map->pending_high / 2 &&
+            shard->pending_bytes <= PENDING_MAX_BYTES / 2 &&
+            (map->npending <= map->map_pending_high / 2 ||
+             shard->npending < (size_t)map->batch_size)) {
+            shard->paused = false;
+            map->ops->resume(map->conn, shard);
+        }
+    }
+    if (map->forming.nrecords > 0 && map->window_ms == 0)
+        flush(map);
+    esmd_series_set(map->m.pending, (double)map->npending);
+}
+
+static void on_prepare(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+    struct esmd_mapping *map = w->data;
+    if (!map->dirty)
+        return;
+    map->dirty = false;
+    pump(map);
+}
+
+/* ---- encode ---- */
+
+static char *idempotency_key(const struct esmd_mapping *map, const struct esmd_batch *batch)
+{
+    struct esmd_buf b = ESMD_BUF_INIT;
+    esmd_buf_puts(&b, map->cfg->name);
+    esmd_buf_putc(&b, '/');
+    for (size_t i = 0; i < batch->ngroups; i++) {
+        const struct esmd_batch_group *g = &batch->groups[i];
+        esmd_buf_printf(&b, "%s%s:%lld-%lld", i ? "," : "", g->shard->key, (long long)g->head->seq,
+                        (long long)g->tail->seq);
+    }
+    if (b.len > 200) {
+        /* Too long for a header worth sending: FNV-1a of the same coordinates. */
+        uint64_t h = 1469598103934665603ULL;
+        for (size_t i = 0; i < b.len; i++)
+            h = (h ^ (unsigned char)b.data[i]) * 1099511628211ULL;
+        esmd_buf_reset(&b);
+        esmd_buf_printf(&b, "%s/%zu-shards-%016llx", map->cfg->name, batch->ngroups,
+                        (unsigned long long)h);
+    }
+    return esmd_buf_steal(&b, NULL);
+}
+
+/* Writes the current part's event (once per part: retries send the same bytes). */
+static void encode_part(struct inflight *inf)
+{
+    struct esmd_mapping *map = inf->map;
+    if (inf->encoded)
+        return;
+    esmd_buf_reset(&inf->body);
+    map->ops->encode(map->conn, &inf->batch, &inf->body);
+    if (inf->body.len != esmd_batch_bytes(&inf->batch))
+        ESMD_ERROR(&map->log, "encoder wrote %zu bytes, expected %zu (bug)", inf->body.len,
+                   esmd_batch_bytes(&inf->batch));
+    free(inf->idem_key);
+    inf->idem_key = idempotency_key(map, &inf->batch);
+    inf->encoded = true;
+}
+
+/* ---- invoke ---- */
+
+static void on_invoke_result(void *ud, const struct esmd_invoke_result *res);
+
+/* Sends the current part, after giving up records past maximum_record_age. */
+static void start_part(struct inflight *inf)
+{
+    struct esmd_mapping *map = inf->map;
+    if (map->stopping) {
+        inflight_end(inf, true);
+        return;
+    }
+    if (esmd_mapping_give_up_expired(inf))
+        return;
+    encode_part(inf);
+    esmd_series_inc(map->m.invoked, (double)inf->batch.nrecords);
+    inf->req = esmd_invoke_start(map->fn, inf->body.data, inf->body.len, inf->idem_key,
+                                 map->cfg->name, on_invoke_result, inf);
+}
+
+static void on_retry_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct inflight *inf = w->data;
+    ev_timer_stop(loop, w);
+    if (inf->condition) { /* the on-failure records could not be stored: again */
+        esmd_mapping_give_up(inf, inf->condition);
+        return;
+    }
+    if (inf->next_part_is_retry)
+        esmd_series_inc(inf->map->m.retries, 1);
+    start_part(inf);
+}
+
+/* From the loop, never from inside an invoke or store callback. */
+void esmd_mapping_schedule_part(struct inflight *inf, int64_t delay_ms, bool retry)
+{
+    ev_timer_init(&inf->retry, on_retry_timer, (double)delay_ms / 1000.0, 0.0);
+    inf->retry.data = inf;
+    inf->next_part_is_retry = retry;
+    ev_timer_start(inf->map->loop, &inf->retry);
+}
+
+/* ---- settle ---- */
+
+static void set_last_result(struct esmd_mapping *map, const char *fmt, ...) ESMD_PRINTF(2, 3);
+static void set_last_result(struct esmd_mapping *map, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(map->last_result, sizeof(map->last_result), fmt, ap);
+    va_end(ap);
 }
 
 static void inflight_unlink(struct inflight *inf)
@@ -416,7 +470,7 @@ static void inflight_end(struct inflight *inf, bool nack)
 }
 
 /* The current part is finished (acked when `ack`); goes on with the next part, or ends. */
-static void part_done(struct inflight *inf, bool ack)
+void esmd_mapping_part_done(struct inflight *inf, bool ack)
 {
     struct esmd_mapping *map = inf->map;
     for (size_t i = 0; i < inf->batch.ngroups; i++) {
@@ -432,296 +486,8 @@ static void part_done(struct inflight *inf, bool ack)
     }
     inf->batch = inf->todo[--inf->ntodo];
     inf->encoded = false;
-    start_part_soon(inf);
+    esmd_mapping_schedule_part(inf, 0, false);
 }
-
-static void push_todo(struct inflight *inf, struct esmd_batch *part)
-{
-    if (inf->ntodo == inf->captodo) {
-        inf->captodo = inf->captodo ? inf->captodo * 2 : 4;
-        inf->todo = esmd_xrealloc(inf->todo, inf->captodo * sizeof(*inf->todo));
-    }
-    inf->todo[inf->ntodo++] = *part;
-}
-
-/* The records of a part in order (group by group), and their groups' final ack positions. */
-struct part_records {
-    struct esmd_record **recs;
-    size_t n;
-};
-
-static struct part_records part_records(const struct esmd_batch *b)
-{
-    struct part_records pr = {esmd_xcalloc(b->nrecords ? b->nrecords : 1, sizeof(*pr.recs)), 0};
-    for (size_t i = 0; i < b->ngroups; i++)
-        for (struct esmd_record *r = b->groups[i].head; r; r = r->next)
-            pr.recs[pr.n++] = r;
-    return pr;
-}
-
-/* Rebuilds a part from records (in shard order). A group whose last record is the last record
- * of its group in `from` keeps that group's ack position (records skipped after it). */
-static void part_from(struct esmd_batch *dst, const struct esmd_batch *from,
-                      struct esmd_record **recs, size_t n)
-{
-    esmd_batch_init(dst, &from->lim);
-    for (size_t i = 0; i < n; i++)
-        esmd_batch_add(dst, recs[i]);
-    for (size_t i = 0; i < dst->ngroups; i++) {
-        struct esmd_batch_group *g = &dst->groups[i];
-        for (size_t j = 0; j < from->ngroups; j++)
-            if (from->groups[j].shard == g->shard && from->groups[j].tail == g->tail)
-                g->ack_seq = from->groups[j].ack_seq;
-    }
-}
-
-/* Splits the current part: `keep` says which records stay in it (first), the others make a part
- * done after it. Returns false when nothing would be split off. */
-static bool split_part(struct inflight *inf,
-                       bool (*keep)(void *ctx, size_t i, const struct esmd_record *r), void *ctx)
-{
-    struct part_records pr = part_records(&inf->batch);
-    struct esmd_record **a = esmd_xcalloc(pr.n ? pr.n : 1, sizeof(*a));
-    struct esmd_record **b = esmd_xcalloc(pr.n ? pr.n : 1, sizeof(*b));
-    size_t na = 0, nb = 0;
-    for (size_t i = 0; i < pr.n; i++) {
-        if (keep(ctx, i, pr.recs[i]))
-            a[na++] = pr.recs[i];
-        else
-            b[nb++] = pr.recs[i];
-    }
-    bool split = na > 0 && nb > 0;
-    if (split) {
-        struct esmd_batch first, second, old = inf->batch;
-        part_from(&first, &old, a, na);
-        part_from(&second, &old, b, nb);
-        esmd_batch_clear(&old);
-        push_todo(inf, &second);
-        inf->batch = first;
-        inf->encoded = false;
-    }
-    free(a);
-    free(b);
-    free(pr.recs);
-    return split;
-}
-
-static bool keep_first_half(void *ctx, size_t i, const struct esmd_record *r)
-{
-    (void)r;
-    return i < *(size_t *)ctx;
-}
-
-/* Records older than maximum_record_age, as a prefix of each shard's records. */
-struct age_ctx {
-    const struct esmd_mapping *map;
-    int64_t now_ms;
-    const struct esmd_shard *shard; /* the shard of the previous record */
-    bool expired;                   /* the previous record of that shard was expired */
-};
-
-static bool keep_expired_prefix(void *ctx, size_t i, const struct esmd_record *r)
-{
-    (void)i;
-    struct age_ctx *a = ctx;
-    if (r->shard != a->shard) {
-        a->shard = r->shard;
-        a->expired = true;
-    }
-    a->expired = a->expired && a->now_ms - r->timestamp_ms > a->map->cfg->maximum_record_age_ms;
-    return a->expired;
-}
-
-static void give_up(struct inflight *inf, const char *condition);
-
-static void on_retry_timer(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    struct inflight *inf = w->data;
-    ev_timer_stop(loop, w);
-    if (inf->condition) { /* the on-failure records could not be stored: again */
-        give_up(inf, inf->condition);
-        return;
-    }
-    if (inf->next_part_is_retry)
-        esmd_series_inc(inf->map->m.retries, 1);
-    start_part(inf);
-}
-
-static void schedule_retry(struct inflight *inf, int64_t delay_ms)
-{
-    ev_timer_init(&inf->retry, on_retry_timer, (double)delay_ms / 1000.0, 0.0);
-    inf->retry.data = inf;
-    inf->next_part_is_retry = true;
-    ev_timer_start(inf->map->loop, &inf->retry);
-}
-
-/* Starts the current part from the loop, not from inside an invoke or store callback. */
-static void start_part_soon(struct inflight *inf)
-{
-    schedule_retry(inf, 0);
-    inf->next_part_is_retry = false;
-}
-
-static void on_invoke_result(void *ud, const struct esmd_invoke_result *res);
-
-/* Sends the current part, after giving up records past maximum_record_age. */
-static void start_part(struct inflight *inf)
-{
-    struct esmd_mapping *map = inf->map;
-    if (map->stopping) {
-        inflight_end(inf, true);
-        return;
-    }
-    if (map->cfg->maximum_record_age_ms >= 0 && !map->ops->queue) {
-        struct age_ctx a = {map, esmd_now_ms(), NULL, false};
-        struct part_records pr = part_records(&inf->batch);
-        size_t nexpired = 0;
-        for (size_t i = 0; i < pr.n; i++)
-            nexpired += keep_expired_prefix(&a, i, pr.recs[i]);
-        free(pr.recs);
-        if (nexpired > 0) {
-            a = (struct age_ctx){map, a.now_ms, NULL, false};
-            split_part(inf, keep_expired_prefix, &a);
-            give_up(inf, "RecordAgeExceeded");
-            return;
-        }
-    }
-    if (!inf->encoded) {
-        esmd_buf_reset(&inf->body);
-        map->ops->encode(map->conn, &inf->batch, &inf->body);
-        if (inf->body.len != esmd_batch_bytes(&inf->batch))
-            ESMD_ERROR(&map->log, "encoder wrote %zu bytes, expected %zu (bug)", inf->body.len,
-                       esmd_batch_bytes(&inf->batch));
-        free(inf->idem_key);
-        inf->idem_key = idempotency_key(map, &inf->batch);
-        inf->encoded = true;
-    }
-    esmd_series_inc(map->m.invoked, (double)inf->batch.nrecords);
-    inf->req = esmd_invoke_start(map->fn, inf->body.data, inf->body.len, inf->idem_key,
-                                 map->cfg->name, on_invoke_result, inf);
-}
-
-/* ---- giving up: on-failure records ---- */
-
-/* Appends the on-failure record of rec (docs/lambda.md#kafka-on-failure, Kafka-topic form, for
- * every destination kind): invocation and response context, the source's block for a batch of one,
- * and the record itself as a one-record event (left out when it is too big to carry). */
-static void failure_record(struct inflight *inf, struct esmd_record *rec, struct esmd_buf *out)
-{
-    struct esmd_mapping *map = inf->map;
-    struct esmd_buf payload = ESMD_BUF_INIT;
-    bool carry = strcmp(inf->condition, "MaximumPayloadSizeExceeded") != 0;
-    if (carry) {
-        struct esmd_batch one;
-        esmd_batch_init(&one, &inf->batch.lim);
-        struct esmd_record *next = rec->next;
-        esmd_batch_add(&one, rec);
-        map->ops->encode(map->conn, &one, &payload);
-        rec->next = next;
-        esmd_batch_clear(&one);
-    }
-    char ts[32], arn[256];
-    esmd_iso8601_ms(esmd_now_ms(), ts);
-    esmd_function_arn(map->cfg->function, arn, sizeof(arn));
-    esmd_buf_puts(out, "{\"requestContext\":{\"requestId\":");
-    if (inf->last_request_id)
-        esmd_buf_put_json_string(out, inf->last_request_id, strlen(inf->last_request_id));
-    else
-        esmd_buf_puts(out, "null");
-    esmd_buf_puts(out, ",\"functionArn\":");
-    esmd_buf_put_json_string(out, arn, strlen(arn));
-    esmd_buf_printf(out, ",\"condition\":\"%s\",\"approximateInvokeCount\":%d},", inf->condition,
-                    inf->invokes);
-    if (inf->last_status >= 0) {
-        esmd_buf_printf(out,
-                        "\"responseContext\":{\"statusCode\":%ld,\"executedVersion\":\"$LATEST\","
-                        "\"functionError\":",
-                        inf->last_status);
-        if (inf->last_function_error)
-            esmd_buf_put_json_string(out, inf->last_function_error,
-                                     strlen(inf->last_function_error));
-        else
-            esmd_buf_puts(out, "null");
-        esmd_buf_puts(out, "},");
-    } else {
-        esmd_buf_puts(out, "\"responseContext\":null,");
-    }
-    esmd_buf_printf(out, "\"version\":\"1.0\",\"timestamp\":\"%s\"", ts);
-    if (map->ops->batch_info_key && map->ops->failure_info) {
-        esmd_buf_printf(out, ",\"%s\":", map->ops->batch_info_key);
-        map->ops->failure_info(map->conn, rec, payload.len, out);
-    }
-    if (carry) {
-        esmd_buf_puts(out, ",\"payload\":");
-        esmd_buf_append(out, payload.data, payload.len);
-    }
-    esmd_buf_putc(out, '}');
-    esmd_buf_free(&payload);
-}
-
-static void on_failure_stored(void *ud, bool ok, const char *err)
-{
-    struct inflight *inf = ud;
-    struct esmd_mapping *map = inf->map;
-    inf->dest_pending--;
-    if (!ok) {
-        inf->dest_failed = true;
-        esmd_log_limited(ESMD_LOG_ERROR, &map->log, "on-failure-store",
-                         "on-failure record for %s not stored: %s; trying again", map->on_failure,
-                         err ? err : "error");
-    }
-    if (inf->dest_pending > 0)
-        return;
-    if (inf->dest_failed) {
-        inf->dest_failed = false;
-        /* the source stays unacked; the records are offered again (some may be stored twice) */
-        schedule_retry(inf, esmd_backoff_delay(&map->retry_backoff, 4, esmd_random64()));
-        return;
-    }
-    part_done(inf, true);
-}
-
-/* The current part's records have failed for good: each goes to the on-failure destination
- * (stored in the outbox before the source is acked), or is discarded and counted without one.
- * Then the source moves on. */
-static void give_up(struct inflight *inf, const char *condition)
-{
-    struct esmd_mapping *map = inf->map;
-    inf->condition = condition;
-    if (!map->on_failure || !map->dests) {
-        esmd_series_inc(map->m.dropped, (double)inf->batch.nrecords);
-        ESMD_ERROR(&map->log, "%zu records (%s) discarded after %d invocations: %s",
-                   inf->batch.nrecords, inf->idem_key ? inf->idem_key : "not sent", inf->invokes,
-                   condition);
-        part_done(inf, true);
-        return;
-    }
-    struct part_records pr = part_records(&inf->batch);
-    struct esmd_buf rec_json = ESMD_BUF_INIT;
-    inf->dest_pending = 1; /* held until every record is offered */
-    for (size_t i = 0; i < pr.n; i++) {
-        esmd_buf_reset(&rec_json);
-        failure_record(inf, pr.recs[i], &rec_json);
-        const void *key = NULL;
-        size_t keylen = 0;
-        if (map->ops->record_key)
-            map->ops->record_key(map->conn, pr.recs[i], &key, &keylen);
-        if (esmd_dests_send(map->dests, map->on_failure, rec_json.data, rec_json.len, key, keylen,
-                            on_failure_stored, inf) == 0) {
-            inf->dest_pending++;
-            esmd_series_inc(map->m.on_failure, 1);
-        } else {
-            inf->dest_failed = true;
-        }
-    }
-    esmd_buf_free(&rec_json);
-    free(pr.recs);
-    ESMD_WARN(&map->log, "%zu records sent to on-failure destination %s: %s", pr.n, map->on_failure,
-              condition);
-    on_failure_stored(inf, true, NULL);
-}
-
-/* ---- results ---- */
 
 static void remember_response(struct inflight *inf, const struct esmd_invoke_result *res)
 {
@@ -737,209 +503,24 @@ static void remember_response(struct inflight *inf, const struct esmd_invoke_res
     inf->last_request_id = esmd_xstrdup(res->request_id);
 }
 
-/* batchItemFailures (docs/lambda.md#partial-batch). Returns 1 when the response names no
- * failure (success), 0 with `failed[i]` set for each failed record of the part, -1 when the
- * response is malformed or names a record that is not in the part (the whole part failed). */
-static int parse_item_failures(struct inflight *inf, const struct esmd_invoke_result *res,
-                               const struct part_records *pr, bool *failed, const char **why)
+static void settle_success(struct inflight *inf)
 {
-    struct esmd_mapping *map = inf->map;
-    const char *p = res->body;
-    while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
-        p++;
-    if (*p == '\0')
-        return 1; /* an empty response */
-    cJSON *j = cJSON_ParseWithLength(res->body, res->body_len);
-    if (!j) {
-        *why = "the response is not JSON";
-        return -1;
-    }
-    int rc = 1;
-    const cJSON *list = cJSON_GetObjectItemCaseSensitive(j, "batchItemFailures");
-    if (cJSON_IsNull(j) || !cJSON_IsObject(j) || !list || cJSON_IsNull(list)) {
-        rc = 1;
-    } else if (!cJSON_IsArray(list)) {
-        *why = "batchItemFailures is not a list";
-        rc = -1;
-    } else {
-        const cJSON *item;
-        cJSON_ArrayForEach(item, list)
-        {
-            const cJSON *id = cJSON_GetObjectItemCaseSensitive(item, "itemIdentifier");
-            bool found = false;
-            if (id && !cJSON_IsNull(id) && !(cJSON_IsString(id) && !*id->valuestring) &&
-                map->ops->item_is) {
-                for (size_t i = 0; i < pr->n && !found; i++) {
-                    if (map->ops->item_is(map->conn, pr->recs[i], id)) {
-                        failed[i] = true;
-                        found = true;
-                    }
-                }
-            }
-            if (!found) {
-                *why = "an itemIdentifier is missing, malformed or not in the batch";
-                rc = -1;
-                break;
-            }
-            rc = 0;
-        }
-    }
-    cJSON_Delete(j);
-    return rc;
+    set_last_result(inf->map, "OK");
+    esmd_mapping_part_done(inf, true);
 }
 
-struct failed_ctx {
-    const bool *failed;
-    const struct part_records *pr;
-    const struct esmd_shard *shard; /* shard of the previous record */
-    bool seen_failure;              /* in that shard */
-};
-
-/* Streams: per shard, the records before its first failed one succeeded. */
-static bool keep_before_first_failure(void *ctx, size_t i, const struct esmd_record *r)
-{
-    struct failed_ctx *f = ctx;
-    if (r->shard != f->shard) {
-        f->shard = r->shard;
-        f->seen_failure = false;
-    }
-    f->seen_failure = f->seen_failure || f->failed[i];
-    return !f->seen_failure;
-}
-
-static void log_failure(struct inflight *inf, const struct esmd_invoke_result *res,
-                        const char *what, int64_t delay)
+/* The whole part failed: a function error, an error, a timeout, or (outcome OK, `why` set) a
+ * batchItemFailures answer that cannot be used. */
+static void settle_failure(struct inflight *inf, const struct esmd_invoke_result *res,
+                           const char *why)
 {
     struct esmd_mapping *map = inf->map;
-    struct esmd_log_ctx ctx = map->log;
-    ctx.request_id = res->request_id;
-    esmd_log_limited(ESMD_LOG_WARN, &ctx, "batch-retry",
-                     "batch of %zu records (%s) %s: %s; %s%lld ms (attempt %d)",
-                     inf->batch.nrecords, inf->idem_key, esmd_invoke_outcome_name(res->outcome),
-                     res->error ? res->error
-                                : (res->function_error ? res->function_error : "failed"),
-                     what, (long long)delay, inf->invokes);
-}
-
-/* A failed invocation of the current part (after a function error, error, timeout, or a
- * partial batch response whose remainder is now the current part). */
-static void part_failed(struct inflight *inf, const struct esmd_invoke_result *res, bool bisect)
-{
-    struct esmd_mapping *map = inf->map;
-    if (bisect && map->cfg->bisect_batch_on_function_error && inf->batch.nrecords > 1) {
-        /* Splitting does not use up the retry quota (Lambda). */
-        size_t half = (inf->batch.nrecords + 1) / 2;
-        log_failure(inf, res, "bisecting; first half in ", 0);
-        split_part(inf, keep_first_half, &half);
-        esmd_series_inc(map->m.bisections, 1);
-        start_part_soon(inf);
-        return;
-    }
-    inf->attempts++;
-    int limit = retry_limit(map);
-    if (limit >= 0 && inf->attempts > limit) {
-        give_up(inf, "RetryAttemptsExhausted");
-        return;
-    }
-    int64_t delay = esmd_invoke_retry_delay(
-        res, esmd_backoff_delay(&map->retry_backoff, inf->attempts - 1, esmd_random64()),
-        RETRY_AFTER_CAP_MS);
-    log_failure(inf, res, "retrying in ", delay);
-    schedule_retry(inf, delay);
-}
-
-static void on_invoke_result(void *ud, const struct esmd_invoke_result *res)
-{
-    struct inflight *inf = ud;
-    struct esmd_mapping *map = inf->map;
-    inf->req = NULL;
-
-    if (res->outcome == ESMD_INVOKE_CANCELLED ||
-        (map->stopping && res->outcome != ESMD_INVOKE_OK)) {
-        /* Not acked: the records are read again by whoever owns the shard next. A success
-         * that arrives while stopping is still acked (the parts after it are not sent). */
-        inflight_end(inf, true);
-        return;
-    }
-    if (res->outcome == ESMD_INVOKE_THROTTLED) {
-        /* Not an invocation: retried until the records expire, without using up retries. */
-        esmd_series_inc(map->m.throttled, 1);
-        set_last_result(map, "PROBLEM: Function call throttled");
-        int64_t delay = esmd_invoke_retry_delay(
-            res, esmd_backoff_delay(&throttle_backoff, inf->throttles++, esmd_random64()),
-            RETRY_AFTER_CAP_MS);
-        log_failure(inf, res, "retrying in ", delay);
-        schedule_retry(inf, delay);
-        return;
-    }
-    remember_response(inf, res);
-
-    const char *why = NULL;
-    if (res->outcome == ESMD_INVOKE_OK) {
-        if (!map->cfg->report_batch_item_failures) {
-            set_last_result(map, "OK");
-            part_done(inf, true);
-            return;
-        }
-        struct part_records pr = part_records(&inf->batch);
-        bool *failed = esmd_xcalloc(pr.n ? pr.n : 1, sizeof(*failed));
-        int rc = parse_item_failures(inf, res, &pr, failed, &why);
-        if (rc == 1) {
-            set_last_result(map, "OK");
-            free(failed);
-            free(pr.recs);
-            part_done(inf, true);
-            return;
-        }
-        if (rc == 0) {
-            size_t nfailed = 0;
-            for (size_t i = 0; i < pr.n; i++)
-                nfailed += failed[i];
-            esmd_series_inc(map->m.failed, (double)nfailed);
-            set_last_result(map, "PROBLEM: Function reported %zu failed records", nfailed);
-            if (map->ops->queue) {
-                if (map->ops->ack_record) {
-                    /* the others are done: deleted; the failed ones come back later */
-                    for (size_t i = 0; i < pr.n; i++)
-                        if (!failed[i] && !pr.recs[i]->shard->revoked)
-                            map->ops->ack_record(map->conn, pr.recs[i]->shard, pr.recs[i]);
-                    free(failed);
-                    free(pr.recs);
-                    inflight_end(inf, true);
-                    return;
-                }
-                why = "partial batch responses need per-message deletes";
-            } else {
-                /* streams: checkpoint before each shard's first failure, retry from there */
-                struct failed_ctx fc = {failed, &pr, NULL, false};
-                if (split_part(inf, keep_before_first_failure, &fc)) {
-                    /* the part that succeeded is current: ack it, then the remainder */
-                    struct esmd_batch ok = inf->batch;
-                    for (size_t i = 0; i < ok.ngroups; i++)
-                        if (!ok.groups[i].shard->revoked)
-                            map->ops->ack(map->conn, ok.groups[i].shard, ok.groups[i].ack_seq);
-                    release_part(map, &ok);
-                    inf->batch = inf->todo[--inf->ntodo];
-                    inf->encoded = false;
-                }
-                free(failed);
-                free(pr.recs);
-                part_failed(inf, res, false);
-                return;
-            }
-        }
-        free(failed);
-        free(pr.recs);
-        struct esmd_log_ctx ctx = map->log;
-        ctx.request_id = res->request_id;
-        esmd_log_limited(ESMD_LOG_WARN, &ctx, "bad-item-failures",
-                         "batchItemFailures not usable (%s): the whole batch failed", why);
-    } else if (res->outcome == ESMD_INVOKE_FUNCTION_ERROR) {
+    if (res->outcome == ESMD_INVOKE_FUNCTION_ERROR) {
         set_last_result(map, "PROBLEM: Function call failed: %s",
                         res->function_error ? res->function_error : "function error");
     } else if (res->outcome == ESMD_INVOKE_TIMEOUT) {
         set_last_result(map, "PROBLEM: Function call timed out");
-    } else {
+    } else if (res->outcome != ESMD_INVOKE_OK) {
         set_last_result(map, "PROBLEM: Function call failed: %s",
                         res->error ? res->error : "error");
     }
@@ -963,109 +544,164 @@ static void on_invoke_result(void *ud, const struct esmd_invoke_result *res)
      * when it could not be reached at all. */
     bool bisect = res->outcome == ESMD_INVOKE_FUNCTION_ERROR ||
                   res->outcome == ESMD_INVOKE_TIMEOUT || res->status > 0 || why != NULL;
-    part_failed(inf, res, bisect);
+    esmd_mapping_part_failed(inf, res, bisect);
 }
 
-static void on_window(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    struct esmd_mapping *map = w->data;
-    ev_timer_stop(loop, w);
-    flush(map);
-    map->dirty = true;
-}
+struct failed_ctx {
+    const bool *failed;
+    const struct part_records *pr;
+    const struct esmd_shard *shard; /* shard of the previous record */
+    bool seen_failure;              /* in that shard */
+};
 
-/* A filtered-out record is finished without being sent: its offset is acked with the batch its
- * shard is forming, or at once when the shard has nothing outstanding (pump only takes records
- * of shards with no batch in flight). */
-static void skip_record(struct esmd_mapping *map, struct esmd_shard *shard, struct esmd_record *rec)
+/* Streams: per shard, the records before its first failed one succeeded. */
+static bool keep_before_first_failure(void *ctx, size_t i, const struct esmd_record *r)
 {
-    int64_t next = rec->seq + 1;
-    if (shard->state == ESMD_SHARD_OPEN) {
-        /* Earlier records of the shard are in the forming batch: move its ack past this one. */
-        for (size_t i = 0; i < map->forming.ngroups; i++)
-            if (map->forming.groups[i].shard == shard)
-                map->forming.groups[i].ack_seq = next;
-    } else {
-        map->ops->ack(map->conn, shard, next);
+    struct failed_ctx *f = ctx;
+    if (r->shard != f->shard) {
+        f->shard = r->shard;
+        f->seen_failure = false;
     }
-    map->ops->release(map->conn, rec);
+    f->seen_failure = f->seen_failure || f->failed[i];
+    return !f->seen_failure;
 }
 
-/* A record over the 6 MB cap on its own can never be sent: its shard is idle (pump flushed what
- * came before it), so it becomes a batch of its own that is given up at once. */
-static void give_up_oversized(struct esmd_mapping *map, struct esmd_record *rec)
+/* The function named some records in batchItemFailures. Returns NULL when settled, or why the
+ * answer cannot be used (then the whole part failed). */
+static const char *settle_partial(struct inflight *inf, const struct esmd_invoke_result *res,
+                                  const struct part_records *pr, const bool *failed)
 {
-    esmd_series_inc(map->m.oversized, 1);
-    ESMD_ERROR(&map->log, "record %s@%lld is %zu bytes encoded, over the %d-byte payload cap",
-               rec->shard->key, (long long)rec->seq, rec->size, ESMD_MAX_PAYLOAD);
-    struct esmd_batch one;
-    esmd_batch_init(&one, &map->forming.lim);
-    esmd_batch_add(&one, rec);
-    struct inflight *inf = inflight_new(map, &one);
-    give_up(inf, "MaximumPayloadSizeExceeded");
-}
-
-/* Moves pending records into batches; runs once per loop turn, before the loop sleeps. */
-static void pump(struct esmd_mapping *map)
-{
-    if (map->stopping || !map->enabled)
-        return;
-    for (struct esmd_shard *shard = map->shards; shard; shard = shard->next) {
-        while (shard->pending_head && shard->state != ESMD_SHARD_INFLIGHT) {
-            struct esmd_record *rec = shard->pending_head;
-            enum esmd_batch_fit fit =
-                rec->filtered ? ESMD_BATCH_FITS : esmd_batch_check(&map->forming, rec);
-            if (fit == ESMD_BATCH_FULL ||
-                (fit == ESMD_BATCH_TOO_BIG && shard->state == ESMD_SHARD_OPEN)) {
-                flush(map);
-                continue; /* the shard may now be in flight, or start the next batch */
-            }
-            shard->pending_head = rec->next;
-            if (!shard->pending_head)
-                shard->pending_tail = NULL;
-            shard->npending--;
-            shard->pending_bytes -= rec->size;
-            map->npending--;
-            if (rec->filtered) {
-                skip_record(map, shard, rec);
-                continue;
-            }
-            if (fit == ESMD_BATCH_TOO_BIG) {
-                give_up_oversized(map, rec);
-                break; /* the shard is in flight now */
-            }
-            if (map->forming.nrecords == 0) {
-                map->forming.opened_mono_ms = (int64_t)(ev_now(map->loop) * 1000.0);
-                if (map->window_ms > 0) {
-                    ev_timer_set(&map->window, (double)map->window_ms / 1000.0, 0.0);
-                    ev_timer_start(map->loop, &map->window);
-                }
-            }
-            esmd_batch_add(&map->forming, rec);
-            shard->state = ESMD_SHARD_OPEN;
-            if (esmd_batch_count_reached(&map->forming))
-                flush(map);
-        }
-        if (shard->paused && shard->npending <= map->pending_high / 2 &&
-            shard->pending_bytes <= PENDING_MAX_BYTES / 2 &&
-            (map->npending <= map->map_pending_high / 2 ||
-             shard->npending < (size_t)map->batch_size)) {
-            shard->paused = false;
-            map->ops->resume(map->conn, shard);
-        }
+    struct esmd_mapping *map = inf->map;
+    size_t nfailed = 0;
+    for (size_t i = 0; i < pr->n; i++)
+        nfailed += failed[i];
+    esmd_series_inc(map->m.failed, (double)nfailed);
+    set_last_result(map, "PROBLEM: Function reported %zu failed records", nfailed);
+    if (map->ops->queue) {
+        if (!map->ops->ack_record)
+            return "partial batch responses need per-message deletes";
+        /* the others are done: deleted; the failed ones come back later */
+        for (size_t i = 0; i < pr->n; i++)
+            if (!failed[i] && !pr->recs[i]->shard->revoked)
+                map->ops->ack_record(map->conn, pr->recs[i]->shard, pr->recs[i]);
+        inflight_end(inf, true);
+        return NULL;
     }
-    if (map->forming.nrecords > 0 && map->window_ms == 0)
-        flush(map);
-    esmd_series_set(map->m.pending, (double)map->npending);
+    /* streams: checkpoint before each shard's first failure, retry from there */
+    struct failed_ctx fc = {failed, pr, NULL, false};
+    if (esmd_mapping_split_part(inf, keep_before_first_failure, &fc)) {
+        /* the part that succeeded is current: ack it, then the remainder */
+        struct esmd_batch ok = inf->batch;
+        for (size_t i = 0; i < ok.ngroups; i++)
+            if (!ok.groups[i].shard->revoked)
+                map->ops->ack(map->conn, ok.groups[i].shard, ok.groups[i].ack_seq);
+        release_part(map, &ok);
+        inf->batch = inf->todo[--inf->ntodo];
+        inf->encoded = false;
+    }
+    esmd_mapping_part_failed(inf, res, false);
+    return NULL;
 }
 
-static void on_prepare(struct ev_loop *loop, ev_prepare *w, int revents)
+struct item_ctx {
+    struct esmd_mapping *map;
+    const struct part_records *pr;
+};
+
+static bool item_is(void *ctx, size_t i, const cJSON *id)
 {
-    struct esmd_mapping *map = w->data;
-    if (!map->dirty)
+    struct item_ctx *ic = ctx;
+    return ic->map->ops->item_is(ic->map->conn, ic->pr->recs[i], id);
+}
+
+/* report_batch_item_failures: a 200 answer is read for batchItemFailures. */
+static void settle_response(struct inflight *inf, const struct esmd_invoke_result *res)
+{
+    struct esmd_mapping *map = inf->map;
+    struct part_records pr = esmd_mapping_part_records(&inf->batch);
+    bool *failed = esmd_xcalloc(pr.n ? pr.n : 1, sizeof(*failed));
+    struct item_ctx ic = {map, &pr};
+    const char *why = NULL;
+    enum esmd_item_failures rc = esmd_mapping_parse_item_failures(
+        res->body, res->body_len, pr.n, map->ops->item_is ? item_is : NULL, &ic, failed, &why);
+    if (rc == ESMD_ITEMS_SOME)
+        why = settle_partial(inf, res, &pr, failed);
+    free(failed);
+    free(pr.recs);
+    if (rc == ESMD_ITEMS_NONE) {
+        settle_success(inf);
+    } else if (why) {
+        struct esmd_log_ctx ctx = map->log;
+        ctx.request_id = res->request_id;
+        esmd_log_limited(ESMD_LOG_WARN, &ctx, "bad-item-failures",
+                         "batchItemFailures not usable (%s): the whole batch failed", why);
+        settle_failure(inf, res, why);
+    }
+}
+
+static void on_invoke_result(void *ud, const struct esmd_invoke_result *res)
+{
+    struct inflight *inf = ud;
+    struct esmd_mapping *map = inf->map;
+    inf->req = NULL;
+
+    if (res->outcome == ESMD_INVOKE_CANCELLED ||
+        (map->stopping && res->outcome != ESMD_INVOKE_OK)) {
+        /* Not acked: the records are read again by whoever owns the shard next. A success
+         * that arrives while stopping is still acked (the parts after it are not sent). */
+        inflight_end(inf, true);
         return;
-    map->dirty = false;
-    pump(map);
+    }
+    if (res->outcome == ESMD_INVOKE_THROTTLED) {
+        esmd_series_inc(map->m.throttled, 1);
+        set_last_result(map, "PROBLEM: Function call throttled");
+        esmd_mapping_throttled(inf, res);
+        return;
+    }
+    remember_response(inf, res);
+    if (res->outcome != ESMD_INVOKE_OK)
+        settle_failure(inf, res, NULL);
+    else if (map->cfg->report_batch_item_failures)
+        settle_response(inf, res);
+    else
+        settle_success(inf);
+}
+
+/* ---- lifecycle ---- */
+
+static void metrics_init(struct esmd_mapping *map)
+{
+    struct esmd_buf labels = ESMD_BUF_INIT;
+    esmd_metric_labels(&labels, "mapping", map->cfg->name, "function", map->cfg->function, NULL);
+    const char *l = esmd_buf_cstr(&labels);
+#define SERIES(field, type, name, help) map->m.field = esmd_series(esmd_metric(type, name, help), l)
+    SERIES(polled, ESMD_COUNTER, "esmd_polled_events_total", "Records read from the source.");
+    SERIES(invoked, ESMD_COUNTER, "esmd_invoked_events_total",
+           "Records sent to the function, counted again on each retry.");
+    SERIES(failed, ESMD_COUNTER, "esmd_failed_invoke_events_total",
+           "Records in invocations that failed (function error, error, timeout).");
+    SERIES(batches, ESMD_COUNTER, "esmd_batches_total", "Batches sent (first attempts).");
+    SERIES(oversized, ESMD_COUNTER, "esmd_oversized_records_total",
+           "Records larger than the 6 MB payload cap on their own: skipped, never sent.");
+    SERIES(retries, ESMD_COUNTER, "esmd_batch_retries_total", "Retries of failed batches.");
+    SERIES(throttled, ESMD_COUNTER, "esmd_batch_throttles_total",
+           "Batch invocations answered 429 (retried, not counted as attempts).");
+    SERIES(lag, ESMD_GAUGE, "esmd_offset_lag", "Records behind the end of the source (sum).");
+    SERIES(inflight, ESMD_GAUGE, "esmd_inflight_batches", "Batches being invoked or retried.");
+    SERIES(pending, ESMD_GAUGE, "esmd_pending_records", "Records read and waiting for a batch.");
+    SERIES(dropped, ESMD_COUNTER, "esmd_dropped_events_total",
+           "Records given up without an on-failure destination (retries or record age exhausted, "
+           "over the payload cap): discarded.");
+    SERIES(on_failure, ESMD_COUNTER, "esmd_on_failure_events_total",
+           "Records given up and stored for the on-failure destination.");
+    SERIES(bisections, ESMD_COUNTER, "esmd_batch_bisections_total",
+           "Failed batches split in two (bisect_batch_on_function_error).");
+    SERIES(filtered, ESMD_COUNTER, "esmd_filtered_out_events_total",
+           "Records that matched none of the mapping's filters: acked without being sent.");
+    SERIES(committed, ESMD_COUNTER, "esmd_committed_events_total",
+           "Records acknowledged to the source (sum of committed offset deltas).");
+#undef SERIES
+    esmd_buf_free(&labels);
 }
 
 static void on_stats(struct ev_loop *loop, ev_timer *w, int revents)
@@ -1079,8 +715,6 @@ static void on_stats(struct ev_loop *loop, ev_timer *w, int revents)
     if ((double)st.committed > committed)
         esmd_series_inc(map->m.committed, (double)st.committed - committed);
 }
-
-/* ---- lifecycle ---- */
 
 static void free_filters(struct esmd_mapping *map)
 {
@@ -1190,14 +824,7 @@ struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_ma
     map->log.mapping = cfg->name;
     map->log.function = cfg->function;
     set_batch_size(map, cfg->batch_size);
-    map->retry_backoff = default_retry_backoff;
-    /* A testing knob (docs/testing): "BASE_MS,CAP_MS" for the retries of failed batches. */
-    const char *rb = getenv("ESMD_MAPPING_RETRY_BACKOFF");
-    long long base, cap;
-    if (rb && sscanf(rb, "%lld,%lld", &base, &cap) == 2 && base > 0 && cap >= base) {
-        map->retry_backoff.base_ms = base;
-        map->retry_backoff.cap_ms = cap;
-    }
+    esmd_mapping_failure_init(map);
     map->enabled = true;
     map->window_ms = cfg->maximum_batching_window_ms;
     map->on_failure = cfg->on_failure ? esmd_xstrdup(cfg->on_failure) : NULL;
@@ -1356,7 +983,14 @@ void esmd_mapping_free(struct esmd_mapping *map)
         release_list(map, s->pending_head);
         esmd_shard_free(s);
     }
-    map->ops->destroy(map->conn);
+    /* Every record is back with the connector now, which destroy() relies on (librdkafka's
+     * destroy waits for every message). A record still out is a bug here: the connector is left
+     * behind rather than hang or free what the record points to. */
+    if (map->nheld == 0)
+        map->ops->destroy(map->conn);
+    else
+        ESMD_ERROR(&map->log, "%zu records not released: source connector not destroyed (bug)",
+                   map->nheld);
     free_filters(map);
     set_patterns(map, NULL, 0);
     free(map->on_failure);
