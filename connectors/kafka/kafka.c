@@ -117,8 +117,6 @@ struct esmd_kafka {
     bool ready;
     enum kafka_state state;
     bool draining;
-    size_t outstanding; /* records emitted and not yet released */
-    bool zombie;        /* destroy() came first: the last release() frees */
 
     void (*done)(void *ud);
     void *done_ud;
@@ -688,7 +686,6 @@ static void handle_message(struct esmd_kafka *kc, rd_kafka_message_t *rkm)
     if (part->first < 0)
         part->first = rkm->offset;
     part->next = rkm->offset + 1;
-    kc->outstanding++;
     kafka_recover(kc, KAFKA_DOWN_SOURCE);
     kc->host->emit(kc->host->core, part->shard, &kr->rec);
 }
@@ -787,7 +784,6 @@ static void close_finish(struct esmd_kafka *kc)
 /* ---- the operations ---- */
 
 static void kafka_destroy(void *c);
-static void kafka_free(struct esmd_kafka *kc);
 
 static int conf_set(rd_kafka_conf_t *conf, const char *key, const char *value, char *err,
                     size_t errlen)
@@ -992,15 +988,12 @@ static void kafka_ack(void *c, struct esmd_shard *shard, int64_t next_seq)
 
 static void kafka_release(void *c, struct esmd_record *rec)
 {
-    struct esmd_kafka *kc = c;
+    (void)c;
     struct kafka_rec *kr = (struct kafka_rec *)rec;
     if (!kr)
         return;
     rd_kafka_message_destroy(kr->rkm);
     free(kr);
-    kc->outstanding--;
-    if (kc->zombie && kc->outstanding == 0)
-        kafka_free(kc);
 }
 
 static enum esmd_filter_data kafka_filter_doc(void *c, const struct esmd_record *rec,
@@ -1075,8 +1068,8 @@ static void kafka_stop(void *c, void (*done)(void *ud), void *ud)
     ESMD_INFO(kc->log, "kafka consumer closing");
 }
 
-/* Frees everything. rd_kafka_destroy() blocks until every message is destroyed, so this runs
- * only once no record is outstanding. */
+/* Frees everything. rd_kafka_destroy() blocks until every message is destroyed: the host
+ * destroys a connector only once every record it emitted is released. */
 static void kafka_free(struct esmd_kafka *kc)
 {
     if (kc->rkqu)
@@ -1129,18 +1122,6 @@ static void kafka_destroy(void *c)
         rd_kafka_queue_io_event_enable(kc->rkqu, -1, NULL, 0);
     if (kc->closeq)
         rd_kafka_queue_io_event_enable(kc->closeq, -1, NULL, 0);
-    if (kc->outstanding > 0) {
-        /* A bug in the caller; hanging in rd_kafka_destroy() would be worse. The host is
-         * gone from here on: the last release() frees the rest. */
-        ESMD_ERROR(kc->log,
-                   "kafka connector destroyed with %zu records not released; closing after the "
-                   "last release",
-                   kc->outstanding);
-        kc->zombie = true;
-        kc->host = NULL;
-        kc->log = NULL;
-        return;
-    }
     kafka_free(kc);
 }
 

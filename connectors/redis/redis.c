@@ -165,8 +165,6 @@ struct esmd_redis {
     bool ready;
 
     enum redis_state state;
-    size_t outstanding; /* records emitted and not yet released */
-    bool zombie;        /* destroy() came first: the last release() frees */
     void (*done)(void *ud);
     void *done_ud;
 
@@ -655,7 +653,6 @@ static void emit(struct esmd_redis *rc, const struct esmd_redis_entry *e)
         rc->read_max = e->id;
         rc->have_read_max = true;
     }
-    rc->outstanding++;
     rc->host->emit(rc->host->core, rc->shard, &rr->rec);
     rr->e.fields = NULL; /* they belong to the caller */
     rr->e.nfields = 0;
@@ -1380,17 +1377,10 @@ static void redis_ack(void *c, struct esmd_shard *shard, int64_t next_seq)
         ack_schedule(rc);
 }
 
-static void redis_free(struct esmd_redis *rc);
-
 static void redis_release(void *c, struct esmd_record *rec)
 {
-    struct esmd_redis *rc = c;
-    if (!rec)
-        return;
+    (void)c;
     free(rec);
-    rc->outstanding--;
-    if (rc->zombie && rc->outstanding == 0)
-        redis_free(rc);
 }
 
 static const char *json_of(const struct esmd_record *rec)
@@ -1499,17 +1489,6 @@ static void redis_destroy(void *c)
     rc->failing = true; /* every callback from here on is ignored */
     rc->state = REDIS_CLOSED;
     links_free(rc);
-    if (rc->outstanding > 0) {
-        /* A bug in the caller; the host is gone from here on: the last release() frees. */
-        ESMD_ERROR(rc->log,
-                   "redis connector destroyed with %zu records not released; freed after the "
-                   "last release",
-                   rc->outstanding);
-        rc->zombie = true;
-        rc->host = NULL;
-        rc->log = NULL;
-        return;
-    }
     redis_free(rc);
 }
 

@@ -25,12 +25,14 @@ struct esmd_host {
     const char *instance_id;        /* stable id of this esmd process */
 
     /* A shard became ours (Kafka: partition assigned). key is copied; overhead is the exact
-     * size of its group in the event with no records. Returns the core's handle. */
+     * size of its group in the event with no records. Returns the core's handle, opaque to the
+     * connector (read it with esmd_shard_key() / esmd_shard_priv(), esmd/batch.h). */
     struct esmd_shard *(*shard_open)(void *core, const char *key, size_t overhead, void *priv);
     /* A shard is no longer ours (revoked): pending records are released, in-flight ones are
      * finished but never acked. The handle must not be used after this call. */
     void (*shard_close)(void *core, struct esmd_shard *shard);
-    /* Takes ownership of rec (rec->shard must be a handle from shard_open, seq ascending). */
+    /* Takes ownership of rec until ops->release() (shard: a handle from shard_open, seq
+     * ascending). The core counts the records it holds (see destroy). */
     void (*emit)(void *core, struct esmd_shard *shard, struct esmd_record *rec);
     /* Connection state for /readyz; `why` is copied (NULL when ready). */
     void (*set_ready)(void *core, bool ready, const char *why);
@@ -106,7 +108,8 @@ struct esmd_connector_ops {
     /* Does `id` (one batchItemFailures[].itemIdentifier, parsed) name rec? Kafka:
      * {"partition":"<topic>-<n>","offset":<n>}; Redis: the entry id; queue: the messageId. */
     bool (*item_is)(void *c, const struct esmd_record *rec, const struct cJSON *id);
-    /* Frees a record the connector emitted. */
+    /* Frees a record the connector emitted: once per record, possibly after stop() is done,
+     * never after destroy(). */
     void (*release)(void *c, struct esmd_record *rec);
     /* Writes the batch as the source's Lambda-shaped event: exactly esmd_batch_bytes() bytes. */
     void (*encode)(void *c, const struct esmd_batch *batch, struct esmd_buf *out);
@@ -123,7 +126,9 @@ struct esmd_connector_ops {
     /* Graceful stop: stop fetching, commit what was acked, leave the group; calls done(ud) when
      * finished (possibly later, from the loop). Emits nothing after this call. */
     void (*stop)(void *c, void (*done)(void *ud), void *ud);
-    /* Frees everything; safe on a half-built object. */
+    /* Frees everything; safe on a half-built object. The host counts the records it was given
+     * and calls it only once every one of them is released, so a connector keeps no count of
+     * its own (librdkafka's destroy, for one, waits for every message). */
     void (*destroy)(void *c);
     void (*stats)(void *c, struct esmd_connector_stats *st);
 };
