@@ -49,7 +49,6 @@
 #define PENDING_MAX_BYTES (8u * 1024 * 1024)
 #define MAP_PENDING_MIN_RECORDS 50000
 
-static void pump(struct esmd_mapping *map);
 static void start_part(struct inflight *inf);
 static void inflight_end(struct inflight *inf, bool nack);
 
