@@ -220,12 +220,10 @@ static uint32_t fold_cp(uint32_t cp)
     return cp;
 }
 
-/* Unicode simple case folding of s into out (room for 2 * n bytes); malformed UTF-8 bytes are
- * copied as they are. Returns the folded length. */
-static size_t fold(const char *s, size_t n, char *out)
+/* fold from byte i (o bytes written so far) on, where the text is not ASCII. */
+static __attribute__((noinline)) size_t fold_utf8(const unsigned char *u, size_t n, size_t i,
+                                                  char *out, size_t o)
 {
-    const unsigned char *u = (const unsigned char *)s;
-    size_t i = 0, o = 0;
     while (i < n) {
         unsigned char c = u[i];
         if (c < 0x80) {
@@ -246,9 +244,24 @@ static size_t fold(const char *s, size_t n, char *out)
     return o;
 }
 
+/* Unicode simple case folding of s into out (room for 2 * n bytes); malformed UTF-8 bytes are
+ * copied as they are. Returns the folded length. ASCII, the common case, stays in this loop. */
+static size_t fold(const char *s, size_t n, char *out)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = u[i];
+        if (c >= 0x80)
+            return fold_utf8(u, n, i, out, i);
+        out[i] = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
+    }
+    return n;
+}
+
 /* Parses an IPv4 or IPv6 address: returns 4 or 6 (out filled), 0 if it is not one. inet_pton
  * takes the forms event-ruler takes: dotted quads without leading zeros, and RFC 4291's text
- * forms of IPv6 (with "::" and an IPv4 tail). */
+ * forms of IPv6 (with "::" and an IPv4 tail). IPv4 first: the common case, and it gives up at
+ * the first character of anything else. */
 static int parse_ip(const char *s, size_t n, uint8_t out[16])
 {
     char buf[46];
@@ -258,9 +271,11 @@ static int parse_ip(const char *s, size_t n, uint8_t out[16])
     buf[n] = '\0';
     if (strlen(buf) != n) /* a NUL inside (from \u0000) would cut the text short */
         return 0;
-    if (memchr(s, ':', n))
-        return inet_pton(AF_INET6, buf, out) == 1 ? 6 : 0;
-    return inet_pton(AF_INET, buf, out) == 1 ? 4 : 0;
+    if (inet_pton(AF_INET, buf, out) == 1)
+        return 4;
+    if (memchr(buf, ':', n) && inet_pton(AF_INET6, buf, out) == 1)
+        return 6;
+    return 0;
 }
 
 static bool cidr_contains(const struct fcidr *c, int family, const uint8_t *addr)
