@@ -67,6 +67,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (checked != 0)
         check_error(&check_err, plen);
 
+    /* A mapping's budget: a pattern that passes alone passes against a full budget and takes
+     * no more of it than a pattern's limit. */
+    size_t budget = ESMD_FILTER_MAX_MAPPING_BYTES;
+    struct esmd_filter_error budget_err;
+    int budgeted = esmd_filter_check_budget(pattern, plen, &budget, &budget_err);
+    if ((budgeted == 0) != (checked == 0))
+        abort();
+    if (budgeted == 0 && ESMD_FILTER_MAX_MAPPING_BYTES - budget > ESMD_FILTER_MAX_PATTERN_BYTES)
+        abort();
+    if (budgeted != 0)
+        check_error(&budget_err, plen);
+
     struct esmd_filter *f = esmd_filter_new();
     if (!f)
         abort();
