@@ -405,16 +405,3 @@ bool esmd_api_path_split(struct esmd_api_call *call, struct esmd_api_path *p)
                        esmd_http_req_method(call->req), esmd_http_req_path(call->req));
     return rc == ESMD_OK;
 }
-
-bool esmd_api_path_is(const struct esmd_api_path *p, const char *const *want)
-{
-    size_t i = 0;
-
-    for (; want[i] != NULL; i++) {
-        if (i >= p->n)
-            return false;
-        if (strcmp(want[i], "*") == 0 ? p->seg[i][0] == '\0' : strcmp(want[i], p->seg[i]) != 0)
-            return false;
-    }
-    return i == p->n;
-}

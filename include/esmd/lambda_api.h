@@ -148,8 +148,4 @@ void esmd_api_path_free(struct esmd_api_path *p);
  * InvalidParameterValueException (encoded '/' or NUL in a segment) or 404 (too many). */
 bool esmd_api_path_split(struct esmd_api_call *call, struct esmd_api_path *p);
 
-/* Whether p has exactly the segments given (NULL-terminated; a NULL in the middle of the list is
- * not allowed), "*" standing for any non-empty segment. */
-bool esmd_api_path_is(const struct esmd_api_path *p, const char *const *want);
-
 #endif
