@@ -21,6 +21,7 @@
 
 struct ev_loop;
 struct esmd_series;
+struct esmd_leaseq_key;
 
 /* Time limit of one write (HTTP request, Kafka message.timeout.ms, Redis reply). */
 #define ESMD_DEST_WRITE_TIMEOUT_MS 30000
@@ -124,10 +125,10 @@ struct esmd_dest {
     char *unwritable; /* owned: why this instance cannot write it (rows are left alone) */
     int cap;
     int inflight;
-    bool failing;    /* the last write failed */
-    int failures;    /* consecutive failed probes, for the destination's own backoff */
-    double retry_at; /* ev_now before which it gets no claims */
-    bool more;       /* claim it at the next round */
+    bool failing;                /* the last write failed */
+    int failures;                /* consecutive failed probes, for the destination's own backoff */
+    double retry_at;             /* ev_now before which it gets no claims */
+    struct esmd_leaseq_key *key; /* the outbox's lease-queue key (src/leaseq.c) */
     bool configured;
     int64_t pending;
     char last_error[512];

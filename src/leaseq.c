@@ -76,7 +76,7 @@ struct esmd_leaseq {
     bool ins_busy[ESMD_LEASEQ_INSERT_CONNS_MAX];
     ev_timer ins_kick;
 
-    bool releasing, claiming, claim_again, claim_all;
+    bool started, releasing, claiming, claim_again, claim_all;
     ev_timer claim_kick, poll_tm;
 
     int64_t *dels;
@@ -439,7 +439,8 @@ static void claim_round(struct esmd_leaseq *lq)
 {
     /* while an INSERT is in doubt, a row it committed must not be claimed, run and deleted
      * before the lookup finds it: it would be inserted again */
-    if (lq->stopping || lq->closing || !lq->cfg.claims || lq->releasing || lq->indoubt > 0)
+    if (lq->stopping || lq->closing || !lq->cfg.claims || !lq->started || lq->releasing ||
+        lq->indoubt > 0)
         return;
     if (lq->claiming) {
         lq->claim_again = true;
@@ -541,6 +542,7 @@ struct esmd_leaseq_key *esmd_leaseq_key_add(struct esmd_leaseq *lq, const char *
     key->name = esmd_xstrdup(name);
     snprintf(key->lease, sizeof(key->lease), "%lld", (long long)lease_ms);
     key->ud = key_ud;
+    key->more = true;
     *lq->keys_tail = key;
     lq->keys_tail = &key->next;
     lq->nkeys++;
@@ -579,6 +581,7 @@ void esmd_leaseq_start(struct esmd_leaseq *lq)
         esmd_buf_printf(&sql, ", %s = NULL", p->lease_until_column);
     esmd_buf_puts(&sql, " WHERE lease_owner = $1 AND lease_token IS DISTINCT FROM $2::uuid");
     const char *params[] = {lq->instance_id, lq->token};
+    lq->started = true;
     lq->releasing = true;
     if (esmd_pg_query(lq->claim_pg, esmd_buf_cstr(&sql), 2, params, release_done, lq) != 0)
         lq->releasing = false;
@@ -799,6 +802,11 @@ size_t esmd_leaseq_waiting(const struct esmd_leaseq *lq)
 }
 
 /* ---- lifecycle ---- */
+
+const char *esmd_leaseq_token(const struct esmd_leaseq *lq)
+{
+    return lq ? lq->token : "";
+}
 
 struct esmd_pg *esmd_leaseq_pg(struct esmd_leaseq *lq, enum esmd_leaseq_conn which)
 {

@@ -1,5 +1,7 @@
 /* A lease queue on a Postgres table: the engine under the asynchronous invocation queue
- * (src/asyncq.c) and the destination outbox (docs/async.md, docs/destinations.md).
+ * (src/asyncq.c) and the destination outbox (src/outbox.c); docs/async.md, docs/destinations.md.
+ * Each of them is a policy (struct esmd_leaseq_policy): its table and SQL, what a claimed row
+ * means, how it is settled.
  *
  * The table has `id bigint` (primary key), a text column the claims are grouped by (the key: a
  * function, a destination), `next_attempt_at timestamptz`, `lease_owner text`, `lease_token
@@ -132,7 +134,8 @@ void esmd_leaseq_start(struct esmd_leaseq *lq);
 void esmd_leaseq_free(struct esmd_leaseq *lq);
 
 /* Adds a key (name copied) with the lease its claims take; key_ud is handed to room() and
- * claimed(). Returns the key (freed with the queue). */
+ * claimed(). The key starts marked (it may have due rows). Returns the key (freed with the
+ * queue). */
 struct esmd_leaseq_key *esmd_leaseq_key_add(struct esmd_leaseq *lq, const char *name,
                                             int64_t lease_ms, void *key_ud);
 /* key may have due rows: claim it at the next round (scheduled now). NULL key: every key. */
@@ -160,6 +163,8 @@ void esmd_leaseq_stop(struct esmd_leaseq *lq, double timeout_s, void (*done)(voi
 void esmd_leaseq_check(struct esmd_leaseq *lq);
 bool esmd_leaseq_stopping(const struct esmd_leaseq *lq);
 
+/* This process's lease token (uuid text; borrowed): what lease_token holds for our claims. */
+const char *esmd_leaseq_token(const struct esmd_leaseq *lq);
 /* A connection of the queue (borrowed), for the policy's own statements. */
 struct esmd_pg *esmd_leaseq_pg(struct esmd_leaseq *lq, enum esmd_leaseq_conn which);
 
