@@ -50,8 +50,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         memcpy(s, data, size);
     valid = esmd_api_json_check(s, size) == NULL;
     nul = valid && esmd_api_json_find_nul(s, size, "", &where);
-    if (valid)
-        walk(s + strspn(s, " \t\r\n"), size - strspn(s, " \t\r\n"), 0);
+    if (valid) {
+        size_t ws = 0; /* s holds no NUL terminator: strspn would read past it */
+        while (ws < size && strchr(" \t\r\n", s[ws]) && s[ws] != '\0')
+            ws++;
+        walk(s + ws, size - ws, 0);
+    }
     st_eic = esmd_api_eic_check(s, size, why, sizeof(why));
     st_esm = esmd_admin_esm_check(&c, s, size, why, sizeof(why));
     if (!valid && size > 0 &&
