@@ -1,18 +1,18 @@
 /* kafka://CONNECTION/TOPIC destinations (src/dest_private.h): one idempotent librdkafka
  * producer per connection, made on first use; a row is written when its delivery report comes
  * without error. Delivery reports, errors and logs come through the producer's main queue,
- * served from the loop (rd_kafka_queue_io_event_enable on a pipe). */
+ * served from the loop: the client is set up as the Kafka source's consumer is
+ * (include/esmd/kafka_client.h: conf from the connection's properties, log forwarding, the
+ * queue-event wake-up). */
 #include "dest_private.h"
+#include "esmd/kafka_client.h"
 #include "esmd/log.h"
 
-#include <errno.h>
 #include <ev.h>
-#include <fcntl.h>
 #include <librdkafka/rdkafka.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #define DESTS_KAFKA_POLL_MAX 64
 
@@ -24,8 +24,7 @@ struct kafka_w {
     const char *name;                 /* conn->name */
     rd_kafka_t *rk;
     rd_kafka_queue_t *mainq;
-    int pipefd[2];
-    ev_io io;
+    struct esmd_kafka_wake wake; /* the main queue's wake-up */
     ev_timer tick;
     int outstanding; /* messages produced, delivery report not served yet */
     bool fatal;      /* the producer hit a fatal error: replaced before the next message */
@@ -96,9 +95,7 @@ static void kw_poll(struct kafka_w *kw)
 {
     if (!kw->rk)
         return;
-    char junk[64];
-    while (read(kw->pipefd[0], junk, sizeof(junk)) > 0)
-        ;
+    esmd_kafka_wake_clear(&kw->wake);
     int i = 0;
     while (kw->rk && i++ < DESTS_KAFKA_POLL_MAX && rd_kafka_poll(kw->rk, 0) > 0)
         ;
@@ -163,26 +160,23 @@ static void kw_on_error(rd_kafka_t *rk, int err, const char *reason, void *opaqu
 static void kw_on_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
 {
     ESMD_UNUSED(rk);
-    if (level <= 3)
-        esmd_log_limited(ESMD_LOG_ERROR, NULL, "dest-kafka-log-error", "librdkafka %s: %s", fac,
-                         buf);
-    else if (level == 4)
-        esmd_log_limited(ESMD_LOG_WARN, NULL, "dest-kafka-log-warn", "librdkafka %s: %s", fac, buf);
-    else if (level <= 6)
-        esmd_log(ESMD_LOG_INFO, NULL, "librdkafka %s: %s", fac, buf);
-    else
-        esmd_log(ESMD_LOG_DEBUG, NULL, "librdkafka %s: %s", fac, buf);
+    esmd_kafka_log(NULL, level, fac, buf);
 }
 
-static int kw_set(rd_kafka_conf_t *conf, const char *key, const char *value, char *err,
-                  size_t errlen)
+/* The connection's properties a producer takes: not a consumer's, not what esmd sets. */
+static enum esmd_kafka_prop_use kw_prop_use(const char *key, void *ud)
 {
-    char errstr[256];
-    if (rd_kafka_conf_set(conf, key, value, errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK) {
-        snprintf(err, errlen, "kafka property %s: %s", key, errstr);
-        return ESMD_EINVAL;
+    const struct kafka_w *kw = ud;
+    if (kafka_consumer_only(key))
+        return ESMD_KAFKA_PROP_SKIP;
+    if (kafka_forced(key)) {
+        ESMD_WARN(NULL,
+                  "connection %s: kafka property %s is set by esmd for destinations; ignored by "
+                  "the destination producer",
+                  kw->name, key);
+        return ESMD_KAFKA_PROP_SKIP;
     }
-    return 0;
+    return ESMD_KAFKA_PROP_SET;
 }
 
 /* Creates the producer. 0, or ESMD_EIO / ESMD_EINVAL with err. */
@@ -191,34 +185,18 @@ static int kw_open(struct kafka_w *kw, char *err, size_t errlen)
     char client_id[300], timeout[32];
     snprintf(client_id, sizeof(client_id), "esmd-%s-destinations", kw->env->instance_id);
     snprintf(timeout, sizeof(timeout), "%d", ESMD_DEST_WRITE_TIMEOUT_MS);
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    const char *defaults[][2] = {
+    const char *const defaults[][2] = {
         {"bootstrap.servers", kw->conn->bootstrap_servers ? kw->conn->bootstrap_servers : ""},
         {"client.id", client_id},
-        {"log.queue", "true"},
         {"enable.idempotence", "true"},
         {"acks", "all"},
         {"message.timeout.ms", timeout},
         {"linger.ms", "5"},
     };
-    for (size_t i = 0; i < ESMD_ARRAY_LEN(defaults); i++)
-        if (kw_set(conf, defaults[i][0], defaults[i][1], err, errlen) != 0)
-            goto fail;
-    for (size_t i = 0; i < kw->conn->properties.n; i++) {
-        const char *key = kw->conn->properties.items[i].key;
-        const char *value = kw->conn->properties.items[i].value;
-        if (kafka_consumer_only(key))
-            continue;
-        if (kafka_forced(key)) {
-            ESMD_WARN(NULL,
-                      "connection %s: kafka property %s is set by esmd for destinations; "
-                      "ignored by the destination producer",
-                      kw->name, key);
-            continue;
-        }
-        if (kw_set(conf, key, value, err, errlen) != 0)
-            goto fail;
-    }
+    rd_kafka_conf_t *conf = esmd_kafka_conf_new(defaults, ESMD_ARRAY_LEN(defaults), kw->conn,
+                                                kw_prop_use, kw, err, errlen);
+    if (!conf)
+        return ESMD_EINVAL;
     rd_kafka_conf_set_opaque(conf, kw);
     rd_kafka_conf_set_dr_msg_cb(conf, kw_on_dr);
     rd_kafka_conf_set_error_cb(conf, kw_on_error);
@@ -227,29 +205,22 @@ static int kw_open(struct kafka_w *kw, char *err, size_t errlen)
     rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
     if (!rk) {
         snprintf(err, errlen, "kafka producer for connection %s: %s", kw->name, errstr);
-        goto fail;
+        rd_kafka_conf_destroy(conf);
+        return ESMD_EINVAL;
     }
-    conf = NULL; /* rd_kafka_new took it */
-    if (pipe2(kw->pipefd, O_NONBLOCK | O_CLOEXEC) != 0) {
-        snprintf(err, errlen, "kafka producer: pipe: %s", strerror(errno));
-        kw->pipefd[0] = kw->pipefd[1] = -1;
+    rd_kafka_queue_t *mainq = rd_kafka_queue_get_main(rk);
+    if (esmd_kafka_wake_start(&kw->wake, rk, mainq, errstr, sizeof(errstr)) != ESMD_OK) {
+        snprintf(err, errlen, "kafka producer: %s", errstr);
+        rd_kafka_queue_destroy(mainq);
         rd_kafka_destroy(rk);
         return ESMD_EIO;
     }
     kw->rk = rk;
-    rd_kafka_set_log_queue(rk, NULL); /* logs → main queue, served on the loop */
-    kw->mainq = rd_kafka_queue_get_main(rk);
-    rd_kafka_queue_io_event_enable(kw->mainq, kw->pipefd[1], "1", 1);
-    ev_io_set(&kw->io, kw->pipefd[0], EV_READ);
-    ev_io_start(kw->env->loop, &kw->io);
+    kw->mainq = mainq;
     kw->fatal = false;
     ESMD_INFO(NULL, "destination producer for connection %s started (%s)", kw->name,
               rd_kafka_name(rk));
     return 0;
-fail:
-    if (conf)
-        rd_kafka_conf_destroy(conf);
-    return ESMD_EINVAL;
 }
 
 /* Destroys the producer; messages not yet reported fail ("producer closed"). */
@@ -259,19 +230,15 @@ static void kw_close(struct kafka_w *kw)
     if (kw->rk) {
         rd_kafka_purge(kw->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
         rd_kafka_poll(kw->rk, 0); /* the purged messages' reports */
-        rd_kafka_queue_io_event_enable(kw->mainq, -1, NULL, 0);
+        esmd_kafka_wake_stop(&kw->wake, kw->mainq, NULL);
         rd_kafka_queue_destroy(kw->mainq);
         kw->mainq = NULL;
         rd_kafka_destroy(kw->rk);
         kw->rk = NULL;
     }
-    ev_io_stop(loop, &kw->io);
+    esmd_kafka_wake_stop(&kw->wake, NULL, NULL);
     ev_timer_stop(loop, &kw->tick);
-    for (int i = 0; i < 2; i++) {
-        if (kw->pipefd[i] >= 0)
-            close(kw->pipefd[i]);
-        kw->pipefd[i] = -1;
-    }
+    esmd_kafka_wake_close(&kw->wake);
     kw->outstanding = 0;
     /* reports librdkafka did not serve */
     struct esmd_delivery *dl = esmd_outbox_deliveries(kw->env->d), *next;
@@ -344,11 +311,10 @@ static void *kafka_bind(void *state, const struct esmd_dest_uri *u)
     kw->env = st->env;
     kw->conn = u->conn;
     kw->name = u->conn->name;
-    kw->pipefd[0] = kw->pipefd[1] = -1;
-    ev_init(&kw->io, kw_io_cb);
+    esmd_kafka_wake_init(&kw->wake, st->env->loop, kw_io_cb, kw);
     ev_init(&kw->tick, kw_tick_cb);
     kw->tick.repeat = 0.1;
-    kw->io.data = kw->tick.data = kw;
+    kw->tick.data = kw;
     kw->next = st->kws;
     st->kws = kw;
     return kw;

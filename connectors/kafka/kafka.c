@@ -5,6 +5,8 @@
  * serve from the loop thread: the main queue and the log queue are forwarded to the consumer
  * queue, and that queue writes a byte to a non-blocking pipe when it goes from empty to
  * non-empty (rd_kafka_queue_io_event_enable). So every callback below runs on the loop thread.
+ * The conf, the log forwarding and the wake-up are the ones the kafka:// destination writer
+ * uses too (include/esmd/kafka_client.h).
  *
  * Offsets: enable.auto.offset.store=false and enable.auto.commit=false. The core acks
  * (shard, next_seq) once every record below next_seq is finished; we store that offset and
@@ -15,17 +17,15 @@
 #include "kafka_private.h"
 
 #include "esmd/connector.h"
+#include "esmd/kafka_client.h"
 #include "esmd/log.h"
 
 #include <cJSON.h>
-#include <errno.h>
 #include <ev.h>
-#include <fcntl.h>
 #include <librdkafka/rdkafka.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 /* Messages handled per loop turn before yielding to other watchers. */
 #define KAFKA_DRAIN_MAX 1000
@@ -94,11 +94,10 @@ struct esmd_kafka {
 
     rd_kafka_conf_t *conf; /* owned until rd_kafka_new() takes it */
     rd_kafka_t *rk;
-    rd_kafka_queue_t *rkqu;   /* the consumer queue (everything is forwarded here) */
-    rd_kafka_queue_t *closeq; /* receives the consumer queue's ops during close */
-    int pipefd[2];
+    rd_kafka_queue_t *rkqu;      /* the consumer queue (everything is forwarded here) */
+    rd_kafka_queue_t *closeq;    /* receives the consumer queue's ops during close */
+    struct esmd_kafka_wake wake; /* the queue's wake-up pipe and its watcher */
 
-    ev_io io;           /* read end of the wake-up pipe */
     ev_timer kick;      /* 0 s: drain again next turn (a turn's drain was bounded) */
     ev_timer tick;      /* KAFKA_TICK_S housekeeping */
     ev_timer commit_tm; /* next coalesced commit */
@@ -613,15 +612,7 @@ static int on_stats(rd_kafka_t *rk, char *json, size_t json_len, void *opaque)
 static void on_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
 {
     struct esmd_kafka *kc = rd_kafka_opaque(rk);
-    const struct esmd_log_ctx *ctx = kc ? kc->log : NULL;
-    if (level <= 3)
-        esmd_log_limited(ESMD_LOG_ERROR, ctx, "kafka-log-error", "librdkafka %s: %s", fac, buf);
-    else if (level == 4)
-        esmd_log_limited(ESMD_LOG_WARN, ctx, "kafka-log-warn", "librdkafka %s: %s", fac, buf);
-    else if (level <= 6)
-        esmd_log(ESMD_LOG_INFO, ctx, "librdkafka %s: %s", fac, buf);
-    else
-        esmd_log(ESMD_LOG_DEBUG, ctx, "librdkafka %s: %s", fac, buf);
+    esmd_kafka_log(kc ? kc->log : NULL, level, fac, buf);
 }
 
 /* ---- consuming ---- */
@@ -698,9 +689,7 @@ static void kafka_drain(struct esmd_kafka *kc)
     if (!kc->rk || kc->draining || kc->state == KAFKA_CLOSED)
         return;
     kc->draining = true;
-    char junk[256];
-    while (read(kc->pipefd[0], junk, sizeof(junk)) > 0)
-        ;
+    esmd_kafka_wake_clear(&kc->wake);
     enum kafka_state state = kc->state;
     rd_kafka_queue_t *q = state == KAFKA_CLOSING ? kc->closeq : kc->rkqu;
     int n = 0;
@@ -769,11 +758,7 @@ static void close_finish(struct esmd_kafka *kc)
     kc->state = KAFKA_CLOSED;
     kc->ready = false;
     /* nothing is served any more: stop the wake-ups (the pipe would stay readable) */
-    if (kc->closeq)
-        rd_kafka_queue_io_event_enable(kc->closeq, -1, NULL, 0);
-    if (kc->rkqu)
-        rd_kafka_queue_io_event_enable(kc->rkqu, -1, NULL, 0);
-    ev_io_stop(kc->host->loop, &kc->io);
+    esmd_kafka_wake_stop(&kc->wake, kc->closeq, kc->rkqu);
     ev_timer_stop(kc->host->loop, &kc->tick);
     ev_timer_stop(kc->host->loop, &kc->kick);
     ev_timer_stop(kc->host->loop, &kc->commit_tm);
@@ -785,15 +770,11 @@ static void close_finish(struct esmd_kafka *kc)
 
 static void kafka_destroy(void *c);
 
-static int conf_set(rd_kafka_conf_t *conf, const char *key, const char *value, char *err,
-                    size_t errlen)
+/* A source's connection may not set what esmd sets for the consumer. */
+static enum esmd_kafka_prop_use prop_use(const char *key, void *ud)
 {
-    char errstr[256];
-    if (rd_kafka_conf_set(conf, key, value, errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK) {
-        snprintf(err, errlen, "kafka property %s: %s", key, errstr);
-        return ESMD_EINVAL;
-    }
-    return ESMD_OK;
+    ESMD_UNUSED(ud);
+    return esmd_kafka_property_reserved(key) ? ESMD_KAFKA_PROP_REFUSE : ESMD_KAFKA_PROP_SET;
 }
 
 static void *kafka_create(const struct esmd_mapping_cfg *cfg, const struct esmd_host *host,
@@ -809,7 +790,7 @@ static void *kafka_create(const struct esmd_mapping_cfg *cfg, const struct esmd_
     struct esmd_kafka *kc = esmd_xcalloc(1, sizeof(*kc));
     kc->host = host;
     kc->log = host->log;
-    kc->pipefd[0] = kc->pipefd[1] = -1;
+    esmd_kafka_wake_init(&kc->wake, host->loop, on_io, kc);
     kc->servers = esmd_xstrdup(src->conn->bootstrap_servers);
     kc->topics = esmd_xcalloc(src->ntopics, sizeof(*kc->topics));
     for (size_t i = 0; i < src->ntopics; i++)
@@ -830,15 +811,13 @@ static void *kafka_create(const struct esmd_mapping_cfg *cfg, const struct esmd_
     char client_id[256];
     snprintf(client_id, sizeof(client_id), "esmd-%s",
              host->instance_id ? host->instance_id : "instance");
-    kc->conf = rd_kafka_conf_new();
-    const char *defaults[][2] = {
+    const char *const defaults[][2] = {
         {"bootstrap.servers", kc->servers},
         {"group.id", kc->group},
         {"client.id", client_id},
         {"enable.auto.commit", "false"},
         {"enable.auto.offset.store", "false"},
         {"auto.offset.reset", kc->start == ESMD_START_LATEST ? "latest" : "earliest"},
-        {"log.queue", "true"},
         {"statistics.interval.ms", KAFKA_STATS_INTERVAL_MS},
         {"topic.metadata.refresh.interval.ms", KAFKA_METADATA_REFRESH_MS},
         /* librdkafka (2.0) re-checks a partition whose prefetch queue was full only about once a
@@ -848,28 +827,16 @@ static void *kafka_create(const struct esmd_mapping_cfg *cfg, const struct esmd_
         {"queued.min.messages", "1000000"},
         {"queued.max.messages.kbytes", "16384"},
     };
-    for (size_t i = 0; i < ESMD_ARRAY_LEN(defaults); i++)
-        if (conf_set(kc->conf, defaults[i][0], defaults[i][1], err, errlen) != ESMD_OK)
-            goto fail;
-    const struct esmd_kvlist *props = &src->conn->properties;
-    for (size_t i = 0; i < props->n; i++) {
-        if (esmd_kafka_property_reserved(props->items[i].key)) {
-            snprintf(err, errlen,
-                     "connection %s: kafka property %s is set by esmd and cannot be overridden",
-                     src->conn->name ? src->conn->name : "?", props->items[i].key);
-            goto fail;
-        }
-        if (conf_set(kc->conf, props->items[i].key, props->items[i].value, err, errlen) != ESMD_OK)
-            goto fail;
-    }
+    kc->conf = esmd_kafka_conf_new(defaults, ESMD_ARRAY_LEN(defaults), src->conn, prop_use, NULL,
+                                   err, errlen);
+    if (!kc->conf)
+        goto fail;
     rd_kafka_conf_set_opaque(kc->conf, kc);
     rd_kafka_conf_set_rebalance_cb(kc->conf, on_rebalance);
     rd_kafka_conf_set_error_cb(kc->conf, on_error);
     rd_kafka_conf_set_stats_cb(kc->conf, on_stats);
     rd_kafka_conf_set_log_cb(kc->conf, on_log);
 
-    ev_io_init(&kc->io, on_io, -1, EV_READ);
-    kc->io.data = kc;
     ev_timer_init(&kc->kick, on_kick, 0.0, 0.0);
     kc->kick.data = kc;
     ev_timer_init(&kc->tick, on_tick, KAFKA_TICK_S, KAFKA_TICK_S);
@@ -904,15 +871,12 @@ static int kafka_start(void *c)
     }
     kc->conf = NULL; /* rd_kafka_new took it */
     kc->rk = rk;
-    rd_kafka_set_log_queue(rk, NULL); /* logs → main queue → consumer queue */
-    rd_kafka_poll_set_consumer(rk);
+    rd_kafka_poll_set_consumer(rk); /* logs → main queue → consumer queue */
     kc->rkqu = rd_kafka_queue_get_consumer(rk);
-    if (pipe2(kc->pipefd, O_NONBLOCK | O_CLOEXEC) != 0) {
-        ESMD_ERROR(kc->log, "kafka consumer: pipe: %s", strerror(errno));
-        kc->pipefd[0] = kc->pipefd[1] = -1;
+    if (esmd_kafka_wake_start(&kc->wake, rk, kc->rkqu, errstr, sizeof(errstr)) != ESMD_OK) {
+        ESMD_ERROR(kc->log, "kafka consumer: %s", errstr);
         return ESMD_EIO;
     }
-    rd_kafka_queue_io_event_enable(kc->rkqu, kc->pipefd[1], "1", 1);
 
     rd_kafka_topic_partition_list_t *topics = rd_kafka_topic_partition_list_new((int)kc->ntopics);
     for (size_t i = 0; i < kc->ntopics; i++)
@@ -924,8 +888,6 @@ static int kafka_start(void *c)
         return ESMD_EIO;
     }
     kc->state = KAFKA_RUNNING;
-    ev_io_set(&kc->io, kc->pipefd[0], EV_READ);
-    ev_io_start(kc->host->loop, &kc->io);
     ev_timer_start(kc->host->loop, &kc->tick);
     ev_timer_start(kc->host->loop, &kc->kick);
     ESMD_INFO(kc->log, "kafka consumer started (group %s, %zu topics, %s)", kc->group, kc->ntopics,
@@ -1053,8 +1015,7 @@ static void kafka_stop(void *c, void (*done)(void *ud), void *ud)
     commit_sync(kc);
     kc->closeq = rd_kafka_queue_new(kc->rk);
     /* the consumer queue is forwarded to closeq: only the final queue may signal */
-    rd_kafka_queue_io_event_enable(kc->rkqu, -1, NULL, 0);
-    rd_kafka_queue_io_event_enable(kc->closeq, kc->pipefd[1], "1", 1);
+    esmd_kafka_wake_move(&kc->wake, kc->rkqu, kc->closeq);
     rd_kafka_error_t *error = rd_kafka_consumer_close_queue(kc->rk, kc->closeq);
     if (error) {
         ESMD_WARN(kc->log, "kafka consumer close: %s", rd_kafka_error_string(error));
@@ -1084,9 +1045,7 @@ static void kafka_free(struct esmd_kafka *kc)
     }
     if (kc->conf)
         rd_kafka_conf_destroy(kc->conf);
-    for (int i = 0; i < 2; i++)
-        if (kc->pipefd[i] >= 0)
-            close(kc->pipefd[i]);
+    esmd_kafka_wake_close(&kc->wake);
     for (size_t i = 0; i < kc->nbuckets; i++) {
         struct kafka_part *part = kc->buckets[i], *next;
         for (; part; part = next) {
@@ -1112,16 +1071,12 @@ static void kafka_destroy(void *c)
         return;
     if (kc->watchers_init) {
         struct ev_loop *loop = kc->host->loop;
-        ev_io_stop(loop, &kc->io);
         ev_timer_stop(loop, &kc->kick);
         ev_timer_stop(loop, &kc->tick);
         ev_timer_stop(loop, &kc->commit_tm);
         ev_timer_stop(loop, &kc->done_tm);
     }
-    if (kc->rkqu)
-        rd_kafka_queue_io_event_enable(kc->rkqu, -1, NULL, 0);
-    if (kc->closeq)
-        rd_kafka_queue_io_event_enable(kc->closeq, -1, NULL, 0);
+    esmd_kafka_wake_stop(&kc->wake, kc->rkqu, kc->closeq);
     kafka_free(kc);
 }
 
