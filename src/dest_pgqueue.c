@@ -52,11 +52,13 @@ static void pgq_send(struct esmd_dests *d, struct esmd_delivery *const *dls, siz
     b->n = n;
     b->dls = esmd_xcalloc(n, sizeof(*b->dls));
     memcpy(b->dls, dls, n * sizeof(*dls));
-    struct esmd_buf ids = ESMD_BUF_INIT;
+    struct esmd_pg_array ids;
+    esmd_pg_array_start(&ids, ESMD_PG_OID_INT8);
     for (size_t i = 0; i < n; i++)
-        esmd_buf_printf(&ids, "%c%lld", i ? ',' : '{', (long long)dls[i]->id);
-    esmd_buf_putc(&ids, '}');
-    const char *params[] = {esmd_buf_cstr(&ids), esmd_outbox_token(d), dls[0]->dest->target};
+        esmd_pg_array_add_int8(&ids, dls[i]->id);
+    esmd_pg_array_finish(&ids);
+    const char *params[] = {ids.buf.data, esmd_outbox_token(d), dls[0]->dest->target};
+    const int lengths[] = {(int)ids.buf.len, 0, 0}, formats[] = {1, 0, 0};
     bool attrs = false;
     for (size_t i = 0; i < n; i++)
         attrs = attrs || dls[i]->attrs != NULL;
@@ -68,7 +70,7 @@ static void pgq_send(struct esmd_dests *d, struct esmd_delivery *const *dls, siz
             "sent AS (SELECT count(*) FROM (SELECT esmd.send_batch($3, ARRAY[payload], "
             "'0', attributes) FROM (SELECT * FROM done ORDER BY id) o) s) "
             "SELECT done.id FROM done, sent",
-            3, params, pgq_done, b);
+            3, params, lengths, formats, pgq_done, b);
     else
         esmd_outbox_query(d,
                           "WITH done AS (DELETE FROM esmd.outbox WHERE id = ANY($1::bigint[]) "
@@ -76,8 +78,8 @@ static void pgq_send(struct esmd_dests *d, struct esmd_delivery *const *dls, siz
                           "sent AS (SELECT count(*) FROM esmd.send_batch($3, "
                           "(SELECT array_agg(payload ORDER BY id) FROM done))) "
                           "SELECT done.id FROM done, sent",
-                          3, params, pgq_done, b);
-    esmd_buf_free(&ids);
+                          3, params, lengths, formats, pgq_done, b);
+    esmd_buf_free(&ids.buf);
 }
 /* ---- the writer ---- */
 

@@ -159,9 +159,10 @@ void esmd_outbox_done(struct esmd_delivery *dl, enum esmd_dest_result r, const c
 /* The deliveries in flight (newest first; follow ->next). */
 struct esmd_delivery *esmd_outbox_deliveries(struct esmd_dests *d);
 /* Runs sql on the worker's connection; cb is called once (with err "closed" while closing,
- * possibly from inside this call). params borrowed for the call. */
+ * possibly from inside this call). params borrowed for the call; lengths and formats as
+ * esmd_pg_query_binary's (both NULL: text). */
 void esmd_outbox_query(struct esmd_dests *d, const char *sql, int n, const char *const *params,
-                       esmd_pg_cb cb, void *ud);
+                       const int *lengths, const int *formats, esmd_pg_cb cb, void *ud);
 /* This process's lease token (uuid text), what the outbox's lease_token holds for our claims. */
 const char *esmd_outbox_token(const struct esmd_dests *d);
 /* Whether the router is being freed (writes finishing now are not recorded). */

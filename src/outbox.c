@@ -99,7 +99,7 @@ struct esmd_dests {
 static void dests_destroy(struct esmd_dests *d);
 static void stop_maybe_done(struct esmd_dests *d);
 static void work_query(struct esmd_dests *d, const char *sql, int n, const char *const *params,
-                       esmd_pg_cb cb, void *ud);
+                       const int *lengths, const int *formats, esmd_pg_cb cb, void *ud);
 
 /* ---- destinations ---- */
 
@@ -307,21 +307,21 @@ static void writer_query_done(void *ud, const PGresult *res, const char *err)
 }
 
 void esmd_outbox_query(struct esmd_dests *d, const char *sql, int n, const char *const *params,
-                       esmd_pg_cb cb, void *ud)
+                       const int *lengths, const int *formats, esmd_pg_cb cb, void *ud)
 {
     struct writer_query *q = esmd_xmalloc(sizeof(*q));
     *q = (struct writer_query){d, cb, ud};
-    work_query(d, sql, n, params, writer_query_done, q);
+    work_query(d, sql, n, params, lengths, formats, writer_query_done, q);
 }
 
 /* ---- the worker: the policy's statements, claims ---- */
 
 static void work_query(struct esmd_dests *d, const char *sql, int n, const char *const *params,
-                       esmd_pg_cb cb, void *ud)
+                       const int *lengths, const int *formats, esmd_pg_cb cb, void *ud)
 {
     struct esmd_pg *pg = esmd_leaseq_pg(d->lq, ESMD_LEASEQ_CLAIM);
     d->work_queries++; /* every callback takes one off */
-    if (!pg || esmd_pg_query(pg, sql, n, params, cb, ud) != 0)
+    if (!pg || esmd_pg_query_binary(pg, sql, n, params, lengths, formats, cb, ud) != 0)
         cb(ud, NULL, "closed"); /* only while closing */
 }
 
@@ -418,7 +418,7 @@ static void count_cb(struct ev_loop *loop, ev_timer *w, int revents)
         return;
     d->counting = true;
     work_query(d, "SELECT destination, count(*) FROM esmd.outbox GROUP BY destination", 0, NULL,
-               count_done, d);
+               NULL, NULL, count_done, d);
 }
 
 /* ---- sends (group commit) ---- */
