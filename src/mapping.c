@@ -485,6 +485,7 @@ void esmd_mapping_part_done(struct inflight *inf, bool ack)
     }
     inf->batch = inf->todo[--inf->ntodo];
     inf->encoded = false;
+    esmd_mapping_part_begin(inf);
     esmd_mapping_schedule_part(inf, 0, false);
 }
 

@@ -192,6 +192,7 @@ void esmd_mapping_part_failed(struct inflight *inf, const struct esmd_invoke_res
         size_t half = (inf->batch.nrecords + 1) / 2;
         log_failure(inf, res, "bisecting; first half in ", 0);
         esmd_mapping_split_part(inf, keep_first_half, &half);
+        esmd_mapping_part_begin(inf);
         esmd_series_inc(map->m.bisections, 1);
         esmd_mapping_schedule_part(inf, 0, false);
         return;

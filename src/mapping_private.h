@@ -34,9 +34,10 @@ struct inflight {
     struct esmd_buf body; /* the current part's event, when `encoded` */
     bool encoded;
     char *idem_key;
-    int attempts;  /* failed invocations of the current records that count toward the limit */
-    int throttles; /* throttled attempts (do not count) */
-    int invokes;   /* invocations, for approximateInvokeCount */
+    /* Of the current part, since it was formed (esmd_mapping_part_begin): */
+    int attempts;              /* failed invocations that count toward the retry limit */
+    int throttles;             /* throttled attempts (do not count) */
+    int invokes;               /* invocations: the on-failure records' approximateInvokeCount */
     bool next_part_is_retry;   /* the retry timer starts a retry (not the next part) */
     long last_status;          /* of the last response, -1 before any */
     char *last_function_error; /* of the last response */
@@ -121,6 +122,16 @@ static inline void esmd_mapping_release(struct esmd_mapping *map, struct esmd_re
 void esmd_mapping_part_done(struct inflight *inf, bool ack);
 /* Starts the current part after delay_ms, from the loop (a retry when `retry`). */
 void esmd_mapping_schedule_part(struct inflight *inf, int64_t delay_ms, bool retry);
+/* The current part is a batch of its own from now on (a bisected half, the next part after a
+ * give-up): its retries and its approximateInvokeCount start again
+ * (docs/design.md#retries-per-part). A retry of what is left after a partial batch response is the
+ * same batch: no new start. */
+static inline void esmd_mapping_part_begin(struct inflight *inf)
+{
+    inf->attempts = 0;
+    inf->throttles = 0;
+    inf->invokes = 0;
+}
 
 /* ---- src/mapping_failure.c ---- */
 

@@ -70,7 +70,9 @@ def test_bisect_isolates_the_poison_record(kafka, endpoint, dest, esmd, kafka_co
     fr = recs[0]
     assert fr["requestContext"]["condition"] == "RetryAttemptsExhausted"
     assert fr["requestContext"]["functionArn"].endswith(":function:fn")
-    assert fr["requestContext"]["approximateInvokeCount"] >= 2
+    # the invocations of the batch that gave the record up: the one-record part, sent once and
+    # retried once (the enclosing batches' invocations are not counted)
+    assert fr["requestContext"]["approximateInvokeCount"] == 2
     assert fr["responseContext"]["functionError"] == "Unhandled"
     assert fr["version"] == "1.0" and fr["timestamp"].endswith("Z")
     info = fr["KafkaBatchInfo"]
@@ -88,6 +90,37 @@ def test_bisect_isolates_the_poison_record(kafka, endpoint, dest, esmd, kafka_co
     m = proc.metrics()
     assert m.get("esmd_on_failure_events_total") == 1
     assert m.get("esmd_batch_bisections_total") >= 3
+
+
+@pytest.mark.kafka
+def test_bisected_parts_each_get_their_own_retries(kafka, endpoint, dest, esmd, kafka_config,
+                                                   names):
+    """Two poison records that end up in different halves: each one-record part is sent and
+    retried maximum_retry_attempts times, and its on-failure record says so
+    (approximateInvokeCount 3). The count was the invocations of every enclosing batch (varying
+    with how the records were batched), and the second part began with the retries the first
+    had used up, so it was given up after one invocation."""
+    topic = kafka.create_topic(names.topic(), 1)
+    group = names.group()
+    kafka.produce(topic, [{"partition": 0, "key": "k%d" % i,
+                           "value": json.dumps({"i": i, "poison": i in (1, 6)})}
+                          for i in range(8)])
+    endpoint.behaviour = poison_behaviour
+    esmd(kafka_config(topic, batch_size=8, window="500ms", group=group, mapping_extra={
+        "maximum_retry_attempts": 2, "bisect_batch_on_function_error": True,
+        "on_failure": dest.base + "/failed"}))
+    wait_committed(kafka, group, topic, {0: 8}, timeout=90)
+    dest.wait_for(lambda: len(dest.snapshot()) >= 2, 30, "two on-failure records")
+    recs = failure_records(dest)
+    assert sorted(r["KafkaBatchInfo"]["recordInfo"]["offset"] for r in recs) == ["1", "6"]
+    assert [r["requestContext"]["approximateInvokeCount"] for r in recs] == [3, 3]
+    alone = {}
+    for req in endpoint.snapshot():
+        offs = [rec["offset"] for _, rec in req.records()]
+        if len(offs) == 1:
+            alone[offs[0]] = alone.get(offs[0], 0) + 1
+    assert alone.get(1) == 3 and alone.get(6) == 3, alone
+    assert delivered_offsets(endpoint) == [0, 2, 3, 4, 5, 7]
 
 
 @pytest.mark.kafka
