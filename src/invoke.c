@@ -1,4 +1,5 @@
-/* Function invoker: one libcurl multi handle driven by the libev loop.
+/* Function invoker: one libcurl multi handle driven by the libev loop (include/esmd/curl_ev.h,
+ * shared with the http(s):// destination writer).
  *
  * curl's socket callback only arms ev_io watchers and its timer callback the one ev_timer; the
  * watchers call curl_multi_socket_action() and then drain curl_multi_info_read(). A request is
@@ -8,6 +9,7 @@
  * pooled and reused; connections live in the multi's connection cache and are kept alive. */
 #include "esmd/invoke.h"
 #include "esmd/buf.h"
+#include "esmd/curl_ev.h"
 #include "esmd/metrics.h"
 
 #include <cJSON.h>
@@ -79,19 +81,11 @@ struct esmd_invoke_req {
     char errbuf[CURL_ERROR_SIZE];
 };
 
-struct esmd_invoke_sock {
-    ev_io io;
-    struct esmd_invoker *inv;
-    struct esmd_invoke_sock *prev, *next; /* in inv->socks */
-};
-
 struct esmd_invoker {
     struct ev_loop *loop;
-    CURLM *multi;
-    ev_timer timer; /* curl's timeout */
+    struct esmd_curl_ev ce; /* the multi handle on the loop */
     ev_timer deferred_timer;
     struct esmd_invoke_link deferred; /* REQ_DEFERRED */
-    struct esmd_invoke_sock *socks;   /* every armed socket watcher */
     struct esmd_function **fns;       /* owned */
     size_t nfns;
     long total_concurrency;
@@ -101,7 +95,6 @@ struct esmd_invoker {
     struct esmd_metric *m_duration, *m_concurrent, *m_queued;
 };
 
-static void invoke_check_done(struct esmd_invoker *inv);
 static void invoke_pump(struct esmd_function *fn);
 
 /* ---- intrusive lists ---- */
@@ -199,91 +192,6 @@ static char *invoke_header_safe(const char *s)
     }
     esmd_buf_cstr(&b);
     return esmd_buf_steal(&b, NULL);
-}
-
-/* ---- curl callbacks: they only arm watchers ---- */
-
-static void invoke_io_cb(struct ev_loop *loop, ev_io *w, int revents)
-{
-    struct esmd_invoke_sock *sock = (struct esmd_invoke_sock *)w;
-    struct esmd_invoker *inv = sock->inv;
-    int flags = 0, running;
-
-    ESMD_UNUSED(loop);
-    if (revents & EV_READ)
-        flags |= CURL_CSELECT_IN;
-    if (revents & EV_WRITE)
-        flags |= CURL_CSELECT_OUT;
-    if (revents & EV_ERROR)
-        flags |= CURL_CSELECT_ERR;
-    curl_multi_socket_action(inv->multi, w->fd, flags, &running);
-    invoke_check_done(inv);
-}
-
-static void invoke_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    struct esmd_invoker *inv = w->data;
-    int running;
-
-    ESMD_UNUSED(loop);
-    ESMD_UNUSED(revents);
-    curl_multi_socket_action(inv->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-    invoke_check_done(inv);
-}
-
-static int invoke_socket_fn(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
-{
-    struct esmd_invoker *inv = userp;
-    struct esmd_invoke_sock *sock = socketp;
-    int events = 0;
-
-    ESMD_UNUSED(easy);
-    if (what == CURL_POLL_REMOVE) {
-        if (sock != NULL) {
-            ev_io_stop(inv->loop, &sock->io);
-            if (sock->prev)
-                sock->prev->next = sock->next;
-            else
-                inv->socks = sock->next;
-            if (sock->next)
-                sock->next->prev = sock->prev;
-            free(sock);
-            curl_multi_assign(inv->multi, s, NULL);
-        }
-        return 0;
-    }
-    if (sock == NULL) {
-        sock = esmd_xcalloc(1, sizeof(*sock));
-        sock->inv = inv;
-        sock->next = inv->socks;
-        if (inv->socks)
-            inv->socks->prev = sock;
-        inv->socks = sock;
-        ev_init(&sock->io, invoke_io_cb);
-        curl_multi_assign(inv->multi, s, sock);
-    } else {
-        ev_io_stop(inv->loop, &sock->io);
-    }
-    if (what & CURL_POLL_IN)
-        events |= EV_READ;
-    if (what & CURL_POLL_OUT)
-        events |= EV_WRITE;
-    ev_io_set(&sock->io, s, events);
-    ev_io_start(inv->loop, &sock->io);
-    return 0;
-}
-
-static int invoke_timer_fn(CURLM *multi, long timeout_ms, void *userp)
-{
-    struct esmd_invoker *inv = userp;
-
-    ESMD_UNUSED(multi);
-    ev_timer_stop(inv->loop, &inv->timer);
-    if (timeout_ms >= 0) {
-        ev_timer_set(&inv->timer, (double)timeout_ms / 1000.0, 0.);
-        ev_timer_start(inv->loop, &inv->timer);
-    }
-    return 0;
 }
 
 static size_t invoke_write_fn(char *ptr, size_t size, size_t nmemb, void *userdata)
@@ -458,7 +366,7 @@ static void invoke_detach(struct esmd_invoke_req *req)
         break;
     case REQ_ACTIVE:
         link_remove(&req->link);
-        curl_multi_remove_handle(fn->inv->multi, req->easy);
+        curl_multi_remove_handle(fn->inv->ce.multi, req->easy);
         fn->inflight--;
         break;
     case REQ_DEFERRED:
@@ -616,7 +524,7 @@ static int invoke_send(struct esmd_invoke_req *req)
     curl_easy_setopt(easy, CURLOPT_WRITEDATA, req);
     curl_easy_setopt(easy, CURLOPT_HEADERDATA, req);
     req->started = esmd_mono();
-    mc = curl_multi_add_handle(inv->multi, easy);
+    mc = curl_multi_add_handle(inv->ce.multi, easy);
     if (mc != CURLM_OK) {
         snprintf(req->errbuf, sizeof(req->errbuf), "curl_multi_add_handle: %s",
                  curl_multi_strerror(mc));
@@ -770,23 +678,16 @@ done:
     cJSON_Delete(doc);
 }
 
-static void invoke_check_done(struct esmd_invoker *inv)
+/* A transfer finished (from the curl_ev watchers). */
+static void invoke_done(struct esmd_curl_ev *ce, CURL *easy, CURLcode result, void *priv)
 {
-    CURLMsg *msg;
-    int left;
+    struct esmd_invoke_req *req = priv;
 
-    while ((msg = curl_multi_info_read(inv->multi, &left)) != NULL) {
-        struct esmd_invoke_req *req;
-        char *priv = NULL;
-
-        if (msg->msg != CURLMSG_DONE)
-            continue;
-        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, &priv);
-        req = (struct esmd_invoke_req *)priv;
-        if (req == NULL || req->state != REQ_ACTIVE)
-            continue;
-        invoke_finish(req, msg->data.result);
-    }
+    ESMD_UNUSED(ce);
+    ESMD_UNUSED(easy);
+    if (req == NULL || req->state != REQ_ACTIVE)
+        return;
+    invoke_finish(req, result);
 }
 
 /* ---- public API ---- */
@@ -802,20 +703,12 @@ struct esmd_invoker *esmd_invoker_new(struct ev_loop *loop, char *err, size_t er
     inv = esmd_xcalloc(1, sizeof(*inv));
     inv->loop = loop;
     link_init(&inv->deferred);
-    inv->multi = curl_multi_init();
-    if (inv->multi == NULL) {
-        snprintf(err, errlen, "curl_multi_init failed");
+    if (esmd_curl_ev_init(&inv->ce, loop, invoke_done, inv, err, errlen) != 0) {
         free(inv);
         return NULL;
     }
-    ev_timer_init(&inv->timer, invoke_timer_cb, 0., 0.);
-    inv->timer.data = inv;
     ev_timer_init(&inv->deferred_timer, invoke_deferred_cb, 0., 0.);
     inv->deferred_timer.data = inv;
-    curl_multi_setopt(inv->multi, CURLMOPT_SOCKETFUNCTION, invoke_socket_fn);
-    curl_multi_setopt(inv->multi, CURLMOPT_SOCKETDATA, inv);
-    curl_multi_setopt(inv->multi, CURLMOPT_TIMERFUNCTION, invoke_timer_fn);
-    curl_multi_setopt(inv->multi, CURLMOPT_TIMERDATA, inv);
     inv->m_invocations = esmd_metric(ESMD_COUNTER, "esmd_invocations_total",
                                      "Function invocations sent and answered or failed "
                                      "(throttled and cancelled requests excluded).");
@@ -869,15 +762,7 @@ void esmd_invoker_free(struct esmd_invoker *inv)
             curl_easy_cleanup(fn->pool[k]);
         fn->npool = 0;
     }
-    curl_multi_cleanup(inv->multi);
-    ev_timer_stop(inv->loop, &inv->timer);
-    while (inv->socks != NULL) {
-        struct esmd_invoke_sock *sock = inv->socks;
-
-        inv->socks = sock->next;
-        ev_io_stop(inv->loop, &sock->io);
-        free(sock);
-    }
+    esmd_curl_ev_close(&inv->ce);
     for (size_t i = 0; i < inv->nfns; i++) {
         struct esmd_function *fn = inv->fns[i];
 
@@ -945,7 +830,7 @@ struct esmd_function *esmd_invoker_add_function(struct esmd_invoker *inv,
     inv->fns[inv->nfns++] = fn;
     inv->total_concurrency += fn->max_concurrency;
     fn->pool = esmd_xcalloc((size_t)fn->max_concurrency, sizeof(*fn->pool));
-    curl_multi_setopt(inv->multi, CURLMOPT_MAXCONNECTS, inv->total_concurrency);
+    curl_multi_setopt(inv->ce.multi, CURLMOPT_MAXCONNECTS, inv->total_concurrency);
     return fn;
 }
 
