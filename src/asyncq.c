@@ -406,10 +406,18 @@ static void route_failure(struct aq_ev *ev, const char *condition)
     sends_done(ev);
 }
 
+/* Keeps a copy for the event's row, whose text columns take only well-formed UTF-8 without
+ * NUL: a function's answer may be any bytes (a retry update that Postgres refused left the
+ * event to run again after its lease, its attempt not counted). */
 static void set_str(char **dst, const char *s, size_t n)
 {
     free(*dst);
-    *dst = s ? esmd_xstrndup(s, n) : NULL;
+    *dst = NULL;
+    if (s) {
+        struct esmd_buf b = ESMD_BUF_INIT;
+        esmd_buf_put_text(&b, s, n);
+        *dst = esmd_buf_steal(&b, NULL);
+    }
 }
 
 static void ev_invoked(void *ud, const struct esmd_invoke_result *res)

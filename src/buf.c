@@ -142,6 +142,23 @@ static size_t json_char_len(const unsigned char *s, size_t n, size_t *adv)
     return l;
 }
 
+void esmd_buf_put_text(struct esmd_buf *b, const char *s, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    size_t i = 0, from = 0;
+    while (i < n) {
+        size_t l = p[i] == 0 ? 0 : esmd_utf8_seq(p + i, n - i);
+        if (l > 0) {
+            i += l;
+            continue;
+        }
+        esmd_buf_append(b, s + from, i - from);
+        esmd_buf_append(b, "\xEF\xBF\xBD", 3); /* U+FFFD */
+        from = ++i;
+    }
+    esmd_buf_append(b, s + from, n - from);
+}
+
 size_t esmd_json_string_len(const char *s, size_t n)
 {
     const unsigned char *p = (const unsigned char *)s;

@@ -36,6 +36,9 @@ char *esmd_buf_steal(struct esmd_buf *b, size_t *len);
  * valid UTF-8 become U+FFFD. esmd_json_string_len() is the exact length it writes. */
 void esmd_buf_put_json_string(struct esmd_buf *b, const char *s, size_t n);
 size_t esmd_json_string_len(const char *s, size_t n);
+/* The bytes as text a database or a log line takes: well-formed UTF-8 without NUL. Malformed
+ * sequences and NUL bytes become U+FFFD; everything else is copied as it is. */
+void esmd_buf_put_text(struct esmd_buf *b, const char *s, size_t n);
 /* Standard base64 with padding, no quotes. esmd_base64_len() is the exact length. */
 void esmd_buf_put_base64(struct esmd_buf *b, const void *p, size_t n);
 size_t esmd_base64_len(size_t n);

@@ -148,6 +148,24 @@ def test_async_function_error_retried_then_success(esmd, db, endpoint, sink):
     assert rec["requestContext"]["approximateInvokeCount"] == 3
 
 
+def test_async_function_error_with_bytes_that_are_not_text(esmd, postgres, db, endpoint, sink):
+    """A function error whose body is not UTF-8 (and holds a NUL): the event's row keeps the
+    answer as text (malformed bytes become U+FFFD), so the retry is stored and counted. Postgres
+    refused the retry update before: the event ran again only after its lease, its attempt not
+    counted, without end."""
+    endpoint.behaviour = lambda req: Response(200, b"\xff\xfe not text \x00 \xc3(",
+                                              {"X-Amz-Function-Error": "Unhandled"})
+    proc = esmd(fast(config(db, endpoint, {"maximum_retry_attempts": 2, "on_failure": sink.url})))
+    invoke(proc, "fn", {"x": 1})
+    wait(lambda: len(sink.snapshot()) >= 1, timeout=30, what="the failure record")
+    assert len(endpoint.snapshot()) == 3  # 1 + maximum_retry_attempts
+    rec = json.loads(sink.snapshot()[0].body)
+    jsonschema.validate(rec, RECORD_SCHEMA)
+    assert rec["requestContext"]["condition"] == "RetriesExhausted"
+    assert rec["requestContext"]["approximateInvokeCount"] == 3
+    assert "not text" in json.dumps(rec["responsePayload"])
+
+
 def test_async_retries_exhausted_on_failure_and_dead_letter(esmd, postgres, db, endpoint, sink):
     endpoint.behaviour = lambda req: Response(200, {"errorType": "Boom", "errorMessage": "it broke"},
                                               {"X-Amz-Function-Error": "Unhandled"})

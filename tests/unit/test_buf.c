@@ -42,6 +42,28 @@ static void test_json_string(void **state)
     check_json("nul\0x", 5, "\"nul\\u0000x\"");
 }
 
+static void test_text(void **state)
+{
+    (void)state;
+    struct esmd_buf b = ESMD_BUF_INIT;
+    esmd_buf_put_text(&b, "ok \xc3\xa9", 5);
+    assert_memory_equal(b.data, "ok \xc3\xa9", 5);
+    assert_int_equal(b.len, 5);
+    b.len = 0;
+    /* a stray byte, a NUL, a truncated sequence at the end */
+    esmd_buf_put_text(&b,
+                      "a\xff"
+                      "b\0c\xe2\x82",
+                      7);
+    assert_int_equal(b.len, 15);
+    assert_memory_equal(b.data,
+                        "a\xef\xbf\xbd"
+                        "b\xef\xbf\xbd"
+                        "c\xef\xbf\xbd\xef\xbf\xbd",
+                        13);
+    esmd_buf_free(&b);
+}
+
 static void test_base64(void **state)
 {
     const char *cases[][2] = {{"", ""},
@@ -141,9 +163,9 @@ static void test_uuid4(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_json_string), cmocka_unit_test(test_base64),
-        cmocka_unit_test(test_i64),         cmocka_unit_test(test_backoff),
-        cmocka_unit_test(test_uuid4),
+        cmocka_unit_test(test_json_string), cmocka_unit_test(test_text),
+        cmocka_unit_test(test_base64),      cmocka_unit_test(test_i64),
+        cmocka_unit_test(test_backoff),     cmocka_unit_test(test_uuid4),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
