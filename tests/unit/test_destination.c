@@ -143,13 +143,25 @@ static void test_check_uris(void **state)
         {"ftp://x", "not a destination URI"},
         {"function://g", "function \"g\" is not defined"},
         {"", "empty"},
+        {"kafka://k/..", "not . or .."},
+        {"kafka://k/.", "not . or .."},
+        {"redis://h:99999999/abc", "connection \"h:99999999\" is not defined"},
+        {"redis://r", "redis://CONNECTION/STREAM"},
+        {"pgqueue://q\tx", "\"pgqueue://q\\tx\""},
     };
+    const struct esmd_dests_names names = {.cfg = cfg};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         err[0] = '\0';
         assert_int_equal(esmd_dests_check(d, bad[i].uri, err, sizeof(err)), ESMD_EINVAL);
         if (!strstr(err, bad[i].msg))
             fail_msg("%s: got \"%s\", want \"%s\"", bad[i].uri, err, bad[i].msg);
+        /* the configuration loader's check is the same parser: the same message */
+        char err2[512] = "";
+        assert_int_equal(esmd_dests_check_uri(&names, bad[i].uri, err2, sizeof(err2)), ESMD_EINVAL);
+        assert_string_equal(err, err2);
     }
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
+        assert_int_equal(esmd_dests_check_uri(&names, good[i], err, sizeof(err)), 0);
     esmd_dests_free(d);
     esmd_config_free(cfg);
     ev_loop_destroy(loop);
