@@ -1,5 +1,6 @@
 /* The mapping's pure pieces: the batchItemFailures parser of partial batch responses
- * (src/mapping_failure.c) and the one Retry-After clamp (esmd_invoke_retry_delay). */
+ * (src/mapping_failure.c) and the one Retry-After clamp (esmd_invoke_retry_delay); and the host
+ * side of the connector interface: shard handles and the count of records the core holds. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -8,7 +9,11 @@
 #include "../../src/mapping_private.h"
 #include "esmd/invoke.h"
 
+#include "esmd/config.h"
+
 #include <cJSON.h>
+#include <ev.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* A part of three records whose identifiers are "a", "b", "c" (as pgqueue's messageIds). */
@@ -133,12 +138,71 @@ static void test_retry_after_clamp(void **state)
     assert_int_equal(delay(20000, 8000, 10000), 10000);     /* the async queue's cap */
 }
 
+/* A mapping of a Redis source that is never started: its host API is driven by hand. Redis
+ * records are one malloc'd block, so plain esmd_records stand in for them. */
+static const char host_yaml[] =
+    "postgres: \"host=127.0.0.1\"\n"
+    "connections: { r: { type: redis, url: \"redis://127.0.0.1:9\" } }\n"
+    "functions: { fn: { url: \"http://127.0.0.1:9/\" } }\n"
+    "mappings: [{ name: m, function: fn, source: { redis: r, stream: s, group: g } }]\n";
+
+static struct esmd_record *new_rec(int64_t seq)
+{
+    struct esmd_record *rec = calloc(1, sizeof(*rec));
+    rec->seq = seq;
+    rec->size = 10;
+    rec->timestamp_ms = esmd_now_ms();
+    return rec;
+}
+
+static void test_host_counts_records(void **state)
+{
+    struct esmd_config_errors errs;
+    esmd_config_errors_init(&errs);
+    struct esmd_config *cfg = esmd_config_parse(host_yaml, strlen(host_yaml), "t.yaml", &errs);
+    esmd_config_errors_free(&errs);
+    assert_non_null(cfg);
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    char err[256] = "";
+    struct esmd_invoker *inv = esmd_invoker_new(loop, err, sizeof(err));
+    assert_non_null(inv);
+    assert_non_null(esmd_invoker_add_function(inv, &cfg->functions[0]));
+    struct esmd_mapping *map =
+        esmd_mapping_new(loop, &cfg->mappings[0], inv, "t", err, sizeof(err));
+    if (!map)
+        fail_msg("%s", err);
+    const struct esmd_host *host = &map->host;
+
+    /* the handle is opaque to the connector: key and priv through the accessors */
+    int priv;
+    struct esmd_shard *shard = host->shard_open(host->core, "s@g", 2, &priv);
+    assert_string_equal(esmd_shard_key(shard), "s@g");
+    assert_ptr_equal(esmd_shard_priv(shard), &priv);
+    for (int i = 0; i < 5; i++)
+        host->emit(host->core, shard, new_rec(i));
+    assert_int_equal(map->nheld, 5);
+    /* a revoked shard's pending records go back at once */
+    host->shard_close(host->core, shard);
+    assert_int_equal(map->nheld, 0);
+
+    /* records still held when the mapping is freed go back before the connector is destroyed
+     * (ASan sees a leak or a use after free otherwise) */
+    shard = host->shard_open(host->core, "s@g", 2, NULL);
+    for (int i = 0; i < 3; i++)
+        host->emit(host->core, shard, new_rec(i));
+    assert_int_equal(map->nheld, 3);
+    esmd_mapping_free(map);
+    esmd_invoker_free(inv);
+    ev_loop_destroy(loop);
+    esmd_config_free(cfg);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_no_failure),        cmocka_unit_test(test_some_failed),
         cmocka_unit_test(test_unusable),          cmocka_unit_test(test_bounds),
-        cmocka_unit_test(test_retry_after_clamp),
+        cmocka_unit_test(test_retry_after_clamp), cmocka_unit_test(test_host_counts_records),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
