@@ -1,5 +1,6 @@
 /* Batch accounting: which records fit, and the exact size of the event they make. */
 #include "batch_private.h"
+#include "esmd/buf.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -93,6 +94,26 @@ bool esmd_batch_count_reached(const struct esmd_batch *batch)
 size_t esmd_batch_bytes(const struct esmd_batch *batch)
 {
     return batch->bytes;
+}
+
+void esmd_batch_encode_records(const struct esmd_batch *batch,
+                               void (*write)(void *ctx, const struct esmd_record *rec,
+                                             struct esmd_buf *out),
+                               void *ctx, struct esmd_buf *out)
+{
+    esmd_buf_reserve(out, batch->bytes);
+    esmd_buf_append(out, ESMD_BATCH_RECORDS_HEAD, sizeof(ESMD_BATCH_RECORDS_HEAD) - 1);
+    size_t k = 0;
+    for (size_t i = 0; i < batch->ngroups; i++) {
+        const struct esmd_batch_group *g = &batch->groups[i];
+        const struct esmd_record *rec = g->head;
+        for (size_t j = 0; j < g->n && rec; j++, rec = rec->next) {
+            if (k++)
+                esmd_buf_putc(out, ',');
+            write(ctx, rec, out);
+        }
+    }
+    esmd_buf_append(out, ESMD_BATCH_RECORDS_TAIL, sizeof(ESMD_BATCH_RECORDS_TAIL) - 1);
 }
 
 struct esmd_record *esmd_batch_remove_shard(struct esmd_batch *batch,

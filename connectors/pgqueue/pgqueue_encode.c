@@ -12,9 +12,6 @@
 
 #define LIT(s) (sizeof(s) - 1)
 
-#define ENV_HEAD "{\"Records\":["
-#define ENV_TAIL "]}"
-
 #define REC_MESSAGE_ID "{\"messageId\":"
 #define REC_RECEIPT ",\"receiptHandle\":"
 #define REC_BODY ",\"body\":"
@@ -59,7 +56,7 @@ size_t esmd_pgqueue_arn_prefix(char out[ESMD_PGQUEUE_ARN_PREFIX_MAX])
 
 size_t esmd_pgqueue_envelope_size(void)
 {
-    return LIT(ENV_HEAD) + LIT(ENV_TAIL);
+    return ESMD_BATCH_RECORDS_ENVELOPE;
 }
 
 /* Everything but the body's value. */
@@ -146,24 +143,24 @@ void esmd_pgqueue_record_write(struct esmd_buf *out, const struct esmd_pgqueue_v
     record_write(out, v, arn, false);
 }
 
+struct pgqueue_encode_ctx {
+    const char *arn;
+    esmd_pgqueue_view_fn view_of;
+};
+
+static void write_message(void *ctx, const struct esmd_record *rec, struct esmd_buf *out)
+{
+    const struct pgqueue_encode_ctx *c = ctx;
+    struct esmd_pgqueue_view v;
+    c->view_of(rec, &v);
+    record_write(out, &v, c->arn, false);
+}
+
 void esmd_pgqueue_encode_batch(const struct esmd_batch *batch, const char *arn,
                                esmd_pgqueue_view_fn view_of, struct esmd_buf *out)
 {
-    esmd_buf_reserve(out, esmd_batch_bytes(batch));
-    esmd_buf_append(out, ENV_HEAD, LIT(ENV_HEAD));
-    size_t k = 0;
-    for (size_t i = 0; i < batch->ngroups; i++) {
-        const struct esmd_batch_group *g = &batch->groups[i];
-        const struct esmd_record *rec = g->head;
-        for (size_t j = 0; j < g->n && rec; j++, rec = rec->next) {
-            struct esmd_pgqueue_view v;
-            if (k++)
-                esmd_buf_putc(out, ',');
-            view_of(rec, &v);
-            record_write(out, &v, arn, false);
-        }
-    }
-    esmd_buf_append(out, ENV_TAIL, LIT(ENV_TAIL));
+    struct pgqueue_encode_ctx c = {arn, view_of};
+    esmd_batch_encode_records(batch, write_message, &c, out);
 }
 
 enum esmd_filter_data esmd_pgqueue_filter_doc(const struct esmd_pgqueue_view *v, const char *arn,

@@ -15,9 +15,6 @@
 
 #define LIT(s) (sizeof(s) - 1)
 
-#define ENV_HEAD "{\"Records\":["
-#define ENV_TAIL "]}"
-
 #define REC_HEAD "{\"redis\":{\"redisSchemaVersion\":\"1.0\",\"stream\":"
 #define REC_SEQ ",\"sequenceNumber\":\""
 #define REC_TS "\",\"approximateArrivalTimestamp\":"
@@ -444,7 +441,7 @@ static enum esmd_filter_data kinesis_filter_doc(const struct esmd_redis_source *
 
 size_t esmd_redis_envelope_size(void)
 {
-    return LIT(ENV_HEAD) + LIT(ENV_TAIL);
+    return ESMD_BATCH_RECORDS_ENVELOPE;
 }
 
 size_t esmd_redis_record_size(const struct esmd_redis_source *src, const struct esmd_redis_entry *e)
@@ -533,40 +530,36 @@ void esmd_redis_record_write(struct esmd_buf *out, const struct esmd_redis_sourc
     esmd_buf_append(out, REC_TAIL, LIT(REC_TAIL));
 }
 
+struct redis_encode_ctx {
+    const struct esmd_redis_source *src;
+    esmd_redis_entry_fn entry_of;
+    esmd_redis_json_fn json_of;
+};
+
+static void write_entry(void *ctx, const struct esmd_record *rec, struct esmd_buf *out)
+{
+    const struct redis_encode_ctx *c = ctx;
+    esmd_redis_record_write(out, c->src, c->entry_of(rec));
+}
+
+static void write_json(void *ctx, const struct esmd_record *rec, struct esmd_buf *out)
+{
+    const struct redis_encode_ctx *c = ctx;
+    esmd_buf_append(out, c->json_of(rec), rec->size);
+}
+
 void esmd_redis_encode_batch(const struct esmd_redis_source *src, const struct esmd_batch *batch,
                              esmd_redis_entry_fn entry_of, struct esmd_buf *out)
 {
-    esmd_buf_reserve(out, esmd_batch_bytes(batch));
-    esmd_buf_append(out, ENV_HEAD, LIT(ENV_HEAD));
-    size_t k = 0;
-    for (size_t i = 0; i < batch->ngroups; i++) {
-        const struct esmd_batch_group *g = &batch->groups[i];
-        const struct esmd_record *rec = g->head;
-        for (size_t j = 0; j < g->n && rec; j++, rec = rec->next) {
-            if (k++)
-                esmd_buf_putc(out, ',');
-            esmd_redis_record_write(out, src, entry_of(rec));
-        }
-    }
-    esmd_buf_append(out, ENV_TAIL, LIT(ENV_TAIL));
+    struct redis_encode_ctx c = {.src = src, .entry_of = entry_of};
+    esmd_batch_encode_records(batch, write_entry, &c, out);
 }
 
 void esmd_redis_encode_written(const struct esmd_batch *batch, esmd_redis_json_fn json_of,
                                struct esmd_buf *out)
 {
-    esmd_buf_reserve(out, esmd_batch_bytes(batch));
-    esmd_buf_append(out, ENV_HEAD, LIT(ENV_HEAD));
-    size_t k = 0;
-    for (size_t i = 0; i < batch->ngroups; i++) {
-        const struct esmd_batch_group *g = &batch->groups[i];
-        const struct esmd_record *rec = g->head;
-        for (size_t j = 0; j < g->n && rec; j++, rec = rec->next) {
-            if (k++)
-                esmd_buf_putc(out, ',');
-            esmd_buf_append(out, json_of(rec), rec->size);
-        }
-    }
-    esmd_buf_append(out, ENV_TAIL, LIT(ENV_TAIL));
+    struct redis_encode_ctx c = {.json_of = json_of};
+    esmd_batch_encode_records(batch, write_json, &c, out);
 }
 
 /* ---- what filters see ---- */

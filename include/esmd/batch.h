@@ -76,6 +76,19 @@ void esmd_batch_add(struct esmd_batch *batch, struct esmd_record *rec);
 /* true when nrecords == batch_size. */
 bool esmd_batch_count_reached(const struct esmd_batch *batch);
 size_t esmd_batch_bytes(const struct esmd_batch *batch);
+/* The event of the sources with one flat list of records (Redis streams, the Postgres queue):
+ * {"Records":[...]}. ESMD_BATCH_RECORDS_ENVELOPE is its size without the records and commas. */
+#define ESMD_BATCH_RECORDS_HEAD "{\"Records\":["
+#define ESMD_BATCH_RECORDS_TAIL "]}"
+#define ESMD_BATCH_RECORDS_ENVELOPE                                                                \
+    (sizeof(ESMD_BATCH_RECORDS_HEAD) - 1 + sizeof(ESMD_BATCH_RECORDS_TAIL) - 1)
+struct esmd_buf;
+/* Writes that event into out: the batch's records in order (group by group), each written by
+ * write(ctx, rec, out), separated by commas. Reserves esmd_batch_bytes() first. */
+void esmd_batch_encode_records(const struct esmd_batch *batch,
+                               void (*write)(void *ctx, const struct esmd_record *rec,
+                                             struct esmd_buf *out),
+                               void *ctx, struct esmd_buf *out);
 /* Takes the shard's records out of the batch (a revoked shard); returns them as a list linked by
  * rec->next (caller releases them), NULL when the shard has none in it. */
 struct esmd_record *esmd_batch_remove_shard(struct esmd_batch *batch,
