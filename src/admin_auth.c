@@ -502,8 +502,15 @@ static enum esmd_http_auth auth_check(const struct esmd_admin_auth *a, struct es
         free(q.values);
         esmd_buf_free(&cq);
         switch (r) {
-        case ESMD_SIGV4_OK:
+        case ESMD_SIGV4_OK: {
+            /* Signed over the hash the client declares (X-Amz-Content-Sha256): the body must
+             * still be read and found to have that hash, or a captured request could be sent
+             * again with another body. UNSIGNED-PAYLOAD (GET/HEAD only) has nothing to check. */
+            const char *csha = with_body ? NULL : req_header(req, "x-amz-content-sha256");
+            if (csha != NULL && strcmp(csha, SIGV4_UNSIGNED) != 0)
+                return ESMD_HTTP_AUTH_BODY;
             return ESMD_HTTP_AUTH_OK;
+        }
         case ESMD_SIGV4_NEED_BODY:
             return ESMD_HTTP_AUTH_BODY; /* only without the body */
         case ESMD_SIGV4_UNKNOWN_KEY:

@@ -168,3 +168,36 @@ def test_one_address_over_its_cap(esmd, endpoint):
     def served():
         return status_of(request(proc, "POST", INVOKE, auth, b"{}")) == 204
     servers.wait_for(served, 10, 0.05, "127.0.0.1 served again")
+
+
+def test_declared_payload_hash_is_checked_against_the_body(esmd, endpoint):
+    """A SigV4 request that declares its payload's hash (X-Amz-Content-Sha256) is authenticated
+    from its headers before the body is read — and then its body must have that hash: the
+    signature was accepted on the headers alone, so a captured request could otherwise be sent
+    again with another body (it was: 202)."""
+    import botocore.auth
+    import botocore.awsrequest
+    import botocore.credentials
+    import requests
+
+    proc = esmd(config(endpoint))
+    url = proc.admin + INVOKE
+    signed_body = b'{"amount": 1}'
+    req = botocore.awsrequest.AWSRequest(
+        method="POST", url=url, data=signed_body,
+        headers={"X-Amz-Invocation-Type": "Event",
+                 "X-Amz-Content-Sha256": hashlib.sha256(signed_body).hexdigest()})
+    botocore.auth.SigV4Auth(botocore.credentials.Credentials(AKID, SECRET), "lambda",
+                            "us-east-1").add_auth(req)
+    headers = dict(req.headers.items())
+    assert "x-amz-content-sha256" in headers["Authorization"]
+
+    swapped = requests.post(url, data=b'{"amount": 1000000}', headers=headers, timeout=10)
+    assert swapped.status_code == 403, swapped.text
+    assert swapped.headers["x-amzn-ErrorType"] == "InvalidSignatureException"
+    assert "does not match the request body" in swapped.text
+
+    honest = requests.post(url, data=signed_body, headers=headers, timeout=10)
+    assert honest.status_code == 202, honest.text
+    endpoint.wait_for(lambda: len(endpoint.ok_requests()) >= 1, 30, "the signed event")
+    assert [r.body for r in endpoint.ok_requests()] == [signed_body]
