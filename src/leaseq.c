@@ -187,15 +187,24 @@ static void settle_schedule(struct esmd_leaseq *lq)
         kick(lq, &lq->settle_kick);
 }
 
+/* Appends n ids to the deletes waiting for the next settle. */
+static void dels_add(struct esmd_leaseq *lq, const int64_t *ids, size_t n)
+{
+    if (lq->ndels + n > lq->capdels) {
+        lq->capdels = lq->capdels ? 2 * lq->capdels : 256;
+        if (lq->capdels < lq->ndels + n)
+            lq->capdels = lq->ndels + n;
+        lq->dels = esmd_xrealloc(lq->dels, lq->capdels * sizeof(*lq->dels));
+    }
+    memcpy(lq->dels + lq->ndels, ids, n * sizeof(*ids));
+    lq->ndels += n;
+}
+
 void esmd_leaseq_delete(struct esmd_leaseq *lq, int64_t id)
 {
     if (lq->closing)
         return;
-    if (lq->ndels == lq->capdels) {
-        lq->capdels = lq->capdels ? 2 * lq->capdels : 256;
-        lq->dels = esmd_xrealloc(lq->dels, lq->capdels * sizeof(*lq->dels));
-    }
-    lq->dels[lq->ndels++] = id;
+    dels_add(lq, &id, 1);
     settle_schedule(lq);
 }
 
@@ -242,13 +251,9 @@ static void settle_done(void *ud, const PGresult *res, const char *err)
                          "%s: settling %s failed: %s (deletes retried in %.0f s; rows to retry "
                          "run again after their lease)",
                          lq->p->name, lq->p->rows, err, LQ_SETTLE_RETRY_S);
-        if (lq->ndels + s->ndels > lq->capdels) {
-            lq->capdels = lq->ndels + s->ndels;
-            lq->dels = esmd_xrealloc(lq->dels, lq->capdels * sizeof(*lq->dels));
-        }
-        memcpy(lq->dels + lq->ndels, s->dels, s->ndels * sizeof(*s->dels));
-        lq->ndels += s->ndels;
-        if (lq->ndels && !ev_is_active(&lq->settle_kick)) {
+        dels_add(lq, s->dels, s->ndels);
+        /* with them go the retries that came meanwhile (none scheduled a settle: one ran) */
+        if ((lq->ndels || lq->nupds) && !ev_is_active(&lq->settle_kick)) {
             ev_timer_set(&lq->settle_kick, LQ_SETTLE_RETRY_S, 0.);
             ev_timer_start(lq->loop, &lq->settle_kick);
         }
@@ -325,6 +330,7 @@ static void settle_flush(struct esmd_leaseq *lq)
     if (esmd_pg_query_prepared(lq->settle_pg, LQ_SETTLE, (int)narr, params, lengths, formats,
                                settle_done, s) != 0) {
         lq->settling = false;
+        dels_add(lq, s->dels, s->ndels); /* not sent: the next settle takes them */
         free(s->dels);
         free(s);
     }
@@ -707,9 +713,9 @@ static void ins_done(void *ud, const PGresult *res, const char *err)
                   "were committed before answering for them",
                   lq->p->name, err, lq->p->rows);
         lq->indoubt++;
-        indoubt_ask(b);
         if (lq->pend)
             kick(lq, &lq->ins_kick);
+        indoubt_ask(b); /* may answer at once, and the policy may free lq then */
         return;
     }
     free(b);
