@@ -10,6 +10,8 @@
 #include "esmd/log.h"
 #include "esmd/mapping.h"
 
+#include <stdlib.h>
+
 #include <ev.h>
 
 struct cJSON;
@@ -122,15 +124,20 @@ static inline void esmd_mapping_release(struct esmd_mapping *map, struct esmd_re
 void esmd_mapping_part_done(struct inflight *inf, bool ack);
 /* Starts the current part after delay_ms, from the loop (a retry when `retry`). */
 void esmd_mapping_schedule_part(struct inflight *inf, int64_t delay_ms, bool retry);
-/* The current part is a batch of its own from now on (a bisected half, the next part after a
- * give-up): its retries and its approximateInvokeCount start again
- * (docs/design.md#retries-per-part). A retry of what is left after a partial batch response is the
- * same batch: no new start. */
+/* The current part is a batch of its own from now on (the first half of a bisected batch, and
+ * every part taken from `todo`): its retries, its approximateInvokeCount and the last response
+ * its on-failure records report start again (docs/design.md#retries-per-part). A retry of what
+ * is left after a partial batch response is the same batch: no new start. */
 static inline void esmd_mapping_part_begin(struct inflight *inf)
 {
     inf->attempts = 0;
     inf->throttles = 0;
     inf->invokes = 0;
+    inf->last_status = -1;
+    free(inf->last_function_error);
+    inf->last_function_error = NULL;
+    free(inf->last_request_id);
+    inf->last_request_id = NULL;
 }
 
 /* ---- src/mapping_failure.c ---- */
