@@ -111,9 +111,9 @@ static void event_done(void *ud, bool ok, const char *rid, const char *err)
         snprintf(ec->call.rid, sizeof(ec->call.rid), "%s", rid); /* the event's id */
         if (ok)
             esmd_api_respond(&ec->call, 202, NULL, "", 0);
-        else
-            esmd_api_error(&ec->call, 500, "ServiceException", "%s",
-                           err ? err : "could not store the event");
+        else /* Postgres's words (err) are in esmd's log, not for the client */
+            esmd_api_error(&ec->call, 500, "ServiceException",
+                           "could not store the event; it was not accepted (esmd's log says why)");
     }
     free(ec);
 }
@@ -140,6 +140,8 @@ static void invoke_event(const struct esmd_api_ctx *ctx, struct esmd_api_call *c
                            "Request must be smaller than %zu bytes for the InvokeFunction "
                            "operation with InvocationType Event",
                            esmd_asyncq_max_payload(ctx->q));
+        else if (rc == ESMD_ESTATE)
+            esmd_api_error(call, 503, "ServiceException", "shutting down");
         else
             esmd_api_error(call, 500, "ServiceException", "could not queue the event");
         return;
