@@ -1,8 +1,8 @@
 /* The admin API (include/esmd/admin.h, docs/admin.md): its life cycle, and the native /admin
- * routes: GET /admin/mappings[/{name}], POST /admin/mappings/{name}/pause|resume, DELETE
- * /admin/mappings/{name}/overrides and POST /admin/filter/test. Lambda's event-source-mapping
- * API is src/api_esm.c, the override store src/admin_store.c (state shared through
- * src/admin_store.h), the dead letters src/admin_dlq.c. */
+ * routes: GET /admin/mappings[/{name}[/history|/failures]], POST
+ * /admin/mappings/{name}/pause|resume, DELETE /admin/mappings/{name}/overrides and POST
+ * /admin/filter/test. Lambda's event-source-mapping API is src/api_esm.c, the override store
+ * src/admin_store.c (state shared through src/admin_store.h), the dead letters src/admin_dlq.c. */
 #include "admin_dlq.h"
 #include "admin_store.h"
 #include "esmd/admin_auth.h"
@@ -209,6 +209,22 @@ static void adm_list(struct esmd_admin *adm, struct esmd_api_call *call)
     esmd_buf_free(&b);
 }
 
+/* GET /admin/mappings/{name}/history and .../failures: what this instance keeps in memory
+ * (src/mapping_watch.c); empty for a mapping that does not run here. */
+static void adm_watch(struct esmd_api_call *call, const struct adm_map *m, bool history)
+{
+    struct esmd_buf b = ESMD_BUF_INIT;
+
+    if (m->map && history)
+        esmd_mapping_history_json(m->map, &b);
+    else if (m->map)
+        esmd_mapping_failures_json(m->map, &b);
+    else
+        esmd_buf_puts(&b, history ? "{\"interval_ms\":5000,\"samples\":[]}" : "{\"failures\":[]}");
+    esmd_api_respond_json(call, 200, &b);
+    esmd_buf_free(&b);
+}
+
 static void adm_route_mappings(void *ud, struct esmd_http_req *req)
 {
     struct esmd_admin *adm = ud;
@@ -245,6 +261,8 @@ static void adm_route_mappings(void *ud, struct esmd_http_req *req)
     }
     if (get && action[0] == '\0') {
         esmd_admin_answer_mapping(adm, &call, m, false, 200);
+    } else if (get && (strcmp(action, "history") == 0 || strcmp(action, "failures") == 0)) {
+        adm_watch(&call, m, action[0] == 'h');
     } else if (strcmp(method, "POST") == 0 &&
                (strcmp(action, "pause") == 0 || strcmp(action, "resume") == 0)) {
         struct adm_change ch = {.enabled = strcmp(action, "resume") == 0, .window_ms = -1};

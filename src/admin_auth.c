@@ -453,6 +453,30 @@ static void deny(struct esmd_http_req *req, int status, const char *type, const 
     esmd_api_error(&call, status, type, "%s", msg);
 }
 
+/* A request that changes something (any method but GET and HEAD) sent by a browser from another
+ * origin: its Origin header names another scheme://host:port than the Host it was sent to (or
+ * is "null"). The console's defence against cross-site requests besides its credentials being a
+ * header no other site can make a browser send (docs/admin.md#console). Clients that send no
+ * Origin (curl, the SDKs) are not affected. */
+static bool cross_origin(struct esmd_http_req *req)
+{
+    const char *method = esmd_http_req_method(req);
+    const char *origin = esmd_http_req_header(req, "Origin");
+    const char *host = esmd_http_req_header(req, "Host");
+
+    if (strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0 || origin == NULL)
+        return false;
+    if (host == NULL || host[0] == '\0')
+        return true;
+    for (size_t i = 0; i < 2; i++) {
+        const char *scheme = i ? "https://" : "http://";
+        size_t n = strlen(scheme);
+        if (strncasecmp(origin, scheme, n) == 0 && strcasecmp(origin + n, host) == 0)
+            return false;
+    }
+    return true;
+}
+
 /* The check of esmd_admin_authorize() and esmd_admin_auth_request(). with_body: the body is in
  * (then the answer is OK or DENIED); without it, a SigV4 request may answer BODY. */
 static enum esmd_http_auth auth_check(const struct esmd_admin_auth *a, struct esmd_http_req *req,
@@ -460,6 +484,12 @@ static enum esmd_http_auth auth_check(const struct esmd_admin_auth *a, struct es
 {
     const char *authz = esmd_http_req_header(req, "Authorization");
     bool any = a && (a->token || a->access_key_id);
+
+    if (cross_origin(req)) {
+        deny(req, 403, "AccessDeniedException",
+             "cross-origin request refused: its Origin is not the address it was sent to");
+        return ESMD_HTTP_AUTH_DENIED;
+    }
 
     if (!any) {
         if (esmd_http_req_is_loopback(req))

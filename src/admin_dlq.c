@@ -3,6 +3,9 @@
  *   GET  /admin/dead-letters/{queue}?limit=N       oldest first (default 100, at most 1000)
  *   GET  /admin/dead-letters/{queue}/{messageId}   one message, 404 when absent
  *   POST /admin/dead-letters/{queue}/redrive       {"function": NAME, "messageIds": [...]}
+ *   GET  /admin/dead-letters                        the pgqueue:// queues the configuration
+ *                                                   writes to, with their message counts
+ *   GET  /admin/async                               the async queue: depth, ages, retries
  *
  * asyncq writes a dead letter as the event (body) with the attributes RequestID, ErrorCode and
  * ErrorMessage; it does not record the function, so a redrive names it. A redrive is one
@@ -49,7 +52,7 @@ struct esmd_admin_dlq {
     bool closing;
 };
 
-enum dlq_kind { DLQ_LIST, DLQ_SHOW, DLQ_REDRIVE };
+enum dlq_kind { DLQ_LIST, DLQ_SHOW, DLQ_REDRIVE, DLQ_QUEUES, DLQ_ASYNC };
 
 struct dlq_op {
     struct esmd_admin_dlq *d;
@@ -168,6 +171,82 @@ static void dlq_query(struct esmd_admin_dlq *d, struct esmd_api_call *call, enum
 }
 
 /* ---- routes ---- */
+
+/* Adds {"queue":..., "role":..., "function"|"mapping": owner} to b for a pgqueue:// uri. */
+static void dlq_use(struct esmd_buf *b, const char *uri, const char *role, const char *owner_key,
+                    const char *owner)
+{
+    static const char scheme[] = "pgqueue://";
+
+    if (uri == NULL || strncmp(uri, scheme, sizeof(scheme) - 1) != 0)
+        return;
+    if (b->len > 1)
+        esmd_buf_putc(b, ',');
+    esmd_buf_puts(b, "{\"queue\":");
+    esmd_buf_put_json_string(b, uri + sizeof(scheme) - 1, strlen(uri + sizeof(scheme) - 1));
+    esmd_buf_printf(b, ",\"role\":\"%s\",\"%s\":", role, owner_key);
+    esmd_buf_put_json_string(b, owner, strlen(owner));
+    esmd_buf_putc(b, '}');
+}
+
+/* The queues the configuration file names as destinations (the functions' async dead_letter,
+ * on_failure, on_success; the mappings' on_failure; the pgqueue sources' dead_letter_queue),
+ * each with its uses and message counts. Overrides made at run time are not listed. */
+static void dlq_queues(struct esmd_admin_dlq *d, struct esmd_api_call *call)
+{
+    const struct esmd_config *c = d->cfg;
+    struct esmd_buf uses = ESMD_BUF_INIT;
+
+    esmd_buf_putc(&uses, '[');
+    for (size_t i = 0; i < c->nfunctions; i++) {
+        const struct esmd_function_cfg *f = &c->functions[i];
+        dlq_use(&uses, f->async.dead_letter, "dead_letter", "function", f->name);
+        dlq_use(&uses, f->async.on_failure, "on_failure", "function", f->name);
+        dlq_use(&uses, f->async.on_success, "on_success", "function", f->name);
+    }
+    for (size_t i = 0; i < c->nmappings; i++) {
+        const struct esmd_mapping_cfg *m = &c->mappings[i];
+        char uri[128];
+        dlq_use(&uses, m->on_failure, "on_failure", "mapping", m->name);
+        if (m->kind == ESMD_SOURCE_PGQUEUE && m->pgqueue.dead_letter_queue) {
+            snprintf(uri, sizeof(uri), "pgqueue://%s", m->pgqueue.dead_letter_queue);
+            dlq_use(&uses, uri, "dead_letter_queue", "mapping", m->name);
+        }
+    }
+    esmd_buf_putc(&uses, ']');
+    const char *params[1] = {esmd_buf_cstr(&uses)};
+    dlq_query(d, call, DLQ_QUEUES,
+              "SELECT json_build_object('queues', coalesce(json_agg(json_build_object("
+              " 'queue', q.queue, 'uses', q.uses, 'messages', (SELECT count(*) FROM"
+              " esmd.queue_messages m WHERE m.queue = q.queue), 'oldestSentTime', (SELECT"
+              " to_char(min(m.sent_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+              " FROM esmd.queue_messages m WHERE m.queue = q.queue)) ORDER BY q.queue),"
+              " '[]'::json))::text FROM (SELECT e->>'queue' AS queue, json_agg(e::jsonb - 'queue')"
+              " AS uses FROM json_array_elements($1::json) e GROUP BY e->>'queue') q",
+              1, params);
+    esmd_buf_free(&uses);
+}
+
+/* The async queue (esmd.async_events): events waiting (due or scheduled for a retry) and
+ * being invoked (claimed), the oldest event's age, per function. */
+static void dlq_async(struct esmd_admin_dlq *d, struct esmd_api_call *call)
+{
+#define ASYNC_COUNTS                                                                               \
+    "'depth', count(*), "                                                                          \
+    "'in_progress', count(*) FILTER (WHERE lease_owner IS NOT NULL), "                             \
+    "'retries_scheduled', count(*) FILTER (WHERE lease_owner IS NULL AND (attempts > 0 OR "        \
+    "throttles > 0) AND next_attempt_at > now()), "                                                \
+    "'due', count(*) FILTER (WHERE lease_owner IS NULL AND next_attempt_at <= now()), "            \
+    "'oldest_age_ms', (extract(epoch FROM now() - min(received_at)) * 1000)::bigint"
+    dlq_query(
+        d, call, DLQ_ASYNC,
+        "SELECT ((SELECT json_build_object(" ASYNC_COUNTS ") FROM esmd.async_events)::jsonb"
+        " || jsonb_build_object('functions', coalesce((SELECT json_agg(f.o ORDER BY"
+        " f.function) FROM (SELECT function, json_build_object('function', function, " ASYNC_COUNTS
+        ") AS o FROM esmd.async_events GROUP BY function) f), '[]'::json)))::text",
+        0, NULL);
+#undef ASYNC_COUNTS
+}
 
 static void dlq_list(struct esmd_admin_dlq *d, struct esmd_api_call *call, const char *queue)
 {
@@ -302,6 +381,15 @@ static void dlq_route(void *ud, struct esmd_http_req *req)
         return;
     if (!esmd_api_path_split(&call, &p))
         return;
+    if (p.n == 2 && get && strcmp(p.seg[0], "admin") == 0) {
+        if (strcmp(p.seg[1], "dead-letters") == 0)
+            dlq_queues(d, &call);
+        else if (strcmp(p.seg[1], "async") == 0)
+            dlq_async(d, &call);
+        else
+            esmd_api_error(&call, 404, "ResourceNotFoundException", "no such admin route");
+        goto out;
+    }
     if (p.n < 3 || p.n > 4 || strcmp(p.seg[0], "admin") != 0 ||
         strcmp(p.seg[1], "dead-letters") != 0 || p.seg[2][0] == '\0' ||
         (p.n == 4 && p.seg[3][0] == '\0')) {
@@ -329,7 +417,9 @@ int esmd_admin_dlq_routes(struct esmd_admin_dlq *d, struct esmd_http *http,
 {
     if (d == NULL || http == NULL)
         return ESMD_EINVAL;
-    if (esmd_http_route_limited(http, "GET", ESMD_ADMIN_DLQ_PATH "/*", dlq_route, limit, d) != 0 ||
+    if (esmd_http_route_limited(http, "GET", ESMD_ADMIN_DLQ_PATH, dlq_route, limit, d) != 0 ||
+        esmd_http_route_limited(http, "GET", "/admin/async", dlq_route, limit, d) != 0 ||
+        esmd_http_route_limited(http, "GET", ESMD_ADMIN_DLQ_PATH "/*", dlq_route, limit, d) != 0 ||
         esmd_http_route_limited(http, "POST", ESMD_ADMIN_DLQ_PATH "/*", dlq_route, limit, d) != 0)
         return ESMD_EINVAL;
     return ESMD_OK;

@@ -50,7 +50,8 @@ struct esmd_http_route {
     char *path;   /* owned; without the trailing '*' of a prefix */
     size_t plen;
     bool prefix;
-    bool open; /* no authentication: the built-in routes */
+    bool open;    /* no authentication: the built-in routes and esmd_http_route_public() */
+    bool builtin; /* /healthz, /readyz, /metrics: also served on a reserve connection */
     esmd_http_handler fn;
     esmd_http_limit_fn limit;
     void *ud;
@@ -502,7 +503,8 @@ out:
 /* What the request line and headers decide, before any body is read (MHD's thread): the body
  * limit of the first route that matches (method and path), whether it is open, and the
  * authentication function. false when no route matches: req is answered (404 / 405). */
-static bool http_route_lookup(struct esmd_http *http, struct esmd_http_req *req, bool *open)
+static bool http_route_lookup(struct esmd_http *http, struct esmd_http_req *req, bool *open,
+                              bool *builtin)
 {
     esmd_http_limit_fn limit = NULL;
     void *limit_ud = NULL;
@@ -517,6 +519,7 @@ static bool http_route_lookup(struct esmd_http *http, struct esmd_http_req *req,
             continue;
         found = true;
         *open = r->open;
+        *builtin = r->builtin;
         limit = r->limit;
         limit_ud = r->ud;
         break;
@@ -672,13 +675,13 @@ static bool http_headers(struct esmd_http *http, struct esmd_http_req *req)
 {
     const char *cl =
         MHD_lookup_connection_value(req->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-    bool open = false, reserve = http_conn_reserve(req->conn);
+    bool open = false, builtin = false, reserve = http_conn_reserve(req->conn);
 
     if (reserve) /* one request a reserve connection */
         esmd_http_req_add_header(req, MHD_HTTP_HEADER_CONNECTION, "close");
-    if (!http_route_lookup(http, req, &open))
+    if (!http_route_lookup(http, req, &open, &builtin))
         return true;
-    if (reserve && !open) { /* and only the built-in routes */
+    if (reserve && !builtin) { /* and only the built-in routes */
         esmd_http_respond_error(req, 429, "TooManyRequestsException",
                                 "too many connections from this address or to esmd: only "
                                 "/healthz, /readyz and /metrics are served on this one");
@@ -896,7 +899,8 @@ out:
 }
 
 static int http_route_add(struct esmd_http *http, const char *method, const char *path,
-                          esmd_http_handler fn, esmd_http_limit_fn limit, void *ud, bool open)
+                          esmd_http_handler fn, esmd_http_limit_fn limit, void *ud, bool open,
+                          bool builtin)
 {
     struct esmd_http_route *r;
     size_t n;
@@ -915,6 +919,7 @@ static int http_route_add(struct esmd_http *http, const char *method, const char
     r->limit = limit;
     r->ud = ud;
     r->open = open;
+    r->builtin = builtin;
     pthread_mutex_unlock(&http->mu);
     return ESMD_OK;
 }
@@ -922,13 +927,19 @@ static int http_route_add(struct esmd_http *http, const char *method, const char
 int esmd_http_route(struct esmd_http *http, const char *method, const char *path,
                     esmd_http_handler fn, void *ud)
 {
-    return http_route_add(http, method, path, fn, NULL, ud, false);
+    return http_route_add(http, method, path, fn, NULL, ud, false, false);
+}
+
+int esmd_http_route_public(struct esmd_http *http, const char *method, const char *path,
+                           esmd_http_handler fn, void *ud)
+{
+    return http_route_add(http, method, path, fn, NULL, ud, true, false);
 }
 
 int esmd_http_route_limited(struct esmd_http *http, const char *method, const char *path,
                             esmd_http_handler fn, esmd_http_limit_fn limit, void *ud)
 {
-    return http_route_add(http, method, path, fn, limit, ud, false);
+    return http_route_add(http, method, path, fn, limit, ud, false, false);
 }
 
 void esmd_http_set_auth(struct esmd_http *http, esmd_http_auth_fn fn, void *ud)
@@ -999,9 +1010,9 @@ struct esmd_http *esmd_http_start(struct ev_loop *loop, const char *listen,
     } else {
         port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
     }
-    if (http_route_add(http, "GET", "/healthz", http_healthz, NULL, http, true) != 0 ||
-        http_route_add(http, "GET", "/readyz", http_readyz, NULL, http, true) != 0 ||
-        http_route_add(http, "GET", "/metrics", http_metrics, NULL, http, true) != 0) {
+    if (http_route_add(http, "GET", "/healthz", http_healthz, NULL, http, true, true) != 0 ||
+        http_route_add(http, "GET", "/readyz", http_readyz, NULL, http, true, true) != 0 ||
+        http_route_add(http, "GET", "/metrics", http_metrics, NULL, http, true, true) != 0) {
         snprintf(err, errlen, "cannot register the built-in routes");
         goto fail;
     }

@@ -908,3 +908,46 @@ double esmd_invoke_timeout_seconds(const struct esmd_invoke_result *res, int64_t
     }
     return (double)timeout_ms / 1000.0;
 }
+
+void esmd_invoker_describe(const struct esmd_invoker *inv, struct esmd_buf *out)
+{
+    esmd_buf_puts(out, "{\"functions\":[");
+    for (size_t i = 0; inv != NULL && i < inv->nfns; i++) {
+        const struct esmd_function *fn = inv->fns[i];
+        double inv_n = 0, err = 0, ferr = 0, tmo = 0, thr = 0;
+        const struct esmd_series *dur[64];
+        size_t nd = 0;
+
+        for (const struct esmd_fn_stats *st = fn->stats; st != NULL; st = st->next) {
+            inv_n += esmd_series_value(st->invocations);
+            err += esmd_series_value(st->errors);
+            ferr += esmd_series_value(st->function_errors);
+            tmo += esmd_series_value(st->timeouts);
+            thr += esmd_series_value(st->throttles);
+            if (nd < ESMD_ARRAY_LEN(dur))
+                dur[nd++] = st->duration;
+        }
+        esmd_buf_puts(out, i ? ",{\"name\":" : "{\"name\":");
+        esmd_buf_put_json_string(out, fn->cfg->name, strlen(fn->cfg->name));
+        esmd_buf_puts(out, ",\"url\":");
+        esmd_buf_put_json_string(out, fn->cfg->url, strlen(fn->cfg->url));
+        esmd_buf_printf(out,
+                        ",\"max_concurrency\":%d,\"concurrency_in_use\":%d,\"queued\":%d,"
+                        "\"invocations\":%.0f,\"errors\":%.0f,\"function_errors\":%.0f,"
+                        "\"timeouts\":%.0f,\"throttles\":%.0f",
+                        fn->max_concurrency, fn->inflight, fn->nqueued, inv_n, err, ferr, tmo, thr);
+        static const struct {
+            const char *key;
+            double q;
+        } qs[] = {{"p50_seconds", 0.5}, {"p99_seconds", 0.99}};
+        for (size_t k = 0; k < ESMD_ARRAY_LEN(qs); k++) {
+            double v = esmd_histogram_quantile(dur, nd, qs[k].q);
+            if (v < 0)
+                esmd_buf_printf(out, ",\"%s\":null", qs[k].key);
+            else
+                esmd_buf_printf(out, ",\"%s\":%.4f", qs[k].key, v);
+        }
+        esmd_buf_putc(out, '}');
+    }
+    esmd_buf_puts(out, "]}");
+}

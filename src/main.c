@@ -781,7 +781,8 @@ static int cmd_run(int argc, char **argv)
         exit_code = 0;
         goto out;
     }
-    if (esmd_admin_start(svc.admin, svc.http) != ESMD_OK) {
+    if (esmd_admin_start(svc.admin, svc.http) != ESMD_OK ||
+        esmd_admin_console_routes(svc.http, svc.auth, svc.inv) != ESMD_OK) {
         ESMD_ERROR(NULL, "admin API: could not register its routes");
         goto out;
     }

@@ -464,6 +464,7 @@ static void inflight_end(struct inflight *inf, bool nack)
     free(inf->idem_key);
     free(inf->last_function_error);
     free(inf->last_request_id);
+    free(inf->last_error);
     free(inf);
     map->dirty = true;
 }
@@ -501,6 +502,13 @@ static void remember_response(struct inflight *inf, const struct esmd_invoke_res
         inf->last_function_error = esmd_xstrdup("Unhandled");
     free(inf->last_request_id);
     inf->last_request_id = esmd_xstrdup(res->request_id);
+    free(inf->last_error);
+    inf->last_error = NULL;
+    if (res->outcome != ESMD_INVOKE_OK) /* for the console (mapping_watch.c); 4 KB at most */
+        inf->last_error =
+            res->body_len > 0
+                ? esmd_xstrndup(res->body, res->body_len < 4096 ? res->body_len : 4096)
+                : esmd_xstrdup(res->error ? res->error : "failed");
 }
 
 static void settle_success(struct inflight *inf)
@@ -714,6 +722,7 @@ static void on_stats(struct ev_loop *loop, ev_timer *w, int revents)
     double committed = esmd_series_value(map->m.committed);
     if ((double)st.committed > committed)
         esmd_series_inc(map->m.committed, (double)st.committed - committed);
+    esmd_mapping_watch_tick(map, st.lag, esmd_now_ms());
 }
 
 static void free_filters(struct esmd_mapping *map)
@@ -878,6 +887,7 @@ struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_ma
     ev_timer_init(&map->stats_timer, on_stats, 1.0, 1.0);
     map->stats_timer.data = map;
     metrics_init(map);
+    map->watch = esmd_mapping_watch_new(map);
     return map;
 }
 
@@ -995,6 +1005,7 @@ void esmd_mapping_free(struct esmd_mapping *map)
     set_patterns(map, NULL, 0);
     free(map->on_failure);
     free(map->not_ready_why);
+    esmd_mapping_watch_free(map->watch);
     free(map);
 }
 
@@ -1176,5 +1187,6 @@ void esmd_mapping_describe(const struct esmd_mapping *map, struct esmd_buf *out)
         esmd_buf_put_json_string(out, map->on_failure, strlen(map->on_failure));
     else
         esmd_buf_puts(out, "null");
+    esmd_mapping_watch_describe(map, out);
     esmd_buf_putc(out, '}');
 }

@@ -342,6 +342,21 @@ static void on_failure_stored(void *ud, bool ok, const char *err)
     esmd_mapping_part_done(inf, true);
 }
 
+/* The console keeps the last records given up (mapping_watch.c): those of a part discarded
+ * without a destination too, as the on-failure record they would have had. */
+static void watch_discarded(struct inflight *inf)
+{
+    struct part_records pr = esmd_mapping_part_records(&inf->batch);
+    struct esmd_buf rec_json = ESMD_BUF_INIT;
+    for (size_t i = pr.n > ESMD_WATCH_FAILURES ? pr.n - ESMD_WATCH_FAILURES : 0; i < pr.n; i++) {
+        esmd_buf_reset(&rec_json);
+        failure_record(inf, pr.recs[i], &rec_json);
+        esmd_mapping_watch_failure(inf, rec_json.data, rec_json.len);
+    }
+    esmd_buf_free(&rec_json);
+    free(pr.recs);
+}
+
 /* Each record goes to the on-failure destination (stored in the outbox before the source is
  * acked), or is discarded and counted without one. Then the source moves on. */
 void esmd_mapping_give_up(struct inflight *inf, const char *condition)
@@ -349,6 +364,7 @@ void esmd_mapping_give_up(struct inflight *inf, const char *condition)
     struct esmd_mapping *map = inf->map;
     inf->condition = condition;
     if (!map->on_failure || !map->dests) {
+        watch_discarded(inf);
         esmd_series_inc(map->m.dropped, (double)inf->batch.nrecords);
         ESMD_ERROR(&map->log, "%zu records (%s) discarded after %d invocations: %s",
                    inf->batch.nrecords, inf->idem_key ? inf->idem_key : "not sent", inf->invokes,
@@ -362,6 +378,8 @@ void esmd_mapping_give_up(struct inflight *inf, const char *condition)
     for (size_t i = 0; i < pr.n; i++) {
         esmd_buf_reset(&rec_json);
         failure_record(inf, pr.recs[i], &rec_json);
+        if (pr.n - i <= ESMD_WATCH_FAILURES)
+            esmd_mapping_watch_failure(inf, rec_json.data, rec_json.len);
         const void *key = NULL;
         size_t keylen = 0;
         if (map->ops->record_key)

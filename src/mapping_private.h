@@ -44,6 +44,7 @@ struct inflight {
     long last_status;          /* of the last response, -1 before any */
     char *last_function_error; /* of the last response */
     char *last_request_id;
+    char *last_error;      /* of the last failed response: its body (bounded) or the reason */
     const char *condition; /* giving up: the on-failure condition */
     size_t dest_pending;   /* on-failure records not yet stored */
     bool dest_failed;
@@ -103,6 +104,8 @@ struct esmd_mapping {
     size_t map_pending_high; /* mapping-wide pause threshold (records) */
     size_t npending;         /* records waiting in all shards */
 
+    struct esmd_mapping_watch *watch; /* the console's history and failures (mapping_watch.c) */
+
     struct {
         struct esmd_series *polled, *invoked, *failed, *batches, *oversized, *retries, *throttled,
             *lag, *inflight, *pending, *committed, *filtered, *dropped, *on_failure, *bisections;
@@ -138,7 +141,27 @@ static inline void esmd_mapping_part_begin(struct inflight *inf)
     inf->last_function_error = NULL;
     free(inf->last_request_id);
     inf->last_request_id = NULL;
+    free(inf->last_error);
+    inf->last_error = NULL;
 }
+
+/* ---- src/mapping_watch.c: what the admin console shows (docs/admin.md#console) ---- */
+
+#define ESMD_WATCH_INTERVAL_MS 5000 /* a sample every 5 s */
+#define ESMD_WATCH_SAMPLES 180      /* 15 minutes of them */
+#define ESMD_WATCH_FAILURES 20      /* records given up kept per mapping */
+#define ESMD_WATCH_RECORD_MAX 65536 /* bytes of a record kept; larger ones are cut */
+
+/* After metrics_init: the first sample counts from here. */
+struct esmd_mapping_watch *esmd_mapping_watch_new(const struct esmd_mapping *map);
+void esmd_mapping_watch_free(struct esmd_mapping_watch *w); /* NULL ok */
+/* From the stats timer: takes a sample when the last one is ESMD_WATCH_INTERVAL_MS old. */
+void esmd_mapping_watch_tick(struct esmd_mapping *map, int64_t lag, int64_t now_ms);
+/* A record given up (condition in inf->condition); record_json: the one-record event, or NULL
+ * when it was not carried (too big). Keeps the last ESMD_WATCH_FAILURES. */
+void esmd_mapping_watch_failure(struct inflight *inf, const char *record_json, size_t len);
+/* Appends ,"records_per_second":...,"retries_under_way":... to the describe object. */
+void esmd_mapping_watch_describe(const struct esmd_mapping *map, struct esmd_buf *out);
 
 /* ---- src/mapping_failure.c ---- */
 

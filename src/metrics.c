@@ -309,3 +309,30 @@ void esmd_metrics_reset(void)
     esmd_registry.items = NULL;
     esmd_registry.n = esmd_registry.cap = 0;
 }
+
+double esmd_histogram_quantile(const struct esmd_series *const *s, size_t n, double q)
+{
+    uint64_t b[ESMD_NBUCKETS + 1] = {0}, total = 0, seen = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == NULL || s[i]->m->type != ESMD_HISTOGRAM)
+            continue;
+        for (size_t k = 0; k <= ESMD_NBUCKETS; k++)
+            b[k] += s[i]->buckets[k];
+        total += s[i]->count;
+    }
+    if (total == 0)
+        return -1;
+    double rank = q * (double)total;
+    for (size_t k = 0; k <= ESMD_NBUCKETS; k++) {
+        if (b[k] == 0 || (double)(seen + b[k]) < rank) {
+            seen += b[k];
+            continue;
+        }
+        if (k == ESMD_NBUCKETS) /* over the last bound: the bound is all that is known */
+            return esmd_default_buckets[ESMD_NBUCKETS - 1];
+        double lo = k == 0 ? 0 : esmd_default_buckets[k - 1], hi = esmd_default_buckets[k];
+        return lo + (hi - lo) * ((rank - (double)seen) / (double)b[k]);
+    }
+    return esmd_default_buckets[ESMD_NBUCKETS - 1];
+}

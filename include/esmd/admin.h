@@ -60,6 +60,14 @@ int esmd_admin_load(struct esmd_admin *adm, char *err, size_t errlen) ESMD_MUST_
 /* Starts listening for changes (LISTEN) and registers the routes on http. 0 or ESMD_EINVAL. */
 int esmd_admin_start(struct esmd_admin *adm, struct esmd_http *http) ESMD_MUST_CHECK;
 
+/* The admin console (src/admin_console.c, docs/admin.md#console): registers the public GET /ui/
+ * (static files compiled in) and GET /admin/functions (the invoker's per-function numbers).
+ * auth and inv are borrowed and must outlive the listener. 0 or ESMD_EINVAL. */
+struct esmd_admin_auth;
+struct esmd_invoker;
+int esmd_admin_console_routes(struct esmd_http *http, const struct esmd_admin_auth *auth,
+                              const struct esmd_invoker *inv) ESMD_MUST_CHECK;
+
 /* Closes the Postgres connection (admin requests still waiting for it are answered 503) and
  * frees. Call before the mappings and the listener are freed. NULL ok. */
 void esmd_admin_free(struct esmd_admin *adm);

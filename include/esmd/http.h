@@ -62,6 +62,12 @@ typedef void (*esmd_http_abort_fn)(void *ud, struct esmd_http_req *req);
 int esmd_http_route(struct esmd_http *http, const char *method, const char *path,
                     esmd_http_handler fn, void *ud) ESMD_MUST_CHECK;
 
+/* As esmd_http_route, for a route that needs no authentication (the admin console's static
+ * files, which hold no data): not served on a reserve connection (only the built-in routes
+ * are). */
+int esmd_http_route_public(struct esmd_http *http, const char *method, const char *path,
+                           esmd_http_handler fn, void *ud) ESMD_MUST_CHECK;
+
 /* Body limit of a route, decided from the request line and headers before the body is read:
  * returns the largest body accepted (bytes; at most ESMD_MAX_PAYLOAD). A request whose
  * Content-Length (or body so far) is larger is answered 413 RequestTooLargeException without

@@ -10,6 +10,7 @@
 #define ESMD_INVOKE_H
 
 #include "esmd/common.h"
+#include "esmd/buf.h"
 #include "esmd/config.h"
 #include "esmd/log.h"
 
@@ -66,6 +67,11 @@ struct esmd_function *esmd_invoker_add_function(struct esmd_invoker *inv,
 struct esmd_function *esmd_invoker_function(struct esmd_invoker *inv, const char *name);
 const char *esmd_function_name(const struct esmd_function *fn);
 /* Requests sent and not yet answered / waiting for a concurrency slot. */
+/* Appends {"functions":[{"name","url","max_concurrency","concurrency_in_use","queued",
+ * "invocations","errors","function_errors","timeouts","throttles","p50_seconds","p99_seconds"}]}:
+ * counts since the start, over every caller (mappings, the async queue, Invoke); latencies
+ * estimated from esmd_duration_seconds's buckets (null before any). For the admin console. */
+void esmd_invoker_describe(const struct esmd_invoker *inv, struct esmd_buf *out);
 int esmd_function_inflight(const struct esmd_function *fn);
 int esmd_function_queued(const struct esmd_function *fn);
 

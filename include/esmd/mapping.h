@@ -79,6 +79,12 @@ bool esmd_mapping_ready(const struct esmd_mapping *map);
 /* Appends a JSON object with the mapping's state: ready, reason, shards, in-flight batches,
  * pending records, lag, last processing result. */
 void esmd_mapping_describe(const struct esmd_mapping *map, struct esmd_buf *out);
+/* The admin console's data (docs/admin.md#console): {"interval_ms":5000,"samples":[{"time":
+ * epoch ms,"lag":n|null,"records_per_second":x,"invoked_per_second":x,"failed_per_second":x,
+ * "inflight_batches":n,"pending_records":n}, ...]} (the last 15 minutes, oldest first), and
+ * {"failures":[...]} (the last records given up, newest first). */
+void esmd_mapping_history_json(const struct esmd_mapping *map, struct esmd_buf *out);
+void esmd_mapping_failures_json(const struct esmd_mapping *map, struct esmd_buf *out);
 /* "OK", "No records processed", or the last failure ("PROBLEM: function error ..."). */
 const char *esmd_mapping_last_result(const struct esmd_mapping *map);
 

@@ -28,6 +28,10 @@ void esmd_series_inc(struct esmd_series *s, double v);     /* counters and gauge
 void esmd_series_set(struct esmd_series *s, double v);     /* gauges */
 void esmd_series_observe(struct esmd_series *s, double v); /* histograms */
 double esmd_series_value(const struct esmd_series *s);     /* histograms: observation count */
+/* The q-quantile (0..1) of the observations of n histogram series together, estimated as
+ * Prometheus's histogram_quantile() does (linear within the bucket); -1 when there are none.
+ * Over the last bound, that bound. NULL series are skipped. */
+double esmd_histogram_quantile(const struct esmd_series *const *s, size_t n, double q);
 
 /* Appends the Prometheus text exposition (0.0.4) of every family that has a series to out,
  * families and series in creation order. */

@@ -136,6 +136,27 @@ static void test_histogram_render(void **state)
     esmd_buf_free(&out);
 }
 
+/* esmd_histogram_quantile: linear within the bucket, over several series, -1 when empty. */
+static void test_histogram_quantile(void **state)
+{
+    (void)state;
+    struct esmd_metric *h = esmd_metric(ESMD_HISTOGRAM, "q_seconds", "q");
+    struct esmd_series *a = esmd_series(h, "m=\"a\""), *b = esmd_series(h, "m=\"b\"");
+    const struct esmd_series *both[] = {a, b, NULL};
+
+    assert_true(esmd_histogram_quantile(both, 2, 0.5) < 0);
+    for (int i = 0; i < 50; i++)
+        esmd_series_observe(a, 0.003); /* bucket (0, 0.005] */
+    for (int i = 0; i < 50; i++)
+        esmd_series_observe(b, 0.2); /* bucket (0.1, 0.25] */
+    /* the median is the top of the first bucket; p99 is 98% into the second */
+    assert_float_equal(esmd_histogram_quantile(both, 2, 0.5), 0.005, 1e-9);
+    assert_float_equal(esmd_histogram_quantile(both, 3, 0.99), 0.1 + 0.15 * 0.98, 1e-9);
+    assert_float_equal(esmd_histogram_quantile(both, 1, 0.99), 0.005 * 0.99, 1e-9);
+    esmd_series_observe(b, 1000); /* over the last bound: that bound */
+    assert_float_equal(esmd_histogram_quantile(both + 1, 1, 1.0), 60, 1e-9);
+}
+
 static void test_reset(void **state)
 {
     struct esmd_buf out = ESMD_BUF_INIT;
@@ -154,6 +175,7 @@ int main(void)
         cmocka_unit_test_teardown(test_labels_escaping, teardown),
         cmocka_unit_test_teardown(test_counter_gauge_render, teardown),
         cmocka_unit_test_teardown(test_histogram_render, teardown),
+        cmocka_unit_test_teardown(test_histogram_quantile, teardown),
         cmocka_unit_test_teardown(test_reset, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
