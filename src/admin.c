@@ -140,6 +140,7 @@ struct adm_call {
     struct esmd_admin *adm;
     struct esmd_api_call call; /* call.req NULL once the client went away */
     size_t mi;
+    char *name; /* owned: of mapping mi (a reload may move or remove it) */
     bool lambda;
 };
 
@@ -157,14 +158,15 @@ static void adm_call_done(void *ud, int rc)
 
     if (ac->call.req) {
         esmd_http_req_on_abort(ac->call.req, NULL, NULL);
-        if (rc == ESMD_OK) /* the database's message is in the log, not for the client */
-            esmd_admin_answer_mapping(ac->adm, &ac->call, &ac->adm->maps[ac->mi], ac->lambda,
-                                      ac->lambda ? 202 : 200);
+        const struct adm_map *m = esmd_admin_find_name(ac->adm, ac->name, NULL);
+        if (rc == ESMD_OK && m) /* the database's message is in the log, not for the client */
+            esmd_admin_answer_mapping(ac->adm, &ac->call, m, ac->lambda, ac->lambda ? 202 : 200);
         else if (rc == ESMD_ESTATE)
             esmd_api_error(&ac->call, 503, "ServiceException", "shutting down");
         else
             esmd_api_error(&ac->call, 500, "ServiceException", "could not store the change");
     }
+    free(ac->name);
     free(ac);
 }
 
@@ -178,10 +180,12 @@ void esmd_admin_change(struct esmd_admin *adm, struct esmd_api_call *call, size_
     ac->adm = adm;
     ac->call = *call;
     ac->mi = mi;
+    ac->name = esmd_xstrdup(adm->maps[mi].cfg->name);
     ac->lambda = lambda;
     rc = ch ? esmd_admin_write(adm, mi, ch, err, sizeof(err), adm_call_done, ac)
             : esmd_admin_reset(adm, mi, adm_call_done, ac);
     if (rc != ESMD_OK) {
+        free(ac->name);
         free(ac);
         if (rc == ESMD_EINVAL)
             esmd_api_bad(call, "%s", err);

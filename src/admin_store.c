@@ -27,13 +27,31 @@
     "name, enabled, batch_size, window_ms, filters::text, on_failure, "                            \
     "(extract(epoch FROM updated_at) * 1000)::bigint, updated_by"
 
+/* Drops the overridden fields $2 (comma-separated names) of mapping $1, tells every instance. */
+#define ADM_DROP_FIELDS                                                                            \
+    "WITH f AS (SELECT string_to_array($2, ',') AS a),"                                            \
+    " u AS (UPDATE esmd.mapping_overrides SET"                                                     \
+    "  enabled = CASE WHEN 'enabled' = ANY(f.a) THEN NULL ELSE enabled END,"                       \
+    "  batch_size = CASE WHEN 'batch_size' = ANY(f.a) THEN NULL ELSE batch_size END,"              \
+    "  window_ms = CASE WHEN 'window_ms' = ANY(f.a) THEN NULL ELSE window_ms END,"                 \
+    "  filters = CASE WHEN 'filters' = ANY(f.a) THEN NULL ELSE filters END,"                       \
+    "  on_failure = CASE WHEN 'on_failure' = ANY(f.a) THEN NULL ELSE on_failure END,"              \
+    "  yaml = yaml - f.a, updated_at = now()"                                                      \
+    "  FROM f WHERE name = $1 RETURNING name)"                                                     \
+    " SELECT pg_notify('" ESMD_ADMIN_CHANNEL "', $1) FROM u"
+/* Deletes the row of mapping $1 when nothing is overridden any more. */
+#define ADM_DELETE_EMPTY                                                                           \
+    "DELETE FROM esmd.mapping_overrides WHERE name = $1 AND enabled IS NULL AND batch_size IS "    \
+    "NULL AND window_ms IS NULL AND filters IS NULL AND on_failure IS NULL"
+
 /* One query in flight: a write or reset for a route, or a reload. */
 enum adm_op_kind { ADM_OP_WRITE, ADM_OP_RESET, ADM_OP_READ };
 
 struct adm_op {
     struct esmd_admin *adm;
     enum adm_op_kind kind;
-    size_t mi; /* mapping index; SIZE_MAX: every mapping (reload of all rows) */
+    size_t mi;  /* mapping index; SIZE_MAX: every mapping (reload of all rows) */
+    char *name; /* owned: of mapping mi (a reload may move it to another index, or remove it) */
     esmd_admin_store_cb cb;
     void *ud;
 };
@@ -209,22 +227,33 @@ static void adm_op_done(void *ud, const PGresult *res, const char *err)
     struct esmd_admin *adm = op->adm;
     bool ok = res != NULL && PQresultStatus(res) == PGRES_TUPLES_OK;
 
-    if (op->kind == ADM_OP_READ) {
-        if (ok && !adm->closing)
-            adm_take_rows(adm, res, op->mi == SIZE_MAX, op->mi);
-        else if (!ok && !adm->closing)
-            ESMD_WARN(NULL, "admin: could not read esmd.mapping_overrides: %s",
-                      err ? err : PQresultErrorMessage(res));
+    size_t mi = op->mi;
+    if (op->name && esmd_admin_find_name(adm, op->name, &mi) == NULL) {
+        /* the mapping is gone (a reload removed it) */
+        if (op->kind != ADM_OP_READ)
+            op->cb(op->ud, ESMD_ESTATE);
+        free(op->name);
         free(op);
         return;
     }
-    struct adm_map *m = &adm->maps[op->mi];
+    if (op->kind == ADM_OP_READ) {
+        if (ok && !adm->closing)
+            adm_take_rows(adm, res, op->mi == SIZE_MAX, mi);
+        else if (!ok && !adm->closing)
+            ESMD_WARN(NULL, "admin: could not read esmd.mapping_overrides: %s",
+                      err ? err : PQresultErrorMessage(res));
+        free(op->name);
+        free(op);
+        return;
+    }
+    struct adm_map *m = &adm->maps[mi];
     if (!ok) {
         ESMD_WARN(&(struct esmd_log_ctx){m->cfg->name, m->cfg->function, NULL},
                   "admin: could not store the change: %s", err ? err : PQresultErrorMessage(res));
         if (!adm->closing)
             adm_apply(m); /* back to what the database holds */
         op->cb(op->ud, adm->closing ? ESMD_ESTATE : ESMD_EIO);
+        free(op->name);
         free(op);
         return;
     }
@@ -236,6 +265,7 @@ static void adm_op_done(void *ud, const PGresult *res, const char *err)
     }
     adm_apply(m);
     op->cb(op->ud, ESMD_OK);
+    free(op->name);
     free(op);
 }
 
@@ -247,6 +277,7 @@ static struct adm_op *adm_op_new(struct esmd_admin *adm, enum adm_op_kind kind, 
     op->adm = adm;
     op->kind = kind;
     op->mi = mi;
+    op->name = mi < adm->nmaps ? esmd_xstrdup(adm->maps[mi].cfg->name) : NULL;
     op->cb = cb;
     op->ud = ud;
     return op;
@@ -351,6 +382,7 @@ int esmd_admin_write(struct esmd_admin *adm, size_t mi, const struct adm_change 
     free(yaml_text);
     esmd_buf_free(&filters);
     if (rc != 0) {
+        free(op->name);
         free(op);
         adm_apply(m);
         return ESMD_ESTATE;
@@ -377,6 +409,7 @@ int esmd_admin_reset(struct esmd_admin *adm, size_t mi, esmd_admin_store_cb cb, 
                       " n AS (SELECT pg_notify('" ESMD_ADMIN_CHANNEL "', $1))"
                       " SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM n)",
                       2, params, adm_op_done, op) != 0) {
+        free(op->name);
         free(op);
         return ESMD_ESTATE;
     }
@@ -396,8 +429,10 @@ static void adm_read(struct esmd_admin *adm, const char *name)
     if (esmd_pg_query(adm->pg,
                       name ? "SELECT " ADM_OVR_COLS " FROM esmd.mapping_overrides WHERE name = $1"
                            : "SELECT " ADM_OVR_COLS " FROM esmd.mapping_overrides",
-                      name ? 1 : 0, name ? &name : NULL, adm_op_done, op) != 0)
+                      name ? 1 : 0, name ? &name : NULL, adm_op_done, op) != 0) {
+        free(op->name);
         free(op);
+    }
 }
 
 static void adm_notified(void *ud, const char *channel, const char *payload)
@@ -414,6 +449,129 @@ int esmd_admin_store_listen(struct esmd_admin *adm)
 {
     return esmd_pg_listen(adm->pg, ESMD_ADMIN_CHANNEL, adm_notified, adm) != 0 ? ESMD_EINVAL
                                                                                : ESMD_OK;
+}
+
+/* ---- reload ---- */
+
+static cJSON *adm_yaml_value(const struct esmd_mapping_cfg *c, const char *field);
+
+static void adm_drop_done(void *ud, const PGresult *res, const char *err)
+{
+    char *name = ud;
+
+    if (res == NULL ||
+        (PQresultStatus(res) != PGRES_TUPLES_OK && PQresultStatus(res) != PGRES_COMMAND_OK))
+        ESMD_WARN(NULL, "admin: %s: could not drop the overrides the reload replaced: %s", name,
+                  err ? err : PQresultErrorMessage(res));
+    free(name);
+}
+
+/* The overridden fields of m whose value in the file differs between was and m->cfg are
+ * dropped, here and in the database (docs/admin.md: the file's new value applies). */
+static void adm_drop_changed(struct esmd_admin *adm, struct adm_map *m,
+                             const struct esmd_mapping_cfg *was)
+{
+    static const char *const fields[] = {"enabled", "batch_size", "window_ms", "filters",
+                                         "on_failure"};
+    struct adm_ovr *o = &m->ovr;
+    bool set[] = {o->enabled >= 0, o->batch_size > 0, o->window_ms >= 0, o->has_filters,
+                  o->on_failure != NULL};
+    struct esmd_buf drop = ESMD_BUF_INIT;
+
+    if (!o->present)
+        return;
+    for (size_t k = 0; k < ESMD_ARRAY_LEN(fields); k++) {
+        cJSON *then, *now;
+        bool same;
+
+        if (!set[k])
+            continue;
+        then = adm_yaml_value(was, fields[k]);
+        now = adm_yaml_value(m->cfg, fields[k]);
+        same = cJSON_Compare(then, now, true);
+        cJSON_Delete(then);
+        cJSON_Delete(now);
+        if (same)
+            continue;
+        esmd_buf_printf(&drop, "%s%s", drop.len ? "," : "", fields[k]);
+        ESMD_INFO(&(struct esmd_log_ctx){m->cfg->name, m->cfg->function, NULL},
+                  "admin: %s changed in the configuration file since it was overridden through "
+                  "the admin API: the file's value applies",
+                  fields[k]);
+        if (k == 0)
+            o->enabled = -1;
+        else if (k == 1)
+            o->batch_size = 0;
+        else if (k == 2)
+            o->window_ms = -1;
+        else if (k == 3) {
+            for (size_t i = 0; i < o->nfilters; i++)
+                free(o->filters[i]);
+            free(o->filters);
+            o->filters = NULL;
+            o->nfilters = 0;
+            o->has_filters = false;
+        } else {
+            free(o->on_failure);
+            o->on_failure = NULL;
+        }
+    }
+    if (drop.len > 0) {
+        const char *params[2] = {m->cfg->name, esmd_buf_cstr(&drop)};
+        char *name = esmd_xstrdup(m->cfg->name);
+
+        /* NULL the dropped fields, delete the row when nothing is left, tell the instances */
+        if (esmd_pg_query(adm->pg, ADM_DROP_FIELDS, 2, params, adm_drop_done, name) != 0)
+            free(name);
+        name = esmd_xstrdup(m->cfg->name);
+        if (esmd_pg_query(adm->pg, ADM_DELETE_EMPTY, 1, params, adm_drop_done, name) != 0)
+            free(name);
+    }
+    esmd_buf_free(&drop);
+}
+
+void esmd_admin_reconfigure(struct esmd_admin *adm, const struct esmd_config *cfg,
+                            struct esmd_mapping *const *maps, size_t nmaps)
+{
+    struct adm_map *next = esmd_xcalloc(cfg->nmappings + 1, sizeof(*next));
+
+    for (size_t i = 0; i < cfg->nmappings; i++) {
+        struct adm_map *m = &next[i];
+        struct adm_map *was = esmd_admin_find_name(adm, cfg->mappings[i].name, NULL);
+
+        m->cfg = &cfg->mappings[i];
+        esmd_admin_mapping_uuid(m->cfg->name, m->uuid);
+        esmd_admin_store_clear(m);
+        if (was) { /* its overrides go on */
+            m->ovr = was->ovr;
+            memset(&was->ovr, 0, sizeof(was->ovr));
+        }
+        for (size_t j = 0; j < nmaps; j++)
+            if (maps[j] && strcmp(esmd_mapping_name(maps[j]), m->cfg->name) == 0)
+                m->map = maps[j];
+        if (was && !adm->closing)
+            adm_drop_changed(adm, m, was->cfg);
+    }
+    for (size_t i = 0; i < adm->nmaps; i++)
+        ovr_clear(&adm->maps[i].ovr);
+    free(adm->maps);
+    adm->maps = next;
+    adm->nmaps = cfg->nmappings;
+    adm->cfg = cfg;
+    for (size_t i = 0; i < adm->nmaps; i++)
+        adm_apply(&adm->maps[i]);
+    if (!adm->closing)
+        adm_read(adm, NULL); /* rows of mappings the reload added */
+}
+
+void esmd_admin_set_mapping(struct esmd_admin *adm, struct esmd_mapping *map)
+{
+    struct adm_map *m = esmd_admin_find_name(adm, esmd_mapping_name(map), NULL);
+
+    if (m == NULL)
+        return;
+    m->map = map;
+    adm_apply(m);
 }
 
 /* ---- start-up ---- */
@@ -495,29 +653,13 @@ int esmd_admin_load(struct esmd_admin *adm, char *err, size_t errlen)
         if (drop.len > 0) {
             /* NULL the dropped fields; delete the row when nothing is left */
             const char *params[2] = {m->cfg->name, esmd_buf_cstr(&drop)};
-            PGresult *u = PQexecParams(
-                pg,
-                "WITH f AS (SELECT string_to_array($2, ',') AS a),"
-                " u AS (UPDATE esmd.mapping_overrides SET"
-                "  enabled = CASE WHEN 'enabled' = ANY(f.a) THEN NULL ELSE enabled END,"
-                "  batch_size = CASE WHEN 'batch_size' = ANY(f.a) THEN NULL ELSE batch_size END,"
-                "  window_ms = CASE WHEN 'window_ms' = ANY(f.a) THEN NULL ELSE window_ms END,"
-                "  filters = CASE WHEN 'filters' = ANY(f.a) THEN NULL ELSE filters END,"
-                "  on_failure = CASE WHEN 'on_failure' = ANY(f.a) THEN NULL ELSE on_failure END,"
-                "  yaml = yaml - f.a, updated_at = now()"
-                "  FROM f WHERE name = $1 RETURNING name)"
-                " SELECT pg_notify('" ESMD_ADMIN_CHANNEL "', $1) FROM u",
-                2, NULL, params, NULL, NULL, 0);
+            PGresult *u = PQexecParams(pg, ADM_DROP_FIELDS, 2, NULL, params, NULL, NULL, 0);
             bool ok = pg_ok(pg, u, PGRES_TUPLES_OK, err, errlen);
 
             esmd_buf_free(&drop);
             if (!ok)
                 goto out;
-            u = PQexecParams(pg,
-                             "DELETE FROM esmd.mapping_overrides WHERE name = $1 AND enabled IS "
-                             "NULL AND batch_size IS NULL AND window_ms IS NULL AND filters IS "
-                             "NULL AND on_failure IS NULL",
-                             1, NULL, params, NULL, NULL, 0);
+            u = PQexecParams(pg, ADM_DELETE_EMPTY, 1, NULL, params, NULL, NULL, 0);
             if (!pg_ok(pg, u, PGRES_COMMAND_OK, err, errlen))
                 goto out;
         }

@@ -2288,3 +2288,16 @@ const struct esmd_conn_cfg *esmd_config_connection(const struct esmd_config *cfg
             return &cfg->connections[i];
     return NULL;
 }
+
+const struct esmd_cfg_key *esmd_config_keys(const char *section, size_t *n)
+{
+    struct cfg_table t = {NULL, 0};
+    if (!strcmp(section, "mappings"))
+        t = TABLE(mapping_keys);
+    else if (!strcmp(section, "functions"))
+        t = TABLE(function_keys);
+    else if (!strcmp(section, "async_queue"))
+        t = TABLE(async_queue_keys);
+    *n = t.n;
+    return t.keys;
+}

@@ -46,6 +46,7 @@ struct esmd_function {
     const struct esmd_function_cfg *cfg; /* borrowed */
     int max_concurrency;
     long timeout_ms;
+    unsigned gen;   /* esmd_invoker_update_function() count: easy handles of older ones go */
     char **headers; /* owned: "Name: value" lines from cfg->headers */
     size_t nheaders;
     bool has_content_type;
@@ -71,6 +72,7 @@ struct esmd_invoke_req {
     void *ud;
     char request_id[37];
     CURL *easy;                 /* while ACTIVE; back to the pool afterwards */
+    unsigned gen;               /* fn->gen when easy was set up */
     struct curl_slist *headers; /* owned */
     struct esmd_buf resp;
     bool too_large;
@@ -346,7 +348,10 @@ static void invoke_release_easy(struct esmd_function *fn, CURL *easy)
 
 static void invoke_req_free(struct esmd_invoke_req *req)
 {
-    invoke_release_easy(req->fn, req->easy);
+    if (req->easy != NULL && req->gen != req->fn->gen) /* set up for the function's old url */
+        curl_easy_cleanup(req->easy);
+    else
+        invoke_release_easy(req->fn, req->easy);
     curl_slist_free_all(req->headers);
     esmd_buf_free(&req->resp);
     free(req->idempotency_key);
@@ -495,6 +500,7 @@ static int invoke_send(struct esmd_invoke_req *req)
         goto out;
     }
     req->easy = easy;
+    req->gen = fn->gen;
     for (size_t i = 0; i < fn->nheaders; i++)
         h = curl_slist_append(h, fn->headers[i]);
     if (!fn->has_content_type)
@@ -783,23 +789,14 @@ void esmd_invoker_free(struct esmd_invoker *inv)
     free(inv);
 }
 
-struct esmd_function *esmd_invoker_add_function(struct esmd_invoker *inv,
-                                                const struct esmd_function_cfg *cfg)
+/* The "Name: value" lines of cfg's headers (invalid names are logged and left out). */
+static void invoke_set_headers(struct esmd_function *fn, const struct esmd_function_cfg *cfg)
 {
-    struct esmd_function *fn;
-    struct esmd_buf labels = ESMD_BUF_INIT;
-
-    if (inv == NULL || cfg == NULL || cfg->name == NULL || cfg->url == NULL || inv->closing)
-        return NULL;
-    if (esmd_invoker_function(inv, cfg->name) != NULL)
-        return NULL;
-    fn = esmd_xcalloc(1, sizeof(*fn));
-    fn->inv = inv;
-    fn->cfg = cfg;
-    fn->max_concurrency = cfg->max_concurrency > 0 ? cfg->max_concurrency : 1;
-    fn->timeout_ms = cfg->timeout_ms > 0 ? (long)cfg->timeout_ms : ESMD_INVOKE_DEFAULT_TIMEOUT_MS;
-    link_init(&fn->queue);
-    link_init(&fn->active);
+    for (size_t j = 0; j < fn->nheaders; j++)
+        free(fn->headers[j]);
+    free(fn->headers);
+    fn->nheaders = 0;
+    fn->has_content_type = false;
     fn->headers = esmd_xcalloc(cfg->headers.n + 1, sizeof(*fn->headers));
     for (size_t i = 0; i < cfg->headers.n; i++) {
         const struct esmd_kv *kv = &cfg->headers.items[i];
@@ -820,6 +817,26 @@ struct esmd_function *esmd_invoker_add_function(struct esmd_invoker *inv,
         esmd_buf_cstr(&b);
         fn->headers[fn->nheaders++] = esmd_buf_steal(&b, NULL);
     }
+}
+
+struct esmd_function *esmd_invoker_add_function(struct esmd_invoker *inv,
+                                                const struct esmd_function_cfg *cfg)
+{
+    struct esmd_function *fn;
+    struct esmd_buf labels = ESMD_BUF_INIT;
+
+    if (inv == NULL || cfg == NULL || cfg->name == NULL || cfg->url == NULL || inv->closing)
+        return NULL;
+    if (esmd_invoker_function(inv, cfg->name) != NULL)
+        return NULL;
+    fn = esmd_xcalloc(1, sizeof(*fn));
+    fn->inv = inv;
+    fn->cfg = cfg;
+    fn->max_concurrency = cfg->max_concurrency > 0 ? cfg->max_concurrency : 1;
+    fn->timeout_ms = cfg->timeout_ms > 0 ? (long)cfg->timeout_ms : ESMD_INVOKE_DEFAULT_TIMEOUT_MS;
+    link_init(&fn->queue);
+    link_init(&fn->active);
+    invoke_set_headers(fn, cfg);
     esmd_metric_labels(&labels, "function", cfg->name, NULL);
     fn->concurrent = esmd_series(inv->m_concurrent, esmd_buf_cstr(&labels));
     fn->queued = esmd_series(inv->m_queued, esmd_buf_cstr(&labels));
@@ -832,6 +849,32 @@ struct esmd_function *esmd_invoker_add_function(struct esmd_invoker *inv,
     fn->pool = esmd_xcalloc((size_t)fn->max_concurrency, sizeof(*fn->pool));
     curl_multi_setopt(inv->ce.multi, CURLMOPT_MAXCONNECTS, inv->total_concurrency);
     return fn;
+}
+
+void esmd_invoker_update_function(struct esmd_invoker *inv, const struct esmd_function_cfg *cfg)
+{
+    struct esmd_function *fn = esmd_invoker_function(inv, cfg ? cfg->name : NULL);
+    int mc = cfg && cfg->max_concurrency > 0 ? cfg->max_concurrency : 1;
+
+    if (fn == NULL)
+        return;
+    fn->cfg = cfg;
+    fn->timeout_ms = cfg->timeout_ms > 0 ? (long)cfg->timeout_ms : ESMD_INVOKE_DEFAULT_TIMEOUT_MS;
+    invoke_set_headers(fn, cfg);
+    /* Idle handles carry the old url and timeout: dropped. Those of requests in flight are
+     * dropped when their request ends (req->gen). */
+    fn->gen++;
+    for (size_t k = 0; k < fn->npool; k++)
+        curl_easy_cleanup(fn->pool[k]);
+    fn->npool = 0;
+    if (mc != fn->max_concurrency) {
+        inv->total_concurrency += mc - fn->max_concurrency;
+        fn->max_concurrency = mc;
+        free(fn->pool);
+        fn->pool = esmd_xcalloc((size_t)mc, sizeof(*fn->pool));
+        curl_multi_setopt(inv->ce.multi, CURLMOPT_MAXCONNECTS, inv->total_concurrency);
+        invoke_pump(fn); /* more slots: requests waiting start now */
+    }
 }
 
 struct esmd_function *esmd_invoker_function(struct esmd_invoker *inv, const char *name)

@@ -47,7 +47,7 @@ static const char usage_run[] =
     "\n"
     "Runs the service: applies pending migrations, starts the admin listener and every enabled\n"
     "mapping, and runs until SIGTERM or SIGINT, then stops gracefully (requests in flight finish,\n"
-    "finished work is committed) and exits 0.\n"
+    "finished work is committed) and exits 0. SIGHUP (or POST /admin/reload) reloads FILE.\n"
     "\n"
     "  -c, --config FILE      configuration file (required)\n"
     "  -l, --log-level LEVEL  debug | info | warn | error (default info; env ESMD_LOG_LEVEL)\n"
@@ -403,6 +403,15 @@ struct service {
     struct esmd_api_ctx api;      /* the Invoke and event-invoke-config routes' */
     struct esmd_admin *admin;     /* mapping admin API (UpdateEventSourceMapping, /admin/) */
     struct esmd_asyncq *asyncq;   /* asynchronous invocation queue (Invoke, event-invoke-config) */
+    const char *config_path;
+    /* Configurations replaced by reloads: kept until exit, since what started from them (the
+     * source connectors, the async queue, the listener) keeps pointers into them. */
+    struct esmd_config **old_cfgs;
+    size_t nold_cfgs;
+    struct retiring
+        *retiring; /* mappings a reload stops (removed, or restarting on a new source) */
+    size_t nretiring;
+    size_t nstopping; /* mappings service_stop() stopped */
     size_t nstopped;
     bool stopping;
     ev_signal sigterm, sigint, sighup;
@@ -423,10 +432,16 @@ static bool service_ready(void *ud, struct esmd_buf *detail)
         esmd_buf_put_json_string(detail, e, strlen(e));
     }
     esmd_buf_puts(detail, "},\"mappings\":{");
+    bool first = true;
     for (size_t i = 0; i < svc->nmaps; i++) {
+        if (!svc->maps[i]) { /* restarting after a reload */
+            ready = false;
+            continue;
+        }
         const char *name = esmd_mapping_name(svc->maps[i]);
-        if (i)
+        if (!first)
             esmd_buf_putc(detail, ',');
+        first = false;
         esmd_buf_put_json_string(detail, name, strlen(name));
         esmd_buf_putc(detail, ':');
         esmd_mapping_describe(svc->maps[i], detail);
@@ -456,6 +471,8 @@ static void on_state_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct service *svc = w->data;
     for (size_t i = 0; i < svc->nmaps; i++) {
+        if (!svc->maps[i])
+            continue;
         const char *res = esmd_mapping_last_result(svc->maps[i]);
         if (svc->written_results[i] && strcmp(svc->written_results[i], res) == 0)
             continue;
@@ -504,7 +521,7 @@ static void service_finish(struct service *svc)
 static void on_mapping_stopped(void *ud)
 {
     struct service *svc = ud;
-    if (++svc->nstopped == svc->nmaps)
+    if (++svc->nstopped == svc->nstopping && svc->nretiring == 0)
         service_finish(svc);
 }
 
@@ -534,24 +551,26 @@ static void service_stop(struct service *svc, const char *why)
     ev_timer_start(svc->loop, &svc->deadline);
     ev_unref(svc->loop);
     on_state_timer(svc->loop, &svc->state_timer, 0);
-    if (svc->nmaps == 0) {
+    for (size_t i = 0; i < svc->nmaps; i++)
+        svc->nstopping += svc->maps[i] != NULL;
+    if (svc->nstopping == 0 && svc->nretiring == 0) {
         service_finish(svc);
         return;
     }
     for (size_t i = 0; i < svc->nmaps; i++)
-        esmd_mapping_stop(svc->maps[i], on_mapping_stopped, svc);
+        if (svc->maps[i])
+            esmd_mapping_stop(svc->maps[i], on_mapping_stopped, svc);
 }
 
-static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
-{
-    struct service *svc = w->data;
-    if (w->signum == SIGHUP) {
-        ESMD_WARN(NULL, "SIGHUP: configuration reload is not available in this version; "
-                        "restart esmd to apply changes");
-        return;
-    }
-    service_stop(svc, w->signum == SIGTERM ? "SIGTERM" : "SIGINT");
-}
+/* A configured mapping's row of esmd.mapping_state: $1 name, $2 function, $3 source kind,
+ * $4 enabled, $5 state, $6 instance id. */
+#define MAPPING_STATE_UPSERT                                                                       \
+    "INSERT INTO esmd.mapping_state (name, function, source_kind, enabled, state, "                \
+    "state_transition_reason, instance_id, updated_at) "                                           \
+    "VALUES ($1, $2, $3, $4, $5, 'Configuration file', $6, now()) "                                \
+    "ON CONFLICT (name) DO UPDATE SET function = $2, source_kind = $3, enabled = $4, "             \
+    "state = $5, state_transition_reason = 'Configuration file', instance_id = $6, "               \
+    "updated_at = now()"
 
 /* Records the configured mappings in esmd.mapping_state (blocking, before the loop runs). */
 static int write_mapping_state(void *ud, char *err, size_t errlen)
@@ -573,15 +592,7 @@ static int write_mapping_state(void *ud, char *err, size_t errlen)
                                 m->enabled ? "t" : "f",
                                 m->enabled ? "Enabled" : "Disabled",
                                 svc->instance_id};
-        PGresult *res = PQexecParams(
-            pg,
-            "INSERT INTO esmd.mapping_state (name, function, source_kind, enabled, state, "
-            "state_transition_reason, instance_id, updated_at) "
-            "VALUES ($1, $2, $3, $4, $5, 'Configuration file', $6, now()) "
-            "ON CONFLICT (name) DO UPDATE SET function = $2, source_kind = $3, enabled = $4, "
-            "state = $5, state_transition_reason = 'Configuration file', instance_id = $6, "
-            "updated_at = now()",
-            6, NULL, params, NULL, NULL, 0);
+        PGresult *res = PQexecParams(pg, MAPPING_STATE_UPSERT, 6, NULL, params, NULL, NULL, 0);
         if (PQresultStatus(res) != PGRES_COMMAND_OK) {
             snprintf(err, errlen, "mapping %s: %s", m->name, PQresultErrorMessage(res));
             rc = ESMD_EIO;
@@ -593,6 +604,344 @@ static int write_mapping_state(void *ud, char *err, size_t errlen)
 out:
     PQfinish(pg);
     return rc;
+}
+
+/* ---- reload (SIGHUP, POST /admin/reload; docs/operations.md#reload) ---- */
+
+/* A mapping a reload stops: removed from the file, or restarting on a new source (`next`). */
+struct retiring {
+    struct service *svc;
+    struct esmd_mapping *map;
+    const struct esmd_mapping_cfg *next; /* NULL: removed */
+    ev_timer later;
+    struct retiring *prev_r, *next_r; /* svc->retiring */
+};
+
+static void retiring_unlink(struct retiring *r)
+{
+    if (r->prev_r)
+        r->prev_r->next_r = r->next_r;
+    else
+        r->svc->retiring = r->next_r;
+    if (r->next_r)
+        r->next_r->prev_r = r->prev_r;
+}
+
+static void record_mapping_state(struct service *svc, const struct esmd_mapping_cfg *m)
+{
+    const char *params[] = {m->name,
+                            m->function,
+                            esmd_config_kind_name(m->kind),
+                            m->enabled ? "t" : "f",
+                            m->enabled ? "Enabled" : "Disabled",
+                            svc->instance_id};
+    if (esmd_pg_query(svc->pg, MAPPING_STATE_UPSERT, 6, params, NULL, NULL) != ESMD_OK)
+        ESMD_WARN(NULL, "could not queue the mapping state update");
+}
+
+/* Creates (and with `start`, starts) the mapping of mc. NULL when that failed (logged). */
+static struct esmd_mapping *mapping_create(struct service *svc, const struct esmd_mapping_cfg *mc)
+{
+    char err[1024];
+    struct esmd_mapping *map =
+        esmd_mapping_new(svc->loop, mc, svc->inv, svc->instance_id, err, sizeof(err));
+    if (!map) {
+        ESMD_ERROR(&(struct esmd_log_ctx){mc->name, mc->function, NULL}, "reload: %s", err);
+        return NULL;
+    }
+    esmd_mapping_set_destinations(map, svc->dests);
+    if (!mc->enabled)
+        esmd_mapping_set_enabled(map, false);
+    return map;
+}
+
+static void mapping_launch(struct service *svc, struct esmd_mapping *map)
+{
+    const struct esmd_mapping_cfg *mc = esmd_mapping_cfg(map);
+    if (esmd_mapping_start(map) != ESMD_OK)
+        ESMD_ERROR(&(struct esmd_log_ctx){mc->name, mc->function, NULL},
+                   "reload: mapping could not start");
+    record_mapping_state(svc, mc);
+}
+
+/* From the loop, after the stop: the old mapping is freed (not from inside its own stop
+ * callback), the new one of a restart starts. */
+static void on_retired(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct retiring *r = w->data;
+    struct service *svc = r->svc;
+    ESMD_UNUSED(loop);
+    ESMD_UNUSED(revents);
+    retiring_unlink(r);
+    esmd_mapping_free(r->map);
+    if (r->next && !svc->stopping) {
+        struct esmd_mapping *map = mapping_create(svc, r->next);
+        for (size_t i = 0; map && i < svc->nmaps; i++)
+            if (&svc->cfg->mappings[i] == r->next)
+                svc->maps[i] = map;
+        if (map) {
+            esmd_admin_set_mapping(svc->admin, map); /* its overrides, before it starts */
+            mapping_launch(svc, map);
+            ESMD_INFO(&(struct esmd_log_ctx){r->next->name, r->next->function, NULL},
+                      "reload: mapping restarted on its new source");
+        }
+    }
+    free(r);
+    if (--svc->nretiring == 0 && svc->stopping && svc->nstopped == svc->nstopping)
+        service_finish(svc);
+}
+
+static void on_retire_stopped(void *ud)
+{
+    struct retiring *r = ud;
+    ev_timer_init(&r->later, on_retired, 0., 0.);
+    r->later.data = r;
+    ev_timer_start(r->svc->loop, &r->later);
+}
+
+static void retire(struct service *svc, struct esmd_mapping *map,
+                   const struct esmd_mapping_cfg *next)
+{
+    struct retiring *r = esmd_xcalloc(1, sizeof(*r));
+    r->svc = svc;
+    r->map = map;
+    r->next = next;
+    r->next_r = svc->retiring;
+    if (svc->retiring)
+        svc->retiring->prev_r = r;
+    svc->retiring = r;
+    svc->nretiring++;
+    esmd_mapping_stop(map, on_retire_stopped, r);
+}
+
+/* Appends "KEYS" (", "-separated) as a JSON array. */
+static void put_keys(struct esmd_buf *b, const char *keys)
+{
+    esmd_buf_putc(b, '[');
+    for (const char *p = keys; p && *p;) {
+        const char *e = strstr(p, ", ");
+        size_t n = e ? (size_t)(e - p) : strlen(p);
+        if (p != keys)
+            esmd_buf_putc(b, ',');
+        esmd_buf_put_json_string(b, p, n);
+        p = e ? e + 2 : p + n;
+    }
+    esmd_buf_putc(b, ']');
+}
+
+static void put_name(struct esmd_buf *b, bool *first, const char *name, const char *keys)
+{
+    if (!*first)
+        esmd_buf_putc(b, ',');
+    *first = false;
+    if (keys) {
+        esmd_buf_puts(b, "{\"name\":");
+        esmd_buf_put_json_string(b, name, strlen(name));
+        esmd_buf_puts(b, ",\"keys\":");
+        put_keys(b, keys);
+        esmd_buf_putc(b, '}');
+    } else {
+        esmd_buf_put_json_string(b, name, strlen(name));
+    }
+}
+
+/* The mappings of diff d with action a (or, with a < 0, those removed from old) as a JSON
+ * array. */
+static void put_mappings(struct esmd_buf *b, const struct esmd_config *old,
+                         const struct esmd_config *cur, const struct esmd_config_diff *d, int a)
+{
+    bool first = true;
+    esmd_buf_putc(b, '[');
+    if (a < 0) {
+        for (size_t j = 0; j < old->nmappings; j++)
+            if (d->removed[j])
+                put_name(b, &first, old->mappings[j].name, NULL);
+    } else {
+        for (size_t i = 0; i < cur->nmappings; i++)
+            if ((int)d->mappings[i].action == a)
+                put_name(b, &first, cur->mappings[i].name,
+                         a == ESMD_RELOAD_UPDATE || a == ESMD_RELOAD_RESTART ? d->mappings[i].keys
+                                                                             : NULL);
+    }
+    esmd_buf_putc(b, ']');
+}
+
+/* Reloads the configuration file. Writes the answer (JSON) to out, returns its HTTP status:
+ * 200 reloaded, 400 the file was refused (errors listed), 409 a reload is still stopping
+ * mappings, 503 esmd is stopping. */
+static int service_reload(struct service *svc, const char *why, struct esmd_buf *out)
+{
+    if (svc->stopping) {
+        esmd_buf_puts(out, "{\"reloaded\":false,\"error\":\"esmd is stopping\"}");
+        return 503;
+    }
+    if (svc->nretiring > 0) {
+        ESMD_WARN(NULL, "%s: reload refused: the last reload is still stopping %zu mappings", why,
+                  svc->nretiring);
+        esmd_buf_printf(out,
+                        "{\"reloaded\":false,\"error\":\"the last reload is still stopping %zu "
+                        "mappings; try again\"}",
+                        svc->nretiring);
+        return 409;
+    }
+    ESMD_INFO(NULL, "%s: reloading %s", why, svc->config_path);
+    struct esmd_config_errors errs;
+    esmd_config_errors_init(&errs);
+    struct esmd_config *cfg = esmd_config_load(svc->config_path, &errs);
+    if (!cfg) {
+        esmd_buf_puts(out, "{\"reloaded\":false,\"errors\":[");
+        char line[2048];
+        for (size_t i = 0; i < errs.n; i++) {
+            esmd_config_error_format(&errs.items[i], line, sizeof(line));
+            ESMD_ERROR(NULL, "reload refused: %s", line);
+            if (i)
+                esmd_buf_putc(out, ',');
+            esmd_buf_put_json_string(out, line, strlen(line));
+        }
+        if (errs.n == 0) {
+            snprintf(line, sizeof(line), "%s: could not load the configuration", svc->config_path);
+            ESMD_ERROR(NULL, "reload refused: %s", line);
+            esmd_buf_put_json_string(out, line, strlen(line));
+        }
+        esmd_buf_puts(out, "]}");
+        ESMD_WARN(NULL, "reload refused: the configuration in force is unchanged");
+        esmd_config_errors_free(&errs);
+        return 400;
+    }
+    esmd_config_errors_free(&errs);
+
+    struct esmd_config *old = svc->cfg;
+    struct esmd_config_diff d;
+    esmd_config_diff(old, cfg, &d);
+    esmd_config_keep_restart_keys(cfg, old);
+    for (size_t i = 0; i < d.nrestart; i++)
+        ESMD_WARN(NULL,
+                  "reload: %s changed: it takes effect only after a restart (the old value "
+                  "stays in force)",
+                  d.restart[i]);
+
+    /* functions: new requests use the new settings */
+    for (size_t i = 0; i < cfg->nfunctions; i++) {
+        const struct esmd_function_cfg *fc = &cfg->functions[i];
+        struct esmd_log_ctx lc = {NULL, fc->name, NULL};
+        if (d.functions[i].action == ESMD_RELOAD_ADD) {
+            esmd_invoker_add_function(svc->inv, fc);
+            ESMD_INFO(&lc, "reload: function added");
+        } else {
+            esmd_invoker_update_function(svc->inv, fc);
+            if (d.functions[i].action == ESMD_RELOAD_UPDATE)
+                ESMD_INFO(&lc, "reload: %s apply to new requests", d.functions[i].keys);
+        }
+    }
+
+    /* mappings */
+    struct esmd_mapping **maps = esmd_xcalloc(cfg->nmappings + 1, sizeof(*maps));
+    for (size_t i = 0; i < cfg->nmappings; i++) {
+        const struct esmd_mapping_cfg *mc = &cfg->mappings[i];
+        struct esmd_log_ctx lc = {mc->name, mc->function, NULL};
+        struct esmd_mapping *was = NULL;
+        for (size_t j = 0; j < svc->nmaps && !was; j++)
+            if (!strcmp(old->mappings[j].name, mc->name))
+                was = svc->maps[j];
+        switch (d.mappings[i].action) {
+        case ESMD_RELOAD_SAME:
+        case ESMD_RELOAD_UPDATE:
+            maps[i] = was;
+            if (was)
+                esmd_mapping_set_cfg(was, mc);
+            if (d.mappings[i].action == ESMD_RELOAD_UPDATE)
+                ESMD_INFO(&lc, "reload: %s apply in place", d.mappings[i].keys);
+            break;
+        case ESMD_RELOAD_RESTART:
+            ESMD_INFO(&lc, "reload: %s changed: the mapping stops gracefully and starts again",
+                      d.mappings[i].keys);
+            if (was)
+                retire(svc, was, mc);
+            break;
+        case ESMD_RELOAD_ADD:
+            ESMD_INFO(&lc, "reload: mapping added");
+            maps[i] = mapping_create(svc, mc);
+            break;
+        }
+    }
+    for (size_t j = 0; j < old->nmappings; j++) {
+        if (!d.removed[j] || !svc->maps[j])
+            continue;
+        ESMD_INFO(&(struct esmd_log_ctx){old->mappings[j].name, old->mappings[j].function, NULL},
+                  "reload: mapping removed: it stops gracefully");
+        retire(svc, svc->maps[j], NULL);
+    }
+    for (size_t i = 0; i < svc->nmaps; i++)
+        free(svc->written_results[i]);
+    free(svc->written_results);
+    svc->written_results = esmd_xcalloc(cfg->nmappings + 1, sizeof(char *));
+    free(svc->maps);
+    svc->maps = maps;
+    svc->nmaps = cfg->nmappings;
+    svc->old_cfgs = esmd_xrealloc(svc->old_cfgs, (svc->nold_cfgs + 1) * sizeof(*svc->old_cfgs));
+    svc->old_cfgs[svc->nold_cfgs++] = old;
+    svc->cfg = cfg;
+    /* the values in force: the file's, or the admin API's overrides */
+    esmd_admin_reconfigure(svc->admin, cfg, maps, cfg->nmappings);
+    for (size_t i = 0; i < cfg->nmappings; i++)
+        if (d.mappings[i].action == ESMD_RELOAD_ADD && maps[i])
+            mapping_launch(svc, maps[i]);
+        else if (d.mappings[i].action == ESMD_RELOAD_UPDATE)
+            record_mapping_state(svc, &cfg->mappings[i]);
+
+    esmd_buf_puts(out, "{\"reloaded\":true,\"file\":");
+    esmd_buf_put_json_string(out, svc->config_path, strlen(svc->config_path));
+    esmd_buf_puts(out, ",\"mappings\":{\"updated\":");
+    put_mappings(out, old, cfg, &d, ESMD_RELOAD_UPDATE);
+    esmd_buf_puts(out, ",\"restarted\":");
+    put_mappings(out, old, cfg, &d, ESMD_RELOAD_RESTART);
+    esmd_buf_puts(out, ",\"added\":");
+    put_mappings(out, old, cfg, &d, ESMD_RELOAD_ADD);
+    esmd_buf_puts(out, ",\"removed\":");
+    put_mappings(out, old, cfg, &d, -1);
+    esmd_buf_puts(out, ",\"unchanged\":");
+    put_mappings(out, old, cfg, &d, ESMD_RELOAD_SAME);
+    esmd_buf_puts(out, "},\"functions\":{\"updated\":[");
+    bool first = true;
+    for (size_t i = 0; i < cfg->nfunctions; i++)
+        if (d.functions[i].action == ESMD_RELOAD_UPDATE)
+            put_name(out, &first, cfg->functions[i].name, d.functions[i].keys);
+    esmd_buf_puts(out, "],\"added\":[");
+    first = true;
+    for (size_t i = 0; i < cfg->nfunctions; i++)
+        if (d.functions[i].action == ESMD_RELOAD_ADD)
+            put_name(out, &first, cfg->functions[i].name, NULL);
+    esmd_buf_puts(out, "]},\"needs_restart\":[");
+    for (size_t i = 0; i < d.nrestart; i++) {
+        if (i)
+            esmd_buf_putc(out, ',');
+        esmd_buf_put_json_string(out, d.restart[i], strlen(d.restart[i]));
+    }
+    esmd_buf_puts(out, "]}");
+    ESMD_INFO(NULL, "%s: reloaded: %s", why, esmd_buf_cstr(out));
+    esmd_config_diff_free(&d);
+    return 200;
+}
+
+static void route_reload(void *ud, struct esmd_http_req *req)
+{
+    struct service *svc = ud;
+    struct esmd_buf b = ESMD_BUF_INIT;
+    int status = service_reload(svc, "POST /admin/reload", &b);
+    esmd_http_respond(req, status, "application/json", b.data, b.len);
+    esmd_buf_free(&b);
+}
+
+static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    struct service *svc = w->data;
+    if (w->signum == SIGHUP) {
+        struct esmd_buf b = ESMD_BUF_INIT;
+        (void)service_reload(svc, "SIGHUP", &b);
+        esmd_buf_free(&b);
+        return;
+    }
+    service_stop(svc, w->signum == SIGTERM ? "SIGTERM" : "SIGINT");
 }
 
 static int apply_migrations(void *ud, char *err, size_t errlen)
@@ -677,6 +1026,7 @@ static int cmd_run(int argc, char **argv)
         esmd_log_set_level(l);
     }
     struct service svc = {0};
+    svc.config_path = o.config;
     svc.cfg = load_config(o.config);
     if (!svc.cfg)
         return 1;
@@ -782,7 +1132,8 @@ static int cmd_run(int argc, char **argv)
         goto out;
     }
     if (esmd_admin_start(svc.admin, svc.http) != ESMD_OK ||
-        esmd_admin_console_routes(svc.http, svc.auth, svc.inv) != ESMD_OK) {
+        esmd_admin_console_routes(svc.http, svc.auth, svc.inv) != ESMD_OK ||
+        esmd_http_route(svc.http, "POST", "/admin/reload", route_reload, &svc) != ESMD_OK) {
         ESMD_ERROR(NULL, "admin API: could not register its routes");
         goto out;
     }
@@ -817,8 +1168,15 @@ out:
     esmd_dests_free(svc.dests);
     for (size_t i = 0; i < svc.nmaps; i++)
         esmd_mapping_free(svc.maps[i]);
+    while (svc.retiring) { /* the shutdown deadline came first */
+        struct retiring *r = svc.retiring;
+        retiring_unlink(r);
+        ev_timer_stop(svc.loop, &r->later);
+        esmd_mapping_free(r->map);
+        free(r);
+    }
     if (svc.written_results)
-        for (size_t i = 0; i < svc.cfg->nmappings; i++)
+        for (size_t i = 0; i < svc.nmaps; i++)
             free(svc.written_results[i]);
     free(svc.written_results);
     free(svc.maps);
@@ -827,6 +1185,9 @@ out:
     esmd_pg_free(svc.pg);
     esmd_invoker_free(svc.inv);
     esmd_config_free(svc.cfg);
+    for (size_t i = 0; i < svc.nold_cfgs; i++)
+        esmd_config_free(svc.old_cfgs[i]);
+    free(svc.old_cfgs);
     esmd_metrics_reset();
     ESMD_INFO(NULL, "esmd exiting with status %d", exit_code);
     return exit_code;

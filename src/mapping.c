@@ -899,8 +899,7 @@ int esmd_mapping_start(struct esmd_mapping *map)
     if (rc != ESMD_OK)
         return rc;
     ESMD_INFO(&map->log, "mapping started (%s source, batch_size %d, window %lld ms)",
-              map->ops->kind, map->cfg->batch_size,
-              (long long)map->cfg->maximum_batching_window_ms);
+              map->ops->kind, map->batch_size, (long long)map->window_ms);
     return ESMD_OK;
 }
 
@@ -1142,6 +1141,13 @@ const char *esmd_mapping_filter(const struct esmd_mapping *map, size_t i)
 const char *esmd_mapping_on_failure(const struct esmd_mapping *map)
 {
     return map->on_failure;
+}
+
+void esmd_mapping_set_cfg(struct esmd_mapping *map, const struct esmd_mapping_cfg *cfg)
+{
+    map->cfg = cfg;
+    map->log.mapping = cfg->name;
+    map->log.function = cfg->function;
 }
 
 const struct esmd_mapping_cfg *esmd_mapping_cfg(const struct esmd_mapping *map)

@@ -68,6 +68,18 @@ struct esmd_invoker;
 int esmd_admin_console_routes(struct esmd_http *http, const struct esmd_admin_auth *auth,
                               const struct esmd_invoker *inv) ESMD_MUST_CHECK;
 
+/* A reload (docs/operations.md#reload): cfg (borrowed, must outlive the module) replaces the
+ * configuration; maps[0..nmaps) are the mappings that run now (a mapping being restarted is
+ * missing until esmd_admin_set_mapping() hands it over). Overrides of mappings still configured
+ * are kept, except an overridden field whose value in the file changed: dropped, here and in the
+ * database, as at start-up (the file's new value applies). Then every mapping is handed the
+ * values in force, and the stored rows are read again (those of mappings the reload added). */
+void esmd_admin_reconfigure(struct esmd_admin *adm, const struct esmd_config *cfg,
+                            struct esmd_mapping *const *maps, size_t nmaps);
+/* Hands over the mapping that now runs for its name (one a reload restarted), with the values
+ * in force applied. */
+void esmd_admin_set_mapping(struct esmd_admin *adm, struct esmd_mapping *map);
+
 /* Closes the Postgres connection (admin requests still waiting for it are answered 503) and
  * frees. Call before the mappings and the listener are freed. NULL ok. */
 void esmd_admin_free(struct esmd_admin *adm);

@@ -360,6 +360,49 @@ const struct esmd_function_cfg *esmd_config_function(const struct esmd_config *c
                                                      const char *name);
 const struct esmd_conn_cfg *esmd_config_connection(const struct esmd_config *cfg, const char *name);
 
+/* The key table of a section of the file: "mappings", "functions" or "async_queue" (for
+ * src/config_diff.c and the tests). *n set to its length. */
+const struct esmd_cfg_key *esmd_config_keys(const char *section, size_t *n);
+
+/* ---- reload: what changed between two configurations (src/config_diff.c, docs/operations.md) */
+
+enum esmd_reload_action {
+    ESMD_RELOAD_SAME,    /* nothing changed */
+    ESMD_RELOAD_UPDATE,  /* settings that apply in place (batch size, filters, retries, ...) */
+    ESMD_RELOAD_RESTART, /* its source, connection or function changed: stopped, started again */
+    ESMD_RELOAD_ADD,     /* not in the old configuration */
+};
+
+struct esmd_config_change {
+    enum esmd_reload_action action;
+    char *keys; /* owned: the changed keys, ", "-separated ("batch_size, filters"); NULL if none */
+};
+
+struct esmd_config_diff {
+    struct esmd_config_change *mappings; /* owned: one per mapping of the new configuration */
+    size_t nmappings;
+    bool *removed;   /* owned: one per mapping of the old one: not in the new */
+    size_t nremoved; /* how many are true */
+    struct esmd_config_change *functions; /* owned: one per function of the new configuration
+                                           * (SAME, UPDATE or ADD) */
+    size_t nfunctions;
+    char **restart; /* owned: changed keys that take effect only after a restart ("postgres",
+                     * "admin.listen", "functions.f.async", ...); they keep their old value */
+    size_t nrestart;
+};
+
+/* Compares old and cur (both loaded and valid). d is filled; free it with
+ * esmd_config_diff_free(). Mappings and functions are matched by name. */
+void esmd_config_diff(const struct esmd_config *old, const struct esmd_config *cur,
+                      struct esmd_config_diff *d);
+void esmd_config_diff_free(struct esmd_config_diff *d);
+/* Gives cur the old values of what needs a restart (`postgres`, `aws`, `admin`, `async_queue`,
+ * each function's `async`), so that the configuration a reload installs is the one that runs. */
+void esmd_config_keep_restart_keys(struct esmd_config *cur, const struct esmd_config *old);
+/* Whether src/config_diff.c compares a key of type ESMD_CFG_CUSTOM of the table `section` (the
+ * unit tests check that every one is). */
+bool esmd_config_diff_knows(const char *section, const char *key);
+
 /* Durations: integer + unit ms|s|m|h ("500ms", "30s", "5m", "6h"). Returns 0 or ESMD_EINVAL. */
 int esmd_parse_duration_ms(const char *s, int64_t *out) ESMD_MUST_CHECK;
 /* Sizes: integer with optional unit B|KB|MB (1 KB = 1024 B). Returns 0 or ESMD_EINVAL. */

@@ -64,6 +64,11 @@ void esmd_invoker_free(struct esmd_invoker *inv);
  * owned by the invoker. NULL if a function of that name exists already. */
 struct esmd_function *esmd_invoker_add_function(struct esmd_invoker *inv,
                                                 const struct esmd_function_cfg *cfg);
+/* A reload (docs/operations.md#reload): the function cfg->name takes url, timeout, headers and
+ * max_concurrency from cfg (borrowed, must outlive the invoker) for the requests sent from now
+ * on; requests in flight finish on the old settings. A lower max_concurrency lets the requests
+ * in flight finish and sends no new one above it. No-op when no function has that name. */
+void esmd_invoker_update_function(struct esmd_invoker *inv, const struct esmd_function_cfg *cfg);
 struct esmd_function *esmd_invoker_function(struct esmd_invoker *inv, const char *name);
 const char *esmd_function_name(const struct esmd_function *fn);
 /* Requests sent and not yet answered / waiting for a concurrency slot. */

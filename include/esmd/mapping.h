@@ -66,6 +66,13 @@ struct esmd_mapping_update {
 int esmd_mapping_update(struct esmd_mapping *map, const struct esmd_mapping_update *u, char *err,
                         size_t errlen);
 
+/* A reload (docs/operations.md#reload): the mapping reads its settings from cfg from now on
+ * (the retry controls, report_batch_item_failures, the filter limits); cfg has the same name,
+ * function and source (the connector keeps the cfg it was created with) and must outlive the
+ * mapping. The values esmd_mapping_update() sets (batch size, window, filters, on_failure) and
+ * `enabled` are not touched: the admin module hands them over, with its overrides. */
+void esmd_mapping_set_cfg(struct esmd_mapping *map, const struct esmd_mapping_cfg *cfg);
+
 /* The values in force (after updates), for GetEventSourceMapping. */
 int esmd_mapping_batch_size(const struct esmd_mapping *map);
 int64_t esmd_mapping_window_ms(const struct esmd_mapping *map);
