@@ -179,15 +179,15 @@ function sparkline(values, w, h, cls, label) {
 
 // A chart with a title, the maximum and a time axis, for the mapping view.
 function chart(title, samples, key, unit, cls) {
-  const w = 560, h = 140;
+  const w = 420, h = 140;
   const values = samples.map((x) => x[key]);
   const nums = values.filter((v) => typeof v === "number");
   const last = nums.length ? nums[nums.length - 1] : null;
   const max = nums.length ? Math.max(...nums) : 0;
   const span = samples.length > 1 ? samples[samples.length - 1].time - samples[0].time : 0;
   const box = el("figure.chart", {"data-chart": key},
-    el("figcaption", {}, title, " ", el("span.muted", {}, "now ", fmtNum(last), unit,
-                                                  " · max ", fmtNum(max), unit)));
+    el("figcaption", {}, title, unit ? ` (${unit})` : "", " ",
+       el("span.muted", {}, "now ", fmtNum(last), " · max ", fmtNum(max))));
   const s = sparkline(values, w, h, cls, title);
   s.insertBefore(svg("line", {x1: 0, y1: h - 0.5, x2: w, y2: h - 0.5, class: "axis"}),
                  s.firstChild);
@@ -344,11 +344,11 @@ async function viewMappings() {
         const st = m.status || {};
         const samples = hist[i].samples || [];
         return el("tr", {"data-mapping": m.name},
-          el("td", {}, el("a", {href: "#/mapping/" + enc(m.name)}, m.name)),
+          el("td.name", {}, el("a", {href: "#/mapping/" + enc(m.name)}, m.name)),
           el("td", {}, stateBadge(m)),
           el("td", {}, sourceOf(m)),
           el("td", {}, m.function),
-          el("td", {}, `${m.batch_size} / ${m.maximum_batching_window_ms} ms`),
+          el("td.nowrap", {}, `${m.batch_size} / ${m.maximum_batching_window_ms} ms`),
           el("td.num", {"data-field": "lag"}, st.lag === undefined || st.lag < 0 ? "–" : fmtNum(st.lag, 0)),
           el("td", {}, sparkline(samples.map((x) => x.lag), 120, 28, "lag", "lag, last 15 minutes")),
           el("td.num", {"data-field": "rate"}, fmtNum(st.records_per_second)),
@@ -408,8 +408,9 @@ async function viewMapping(name) {
           el("dt", {}, "Last result"), el("dd", {}, resultBadge(m.last_processing_result)),
           el("dt", {}, "Overrides"), el("dd", {}, m.overrides ? JSON.stringify(m.overrides) : "none")));
       charts.replaceChildren(
-        chart("Lag", h.samples, "lag", " records", "lag"),
-        chart("Throughput", h.samples, "records_per_second", " records/s", "rate"));
+        chart("Lag", h.samples, "lag", "records", "lag"),
+        chart("Read", h.samples, "records_per_second", "records/s", "rate"),
+        chart("Sent to the function", h.samples, "invoked_per_second", "records/s", "rate"));
       const key = JSON.stringify(f.failures.map((x) => [x.time, x.request_id]));
       if (key !== lastFailureKey) { // keep what the reader opened while nothing changed
         lastFailureKey = key;
