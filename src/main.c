@@ -432,18 +432,20 @@ static bool service_ready(void *ud, struct esmd_buf *detail)
         esmd_buf_put_json_string(detail, e, strlen(e));
     }
     esmd_buf_puts(detail, "},\"mappings\":{");
-    bool first = true;
     for (size_t i = 0; i < svc->nmaps; i++) {
-        if (!svc->maps[i]) { /* restarting after a reload */
-            ready = false;
-            continue;
-        }
-        const char *name = esmd_mapping_name(svc->maps[i]);
-        if (!first)
+        const char *name = svc->cfg->mappings[i].name;
+        if (i)
             esmd_buf_putc(detail, ',');
-        first = false;
         esmd_buf_put_json_string(detail, name, strlen(name));
         esmd_buf_putc(detail, ':');
+        if (!svc->maps[i]) { /* a reload restarts it (briefly), or could not create it */
+            esmd_buf_puts(detail, "{\"ready\":false,\"reason\":\"");
+            esmd_buf_puts(detail, svc->nretiring ? "restarting after a configuration reload"
+                                                 : "not created: see the log");
+            esmd_buf_puts(detail, "\"}");
+            ready = ready && svc->nretiring > 0;
+            continue;
+        }
         esmd_mapping_describe(svc->maps[i], detail);
         if (!esmd_mapping_ready(svc->maps[i]))
             ready = false;
@@ -639,7 +641,7 @@ static void record_mapping_state(struct service *svc, const struct esmd_mapping_
         ESMD_WARN(NULL, "could not queue the mapping state update");
 }
 
-/* Creates (and with `start`, starts) the mapping of mc. NULL when that failed (logged). */
+/* Creates the mapping of mc (not started). NULL when that failed (logged). */
 static struct esmd_mapping *mapping_create(struct service *svc, const struct esmd_mapping_cfg *mc)
 {
     char err[1024];
@@ -836,6 +838,7 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
 
     /* mappings */
     struct esmd_mapping **maps = esmd_xcalloc(cfg->nmappings + 1, sizeof(*maps));
+    bool *launch = esmd_xcalloc(cfg->nmappings + 1, sizeof(*launch)); /* created here */
     for (size_t i = 0; i < cfg->nmappings; i++) {
         const struct esmd_mapping_cfg *mc = &cfg->mappings[i];
         struct esmd_log_ctx lc = {mc->name, mc->function, NULL};
@@ -860,8 +863,12 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
             break;
         case ESMD_RELOAD_ADD:
             ESMD_INFO(&lc, "reload: mapping added");
-            maps[i] = mapping_create(svc, mc);
             break;
+        }
+        /* added, or one that an earlier reload could not create: created now */
+        if (!was) {
+            maps[i] = mapping_create(svc, mc);
+            launch[i] = maps[i] != NULL;
         }
     }
     for (size_t j = 0; j < old->nmappings; j++) {
@@ -884,10 +891,11 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
     /* the values in force: the file's, or the admin API's overrides */
     esmd_admin_reconfigure(svc->admin, cfg, maps, cfg->nmappings);
     for (size_t i = 0; i < cfg->nmappings; i++)
-        if (d.mappings[i].action == ESMD_RELOAD_ADD && maps[i])
+        if (launch[i])
             mapping_launch(svc, maps[i]);
         else if (d.mappings[i].action == ESMD_RELOAD_UPDATE)
             record_mapping_state(svc, &cfg->mappings[i]);
+    free(launch);
 
     esmd_buf_puts(out, "{\"reloaded\":true,\"file\":");
     esmd_buf_put_json_string(out, svc->config_path, strlen(svc->config_path));
