@@ -477,6 +477,27 @@ static bool cross_origin(struct esmd_http_req *req)
     return true;
 }
 
+/* Without credentials configured, loopback clients are served: a Host that is a name other than
+ * localhost is refused, so that a page of another site whose name was made to resolve to
+ * 127.0.0.1 (DNS rebinding) cannot read or change anything through a visitor's browser. An IP
+ * literal (with or without a port, [IPv6] in brackets), "localhost", or no Host are accepted. */
+static bool host_is_loopback_safe(const char *host)
+{
+    size_t n;
+
+    if (host == NULL || host[0] == '\0')
+        return true;
+    if (host[0] == '[') /* an IPv6 literal */
+        return strchr(host, ']') != NULL;
+    n = strcspn(host, ":");
+    if (n == strlen("localhost") && strncasecmp(host, "localhost", n) == 0)
+        return true;
+    for (size_t i = 0; i < n; i++)
+        if (!isdigit((unsigned char)host[i]) && host[i] != '.')
+            return false;
+    return n > 0;
+}
+
 /* The check of esmd_admin_authorize() and esmd_admin_auth_request(). with_body: the body is in
  * (then the answer is OK or DENIED); without it, a SigV4 request may answer BODY. */
 static enum esmd_http_auth auth_check(const struct esmd_admin_auth *a, struct esmd_http_req *req,
@@ -492,6 +513,12 @@ static enum esmd_http_auth auth_check(const struct esmd_admin_auth *a, struct es
     }
 
     if (!any) {
+        if (!host_is_loopback_safe(esmd_http_req_header(req, "Host"))) {
+            deny(req, 403, "AccessDeniedException",
+                 "without admin.token or admin.aws_credentials, the admin API answers requests "
+                 "for an IP address or localhost only (the Host header names another host)");
+            return ESMD_HTTP_AUTH_DENIED;
+        }
         if (esmd_http_req_is_loopback(req))
             return ESMD_HTTP_AUTH_OK;
         deny(req, 403, "AccessDeniedException",

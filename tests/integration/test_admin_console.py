@@ -174,3 +174,24 @@ def test_functions_async_queue_and_destination_queues(esmd, db, endpoint):  # no
                   "uses": [{"role": "dead_letter", "function": "fn"}]},
                  {"queue": "fn_failed", "messages": 0, "oldestSentTime": None,
                   "uses": [{"role": "on_failure", "function": "fn"}]}], q
+
+
+def test_loopback_mode_refuses_other_host_names(esmd, db, endpoint):  # noqa: F811
+    """Without credentials (loopback clients only), a Host that is a name other than localhost
+    is refused: a site whose name resolves to 127.0.0.1 (DNS rebinding) gets nothing."""
+    cfg = config(db, endpoint)
+    cfg["admin"] = {}
+    proc = esmd(cfg)
+    port = proc.admin.rsplit(":", 1)[1]
+    for host in ("127.0.0.1:" + port, "localhost:" + port, "LOCALHOST", "127.0.0.1"):
+        assert get(proc, "/admin/functions", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example:" + port, "evil.example", "localhost.evil.example:" + port,
+                 "127.0.0.1.nip.io:" + port):
+        r = get(proc, "/admin/functions", headers={"Host": host})
+        assert r.status_code == 403, host
+        assert "Host header" in r.json()["Message"]
+        r = requests.post(proc.admin + "/admin/dead-letters/q/redrive", headers={"Host": host},
+                          data=json.dumps({"function": "fn"}), timeout=30)
+        assert r.status_code == 403, host
+    # the static files hold no data: served whatever the Host
+    assert get(proc, "/ui/", headers={"Host": "evil.example"}).status_code == 200
