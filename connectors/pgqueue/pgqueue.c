@@ -13,6 +13,14 @@
  * outstanding, not paused) and emits each batch_size chunk to one of them: up to
  * maximum_concurrency batches are in flight, in no particular order.
  *
+ * FIFO queues (a name ending in ".fifo"; docs/pgqueue.md#fifo-queues) claim with
+ * esmd.receive_fifo(), which only takes groups with nothing in flight, and a claim fills one
+ * idle shard only: its messages (whole runs of groups, in sequence order) form exactly one batch
+ * (the core flushes what one loop turn emitted; a FIFO mapping has no batching window), so a
+ * group is never in two batches at once. A message behind a failed message of its group in the
+ * same shard is never deleted (partial batch responses, a failed first batch of a shard): it
+ * comes back after its visibility timeout, behind the failed one.
+ *
  * Settling: ack(shard, next_seq) deletes the shard's outstanding messages below next_seq with
  * the receipt of their receive (esmd.delete_received, on the "ack" connection, coalesced: one
  * query in flight, the next carries everything acked meanwhile); a receipt that is no longer the
@@ -53,8 +61,12 @@
 
 #define PGQ_CLAIM_SQL                                                                              \
     "SELECT kind, id, message_id, receipt, body, attributes, attributes_md5, body_md5, sender, "   \
-    "sent_ms, receive_count, first_received_ms, dead_letter_source, next_visible_ms "              \
+    "sent_ms, receive_count, first_received_ms, dead_letter_source, next_visible_ms, NULL, NULL "  \
     "FROM esmd.receive($1, $2::integer, $3::interval, $4::integer, $5)"
+#define PGQ_CLAIM_FIFO_SQL                                                                         \
+    "SELECT kind, id, message_id, receipt, body, attributes, attributes_md5, body_md5, sender, "   \
+    "sent_ms, receive_count, first_received_ms, dead_letter_source, next_visible_ms, group_id, "   \
+    "deduplication_id FROM esmd.receive_fifo($1, $2::integer, $3::interval, $4::integer, $5)"
 enum {
     COL_KIND,
     COL_ID,
@@ -70,6 +82,8 @@ enum {
     COL_FIRST,
     COL_DLQ_SOURCE,
     COL_NEXT_VISIBLE,
+    COL_GROUP,
+    COL_DEDUP,
     COL_N,
 };
 #define PGQ_DELETE_SQL "SELECT esmd.delete_received($1::bigint[], $2::uuid[])"
@@ -92,8 +106,10 @@ struct pgq_entry {
     int64_t seq;
     int64_t id;
     char receipt[37];
-    bool skipped; /* the core released it unsent (filtered out, or over 6 MB): done with it */
-    bool deleted; /* acked alone (ack_record): its delete is already queued */
+    uint64_t group; /* FIFO: hash of the message group (never 0); 0 for standard queues */
+    bool skipped;   /* the core released it unsent (filtered out, or over 6 MB): done with it */
+    bool deleted;   /* acked alone (ack_record): its delete is already queued */
+    bool held;      /* FIFO: behind a failed message of its group: never deleted by this claim */
 };
 
 /* Receipts waiting for a delete or give-back query. */
@@ -124,6 +140,7 @@ struct esmd_pgqueue {
     char *dlq;      /* NULL: none */
     char *conninfo; /* secret */
     bool separate_db;
+    bool fifo; /* the queue's name ends in ".fifo" */
     char *arn;
     int batch_size;
     int max_receive;
@@ -244,7 +261,7 @@ static size_t shard_pop(struct pgq_shard *ps, int64_t next_seq, struct pgq_recei
 {
     size_t k = 0;
     while (ps->n > 0 && ps->ents[ps->head].seq < next_seq) {
-        if (to && !ps->ents[ps->head].deleted)
+        if (to && !ps->ents[ps->head].deleted && !ps->ents[ps->head].held)
             receipts_push(to, &ps->ents[ps->head]);
         ps->head++;
         ps->n--;
@@ -253,6 +270,29 @@ static size_t shard_pop(struct pgq_shard *ps, int64_t next_seq, struct pgq_recei
     if (ps->n == 0)
         ps->head = 0;
     return k;
+}
+
+/* FNV-1a of a FIFO message's group id, never 0; 0 for none. Equal groups give equal hashes; a
+ * collision only holds back a message that could have been deleted (it comes back later). */
+static uint64_t group_hash(const char *group)
+{
+    if (!group)
+        return 0;
+    uint64_t h = 1469598103934665603ULL;
+    for (const unsigned char *p = (const unsigned char *)group; *p; p++)
+        h = (h ^ *p) * 1099511628211ULL;
+    return h ? h : 1;
+}
+
+/* FIFO: is an entry before e in its shard, of the same group, not done (failed, or not acked)? */
+static bool group_blocked(const struct pgq_shard *ps, const struct pgq_entry *e)
+{
+    for (size_t i = ps->head; i < ps->head + ps->n && &ps->ents[i] != e; i++) {
+        const struct pgq_entry *o = &ps->ents[i];
+        if (o->group == e->group && (o->held || (!o->deleted && !o->skipped)))
+            return true;
+    }
+    return false;
 }
 
 static bool is_connection_error(const char *err)
@@ -304,6 +344,8 @@ static void claim_maybe(struct esmd_pgqueue *pq)
     size_t idle = idle_shards(pq);
     if (idle == 0)
         return;
+    if (pq->fifo)
+        idle = 1; /* one shard per claim: its messages are one batch */
     size_t want = idle * (size_t)pq->batch_size;
     size_t cap = pq->batch_size > PGQ_CLAIM_MAX ? (size_t)pq->batch_size : PGQ_CLAIM_MAX;
     if (want > cap)
@@ -311,7 +353,8 @@ static void claim_maybe(struct esmd_pgqueue *pq)
     char limit[24];
     snprintf(limit, sizeof(limit), "%zu", want);
     const char *params[5] = {pq->queue, limit, pq->vt_param, pq->mrc_param, pq->dlq};
-    if (esmd_pg_query(pq->claim_pg, PGQ_CLAIM_SQL, 5, params, on_claim, pq) != 0)
+    if (esmd_pg_query(pq->claim_pg, pq->fifo ? PGQ_CLAIM_FIFO_SQL : PGQ_CLAIM_SQL, 5, params,
+                      on_claim, pq) != 0)
         return;
     pq->claim_inflight = true;
     pq->claim_limit = (int)want;
@@ -343,7 +386,8 @@ static char *pack(char **p, const char *s, size_t len)
 static struct pgq_rec *rec_from_row(struct esmd_pgqueue *pq, const PGresult *res, int row)
 {
     static const int strs[] = {COL_MESSAGE_ID, COL_RECEIPT, COL_ATTRS_MD5, COL_BODY_MD5,
-                               COL_SENDER,     COL_ATTRS,   COL_BODY,      COL_DLQ_SOURCE};
+                               COL_SENDER,     COL_ATTRS,   COL_BODY,      COL_DLQ_SOURCE,
+                               COL_GROUP,      COL_DEDUP};
     size_t need = sizeof(struct pgq_rec);
     for (size_t i = 0; i < ESMD_ARRAY_LEN(strs); i++)
         need += (size_t)PQgetlength(res, row, strs[i]) + 1;
@@ -385,7 +429,14 @@ static struct pgq_rec *rec_from_row(struct esmd_pgqueue *pq, const PGresult *res
         memcpy(a + pl, src, sl);
         a[pl + sl] = '\0';
         v->dlq_arn = a;
+        p += pl + sl + 1;
     }
+    if (!PQgetisnull(res, row, COL_GROUP))
+        v->group_id =
+            pack(&p, PQgetvalue(res, row, COL_GROUP), (size_t)PQgetlength(res, row, COL_GROUP));
+    if (!PQgetisnull(res, row, COL_DEDUP))
+        v->dedup_id =
+            pack(&p, PQgetvalue(res, row, COL_DEDUP), (size_t)PQgetlength(res, row, COL_DEDUP));
     v->sent_ms = value_i64(res, row, COL_SENT);
     v->first_ms = value_i64(res, row, COL_FIRST);
     v->receive_count = (int)value_i64(res, row, COL_COUNT);
@@ -461,7 +512,7 @@ static void on_claim(void *ud, const PGresult *res, const char *err)
     size_t *targets = esmd_xcalloc(pq->nshards ? pq->nshards : 1, sizeof(*targets));
     size_t ntargets = 0;
     for (size_t i = 0; i < pq->nshards; i++)
-        if (pq->shards[i].n == 0 && !pq->shards[i].paused)
+        if (pq->shards[i].n == 0 && !pq->shards[i].paused && (!pq->fifo || ntargets == 0))
             targets[ntargets++] = i;
     size_t t = 0, chunk = 0, chunk_bytes = 0;
     const size_t budget = ESMD_MAX_PAYLOAD - esmd_pgqueue_envelope_size();
@@ -499,7 +550,7 @@ static void on_claim(void *ud, const PGresult *res, const char *err)
         if (kind[0] != 'm')
             continue;
         esmd_series_inc(pq->m.received, 1);
-        if (ntargets == 0) {
+        if (ntargets == 0 || (pq->fifo && gave_back)) {
             /* every shard became busy meanwhile (cannot happen today): give it back */
             struct pgq_entry e = {.id = value_i64(res, r, COL_ID)};
             snprintf(e.receipt, sizeof(e.receipt), "%s", PQgetvalue(res, r, COL_RECEIPT));
@@ -509,6 +560,17 @@ static void on_claim(void *ud, const PGresult *res, const char *err)
         }
         struct pgq_rec *pr = rec_from_row(pq, res, r);
         size_t add = pr->rec.size + (chunk ? 1 : 0);
+        if (pq->fifo && chunk > 0 && chunk_bytes + add > budget) {
+            /* FIFO: over one event's 6 MB. This and every later message (the rest of this
+             * group's run, whole later groups) go back: visible at once, their receive count
+             * stays one higher. */
+            struct pgq_entry e = {.id = pr->v.id};
+            snprintf(e.receipt, sizeof(e.receipt), "%s", pr->v.receipt);
+            receipts_push(&pq->rel, &e);
+            gave_back = true;
+            free(pr);
+            continue;
+        }
         if (chunk > 0 && (chunk >= (size_t)pq->batch_size || chunk_bytes + add > budget) &&
             t + 1 < ntargets) {
             t++;
@@ -519,7 +581,8 @@ static void on_claim(void *ud, const PGresult *res, const char *err)
         chunk++;
         chunk_bytes += add;
         pr->rec.seq = ps->next_seq++;
-        struct pgq_entry e = {.seq = pr->rec.seq, .id = pr->v.id};
+        struct pgq_entry e = {
+            .seq = pr->rec.seq, .id = pr->v.id, .group = group_hash(pr->v.group_id)};
         snprintf(e.receipt, sizeof(e.receipt), "%s", pr->v.receipt);
         shard_push(ps, &e);
         pq->host->emit(pq->host->core, ps->shard, &pr->rec);
@@ -590,6 +653,11 @@ static void on_delete(void *ud, const PGresult *res, const char *err)
                          pq->queue, n - (size_t)deleted);
     }
     settle_flush(pq);
+    /* FIFO: a group is claimed again only once its messages in flight are gone */
+    if (pq->fifo && pq->state == PGQ_RUNNING) {
+        pq->maybe_more = true;
+        claim_maybe(pq);
+    }
     stop_check(pq);
 }
 
@@ -751,6 +819,7 @@ static void *pgq_create(const struct esmd_mapping_cfg *cfg, const struct esmd_ho
     pq->queue = esmd_xstrdup(src->queue);
     pq->dlq = src->max_receive_count > 0 ? esmd_xstrdup(src->dead_letter_queue) : NULL;
     pq->conninfo = esmd_xstrdup(conninfo);
+    pq->fifo = esmd_pgqueue_is_fifo(pq->queue);
     pq->separate_db = src->connection &&
                       (!src->service_postgres || strcmp(src->connection, src->service_postgres));
     char prefix[ESMD_PGQUEUE_ARN_PREFIX_MAX];
@@ -898,12 +967,25 @@ static void pgq_nack(void *c, struct esmd_shard *shard, int64_t next_seq)
     struct pgq_shard *ps = shard ? esmd_shard_priv(shard) : NULL;
     if (!ps)
         return;
+    /* FIFO: the groups of the failed messages; their later messages still outstanding in this
+     * shard (a batch the core formed after this one) must not be deleted before them. */
+    if (pq->fifo) {
+        for (size_t i = ps->head; i < ps->head + ps->n && ps->ents[i].seq < next_seq; i++) {
+            const struct pgq_entry *f = &ps->ents[i];
+            if (f->deleted || f->skipped)
+                continue;
+            for (size_t j = i + 1; j < ps->head + ps->n; j++)
+                if (ps->ents[j].seq >= next_seq && ps->ents[j].group == f->group)
+                    ps->ents[j].held = true;
+        }
+    }
     /* As Lambda: left invisible until their visibility timeout ends, then received again. */
     shard_pop(ps, next_seq, NULL);
     /* Messages right after the failed batch that the core skipped (filtered out) were to be
      * acked with it (the batch's ack_seq): they are done, delete them. */
     bool del = false;
-    while (ps->n > 0 && (ps->ents[ps->head].skipped || ps->ents[ps->head].deleted)) {
+    while (ps->n > 0 && !ps->ents[ps->head].held &&
+           (ps->ents[ps->head].skipped || ps->ents[ps->head].deleted)) {
         del = true;
         shard_pop(ps, ps->ents[ps->head].seq + 1, &pq->del);
     }
@@ -929,8 +1011,14 @@ static void pgq_ack_record(void *c, struct esmd_shard *shard, const struct esmd_
 {
     struct esmd_pgqueue *pq = c;
     struct pgq_entry *e = rec && rec->shard == shard ? entry_of(rec) : NULL;
-    if (!e || e->deleted || pq->state == PGQ_STOPPED)
+    if (!e || e->deleted || e->held || pq->state == PGQ_STOPPED)
         return;
+    /* FIFO (SQS, Lambda): a message after a failed one of its group is not deleted even if the
+     * function did not name it; it is received again behind the failed one. */
+    if (e->group && group_blocked(esmd_shard_priv(shard), e)) {
+        e->held = true;
+        return;
+    }
     e->deleted = true;
     receipts_push(&pq->del, e);
     settle_flush(pq);

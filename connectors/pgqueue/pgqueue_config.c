@@ -25,6 +25,12 @@ static int check_conninfo(const char *s, char *err, size_t errlen)
     return ESMD_EINVAL;
 }
 
+bool esmd_pgqueue_is_fifo(const char *name)
+{
+    size_t n = strlen(name);
+    return n > 5 && strcmp(name + n - 5, ".fifo") == 0;
+}
+
 const struct esmd_cfg_key esmd_pgqueue_source_keys[] = {
     ESMD_K_CHECK("pgqueue", MAP, pgqueue.queue, ESMD_CFG_REQUIRED, esmd_config_valid_name,
                  QUEUE_NAME),
@@ -50,6 +56,23 @@ void esmd_pgqueue_cfg_check(struct esmd_mapping_cfg *map, struct esmd_cfg_check 
     else if (dlq && q->queue && q->dead_letter_queue && !strcmp(q->queue, q->dead_letter_queue))
         esmd_cfg_error(chk, "source.dead_letter_queue",
                        "dead_letter_queue must not be the queue itself");
+
+    /* FIFO queues (docs/pgqueue.md#fifo-queues): as SQS, the dead-letter queue is of the same
+     * kind; as Lambda, no batching window (a FIFO claim is exactly one batch). */
+    bool fifo = q->queue && esmd_pgqueue_is_fifo(q->queue);
+    if (dlq && q->queue && q->dead_letter_queue &&
+        esmd_pgqueue_is_fifo(q->dead_letter_queue) != fifo)
+        esmd_cfg_error(chk, "source.dead_letter_queue",
+                       fifo ? "the dead_letter_queue of a FIFO queue must be a FIFO queue (a name "
+                              "ending in \".fifo\"), as in SQS"
+                            : "the dead_letter_queue of a standard queue must be a standard queue "
+                              "(a name not ending in \".fifo\"), as in SQS");
+    if (fifo && esmd_cfg_state(chk, "maximum_batching_window") != ESMD_CFG_ABSENT &&
+        map->maximum_batching_window_ms > 0)
+        esmd_cfg_error(chk, "maximum_batching_window",
+                       "a FIFO queue (%s) takes no maximum_batching_window, as in Lambda: each "
+                       "claim of its message groups is sent as one batch at once",
+                       q->queue);
 
     /* Lambda's SQS mappings have no stream retry controls: failed messages come back after the
      * visibility timeout and go to the dead-letter queue after max_receive_count receives. */

@@ -18,6 +18,12 @@
 #define REC_COUNT ",\"attributes\":{\"ApproximateReceiveCount\":\""
 #define REC_SENT "\",\"SentTimestamp\":\""
 #define REC_SENDER "\",\"SenderId\":"
+/* FIFO messages: SequenceNumber and MessageGroupId between SentTimestamp and SenderId,
+ * MessageDeduplicationId after it (the order of Lambda's SQS FIFO event example). */
+#define REC_SEQUENCE "\",\"SequenceNumber\":\""
+#define REC_GROUP "\",\"MessageGroupId\":"
+#define REC_SENDER_AFTER_GROUP ",\"SenderId\":"
+#define REC_DEDUP ",\"MessageDeduplicationId\":"
 #define REC_FIRST ",\"ApproximateFirstReceiveTimestamp\":\""
 #define REC_DLQ_SOURCE "\",\"DeadLetterQueueSourceArn\":"
 #define REC_ATTRS_END_DLQ "}"
@@ -69,7 +75,12 @@ static size_t record_size_without_body(const struct esmd_pgqueue_view *v, const 
     n += LIT(REC_BODY);
     n += LIT(REC_COUNT) + esmd_i64_len(v->receive_count);
     n += LIT(REC_SENT) + esmd_i64_len(v->sent_ms);
-    n += LIT(REC_SENDER) + str_len(v->sender);
+    if (v->group_id)
+        n += LIT(REC_SEQUENCE) + esmd_i64_len(v->id) + LIT(REC_GROUP) + str_len(v->group_id) +
+             LIT(REC_SENDER_AFTER_GROUP) + str_len(v->sender) + LIT(REC_DEDUP) +
+             str_len(v->dedup_id);
+    else
+        n += LIT(REC_SENDER) + str_len(v->sender);
     n += LIT(REC_FIRST) + esmd_i64_len(v->first_ms);
     if (v->dlq_arn)
         n += LIT(REC_DLQ_SOURCE) + str_len(v->dlq_arn) + LIT(REC_ATTRS_END_DLQ);
@@ -108,8 +119,19 @@ static void record_write(struct esmd_buf *out, const struct esmd_pgqueue_view *v
     esmd_buf_put_i64(out, v->receive_count);
     esmd_buf_append(out, REC_SENT, LIT(REC_SENT));
     esmd_buf_put_i64(out, v->sent_ms);
-    esmd_buf_append(out, REC_SENDER, LIT(REC_SENDER));
-    put_str(out, v->sender);
+    if (v->group_id) {
+        esmd_buf_append(out, REC_SEQUENCE, LIT(REC_SEQUENCE));
+        esmd_buf_put_i64(out, v->id);
+        esmd_buf_append(out, REC_GROUP, LIT(REC_GROUP));
+        put_str(out, v->group_id);
+        esmd_buf_append(out, REC_SENDER_AFTER_GROUP, LIT(REC_SENDER_AFTER_GROUP));
+        put_str(out, v->sender);
+        esmd_buf_append(out, REC_DEDUP, LIT(REC_DEDUP));
+        put_str(out, v->dedup_id);
+    } else {
+        esmd_buf_append(out, REC_SENDER, LIT(REC_SENDER));
+        put_str(out, v->sender);
+    }
     esmd_buf_append(out, REC_FIRST, LIT(REC_FIRST));
     esmd_buf_put_i64(out, v->first_ms);
     if (v->dlq_arn) {

@@ -38,6 +38,10 @@ struct esmd_pgqueue_view {
     int64_t first_ms;    /* first receive, epoch ms */
     int receive_count;   /* this receive included */
     const char *dlq_arn; /* ARN of the queue it was dead-lettered from; NULL when it was not */
+    /* FIFO queues only (NULL otherwise): MessageGroupId and MessageDeduplicationId; the row id
+     * is the SequenceNumber. */
+    const char *group_id;
+    const char *dedup_id;
 };
 
 /* Fills *v for rec; the view stays valid while rec is alive. */
@@ -53,6 +57,10 @@ size_t esmd_pgqueue_record_size(const struct esmd_pgqueue_view *v, const char *a
  * {"messageId":"..","receiptHandle":"<id>:<receipt>","body":"..","attributes":{
  *  "ApproximateReceiveCount":"1","SentTimestamp":"..","SenderId":"..",
  *  "ApproximateFirstReceiveTimestamp":"..","DeadLetterQueueSourceArn":".." (dead-lettered only)},
+ * and for a FIFO message (group_id set) the attributes as in an SQS FIFO event:
+ *  {"ApproximateReceiveCount":"1","SentTimestamp":"..","SequenceNumber":"<id>",
+ *   "MessageGroupId":"..","SenderId":"..","MessageDeduplicationId":"..",
+ *   "ApproximateFirstReceiveTimestamp":"..", ..},
  *  "messageAttributes":{..},"md5OfBody":"..","md5OfMessageAttributes":".." (with attributes only),
  *  "eventSource":"aws:sqs","eventSourceARN":"<arn>","awsRegion":"<region>"}; the region is
  * esmd_aws_region(), which must not change between the size and the write. */
@@ -77,6 +85,9 @@ enum esmd_filter_data esmd_pgqueue_filter_doc(const struct esmd_pgqueue_view *v,
 /* Copies JSON text without the white space outside strings (Postgres's jsonb output has
  * ", " and ": ") into out[] (room for len bytes); returns the length written. */
 size_t esmd_pgqueue_json_compact(const char *in, size_t len, char *out);
+
+/* Is the queue a FIFO queue? Its name ends in ".fifo", as SQS requires (docs/pgqueue.md). */
+bool esmd_pgqueue_is_fifo(const char *name);
 
 /* pgqueue_config.c: the key table and checks of esmd_connector_pgqueue (connector.h). */
 extern const struct esmd_cfg_key esmd_pgqueue_source_keys[];

@@ -233,6 +233,74 @@ static const char *str_item(const cJSON *o, const char *key)
     return it->valuestring;
 }
 
+/* A FIFO queue's event (docs/pgqueue.md#fifo-queues): SequenceNumber (the row id),
+ * MessageGroupId and MessageDeduplicationId among the attributes, as strings, in the order of
+ * Lambda's SQS FIFO example; the ARN ends in ".fifo" as the queue's name does. Two messages of
+ * one group in sequence order, the second one dead-lettered from another FIFO queue. */
+static void test_fifo_golden(void **state)
+{
+    snprintf(queue_arn, sizeof(queue_arn), DEFAULT_PREFIX "orders.fifo");
+    struct esmd_shard s0;
+    shard_init(&s0, "orders.fifo-0");
+    struct esmd_batch batch;
+    batch_init(&batch);
+    struct esmd_pgqueue_view a = {
+        .message_id = "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b",
+        .id = 18849496460467696LL,
+        .receipt = "00000000-0000-4000-8000-000000000002",
+        .body = "first",
+        .body_len = 5,
+        .body_md5 = "8b04d5e3775d298e78455efc5ca404d5",
+        .sender = "app_writer",
+        .sent_ms = 1573251510774LL,
+        .first_ms = 1573251510774LL,
+        .receive_count = 1,
+        .group_id = "customer-\"42\"\\x",
+        .dedup_id = "order-1",
+    };
+    struct esmd_pgqueue_view b = {
+        .message_id = "7a8b9c0d-1e2f-4a3b-8c4d-5e6f7a8b9c0d",
+        .id = 18849496460467697LL,
+        .receipt = "00000000-0000-4000-8000-000000000003",
+        .body = json_body,
+        .body_len = sizeof(json_body) - 1,
+        .attributes = n_attrs,
+        .attributes_len = sizeof(n_attrs) - 1,
+        .attributes_md5 = "0123456789abcdef0123456789abcdef",
+        .body_md5 = "919a911f677ddafa270120831ee5a193",
+        .sender = "esmd",
+        .sent_ms = 1573251510775LL,
+        .first_ms = 1573251510800LL,
+        .receive_count = 2,
+        .dlq_arn = DEFAULT_PREFIX "orders-src.fifo",
+        .group_id = "customer-\"42\"\\x",
+        .dedup_id = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    };
+    struct tmsg *ta = tmsg_new(&a), *tb = tmsg_new(&b);
+    tmsg_add(&batch, ta, &s0);
+    tmsg_add(&batch, tb, &s0);
+    assert_golden("fifo_messages.json", &batch);
+
+    struct esmd_buf out = ESMD_BUF_INIT;
+    esmd_pgqueue_encode_batch(&batch, ARN, tmsg_view, &out);
+    cJSON *root = cJSON_ParseWithLength(out.data, out.len);
+    assert_non_null(root);
+    const cJSON *r = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(root, "Records"), 1);
+    const cJSON *attrs = cJSON_GetObjectItemCaseSensitive(r, "attributes");
+    assert_string_equal(str_item(attrs, "SequenceNumber"), "18849496460467697");
+    assert_string_equal(str_item(attrs, "MessageGroupId"), "customer-\"42\"\\x");
+    assert_string_equal(str_item(attrs, "MessageDeduplicationId"), b.dedup_id);
+    assert_string_equal(str_item(attrs, "SenderId"), "esmd");
+    assert_string_equal(str_item(attrs, "DeadLetterQueueSourceArn"), b.dlq_arn);
+    assert_string_equal(str_item(r, "eventSourceARN"), DEFAULT_PREFIX "orders.fifo");
+    cJSON_Delete(root);
+    esmd_buf_free(&out);
+    esmd_batch_clear(&batch);
+    tmsg_free(ta);
+    tmsg_free(tb);
+    set_aws(ESMD_DEFAULT_REGION, ESMD_DEFAULT_ACCOUNT);
+}
+
 static void test_round_trip(void **state)
 {
     struct two_messages tm;
@@ -332,6 +400,7 @@ static void test_exact_size_random(void **state)
     static const char *const attrs[] = {NULL, "{}", n_attrs, spec_attrs};
     static const char *const senders[] = {"esmd", "we\"ird\\", "r\xc3\xb4le"};
     static const char *const arns[] = {NULL, DEFAULT_PREFIX "orders", DEFAULT_PREFIX "q\"x"};
+    static const char *const groups[] = {NULL, "g", "we\"ird\\", "gr\xc3\xb4upe"};
     for (int iter = 0; iter < 300; iter++) {
         struct esmd_batch batch;
         batch_init(&batch);
@@ -361,7 +430,10 @@ static void test_exact_size_random(void **state)
                 .first_ms = esmd_test_rand_n(2) ? (int64_t)(esmd_test_rand() >> 1) : 0,
                 .receive_count = (int)esmd_test_rand_n(100000),
                 .dlq_arn = arns[esmd_test_rand_n(ESMD_ARRAY_LEN(arns))],
+                .group_id = groups[esmd_test_rand_n(ESMD_ARRAY_LEN(groups))],
             };
+            if (v.group_id) /* FIFO messages always have both */
+                v.dedup_id = groups[1 + esmd_test_rand_n(ESMD_ARRAY_LEN(groups) - 1)];
             msgs[i] = tmsg_new(&v);
             tmsg_add(&batch, msgs[i], &shards[esmd_test_rand_n(3)]);
         }
@@ -485,7 +557,7 @@ int main(void)
         cmocka_unit_test(test_two_messages_golden), cmocka_unit_test(test_round_trip),
         cmocka_unit_test(test_empty_batch),         cmocka_unit_test(test_exact_size_random),
         cmocka_unit_test(test_filter_doc_shape),    cmocka_unit_test(test_filter_sqs_rules),
-        cmocka_unit_test(test_json_compact),
+        cmocka_unit_test(test_json_compact),        cmocka_unit_test(test_fifo_golden),
     };
     esmd_test_rand_seed(0x2545f4914f6cdd1dULL);
     return cmocka_run_group_tests(tests, NULL, NULL);
