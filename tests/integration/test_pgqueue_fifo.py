@@ -11,10 +11,12 @@ function does not name it)."""
 
 import hashlib
 import json
+import os
 import random
 import subprocess
 import threading
 
+import jsonschema
 import pytest
 
 import servers
@@ -23,6 +25,9 @@ from servers import wait_for
 from test_pgqueue_e2e import lit, pgq_config, pgq_schema, ready  # noqa: F401 (fixtures)
 
 ARN_PREFIX = "arn:aws:sqs:us-east-1:000000000000:"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+with open(os.path.join(ROOT, "schemas", "pgqueue-event.schema.json")) as f:
+    EVENT_SCHEMA = json.load(f)
 
 
 class Fifo:
@@ -219,6 +224,7 @@ def test_event_shape_and_order(fifo, endpoint, esmd, pgq_config):
     assert_fifo_order(reqs, sent)
     seqs = {}
     for req in reqs:
+        jsonschema.validate(req.json, EVENT_SCHEMA)
         assert len(recs(req)) <= 5
         for r in recs(req):
             a = r["attributes"]
