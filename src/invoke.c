@@ -73,6 +73,7 @@ struct esmd_invoke_req {
     char request_id[37];
     CURL *easy;                 /* while ACTIVE; back to the pool afterwards */
     unsigned gen;               /* fn->gen when easy was set up */
+    long timeout_ms;            /* fn->timeout_ms when it was sent */
     struct curl_slist *headers; /* owned */
     struct esmd_buf resp;
     bool too_large;
@@ -501,6 +502,7 @@ static int invoke_send(struct esmd_invoke_req *req)
     }
     req->easy = easy;
     req->gen = fn->gen;
+    req->timeout_ms = fn->timeout_ms;
     for (size_t i = 0; i < fn->nheaders; i++)
         h = curl_slist_append(h, fn->headers[i]);
     if (!fn->has_content_type)
@@ -631,7 +633,7 @@ static void invoke_finish(struct esmd_invoke_req *req, CURLcode cc)
     if (cc != CURLE_OK) {
         if (cc == CURLE_OPERATION_TIMEDOUT) {
             res.outcome = ESMD_INVOKE_TIMEOUT;
-            snprintf(msg, sizeof(msg), "timed out after %ld ms", req->fn->timeout_ms);
+            snprintf(msg, sizeof(msg), "timed out after %ld ms", req->timeout_ms);
         } else {
             res.outcome = ESMD_INVOKE_ERROR;
             invoke_transfer_error(req, cc, msg, sizeof(msg));

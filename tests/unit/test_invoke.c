@@ -867,6 +867,51 @@ static void test_free_cancels(void **state)
     assert_int_equal(gb.outcome, ESMD_INVOKE_CANCELLED);
 }
 
+/* A reload (esmd_invoker_update_function): the request in flight finishes on the old url and
+ * headers; queued and later requests use the new ones, on handles set up for the new url (not
+ * the old request's, which goes back last); a higher max_concurrency starts queued requests. */
+static void test_update_function(void **state)
+{
+    struct ctx *c = *state;
+    struct esmd_function *fn;
+    struct got g[4];
+    static struct esmd_kv kv2[1] = {{"X-Test-Extra", "bye"}};
+    char url[128];
+    int base = results;
+
+    memset(g, 0, sizeof(g));
+    srv_quiesce();
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/slow?ms=300", srv.port);
+    fn = add_fn(c, 0, "upd", url, 5000, 1);
+    for (int i = 0; i < 3; i++)
+        start(fn, "{}", "k", NULL, &g[i]);
+    assert_int_equal(esmd_function_inflight(fn), 1);
+    assert_int_equal(esmd_function_queued(fn), 2);
+
+    c->cfg[1] = c->cfg[0];
+    snprintf(c->url[1], sizeof(c->url[1]), "http://127.0.0.1:%d/ok", srv.port);
+    c->cfg[1].url = c->url[1];
+    c->cfg[1].max_concurrency = 3;
+    c->cfg[1].headers.items = kv2;
+    c->cfg[1].headers.n = 1;
+    esmd_invoker_update_function(c->inv, &c->cfg[1]);
+    assert_int_equal(esmd_function_inflight(fn), 3); /* the two queued ones started */
+    assert_int_equal(esmd_function_queued(fn), 0);
+    esmd_test_run_until_count(c->loop, &results, base + 3, 20.);
+    start(fn, "{}", "k", NULL, &g[3]);
+    esmd_test_run_until_count(c->loop, &results, base + 4, 20.);
+
+    for (int i = 0; i < 4; i++) {
+        const struct seen *s = srv_find(g[i].request_id);
+        assert_int_equal(g[i].outcome, ESMD_INVOKE_OK);
+        assert_non_null(s);
+        assert_string_equal(s->path, i == 0 ? "/slow" : "/ok");
+        assert_string_equal(s->extra, i == 0 ? "hello" : "bye");
+        assert_string_equal(s->auth, i == 0 ? "Bearer t0ken" : "");
+    }
+    assert_ptr_equal(esmd_invoker_function(c->inv, "upd"), fn);
+}
+
 static void test_bad_arguments(void **state)
 {
     struct ctx *c = *state;
@@ -895,6 +940,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_cancel, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cancel_from_callback, setup, teardown),
         cmocka_unit_test_setup_teardown(test_free_cancels, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_update_function, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_arguments, setup, teardown),
     };
     int rc;
