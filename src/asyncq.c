@@ -37,6 +37,7 @@
 #define AQ_NOTIFY_GAP_S 0.01 /* at most 100 NOTIFYs a second (see notify_flush) */
 #define AQ_CHANNEL "esmd_async"
 #define AQ_CONFIG_CHANNEL "esmd_async_config"
+#define AQ_COUNT_S 5.0 /* the depth and oldest-age gauges are refreshed this often */
 
 struct esmd_asyncq;
 
@@ -59,6 +60,7 @@ struct aq_fn {
     int outstanding; /* claimed, not settled */
     bool notify;     /* events stored since the last NOTIFY */
     struct esmd_series *m_received, *m_age, *m_drop_retries, *m_drop_age, *m_dlq_err;
+    struct esmd_series *m_depth, *m_oldest, *m_max_age; /* gauges (docs/async.md#metrics) */
 };
 
 /* An accepted event waiting for its INSERT. */
@@ -120,6 +122,8 @@ struct esmd_asyncq {
     struct aq_ev *evs;
     struct aq_send *sends;
     int config_queries;
+    ev_timer count_tm; /* refreshes the depth and oldest-age gauges */
+    bool counting;     /* that query is in flight */
 
     bool stopping, closing;
     void (*stop_done)(void *ud);
@@ -703,7 +707,7 @@ static void aq_indoubt_value(void *ud, struct esmd_leaseq_item *item, struct esm
 static bool aq_policy_idle(void *ud)
 {
     const struct esmd_asyncq *q = ud;
-    return q->evs == NULL && !q->notifying && q->config_queries == 0;
+    return q->evs == NULL && !q->notifying && q->config_queries == 0 && !q->counting;
 }
 
 static const unsigned int aq_insert_oids[] = {ESMD_PG_OID_TEXT, ESMD_PG_OID_UUID, ESMD_PG_OID_TEXT};
@@ -793,6 +797,14 @@ struct reload {
     char *name; /* NULL: all */
 };
 
+/* The maximum event age in force (the override's or the YAML's), for alerts on the oldest
+ * event's age. */
+static void max_age_gauges(struct esmd_asyncq *q)
+{
+    for (size_t i = 0; i < q->nfns; i++)
+        esmd_series_set(q->fns[i].m_max_age, (double)fn_age_ms(&q->fns[i]) / 1000.0);
+}
+
 static void reload_done(void *ud, const PGresult *res, const char *err)
 {
     struct reload *rl = ud;
@@ -813,6 +825,7 @@ static void reload_done(void *ud, const PGresult *res, const char *err)
             }
             for (int r = 0; r < PQntuples(res); r++)
                 ov_apply_row(q, res, r);
+            max_age_gauges(q);
         }
         stop_maybe_done(q);
     }
@@ -851,6 +864,50 @@ static void on_notify(void *ud, const char *channel, const char *payload)
         if (f)
             esmd_leaseq_more(q->lq, f->key);
     }
+}
+
+/* ---- the depth and oldest-age gauges ---- */
+
+static void count_done(void *ud, const PGresult *res, const char *err)
+{
+    struct esmd_asyncq *q = ud;
+    q->counting = false;
+    if (q->closing)
+        return;
+    if (err || !res) {
+        esmd_log_limited(ESMD_LOG_WARN, NULL, "async-count", "async: counting events: %s",
+                         err ? err : "?");
+    } else {
+        for (size_t i = 0; i < q->nfns; i++) {
+            esmd_series_set(q->fns[i].m_depth, 0);
+            esmd_series_set(q->fns[i].m_oldest, 0);
+        }
+        for (int r = 0; r < PQntuples(res); r++) {
+            struct aq_fn *f = fn_find(q, PQgetvalue(res, r, 0));
+            if (!f)
+                continue;
+            esmd_series_set(f->m_depth, strtod(PQgetvalue(res, r, 1), NULL));
+            esmd_series_set(f->m_oldest, strtod(PQgetvalue(res, r, 2), NULL));
+        }
+    }
+    stop_maybe_done(q);
+}
+
+static void count_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct esmd_asyncq *q = w->data;
+    ESMD_UNUSED(loop);
+    ESMD_UNUSED(revents);
+    if (q->counting || q->stopping || q->closing)
+        return;
+    q->counting = true;
+    /* every instance's events: the queue is shared, like Lambda's per-function queue */
+    if (esmd_pg_query(q->work,
+                      "SELECT function, count(*), "
+                      "GREATEST(extract(epoch FROM now() - min(received_at)), 0)::float8 "
+                      "FROM esmd.async_events GROUP BY function",
+                      0, NULL, count_done, q) != 0)
+        count_done(q, NULL, "closed");
 }
 
 /* ---- event-invoke-config: for the API (src/api_eic.c) ---- */
@@ -1036,6 +1093,8 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
     q->lease_ms_override = acfg->lease_ms;
     ev_init(&q->notify_gap, notify_gap_cb);
     q->notify_gap.data = q;
+    ev_init(&q->count_tm, count_cb);
+    q->count_tm.data = q;
 
     const struct esmd_leaseq_cfg lcfg = {
         .conninfo = conninfo,
@@ -1063,6 +1122,17 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
                     "/ dead_letter when configured).");
     struct esmd_metric *m_dlq = esmd_metric(ESMD_COUNTER, "esmd_dead_letter_errors_total",
                                             "Failed attempts to store a dead-letter message.");
+    struct esmd_metric *m_depth =
+        esmd_metric(ESMD_GAUGE, "esmd_async_queue_depth",
+                    "Async events of the function in the queue (waiting, running or waiting for a "
+                    "retry), all instances; refreshed every 5 s.");
+    struct esmd_metric *m_oldest =
+        esmd_metric(ESMD_GAUGE, "esmd_async_oldest_event_age_seconds",
+                    "Age of the oldest async event of the function in the queue (0 when empty); "
+                    "refreshed every 5 s.");
+    struct esmd_metric *m_max_age =
+        esmd_metric(ESMD_GAUGE, "esmd_async_maximum_event_age_seconds",
+                    "The function's maximum event age in force (event-invoke-config or YAML).");
     q->fns = esmd_xcalloc(cfg->nfunctions + 1, sizeof(*q->fns));
     for (size_t i = 0; i < cfg->nfunctions; i++) {
         struct aq_fn *f = &q->fns[q->nfns];
@@ -1078,6 +1148,9 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
         f->m_received = esmd_series(m_rcv, esmd_buf_cstr(&l));
         f->m_age = esmd_series(m_age, esmd_buf_cstr(&l));
         f->m_dlq_err = esmd_series(m_dlq, esmd_buf_cstr(&l));
+        f->m_depth = esmd_series(m_depth, esmd_buf_cstr(&l));
+        f->m_oldest = esmd_series(m_oldest, esmd_buf_cstr(&l));
+        f->m_max_age = esmd_series(m_max_age, esmd_buf_cstr(&l));
         esmd_buf_reset(&l);
         esmd_metric_labels(&l, "function", f->cfg->name, "reason", "RetriesExhausted", NULL);
         f->m_drop_retries = esmd_series(m_drop, esmd_buf_cstr(&l));
@@ -1094,7 +1167,10 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
         goto fail;
     }
     esmd_leaseq_start(q->lq);
+    max_age_gauges(q);
     config_reload(q, NULL);
+    ev_timer_set(&q->count_tm, 0.2, AQ_COUNT_S);
+    ev_timer_start(loop, &q->count_tm);
     esmd_dests_set_function_sink(dests, sink, q);
     return q;
 fail:
@@ -1123,6 +1199,7 @@ void esmd_asyncq_stop(struct esmd_asyncq *q, void (*done)(void *ud), void *ud)
     if (!q)
         return;
     q->stopping = true;
+    ev_timer_stop(q->loop, &q->count_tm);
     q->stop_done = done;
     q->stop_ud = ud;
     /* accepted events not yet sent to Postgres still go (their callers wait for the commit) */
@@ -1137,6 +1214,7 @@ void esmd_asyncq_free(struct esmd_asyncq *q)
     if (q->dests)
         esmd_dests_set_function_sink(q->dests, NULL, NULL);
     ev_timer_stop(q->loop, &q->notify_gap);
+    ev_timer_stop(q->loop, &q->count_tm);
     /* invocations in flight: cancelled (their events keep the lease and run again later) */
     while (q->evs) {
         struct aq_ev *ev = q->evs;

@@ -789,27 +789,42 @@ static void http_healthz(void *ud, struct esmd_http_req *req)
     esmd_http_respond(req, 200, ESMD_JSON, body, sizeof(body) - 1);
 }
 
+/* Whether the service is ready, its detail appended to detail (the /readyz body). */
+static bool http_ready(struct esmd_http *http, struct esmd_buf *detail)
+{
+    bool ready = true;
+
+    if (http->ready_fn != NULL)
+        ready = http->ready_fn(http->ready_ud, detail);
+    else
+        esmd_buf_puts(detail, "{\"status\":\"ok\"}");
+    if (detail->len == 0)
+        esmd_buf_puts(detail, "{}");
+    return ready;
+}
+
 static void http_readyz(void *ud, struct esmd_http_req *req)
 {
     struct esmd_http *http = ud;
     struct esmd_buf detail = ESMD_BUF_INIT;
-    bool ready = true;
+    bool ready = http_ready(http, &detail);
 
-    if (http->ready_fn != NULL)
-        ready = http->ready_fn(http->ready_ud, &detail);
-    else
-        esmd_buf_puts(&detail, "{\"status\":\"ok\"}");
-    if (detail.len == 0)
-        esmd_buf_puts(&detail, "{}");
     esmd_http_respond(req, ready ? 200 : 503, ESMD_JSON, esmd_buf_cstr(&detail), detail.len);
     esmd_buf_free(&detail);
 }
 
 static void http_metrics(void *ud, struct esmd_http_req *req)
 {
+    struct esmd_http *http = ud;
     struct esmd_buf out = ESMD_BUF_INIT;
 
-    ESMD_UNUSED(ud);
+    /* readiness as /readyz would answer it now (docs/metrics.md): alerts need it as a series */
+    bool ready = http_ready(http, &out);
+    esmd_buf_reset(&out);
+    esmd_series_set(esmd_series(esmd_metric(ESMD_GAUGE, "esmd_ready",
+                                            "1 when /readyz answers 200 (ready), 0 when 503."),
+                                ""),
+                    ready ? 1 : 0);
     esmd_metrics_render(&out);
     esmd_http_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", esmd_buf_cstr(&out),
                       out.len);

@@ -319,9 +319,27 @@ static void test_metrics(void **state)
     fetch(c, &f, NULL, "/metrics");
     assert_int_equal(f.status, 200);
     assert_string_equal(f.content_type, "text/plain; version=0.0.4; charset=utf-8");
-    assert_string_equal(esmd_buf_cstr(&f.resp), "# HELP esmd_http_test_total Test.\n"
-                                                "# TYPE esmd_http_test_total counter\n"
-                                                "esmd_http_test_total{function=\"f\"} 3\n");
+    assert_string_equal(esmd_buf_cstr(&f.resp),
+                        "# HELP esmd_http_test_total Test.\n"
+                        "# TYPE esmd_http_test_total counter\n"
+                        "esmd_http_test_total{function=\"f\"} 3\n"
+                        "# HELP esmd_ready 1 when /readyz answers 200 (ready), 0 when 503.\n"
+                        "# TYPE esmd_ready gauge\n"
+                        "esmd_ready 1\n");
+    esmd_buf_free(&f.resp);
+
+    /* esmd_ready is what /readyz would answer at the scrape */
+    esmd_http_set_ready_fn(c->http, ready_fn, &ready_value);
+    ready_value = false;
+    memset(&f, 0, sizeof(f));
+    fetch(c, &f, NULL, "/metrics");
+    assert_int_equal(f.status, 200);
+    assert_non_null(strstr(esmd_buf_cstr(&f.resp), "\nesmd_ready 0\n"));
+    esmd_buf_free(&f.resp);
+    ready_value = true;
+    memset(&f, 0, sizeof(f));
+    fetch(c, &f, NULL, "/metrics");
+    assert_non_null(strstr(esmd_buf_cstr(&f.resp), "\nesmd_ready 1\n"));
     esmd_buf_free(&f.resp);
 }
 
