@@ -37,7 +37,8 @@
 #define AQ_NOTIFY_GAP_S 0.01 /* at most 100 NOTIFYs a second (see notify_flush) */
 #define AQ_CHANNEL "esmd_async"
 #define AQ_CONFIG_CHANNEL "esmd_async_config"
-#define AQ_COUNT_S 5.0 /* the depth and oldest-age gauges are refreshed this often */
+#define AQ_COUNT_S 5.0        /* the depth and oldest-age gauges are refreshed this often */
+#define AQ_COUNT_MAX "100000" /* the depth gauge counts no further (docs/async.md#metrics) */
 
 struct esmd_asyncq;
 
@@ -123,7 +124,7 @@ struct esmd_asyncq {
     struct aq_send *sends;
     int config_queries;
     ev_timer count_tm; /* refreshes the depth and oldest-age gauges */
-    bool counting;     /* that query is in flight */
+    int counting;      /* those queries in flight (one per function) */
 
     bool stopping, closing;
     void (*stop_done)(void *ud);
@@ -870,28 +871,31 @@ static void on_notify(void *ud, const char *channel, const char *payload)
 
 static void count_done(void *ud, const PGresult *res, const char *err)
 {
-    struct esmd_asyncq *q = ud;
-    q->counting = false;
+    struct aq_fn *f = ud;
+    struct esmd_asyncq *q = f->q;
+    q->counting--;
     if (q->closing)
         return;
-    if (err || !res) {
+    if (err || !res || PQntuples(res) != 1) {
         esmd_log_limited(ESMD_LOG_WARN, NULL, "async-count", "async: counting events: %s",
-                         err ? err : "?");
+                         err ? err : "no row");
     } else {
-        for (size_t i = 0; i < q->nfns; i++) {
-            esmd_series_set(q->fns[i].m_depth, 0);
-            esmd_series_set(q->fns[i].m_oldest, 0);
-        }
-        for (int r = 0; r < PQntuples(res); r++) {
-            struct aq_fn *f = fn_find(q, PQgetvalue(res, r, 0));
-            if (!f)
-                continue;
-            esmd_series_set(f->m_depth, strtod(PQgetvalue(res, r, 1), NULL));
-            esmd_series_set(f->m_oldest, strtod(PQgetvalue(res, r, 2), NULL));
-        }
+        esmd_series_set(f->m_depth, strtod(PQgetvalue(res, 0, 0), NULL));
+        esmd_series_set(f->m_oldest,
+                        PQgetisnull(res, 0, 1) ? 0 : strtod(PQgetvalue(res, 0, 1), NULL));
     }
     stop_maybe_done(q);
 }
+
+/* Every instance's events of the function: the queue is shared, like Lambda's per-function
+ * queue. Both parts walk an index, never the table, so a deep backlog costs at most
+ * AQ_COUNT_MAX index entries: the count in async_events_due order (an index-only scan), the
+ * oldest as the first accepted (the lowest id; retries keep theirs). */
+#define AQ_COUNT_SQL                                                                               \
+    "SELECT (SELECT count(*) FROM (SELECT 1 FROM esmd.async_events WHERE function = $1 "           \
+    "ORDER BY function, next_attempt_at, id LIMIT " AQ_COUNT_MAX ") d), "                          \
+    "(SELECT GREATEST(extract(epoch FROM now() - received_at), 0)::float8 "                        \
+    "FROM esmd.async_events WHERE function = $1 ORDER BY id LIMIT 1)"
 
 static void count_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -900,14 +904,12 @@ static void count_cb(struct ev_loop *loop, ev_timer *w, int revents)
     ESMD_UNUSED(revents);
     if (q->counting || q->stopping || q->closing)
         return;
-    q->counting = true;
-    /* every instance's events: the queue is shared, like Lambda's per-function queue */
-    if (esmd_pg_query(q->work,
-                      "SELECT function, count(*), "
-                      "GREATEST(extract(epoch FROM now() - min(received_at)), 0)::float8 "
-                      "FROM esmd.async_events GROUP BY function",
-                      0, NULL, count_done, q) != 0)
-        count_done(q, NULL, "closed");
+    for (size_t i = 0; i < q->nfns; i++) {
+        const char *params[] = {q->fns[i].cfg->name};
+        q->counting++;
+        if (esmd_pg_query(q->work, AQ_COUNT_SQL, 1, params, count_done, &q->fns[i]) != 0)
+            count_done(&q->fns[i], NULL, "closed");
+    }
 }
 
 /* ---- event-invoke-config: for the API (src/api_eic.c) ---- */
