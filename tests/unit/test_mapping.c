@@ -8,11 +8,13 @@
 
 #include "../../src/mapping_private.h"
 #include "esmd/invoke.h"
+#include "esmd/metrics.h"
 
 #include "esmd/config.h"
 
 #include <cJSON.h>
 #include <ev.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -197,12 +199,100 @@ static void test_host_counts_records(void **state)
     esmd_config_free(cfg);
 }
 
+/* The console's rings (src/mapping_watch.c) stay bounded: ESMD_WATCH_SAMPLES samples, oldest
+ * first, and ESMD_WATCH_FAILURES given-up records, newest first, each record cut at
+ * ESMD_WATCH_RECORD_MAX bytes. */
+static void test_watch_rings_are_bounded(void **state)
+{
+    (void)state;
+    struct esmd_config_errors errs;
+    esmd_config_errors_init(&errs);
+    struct esmd_config *cfg = esmd_config_parse(host_yaml, strlen(host_yaml), "t.yaml", &errs);
+    esmd_config_errors_free(&errs);
+    assert_non_null(cfg);
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    char err[256] = "";
+    struct esmd_invoker *inv = esmd_invoker_new(loop, err, sizeof(err));
+    assert_non_null(esmd_invoker_add_function(inv, &cfg->functions[0]));
+    struct esmd_mapping *map =
+        esmd_mapping_new(loop, &cfg->mappings[0], inv, "t", err, sizeof(err));
+    if (!map)
+        fail_msg("%s", err);
+
+    int64_t t0 = esmd_now_ms();
+    for (int i = 1; i <= ESMD_WATCH_SAMPLES + 20; i++) {
+        esmd_series_inc(map->m.polled, 5 * ESMD_WATCH_INTERVAL_MS / 1000); /* 5 records/s */
+        esmd_mapping_watch_tick(map, i, t0 + (int64_t)i * ESMD_WATCH_INTERVAL_MS);
+        /* a tick before the interval is up takes no sample */
+        esmd_mapping_watch_tick(map, -1, t0 + (int64_t)i * ESMD_WATCH_INTERVAL_MS + 1000);
+    }
+    struct esmd_buf b = ESMD_BUF_INIT;
+    esmd_mapping_history_json(map, &b);
+    cJSON *h = cJSON_Parse(esmd_buf_cstr(&b));
+    assert_non_null(h);
+    cJSON *samples = cJSON_GetObjectItem(h, "samples");
+    assert_int_equal(cJSON_GetArraySize(samples), ESMD_WATCH_SAMPLES);
+    /* the oldest kept is sample 21 (the first 20 were overwritten), the newest the last */
+    assert_int_equal(cJSON_GetObjectItem(cJSON_GetArrayItem(samples, 0), "lag")->valueint, 21);
+    assert_int_equal(
+        cJSON_GetObjectItem(cJSON_GetArrayItem(samples, ESMD_WATCH_SAMPLES - 1), "lag")->valueint,
+        ESMD_WATCH_SAMPLES + 20);
+    assert_float_equal(
+        cJSON_GetObjectItem(cJSON_GetArrayItem(samples, 5), "records_per_second")->valuedouble, 5,
+        1e-9);
+    cJSON_Delete(h);
+
+    struct inflight inf = {
+        .map = map, .condition = "RetryAttemptsExhausted", .attempts = 3, .last_status = -1};
+    char big[ESMD_WATCH_RECORD_MAX + 10];
+    memset(big, 'x', sizeof(big));
+    big[0] = '"';
+    big[sizeof(big) - 1] = '"';
+    for (int i = 0; i < ESMD_WATCH_FAILURES + 5; i++) {
+        char rec[32];
+        snprintf(rec, sizeof(rec), "{\"n\":%d}", i);
+        if (i == ESMD_WATCH_FAILURES + 4)
+            esmd_mapping_watch_failure(&inf, big, sizeof(big));
+        else
+            esmd_mapping_watch_failure(&inf, rec, strlen(rec));
+    }
+    esmd_buf_reset(&b);
+    esmd_mapping_failures_json(map, &b);
+    cJSON *f = cJSON_Parse(esmd_buf_cstr(&b));
+    assert_non_null(f);
+    cJSON *list = cJSON_GetObjectItem(f, "failures");
+    assert_int_equal(cJSON_GetArraySize(list), ESMD_WATCH_FAILURES);
+    cJSON *newest = cJSON_GetArrayItem(list, 0), *second = cJSON_GetArrayItem(list, 1);
+    assert_true(cJSON_IsNull(cJSON_GetObjectItem(newest, "record"))); /* over the cap */
+    assert_int_equal(cJSON_GetObjectItem(newest, "record_bytes")->valueint, (int)sizeof(big));
+    assert_int_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(second, "record"), "n")->valueint,
+                     ESMD_WATCH_FAILURES + 3);
+    assert_int_equal(
+        cJSON_GetObjectItem(cJSON_GetArrayItem(list, ESMD_WATCH_FAILURES - 1), "record")
+            ->child->valueint,
+        5);
+    assert_string_equal(cJSON_GetObjectItem(second, "condition")->valuestring,
+                        "RetryAttemptsExhausted");
+    assert_true(cJSON_IsNull(cJSON_GetObjectItem(second, "status_code")));
+    cJSON_Delete(f);
+    esmd_buf_free(&b);
+
+    esmd_mapping_free(map);
+    esmd_invoker_free(inv);
+    ev_loop_destroy(loop);
+    esmd_config_free(cfg);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_no_failure),        cmocka_unit_test(test_some_failed),
-        cmocka_unit_test(test_unusable),          cmocka_unit_test(test_bounds),
-        cmocka_unit_test(test_retry_after_clamp), cmocka_unit_test(test_host_counts_records),
+        cmocka_unit_test(test_no_failure),
+        cmocka_unit_test(test_some_failed),
+        cmocka_unit_test(test_unusable),
+        cmocka_unit_test(test_bounds),
+        cmocka_unit_test(test_retry_after_clamp),
+        cmocka_unit_test(test_host_counts_records),
+        cmocka_unit_test(test_watch_rings_are_bounded),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
