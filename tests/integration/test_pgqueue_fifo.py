@@ -44,18 +44,13 @@ class Fifo:
             lit(self.name), lit(body), lit(group), lit(dedup) if dedup else "NULL"))[0][0]
 
     def send_groups(self, groups, per_group):
-        """per_group messages to each of `groups` groups, interleaved (g0 i0, g1 i0, ...), each
-        group's in one send_batch per round; returns {group: [i, ...]} in send order."""
-        sent = {"g%d" % g: [] for g in range(groups)}
-        for i in range(per_group):
-            for g in range(groups):
-                gid = "g%d" % g
-                self.pg.sql("SELECT count(*) FROM esmd.send_batch(%s, ARRAY[%s], "
-                            "group_id => %s, deduplication_ids => ARRAY[%s])" % (
-                                lit(self.name), lit(json.dumps({"g": gid, "i": i})), lit(gid),
-                                lit("%s-%d" % (gid, i))))
-                sent[gid].append(i)
-        return sent
+        """per_group messages to each of `groups` groups, interleaved (g0 i0, g1 i0, ...), one
+        esmd.send each, in one transaction; returns {group: [i, ...]} in send order."""
+        self.pg.sql("DO $$ BEGIN FOR i IN 0..%d LOOP FOR g IN 0..%d LOOP "
+                    "PERFORM esmd.send(%s, format('{\"g\":\"g%%s\",\"i\":%%s}', g, i), "
+                    "group_id => 'g' || g, deduplication_id => format('g%%s-%%s', g, i)); "
+                    "END LOOP; END LOOP; END $$" % (per_group - 1, groups - 1, lit(self.name)))
+        return {"g%d" % g: list(range(per_group)) for g in range(groups)}
 
     def count(self, where="true", queue=None):
         return int(self.pg.sql("SELECT count(*) FROM esmd.queue_messages WHERE queue = %s AND %s"
