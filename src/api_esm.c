@@ -367,6 +367,14 @@ static bool esm_read_destination(struct esmd_api_err *e, const struct esmd_dests
 /* Parses an UpdateEventSourceMapping body for mapping c into ch (strings borrowed from *root,
  * which the caller deletes, and ch->filters, which it frees). dests NULL: destinations refused.
  * false with e. */
+/* A pgqueue mapping reading a FIFO queue (its name ends in ".fifo", docs/pgqueue.md#fifo-queues):
+ * as Lambda, no batching window (each claim of its groups is sent as one batch at once). */
+static bool esm_fifo_queue(const struct esmd_mapping_cfg *c)
+{
+    size_t n = c->kind == ESMD_SOURCE_PGQUEUE && c->pgqueue.queue ? strlen(c->pgqueue.queue) : 0;
+    return n > 5 && strcmp(c->pgqueue.queue + n - 5, ".fifo") == 0;
+}
+
 static bool esm_parse(const struct esmd_mapping_cfg *c, const struct esmd_dests *dests,
                       const char *body, size_t len, cJSON **root, struct adm_change *ch,
                       struct esmd_api_err *e)
@@ -405,6 +413,13 @@ static bool esm_parse(const struct esmd_mapping_cfg *c, const struct esmd_dests 
                 return false;
             }
             ch->window_ms = n * 1000;
+            if (n > 0 && esm_fifo_queue(c)) {
+                esmd_api_err_bad(e,
+                                 "MaximumBatchingWindowInSeconds is not supported for FIFO "
+                                 "queues (%s)",
+                                 c->pgqueue.queue);
+                return false;
+            }
         } else if (strcmp(k, "FilterCriteria") == 0) {
             if (!esm_read_filters(e, c, v, ch))
                 return false;

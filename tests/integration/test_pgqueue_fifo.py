@@ -21,7 +21,8 @@ import pytest
 
 import servers
 from endpoint import Response
-from servers import wait_for
+from servers import assert_error, wait_for
+from test_admin_api import ESM, call
 from test_pgqueue_e2e import lit, pgq_config, pgq_schema, ready  # noqa: F401 (fixtures)
 
 ARN_PREFIX = "arn:aws:sqs:us-east-1:000000000000:"
@@ -319,7 +320,12 @@ def test_groups_run_in_parallel(fifo, endpoint, esmd, pgq_config):
                  "deduplication_ids => ARRAY(SELECT %s || i FROM generate_series(0, 3) i))"
                  % (lit(q.name), gid, lit(gid), lit(gid + "-")))
     endpoint.delay(0.4)
-    esmd(pgq_config(q.name, batch_size=2, concurrency=4))
+    proc = esmd(pgq_config(q.name, batch_size=2, concurrency=4))
+    # as Lambda: no batching window on a FIFO queue, through the admin API either
+    st, _, got = call(proc, "GET", ESM)
+    u = got["EventSourceMappings"][0]["UUID"]
+    assert_error(call(proc, "PUT", ESM + "/" + u, {"MaximumBatchingWindowInSeconds": 1}), 400,
+                 "InvalidParameterValueException", "not supported for FIFO queues")
     wait_for(lambda: q.count() == 0, 60, 0.1, "the queue to be empty")
     reqs = endpoint.ok_requests()
     assert_fifo_order(reqs, sent)
