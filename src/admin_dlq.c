@@ -227,25 +227,47 @@ static void dlq_queues(struct esmd_admin_dlq *d, struct esmd_api_call *call)
     esmd_buf_free(&uses);
 }
 
-/* The async queue (esmd.async_events): events waiting (due or scheduled for a retry) and
- * being invoked (claimed), the oldest event's age, per function. */
+/* The async queue (esmd.async_events): per configured function, events waiting (due or
+ * scheduled for a retry) and being invoked (claimed), and the oldest event's age. Like the
+ * depth gauge of src/asyncq.c, each function's events are walked in the async_events_due
+ * index's order and counted up to DLQ_ASYNC_COUNT_MAX, the oldest found by the primary key:
+ * a deep backlog is never scanned (docs/admin.md). */
+#define DLQ_ASYNC_COUNT_MAX "100000"
 static void dlq_async(struct esmd_admin_dlq *d, struct esmd_api_call *call)
 {
-#define ASYNC_COUNTS                                                                               \
-    "'depth', count(*), "                                                                          \
-    "'in_progress', count(*) FILTER (WHERE lease_owner IS NOT NULL), "                             \
-    "'retries_scheduled', count(*) FILTER (WHERE lease_owner IS NULL AND (attempts > 0 OR "        \
-    "throttles > 0) AND next_attempt_at > now()), "                                                \
-    "'due', count(*) FILTER (WHERE lease_owner IS NULL AND next_attempt_at <= now()), "            \
-    "'oldest_age_ms', (extract(epoch FROM now() - min(received_at)) * 1000)::bigint"
+    const struct esmd_config *c = d->cfg;
+    struct esmd_buf fns = ESMD_BUF_INIT;
+
+    esmd_buf_putc(&fns, '{');
+    for (size_t i = 0; i < c->nfunctions; i++) {
+        if (i)
+            esmd_buf_putc(&fns, ',');
+        esmd_buf_put_json_string(&fns, c->functions[i].name, strlen(c->functions[i].name));
+    }
+    esmd_buf_putc(&fns, '}');
+    const char *params[1] = {esmd_buf_cstr(&fns)};
     dlq_query(
         d, call, DLQ_ASYNC,
-        "SELECT ((SELECT json_build_object(" ASYNC_COUNTS ") FROM esmd.async_events)::jsonb"
-        " || jsonb_build_object('functions', coalesce((SELECT json_agg(f.o ORDER BY"
-        " f.function) FROM (SELECT function, json_build_object('function', function, " ASYNC_COUNTS
-        ") AS o FROM esmd.async_events GROUP BY function) f), '[]'::json)))::text",
-        0, NULL);
-#undef ASYNC_COUNTS
+        "WITH per AS (SELECT f.fn, c.depth, c.due, c.in_progress, c.retries_scheduled,"
+        "  (SELECT (extract(epoch FROM now() - e.received_at) * 1000)::bigint FROM"
+        "   esmd.async_events e WHERE e.function = f.fn ORDER BY e.id LIMIT 1) AS oldest_age_ms"
+        " FROM unnest($1::text[]) AS f(fn), LATERAL (SELECT count(*) AS depth,"
+        "  count(*) FILTER (WHERE x.lease_owner IS NULL AND x.next_attempt_at <= now()) AS due,"
+        "  count(*) FILTER (WHERE x.lease_owner IS NOT NULL) AS in_progress,"
+        "  count(*) FILTER (WHERE x.lease_owner IS NULL AND (x.attempts > 0 OR x.throttles > 0)"
+        "   AND x.next_attempt_at > now()) AS retries_scheduled"
+        "  FROM (SELECT e.lease_owner, e.attempts, e.throttles, e.next_attempt_at"
+        "   FROM esmd.async_events e WHERE e.function = f.fn"
+        "   ORDER BY e.function, e.next_attempt_at, e.id LIMIT " DLQ_ASYNC_COUNT_MAX ") x) c)"
+        " SELECT json_build_object('depth', coalesce(sum(depth), 0), 'due', coalesce(sum(due), 0),"
+        "  'in_progress', coalesce(sum(in_progress), 0),"
+        "  'retries_scheduled', coalesce(sum(retries_scheduled), 0),"
+        "  'oldest_age_ms', max(oldest_age_ms), 'counted_up_to', " DLQ_ASYNC_COUNT_MAX ","
+        "  'functions', coalesce(json_agg(json_build_object('function', fn, 'depth', depth,"
+        "   'due', due, 'in_progress', in_progress, 'retries_scheduled', retries_scheduled,"
+        "   'oldest_age_ms', oldest_age_ms) ORDER BY fn), '[]'::json))::text FROM per",
+        1, params);
+    esmd_buf_free(&fns);
 }
 
 static void dlq_list(struct esmd_admin_dlq *d, struct esmd_api_call *call, const char *queue)

@@ -158,6 +158,7 @@ def test_functions_async_queue_and_destination_queues(esmd, db, endpoint):  # no
     a = get(proc, "/admin/async").json()
     assert a["depth"] == 3 and a["due"] == 3 and a["in_progress"] == 0, a
     assert a["retries_scheduled"] == 0 and a["oldest_age_ms"] >= 0
+    assert a["counted_up_to"] == 100000
     assert a["functions"] == [{"function": "fn", "depth": 3, "due": 3, "in_progress": 0,
                                "retries_scheduled": 0,
                                "oldest_age_ms": a["functions"][0]["oldest_age_ms"]}]
