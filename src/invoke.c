@@ -894,6 +894,11 @@ const char *esmd_function_name(const struct esmd_function *fn)
     return fn ? fn->cfg->name : NULL;
 }
 
+const struct esmd_function_cfg *esmd_function_cfg(const struct esmd_function *fn)
+{
+    return fn ? fn->cfg : NULL;
+}
+
 int esmd_function_inflight(const struct esmd_function *fn)
 {
     return fn ? fn->inflight : 0;

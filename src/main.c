@@ -398,14 +398,17 @@ struct service {
     struct esmd_pg *pg;
     struct esmd_dests *dests;
     struct esmd_mapping **maps;
+    struct esmd_config **born; /* per mapping: the configuration its source connector was made
+                                * from (the connector keeps pointers into it) */
     size_t nmaps;
     struct esmd_admin_auth *auth; /* admin API credentials */
     struct esmd_api_ctx api;      /* the Invoke and event-invoke-config routes' */
     struct esmd_admin *admin;     /* mapping admin API (UpdateEventSourceMapping, /admin/) */
     struct esmd_asyncq *asyncq;   /* asynchronous invocation queue (Invoke, event-invoke-config) */
     const char *config_path;
-    /* Configurations replaced by reloads: kept until exit, since what started from them (the
-     * source connectors, the async queue, the listener) keeps pointers into them. */
+    /* Configurations replaced by reloads. The first (the start-up's) is kept until exit: the
+     * async queue, the listener, the destinations and the Invoke routes keep pointers into it.
+     * A later one is freed once nothing refers to it any more (cfg_in_use()). */
     struct esmd_config **old_cfgs;
     size_t nold_cfgs;
     struct retiring
@@ -614,6 +617,8 @@ out:
 struct retiring {
     struct service *svc;
     struct esmd_mapping *map;
+    struct esmd_config *born;            /* its connector's configuration */
+    struct esmd_config *tree;            /* the configuration its settings come from */
     const struct esmd_mapping_cfg *next; /* NULL: removed */
     ev_timer later;
     struct retiring *prev_r, *next_r; /* svc->retiring */
@@ -666,6 +671,40 @@ static void mapping_launch(struct service *svc, struct esmd_mapping *map)
     record_mapping_state(svc, mc);
 }
 
+/* Whether anything running refers to the replaced configuration c: a mapping whose connector was
+ * made from it, a mapping stopping that still reads its settings, or a function of the invoker
+ * (one the file no longer has keeps its last settings). */
+static bool cfg_in_use(const struct service *svc, const struct esmd_config *c)
+{
+    for (size_t i = 0; i < svc->nmaps; i++)
+        if (svc->born[i] == c)
+            return true;
+    for (const struct retiring *r = svc->retiring; r; r = r->next_r)
+        if (r->born == c || r->tree == c)
+            return true;
+    for (size_t k = 0; k < c->nfunctions; k++) {
+        const struct esmd_function *fn = esmd_invoker_function(svc->inv, c->functions[k].name);
+        if (fn && esmd_function_cfg(fn) == &c->functions[k])
+            return true;
+    }
+    return false;
+}
+
+/* Frees the replaced configurations nothing refers to any more (not the start-up's). */
+static void free_unused_cfgs(struct service *svc)
+{
+    size_t kept = svc->nold_cfgs ? 1 : 0;
+    for (size_t i = 1; i < svc->nold_cfgs; i++) {
+        if (cfg_in_use(svc, svc->old_cfgs[i]))
+            svc->old_cfgs[kept++] = svc->old_cfgs[i];
+        else {
+            ESMD_DEBUG(NULL, "reload: a replaced configuration is freed (nothing runs on it)");
+            esmd_config_free(svc->old_cfgs[i]);
+        }
+    }
+    svc->nold_cfgs = kept;
+}
+
 /* From the loop, after the stop: the old mapping is freed (not from inside its own stop
  * callback), the new one of a restart starts. */
 static void on_retired(struct ev_loop *loop, ev_timer *w, int revents)
@@ -679,8 +718,10 @@ static void on_retired(struct ev_loop *loop, ev_timer *w, int revents)
     if (r->next && !svc->stopping) {
         struct esmd_mapping *map = mapping_create(svc, r->next);
         for (size_t i = 0; map && i < svc->nmaps; i++)
-            if (&svc->cfg->mappings[i] == r->next)
+            if (&svc->cfg->mappings[i] == r->next) {
                 svc->maps[i] = map;
+                svc->born[i] = svc->cfg;
+            }
         if (map) {
             esmd_admin_set_mapping(svc->admin, map); /* its overrides, before it starts */
             mapping_launch(svc, map);
@@ -689,6 +730,7 @@ static void on_retired(struct ev_loop *loop, ev_timer *w, int revents)
         }
     }
     free(r);
+    free_unused_cfgs(svc);
     if (--svc->nretiring == 0 && svc->stopping && svc->nstopped == svc->nstopping)
         service_finish(svc);
 }
@@ -701,12 +743,14 @@ static void on_retire_stopped(void *ud)
     ev_timer_start(r->svc->loop, &r->later);
 }
 
-static void retire(struct service *svc, struct esmd_mapping *map,
+static void retire(struct service *svc, struct esmd_mapping *map, struct esmd_config *born,
                    const struct esmd_mapping_cfg *next)
 {
     struct retiring *r = esmd_xcalloc(1, sizeof(*r));
     r->svc = svc;
     r->map = map;
+    r->born = born;
+    r->tree = svc->cfg;
     r->next = next;
     r->next_r = svc->retiring;
     if (svc->retiring)
@@ -838,18 +882,23 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
 
     /* mappings */
     struct esmd_mapping **maps = esmd_xcalloc(cfg->nmappings + 1, sizeof(*maps));
+    struct esmd_config **born = esmd_xcalloc(cfg->nmappings + 1, sizeof(*born));
     bool *launch = esmd_xcalloc(cfg->nmappings + 1, sizeof(*launch)); /* created here */
     for (size_t i = 0; i < cfg->nmappings; i++) {
         const struct esmd_mapping_cfg *mc = &cfg->mappings[i];
         struct esmd_log_ctx lc = {mc->name, mc->function, NULL};
         struct esmd_mapping *was = NULL;
+        struct esmd_config *was_born = NULL;
         for (size_t j = 0; j < svc->nmaps && !was; j++)
-            if (!strcmp(old->mappings[j].name, mc->name))
+            if (!strcmp(old->mappings[j].name, mc->name)) {
                 was = svc->maps[j];
+                was_born = svc->born[j];
+            }
         switch (d.mappings[i].action) {
         case ESMD_RELOAD_SAME:
         case ESMD_RELOAD_UPDATE:
             maps[i] = was;
+            born[i] = was_born;
             if (was)
                 esmd_mapping_set_cfg(was, mc);
             if (d.mappings[i].action == ESMD_RELOAD_UPDATE)
@@ -859,7 +908,7 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
             ESMD_INFO(&lc, "reload: %s changed: the mapping stops gracefully and starts again",
                       d.mappings[i].keys);
             if (was)
-                retire(svc, was, mc);
+                retire(svc, was, was_born, mc);
             break;
         case ESMD_RELOAD_ADD:
             ESMD_INFO(&lc, "reload: mapping added");
@@ -868,6 +917,7 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
         /* added, or one that an earlier reload could not create: created now */
         if (!was) {
             maps[i] = mapping_create(svc, mc);
+            born[i] = cfg;
             launch[i] = maps[i] != NULL;
         }
     }
@@ -876,7 +926,7 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
             continue;
         ESMD_INFO(&(struct esmd_log_ctx){old->mappings[j].name, old->mappings[j].function, NULL},
                   "reload: mapping removed: it stops gracefully");
-        retire(svc, svc->maps[j], NULL);
+        retire(svc, svc->maps[j], svc->born[j], NULL);
     }
     for (size_t i = 0; i < svc->nmaps; i++)
         free(svc->written_results[i]);
@@ -884,6 +934,8 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
     svc->written_results = esmd_xcalloc(cfg->nmappings + 1, sizeof(char *));
     free(svc->maps);
     svc->maps = maps;
+    free(svc->born);
+    svc->born = born;
     svc->nmaps = cfg->nmappings;
     svc->old_cfgs = esmd_xrealloc(svc->old_cfgs, (svc->nold_cfgs + 1) * sizeof(*svc->old_cfgs));
     svc->old_cfgs[svc->nold_cfgs++] = old;
@@ -928,6 +980,7 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
     esmd_buf_puts(out, "]}");
     ESMD_INFO(NULL, "%s: reloaded: %s", why, esmd_buf_cstr(out));
     esmd_config_diff_free(&d);
+    free_unused_cfgs(svc); /* old too, unless something still runs on it */
     return 200;
 }
 
@@ -1095,6 +1148,7 @@ static int cmd_run(int argc, char **argv)
     ESMD_INFO(NULL, "admin listener on %s", svc.cfg->admin.listen);
 
     svc.maps = esmd_xcalloc(svc.cfg->nmappings + 1, sizeof(*svc.maps));
+    svc.born = esmd_xcalloc(svc.cfg->nmappings + 1, sizeof(*svc.born));
     svc.written_results = esmd_xcalloc(svc.cfg->nmappings + 1, sizeof(char *));
     /* Every mapping is created, the disabled ones too (the admin API may enable them); the
      * admin API's persisted overrides are applied before any starts. */
@@ -1106,6 +1160,7 @@ static int cmd_run(int argc, char **argv)
             ESMD_ERROR(NULL, "%s", err);
             goto out;
         }
+        svc.born[svc.nmaps] = svc.cfg;
         svc.maps[svc.nmaps++] = map;
         esmd_mapping_set_destinations(map, svc.dests);
         if (!mc->enabled) {
@@ -1188,6 +1243,7 @@ out:
             free(svc.written_results[i]);
     free(svc.written_results);
     free(svc.maps);
+    free(svc.born);
     esmd_http_stop(svc.http);
     esmd_admin_auth_free(svc.auth);
     esmd_pg_free(svc.pg);

@@ -71,6 +71,8 @@ struct esmd_function *esmd_invoker_add_function(struct esmd_invoker *inv,
 void esmd_invoker_update_function(struct esmd_invoker *inv, const struct esmd_function_cfg *cfg);
 struct esmd_function *esmd_invoker_function(struct esmd_invoker *inv, const char *name);
 const char *esmd_function_name(const struct esmd_function *fn);
+/* The configuration the function's new requests use (the last esmd_invoker_update_function's). */
+const struct esmd_function_cfg *esmd_function_cfg(const struct esmd_function *fn);
 /* Requests sent and not yet answered / waiting for a concurrency slot. */
 /* Appends {"functions":[{"name","url","max_concurrency","concurrency_in_use","queued",
  * "invocations","errors","function_errors","timeouts","throttles","p50_seconds","p99_seconds"}]}:
