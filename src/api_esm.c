@@ -87,6 +87,53 @@ static void adm_source_uri(const struct esmd_mapping_cfg *c, struct esmd_buf *b)
 }
 
 /* Lambda's ESM configuration (docs/lambda.md#esm-response) for m. */
+/* ,"SchemaRegistryConfig":{...} of a Kafka source with a schema registry (docs/admin.md): Lambda's
+ * shape; AccessConfigs name what is configured (URI: the file for certificates, none for basic
+ * auth: esmd has no secrets manager, and the password is never shown); a user:password@ in the
+ * URL is left out. */
+static void put_schema_registry(struct esmd_buf *b, const struct esmd_schema_registry_cfg *sr)
+{
+    if (!sr->set || !sr->url)
+        return;
+    const char *url = sr->url, *host = strstr(url, "://");
+    host = host ? host + 3 : url;
+    size_t hostlen = strcspn(host, "/?#");
+    const char *at = memchr(host, '@', hostlen);
+    struct esmd_buf shown = ESMD_BUF_INIT;
+    esmd_buf_append(&shown, url, (size_t)(host - url));
+    esmd_buf_puts(&shown, at ? at + 1 : host);
+    esmd_buf_puts(b, ",\"SchemaRegistryConfig\":{\"SchemaRegistryURI\":");
+    adm_put_str(b, esmd_buf_cstr(&shown));
+    esmd_buf_free(&shown);
+    esmd_buf_puts(b, ",\"EventRecordFormat\":");
+    adm_put_str(b, sr->event_record_format == ESMD_SCHEMA_RECORD_SOURCE ? "SOURCE" : "JSON");
+    esmd_buf_puts(b, ",\"AccessConfigs\":[");
+    bool any = false;
+    if (sr->username) {
+        esmd_buf_puts(b, "{\"Type\":\"BASIC_AUTH\"}");
+        any = true;
+    }
+    if (sr->cert_file) {
+        esmd_buf_puts(b, any ? ",{\"Type\":\"CLIENT_CERTIFICATE_TLS_AUTH\",\"URI\":"
+                             : "{\"Type\":\"CLIENT_CERTIFICATE_TLS_AUTH\",\"URI\":");
+        adm_put_str(b, sr->cert_file);
+        esmd_buf_putc(b, '}');
+        any = true;
+    }
+    if (sr->ca_file) {
+        esmd_buf_puts(b, any ? ",{\"Type\":\"SERVER_ROOT_CA_CERT\",\"URI\":"
+                             : "{\"Type\":\"SERVER_ROOT_CA_CERT\",\"URI\":");
+        adm_put_str(b, sr->ca_file);
+        esmd_buf_putc(b, '}');
+    }
+    esmd_buf_puts(b, "],\"SchemaValidationConfigs\":[");
+    for (size_t i = 0; i < sr->nvalidate; i++)
+        esmd_buf_puts(b, strcmp(sr->validate[i], "key") == 0
+                             ? (i ? ",{\"Attribute\":\"KEY\"}" : "{\"Attribute\":\"KEY\"}")
+                             : (i ? ",{\"Attribute\":\"VALUE\"}" : "{\"Attribute\":\"VALUE\"}"));
+    esmd_buf_puts(b, "]}");
+}
+
 void esmd_admin_esm_json(const struct esmd_admin *adm, const struct adm_map *m, struct esmd_buf *b)
 {
     const struct esmd_mapping_cfg *c = m->cfg;
@@ -197,6 +244,7 @@ void esmd_admin_esm_json(const struct esmd_admin *adm, const struct adm_map *m, 
         adm_put_key(b, &first, "SelfManagedKafkaEventSourceConfig");
         esmd_buf_puts(b, "{\"ConsumerGroupId\":");
         adm_put_str(b, c->kafka.consumer_group ? c->kafka.consumer_group : "");
+        put_schema_registry(b, &c->kafka.schema_registry);
         esmd_buf_putc(b, '}');
     }
     if (c->kind == ESMD_SOURCE_PGQUEUE) {
@@ -380,11 +428,20 @@ static bool esm_parse(const struct esmd_mapping_cfg *c, const struct esmd_dests 
                       struct esmd_api_err *e)
 {
     static const char *const fixed[] = {
-        "MaximumRetryAttempts",  "MaximumRecordAgeInSeconds",  "BisectBatchOnFunctionError",
-        "FunctionResponseTypes", "ParallelizationFactor",      "TumblingWindowInSeconds",
-        "ScalingConfig",         "SourceAccessConfigurations", "KMSKeyArn",
-        "MetricsConfig",         "ProvisionedPollerConfig",    "DocumentDBEventSourceConfig",
+        "MaximumRetryAttempts",
+        "MaximumRecordAgeInSeconds",
+        "BisectBatchOnFunctionError",
+        "FunctionResponseTypes",
+        "ParallelizationFactor",
+        "TumblingWindowInSeconds",
+        "ScalingConfig",
+        "SourceAccessConfigurations",
+        "KMSKeyArn",
+        "MetricsConfig",
+        "ProvisionedPollerConfig",
+        "DocumentDBEventSourceConfig",
         "LoggingConfig",
+        "SelfManagedKafkaEventSourceConfig",
     };
     const cJSON *v;
     int64_t n;

@@ -1123,6 +1123,8 @@ static bool read_names(struct esmd_cfg_loader *ld, const struct esmd_cfg_key *k,
 static bool read_unix_time(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, int64_t *out);
 static bool read_connection(struct esmd_cfg_loader *ld, const struct esmd_cfg_key *k,
                             const struct esmd_cfg_node *n, void *obj);
+static bool read_section(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,
+                         struct cfg_table t, void *obj);
 
 /* A string key: its checks, then the copy into *field. */
 static bool read_str(struct esmd_cfg_loader *ld, const struct esmd_cfg_key *k,
@@ -1193,6 +1195,10 @@ static bool read_key(struct esmd_cfg_loader *ld, const struct esmd_cfg_key *k,
         break;
     case ESMD_CFG_CUSTOM:
         ok = k->read(ld, n, obj);
+        break;
+    case ESMD_CFG_SECTION:
+        ok = read_section(ld, n, table_of(k->sub), obj);
+        *(bool *)(void *)field = ok;
         break;
     }
     if (!ok) /* the nodes are the loader's: readers get them const so they do not change them */
@@ -2123,6 +2129,10 @@ static void free_fields(const struct esmd_cfg_key *keys, void *obj)
         case ESMD_CFG_PROPERTIES:
             kvlist_free(field);
             *(struct esmd_kvlist *)field = (struct esmd_kvlist){0};
+            break;
+        case ESMD_CFG_SECTION:
+            free_fields(k->sub, obj);
+            *(bool *)field = false;
             break;
         default:
             break;

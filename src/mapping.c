@@ -126,7 +126,7 @@ static void host_set_ready(void *core, bool ready, const char *why)
 static void filter_record(struct esmd_mapping *map, struct esmd_record *rec)
 {
     rec->filtered = false;
-    if (!map->filters[0])
+    if (!map->filters[0] || rec->fail)
         return;
     esmd_buf_reset(&map->filter_doc);
     enum esmd_filter_data d = map->ops->filter_doc(map->conn, rec, &map->filter_doc);
@@ -234,18 +234,25 @@ static void skip_record(struct esmd_mapping *map, struct esmd_shard *shard, stru
     esmd_mapping_release(map, rec);
 }
 
-/* A record over the 6 MB cap on its own can never be sent: its shard is idle (pump flushed what
- * came before it), so it becomes a batch of its own that is given up at once. */
-static void give_up_oversized(struct esmd_mapping *map, struct esmd_record *rec)
+/* A record over the 6 MB cap on its own can never be sent, nor one the connector could not
+ * decode (rec->fail): its shard is idle (pump flushed what came before it), so it becomes a
+ * batch of its own that is given up at once. */
+static void give_up_alone(struct esmd_mapping *map, struct esmd_record *rec)
 {
-    esmd_series_inc(map->m.oversized, 1);
-    ESMD_ERROR(&map->log, "record %s@%lld is %zu bytes encoded, over the %d-byte payload cap",
-               rec->shard->key, (long long)rec->seq, rec->size, ESMD_MAX_PAYLOAD);
+    const char *condition = rec->fail;
+    if (condition) {
+        esmd_series_inc(map->m.undecodable, 1);
+    } else {
+        condition = "MaximumPayloadSizeExceeded";
+        esmd_series_inc(map->m.oversized, 1);
+        ESMD_ERROR(&map->log, "record %s@%lld is %zu bytes encoded, over the %d-byte payload cap",
+                   rec->shard->key, (long long)rec->seq, rec->size, ESMD_MAX_PAYLOAD);
+    }
     struct esmd_batch one;
     esmd_batch_init(&one, &map->forming.lim);
     esmd_batch_add(&one, rec);
     struct inflight *inf = inflight_new(map, &one);
-    esmd_mapping_give_up(inf, "MaximumPayloadSizeExceeded");
+    esmd_mapping_give_up(inf, condition);
 }
 
 /* Moves pending records into batches; runs once per loop turn, before the loop sleeps. */
@@ -256,8 +263,9 @@ static void pump(struct esmd_mapping *map)
     for (struct esmd_shard *shard = map->shards; shard; shard = shard->next) {
         while (shard->pending_head && shard->state != ESMD_SHARD_INFLIGHT) {
             struct esmd_record *rec = shard->pending_head;
-            enum esmd_batch_fit fit =
-                rec->filtered ? ESMD_BATCH_FITS : esmd_batch_check(&map->forming, rec);
+            enum esmd_batch_fit fit = rec->filtered ? ESMD_BATCH_FITS
+                                      : rec->fail   ? ESMD_BATCH_TOO_BIG
+                                                    : esmd_batch_check(&map->forming, rec);
             if (fit == ESMD_BATCH_FULL ||
                 (fit == ESMD_BATCH_TOO_BIG && shard->state == ESMD_SHARD_OPEN)) {
                 flush(map);
@@ -274,7 +282,7 @@ static void pump(struct esmd_mapping *map)
                 continue;
             }
             if (fit == ESMD_BATCH_TOO_BIG) {
-                give_up_oversized(map, rec);
+                give_up_alone(map, rec);
                 break; /* the shard is in flight now */
             }
             if (map->forming.nrecords == 0) {
@@ -691,6 +699,9 @@ static void metrics_init(struct esmd_mapping *map)
     SERIES(batches, ESMD_COUNTER, "esmd_batches_total", "Batches sent (first attempts).");
     SERIES(oversized, ESMD_COUNTER, "esmd_oversized_records_total",
            "Records larger than the 6 MB payload cap on their own: skipped, never sent.");
+    SERIES(undecodable, ESMD_COUNTER, "esmd_undecodable_records_total",
+           "Records the source could not decode (schema registry: SCHEMA_NOT_FOUND, "
+           "DESERIALIZATION_ERROR): given up alone, never sent.");
     SERIES(retries, ESMD_COUNTER, "esmd_batch_retries_total", "Retries of failed batches.");
     SERIES(throttled, ESMD_COUNTER, "esmd_batch_throttles_total",
            "Batch invocations answered 429 (retried, not counted as attempts).");

@@ -108,7 +108,8 @@ struct esmd_mapping {
 
     struct {
         struct esmd_series *polled, *invoked, *failed, *batches, *oversized, *retries, *throttled,
-            *lag, *inflight, *pending, *committed, *filtered, *dropped, *on_failure, *bisections;
+            *lag, *inflight, *pending, *committed, *filtered, *dropped, *on_failure, *bisections,
+            *undecodable;
     } m;
 };
 

@@ -15,6 +15,7 @@
  *
  * See docs/kafka.md for the event shape and the behaviour users see. */
 #include "kafka_private.h"
+#include "kafka_schema.h"
 
 #include "esmd/connector.h"
 #include "esmd/kafka_client.h"
@@ -48,9 +49,10 @@
 /* Why the source is not ready; the kind decides what clears it. */
 enum kafka_down {
     KAFKA_UP,
-    KAFKA_DOWN_CONN,   /* brokers unreachable: cleared by any sign of a working cluster */
-    KAFKA_DOWN_SOURCE, /* topic missing, authorization: cleared by an assignment or a record */
-    KAFKA_DOWN_FATAL,  /* the consumer instance is unusable: never cleared */
+    KAFKA_DOWN_CONN,     /* brokers unreachable: cleared by any sign of a working cluster */
+    KAFKA_DOWN_SOURCE,   /* topic missing, authorization: cleared by an assignment or a record */
+    KAFKA_DOWN_REGISTRY, /* the schema registry cannot answer: cleared when it answers */
+    KAFKA_DOWN_FATAL,    /* the consumer instance is unusable: never cleared */
 };
 
 enum kafka_state {
@@ -68,6 +70,10 @@ struct kafka_part {
     char *key;                /* owned: "topic-N", the group key in the event */
     struct esmd_shard *shard; /* the core's handle while assigned, else NULL */
     bool paused;              /* paused in librdkafka (stays set across a revoke) */
+    bool core_pause;          /* the core asked for a pause (backpressure) */
+    /* Records waiting, in order, for their schema (schema registry): the partition is paused
+     * while there are any. Never emitted yet: freed by us on revoke. */
+    struct kafka_rec *whead, *wtail;
     int64_t first;            /* offset of the first record emitted in this assignment, -1 */
     int64_t next;             /* offset after the last record emitted, -1 */
     int64_t stored;           /* last offset stored by ack, -1 */
@@ -79,6 +85,25 @@ struct kafka_part {
 struct kafka_rec {
     struct esmd_record rec;  /* first: the core's pointer is ours */
     rd_kafka_message_t *rkm; /* owned; destroyed by release() */
+    struct kafka_rec *wnext; /* a partition's wait list */
+    struct kafka_dec *dec;   /* owned; NULL: nothing decoded (no registry, or a failed record) */
+};
+
+/* What the schema registry decoded of a record: per attribute (key, value) its JSON (what
+ * filters see, and what JSON delivers), the data without the framing (what SOURCE delivers). */
+struct kafka_dec_attr {
+    bool set;
+    enum esmd_sr_format format;
+    int32_t id;
+    char *json; /* owned */
+    size_t json_len;
+    const unsigned char *src; /* into the message */
+    size_t src_len;
+};
+
+struct kafka_dec {
+    bool source; /* event_record_format SOURCE */
+    struct kafka_dec_attr key, value;
 };
 
 struct esmd_kafka {
@@ -91,6 +116,9 @@ struct esmd_kafka {
     enum esmd_starting_position start;
     int64_t start_ts_ms;
     size_t envelope;
+
+    struct esmd_sr *sr; /* the schema registry; NULL without one */
+    bool sr_key, sr_value, sr_source;
 
     rd_kafka_conf_t *conf; /* owned until rd_kafka_new() takes it */
     rd_kafka_t *rk;
@@ -400,8 +428,22 @@ out:
     rd_kafka_topic_partition_list_destroy(committed);
 }
 
+static void kafka_rec_free(struct kafka_rec *kr);
+
+/* Records that waited for a schema and were never emitted: read again by the next owner. */
+static void wait_free(struct kafka_part *part)
+{
+    while (part->whead) {
+        struct kafka_rec *kr = part->whead;
+        part->whead = kr->wnext;
+        kafka_rec_free(kr);
+    }
+    part->wtail = NULL;
+}
+
 static void shard_close_part(struct esmd_kafka *kc, struct kafka_part *part)
 {
+    wait_free(part);
     struct esmd_shard *shard = part->shard;
     if (!shard)
         return;
@@ -424,6 +466,7 @@ static void rebalance_assign(struct esmd_kafka *kc, rd_kafka_topic_partition_lis
         if (part->shard)
             continue; /* already ours (cooperative: assign of an owned partition) */
         part->first = part->next = part->stored = part->committed = -1;
+        part->core_pause = false;
         if (part->paused) {
             /* the application pause flag outlives the assignment in librdkafka */
             rd_kafka_topic_partition_list_add(resume, part->topic, part->partition);
@@ -632,8 +675,156 @@ static void view_of(const struct esmd_record *rec, struct esmd_kafka_view *v)
     v->key_len = rkm->key ? rkm->key_len : 0;
     v->value = rkm->payload;
     v->value_len = rkm->payload ? rkm->len : 0;
+    v->key_format = v->value_format = NULL;
+    v->key_schema_id = v->value_schema_id = 0;
+    const struct kafka_dec *d = kr->dec;
+    if (d && d->key.set) {
+        v->key = d->source ? (const void *)d->key.src : d->key.json;
+        v->key_len = d->source ? d->key.src_len : d->key.json_len;
+        v->key_format = esmd_sr_format_name(d->key.format);
+        v->key_schema_id = d->key.id;
+    }
+    if (d && d->value.set) {
+        v->value = d->source ? (const void *)d->value.src : d->value.json;
+        v->value_len = d->source ? d->value.src_len : d->value.json_len;
+        v->value_format = esmd_sr_format_name(d->value.format);
+        v->value_schema_id = d->value.id;
+    }
     /* parsed once on first call and kept with the message */
     v->headers = rd_kafka_message_headers(rkm, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR ? hdrs : NULL;
+}
+
+static void emit_rec(struct esmd_kafka *kc, struct kafka_part *part, struct kafka_rec *kr)
+{
+    struct esmd_kafka_view v;
+    view_of(&kr->rec, &v);
+    kr->rec.timestamp_ms = v.timestamp >= 0 ? v.timestamp : esmd_now_ms();
+    kr->rec.size = esmd_kafka_record_size(&v);
+    kc->host->emit(kc->host->core, part->shard, &kr->rec);
+}
+
+/* ---- schema registry (docs/kafka.md "Schema registry") ---- */
+
+static void part_apply_pause(struct esmd_kafka *kc, struct kafka_part *part);
+
+static void dec_free(struct kafka_dec *d)
+{
+    if (!d)
+        return;
+    free(d->key.json);
+    free(d->value.json);
+    free(d);
+}
+
+/* Fails kr with Lambda's condition; the record keeps its bytes as they came. */
+static void rec_fail(struct esmd_kafka *kc, struct kafka_rec *kr, const char *condition,
+                     const char *attr, const char *why)
+{
+    esmd_log_limited(ESMD_LOG_WARN, kc->log, "schema-record", "kafka record %s-%d@%lld %s: %s (%s)",
+                     rd_kafka_topic_name(kr->rkm->rkt), (int)kr->rkm->partition,
+                     (long long)kr->rkm->offset, attr, why, condition);
+    dec_free(kr->dec);
+    kr->dec = NULL;
+    kr->rec.fail = condition;
+}
+
+/* Decodes the validated attributes of kr. false: a schema is being fetched (kr waits); true:
+ * kr is ready to emit, decoded or failed (kr->rec.fail). */
+static bool sr_prepare(struct esmd_kafka *kc, struct kafka_rec *kr)
+{
+    const rd_kafka_message_t *rkm = kr->rkm;
+    struct {
+        bool on;
+        const char *name;
+        const void *data;
+        size_t len;
+        int32_t id;
+        const unsigned char *body;
+        size_t body_len;
+        const struct esmd_sr_schema *schema;
+    } at[2] = {
+        {kc->sr_key, "key", rkm->key, rkm->key ? rkm->key_len : 0, 0, NULL, 0, NULL},
+        {kc->sr_value, "value", rkm->payload, rkm->payload ? rkm->len : 0, 0, NULL, 0, NULL},
+    };
+    /* every schema first: nothing is decoded while one is missing */
+    for (int i = 0; i < 2; i++) {
+        if (!at[i].on || !at[i].data)
+            continue; /* a null key or value (a tombstone) stays null */
+        if (!esmd_sr_frame(at[i].data, at[i].len, &at[i].id, &at[i].body, &at[i].body_len)) {
+            rec_fail(kc, kr, "DESERIALIZATION_ERROR", at[i].name,
+                     "not in the schema registry's wire format (magic byte 0, schema id)");
+            return true;
+        }
+        const char *why = NULL;
+        switch (esmd_sr_get(kc->sr, at[i].id, &at[i].schema, &why)) {
+        case ESMD_SR_PENDING:
+            return false;
+        case ESMD_SR_MISSING:
+            rec_fail(kc, kr, "SCHEMA_NOT_FOUND", at[i].name, why ? why : "unknown schema id");
+            return true;
+        case ESMD_SR_BAD:
+            rec_fail(kc, kr, "DESERIALIZATION_ERROR", at[i].name, why ? why : "unusable schema");
+            return true;
+        case ESMD_SR_READY:
+            break;
+        }
+    }
+    struct kafka_dec *d = esmd_xcalloc(1, sizeof(*d));
+    d->source = kc->sr_source;
+    kr->dec = d;
+    for (int i = 0; i < 2; i++) {
+        if (!at[i].on || !at[i].data)
+            continue;
+        struct kafka_dec_attr *a = i == 0 ? &d->key : &d->value;
+        struct esmd_buf out = ESMD_BUF_INIT;
+        char err[256];
+        if (!esmd_sr_decode(at[i].schema, at[i].body, at[i].body_len, &out, &a->src, &a->src_len,
+                            err, sizeof(err))) {
+            esmd_buf_free(&out);
+            char why[320];
+            snprintf(why, sizeof(why), "schema %d: %s", (int)at[i].id, err);
+            rec_fail(kc, kr, "DESERIALIZATION_ERROR", at[i].name, why);
+            return true;
+        }
+        a->set = true;
+        a->format = esmd_sr_schema_format(at[i].schema);
+        a->id = at[i].id;
+        esmd_buf_putc(&out, '\0'); /* a NUL after the text; not counted */
+        a->json = esmd_buf_steal(&out, &a->json_len);
+        a->json_len--;
+    }
+    return true;
+}
+
+/* A schema arrived (or an id turned out missing): the records waiting for it go on, in order. */
+static void on_sr_changed(void *ud)
+{
+    struct esmd_kafka *kc = ud;
+    PARTS_FOREACH(kc, part)
+    {
+        if (!part->whead)
+            continue;
+        while (part->whead && part->shard && kc->state == KAFKA_RUNNING) {
+            struct kafka_rec *kr = part->whead;
+            if (!sr_prepare(kc, kr))
+                break;
+            part->whead = kr->wnext;
+            if (!part->whead)
+                part->wtail = NULL;
+            kr->wnext = NULL;
+            emit_rec(kc, part, kr);
+        }
+        part_apply_pause(kc, part);
+    }
+}
+
+static void on_sr_down(void *ud, const char *why)
+{
+    struct esmd_kafka *kc = ud;
+    if (why)
+        kafka_set_down(kc, KAFKA_DOWN_REGISTRY, why);
+    else if (kc->down == KAFKA_DOWN_REGISTRY)
+        kafka_set_ready(kc);
 }
 
 /* Takes ownership of rkm. */
@@ -670,15 +861,21 @@ static void handle_message(struct esmd_kafka *kc, rd_kafka_message_t *rkm)
     kr->rkm = rkm;
     kr->rec.seq = rkm->offset;
     kr->rec.priv = rkm;
-    struct esmd_kafka_view v;
-    view_of(&kr->rec, &v);
-    kr->rec.timestamp_ms = v.timestamp >= 0 ? v.timestamp : esmd_now_ms();
-    kr->rec.size = esmd_kafka_record_size(&v);
     if (part->first < 0)
         part->first = rkm->offset;
     part->next = rkm->offset + 1;
     kafka_recover(kc, KAFKA_DOWN_SOURCE);
-    kc->host->emit(kc->host->core, part->shard, &kr->rec);
+    if (kc->sr && (part->whead || !sr_prepare(kc, kr))) {
+        /* its schema is being fetched: it waits, and so does the partition (order) */
+        if (part->wtail)
+            part->wtail->wnext = kr;
+        else
+            part->whead = kr;
+        part->wtail = kr;
+        part_apply_pause(kc, part);
+        return;
+    }
+    emit_rec(kc, part, kr);
 }
 
 static void close_finish(struct esmd_kafka *kc);
@@ -807,6 +1004,20 @@ static void *kafka_create(const struct esmd_mapping_cfg *cfg, const struct esmd_
     kc->start_ts_ms = src->starting_position_timestamp_ms;
     kc->envelope = esmd_kafka_envelope_size(kc->servers);
     kc->down = KAFKA_UP;
+    const struct esmd_schema_registry_cfg *src_sr = &src->schema_registry;
+    if (src_sr->set && src_sr->url) {
+        struct esmd_sr_hooks hooks = {.changed = on_sr_changed, .down = on_sr_down, .ud = kc};
+        kc->sr = esmd_sr_new(src_sr, host->loop, host->log, &hooks, err, errlen);
+        if (!kc->sr)
+            goto fail;
+        for (size_t i = 0; i < src_sr->nvalidate; i++) {
+            kc->sr_key = kc->sr_key || strcmp(src_sr->validate[i], "key") == 0;
+            kc->sr_value = kc->sr_value || strcmp(src_sr->validate[i], "value") == 0;
+        }
+        if (src_sr->nvalidate == 0)
+            kc->sr_value = true;
+        kc->sr_source = src_sr->event_record_format == ESMD_SCHEMA_RECORD_SOURCE;
+    }
 
     char client_id[256];
     snprintf(client_id, sizeof(client_id), "esmd-%s",
@@ -898,7 +1109,17 @@ static int kafka_start(void *c)
 static void pause_resume(struct esmd_kafka *kc, struct esmd_shard *shard, bool pause)
 {
     struct kafka_part *part = shard ? esmd_shard_priv(shard) : NULL;
-    if (!kc->rk || !part || part->shard != shard || part->paused == pause)
+    if (!kc->rk || !part || part->shard != shard)
+        return;
+    part->core_pause = pause;
+    part_apply_pause(kc, part);
+}
+
+/* Paused in librdkafka while the core asks for it or records wait for their schema. */
+static void part_apply_pause(struct esmd_kafka *kc, struct kafka_part *part)
+{
+    bool pause = part->core_pause || part->whead;
+    if (!kc->rk || !part->shard || part->paused == pause)
         return;
     rd_kafka_topic_partition_list_t *list = one_partition(part);
     rd_kafka_resp_err_t err =
@@ -948,14 +1169,19 @@ static void kafka_ack(void *c, struct esmd_shard *shard, int64_t next_seq)
         commit_schedule(kc);
 }
 
-static void kafka_release(void *c, struct esmd_record *rec)
+static void kafka_rec_free(struct kafka_rec *kr)
 {
-    (void)c;
-    struct kafka_rec *kr = (struct kafka_rec *)rec;
     if (!kr)
         return;
     rd_kafka_message_destroy(kr->rkm);
+    dec_free(kr->dec);
     free(kr);
+}
+
+static void kafka_release(void *c, struct esmd_record *rec)
+{
+    (void)c;
+    kafka_rec_free((struct kafka_rec *)rec);
 }
 
 static enum esmd_filter_data kafka_filter_doc(void *c, const struct esmd_record *rec,
@@ -964,6 +1190,16 @@ static enum esmd_filter_data kafka_filter_doc(void *c, const struct esmd_record 
     (void)c;
     struct esmd_kafka_view v;
     view_of(rec, &v);
+    /* filters see decoded data as JSON, whatever the event carries */
+    const struct kafka_dec *d = ((const struct kafka_rec *)rec)->dec;
+    if (d && d->key.set) {
+        v.key = d->key.json;
+        v.key_len = d->key.json_len;
+    }
+    if (d && d->value.set) {
+        v.value = d->value.json;
+        v.value_len = d->value.json_len;
+    }
     return esmd_kafka_filter_doc(&v, out);
 }
 
@@ -1033,6 +1269,11 @@ static void kafka_stop(void *c, void (*done)(void *ud), void *ud)
  * destroys a connector only once every record it emitted is released. */
 static void kafka_free(struct esmd_kafka *kc)
 {
+    PARTS_FOREACH(kc, part)
+    {
+        wait_free(part); /* before rd_kafka_destroy(), which waits for every message */
+    }
+    esmd_sr_free(kc->sr);
     if (kc->rkqu)
         rd_kafka_queue_destroy(kc->rkqu);
     if (kc->closeq)

@@ -44,6 +44,37 @@ static int check_property(const char *key, const char *value, char *err, size_t 
 
 #define MAP struct esmd_mapping_cfg
 
+static bool valid_registry_url(const char *s)
+{
+    const char *rest = strncmp(s, "http://", 7) == 0    ? s + 7
+                       : strncmp(s, "https://", 8) == 0 ? s + 8
+                                                        : NULL;
+    return rest && *rest && !strchr("/?#", *rest) && !strpbrk(s, " \t\r\n");
+}
+
+static bool valid_attribute(const char *s)
+{
+    return strcmp(s, "key") == 0 || strcmp(s, "value") == 0;
+}
+
+static const char *const record_formats[] = {"JSON", "SOURCE", NULL};
+
+/* schema_registry: (docs/configuration.md "schema_registry"). */
+static const struct esmd_cfg_key registry_keys[] = {
+    ESMD_K_CHECK("url", MAP, kafka.schema_registry.url, ESMD_CFG_REQUIRED, valid_registry_url,
+                 "an http:// or https:// URL"),
+    ESMD_K_STR("username", MAP, kafka.schema_registry.username, ESMD_CFG_NONEMPTY),
+    ESMD_K_STR("password", MAP, kafka.schema_registry.password, 0),
+    ESMD_K_STR("ca_file", MAP, kafka.schema_registry.ca_file, ESMD_CFG_NONEMPTY),
+    ESMD_K_STR("cert_file", MAP, kafka.schema_registry.cert_file, ESMD_CFG_NONEMPTY),
+    ESMD_K_STR("key_file", MAP, kafka.schema_registry.key_file, ESMD_CFG_NONEMPTY),
+    ESMD_K_ENUM("event_record_format", MAP, kafka.schema_registry.event_record_format,
+                record_formats, 0, ESMD_SCHEMA_RECORD_JSON),
+    ESMD_K_NAMES("validate", MAP, kafka.schema_registry.validate, kafka.schema_registry.nvalidate,
+                 0, valid_attribute, "key or value", "attribute"),
+    {0},
+};
+
 const struct esmd_cfg_key esmd_kafka_source_keys[] = {
     ESMD_K_CONN("kafka", MAP, kafka.connection, kafka.conn, ESMD_CFG_REQUIRED),
     ESMD_K_NAMES("topics", MAP, kafka.topics, kafka.ntopics, ESMD_CFG_REQUIRED,
@@ -53,6 +84,7 @@ const struct esmd_cfg_key esmd_kafka_source_keys[] = {
     ESMD_K_ENUM("starting_position", MAP, kafka.starting_position, positions, 0,
                 ESMD_START_TRIM_HORIZON),
     ESMD_K_UNIX_TIME("starting_position_timestamp", MAP, kafka.starting_position_timestamp_ms),
+    ESMD_K_SECTION("schema_registry", MAP, kafka.schema_registry.set, registry_keys),
     {0},
 };
 
@@ -85,6 +117,21 @@ void esmd_kafka_cfg_check(struct esmd_mapping_cfg *map, struct esmd_cfg_check *c
                            "connection %s sets kafka property %s, which esmd sets for a source "
                            "and which cannot be overridden",
                            conn->name, conn->properties.items[i].key);
+    struct esmd_schema_registry_cfg *sr = &map->kafka.schema_registry;
+    if (sr->set) {
+        if (!sr->username != !sr->password)
+            esmd_cfg_error(chk, "source.schema_registry",
+                           "schema_registry: username and password go together (basic auth)");
+        if (!sr->cert_file != !sr->key_file)
+            esmd_cfg_error(
+                chk, "source.schema_registry",
+                "schema_registry: cert_file and key_file go together (client certificate)");
+        if (sr->nvalidate == 0) { /* Lambda's usual choice: the value */
+            sr->validate = esmd_xcalloc(1, sizeof(char *));
+            sr->validate[0] = esmd_xstrdup("value");
+            sr->nvalidate = 1;
+        }
+    }
     if (!map->kafka.consumer_group && map->name) {
         struct esmd_buf b = ESMD_BUF_INIT;
         esmd_buf_printf(&b, "esmd-%s", map->name);

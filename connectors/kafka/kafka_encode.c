@@ -25,6 +25,10 @@
 #define REC_VALUE ",\"value\":"
 #define REC_HEADERS ",\"headers\":["
 #define REC_TAIL "]}"
+#define REC_KEY_META ",\"keySchemaMetadata\":{\"dataFormat\":\""
+#define REC_VALUE_META ",\"valueSchemaMetadata\":{\"dataFormat\":\""
+#define REC_META_ID "\",\"schemaId\":\""
+#define REC_META_TAIL "\"}"
 
 #define JSON_NULL "null"
 
@@ -126,6 +130,24 @@ size_t esmd_kafka_group_overhead(const char *key)
     return esmd_json_string_len(key, strlen(key)) + LIT(":[]");
 }
 
+static size_t meta_len(const char *head, const char *format, int32_t id)
+{
+    if (!format)
+        return 0;
+    return strlen(head) + strlen(format) + LIT(REC_META_ID) + esmd_i64_len(id) + LIT(REC_META_TAIL);
+}
+
+static void put_meta(struct esmd_buf *out, const char *head, const char *format, int32_t id)
+{
+    if (!format)
+        return;
+    esmd_buf_puts(out, head);
+    esmd_buf_puts(out, format);
+    esmd_buf_append(out, REC_META_ID, LIT(REC_META_ID));
+    esmd_buf_put_i64(out, id);
+    esmd_buf_append(out, REC_META_TAIL, LIT(REC_META_TAIL));
+}
+
 size_t esmd_kafka_record_size(const struct esmd_kafka_view *v)
 {
     size_t n = LIT(REC_TOPIC) + esmd_json_string_len(v->topic, strlen(v->topic));
@@ -137,6 +159,8 @@ size_t esmd_kafka_record_size(const struct esmd_kafka_view *v)
         n += LIT(REC_KEY) + bytes_b64_len(v->key, v->key_len);
     n += LIT(REC_VALUE) + bytes_b64_len(v->value, v->value_len);
     n += LIT(REC_HEADERS) + LIT(REC_TAIL);
+    n += meta_len(REC_KEY_META, v->key_format, v->key_schema_id);
+    n += meta_len(REC_VALUE_META, v->value_format, v->value_schema_id);
     if (v->headers) {
         const char *name;
         const void *value;
@@ -176,7 +200,10 @@ void esmd_kafka_record_write(struct esmd_buf *out, const struct esmd_kafka_view 
             put_header(out, name, value, size);
         }
     }
-    esmd_buf_append(out, REC_TAIL, LIT(REC_TAIL));
+    esmd_buf_putc(out, ']');
+    put_meta(out, REC_KEY_META, v->key_format, v->key_schema_id);
+    put_meta(out, REC_VALUE_META, v->value_format, v->value_schema_id);
+    esmd_buf_putc(out, '}');
 }
 
 void esmd_kafka_encode_batch(const char *servers, const struct esmd_batch *batch,

@@ -27,6 +27,11 @@ struct esmd_kafka_view {
     const void *value; /* NULL: null value, e.g. a tombstone (written as JSON null) */
     size_t value_len;
     const rd_kafka_headers_t *headers; /* NULL: no headers (written as []) */
+    /* Schema registry (docs/kafka.md "Schema registry"): the dataFormat of a decoded key or value
+     * ("AVRO", "JSON", "PROTOBUF") and its schema id, written as keySchemaMetadata /
+     * valueSchemaMetadata; NULL: not decoded, left out. */
+    const char *key_format, *value_format;
+    int32_t key_schema_id, value_schema_id;
 };
 
 /* Fills *v for rec; the view stays valid while rec is alive. */
@@ -46,6 +51,8 @@ size_t esmd_kafka_record_size(const struct esmd_kafka_view *v);
  * {"topic":"t","partition":0,"offset":15,"timestamp":1545084650987,
  *  "timestampType":"CREATE_TIME","key":"<base64>","value":"<base64>"|null,
  *  "headers":[{"name":[104,-61,-85]},{"name":null}]}
+ * and, for decoded schema registry data, before the closing brace:
+ *  ,"keySchemaMetadata":{"dataFormat":"AVRO","schemaId":"12"},"valueSchemaMetadata":{...}
  * Header values are arrays of signed bytes (Java's byte, -128..127), in header order with
  * repeated names kept; a header with a null value is written as null. */
 void esmd_kafka_record_write(struct esmd_buf *out, const struct esmd_kafka_view *v);

@@ -23,6 +23,10 @@ struct esmd_record {
     size_t size;              /* exact bytes of this record's JSON in the event */
     void *priv;               /* the connector's (e.g. rd_kafka_message_t *) */
     bool filtered;            /* set by the core: no filter matched, acked without a batch */
+    /* Set by the connector before emit when the record cannot be delivered (a Kafka record its
+     * schema registry cannot decode: "SCHEMA_NOT_FOUND", "DESERIALIZATION_ERROR"): filters do not
+     * see it, and at its turn the core gives it up alone with this condition. Static string. */
+    const char *fail;
 };
 
 /* A shard as a connector sees it: an opaque handle that host->shard_open() returns; the core

@@ -80,6 +80,26 @@ enum esmd_starting_position {
     ESMD_START_AT_TIMESTAMP,
 };
 
+/* A Kafka source's schema registry (docs/kafka.md "Schema registry"; Lambda's
+ * SchemaRegistryConfig). */
+enum esmd_schema_record_format {
+    ESMD_SCHEMA_RECORD_JSON,   /* the decoded data, as JSON (the default) */
+    ESMD_SCHEMA_RECORD_SOURCE, /* the data as written, without the registry's framing */
+};
+
+struct esmd_schema_registry_cfg {
+    bool set;        /* the block is in the file */
+    char *url;       /* required: http:// or https://, a Confluent-compatible registry */
+    char *username;  /* basic auth, with password */
+    char *password;  /* never shown */
+    char *ca_file;   /* PEM CA bundle for https */
+    char *cert_file; /* client certificate (PEM), with key_file */
+    char *key_file;
+    enum esmd_schema_record_format event_record_format;
+    char **validate; /* "key" | "value"; default value */
+    size_t nvalidate;
+};
+
 struct esmd_kafka_source_cfg {
     char *connection;                 /* name in `connections`, type kafka */
     const struct esmd_conn_cfg *conn; /* resolved; borrowed from the config */
@@ -88,6 +108,7 @@ struct esmd_kafka_source_cfg {
     char *consumer_group;                          /* default "esmd-<mapping name>" */
     enum esmd_starting_position starting_position; /* default trim_horizon */
     int64_t starting_position_timestamp_ms;        /* with at_timestamp: required, not future */
+    struct esmd_schema_registry_cfg schema_registry;
 };
 
 /* The event a redis source sends (docs/redis.md). */
@@ -207,6 +228,8 @@ enum esmd_cfg_type {
     ESMD_CFG_UNIX_TIME,  /* int64_t milliseconds: a Unix time in seconds, not in the future */
     ESMD_CFG_PROPERTIES, /* struct esmd_kvlist: name -> scalar, kept as written; check_kv() */
     ESMD_CFG_CUSTOM,     /* src/config.c's own sections: read() */
+    ESMD_CFG_SECTION,    /* a nested mapping read through the table `sub` ({0}-terminated; its
+                          * offsets are of the same struct); bool at offset: it was read */
 };
 
 #define ESMD_CFG_REQUIRED 0x1u
@@ -234,6 +257,7 @@ struct esmd_cfg_key {
     /* PROPERTIES: judges one pair (0: good), with a message that names the key. */
     int (*check_kv)(const char *key, const char *value, char *err, size_t errlen);
     bool (*read)(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj); /* CUSTOM */
+    const struct esmd_cfg_key *sub; /* SECTION */
 };
 
 /* The visibility timeout of the sources that have one (redis, pgqueue): 1s to 12h, 30s. */
@@ -298,6 +322,10 @@ struct esmd_cfg_key {
 #define ESMD_K_PROPERTIES(n, st, f, fn)                                                            \
     {                                                                                              \
         .name = n, .type = ESMD_CFG_PROPERTIES, .offset = offsetof(st, f), .check_kv = fn          \
+    }
+#define ESMD_K_SECTION(n, st, f, table)                                                            \
+    {                                                                                              \
+        .name = n, .type = ESMD_CFG_SECTION, .offset = offsetof(st, f), .sub = table               \
     }
 #define ESMD_K_CUSTOM(n, fn, fl)                                                                   \
     {                                                                                              \

@@ -419,7 +419,7 @@ static void test_error_unknown_keys(void **state)
                   0,
                   "test.yaml:7:38: mappings[0].source.topic: unknown key \"topic\" (allowed: "
                   "kafka, topics, consumer_group, starting_position, "
-                  "starting_position_timestamp)");
+                  "starting_position_timestamp, schema_registry)");
 }
 
 static void test_error_missing_and_types(void **state)

@@ -1,0 +1,724 @@
+/* Schema registry records (docs/kafka.md "Schema registry"): Confluent's framing, the Avro and
+ * JSON Schema decoders, and the registry client (kafka_schema.h).
+ *
+ * Avro: Apache Avro C parses the writer's schema; the binary data is walked here along that
+ * schema, straight into JSON, with every length checked against the bytes left before anything
+ * is allocated (the data is untrusted: a record claiming a 2^60-byte string fails, it does not
+ * allocate), nesting bounded and the output capped. */
+#include "kafka_schema.h"
+
+#include "esmd/backoff.h"
+#include "esmd/curl_ev.h"
+#include "esmd/json.h"
+
+#include <avro.h>
+#include <cJSON.h>
+#include <ev.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Nesting of Avro types (records in records, arrays, maps, unions) a record may use. */
+#define SR_MAX_DEPTH 64
+/* Largest registry answer read. */
+#define SR_MAX_RESPONSE (8 * 1024 * 1024)
+/* One registry request. */
+#define SR_TIMEOUT_MS 10000L
+
+const char *esmd_sr_format_name(enum esmd_sr_format f)
+{
+    switch (f) {
+    case ESMD_SR_AVRO:
+        return "AVRO";
+    case ESMD_SR_JSON:
+        return "JSON";
+    case ESMD_SR_PROTOBUF:
+        return "PROTOBUF";
+    }
+    return "AVRO";
+}
+
+bool esmd_sr_frame(const void *data, size_t len, int32_t *id, const unsigned char **body,
+                   size_t *body_len)
+{
+    const unsigned char *p = data;
+    if (!p || len < 5 || p[0] != 0)
+        return false;
+    *id = (int32_t)(((uint32_t)p[1] << 24) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 8) |
+                    (uint32_t)p[4]);
+    *body = p + 5;
+    *body_len = len - 5;
+    return true;
+}
+
+/* ---- reading Avro's binary encoding ---- */
+
+struct rd {
+    const unsigned char *p;
+    size_t n, pos;
+};
+
+/* A zigzag varint (Avro's int and long; Protobuf framing's indexes). */
+static bool rd_long(struct rd *r, int64_t *v)
+{
+    uint64_t u = 0;
+    for (int shift = 0; shift < 70; shift += 7) {
+        if (r->pos >= r->n)
+            return false;
+        unsigned char b = r->p[r->pos++];
+        if (shift == 63 && (b & 0x7e))
+            return false; /* more than 64 bits */
+        u |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *v = (int64_t)(u >> 1) ^ -(int64_t)(u & 1);
+            return true;
+        }
+    }
+    return false;
+}
+
+size_t esmd_sr_protobuf_indexes(const unsigned char *p, size_t len, int64_t *count)
+{
+    struct rd r = {p, len, 0};
+    int64_t n, idx;
+    if (!rd_long(&r, &n) || n < 0 || (uint64_t)n > len)
+        return 0;
+    for (int64_t i = 0; i < n; i++)
+        if (!rd_long(&r, &idx) || idx < 0)
+            return 0;
+    *count = n;
+    return r.pos;
+}
+
+struct walk {
+    struct rd r;
+    struct esmd_buf *out;
+    char *err;
+    size_t errlen;
+};
+
+static bool walk_fail(struct walk *w, const char *fmt, ...) ESMD_PRINTF(2, 3);
+
+static bool walk_fail(struct walk *w, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(w->err, w->errlen, fmt, ap);
+    va_end(ap);
+    return false;
+}
+
+/* A length-prefixed string or bytes: [p, p+len) within the data. */
+static bool rd_len(struct walk *w, const unsigned char **p, size_t *len, const char *what)
+{
+    int64_t n;
+    if (!rd_long(&w->r, &n))
+        return walk_fail(w, "Avro data ends inside the length of a %s", what);
+    if (n < 0 || (uint64_t)n > w->r.n - w->r.pos)
+        return walk_fail(w, "Avro %s length is negative or past the end of the data", what);
+    *p = w->r.p + w->r.pos;
+    *len = (size_t)n;
+    w->r.pos += (size_t)n;
+    return true;
+}
+
+/* Bytes as a JSON string of the code points U+0000..U+00FF (Avro's JSON encoding of bytes). */
+static void put_latin1(struct esmd_buf *out, const unsigned char *p, size_t n)
+{
+    struct esmd_buf tmp = ESMD_BUF_INIT;
+    esmd_buf_reserve(&tmp, n * 2);
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] < 0x80) {
+            esmd_buf_putc(&tmp, (char)p[i]);
+        } else {
+            esmd_buf_putc(&tmp, (char)(0xc0 | (p[i] >> 6)));
+            esmd_buf_putc(&tmp, (char)(0x80 | (p[i] & 0x3f)));
+        }
+    }
+    esmd_buf_put_json_string(out, tmp.data ? tmp.data : "", tmp.len);
+    esmd_buf_free(&tmp);
+}
+
+/* The shortest of %.{prec}g that reads back as v (JSON has no NaN or infinity: null). */
+static void put_double(struct esmd_buf *out, double v, bool single)
+{
+    if (!isfinite(v)) {
+        esmd_buf_puts(out, "null");
+        return;
+    }
+    char s[40];
+    int lo = single ? 6 : 15, hi = single ? 9 : 17;
+    for (int prec = lo; prec <= hi; prec++) {
+        snprintf(s, sizeof(s), "%.*g", prec, v);
+        double back = strtod(s, NULL);
+        if (single ? (float)back == (float)v : back == v)
+            break;
+    }
+    esmd_buf_puts(out, s);
+}
+
+static bool walk_value(struct walk *w, avro_schema_t s, int depth);
+
+/* An array's or a map's blocks: a count (negative: followed by the block's byte size), items,
+ * until a count of 0. */
+static bool walk_blocks(struct walk *w, avro_schema_t items, bool map, int depth)
+{
+    esmd_buf_putc(w->out, map ? '{' : '[');
+    bool first = true;
+    for (;;) {
+        int64_t count, size;
+        if (!rd_long(&w->r, &count))
+            return walk_fail(w, "Avro data ends inside a %s block count", map ? "map" : "array");
+        if (count == 0)
+            break;
+        if (count < 0) {
+            if (count == INT64_MIN || !rd_long(&w->r, &size))
+                return walk_fail(w, "Avro %s block is malformed", map ? "map" : "array");
+            count = -count;
+        }
+        for (int64_t i = 0; i < count; i++) {
+            if (w->out->len > ESMD_SR_MAX_JSON)
+                return walk_fail(w, "decoded %s is larger than the event can carry",
+                                 map ? "map" : "array");
+            if (!first)
+                esmd_buf_putc(w->out, ',');
+            first = false;
+            if (map) {
+                const unsigned char *k;
+                size_t klen;
+                if (!rd_len(w, &k, &klen, "map key"))
+                    return false;
+                if (!esmd_utf8_valid((const char *)k, klen))
+                    return walk_fail(w, "Avro %s is not UTF-8", "map key");
+                esmd_buf_put_json_string(w->out, (const char *)k, klen);
+                esmd_buf_putc(w->out, ':');
+            }
+            if (!walk_value(w, items, depth + 1))
+                return false;
+        }
+    }
+    esmd_buf_putc(w->out, map ? '}' : ']');
+    return true;
+}
+
+static bool walk_value(struct walk *w, avro_schema_t s, int depth)
+{
+    if (depth > SR_MAX_DEPTH)
+        return walk_fail(w, "Avro data nests deeper than %s levels", "64");
+    if (w->out->len > ESMD_SR_MAX_JSON)
+        return walk_fail(w, "decoded %s is larger than the event can carry", "record");
+    const unsigned char *p;
+    size_t len;
+    int64_t v;
+    switch (avro_typeof(s)) {
+    case AVRO_NULL:
+        esmd_buf_puts(w->out, "null");
+        return true;
+    case AVRO_BOOLEAN:
+        if (w->r.pos >= w->r.n || w->r.p[w->r.pos] > 1)
+            return walk_fail(w, "Avro %s is not 0 or 1", "boolean");
+        esmd_buf_puts(w->out, w->r.p[w->r.pos++] ? "true" : "false");
+        return true;
+    case AVRO_INT32:
+    case AVRO_INT64:
+        if (!rd_long(&w->r, &v))
+            return walk_fail(w, "Avro data ends inside %s", "a number");
+        if (avro_typeof(s) == AVRO_INT32 && (v < INT32_MIN || v > INT32_MAX))
+            return walk_fail(w, "Avro %s is out of range", "int");
+        esmd_buf_put_i64(w->out, v);
+        return true;
+    case AVRO_FLOAT: {
+        if (w->r.n - w->r.pos < 4)
+            return walk_fail(w, "Avro data ends inside %s", "a float");
+        uint32_t u = 0;
+        for (int i = 3; i >= 0; i--)
+            u = (u << 8) | w->r.p[w->r.pos + (size_t)i];
+        w->r.pos += 4;
+        float f;
+        memcpy(&f, &u, sizeof(f));
+        put_double(w->out, (double)f, true);
+        return true;
+    }
+    case AVRO_DOUBLE: {
+        if (w->r.n - w->r.pos < 8)
+            return walk_fail(w, "Avro data ends inside %s", "a double");
+        uint64_t u = 0;
+        for (int i = 7; i >= 0; i--)
+            u = (u << 8) | w->r.p[w->r.pos + (size_t)i];
+        w->r.pos += 8;
+        double d;
+        memcpy(&d, &u, sizeof(d));
+        put_double(w->out, d, false);
+        return true;
+    }
+    case AVRO_STRING:
+        if (!rd_len(w, &p, &len, "string"))
+            return false;
+        if (!esmd_utf8_valid((const char *)p, len))
+            return walk_fail(w, "Avro %s is not UTF-8", "string");
+        esmd_buf_put_json_string(w->out, (const char *)p, len);
+        return true;
+    case AVRO_BYTES:
+        if (!rd_len(w, &p, &len, "bytes"))
+            return false;
+        put_latin1(w->out, p, len);
+        return true;
+    case AVRO_FIXED: {
+        int64_t size = avro_schema_fixed_size(s);
+        if (size < 0 || (uint64_t)size > w->r.n - w->r.pos)
+            return walk_fail(w, "Avro data ends inside %s", "a fixed");
+        put_latin1(w->out, w->r.p + w->r.pos, (size_t)size);
+        w->r.pos += (size_t)size;
+        return true;
+    }
+    case AVRO_ENUM: {
+        if (!rd_long(&w->r, &v))
+            return walk_fail(w, "Avro data ends inside %s", "an enum");
+        const char *sym = v >= 0 && v < avro_schema_enum_number_of_symbols(s)
+                              ? avro_schema_enum_get(s, (int)v)
+                              : NULL;
+        if (!sym)
+            return walk_fail(w, "Avro %s symbol index is out of range", "enum");
+        esmd_buf_put_json_string(w->out, sym, strlen(sym));
+        return true;
+    }
+    case AVRO_RECORD: {
+        size_t n = avro_schema_record_size(s);
+        esmd_buf_putc(w->out, '{');
+        for (size_t i = 0; i < n; i++) {
+            const char *name = avro_schema_record_field_name(s, (int)i);
+            avro_schema_t fs = avro_schema_record_field_get_by_index(s, (int)i);
+            if (!name || !fs)
+                return walk_fail(w, "Avro %s field is missing from the schema", "record");
+            if (i)
+                esmd_buf_putc(w->out, ',');
+            esmd_buf_put_json_string(w->out, name, strlen(name));
+            esmd_buf_putc(w->out, ':');
+            if (!walk_value(w, fs, depth + 1))
+                return false;
+        }
+        esmd_buf_putc(w->out, '}');
+        return true;
+    }
+    case AVRO_ARRAY:
+        return walk_blocks(w, avro_schema_array_items(s), false, depth);
+    case AVRO_MAP:
+        return walk_blocks(w, avro_schema_map_values(s), true, depth);
+    case AVRO_UNION: {
+        if (!rd_long(&w->r, &v))
+            return walk_fail(w, "Avro data ends inside %s", "a union index");
+        avro_schema_t b = v >= 0 && (uint64_t)v < avro_schema_union_size(s)
+                              ? avro_schema_union_branch(s, (int)v)
+                              : NULL;
+        if (!b)
+            return walk_fail(w, "Avro %s branch index is out of range", "union");
+        return walk_value(w, b, depth + 1);
+    }
+    case AVRO_LINK:
+        return walk_value(w, avro_schema_link_target(s), depth + 1);
+    }
+    return walk_fail(w, "Avro schema has a type esmd does not know (%s)", "?");
+}
+
+/* ---- schemas ---- */
+
+struct esmd_sr_schema {
+    enum esmd_sr_format format;
+    avro_schema_t avro; /* AVRO */
+};
+
+struct esmd_sr_schema *esmd_sr_schema_new(enum esmd_sr_format f, const char *text, size_t len,
+                                          char *err, size_t errlen)
+{
+    struct esmd_sr_schema *s = esmd_xcalloc(1, sizeof(*s));
+    s->format = f;
+    switch (f) {
+    case ESMD_SR_AVRO:
+        if (avro_schema_from_json_length(text, len, &s->avro) != 0) {
+            snprintf(err, errlen, "not an Avro schema: %s", avro_strerror());
+            free(s);
+            return NULL;
+        }
+        return s;
+    case ESMD_SR_JSON:
+        if (!esmd_json_valid(text, len)) {
+            snprintf(err, errlen, "the JSON schema is not JSON");
+            free(s);
+            return NULL;
+        }
+        return s;
+    case ESMD_SR_PROTOBUF:
+        break;
+    }
+    snprintf(err, errlen,
+             "Protobuf schemas are not supported by esmd (README \"Schema registry\"): "
+             "records that use them fail");
+    free(s);
+    return NULL;
+}
+
+void esmd_sr_schema_free(struct esmd_sr_schema *s)
+{
+    if (!s)
+        return;
+    if (s->avro)
+        avro_schema_decref(s->avro);
+    free(s);
+}
+
+enum esmd_sr_format esmd_sr_schema_format(const struct esmd_sr_schema *s)
+{
+    return s->format;
+}
+
+bool esmd_sr_decode(const struct esmd_sr_schema *s, const unsigned char *body, size_t len,
+                    struct esmd_buf *out, const unsigned char **src, size_t *src_len, char *err,
+                    size_t errlen)
+{
+    size_t mark = out->len;
+    *src = body;
+    *src_len = len;
+    if (s->format == ESMD_SR_JSON) {
+        if (!esmd_json_valid((const char *)body, len)) {
+            snprintf(err, errlen, "the data is not one JSON document in UTF-8");
+            return false;
+        }
+        esmd_buf_append(out, body, len);
+        return true;
+    }
+    if (s->format != ESMD_SR_AVRO) {
+        snprintf(err, errlen, "Protobuf records are not supported by esmd");
+        return false;
+    }
+    struct walk w = {{body, len, 0}, out, err, errlen};
+    if (!walk_value(&w, s->avro, 0)) {
+        out->len = mark;
+        return false;
+    }
+    if (w.r.pos != len) {
+        snprintf(err, errlen, "%zu bytes left after the Avro data (not written with this schema)",
+                 len - w.r.pos);
+        out->len = mark;
+        return false;
+    }
+    return true;
+}
+
+/* ---- the registry ---- */
+
+struct sr_entry {
+    int32_t id;
+    enum esmd_sr_state st;
+    struct esmd_sr_schema *schema; /* READY */
+    char *why;                     /* MISSING, BAD */
+    bool inflight;
+    struct sr_entry *next;
+};
+
+struct sr_req {
+    struct esmd_sr *sr;
+    struct sr_entry *e;
+    CURL *easy;
+    struct curl_slist *hdrs;
+    struct esmd_buf body;
+    char errbuf[CURL_ERROR_SIZE];
+    struct sr_req *prev, *next;
+};
+
+#define SR_BUCKETS 256
+
+struct esmd_sr {
+    struct ev_loop *loop;
+    const struct esmd_log_ctx *log;
+    struct esmd_sr_hooks hooks;
+    char *base; /* url without trailing slashes */
+    char *user, *pass, *ca, *cert, *key;
+    struct esmd_curl_ev ce;
+    bool ce_init;
+    struct sr_entry *buckets[SR_BUCKETS];
+    struct sr_req *reqs;
+    ev_timer retry;
+    int attempt;
+    bool down;
+};
+
+static const struct esmd_backoff sr_backoff = {.base_ms = 250, .cap_ms = 30000};
+
+static struct sr_entry *entry_find(struct esmd_sr *sr, int32_t id)
+{
+    struct sr_entry *e = sr->buckets[(uint32_t)id % SR_BUCKETS];
+    while (e && e->id != id)
+        e = e->next;
+    return e;
+}
+
+static size_t on_body(char *p, size_t size, size_t n, void *ud)
+{
+    struct sr_req *req = ud;
+    size_t len = size * n;
+    if (req->body.len + len > SR_MAX_RESPONSE)
+        return 0; /* curl fails the transfer */
+    esmd_buf_append(&req->body, p, len);
+    return len;
+}
+
+static void req_start(struct esmd_sr *sr, struct sr_entry *e)
+{
+    struct sr_req *req = esmd_xcalloc(1, sizeof(*req));
+    req->sr = sr;
+    req->e = e;
+    req->easy = curl_easy_init();
+    if (!req->easy) {
+        free(req);
+        return; /* stays pending: the retry timer tries again */
+    }
+    char url[1200];
+    snprintf(url, sizeof(url), "%s/schemas/ids/%d", sr->base, (int)e->id);
+    CURL *c = req->easy;
+    req->hdrs = curl_slist_append(NULL, "Accept: application/vnd.schemaregistry.v1+json, "
+                                        "application/json");
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, req->hdrs);
+    curl_easy_setopt(c, CURLOPT_USERAGENT, "esmd/" ESMD_VERSION);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, SR_TIMEOUT_MS);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_PRIVATE, req);
+    curl_easy_setopt(c, CURLOPT_ERRORBUFFER, req->errbuf);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, req);
+    if (sr->user) {
+        curl_easy_setopt(c, CURLOPT_HTTPAUTH, (long)CURLAUTH_BASIC);
+        curl_easy_setopt(c, CURLOPT_USERNAME, sr->user);
+        curl_easy_setopt(c, CURLOPT_PASSWORD, sr->pass ? sr->pass : "");
+    }
+    if (sr->ca)
+        curl_easy_setopt(c, CURLOPT_CAINFO, sr->ca);
+    if (sr->cert) {
+        curl_easy_setopt(c, CURLOPT_SSLCERT, sr->cert);
+        curl_easy_setopt(c, CURLOPT_SSLKEY, sr->key);
+    }
+    if (curl_multi_add_handle(sr->ce.multi, c) != CURLM_OK) {
+        curl_slist_free_all(req->hdrs);
+        curl_easy_cleanup(c);
+        free(req);
+        return;
+    }
+    e->inflight = true;
+    req->next = sr->reqs;
+    if (sr->reqs)
+        sr->reqs->prev = req;
+    sr->reqs = req;
+}
+
+static void req_free(struct esmd_sr *sr, struct sr_req *req)
+{
+    if (req->prev)
+        req->prev->next = req->next;
+    else
+        sr->reqs = req->next;
+    if (req->next)
+        req->next->prev = req->prev;
+    curl_multi_remove_handle(sr->ce.multi, req->easy);
+    curl_easy_cleanup(req->easy);
+    curl_slist_free_all(req->hdrs);
+    esmd_buf_free(&req->body);
+    free(req);
+}
+
+static void sr_set_down(struct esmd_sr *sr, const char *why)
+{
+    char msg[700];
+    snprintf(msg, sizeof(msg), "schema registry %s: %s", sr->base, why);
+    esmd_log_limited(ESMD_LOG_WARN, sr->log, "schema-registry", "%s; records wait, retrying", msg);
+    sr->down = true;
+    if (sr->hooks.down)
+        sr->hooks.down(sr->hooks.ud, msg);
+    if (!ev_is_active(&sr->retry)) {
+        double d = (double)esmd_backoff_delay(&sr_backoff, sr->attempt, esmd_random64()) / 1000.0;
+        if (sr->attempt < 30)
+            sr->attempt++;
+        ev_timer_set(&sr->retry, d, 0.0);
+        ev_timer_start(sr->loop, &sr->retry);
+    }
+}
+
+/* The answer of GET /schemas/ids/{id}: {"schema":"...","schemaType":"AVRO"|"JSON"|"PROTOBUF"}
+ * (no schemaType: Avro). false when it is not such an answer. */
+static bool parse_answer(struct sr_entry *e, const struct esmd_buf *body)
+{
+    cJSON *root = cJSON_ParseWithLength(body->data ? body->data : "", body->len);
+    const cJSON *schema = cJSON_GetObjectItemCaseSensitive(root, "schema");
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(root, "schemaType");
+    if (!cJSON_IsString(schema) || (type && !cJSON_IsString(type) && !cJSON_IsNull(type))) {
+        cJSON_Delete(root);
+        return false;
+    }
+    enum esmd_sr_format f = ESMD_SR_AVRO;
+    const char *t = cJSON_IsString(type) ? type->valuestring : "AVRO";
+    char err[512];
+    if (strcmp(t, "JSON") == 0)
+        f = ESMD_SR_JSON;
+    else if (strcmp(t, "PROTOBUF") == 0)
+        f = ESMD_SR_PROTOBUF;
+    else if (strcmp(t, "AVRO") != 0)
+        f = (enum esmd_sr_format) - 1;
+    if ((int)f < 0) {
+        snprintf(err, sizeof(err), "schema type %.64s is not AVRO, JSON or PROTOBUF", t);
+        e->schema = NULL;
+    } else {
+        e->schema = esmd_sr_schema_new(f, schema->valuestring, strlen(schema->valuestring), err,
+                                       sizeof(err));
+    }
+    e->st = e->schema ? ESMD_SR_READY : ESMD_SR_BAD;
+    if (!e->schema)
+        e->why = esmd_xstrdup(err);
+    cJSON_Delete(root);
+    return true;
+}
+
+static bool is_not_found(const struct esmd_buf *body)
+{
+    cJSON *root = cJSON_ParseWithLength(body->data ? body->data : "", body->len);
+    const cJSON *code = cJSON_GetObjectItemCaseSensitive(root, "error_code");
+    bool yes = cJSON_IsNumber(code) && code->valuedouble == 40403;
+    cJSON_Delete(root);
+    return yes;
+}
+
+static void on_done(struct esmd_curl_ev *ce, CURL *easy, CURLcode result, void *priv)
+{
+    (void)ce;
+    (void)easy;
+    struct sr_req *req = priv;
+    struct esmd_sr *sr = req->sr;
+    struct sr_entry *e = req->e;
+    long status = 0;
+    char why[600];
+    e->inflight = false;
+    curl_easy_getinfo(req->easy, CURLINFO_RESPONSE_CODE, &status);
+    bool answered = false;
+    if (result != CURLE_OK) {
+        snprintf(why, sizeof(why), "%s", req->errbuf[0] ? req->errbuf : curl_easy_strerror(result));
+    } else if (status == 200) {
+        answered = parse_answer(e, &req->body);
+        if (!answered)
+            snprintf(why, sizeof(why), "schema %d: the answer is not a registry's schema",
+                     (int)e->id);
+    } else if (status == 404 && is_not_found(&req->body)) {
+        e->st = ESMD_SR_MISSING;
+        e->why = esmd_xstrdup("the registry does not know this schema id (40403)");
+        answered = true;
+    } else {
+        snprintf(why, sizeof(why), "HTTP %ld for schema %d%s", status, (int)e->id,
+                 status == 404 ? " without error code 40403 (is the url right?)" : "");
+    }
+    req_free(sr, req);
+    if (!answered) {
+        sr_set_down(sr, why);
+        return;
+    }
+    if (e->st == ESMD_SR_BAD)
+        ESMD_WARN(sr->log, "schema registry: schema %d cannot be used: %s", (int)e->id, e->why);
+    sr->attempt = 0;
+    if (sr->down) {
+        sr->down = false;
+        ESMD_INFO(sr->log, "schema registry %s answers again", sr->base);
+        if (sr->hooks.down)
+            sr->hooks.down(sr->hooks.ud, NULL);
+    }
+    if (sr->hooks.changed)
+        sr->hooks.changed(sr->hooks.ud);
+}
+
+/* Every id still waiting without a request in flight is asked again. */
+static void on_retry(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)revents;
+    struct esmd_sr *sr = w->data;
+    ev_timer_stop(loop, w);
+    for (size_t i = 0; i < SR_BUCKETS; i++)
+        for (struct sr_entry *e = sr->buckets[i]; e; e = e->next)
+            if (e->st == ESMD_SR_PENDING && !e->inflight)
+                req_start(sr, e);
+}
+
+static char *dup_or_null(const char *s)
+{
+    return s ? esmd_xstrdup(s) : NULL;
+}
+
+struct esmd_sr *esmd_sr_new(const struct esmd_schema_registry_cfg *cfg, struct ev_loop *loop,
+                            const struct esmd_log_ctx *log, const struct esmd_sr_hooks *hooks,
+                            char *err, size_t errlen)
+{
+    struct esmd_sr *sr = esmd_xcalloc(1, sizeof(*sr));
+    sr->loop = loop;
+    sr->log = log;
+    sr->hooks = *hooks;
+    sr->base = esmd_xstrdup(cfg->url);
+    size_t n = strlen(sr->base);
+    while (n > 0 && sr->base[n - 1] == '/')
+        sr->base[--n] = '\0';
+    sr->user = dup_or_null(cfg->username);
+    sr->pass = dup_or_null(cfg->password);
+    sr->ca = dup_or_null(cfg->ca_file);
+    sr->cert = dup_or_null(cfg->cert_file);
+    sr->key = dup_or_null(cfg->key_file);
+    ev_timer_init(&sr->retry, on_retry, 0.0, 0.0);
+    sr->retry.data = sr;
+    if (esmd_curl_ev_init(&sr->ce, loop, on_done, sr, err, errlen) != 0) {
+        esmd_sr_free(sr);
+        return NULL;
+    }
+    sr->ce_init = true;
+    return sr;
+}
+
+void esmd_sr_free(struct esmd_sr *sr)
+{
+    if (!sr)
+        return;
+    ev_timer_stop(sr->loop, &sr->retry);
+    while (sr->reqs)
+        req_free(sr, sr->reqs);
+    if (sr->ce_init)
+        esmd_curl_ev_close(&sr->ce);
+    for (size_t i = 0; i < SR_BUCKETS; i++) {
+        struct sr_entry *e = sr->buckets[i], *next;
+        for (; e; e = next) {
+            next = e->next;
+            esmd_sr_schema_free(e->schema);
+            free(e->why);
+            free(e);
+        }
+    }
+    free(sr->base);
+    free(sr->user);
+    free(sr->pass);
+    free(sr->ca);
+    free(sr->cert);
+    free(sr->key);
+    free(sr);
+}
+
+enum esmd_sr_state esmd_sr_get(struct esmd_sr *sr, int32_t id, const struct esmd_sr_schema **s,
+                               const char **why)
+{
+    struct sr_entry *e = entry_find(sr, id);
+    if (!e) {
+        e = esmd_xcalloc(1, sizeof(*e));
+        e->id = id;
+        e->st = ESMD_SR_PENDING;
+        size_t b = (uint32_t)id % SR_BUCKETS;
+        e->next = sr->buckets[b];
+        sr->buckets[b] = e;
+        if (!ev_is_active(&sr->retry)) /* while the registry is down, the timer asks */
+            req_start(sr, e);
+    }
+    *s = e->schema;
+    *why = e->why;
+    return e->st;
+}
