@@ -568,3 +568,39 @@ def test_admin_dead_letter_routes_check_bodies_and_paths(esmd, postgres, db, end
     assert "invalid input syntax" not in body["Message"] and "ERROR" not in body["Message"], body
     assert len(dl_call(proc, "GET", DL + "/fn_dlq")[2]["messages"]) == 2
     assert queue_len(postgres, db) == 0
+
+
+@pytest.mark.kafka
+def test_admin_shows_the_schema_registry_config(kafka, esmd, kafka_config, names):
+    """A Kafka mapping's schema_registry as Lambda's SchemaRegistryConfig (docs/admin.md): the
+    URL without its user:password@, no password anywhere; Update refuses to change it. The topic
+    stays empty, so the registry is never asked for a schema."""
+    topic = kafka.create_topic(names.topic(), 1)
+    cfg = kafka_config(topic)
+    cfg["mappings"][0]["source"]["schema_registry"] = {
+        "url": "http://reg:s3cret-pw@127.0.0.1:9/apis/ccompat/v7",
+        "username": "esmd", "password": "s3cret-pw",
+        "ca_file": "/etc/esmd/ca.pem", "cert_file": "/etc/esmd/c.pem", "key_file": "/etc/esmd/k.pem",
+        "event_record_format": "SOURCE", "validate": ["key", "value"],
+    }
+    proc = esmd(cfg)
+    st, _, raw = call(proc, "GET", ESM + "/")
+    assert st == 200
+    assert "s3cret-pw" not in json.dumps(raw)
+    esm = raw["EventSourceMappings"][0]
+    assert esm["SelfManagedKafkaEventSourceConfig"]["SchemaRegistryConfig"] == {
+        "SchemaRegistryURI": "http://127.0.0.1:9/apis/ccompat/v7",
+        "EventRecordFormat": "SOURCE",
+        "AccessConfigs": [{"Type": "BASIC_AUTH"},
+                          {"Type": "CLIENT_CERTIFICATE_TLS_AUTH", "URI": "/etc/esmd/c.pem"},
+                          {"Type": "SERVER_ROOT_CA_CERT", "URI": "/etc/esmd/ca.pem"}],
+        "SchemaValidationConfigs": [{"Attribute": "KEY"}, {"Attribute": "VALUE"}],
+    }
+    st, _, err = call(proc, "PUT", ESM + "/" + esm["UUID"],
+                      {"SelfManagedKafkaEventSourceConfig": {"SchemaRegistryConfig": {}}})
+    assert st == 400 and "cannot be changed at run time" in json.dumps(err), err
+    # a mapping without a registry has none
+    cfg2 = kafka_config(kafka.create_topic(names.topic(), 1))
+    proc2 = esmd(cfg2)
+    assert "SchemaRegistryConfig" not in \
+        the_esm(proc2)["SelfManagedKafkaEventSourceConfig"]
