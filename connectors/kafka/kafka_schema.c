@@ -92,8 +92,13 @@ size_t esmd_sr_protobuf_indexes(const unsigned char *p, size_t len, int64_t *cou
     return r.pos;
 }
 
+/* Array and map items that take no bytes (null, an empty record) one record may hold: past it a
+ * few bytes could claim billions of them. */
+#define SR_MAX_EMPTY_ITEMS 65536
+
 struct walk {
     struct rd r;
+    size_t empty_items;
     struct esmd_buf *out;
     char *err;
     size_t errlen;
@@ -195,8 +200,12 @@ static bool walk_blocks(struct walk *w, avro_schema_t items, bool map, int depth
                 esmd_buf_put_json_string(w->out, (const char *)k, klen);
                 esmd_buf_putc(w->out, ':');
             }
+            size_t at = w->r.pos;
             if (!walk_value(w, items, depth + 1))
                 return false;
+            if (w->r.pos == at && ++w->empty_items > SR_MAX_EMPTY_ITEMS)
+                return walk_fail(w, "Avro %s holds more than %d items of no bytes",
+                                 map ? "map" : "array", SR_MAX_EMPTY_ITEMS);
         }
     }
     esmd_buf_putc(w->out, map ? '}' : ']');
@@ -392,7 +401,7 @@ bool esmd_sr_decode(const struct esmd_sr_schema *s, const unsigned char *body, s
         snprintf(err, errlen, "Protobuf records are not supported by esmd");
         return false;
     }
-    struct walk w = {{body, len, 0}, out, err, errlen};
+    struct walk w = {{body, len, 0}, 0, out, err, errlen};
     if (!walk_value(&w, s->avro, 0)) {
         out->len = mark;
         return false;

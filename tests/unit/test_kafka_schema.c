@@ -125,11 +125,30 @@ static void test_avro(void **state)
     assert_non_null(strstr(err, "UTF-8"));
     esmd_sr_schema_free(s);
 
-    /* an array of a billion nulls in 6 bytes stops at the output cap */
+    /* an array of a billion nulls in 6 bytes is refused early */
     s = avro("{\"type\":\"array\",\"items\":\"null\"}");
     const unsigned char nulls[] = {0x80, 0xa8, 0xd6, 0xb9, 0x07, 0x00};
     assert_null(decode(s, nulls, sizeof(nulls), err));
+    assert_non_null(strstr(err, "no bytes"));
+    esmd_sr_schema_free(s);
+    /* a map of string keys of a billion "x" values: refused at the output cap */
+    s = avro("{\"type\":\"map\",\"values\":{\"type\":\"array\",\"items\":\"double\"}}");
+    const int entries = 1200000; /* 7.2 MB of "":[], */
+    unsigned char *big = malloc(16 + 2 * (size_t)entries);
+    size_t n = 0;
+    for (uint64_t z = (uint64_t)entries << 1;; z >>= 7) { /* the count, a zigzag varint */
+        big[n++] = (unsigned char)((z & 0x7f) | (z > 0x7f ? 0x80 : 0));
+        if (z <= 0x7f)
+            break;
+    }
+    for (int i = 0; i < entries; i++) {
+        big[n++] = 0x00; /* key "" */
+        big[n++] = 0x00; /* an empty array */
+    }
+    big[n++] = 0x00;
+    assert_null(decode(s, big, n, err));
     assert_non_null(strstr(err, "larger"));
+    free(big);
     esmd_sr_schema_free(s);
 
     /* floats: the shortest text that reads back */
