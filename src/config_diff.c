@@ -68,6 +68,13 @@ static bool key_same(const struct esmd_cfg_key *k, const void *a, const void *b)
         return kvlist_same((const struct esmd_kvlist *)pa, (const struct esmd_kvlist *)pb);
     case ESMD_CFG_CUSTOM:
         return true;
+    case ESMD_CFG_SECTION: /* the block is there in both or neither, with the same keys */
+        if (*(const bool *)pa != *(const bool *)pb)
+            return false;
+        for (const struct esmd_cfg_key *sk = k->sub; sk && sk->name; sk++)
+            if (!key_same(sk, a, b))
+                return false;
+        return true;
     }
     return false;
 }

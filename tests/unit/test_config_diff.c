@@ -123,6 +123,19 @@ static void test_source_connection_and_function_restart_the_mapping(void **state
     assert_int_equal(d.mappings[0].action, ESMD_RELOAD_RESTART);
     assert_string_equal(d.mappings[0].keys, "source");
     done(&d, a, b);
+    /* the schema registry: added, a key inside it changed, or unchanged */
+    const char *sr1 = ", schema_registry: { url: 'http://sr:8081', validate: [key, value] }";
+    const char *sr2 = ", schema_registry: { url: 'http://sr:8081', validate: [value] }";
+    diff((struct parts){0}, (struct parts){.ksrc = sr1}, &d, &a, &b);
+    assert_int_equal(d.mappings[0].action, ESMD_RELOAD_RESTART);
+    assert_string_equal(d.mappings[0].keys, "source");
+    done(&d, a, b);
+    diff((struct parts){.ksrc = sr1}, (struct parts){.ksrc = sr2}, &d, &a, &b);
+    assert_int_equal(d.mappings[0].action, ESMD_RELOAD_RESTART);
+    done(&d, a, b);
+    diff((struct parts){.ksrc = sr1}, (struct parts){.ksrc = sr1}, &d, &a, &b);
+    assert_int_equal(d.mappings[0].action, ESMD_RELOAD_SAME);
+    done(&d, a, b);
     /* the connection it uses: only the kafka mapping */
     diff((struct parts){0}, (struct parts){.kconn = ", properties: { client.id: x }"}, &d, &a, &b);
     assert_int_equal(d.mappings[0].action, ESMD_RELOAD_RESTART);
