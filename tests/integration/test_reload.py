@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 import yaml
 
-from endpoint import Endpoint
+from endpoint import Endpoint, Response
 from servers import wait_for
 
 import servers
@@ -439,3 +439,41 @@ def test_function_settings_apply_to_new_requests(rsrc, esmd, endpoint, names):
         assert ("keep", 2) not in delivered(endpoint, rsrc)
     finally:
         other.close()
+
+
+def test_removed_mapping_finishes_its_request_and_sigterm_waits_for_it(rsrc, esmd, endpoint,
+                                                                     names):
+    """A removed mapping stops gracefully: its request in flight finishes and is committed (not
+    delivered again after a restart); a reload meanwhile is refused (409); SIGTERM meanwhile
+    waits for it and exits 0."""
+    cfg = base_config(rsrc, endpoint, names)
+    m2 = {"name": names.mapping(), "function": "fn", "source": rsrc.new_source(),
+          "batch_size": 10, "maximum_batching_window": "0ms"}
+    cfg["mappings"].append(m2)
+    proc = esmd(cfg)
+    cfg = read_config(proc)
+    endpoint.delay(2.0)
+    rsrc.produce(m2["source"], 7)
+    endpoint.wait_for(lambda: len(endpoint.snapshot()) >= 1, 30, "the request in flight")
+    cfg["mappings"] = cfg["mappings"][:1]
+    write_config(proc, cfg)
+    st, body = post(proc, "/admin/reload")
+    assert st == 200 and body["mappings"]["removed"] == [m2["name"]], body
+    st, body = post(proc, "/admin/reload")
+    assert st == 409 and body["reloaded"] is False, body
+    assert proc.stop() == 0
+    assert len(endpoint.ok_requests()) == 1 and rsrc.ids(endpoint.ok_requests()[0]) == [
+        ("keep", 7)]
+    lines = proc.log_lines()
+    stopped = [i for i, l in enumerate(lines)
+               if l.get("msg") == "mapping stopped" and l.get("mapping") == m2["name"]]
+    exiting = [i for i, l in enumerate(lines) if l.get("msg", "").startswith("esmd exiting")]
+    assert stopped and exiting and stopped[0] < exiting[0], "SIGTERM did not wait for the stop"
+    # the mapping back: nothing to deliver again
+    endpoint.default = Response()
+    cfg["mappings"].append(m2)
+    write_config(proc, cfg)
+    proc.start()
+    rsrc.produce(m2["source"], 8)
+    endpoint.wait_for(lambda: ("keep", 8) in delivered(endpoint, rsrc), 30, "record 8")
+    assert delivered(endpoint, rsrc) == {("keep", 7): 1, ("keep", 8): 1}
