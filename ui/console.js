@@ -435,8 +435,11 @@ function describeMessage(m) {
   if (!fn && ctx && typeof ctx.functionArn === "string") fn = ctx.functionArn.split(":function:")[1] || null;
   let condition = ctx && ctx.condition ? ctx.condition : null;
   if (!condition && m.errorMessage !== null && m.errorMessage !== undefined) condition = "Dead letter";
+  // what a redrive can make an event of again: a dead letter (the event itself) or an async
+  // invocation record (its requestPayload); a mapping's on-failure record is shown only
   const deadLetter = !!(m.attributes && m.attributes.RequestID && !ctx);
-  return {fn: fn ? fn.split(":")[0] : null, condition: condition || "–", deadLetter, body};
+  const redrivable = deadLetter || !!(ctx && body.requestPayload !== undefined);
+  return {fn: fn ? fn.split(":")[0] : null, condition: condition || "–", deadLetter, redrivable, body};
 }
 
 async function viewQueues() {
@@ -525,7 +528,7 @@ async function viewQueue(queue) {
       el("td.num", {}, fmtNum(x.m.receiveCount, 0)),
       el("td", {}, el("span.actions", {},
         el("button", {type: "button", "data-action": "inspect", onclick: () => show(x)}, "Inspect"),
-        x.d.deadLetter && x.d.fn
+        x.d.redrivable && x.d.fn
           ? el("button", {type: "button", "data-action": "redrive", onclick: async () => {
               try {
                 if (await redrive(queue, x.d.fn, [x.m.messageId], 1)) await current.render();
@@ -535,15 +538,15 @@ async function viewQueue(queue) {
             }}, "Redrive")
           : null)))));
     if (!list.length) table.tBodies[0].appendChild(el("tr", {}, el("td", {colspan: 7}, "No messages.")));
-    const fns = new Set(list.filter((x) => x.d.deadLetter).map((x) => x.d.fn));
+    const fns = new Set(list.filter((x) => x.d.redrivable).map((x) => x.d.fn));
     redriveAll.disabled = !(fns.size === 1 && !fns.has(null));
-    redriveAll.title = redriveAll.disabled ? "Filter the dead letters of one function to redrive them" : "";
+    redriveAll.title = redriveAll.disabled ? "Filter the messages of one function to redrive them" : "";
   };
   fnFilter.addEventListener("change", draw);
   condFilter.addEventListener("change", draw);
   refresh.addEventListener("click", () => current.render().catch((e) => flash(e.message, true)));
   redriveAll.addEventListener("click", async () => {
-    const list = shown().filter((x) => x.d.deadLetter);
+    const list = shown().filter((x) => x.d.redrivable);
     if (!list.length) return;
     try {
       if (await redrive(queue, list[0].d.fn, list.slice(0, 1000).map((x) => x.m.messageId), Math.min(list.length, 1000)))

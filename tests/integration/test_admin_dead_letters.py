@@ -155,3 +155,32 @@ def test_dead_letters_errors_and_auth(esmd, db, endpoint):  # noqa: F811
                  401, "UnrecognizedClientException")
     assert_error(call(proc, "POST", DL + "/fn_dlq/redrive", {"function": "fn"}, headers={}),
                  401, "MissingAuthenticationTokenException")
+
+
+def test_redrive_of_async_on_failure_records(esmd, postgres, db, endpoint):  # noqa: F811
+    """An on-failure record of an async invocation in a pgqueue:// queue is redriven as its
+    requestPayload (the original event), with its requestContext.requestId."""
+    endpoint.behaviour = failing
+    proc = esmd(fast(config(db, endpoint, {"maximum_retry_attempts": 0,
+                                           "on_failure": "pgqueue://fn_failed"})))
+    r = invoke(proc, "fn", b'{"order": 5,  "note": "<b>x</b>"}')
+    assert r.status_code == 202, r.text
+    rid = r.headers["x-amzn-RequestId"]
+    wait(lambda: len(call(proc, "GET", DL + "/fn_failed")[2]["messages"]) == 1,
+         what="the on-failure record")
+    msg = call(proc, "GET", DL + "/fn_failed")[2]["messages"][0]
+    rec = json.loads(msg["body"])
+    assert rec["requestContext"]["requestId"] == rid
+    assert rec["requestPayload"] == {"order": 5, "note": "<b>x</b>"}
+
+    endpoint.behaviour = None
+    st, _, body = call(proc, "POST", DL + "/fn_failed/redrive",
+                       {"function": "fn", "messageIds": [msg["messageId"]]})
+    assert st == 200 and body["redriven"] == 1, body
+    assert body["events"] == [{"messageId": msg["messageId"], "requestId": rid,
+                               "originalRequestId": rid}]
+    wait(lambda: len(endpoint.ok_requests()) == 1, what="the redriven event")
+    req = endpoint.ok_requests()[0]
+    assert json.loads(req.body) == {"order": 5, "note": "<b>x</b>"}  # the event, not the record
+    assert req.idempotency_key == rid
+    assert call(proc, "GET", DL + "/fn_failed")[2]["messages"] == []
