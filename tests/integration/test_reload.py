@@ -1,7 +1,7 @@
 """Reloading the configuration without a restart (docs/operations.md#reload): SIGHUP and
-POST /admin/reload, under load, on the Redis stream and Postgres queue sources (and Kafka, on the
-mock cluster); a bad file refused; keys that need a restart; admin-API overrides; function
-settings.
+POST /admin/reload, under load, on the Redis stream and Postgres queue sources and Kafka (the
+mock cluster and the real broker); a bad file refused; keys that need a restart; admin-API
+overrides; function settings.
 
 Under load a producer writes all the time while the file changes (batch size, filter, a mapping
 added, a mapping removed, a source key that restarts a mapping); the endpoint always succeeds,
@@ -193,14 +193,17 @@ class KafkaSource(Source):
         return out
 
 
-@pytest.fixture(params=["redis", "pgqueue", "kafka"])
+@pytest.fixture(params=["redis", "pgqueue", pytest.param("kafka-mock", marks=pytest.mark.kafka),
+                        pytest.param("kafka-broker", marks=pytest.mark.kafka)])
 def source(request, names, postgres):
     if request.param == "redis":
         return RedisSource(request.getfixturevalue("redis"), names)
     if request.param == "pgqueue":
         request.getfixturevalue("pgq_schema")
         return PgqueueSource(postgres, names)
-    return KafkaSource(request.getfixturevalue("kafka_mock"), names)
+    if request.param == "kafka-mock":
+        return KafkaSource(request.getfixturevalue("kafka_mock"), names)
+    return KafkaSource(request.getfixturevalue("kafka_broker"), names)
 
 
 @pytest.fixture(scope="session")
