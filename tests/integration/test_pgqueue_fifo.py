@@ -208,6 +208,23 @@ def test_content_based_deduplication(fifo):
     assert q.count() == 3
 
 
+def test_groups_take_turns_sql(fifo):
+    """esmd.receive_fifo visits groups round robin: a group that is done at once is not claimed
+    again before the others had their turn (claims of 1, each deleted before the next)."""
+    q = fifo()
+    q.send_groups(4, 3)
+    order = []
+    for _ in range(12):
+        rows = q.pg.sql("SELECT id, receipt, group_id FROM esmd.receive_fifo(%s, 1, '1 hour') "
+                        "WHERE kind = 'm'" % lit(q.name))
+        assert len(rows) == 1, rows
+        order.append(rows[0][2])
+        q.pg.sql("SELECT esmd.delete_received(ARRAY[%s]::bigint[], ARRAY[%s]::uuid[])"
+                 % (rows[0][0], lit(rows[0][1])))
+    assert order == ["g0", "g1", "g2", "g3"] * 3
+    assert q.count() == 0
+
+
 # ---- delivery ---------------------------------------------------------------------------------
 
 
