@@ -109,9 +109,6 @@ bool esmd_dest_name_ok(const char *s, size_t max, const char *extra);
     "a topic is 1 to 249 characters of letters, digits, '.', '_' or '-', not . or .."
 #define ESMD_DEST_NAME_RULE "1 to 64 characters of letters, digits, '_', '.' or '-'"
 
-/* uri with the password of an http(s) URL shown as ***; caller frees. */
-char *esmd_dest_label(const char *uri);
-
 /* One destination (one URI). */
 struct esmd_dest {
     struct esmd_dest *next;

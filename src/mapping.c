@@ -723,6 +723,33 @@ static void metrics_init(struct esmd_mapping *map)
     esmd_buf_free(&labels);
 }
 
+/* esmd_mapping_on_failure{mapping,function,destination}: 1 for the on-failure destination in
+ * force, 0 for one the mapping had before (the join with the outbox depth, docs/metrics.md). */
+static void on_failure_mark(const struct esmd_mapping *map, double v)
+{
+    if (!map->on_failure)
+        return;
+    char *dest = esmd_dest_label(map->on_failure);
+    struct esmd_buf l = ESMD_BUF_INIT;
+    esmd_metric_labels(&l, "mapping", map->cfg->name, "function", map->cfg->function, "destination",
+                       dest, NULL);
+    esmd_series_set(esmd_series(esmd_metric(ESMD_GAUGE, "esmd_mapping_on_failure",
+                                            "1 for the mapping's on-failure destination in force "
+                                            "(0: one it had before)."),
+                                esmd_buf_cstr(&l)),
+                    v);
+    esmd_buf_free(&l);
+    free(dest);
+}
+
+static void set_on_failure(struct esmd_mapping *map, const char *uri)
+{
+    on_failure_mark(map, 0);
+    free(map->on_failure);
+    map->on_failure = uri ? esmd_xstrdup(uri) : NULL;
+    on_failure_mark(map, 1);
+}
+
 static void on_stats(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct esmd_mapping *map = w->data;
@@ -847,7 +874,7 @@ struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_ma
     esmd_mapping_failure_init(map);
     map->enabled = true;
     map->window_ms = cfg->maximum_batching_window_ms;
-    map->on_failure = cfg->on_failure ? esmd_xstrdup(cfg->on_failure) : NULL;
+    set_on_failure(map, cfg->on_failure);
     snprintf(map->last_result, sizeof(map->last_result), "No records processed");
     if (cfg->nfilters > 0) {
         const char **pats = esmd_xcalloc(cfg->nfilters, sizeof(*pats));
@@ -1117,10 +1144,8 @@ int esmd_mapping_update(struct esmd_mapping *map, const struct esmd_mapping_upda
         set_batch_size(map, u->batch_size);
     if (u->has_window)
         map->window_ms = u->window_ms;
-    if (u->has_on_failure) {
-        free(map->on_failure);
-        map->on_failure = u->on_failure ? esmd_xstrdup(u->on_failure) : NULL;
-    }
+    if (u->has_on_failure)
+        set_on_failure(map, u->on_failure);
     ESMD_INFO(&map->log,
               "mapping updated: batch_size %d, window %lld ms, %zu filters, on_failure %s",
               map->batch_size, (long long)map->window_ms, map->npatterns,

@@ -101,6 +101,10 @@ struct esmd_dests_names {
 int esmd_dests_check_uri(const struct esmd_dests_names *names, const char *uri, char *err,
                          size_t errlen) ESMD_MUST_CHECK;
 
+/* uri with the password of an http(s) URL shown as ***, as the destination label of the
+ * metrics and /readyz shows it; caller frees. */
+char *esmd_dest_label(const char *uri);
+
 /* Graceful stop: no new claims; writes in progress finish; done(ud) when idle (sends and
  * writes finished, at most 40 s), from the loop, never inside this call. Then free. */
 void esmd_dests_stop(struct esmd_dests *d, void (*done)(void *ud), void *ud);

@@ -107,6 +107,44 @@ def test_ready_gauge_is_what_readyz_answers(esmd, postgres, endpoint, names):
     assert ok.metrics().get("esmd_ready") == 1
 
 
+def test_mapping_on_failure_destination_series_follows_the_override(esmd, kafka_mock, names):
+    """esmd_mapping_on_failure names a mapping's on-failure destination as esmd_destination_pending
+    labels it (password hidden), 1 while in force, 0 once replaced (UpdateEventSourceMapping)."""
+    topic = names.topic()
+    kafka_mock.create_topic(topic, 1)
+    name = names.mapping()
+    secret = "http://u:pw@127.0.0.1:%d/failed" % servers.free_port()
+    shown = secret.replace(":pw@", ":***@")
+    cfg = {"connections": {"k": {"type": "kafka", "bootstrap_servers": kafka_mock.bootstrap}},
+           "functions": {"fn": {"url": "http://127.0.0.1:%d/" % servers.free_port()}},
+           "mappings": [{"name": name, "function": "fn", "on_failure": secret,
+                         "source": {"kafka": "k", "topics": [topic],
+                                    "consumer_group": names.group()}}]}
+    proc = esmd(cfg)
+    m = proc.metrics()
+    assert m.get("esmd_mapping_on_failure", mapping=name, function="fn", destination=shown) == 1
+    assert [ls for n, ls, _ in m if n == "esmd_destination_pending"] == [{"destination": shown}]
+    assert secret not in proc.get("/metrics")[1]
+
+    status, esms = proc.get("/2015-03-31/event-source-mappings/")
+    assert status == 200, esms
+    (uuid,) = [e["UUID"] for e in json.loads(esms)["EventSourceMappings"]]
+    r = requests.put("%s/2015-03-31/event-source-mappings/%s" % (proc.admin, uuid), timeout=10,
+                     json={"DestinationConfig": {"OnFailure": {"Destination": "pgqueue://other"}}})
+    assert r.status_code == 202, r.text
+
+    def switched():
+        m = proc.metrics()
+        return (m.get("esmd_mapping_on_failure", mapping=name, destination="pgqueue://other") == 1
+                and m.get("esmd_mapping_on_failure", mapping=name, destination=shown) == 0)
+    wait(switched, 30, "the override's destination in force")
+    r = requests.put("%s/2015-03-31/event-source-mappings/%s" % (proc.admin, uuid), timeout=10,
+                     json={"DestinationConfig": {"OnFailure": {"Destination": ""}}})
+    assert r.status_code == 202, r.text
+    wait(lambda: proc.metrics().get("esmd_mapping_on_failure", mapping=name) == 0, 30,
+         "no destination in force")
+
+
 # ---- the alerting rules and the Prometheus configuration --------------------------------------
 
 PROM_DIR = os.path.join(OBS, "prometheus")
@@ -182,7 +220,7 @@ def dashboard_panels(dash):
             yield q
 
 
-def test_dashboard_is_a_grafana_dashboard():
+def test_dashboard_is_a_grafana_dashboard(tmp_path):
     dash = load_dashboard()
     assert dash["uid"] and dash["title"] and isinstance(dash["schemaVersion"], int)
     variables = {v["name"]: v for v in dash["templating"]["list"]}
@@ -212,13 +250,28 @@ def test_dashboard_is_a_grafana_dashboard():
         for t in p["targets"]:
             assert t["expr"].strip(), p["title"]
     assert graphs >= 15
+    # every query is PromQL Prometheus accepts: promtool checks them as recording rules, with the
+    # dashboard's variables replaced by what Grafana puts there
+    grafana_vars = {"$__rate_interval": "1m", "$mapping": ".*", "$function": ".*",
+                    "$instance": ".*"}
+    rules = []
+    for i, e in enumerate(dashboard_exprs(dash)):
+        for k, v in grafana_vars.items():
+            e = e.replace(k, v)
+        assert "$" not in e, e
+        rules.append({"record": "dashboard:query_%d" % i, "expr": e})
+    path = os.path.join(str(tmp_path), "dashboard-queries.yml")
+    with open(path, "w") as f:
+        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, f)
+    code, out = promtool("check", "rules", path)
+    assert code == 0, out
     # what the issue asks to see, by metric
     used = set().union(*(promql_metric_names(e) for e in dashboard_exprs(dash)))
     for name in ("esmd_polled_events_total", "esmd_offset_lag", "esmd_failed_invoke_events_total",
                  "esmd_batch_retries_total", "esmd_on_failure_events_total",
                  "esmd_pgqueue_dead_lettered_messages_total", "esmd_destination_pending",
                  "esmd_duration_seconds_bucket", "esmd_concurrent_executions",
-                 "esmd_throttles_total", "esmd_async_queue_depth",
+                 "esmd_throttles_total", "esmd_async_queue_depth", "esmd_mapping_on_failure",
                  "esmd_async_oldest_event_age_seconds"):
         assert name in used, name
 
