@@ -119,7 +119,7 @@ static void adm_apply(struct adm_map *m)
         u.on_failure = adm_eff_on_failure(m);
     }
     if (any && esmd_mapping_update(m->map, &u, err, sizeof(err)) != 0)
-        ESMD_WARN(&(struct esmd_log_ctx){m->cfg->name, m->cfg->function, NULL},
+        ESMD_WARN(&(struct esmd_log_ctx){m->cfg->name, m->cfg->function, NULL, NULL},
                   "admin: stored override not applied: %s", err);
     free(filters);
     enabled = m->ovr.enabled >= 0 ? m->ovr.enabled == 1 : m->cfg->enabled;
@@ -207,7 +207,7 @@ static void adm_take_rows(struct esmd_admin *adm, const PGresult *res, bool all,
             continue; /* a mapping another configuration has */
         seen[i] = true;
         if (ovr_from_row(&m->ovr, res, r) != 0)
-            ESMD_WARN(&(struct esmd_log_ctx){m->cfg->name, m->cfg->function, NULL},
+            ESMD_WARN(&(struct esmd_log_ctx){m->cfg->name, m->cfg->function, NULL, NULL},
                       "admin: unreadable row in esmd.mapping_overrides ignored");
     }
     for (size_t i = 0; i < adm->nmaps; i++) {
@@ -248,7 +248,7 @@ static void adm_op_done(void *ud, const PGresult *res, const char *err)
     }
     struct adm_map *m = &adm->maps[mi];
     if (!ok) {
-        ESMD_WARN(&(struct esmd_log_ctx){m->cfg->name, m->cfg->function, NULL},
+        ESMD_WARN(&(struct esmd_log_ctx){m->cfg->name, m->cfg->function, NULL, NULL},
                   "admin: could not store the change: %s", err ? err : PQresultErrorMessage(res));
         if (!adm->closing)
             adm_apply(m); /* back to what the database holds */
@@ -642,7 +642,7 @@ int esmd_admin_load(struct esmd_admin *adm, char *err, size_t errlen)
             now = adm_yaml_value(m->cfg, fields[k]);
             if (then == NULL || !cJSON_Compare(now, then, true)) {
                 esmd_buf_printf(&drop, "%s%s", drop.len ? "," : "", fields[k]);
-                ESMD_INFO(&(struct esmd_log_ctx){m->cfg->name, m->cfg->function, NULL},
+                ESMD_INFO(&(struct esmd_log_ctx){m->cfg->name, m->cfg->function, NULL, NULL},
                           "admin: %s changed in the configuration file since it was overridden "
                           "through the admin API: the file's value applies",
                           fields[k]);
@@ -691,9 +691,9 @@ int esmd_admin_load(struct esmd_admin *adm, char *err, size_t errlen)
     }
     for (size_t i = 0; i < adm->nmaps; i++)
         if (adm->maps[i].ovr.present)
-            ESMD_INFO(
-                &(struct esmd_log_ctx){adm->maps[i].cfg->name, adm->maps[i].cfg->function, NULL},
-                "admin: overrides from esmd.mapping_overrides applied");
+            ESMD_INFO(&(struct esmd_log_ctx){adm->maps[i].cfg->name, adm->maps[i].cfg->function,
+                                             NULL, NULL},
+                      "admin: overrides from esmd.mapping_overrides applied");
     rc = ESMD_OK;
 out:
     PQclear(res);

@@ -5,6 +5,7 @@
 #include "esmd/api.h"
 #include "esmd/admin_auth.h"
 #include "esmd/asyncq.h"
+#include "esmd/trace.h"
 #include "esmd/config.h"
 #include "esmd/http.h"
 #include "esmd/invoke.h"
@@ -127,12 +128,28 @@ static size_t invoke_limit(void *ud, struct esmd_http_req *req)
     return t && strcmp(t, "Event") == 0 ? esmd_asyncq_max_payload(ctx->q) : ESMD_MAX_PAYLOAD;
 }
 
+/* The request's trace headers (traceparent, tracestate, X-Amzn-Trace-Id); malformed ones are
+ * dropped (docs/operations.md#trace-context). */
+static void request_trace(struct esmd_http_req *req, struct esmd_trace *t)
+{
+    static const char *const names[] = {ESMD_TRACE_TRACEPARENT, ESMD_TRACE_TRACESTATE,
+                                        ESMD_TRACE_XRAY};
+    esmd_trace_clear(t);
+    for (size_t i = 0; i < ESMD_ARRAY_LEN(names); i++) {
+        const char *v = esmd_http_req_header(req, names[i]);
+        if (v)
+            esmd_trace_set(t, names[i], v, strlen(v));
+    }
+}
+
 static void invoke_event(const struct esmd_api_ctx *ctx, struct esmd_api_call *call,
                          const struct esmd_function_cfg *fc, const char *body, size_t len)
 {
     struct event_call *ec = esmd_xcalloc(1, sizeof(*ec));
     ec->call = *call;
-    int rc = esmd_asyncq_enqueue(ctx->q, fc->name, body, len, event_done, ec);
+    struct esmd_trace trace;
+    request_trace(call->req, &trace);
+    int rc = esmd_asyncq_enqueue(ctx->q, fc->name, body, len, &trace, event_done, ec);
     if (rc != 0) {
         free(ec);
         if (rc == ESMD_ETOOBIG)
@@ -161,7 +178,11 @@ static void invoke_sync(const struct esmd_api_ctx *ctx, struct esmd_api_call *ca
         len = 2;
     }
     sc->body = esmd_xstrndup(body, len);
-    sc->ireq = fn ? esmd_invoke_start(fn, sc->body, len, sc->call.rid, NULL, sync_done, sc) : NULL;
+    struct esmd_trace trace;
+    request_trace(call->req, &trace);
+    sc->ireq =
+        fn ? esmd_invoke_start_traced(fn, sc->body, len, sc->call.rid, NULL, &trace, sync_done, sc)
+           : NULL;
     if (!sc->ireq) {
         free(sc->body);
         free(sc);

@@ -22,6 +22,7 @@
 #include "esmd/log.h"
 #include "esmd/metrics.h"
 #include "esmd/pg.h"
+#include "esmd/trace.h"
 
 #include <cJSON.h>
 #include <ev.h>
@@ -71,6 +72,7 @@ struct aq_pending {
     char rid[37];
     char *payload; /* owned */
     size_t len;
+    struct esmd_trace trace; /* the Invoke request's, empty when none */
     esmd_asyncq_cb cb;
     void *ud;
 };
@@ -88,6 +90,8 @@ struct aq_ev {
     int attempts, invokes, throttles;
     int last_status;
     char *last_fe, *last_resp, *last_err; /* owned or NULL */
+    struct esmd_trace trace;              /* sent with every attempt */
+    char trace_id[ESMD_TRACE_ID_LEN + 1]; /* on its log lines, "" when none */
     struct esmd_invoke_req *ireq;
     int sends;        /* destination sends waiting for their commit */
     bool send_failed; /* one could not be stored: retry the settling later */
@@ -300,7 +304,8 @@ static void send_cb(void *ud, bool ok, const char *err)
     if (!ev)
         return;
     if (!ok) {
-        struct esmd_log_ctx lc = {NULL, ev->f->cfg->name, ev->rid};
+        struct esmd_log_ctx lc = {NULL, ev->f->cfg->name, ev->rid,
+                                  ev->trace_id[0] ? ev->trace_id : NULL};
         esmd_log_limited(ESMD_LOG_WARN, &lc, "async-send",
                          "async: could not store the %s record: %s (retrying)",
                          dlq ? "dead-letter" : "destination", err ? err : "?");
@@ -329,7 +334,8 @@ static void send_out(struct aq_ev *ev, const char *uri, const char *payload, siz
         attrs ? esmd_dests_send_attrs(q->dests, uri, payload, len, attrs, send_cb, s)
               : esmd_dests_send(q->dests, uri, payload, len, ev->rid, strlen(ev->rid), send_cb, s);
     if (rc != 0) {
-        struct esmd_log_ctx lc = {NULL, ev->f->cfg->name, ev->rid};
+        struct esmd_log_ctx lc = {NULL, ev->f->cfg->name, ev->rid,
+                                  ev->trace_id[0] ? ev->trace_id : NULL};
         esmd_log_limited(ESMD_LOG_ERROR, &lc, "async-send-refused",
                          "async: destination %s refused the %s (%s)%s", uri,
                          dlq ? "dead letter" : "record",
@@ -392,7 +398,7 @@ static void route_failure(struct aq_ev *ev, const char *condition)
 {
     struct aq_fn *f = ev->f;
     const char *uri = fn_dest(f, false);
-    struct esmd_log_ctx lc = {NULL, f->cfg->name, ev->rid};
+    struct esmd_log_ctx lc = {NULL, f->cfg->name, ev->rid, ev->trace_id[0] ? ev->trace_id : NULL};
     esmd_series_inc(strcmp(condition, "EventAgeExceeded") == 0 ? f->m_drop_age : f->m_drop_retries,
                     1);
     ESMD_INFO(&lc, "async: event dropped (%s) after %d invocation(s)%s", condition, ev->invokes,
@@ -536,6 +542,9 @@ enum {
     AQ_COL_FE,
     AQ_COL_RESP,
     AQ_COL_ERR,
+    AQ_COL_TRACEPARENT,
+    AQ_COL_TRACESTATE,
+    AQ_COL_XRAY,
 };
 
 static void aq_claimed(void *ud, void *key_ud, int64_t id, const PGresult *res, int r)
@@ -566,6 +575,14 @@ static void aq_claimed(void *ud, void *key_ud, int64_t id, const PGresult *res, 
         ev->last_resp = esmd_xstrdup(PQgetvalue(res, r, AQ_COL_RESP));
     if (!PQgetisnull(res, r, AQ_COL_ERR))
         ev->last_err = esmd_xstrdup(PQgetvalue(res, r, AQ_COL_ERR));
+    static const int trace_cols[] = {AQ_COL_TRACEPARENT, AQ_COL_TRACESTATE, AQ_COL_XRAY};
+    static const char *const trace_names[] = {ESMD_TRACE_TRACEPARENT, ESMD_TRACE_TRACESTATE,
+                                              ESMD_TRACE_XRAY};
+    for (size_t i = 0; i < ESMD_ARRAY_LEN(trace_cols); i++)
+        if (!PQgetisnull(res, r, trace_cols[i]))
+            esmd_trace_set(&ev->trace, trace_names[i], PQgetvalue(res, r, trace_cols[i]),
+                           (size_t)PQgetlength(res, r, trace_cols[i]));
+    esmd_trace_id(&ev->trace, ev->trace_id);
     int64_t now = esmd_now_ms();
     if (now - ev->received_ms > fn_age_ms(f)) {
         route_failure(ev, "EventAgeExceeded");
@@ -576,7 +593,8 @@ static void aq_claimed(void *ud, void *key_ud, int64_t id, const PGresult *res, 
         return;
     }
     esmd_series_observe(f->m_age, (double)(now - ev->received_ms) / 1000.0);
-    ev->ireq = esmd_invoke_start(f->fn, ev->payload, ev->len, ev->rid, NULL, ev_invoked, ev);
+    ev->ireq = esmd_invoke_start_traced(f->fn, ev->payload, ev->len, ev->rid, NULL, &ev->trace,
+                                        ev_invoked, ev);
     if (!ev->ireq) /* the invoker is shutting down: run it later */
         settle_retry(ev, 0);
 }
@@ -695,6 +713,9 @@ static void aq_insert_row(void *ud, struct esmd_leaseq_item *item, struct esmd_p
     esmd_pg_array_add(&cols[0], p->f->cfg->name, strlen(p->f->cfg->name));
     aq_add_request_id(p, &cols[1]);
     esmd_pg_array_add(&cols[2], p->payload, p->len);
+    esmd_pg_array_add(&cols[3], p->trace.traceparent, strlen(p->trace.traceparent));
+    esmd_pg_array_add(&cols[4], p->trace.tracestate, strlen(p->trace.tracestate));
+    esmd_pg_array_add(&cols[5], p->trace.xray, strlen(p->trace.xray));
 }
 
 /* An INSERT cut off by a lost connection: its events are looked up by request id, which esmd
@@ -711,7 +732,8 @@ static bool aq_policy_idle(void *ud)
     return q->evs == NULL && !q->notifying && q->config_queries == 0 && !q->counting;
 }
 
-static const unsigned int aq_insert_oids[] = {ESMD_PG_OID_TEXT, ESMD_PG_OID_UUID, ESMD_PG_OID_TEXT};
+static const unsigned int aq_insert_oids[] = {ESMD_PG_OID_TEXT, ESMD_PG_OID_UUID, ESMD_PG_OID_TEXT,
+                                              ESMD_PG_OID_TEXT, ESMD_PG_OID_TEXT, ESMD_PG_OID_TEXT};
 
 static const struct esmd_leaseq_policy aq_policy = {
     .name = "async",
@@ -720,10 +742,14 @@ static const struct esmd_leaseq_policy aq_policy = {
     .key_column = "function",
     .returning = "t.request_id, t.payload, (extract(epoch FROM t.received_at) * 1000)::bigint, "
                  "t.attempts, t.invokes, t.throttles, t.last_status, t.last_function_error, "
-                 "t.last_response, t.last_error",
-    .insert_sql = "INSERT INTO esmd.async_events (function, request_id, payload) "
-                  "SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[])",
-    .insert_nparams = 3,
+                 "t.last_response, t.last_error, t.traceparent, t.tracestate, t.trace_header",
+    /* trace headers: "" for none (NULL in the row) */
+    .insert_sql = "INSERT INTO esmd.async_events (function, request_id, payload, traceparent, "
+                  "tracestate, trace_header) "
+                  "SELECT f, r, p, nullif(tp, ''), nullif(ts, ''), nullif(x, '') "
+                  "FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], "
+                  "$6::text[]) AS u(f, r, p, tp, ts, x)",
+    .insert_nparams = 6,
     .insert_oids = aq_insert_oids,
     .insert_max_rows = AQ_INS_MAX_ROWS,
     .insert_max_bytes = AQ_INS_MAX_BYTES,
@@ -741,7 +767,7 @@ static const struct esmd_leaseq_policy aq_policy = {
 };
 
 int esmd_asyncq_enqueue(struct esmd_asyncq *q, const char *function, const char *payload,
-                        size_t len, esmd_asyncq_cb cb, void *ud)
+                        size_t len, const struct esmd_trace *trace, esmd_asyncq_cb cb, void *ud)
 {
     if (!q || !function || !cb)
         return ESMD_EINVAL;
@@ -763,6 +789,10 @@ int esmd_asyncq_enqueue(struct esmd_asyncq *q, const char *function, const char 
     esmd_uuid4(p->rid);
     p->payload = esmd_xstrndup(payload, len);
     p->len = len;
+    if (trace) {
+        p->trace = *trace;
+        esmd_trace_complete(&p->trace);
+    }
     p->item.bytes = len;
     p->cb = cb;
     p->ud = ud;
@@ -953,7 +983,7 @@ static void eic_done(void *ud, const PGresult *res, const char *err)
     int rc = ESMD_OK;
     q->config_queries--;
     if (err || !res) {
-        ESMD_WARN(&(struct esmd_log_ctx){NULL, op->f->cfg->name, NULL},
+        ESMD_WARN(&(struct esmd_log_ctx){NULL, op->f->cfg->name, NULL, NULL},
                   "async: storing the event-invoke-config: %s", err ? err : "no result");
         rc = ESMD_EIO;
     } else if (op->is_delete && PQntuples(res) == 0) {
@@ -1061,7 +1091,7 @@ static int sink(void *ud, const char *function, const char *payload, size_t len,
     struct sink_call *sc = esmd_xcalloc(1, sizeof(*sc));
     sc->cb = cb;
     sc->ud = cbud;
-    int rc = esmd_asyncq_enqueue(q, function, payload, len, sink_done, sc);
+    int rc = esmd_asyncq_enqueue(q, function, payload, len, NULL, sink_done, sc);
     if (rc != 0)
         free(sc);
     return rc;

@@ -11,6 +11,7 @@
 #include "esmd/buf.h"
 #include "esmd/curl_ev.h"
 #include "esmd/metrics.h"
+#include "esmd/trace.h"
 
 #include <cJSON.h>
 #include <curl/curl.h>
@@ -71,10 +72,12 @@ struct esmd_invoke_req {
     esmd_invoke_cb cb;
     void *ud;
     char request_id[37];
-    CURL *easy;                 /* while ACTIVE; back to the pool afterwards */
-    unsigned gen;               /* fn->gen when easy was set up */
-    long timeout_ms;            /* fn->timeout_ms when it was sent */
-    struct curl_slist *headers; /* owned */
+    struct esmd_trace trace;              /* sent as headers; empty when none */
+    char trace_id[ESMD_TRACE_ID_LEN + 1]; /* for log lines, "" when none */
+    CURL *easy;                           /* while ACTIVE; back to the pool afterwards */
+    unsigned gen;                         /* fn->gen when easy was set up */
+    long timeout_ms;                      /* fn->timeout_ms when it was sent */
+    struct curl_slist *headers;           /* owned */
     struct esmd_buf resp;
     bool too_large;
     char function_error[ESMD_INVOKE_FNERR_MAX]; /* from X-Amz-Function-Error, "" if none */
@@ -390,7 +393,8 @@ static void invoke_complete(struct esmd_invoke_req *req, struct esmd_invoke_resu
 {
     struct esmd_function *fn = req->fn;
     struct esmd_invoker *inv = fn->inv;
-    struct esmd_log_ctx ctx = {req->mapping, fn->cfg->name, req->request_id};
+    struct esmd_log_ctx ctx = {req->mapping, fn->cfg->name, req->request_id,
+                               req->trace_id[0] ? req->trace_id : NULL};
 
     res->request_id = req->request_id;
     if (res->body == NULL) {
@@ -484,6 +488,22 @@ static CURL *invoke_get_easy(struct esmd_function *fn)
     return easy;
 }
 
+/* The trace headers (include/esmd/trace.h): checked when they were taken, so safe as they are. */
+static struct curl_slist *invoke_trace_headers(struct curl_slist *h, const struct esmd_trace *t)
+{
+    const char *names[] = {ESMD_TRACE_TRACEPARENT, ESMD_TRACE_TRACESTATE, ESMD_TRACE_XRAY};
+    const char *values[] = {t->traceparent, t->tracestate, t->xray};
+    char line[ESMD_TRACESTATE_MAX + 32];
+
+    for (size_t i = 0; i < ESMD_ARRAY_LEN(names); i++) {
+        if (!values[i][0])
+            continue;
+        snprintf(line, sizeof(line), "%s: %s", names[i], values[i]);
+        h = curl_slist_append(h, line);
+    }
+    return h;
+}
+
 /* Builds the easy handle and adds it to the multi. 0, or -1 with req->errbuf set. */
 static int invoke_send(struct esmd_invoke_req *req)
 {
@@ -518,6 +538,7 @@ static int invoke_send(struct esmd_invoke_req *req)
         h = curl_slist_append(h, esmd_buf_cstr(&b));
         esmd_buf_free(&b);
     }
+    h = invoke_trace_headers(h, &req->trace);
     req->headers = h;
     if (h == NULL) {
         snprintf(req->errbuf, sizeof(req->errbuf), "out of memory building headers");
@@ -806,7 +827,7 @@ static void invoke_set_headers(struct esmd_function *fn, const struct esmd_funct
         char *value;
 
         if (kv->key == NULL || kv->key[0] == '\0' || strpbrk(kv->key, ":\r\n \t") != NULL) {
-            struct esmd_log_ctx ctx = {NULL, cfg->name, NULL};
+            struct esmd_log_ctx ctx = {NULL, cfg->name, NULL, NULL};
             ESMD_WARN(&ctx, "function header name \"%s\" is not valid: not sent",
                       kv->key ? kv->key : "");
             continue;
@@ -913,6 +934,15 @@ struct esmd_invoke_req *esmd_invoke_start(struct esmd_function *fn, const char *
                                           const char *idempotency_key, const char *mapping,
                                           esmd_invoke_cb cb, void *ud)
 {
+    return esmd_invoke_start_traced(fn, body, len, idempotency_key, mapping, NULL, cb, ud);
+}
+
+struct esmd_invoke_req *esmd_invoke_start_traced(struct esmd_function *fn, const char *body,
+                                                 size_t len, const char *idempotency_key,
+                                                 const char *mapping,
+                                                 const struct esmd_trace *trace, esmd_invoke_cb cb,
+                                                 void *ud)
+{
     struct esmd_invoke_req *req;
 
     if (fn == NULL || cb == NULL || (body == NULL && len > 0) || fn->inv->closing)
@@ -926,6 +956,11 @@ struct esmd_invoke_req *esmd_invoke_start(struct esmd_function *fn, const char *
     req->cb = cb;
     req->ud = ud;
     esmd_uuid4(req->request_id);
+    if (trace) {
+        req->trace = *trace;
+        esmd_trace_complete(&req->trace);
+        esmd_trace_id(&req->trace, req->trace_id);
+    }
     esmd_buf_init(&req->resp);
     req->stats = invoke_stats(fn, mapping);
     req->state = REQ_QUEUED;

@@ -58,6 +58,7 @@ __attribute__((format(printf, 4, 0))) static void vlog(enum esmd_log_level lvl,
         put_field(&b, "mapping", ctx->mapping);
         put_field(&b, "function", ctx->function);
         put_field(&b, "request_id", ctx->request_id);
+        put_field(&b, "trace_id", ctx->trace_id);
     }
     if (suppressed > 0)
         esmd_buf_printf(&b, ",\"suppressed\":%ld", suppressed);

@@ -1164,7 +1164,7 @@ static int cmd_run(int argc, char **argv)
         svc.maps[svc.nmaps++] = map;
         esmd_mapping_set_destinations(map, svc.dests);
         if (!mc->enabled) {
-            ESMD_INFO(&(struct esmd_log_ctx){mc->name, mc->function, NULL},
+            ESMD_INFO(&(struct esmd_log_ctx){mc->name, mc->function, NULL, NULL},
                       "mapping disabled in the configuration");
             esmd_mapping_set_enabled(map, false);
         }
@@ -1203,7 +1203,7 @@ static int cmd_run(int argc, char **argv)
     for (size_t i = 0; i < svc.nmaps; i++) {
         if (esmd_mapping_start(svc.maps[i]) != ESMD_OK) {
             const struct esmd_mapping_cfg *mc = &svc.cfg->mappings[i];
-            ESMD_ERROR(&(struct esmd_log_ctx){mc->name, mc->function, NULL},
+            ESMD_ERROR(&(struct esmd_log_ctx){mc->name, mc->function, NULL, NULL},
                        "mapping could not start");
             goto out;
         }

@@ -363,6 +363,28 @@ static void encode_part(struct inflight *inf)
 
 static void on_invoke_result(void *ud, const struct esmd_invoke_result *res);
 
+/* A batch of records of several traces is sent with the trace of its first record that has one
+ * (each record keeps its own in the event where the source's event has a place for it):
+ * docs/operations.md#trace-context says why. */
+void esmd_mapping_part_trace(struct inflight *inf)
+{
+    struct esmd_mapping *map = inf->map;
+    esmd_trace_clear(&inf->trace);
+    inf->trace_id[0] = '\0';
+    if (!map->ops->trace)
+        return;
+    for (size_t g = 0; g < inf->batch.ngroups; g++)
+        for (struct esmd_record *r = inf->batch.groups[g].head; r; r = r->next) {
+            if (map->ops->trace(map->conn, r, &inf->trace)) {
+                esmd_trace_complete(&inf->trace);
+                esmd_trace_id(&inf->trace, inf->trace_id);
+                return;
+            }
+            if (r == inf->batch.groups[g].tail)
+                break;
+        }
+}
+
 /* Sends the current part, after giving up records past maximum_record_age. */
 static void start_part(struct inflight *inf)
 {
@@ -374,9 +396,10 @@ static void start_part(struct inflight *inf)
     if (esmd_mapping_give_up_expired(inf))
         return;
     encode_part(inf);
+    esmd_mapping_part_trace(inf);
     esmd_series_inc(map->m.invoked, (double)inf->batch.nrecords);
-    inf->req = esmd_invoke_start(map->fn, inf->body.data, inf->body.len, inf->idem_key,
-                                 map->cfg->name, on_invoke_result, inf);
+    inf->req = esmd_invoke_start_traced(map->fn, inf->body.data, inf->body.len, inf->idem_key,
+                                        map->cfg->name, &inf->trace, on_invoke_result, inf);
 }
 
 static void on_retry_timer(struct ev_loop *loop, ev_timer *w, int revents)
@@ -544,8 +567,7 @@ static void settle_failure(struct inflight *inf, const struct esmd_invoke_result
 
     if (map->ops->queue) {
         /* Queue semantics: the source redelivers the batch after its visibility timeout. */
-        struct esmd_log_ctx ctx = map->log;
-        ctx.request_id = res->request_id;
+        struct esmd_log_ctx ctx = esmd_mapping_part_log(inf, res->request_id);
         esmd_log_limited(ESMD_LOG_WARN, &ctx, "batch-failed",
                          "batch of %zu messages (%s) %s: %s; left for redelivery",
                          inf->batch.nrecords, inf->idem_key, esmd_invoke_outcome_name(res->outcome),
@@ -647,8 +669,7 @@ static void settle_response(struct inflight *inf, const struct esmd_invoke_resul
     if (rc == ESMD_ITEMS_NONE) {
         settle_success(inf);
     } else if (why) {
-        struct esmd_log_ctx ctx = map->log;
-        ctx.request_id = res->request_id;
+        struct esmd_log_ctx ctx = esmd_mapping_part_log(inf, res->request_id);
         esmd_log_limited(ESMD_LOG_WARN, &ctx, "bad-item-failures",
                          "batchItemFailures not usable (%s): the whole batch failed", why);
         settle_failure(inf, res, why);

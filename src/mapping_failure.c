@@ -156,9 +156,7 @@ static int retry_limit(const struct esmd_mapping *map)
 static void log_failure(struct inflight *inf, const struct esmd_invoke_result *res,
                         const char *what, int64_t delay)
 {
-    struct esmd_mapping *map = inf->map;
-    struct esmd_log_ctx ctx = map->log;
-    ctx.request_id = res->request_id;
+    struct esmd_log_ctx ctx = esmd_mapping_part_log(inf, res->request_id);
     esmd_log_limited(ESMD_LOG_WARN, &ctx, "batch-retry",
                      "batch of %zu records (%s) %s: %s; %s%lld ms (attempt %d)",
                      inf->batch.nrecords, inf->idem_key, esmd_invoke_outcome_name(res->outcome),
@@ -363,12 +361,13 @@ void esmd_mapping_give_up(struct inflight *inf, const char *condition)
 {
     struct esmd_mapping *map = inf->map;
     inf->condition = condition;
+    esmd_mapping_part_trace(inf);
+    struct esmd_log_ctx ctx = esmd_mapping_part_log(inf, inf->last_request_id);
     if (!map->on_failure || !map->dests) {
         watch_discarded(inf);
         esmd_series_inc(map->m.dropped, (double)inf->batch.nrecords);
-        ESMD_ERROR(&map->log, "%zu records (%s) discarded after %d invocations: %s",
-                   inf->batch.nrecords, inf->idem_key ? inf->idem_key : "not sent", inf->invokes,
-                   condition);
+        ESMD_ERROR(&ctx, "%zu records (%s) discarded after %d invocations: %s", inf->batch.nrecords,
+                   inf->idem_key ? inf->idem_key : "not sent", inf->invokes, condition);
         esmd_mapping_part_done(inf, true);
         return;
     }
@@ -394,7 +393,7 @@ void esmd_mapping_give_up(struct inflight *inf, const char *condition)
     }
     esmd_buf_free(&rec_json);
     free(pr.recs);
-    ESMD_WARN(&map->log, "%zu records sent to on-failure destination %s: %s", pr.n, map->on_failure,
+    ESMD_WARN(&ctx, "%zu records sent to on-failure destination %s: %s", pr.n, map->on_failure,
               condition);
     on_failure_stored(inf, true, NULL);
 }

@@ -9,6 +9,7 @@
 #include "esmd/connector.h"
 #include "esmd/log.h"
 #include "esmd/mapping.h"
+#include "esmd/trace.h"
 
 #include <stdlib.h>
 
@@ -50,6 +51,10 @@ struct inflight {
     bool dest_failed;
     struct esmd_invoke_req *req;
     ev_timer retry;
+    /* The current part's trace context: its first record's that has one
+     * (esmd_mapping_part_trace; docs/operations.md#trace-context). */
+    struct esmd_trace trace;
+    char trace_id[ESMD_TRACE_ID_LEN + 1]; /* "" when none */
     struct inflight *prev, *next;
 };
 
@@ -122,6 +127,18 @@ static inline void esmd_mapping_release(struct esmd_mapping *map, struct esmd_re
 }
 
 /* ---- src/mapping.c ---- */
+
+/* Takes the current part's trace context from its records (inf->trace, inf->trace_id). */
+void esmd_mapping_part_trace(struct inflight *inf);
+/* The mapping's log scope for lines about the current part: its trace id, and request_id. */
+static inline struct esmd_log_ctx esmd_mapping_part_log(const struct inflight *inf,
+                                                        const char *request_id)
+{
+    struct esmd_log_ctx ctx = inf->map->log;
+    ctx.request_id = request_id;
+    ctx.trace_id = inf->trace_id[0] ? inf->trace_id : NULL;
+    return ctx;
+}
 
 /* The current part is finished (acked when `ack`); goes on with the next part, or ends the
  * inflight (which may free inf). */

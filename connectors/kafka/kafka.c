@@ -20,6 +20,7 @@
 #include "esmd/connector.h"
 #include "esmd/kafka_client.h"
 #include "esmd/log.h"
+#include "esmd/trace.h"
 
 #include <cJSON.h>
 #include <ev.h>
@@ -1228,6 +1229,28 @@ static bool kafka_item_is(void *c, const struct esmd_record *rec, const struct c
     return esmd_kafka_item_is(&v, id);
 }
 
+/* The record's trace headers: traceparent, tracestate, X-Amzn-Trace-Id (names in any case; the
+ * last of a repeated name wins, as a later header overrides an earlier one). */
+static bool kafka_trace(void *c, const struct esmd_record *rec, struct esmd_trace *out)
+{
+    (void)c;
+    struct esmd_kafka_view v;
+    view_of(rec, &v);
+    esmd_trace_clear(out);
+    if (!v.headers)
+        return false;
+    const char *name;
+    const void *val;
+    size_t len;
+    for (size_t i = 0;
+         rd_kafka_header_get_all(v.headers, i, &name, &val, &len) == RD_KAFKA_RESP_ERR_NO_ERROR;
+         i++) {
+        if (val)
+            esmd_trace_set(out, name, val, len);
+    }
+    return !esmd_trace_empty(out);
+}
+
 static void kafka_encode(void *c, const struct esmd_batch *batch, struct esmd_buf *out)
 {
     const struct esmd_kafka *kc = c;
@@ -1372,6 +1395,7 @@ const struct esmd_connector_ops esmd_connector_kafka = {
     .failure_info = kafka_failure_info,
     .record_key = kafka_record_key,
     .item_is = kafka_item_is,
+    .trace = kafka_trace,
     .stop = kafka_stop,
     .destroy = kafka_destroy,
     .stats = kafka_stats,

@@ -36,6 +36,7 @@
 #include "esmd/log.h"
 #include "esmd/metrics.h"
 #include "esmd/pg.h"
+#include "esmd/trace.h"
 
 #include <cJSON.h>
 #include <ev.h>
@@ -61,12 +62,13 @@
 
 #define PGQ_CLAIM_SQL                                                                              \
     "SELECT kind, id, message_id, receipt, body, attributes, attributes_md5, body_md5, sender, "   \
-    "sent_ms, receive_count, first_received_ms, dead_letter_source, next_visible_ms, NULL, NULL "  \
-    "FROM esmd.receive($1, $2::integer, $3::interval, $4::integer, $5)"
+    "sent_ms, receive_count, first_received_ms, dead_letter_source, next_visible_ms, NULL, NULL, " \
+    "trace_header FROM esmd.receive($1, $2::integer, $3::interval, $4::integer, $5)"
 #define PGQ_CLAIM_FIFO_SQL                                                                         \
     "SELECT kind, id, message_id, receipt, body, attributes, attributes_md5, body_md5, sender, "   \
     "sent_ms, receive_count, first_received_ms, dead_letter_source, next_visible_ms, group_id, "   \
-    "deduplication_id FROM esmd.receive_fifo($1, $2::integer, $3::interval, $4::integer, $5)"
+    "deduplication_id, trace_header "                                                              \
+    "FROM esmd.receive_fifo($1, $2::integer, $3::interval, $4::integer, $5)"
 enum {
     COL_KIND,
     COL_ID,
@@ -84,6 +86,7 @@ enum {
     COL_NEXT_VISIBLE,
     COL_GROUP,
     COL_DEDUP,
+    COL_TRACE,
     COL_N,
 };
 #define PGQ_DELETE_SQL "SELECT esmd.delete_received($1::bigint[], $2::uuid[])"
@@ -387,7 +390,7 @@ static struct pgq_rec *rec_from_row(struct esmd_pgqueue *pq, const PGresult *res
 {
     static const int strs[] = {COL_MESSAGE_ID, COL_RECEIPT, COL_ATTRS_MD5, COL_BODY_MD5,
                                COL_SENDER,     COL_ATTRS,   COL_BODY,      COL_DLQ_SOURCE,
-                               COL_GROUP,      COL_DEDUP};
+                               COL_GROUP,      COL_DEDUP,   COL_TRACE};
     size_t need = sizeof(struct pgq_rec);
     for (size_t i = 0; i < ESMD_ARRAY_LEN(strs); i++)
         need += (size_t)PQgetlength(res, row, strs[i]) + 1;
@@ -437,6 +440,13 @@ static struct pgq_rec *rec_from_row(struct esmd_pgqueue *pq, const PGresult *res
     if (!PQgetisnull(res, row, COL_DEDUP))
         v->dedup_id =
             pack(&p, PQgetvalue(res, row, COL_DEDUP), (size_t)PQgetlength(res, row, COL_DEDUP));
+    /* a malformed trace header is ignored (docs/pgqueue.md#trace-context) */
+    struct esmd_trace t;
+    esmd_trace_clear(&t);
+    if (!PQgetisnull(res, row, COL_TRACE) &&
+        esmd_trace_set(&t, ESMD_TRACE_XRAY, PQgetvalue(res, row, COL_TRACE),
+                       (size_t)PQgetlength(res, row, COL_TRACE)))
+        v->trace_header = pack(&p, t.xray, strlen(t.xray));
     v->sent_ms = value_i64(res, row, COL_SENT);
     v->first_ms = value_i64(res, row, COL_FIRST);
     v->receive_count = (int)value_i64(res, row, COL_COUNT);
@@ -1042,6 +1052,15 @@ static void pgq_release(void *c, struct esmd_record *rec)
     free(rec); /* the strings live in the same block */
 }
 
+/* The message's AWSTraceHeader (an X-Ray header; its traceparent is derived from it). */
+static bool pgqueue_trace(void *c, const struct esmd_record *rec, struct esmd_trace *out)
+{
+    (void)c;
+    const char *th = ((const struct pgq_rec *)rec)->v.trace_header;
+    esmd_trace_clear(out);
+    return th && esmd_trace_set(out, ESMD_TRACE_XRAY, th, strlen(th));
+}
+
 static void view_of(const struct esmd_record *rec, struct esmd_pgqueue_view *v)
 {
     *v = ((const struct pgq_rec *)rec)->v;
@@ -1150,6 +1169,7 @@ const struct esmd_connector_ops esmd_connector_pgqueue = {
     .nack = pgq_nack,
     .ack_record = pgq_ack_record,
     .item_is = pgq_item_is,
+    .trace = pgqueue_trace,
     .release = pgq_release,
     .encode = pgq_encode,
     .filter_doc = pgq_filter_doc,

@@ -25,6 +25,8 @@
 #define REC_SENDER_AFTER_GROUP ",\"SenderId\":"
 #define REC_DEDUP ",\"MessageDeduplicationId\":"
 #define REC_FIRST ",\"ApproximateFirstReceiveTimestamp\":\""
+#define REC_TRACE "\",\"AWSTraceHeader\":"
+#define REC_DLQ_AFTER_TRACE ",\"DeadLetterQueueSourceArn\":"
 #define REC_DLQ_SOURCE "\",\"DeadLetterQueueSourceArn\":"
 #define REC_ATTRS_END_DLQ "}"
 #define REC_ATTRS_END "\"}"
@@ -82,10 +84,16 @@ static size_t record_size_without_body(const struct esmd_pgqueue_view *v, const 
     else
         n += LIT(REC_SENDER) + str_len(v->sender);
     n += LIT(REC_FIRST) + esmd_i64_len(v->first_ms);
-    if (v->dlq_arn)
+    if (v->trace_header) {
+        n += LIT(REC_TRACE) + str_len(v->trace_header);
+        if (v->dlq_arn)
+            n += LIT(REC_DLQ_AFTER_TRACE) + str_len(v->dlq_arn);
+        n += LIT(REC_ATTRS_END_DLQ);
+    } else if (v->dlq_arn) {
         n += LIT(REC_DLQ_SOURCE) + str_len(v->dlq_arn) + LIT(REC_ATTRS_END_DLQ);
-    else
+    } else {
         n += LIT(REC_ATTRS_END);
+    }
     n += LIT(REC_MSG_ATTRS) + (v->attributes ? v->attributes_len : LIT(REC_NO_ATTRS));
     n += LIT(REC_MD5_BODY) + str_len(v->body_md5);
     if (v->attributes_md5)
@@ -134,7 +142,15 @@ static void record_write(struct esmd_buf *out, const struct esmd_pgqueue_view *v
     }
     esmd_buf_append(out, REC_FIRST, LIT(REC_FIRST));
     esmd_buf_put_i64(out, v->first_ms);
-    if (v->dlq_arn) {
+    if (v->trace_header) {
+        esmd_buf_append(out, REC_TRACE, LIT(REC_TRACE));
+        put_str(out, v->trace_header);
+        if (v->dlq_arn) {
+            esmd_buf_append(out, REC_DLQ_AFTER_TRACE, LIT(REC_DLQ_AFTER_TRACE));
+            put_str(out, v->dlq_arn);
+        }
+        esmd_buf_append(out, REC_ATTRS_END_DLQ, LIT(REC_ATTRS_END_DLQ));
+    } else if (v->dlq_arn) {
         esmd_buf_append(out, REC_DLQ_SOURCE, LIT(REC_DLQ_SOURCE));
         put_str(out, v->dlq_arn);
         esmd_buf_append(out, REC_ATTRS_END_DLQ, LIT(REC_ATTRS_END_DLQ));

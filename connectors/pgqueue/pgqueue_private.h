@@ -42,6 +42,7 @@ struct esmd_pgqueue_view {
      * is the SequenceNumber. */
     const char *group_id;
     const char *dedup_id;
+    const char *trace_header; /* AWSTraceHeader (a checked X-Ray header); NULL when none */
 };
 
 /* Fills *v for rec; the view stays valid while rec is alive. */
@@ -56,7 +57,8 @@ size_t esmd_pgqueue_record_size(const struct esmd_pgqueue_view *v, const char *a
 /* Appends one record, as Lambda's SQS event record (docs/lambda.md#sqs-event):
  * {"messageId":"..","receiptHandle":"<id>:<receipt>","body":"..","attributes":{
  *  "ApproximateReceiveCount":"1","SentTimestamp":"..","SenderId":"..",
- *  "ApproximateFirstReceiveTimestamp":"..","DeadLetterQueueSourceArn":".." (dead-lettered only)},
+ *  "ApproximateFirstReceiveTimestamp":"..","AWSTraceHeader":".." (with a trace header only),
+ *  "DeadLetterQueueSourceArn":".." (dead-lettered only)},
  * and for a FIFO message (group_id set) the attributes as in an SQS FIFO event:
  *  {"ApproximateReceiveCount":"1","SentTimestamp":"..","SequenceNumber":"<id>",
  *   "MessageGroupId":"..","SenderId":"..","MessageDeduplicationId":"..",

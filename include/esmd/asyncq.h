@@ -42,12 +42,15 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
  * err. Strings borrowed for the call. */
 typedef void (*esmd_asyncq_cb)(void *ud, bool ok, const char *request_id, const char *err);
 
-/* Queues an asynchronous invocation of `function` with payload (JSON, len bytes, copied).
+struct esmd_trace;
+/* Queues an asynchronous invocation of `function` with payload (JSON, len bytes, copied) and the
+ * trace context of its request (copied, sent with every attempt; NULL for none).
  * Returns 0 (cb will run from the loop, never inside this call), ESMD_ENOENT for an unknown
  * function, ESMD_ETOOBIG over the async payload limit, ESMD_EINVAL for a payload that is not
  * JSON, ESMD_ESTATE once the queue is stopping (cb not called on errors). */
 int esmd_asyncq_enqueue(struct esmd_asyncq *q, const char *function, const char *payload,
-                        size_t len, esmd_asyncq_cb cb, void *ud) ESMD_MUST_CHECK;
+                        size_t len, const struct esmd_trace *trace, esmd_asyncq_cb cb,
+                        void *ud) ESMD_MUST_CHECK;
 
 /* Graceful stop: accepting stops (Invoke answers 503), no new claims; invocations in flight
  * finish and are settled; done(ud) from the loop when idle. Then free. */

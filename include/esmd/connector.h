@@ -16,6 +16,7 @@
 
 struct ev_loop;
 struct cJSON;
+struct esmd_trace;
 
 /* Given to a connector at create; borrowed, valid until destroy. */
 struct esmd_host {
@@ -108,6 +109,11 @@ struct esmd_connector_ops {
     /* Does `id` (one batchItemFailures[].itemIdentifier, parsed) name rec? Kafka:
      * {"partition":"<topic>-<n>","offset":<n>}; Redis: the entry id; queue: the messageId. */
     bool (*item_is)(void *c, const struct esmd_record *rec, const struct cJSON *id);
+    /* Optional: the trace context rec carries (Kafka: its traceparent, tracestate and
+     * X-Amzn-Trace-Id headers; queue: its AWSTraceHeader), each value checked by
+     * esmd_trace_set(). Fills *out (cleared first); false when rec carries none
+     * (docs/operations.md#trace-context). */
+    bool (*trace)(void *c, const struct esmd_record *rec, struct esmd_trace *out);
     /* Frees a record the connector emitted: once per record, possibly after stop() is done,
      * never after destroy(). */
     void (*release)(void *c, struct esmd_record *rec);

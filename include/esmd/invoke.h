@@ -92,6 +92,15 @@ int esmd_function_queued(const struct esmd_function *fn);
 struct esmd_invoke_req *esmd_invoke_start(struct esmd_function *fn, const char *body, size_t len,
                                           const char *idempotency_key, const char *mapping,
                                           esmd_invoke_cb cb, void *ud);
+struct esmd_trace;
+/* As esmd_invoke_start, with the trace context sent as headers (traceparent, tracestate,
+ * X-Amzn-Trace-Id; each form completed from the other, esmd_trace_complete()) and its trace id
+ * on the request's log lines. trace: copied; NULL or empty for none. */
+struct esmd_invoke_req *esmd_invoke_start_traced(struct esmd_function *fn, const char *body,
+                                                 size_t len, const char *idempotency_key,
+                                                 const char *mapping,
+                                                 const struct esmd_trace *trace, esmd_invoke_cb cb,
+                                                 void *ud);
 /* Aborts a request; its cb is called with ESMD_INVOKE_CANCELLED before this returns. A no-op
  * from inside the request's own callback. */
 void esmd_invoke_cancel(struct esmd_invoke_req *req);

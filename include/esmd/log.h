@@ -12,6 +12,7 @@ struct esmd_log_ctx {
     const char *mapping;
     const char *function;
     const char *request_id;
+    const char *trace_id; /* the trace of the batch or event (include/esmd/trace.h), 32 hex */
 };
 
 void esmd_log_set_level(enum esmd_log_level lvl);
@@ -20,7 +21,7 @@ int esmd_log_parse_level(const char *s, enum esmd_log_level *out) ESMD_MUST_CHEC
 /* Borrowed stream (default stderr). */
 void esmd_log_set_stream(FILE *fp);
 
-/* Writes {"ts","level","msg",mapping?,function?,request_id?}. ctx may be NULL. */
+/* Writes {"ts","level","msg",mapping?,function?,request_id?,trace_id?}. ctx may be NULL. */
 void esmd_log(enum esmd_log_level lvl, const struct esmd_log_ctx *ctx, const char *fmt, ...)
     ESMD_PRINTF(3, 4);
 /* As esmd_log, but at most one line per `key` (a static string) per second; suppressed lines

@@ -224,6 +224,40 @@ static void test_two_messages_golden(void **state)
     two_messages_free(&tm);
 }
 
+/* AWSTraceHeader in attributes, where Lambda puts SQS's system attribute: with and without a
+ * DeadLetterQueueSourceArn after it. */
+static void test_trace_header_golden(void **state)
+{
+    struct esmd_shard s0;
+    shard_init(&s0, "my-queue-0");
+    struct esmd_batch batch;
+    batch_init(&batch);
+    struct esmd_pgqueue_view a = {
+        .message_id = "059f36b4-87a3-44ab-83d2-661975830a7d",
+        .id = 42,
+        .receipt = "5e1f4b2c-7d0e-4b7a-9f1e-2c3d4e5f6a7b",
+        .body = "traced",
+        .body_len = 6,
+        .body_md5 = "e4e68fb7bd0e697a0ae8f1bb342846b3",
+        .sender = "esmd",
+        .sent_ms = 1545082649183LL,
+        .first_ms = 1545082649185LL,
+        .receive_count = 1,
+        .trace_header =
+            "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1",
+    };
+    struct esmd_pgqueue_view b = a;
+    b.id = 43;
+    b.dlq_arn = DEFAULT_PREFIX "orders";
+    struct tmsg *t[2] = {tmsg_new(&a), tmsg_new(&b)};
+    tmsg_add(&batch, t[0], &s0);
+    tmsg_add(&batch, t[1], &s0);
+    assert_golden("trace_header.json", &batch);
+    esmd_batch_clear(&batch);
+    tmsg_free(t[0]);
+    tmsg_free(t[1]);
+}
+
 /* ---- the event parses back to the inputs ---- */
 
 static const char *str_item(const cJSON *o, const char *key)
@@ -401,6 +435,9 @@ static void test_exact_size_random(void **state)
     static const char *const senders[] = {"esmd", "we\"ird\\", "r\xc3\xb4le"};
     static const char *const arns[] = {NULL, DEFAULT_PREFIX "orders", DEFAULT_PREFIX "q\"x"};
     static const char *const groups[] = {NULL, "g", "we\"ird\\", "gr\xc3\xb4upe"};
+    static const char *const traces[] = {
+        NULL, "Root=1-5759e988-bd862e3fe1be46a994272793",
+        "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1"};
     for (int iter = 0; iter < 300; iter++) {
         struct esmd_batch batch;
         batch_init(&batch);
@@ -431,6 +468,7 @@ static void test_exact_size_random(void **state)
                 .receive_count = (int)esmd_test_rand_n(100000),
                 .dlq_arn = arns[esmd_test_rand_n(ESMD_ARRAY_LEN(arns))],
                 .group_id = groups[esmd_test_rand_n(ESMD_ARRAY_LEN(groups))],
+                .trace_header = traces[esmd_test_rand_n(ESMD_ARRAY_LEN(traces))],
             };
             if (v.group_id) /* FIFO messages always have both */
                 v.dedup_id = groups[1 + esmd_test_rand_n(ESMD_ARRAY_LEN(groups) - 1)];
@@ -558,6 +596,7 @@ int main(void)
         cmocka_unit_test(test_empty_batch),         cmocka_unit_test(test_exact_size_random),
         cmocka_unit_test(test_filter_doc_shape),    cmocka_unit_test(test_filter_sqs_rules),
         cmocka_unit_test(test_json_compact),        cmocka_unit_test(test_fifo_golden),
+        cmocka_unit_test(test_trace_header_golden),
     };
     esmd_test_rand_seed(0x2545f4914f6cdd1dULL);
     return cmocka_run_group_tests(tests, NULL, NULL);
