@@ -494,7 +494,7 @@ static void adm_drop_changed(struct esmd_admin *adm, struct adm_map *m,
         if (same)
             continue;
         esmd_buf_printf(&drop, "%s%s", drop.len ? "," : "", fields[k]);
-        ESMD_INFO(&(struct esmd_log_ctx){m->cfg->name, m->cfg->function, NULL},
+        ESMD_INFO(&(struct esmd_log_ctx){m->cfg->name, m->cfg->function, NULL, NULL},
                   "admin: %s changed in the configuration file since it was overridden through "
                   "the admin API: the file's value applies",
                   fields[k]);

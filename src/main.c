@@ -653,7 +653,7 @@ static struct esmd_mapping *mapping_create(struct service *svc, const struct esm
     struct esmd_mapping *map =
         esmd_mapping_new(svc->loop, mc, svc->inv, svc->instance_id, err, sizeof(err));
     if (!map) {
-        ESMD_ERROR(&(struct esmd_log_ctx){mc->name, mc->function, NULL}, "reload: %s", err);
+        ESMD_ERROR(&(struct esmd_log_ctx){mc->name, mc->function, NULL, NULL}, "reload: %s", err);
         return NULL;
     }
     esmd_mapping_set_destinations(map, svc->dests);
@@ -666,7 +666,7 @@ static void mapping_launch(struct service *svc, struct esmd_mapping *map)
 {
     const struct esmd_mapping_cfg *mc = esmd_mapping_cfg(map);
     if (esmd_mapping_start(map) != ESMD_OK)
-        ESMD_ERROR(&(struct esmd_log_ctx){mc->name, mc->function, NULL},
+        ESMD_ERROR(&(struct esmd_log_ctx){mc->name, mc->function, NULL, NULL},
                    "reload: mapping could not start");
     record_mapping_state(svc, mc);
 }
@@ -725,7 +725,7 @@ static void on_retired(struct ev_loop *loop, ev_timer *w, int revents)
         if (map) {
             esmd_admin_set_mapping(svc->admin, map); /* its overrides, before it starts */
             mapping_launch(svc, map);
-            ESMD_INFO(&(struct esmd_log_ctx){r->next->name, r->next->function, NULL},
+            ESMD_INFO(&(struct esmd_log_ctx){r->next->name, r->next->function, NULL, NULL},
                       "reload: mapping restarted on its new source");
         }
     }
@@ -869,7 +869,7 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
     /* functions: new requests use the new settings */
     for (size_t i = 0; i < cfg->nfunctions; i++) {
         const struct esmd_function_cfg *fc = &cfg->functions[i];
-        struct esmd_log_ctx lc = {NULL, fc->name, NULL};
+        struct esmd_log_ctx lc = {NULL, fc->name, NULL, NULL};
         if (d.functions[i].action == ESMD_RELOAD_ADD) {
             esmd_invoker_add_function(svc->inv, fc);
             ESMD_INFO(&lc, "reload: function added");
@@ -886,7 +886,7 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
     bool *launch = esmd_xcalloc(cfg->nmappings + 1, sizeof(*launch)); /* created here */
     for (size_t i = 0; i < cfg->nmappings; i++) {
         const struct esmd_mapping_cfg *mc = &cfg->mappings[i];
-        struct esmd_log_ctx lc = {mc->name, mc->function, NULL};
+        struct esmd_log_ctx lc = {mc->name, mc->function, NULL, NULL};
         struct esmd_mapping *was = NULL;
         struct esmd_config *was_born = NULL;
         for (size_t j = 0; j < svc->nmaps && !was; j++)
@@ -924,8 +924,9 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
     for (size_t j = 0; j < old->nmappings; j++) {
         if (!d.removed[j] || !svc->maps[j])
             continue;
-        ESMD_INFO(&(struct esmd_log_ctx){old->mappings[j].name, old->mappings[j].function, NULL},
-                  "reload: mapping removed: it stops gracefully");
+        ESMD_INFO(
+            &(struct esmd_log_ctx){old->mappings[j].name, old->mappings[j].function, NULL, NULL},
+            "reload: mapping removed: it stops gracefully");
         retire(svc, svc->maps[j], svc->born[j], NULL);
     }
     for (size_t i = 0; i < svc->nmaps; i++)
