@@ -113,3 +113,20 @@ def test_trace_headers_reach_a_sync_invoke(esmd, db, endpoint):  # noqa: F811
     assert r.status_code == 200, r.text
     h = endpoint.snapshot()[-1].headers
     assert h.get("traceparent") == TP_A and h.get("x-amzn-trace-id") == XRAY_A
+
+
+def test_pgqueue_fifo_trace_header(queues, endpoint, esmd, pgq_config, pgq_schema):
+    q = queues("t.fifo")
+    pgq_schema.sql("SELECT esmd.create_queue(%s, fifo => true)" % lit(q.name))
+    pgq_schema.sql("BEGIN; SELECT set_config('esmd.trace_header', %s, true); "
+                   "SELECT esmd.send(%s, 'traced', group_id => 'g', deduplication_id => 'd1'); "
+                   "COMMIT" % (lit(XRAY_A), lit(q.name)))
+    cfg = pgq_config(q.name, batch_size=10)
+    del cfg["mappings"][0]["maximum_batching_window"]  # a FIFO queue takes none
+    esmd(cfg)
+    wait_for(lambda: len(endpoint.ok_requests()) >= 1, 60, 0.05, "a delivered batch")
+    req = endpoint.ok_requests()[0]
+    rec = req.json["Records"][0]
+    assert rec["attributes"]["MessageGroupId"] == "g"
+    assert rec["attributes"]["AWSTraceHeader"] == XRAY_A
+    assert req.headers.get("traceparent") == TP_A
