@@ -92,6 +92,7 @@ def test_async_invoke_carries_trace_headers(esmd, db, endpoint):  # noqa: F811
     proc = esmd(fast(async_config(db, endpoint)))
     r = invoke(proc, "fn", {"n": 1}, headers={"traceparent": TP_B, "tracestate": "k=v"})
     assert r.status_code == 202, r.text
+    wait(lambda: len(endpoint.ok_requests()) >= 1, what="the event delivered after a retry")
     r = invoke(proc, "fn", {"n": 2}, headers={"X-Amzn-Trace-Id": XRAY_A})
     assert r.status_code == 202, r.text
     wait(lambda: len(endpoint.ok_requests()) >= 2, what="both events delivered")
