@@ -678,6 +678,7 @@ static void view_of(const struct esmd_record *rec, struct esmd_kafka_view *v)
     v->value_len = rkm->payload ? rkm->len : 0;
     v->key_format = v->value_format = NULL;
     v->key_schema_id = v->value_schema_id = 0;
+    v->key_is_json = v->value_is_json = false;
     const struct kafka_dec *d = kr->dec;
     if (d && d->key.set) {
         v->key = d->source ? (const void *)d->key.src : d->key.json;
@@ -1196,10 +1197,12 @@ static enum esmd_filter_data kafka_filter_doc(void *c, const struct esmd_record 
     if (d && d->key.set) {
         v.key = d->key.json;
         v.key_len = d->key.json_len;
+        v.key_is_json = true;
     }
     if (d && d->value.set) {
         v.value = d->value.json;
         v.value_len = d->value.json_len;
+        v.value_is_json = true;
     }
     return esmd_kafka_filter_doc(&v, out);
 }

@@ -237,13 +237,13 @@ void esmd_kafka_encode_batch(const char *servers, const struct esmd_batch *batch
 
 /* Appends bytes as JSON when they are JSON, as a string when UTF-8, as base64 text otherwise. */
 static enum esmd_filter_data put_filter_bytes(struct esmd_buf *out, const void *p, size_t n,
-                                              bool base64_fallback)
+                                              bool base64_fallback, bool known_json)
 {
     if (!p) {
         esmd_buf_puts(out, JSON_NULL); /* a JSON null: `[null]` and `exists` patterns see it */
         return ESMD_FILTER_DATA_TEXT;
     }
-    if (esmd_json_valid(p, n)) {
+    if (known_json || esmd_json_valid(p, n)) {
         esmd_buf_append(out, p, n);
         const char *c = p;
         while (*c == ' ' || *c == '\t' || *c == '\n' || *c == '\r')
@@ -275,12 +275,13 @@ enum esmd_filter_data esmd_kafka_filter_doc(const struct esmd_kafka_view *v, str
         esmd_buf_put_i64(out, v->timestamp);
     }
     esmd_buf_puts(out, REC_KEY);
-    put_filter_bytes(out, v->key, v->key_len, true);
+    put_filter_bytes(out, v->key, v->key_len, true, v->key_is_json);
     /* a non-UTF-8 value is left out: the mark is taken back when nothing was written */
     size_t mark = out->len;
     esmd_buf_puts(out, REC_VALUE);
     size_t before = out->len;
-    enum esmd_filter_data data = put_filter_bytes(out, v->value, v->value_len, false);
+    enum esmd_filter_data data =
+        put_filter_bytes(out, v->value, v->value_len, false, v->value_is_json);
     if (out->len == before)
         out->len = mark;
     esmd_buf_puts(out, REC_HEADERS);

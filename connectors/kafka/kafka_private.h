@@ -32,6 +32,9 @@ struct esmd_kafka_view {
      * valueSchemaMetadata; NULL: not decoded, left out. */
     const char *key_format, *value_format;
     int32_t key_schema_id, value_schema_id;
+    /* The key / value is JSON esmd wrote itself (decoded): filter documents embed it without
+     * checking it again. */
+    bool key_is_json, value_is_json;
 };
 
 /* Fills *v for rec; the view stays valid while rec is alive. */

@@ -146,11 +146,43 @@ static void put_latin1(struct esmd_buf *out, const unsigned char *p, size_t n)
     esmd_buf_free(&tmp);
 }
 
-/* The shortest of %.{prec}g that reads back as v (JSON has no NaN or infinity: null). */
+/* A decimal that reads back as v (JSON has no NaN or infinity: null). Most values in records
+ * (prices, rates) have few decimals: n / 10^k for the smallest k up to 8 that gives v back
+ * exactly is written with integer arithmetic ("9.99", "3.0"); others take the shortest of
+ * %.{prec}g that reads back (slower: printf and strtod). */
 static void put_double(struct esmd_buf *out, double v, bool single)
 {
     if (!isfinite(v)) {
         esmd_buf_puts(out, "null");
+        return;
+    }
+    static const double p10[] = {1, 10, 100, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8};
+    for (int k = 0; k <= 8 && fabs(v) < 1e15; k++) {
+        double scaled = v * p10[k];
+        if (fabs(scaled) >= 9007199254740992.0) /* 2^53: no longer exact */
+            break;
+        int64_t n = llround(scaled);
+        double back = (double)n / p10[k];
+        if (single ? (float)back != (float)v : back != v)
+            continue;
+        char digits[32], s[40];
+        uint64_t u = n < 0 ? (uint64_t)0 - (uint64_t)n : (uint64_t)n;
+        int len = 0;
+        do {
+            digits[len++] = (char)('0' + u % 10);
+            u /= 10;
+        } while (u || len <= k);
+        size_t o = 0;
+        if (n < 0 || (n == 0 && signbit(v)))
+            s[o++] = '-';
+        for (int i = len - 1; i >= k; i--)
+            s[o++] = digits[i];
+        s[o++] = '.';
+        if (k == 0)
+            s[o++] = '0';
+        for (int i = k - 1; i >= 0; i--)
+            s[o++] = digits[i];
+        esmd_buf_append(out, s, o);
         return;
     }
     char s[40];
@@ -164,11 +196,26 @@ static void put_double(struct esmd_buf *out, double v, bool single)
     esmd_buf_puts(out, s);
 }
 
-static bool walk_value(struct walk *w, avro_schema_t s, int depth);
+/* An Avro schema compiled once, when it is fetched, for the walk: Avro C's accessors look fields
+ * and symbols up in hash tables and names need escaping, so each node holds its children and
+ * its names as JSON text ready to copy ("\"name\":", "\"SYMBOL\""). Named types referred to by
+ * name (links) point at their one node; recursive types make cycles. */
+struct sr_node {
+    avro_type_t type;
+    size_t n;              /* fields, symbols, branches */
+    struct sr_node **kids; /* record: field types; union: branches; array, map: kids[0] */
+    char **names;          /* record: "\"field\":"; enum: "\"SYMBOL\"" */
+    size_t *name_lens;
+    int64_t fixed_size;
+    avro_schema_t src;
+    struct sr_node *all; /* every node of the schema, for freeing */
+};
+
+static bool walk_value(struct walk *w, const struct sr_node *s, int depth);
 
 /* An array's or a map's blocks: a count (negative: followed by the block's byte size), items,
  * until a count of 0. */
-static bool walk_blocks(struct walk *w, avro_schema_t items, bool map, int depth)
+static bool walk_blocks(struct walk *w, const struct sr_node *items, bool map, int depth)
 {
     esmd_buf_putc(w->out, map ? '{' : '[');
     bool first = true;
@@ -191,8 +238,8 @@ static bool walk_blocks(struct walk *w, avro_schema_t items, bool map, int depth
                 esmd_buf_putc(w->out, ',');
             first = false;
             if (map) {
-                const unsigned char *k;
-                size_t klen;
+                const unsigned char *k = NULL;
+                size_t klen = 0;
                 if (!rd_len(w, &k, &klen, "map key"))
                     return false;
                 if (!esmd_utf8_valid((const char *)k, klen))
@@ -212,29 +259,32 @@ static bool walk_blocks(struct walk *w, avro_schema_t items, bool map, int depth
     return true;
 }
 
-static bool walk_value(struct walk *w, avro_schema_t s, int depth)
+static bool walk_value(struct walk *w, const struct sr_node *s, int depth)
 {
     if (depth > SR_MAX_DEPTH)
-        return walk_fail(w, "Avro data nests deeper than %s levels", "64");
+        return walk_fail(w, "Avro data nests deeper than %d levels", SR_MAX_DEPTH);
     if (w->out->len > ESMD_SR_MAX_JSON)
         return walk_fail(w, "decoded %s is larger than the event can carry", "record");
     const unsigned char *p;
     size_t len;
     int64_t v;
-    switch (avro_typeof(s)) {
+    switch (s->type) {
     case AVRO_NULL:
-        esmd_buf_puts(w->out, "null");
+        esmd_buf_append(w->out, "null", 4);
         return true;
     case AVRO_BOOLEAN:
         if (w->r.pos >= w->r.n || w->r.p[w->r.pos] > 1)
             return walk_fail(w, "Avro %s is not 0 or 1", "boolean");
-        esmd_buf_puts(w->out, w->r.p[w->r.pos++] ? "true" : "false");
+        if (w->r.p[w->r.pos++])
+            esmd_buf_append(w->out, "true", 4);
+        else
+            esmd_buf_append(w->out, "false", 5);
         return true;
     case AVRO_INT32:
     case AVRO_INT64:
         if (!rd_long(&w->r, &v))
             return walk_fail(w, "Avro data ends inside %s", "a number");
-        if (avro_typeof(s) == AVRO_INT32 && (v < INT32_MIN || v > INT32_MAX))
+        if (s->type == AVRO_INT32 && (v < INT32_MIN || v > INT32_MAX))
             return walk_fail(w, "Avro %s is out of range", "int");
         esmd_buf_put_i64(w->out, v);
         return true;
@@ -274,68 +324,149 @@ static bool walk_value(struct walk *w, avro_schema_t s, int depth)
             return false;
         put_latin1(w->out, p, len);
         return true;
-    case AVRO_FIXED: {
-        int64_t size = avro_schema_fixed_size(s);
-        if (size < 0 || (uint64_t)size > w->r.n - w->r.pos)
+    case AVRO_FIXED:
+        if (s->fixed_size < 0 || (uint64_t)s->fixed_size > w->r.n - w->r.pos)
             return walk_fail(w, "Avro data ends inside %s", "a fixed");
-        put_latin1(w->out, w->r.p + w->r.pos, (size_t)size);
-        w->r.pos += (size_t)size;
+        put_latin1(w->out, w->r.p + w->r.pos, (size_t)s->fixed_size);
+        w->r.pos += (size_t)s->fixed_size;
         return true;
-    }
-    case AVRO_ENUM: {
+    case AVRO_ENUM:
         if (!rd_long(&w->r, &v))
             return walk_fail(w, "Avro data ends inside %s", "an enum");
-        const char *sym = v >= 0 && v < avro_schema_enum_number_of_symbols(s)
-                              ? avro_schema_enum_get(s, (int)v)
-                              : NULL;
-        if (!sym)
+        if (v < 0 || (uint64_t)v >= s->n)
             return walk_fail(w, "Avro %s symbol index is out of range", "enum");
-        esmd_buf_put_json_string(w->out, sym, strlen(sym));
+        esmd_buf_append(w->out, s->names[v], s->name_lens[v]);
         return true;
-    }
-    case AVRO_RECORD: {
-        size_t n = avro_schema_record_size(s);
+    case AVRO_RECORD:
         esmd_buf_putc(w->out, '{');
-        for (size_t i = 0; i < n; i++) {
-            const char *name = avro_schema_record_field_name(s, (int)i);
-            avro_schema_t fs = avro_schema_record_field_get_by_index(s, (int)i);
-            if (!name || !fs)
-                return walk_fail(w, "Avro %s field is missing from the schema", "record");
+        for (size_t i = 0; i < s->n; i++) {
             if (i)
                 esmd_buf_putc(w->out, ',');
-            esmd_buf_put_json_string(w->out, name, strlen(name));
-            esmd_buf_putc(w->out, ':');
-            if (!walk_value(w, fs, depth + 1))
+            esmd_buf_append(w->out, s->names[i], s->name_lens[i]);
+            if (!walk_value(w, s->kids[i], depth + 1))
                 return false;
         }
         esmd_buf_putc(w->out, '}');
         return true;
-    }
     case AVRO_ARRAY:
-        return walk_blocks(w, avro_schema_array_items(s), false, depth);
+        return walk_blocks(w, s->kids[0], false, depth);
     case AVRO_MAP:
-        return walk_blocks(w, avro_schema_map_values(s), true, depth);
-    case AVRO_UNION: {
+        return walk_blocks(w, s->kids[0], true, depth);
+    case AVRO_UNION:
         if (!rd_long(&w->r, &v))
             return walk_fail(w, "Avro data ends inside %s", "a union index");
-        avro_schema_t b = v >= 0 && (uint64_t)v < avro_schema_union_size(s)
-                              ? avro_schema_union_branch(s, (int)v)
-                              : NULL;
-        if (!b)
+        if (v < 0 || (uint64_t)v >= s->n)
             return walk_fail(w, "Avro %s branch index is out of range", "union");
-        return walk_value(w, b, depth + 1);
+        return walk_value(w, s->kids[v], depth + 1);
+    default:
+        break;
     }
-    case AVRO_LINK:
-        return walk_value(w, avro_schema_link_target(s), depth + 1);
+    return walk_fail(w, "Avro schema has a type esmd does not know (%d)", (int)s->type);
+}
+
+/* ---- compiling a schema ---- */
+
+struct sr_compile {
+    struct sr_node *all; /* every node made, linked through ->all */
+    bool bad;
+};
+
+static char *json_name(const char *name, const char *suffix, size_t *len)
+{
+    struct esmd_buf b = ESMD_BUF_INIT;
+    esmd_buf_put_json_string(&b, name, strlen(name));
+    esmd_buf_puts(&b, suffix);
+    return esmd_buf_steal(&b, len);
+}
+
+static struct sr_node *compile(struct sr_compile *c, avro_schema_t s)
+{
+    if (!s) {
+        c->bad = true;
+        return NULL;
     }
-    return walk_fail(w, "Avro schema has a type esmd does not know (%s)", "?");
+    if (avro_typeof(s) == AVRO_LINK)
+        s = avro_schema_link_target(s);
+    /* a named type already made (a link to it, or a recursive reference) */
+    for (struct sr_node *n = c->all; n; n = n->all)
+        if (n->src == s &&
+            (n->type == AVRO_RECORD || n->type == AVRO_ENUM || n->type == AVRO_FIXED))
+            return n;
+    struct sr_node *n = esmd_xcalloc(1, sizeof(*n));
+    n->type = avro_typeof(s);
+    n->src = s;
+    n->all = c->all;
+    c->all = n;
+    switch (n->type) {
+    case AVRO_RECORD:
+        n->n = avro_schema_record_size(s);
+        n->kids = esmd_xcalloc(n->n + 1, sizeof(*n->kids));
+        n->names = esmd_xcalloc(n->n + 1, sizeof(*n->names));
+        n->name_lens = esmd_xcalloc(n->n + 1, sizeof(*n->name_lens));
+        for (size_t i = 0; i < n->n; i++) {
+            const char *name = avro_schema_record_field_name(s, (int)i);
+            if (!name) {
+                c->bad = true;
+                name = "";
+            }
+            n->names[i] = json_name(name, ":", &n->name_lens[i]);
+            n->kids[i] = compile(c, avro_schema_record_field_get_by_index(s, (int)i));
+        }
+        break;
+    case AVRO_ENUM: {
+        int k = avro_schema_enum_number_of_symbols(s);
+        n->n = k > 0 ? (size_t)k : 0;
+        n->names = esmd_xcalloc(n->n + 1, sizeof(*n->names));
+        n->name_lens = esmd_xcalloc(n->n + 1, sizeof(*n->name_lens));
+        for (size_t i = 0; i < n->n; i++) {
+            const char *sym = avro_schema_enum_get(s, (int)i);
+            n->names[i] = json_name(sym ? sym : "", "", &n->name_lens[i]);
+        }
+        break;
+    }
+    case AVRO_FIXED:
+        n->fixed_size = avro_schema_fixed_size(s);
+        break;
+    case AVRO_ARRAY:
+    case AVRO_MAP:
+        n->n = 1;
+        n->kids = esmd_xcalloc(1, sizeof(*n->kids));
+        n->kids[0] = compile(c, n->type == AVRO_ARRAY ? avro_schema_array_items(s)
+                                                      : avro_schema_map_values(s));
+        break;
+    case AVRO_UNION:
+        n->n = avro_schema_union_size(s);
+        n->kids = esmd_xcalloc(n->n + 1, sizeof(*n->kids));
+        for (size_t i = 0; i < n->n; i++)
+            n->kids[i] = compile(c, avro_schema_union_branch(s, (int)i));
+        break;
+    default:
+        break;
+    }
+    return n;
+}
+
+static void nodes_free(struct sr_node *all)
+{
+    while (all) {
+        struct sr_node *next = all->all;
+        for (size_t i = 0; all->names && i < all->n; i++)
+            free(all->names[i]);
+        free(all->names);
+        free(all->name_lens);
+        free(all->kids);
+        free(all);
+        all = next;
+    }
 }
 
 /* ---- schemas ---- */
 
 struct esmd_sr_schema {
     enum esmd_sr_format format;
-    avro_schema_t avro; /* AVRO */
+    avro_schema_t avro;   /* AVRO */
+    struct sr_node *root; /* AVRO: compiled */
+    struct sr_node *all;
 };
 
 struct esmd_sr_schema *esmd_sr_schema_new(enum esmd_sr_format f, const char *text, size_t len,
@@ -349,6 +480,15 @@ struct esmd_sr_schema *esmd_sr_schema_new(enum esmd_sr_format f, const char *tex
             snprintf(err, errlen, "not an Avro schema: %s", avro_strerror());
             free(s);
             return NULL;
+        } else {
+            struct sr_compile c = {0};
+            s->root = compile(&c, s->avro);
+            s->all = c.all;
+            if (c.bad) {
+                snprintf(err, errlen, "the Avro schema has a field or type Avro C cannot read");
+                esmd_sr_schema_free(s);
+                return NULL;
+            }
         }
         return s;
     case ESMD_SR_JSON:
@@ -372,6 +512,7 @@ void esmd_sr_schema_free(struct esmd_sr_schema *s)
 {
     if (!s)
         return;
+    nodes_free(s->all);
     if (s->avro)
         avro_schema_decref(s->avro);
     free(s);
@@ -402,7 +543,7 @@ bool esmd_sr_decode(const struct esmd_sr_schema *s, const unsigned char *body, s
         return false;
     }
     struct walk w = {{body, len, 0}, 0, out, err, errlen};
-    if (!walk_value(&w, s->avro, 0)) {
+    if (!walk_value(&w, s->root, 0)) {
         out->len = mark;
         return false;
     }
