@@ -9,26 +9,26 @@
 -- esmd.queues row, so consumers do not race for the same heads.
 ALTER TABLE esmd.queues ADD COLUMN claim_cursor text;
 COMMENT ON COLUMN esmd.queues.claim_cursor IS
-    'FIFO queues: the group at which the last claim stopped (the next one starts after it)';
+    'FIFO queues: the group the next claim starts at (NULL: the first one)';
 
--- esmd.receive for FIFO queues, as in 0007 but for how the heads are found: the same rows and
--- arguments, plus each message's group_id and deduplication_id (its id is the SequenceNumber),
--- 'm' rows in delivery order: groups in the order they were visited, each group's messages in
--- sequence order.
--- Takes up to max_messages messages from groups whose head is visible (nothing of theirs in
--- flight), each group's run from its head until a message that is not visible. The heads are
--- locked (FOR UPDATE SKIP LOCKED) before their runs are read, so two consumers never claim the
--- same group.
+-- esmd.receive for FIFO queues, as in 0008 (0007 with the trace_header column) but for how the
+-- heads are found: the same rows and arguments, plus each message's group_id, deduplication_id
+-- (its id is the SequenceNumber) and trace_header, 'm' rows in delivery order: groups in the
+-- order they were visited, each group's messages in sequence order. Takes up to max_messages
+-- messages from groups whose head is visible (nothing of theirs in flight), each group's run
+-- from its head until a message that is not visible. The heads are locked (FOR UPDATE SKIP
+-- LOCKED) before their runs are read, so two consumers never claim the same group.
 -- A head received max_receive_count times goes to the dead-letter queue (which must be a FIFO
 -- queue) and the messages behind it are delivered: the group goes on.
-CREATE OR REPLACE FUNCTION esmd.receive_fifo(queue text, max_messages integer,
-                                             visibility_timeout interval,
-                                             max_receive_count integer DEFAULT 0,
-                                             dead_letter_queue text DEFAULT NULL)
+DROP FUNCTION esmd.receive_fifo(text, integer, interval, integer, text);
+CREATE FUNCTION esmd.receive_fifo(queue text, max_messages integer,
+                                  visibility_timeout interval,
+                                  max_receive_count integer DEFAULT 0,
+                                  dead_letter_queue text DEFAULT NULL)
 RETURNS TABLE (kind text, id bigint, message_id uuid, receipt uuid, body text, attributes jsonb,
                attributes_md5 text, body_md5 text, sender text, sent_ms bigint,
                receive_count integer, first_received_ms bigint, dead_letter_source text,
-               next_visible_ms bigint, group_id text, deduplication_id text)
+               next_visible_ms bigint, group_id text, deduplication_id text, trace_header text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -155,22 +155,23 @@ BEGIN
         )
         SELECT u.kind, u.id, u.message_id, u.receipt, u.body, u.attributes, u.attributes_md5,
                u.body_md5, u.sender, u.sent_ms, u.receive_count, u.first_received_ms,
-               u.dead_letter_source, u.next_visible_ms, u.group_id, u.deduplication_id
+               u.dead_letter_source, u.next_visible_ms, u.group_id, u.deduplication_id,
+               u.trace_header
         FROM (
             SELECT 'm'::text AS kind, g.id, g.message_id, g.receipt, g.body, g.attributes,
                    g.attributes_md5, md5(g.body) AS body_md5, g.sender,
                    (extract(epoch FROM g.sent_at) * 1000)::bigint AS sent_ms, g.receive_count,
                    (extract(epoch FROM g.first_received_at) * 1000)::bigint AS first_received_ms,
                    g.dead_letter_source, NULL::bigint AS next_visible_ms, g.group_id,
-                   g.deduplication_id, g.head AS ord_head
+                   g.deduplication_id, g.trace_header, g.head AS ord_head
             FROM got g
             UNION ALL
             SELECT 'd', d.id, d.message_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                   d.receive_count, NULL, NULL, NULL, NULL, NULL, 0
+                   d.receive_count, NULL, NULL, NULL, NULL, NULL, NULL, 0
             FROM moved d
             UNION ALL
             SELECT 'x', x.id, x.message_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                   x.receive_count, NULL, NULL, NULL, NULL, NULL, 0
+                   x.receive_count, NULL, NULL, NULL, NULL, NULL, NULL, 0
             FROM dropped x
         ) u
         ORDER BY u.ord_head, u.id;
@@ -200,6 +201,6 @@ BEGIN
                 FROM esmd.queue_messages m
                 WHERE m.queue = q AND m.visible_at > now()
                 ORDER BY m.visible_at LIMIT 1),
-               NULL::text, NULL::text;
+               NULL::text, NULL::text, NULL::text;
     END IF;
 END $$;
