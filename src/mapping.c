@@ -1028,6 +1028,7 @@ void esmd_mapping_free(struct esmd_mapping *map)
     if (!map)
         return;
     map->stopping = true;
+    set_on_failure(map, NULL); /* a mapping removed or restarted by a reload */
     ev_prepare_stop(map->loop, &map->pump);
     ev_timer_stop(map->loop, &map->window);
     ev_timer_stop(map->loop, &map->stats_timer);

@@ -145,6 +145,43 @@ def test_mapping_on_failure_destination_series_follows_the_override(esmd, kafka_
          "no destination in force")
 
 
+def test_mapping_on_failure_series_after_reloads(esmd, kafka_mock, names):
+    """A reload that restarts a mapping on a new source and destination leaves the old
+    destination at 0 and the new at 1; one that removes the mapping leaves no 1."""
+    topics = [names.topic(), names.topic()]
+    for t in topics:
+        kafka_mock.create_topic(t, 1)
+    name = names.mapping()
+
+    def config(topic, on_failure, with_mapping=True):
+        return {"connections": {"k": {"type": "kafka", "bootstrap_servers": kafka_mock.bootstrap}},
+                "functions": {"fn": {"url": "http://127.0.0.1:%d/" % servers.free_port()}},
+                "mappings": [{"name": name, "function": "fn", "on_failure": on_failure,
+                              "source": {"kafka": "k", "topics": [topic],
+                                         "consumer_group": names.group()}}]
+                if with_mapping else []}
+
+    proc = esmd(config(topics[0], "pgqueue://first"))
+
+    def reload(cfg):
+        cfg = dict(cfg, postgres=proc_postgres, admin={"listen": proc.admin[len("http://"):]})
+        with open(proc.config_path, "w") as f:
+            yaml.safe_dump(cfg, f)
+        r = requests.post(proc.admin + "/admin/reload", timeout=30)
+        assert r.status_code == 200 and r.json()["reloaded"] is True, r.text
+
+    with open(proc.config_path) as f:
+        proc_postgres = yaml.safe_load(f)["postgres"]
+    assert proc.metrics().get("esmd_mapping_on_failure", destination="pgqueue://first") == 1
+    reload(config(topics[1], "pgqueue://second"))  # a new source: the mapping restarts
+    wait(lambda: proc.metrics().get("esmd_mapping_on_failure", mapping=name,
+                                    destination="pgqueue://second") == 1, 30, "the new mapping")
+    assert proc.metrics().get("esmd_mapping_on_failure", destination="pgqueue://first") == 0
+    reload(config(topics[1], None, with_mapping=False))
+    wait(lambda: proc.metrics().get("esmd_mapping_on_failure", mapping=name) == 0, 30,
+         "the removed mapping's destination at 0")
+
+
 # ---- the alerting rules and the Prometheus configuration --------------------------------------
 
 PROM_DIR = os.path.join(OBS, "prometheus")
