@@ -212,6 +212,13 @@ void esmd_admin_esm_json(const struct esmd_admin *adm, const struct adm_map *m, 
     }
     adm_put_key(b, &first, "FunctionResponseTypes");
     esmd_buf_puts(b, c->report_batch_item_failures ? "[\"ReportBatchItemFailures\"]" : "[]");
+    if (c->system_log_level != ESMD_ESM_LOG_OFF) {
+        static const char *const levels[] = {[ESMD_ESM_LOG_DEBUG] = "DEBUG",
+                                             [ESMD_ESM_LOG_INFO] = "INFO",
+                                             [ESMD_ESM_LOG_WARN] = "WARN"};
+        adm_put_key(b, &first, "LoggingConfig");
+        esmd_buf_printf(b, "{\"SystemLogLevel\":\"%s\"}", levels[c->system_log_level]);
+    }
     if (c->kind == ESMD_SOURCE_KAFKA) {
         const char *s = c->kafka.conn ? c->kafka.conn->bootstrap_servers : "";
         bool f2 = true;

@@ -1926,6 +1926,22 @@ static bool read_filters(struct esmd_cfg_loader *ld, const struct esmd_cfg_node 
     return true;
 }
 
+/* `logging: { system_log_level: DEBUG | INFO | WARN }` (Lambda's LoggingConfig). */
+static bool read_logging(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n, void *obj)
+{
+    static const char *const levels[] = {"DEBUG", "INFO", "WARN", NULL};
+    struct logging {
+        int level;
+    } lg = {0};
+    static const struct esmd_cfg_key keys[] = {
+        ESMD_K_ENUM("system_log_level", struct logging, level, levels, ESMD_CFG_REQUIRED, 0),
+    };
+    if (!read_section(ld, n, TABLE(keys), &lg))
+        return false;
+    ((struct esmd_mapping_cfg *)obj)->system_log_level = ESMD_ESM_LOG_DEBUG + lg.level;
+    return true;
+}
+
 static const struct esmd_cfg_key mapping_keys[] = {
     ESMD_K_CUSTOM("name", read_mapping_name, ESMD_CFG_REQUIRED),
     ESMD_K_CUSTOM("function", read_mapping_function, ESMD_CFG_REQUIRED),
@@ -1946,6 +1962,7 @@ static const struct esmd_cfg_key mapping_keys[] = {
                 bisect_batch_on_function_error),
     ESMD_K_BOOL("report_batch_item_failures", struct esmd_mapping_cfg, report_batch_item_failures),
     ESMD_K_DEST("on_failure", struct esmd_mapping_cfg, on_failure),
+    ESMD_K_CUSTOM("logging", read_logging, 0),
 };
 
 static void read_mapping(struct esmd_cfg_loader *ld, const struct esmd_cfg_node *n,

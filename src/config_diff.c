@@ -6,10 +6,10 @@
  * ESMD_CFG_CUSTOM are compared by name below; esmd_config_diff_knows() lists them and the unit
  * tests check that it knows every one of the tables'.
  *
- * A mapping's source section or connection, its function or its source kind: a restart of that
- * mapping. Its other keys: applied in place. A function's url, timeout, max_concurrency,
- * headers: in place (new requests); its `async` block, and `postgres`, `aws`, `admin` and
- * `async_queue`: only after a restart of esmd. */
+ * A mapping's source section or connection, its function, its source kind or its `logging`: a
+ * restart of that mapping. Its other keys: applied in place. A function's url, timeout,
+ * max_concurrency, headers: in place (new requests); its `async` block, and `postgres`, `aws`,
+ * `admin` and `async_queue`: only after a restart of esmd. */
 #include "esmd/buf.h"
 #include "esmd/config.h"
 #include "esmd/connector.h"
@@ -150,10 +150,14 @@ static void diff_mapping(const struct esmd_mapping_cfg *a, const struct esmd_map
             same = source_same(a, b);
         else if (!strcmp(k->name, "filters"))
             same = filters_same(a, b);
+        else if (!strcmp(k->name, "logging"))
+            same = a->system_log_level == b->system_log_level;
         if (same)
             continue;
         add_key(&keys, k->name);
-        if (!strcmp(k->name, "function") || !strcmp(k->name, "source"))
+        /* logging: the source's own system logs (a Kafka consumer's) take it when created */
+        if (!strcmp(k->name, "function") || !strcmp(k->name, "source") ||
+            !strcmp(k->name, "logging"))
             restart = true;
     }
     c->action = restart ? ESMD_RELOAD_RESTART : keys.len ? ESMD_RELOAD_UPDATE : ESMD_RELOAD_SAME;
@@ -317,7 +321,7 @@ void esmd_config_keep_restart_keys(struct esmd_config *cur, const struct esmd_co
 
 bool esmd_config_diff_knows(const char *section, const char *key)
 {
-    static const char *const mappings[] = {"name", "function", "source", "filters"};
+    static const char *const mappings[] = {"name", "function", "source", "filters", "logging"};
     static const char *const functions[] = {"headers", "async"};
     const char *const *known = !strcmp(section, "mappings") ? mappings : functions;
     size_t n = !strcmp(section, "mappings") ? ESMD_ARRAY_LEN(mappings) : ESMD_ARRAY_LEN(functions);

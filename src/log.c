@@ -1,6 +1,7 @@
 /* JSON-lines logger. */
 #include "esmd/log.h"
 #include "esmd/buf.h"
+#include "esmd/config.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -43,12 +44,10 @@ static void put_field(struct esmd_buf *b, const char *name, const char *value)
     esmd_buf_put_json_string(b, value, strlen(value));
 }
 
-__attribute__((format(printf, 4, 0))) static void vlog(enum esmd_log_level lvl,
-                                                       const struct esmd_log_ctx *ctx,
-                                                       long suppressed, const char *fmt, va_list ap)
+/* One line: the common members, then `extra` (JSON members, each ,"name":value). */
+static void write_line(enum esmd_log_level lvl, const struct esmd_log_ctx *ctx, long suppressed,
+                       const char *msg, const char *extra, size_t extra_len)
 {
-    char msg[2048];
-    vsnprintf(msg, sizeof(msg), fmt, ap);
     char ts[32];
     esmd_iso8601_ms(esmd_now_ms(), ts);
     struct esmd_buf b = ESMD_BUF_INIT;
@@ -62,11 +61,22 @@ __attribute__((format(printf, 4, 0))) static void vlog(enum esmd_log_level lvl,
     }
     if (suppressed > 0)
         esmd_buf_printf(&b, ",\"suppressed\":%ld", suppressed);
+    if (extra)
+        esmd_buf_append(&b, extra, extra_len);
     esmd_buf_puts(&b, "}\n");
     FILE *fp = g_stream ? g_stream : stderr;
     fwrite(b.data, 1, b.len, fp);
     fflush(fp);
     esmd_buf_free(&b);
+}
+
+__attribute__((format(printf, 4, 0))) static void vlog(enum esmd_log_level lvl,
+                                                       const struct esmd_log_ctx *ctx,
+                                                       long suppressed, const char *fmt, va_list ap)
+{
+    char msg[2048];
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    write_line(lvl, ctx, suppressed, msg, NULL, 0);
 }
 
 void esmd_log(enum esmd_log_level lvl, const struct esmd_log_ctx *ctx, const char *fmt, ...)
@@ -118,4 +128,36 @@ void esmd_log_limited(enum esmd_log_level lvl, const struct esmd_log_ctx *ctx, c
     va_start(ap, fmt);
     vlog(lvl, ctx, suppressed, fmt, ap);
     va_end(ap);
+}
+
+/* ---- event source mapping system logs ---- */
+
+static const struct {
+    const char *name;
+    int level; /* enum esmd_esm_log_level */
+    const char *level_name;
+    enum esmd_log_level log_level;
+} esm_events[] = {
+    [ESMD_ESM_POLLER_STATUS] = {"POLLER_STATUS_EVENT", ESMD_ESM_LOG_INFO, "INFO", ESMD_LOG_INFO},
+    [ESMD_ESM_KAFKA_STATUS] = {"KAFKA_STATUS_EVENT", ESMD_ESM_LOG_DEBUG, "DEBUG", ESMD_LOG_DEBUG},
+    [ESMD_ESM_PROCESSING] = {"ESM_PROCESSING_EVENT", ESMD_ESM_LOG_WARN, "WARN", ESMD_LOG_WARN},
+};
+
+bool esmd_esm_log_enabled(int configured, enum esmd_esm_event type)
+{
+    return configured != ESMD_ESM_LOG_OFF && esm_events[type].level >= configured;
+}
+
+void esmd_esm_log(int configured, const struct esmd_log_ctx *ctx, enum esmd_esm_event type,
+                  const char *members, size_t len)
+{
+    if (!esmd_esm_log_enabled(configured, type))
+        return;
+    struct esmd_buf b = ESMD_BUF_INIT;
+    esmd_buf_printf(&b, ",\"eventType\":\"%s\",\"logLevel\":\"%s\"", esm_events[type].name,
+                    esm_events[type].level_name);
+    if (members)
+        esmd_buf_append(&b, members, len);
+    write_line(esm_events[type].log_level, ctx, 0, esm_events[type].name, b.data, b.len);
+    esmd_buf_free(&b);
 }

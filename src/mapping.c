@@ -359,6 +359,51 @@ static void encode_part(struct inflight *inf)
     inf->encoded = true;
 }
 
+/* ---- system logs ---- */
+
+void esmd_mapping_processing_event(struct inflight *inf, const char *request_id, const char *code,
+                                   const char *message, const char *action)
+{
+    struct esmd_mapping *map = inf->map;
+    if (!esmd_esm_log_enabled(map->cfg->system_log_level, ESMD_ESM_PROCESSING))
+        return;
+    struct esmd_buf b = ESMD_BUF_INIT;
+    esmd_buf_puts(&b, ",\"error\":{\"errorCode\":");
+    esmd_buf_put_json_string(&b, code, strlen(code));
+    esmd_buf_puts(&b, ",\"errorMessage\":");
+    esmd_buf_put_json_string(&b, message ? message : "", message ? strlen(message) : 0);
+    esmd_buf_printf(&b, "},\"action\":\"%s\",\"batchSize\":%zu,\"invokeCount\":%d", action,
+                    inf->batch.nrecords, inf->invokes);
+    struct esmd_log_ctx ctx = esmd_mapping_part_log(inf, request_id);
+    esmd_esm_log(map->cfg->system_log_level, &ctx, ESMD_ESM_PROCESSING, b.data, b.len);
+    esmd_buf_free(&b);
+}
+
+const char *esmd_mapping_error_code(const struct esmd_invoke_result *res)
+{
+    switch (res->outcome) {
+    case ESMD_INVOKE_FUNCTION_ERROR:
+        return "FunctionError";
+    case ESMD_INVOKE_TIMEOUT:
+        return "FunctionTimeout";
+    case ESMD_INVOKE_THROTTLED:
+        return "Throttled";
+    case ESMD_INVOKE_OK:
+        return "BatchItemFailures"; /* some records failed, or the answer was not usable */
+    default:
+        return res->status > 0 ? "FunctionErrorStatus" : "FunctionUnreachable";
+    }
+}
+
+/* POLLER_STATUS_EVENT of the mapping as a whole (every source): started, stopping. */
+static void poller_event(struct esmd_mapping *map, const char *status)
+{
+    struct esmd_buf b = ESMD_BUF_INIT;
+    esmd_buf_printf(&b, ",\"pollerStatus\":\"%s\",\"source\":\"%s\"", status, map->ops->kind);
+    esmd_esm_log(map->cfg->system_log_level, &map->log, ESMD_ESM_POLLER_STATUS, b.data, b.len);
+    esmd_buf_free(&b);
+}
+
 /* ---- invoke ---- */
 
 static void on_invoke_result(void *ud, const struct esmd_invoke_result *res);
@@ -568,13 +613,16 @@ static void settle_failure(struct inflight *inf, const struct esmd_invoke_result
     if (map->ops->queue) {
         /* Queue semantics: the source redelivers the batch after its visibility timeout. */
         struct esmd_log_ctx ctx = esmd_mapping_part_log(inf, res->request_id);
+        const char *reason =
+            why ? why
+                : (res->error ? res->error
+                              : (res->function_error ? res->function_error : "failed"));
         esmd_log_limited(ESMD_LOG_WARN, &ctx, "batch-failed",
                          "batch of %zu messages (%s) %s: %s; left for redelivery",
                          inf->batch.nrecords, inf->idem_key, esmd_invoke_outcome_name(res->outcome),
-                         why ? why
-                             : (res->error
-                                    ? res->error
-                                    : (res->function_error ? res->function_error : "failed")));
+                         reason);
+        esmd_mapping_processing_event(inf, res->request_id, esmd_mapping_error_code(res), reason,
+                                      "REDELIVER");
         inflight_end(inf, true);
         return;
     }
@@ -959,6 +1007,7 @@ int esmd_mapping_start(struct esmd_mapping *map)
         return rc;
     ESMD_INFO(&map->log, "mapping started (%s source, batch_size %d, window %lld ms)",
               map->ops->kind, map->batch_size, (long long)map->window_ms);
+    poller_event(map, "STARTED");
     return ESMD_OK;
 }
 

@@ -154,15 +154,17 @@ static int retry_limit(const struct esmd_mapping *map)
 }
 
 static void log_failure(struct inflight *inf, const struct esmd_invoke_result *res,
-                        const char *what, int64_t delay)
+                        const char *what, int64_t delay, const char *action)
 {
     struct esmd_log_ctx ctx = esmd_mapping_part_log(inf, res->request_id);
+    const char *reason =
+        res->error ? res->error : (res->function_error ? res->function_error : "failed");
     esmd_log_limited(ESMD_LOG_WARN, &ctx, "batch-retry",
                      "batch of %zu records (%s) %s: %s; %s%lld ms (attempt %d)",
                      inf->batch.nrecords, inf->idem_key, esmd_invoke_outcome_name(res->outcome),
-                     res->error ? res->error
-                                : (res->function_error ? res->function_error : "failed"),
-                     what, (long long)delay, inf->invokes);
+                     reason, what, (long long)delay, inf->invokes);
+    esmd_mapping_processing_event(inf, res->request_id, esmd_mapping_error_code(res), reason,
+                                  action);
 }
 
 void esmd_mapping_throttled(struct inflight *inf, const struct esmd_invoke_result *res)
@@ -171,7 +173,7 @@ void esmd_mapping_throttled(struct inflight *inf, const struct esmd_invoke_resul
     int64_t delay = esmd_invoke_retry_delay(
         res, esmd_backoff_delay(&throttle_backoff, inf->throttles++, esmd_random64()),
         RETRY_AFTER_CAP_MS);
-    log_failure(inf, res, "retrying in ", delay);
+    log_failure(inf, res, "retrying in ", delay, "RETRY");
     esmd_mapping_schedule_part(inf, delay, true);
 }
 
@@ -188,7 +190,7 @@ void esmd_mapping_part_failed(struct inflight *inf, const struct esmd_invoke_res
     if (bisect && map->cfg->bisect_batch_on_function_error && inf->batch.nrecords > 1) {
         /* Splitting does not use up the retry quota (Lambda). */
         size_t half = (inf->batch.nrecords + 1) / 2;
-        log_failure(inf, res, "bisecting; first half in ", 0);
+        log_failure(inf, res, "bisecting; first half in ", 0, "BISECT");
         esmd_mapping_split_part(inf, keep_first_half, &half);
         esmd_mapping_part_begin(inf);
         esmd_series_inc(map->m.bisections, 1);
@@ -204,7 +206,7 @@ void esmd_mapping_part_failed(struct inflight *inf, const struct esmd_invoke_res
     int64_t delay = esmd_invoke_retry_delay(
         res, esmd_backoff_delay(&map->retry_backoff, inf->attempts - 1, esmd_random64()),
         RETRY_AFTER_CAP_MS);
-    log_failure(inf, res, "retrying in ", delay);
+    log_failure(inf, res, "retrying in ", delay, "RETRY");
     esmd_mapping_schedule_part(inf, delay, true);
 }
 
@@ -326,6 +328,8 @@ static void on_failure_stored(void *ud, bool ok, const char *err)
         esmd_log_limited(ESMD_LOG_ERROR, &map->log, "on-failure-store",
                          "on-failure record for %s not stored: %s; trying again", map->on_failure,
                          err ? err : "error");
+        esmd_mapping_processing_event(inf, inf->last_request_id, "OnFailureDestinationFailed",
+                                      err ? err : "error", "RETRY");
     }
     if (inf->dest_pending > 0)
         return;
@@ -368,6 +372,8 @@ void esmd_mapping_give_up(struct inflight *inf, const char *condition)
         esmd_series_inc(map->m.dropped, (double)inf->batch.nrecords);
         ESMD_ERROR(&ctx, "%zu records (%s) discarded after %d invocations: %s", inf->batch.nrecords,
                    inf->idem_key ? inf->idem_key : "not sent", inf->invokes, condition);
+        esmd_mapping_processing_event(inf, inf->last_request_id, condition,
+                                      "records given up and discarded (no on_failure)", "DISCARD");
         esmd_mapping_part_done(inf, true);
         return;
     }
@@ -395,5 +401,8 @@ void esmd_mapping_give_up(struct inflight *inf, const char *condition)
     free(pr.recs);
     ESMD_WARN(&ctx, "%zu records sent to on-failure destination %s: %s", pr.n, map->on_failure,
               condition);
+    esmd_mapping_processing_event(inf, inf->last_request_id, condition,
+                                  "records given up and sent to the on-failure destination",
+                                  "ON_FAILURE");
     on_failure_stored(inf, true, NULL);
 }

@@ -128,6 +128,14 @@ static inline void esmd_mapping_release(struct esmd_mapping *map, struct esmd_re
 
 /* ---- src/mapping.c ---- */
 
+/* An ESM_PROCESSING_EVENT about the current part (docs/operations.md#esm-logging): code names
+ * what went wrong (errorCode), message says it (errorMessage), action what esmd does next
+ * (RETRY, BISECT, REDELIVER, DISCARD, ON_FAILURE). request_id may be NULL. */
+void esmd_mapping_processing_event(struct inflight *inf, const char *request_id, const char *code,
+                                   const char *message, const char *action);
+/* The errorCode of a failed invocation's outcome. */
+const char *esmd_mapping_error_code(const struct esmd_invoke_result *res);
+
 /* Takes the current part's trace context from its records (inf->trace, inf->trace_id). */
 void esmd_mapping_part_trace(struct inflight *inf);
 /* The mapping's log scope for lines about the current part: its trace id, and request_id. */

@@ -43,6 +43,9 @@
 #define KAFKA_LOOKUP_TIMEOUT_MS 10000
 /* librdkafka statistics interval: used only to notice that brokers are back after an outage. */
 #define KAFKA_STATS_INTERVAL_MS "10000"
+/* KAFKA_STATUS_EVENT interval (Lambda's: a minute); ESMD_KAFKA_STATUS_INTERVAL_MS overrides it,
+ * for tests only (docs/testing.md). */
+#define KAFKA_STATUS_INTERVAL_S 60.0
 /* Topic metadata refresh: how soon partitions added to a subscribed topic are noticed (the
  * group then rebalances onto them). librdkafka's default is 5 minutes. */
 #define KAFKA_METADATA_REFRESH_MS "10000"
@@ -131,7 +134,10 @@ struct esmd_kafka {
     ev_timer tick;      /* KAFKA_TICK_S housekeeping */
     ev_timer commit_tm; /* next coalesced commit */
     ev_timer done_tm;   /* 0 s: call done() outside stop() */
+    ev_timer status_tm; /* KAFKA_STATUS_EVENT, when the mapping's logging asks for it */
     bool watchers_init;
+    int esm_level;       /* the mapping's system_log_level (enum esmd_esm_log_level) */
+    unsigned generation; /* rebalances this consumer has seen (assignments and revokes) */
 
     struct kafka_part **buckets;
     size_t nbuckets, nparts, nassigned;
@@ -453,6 +459,48 @@ static void shard_close_part(struct esmd_kafka *kc, struct kafka_part *part)
     kc->host->shard_close(kc->host->core, shard);
 }
 
+/* POLLER_STATUS_EVENT of a rebalance (docs/operations.md#esm-logging): what changed and what the
+ * consumer owns now. librdkafka does not expose the group's generation id: `rebalanceGeneration`
+ * counts this consumer's rebalances. */
+static void poller_event(struct esmd_kafka *kc, const char *status,
+                         const rd_kafka_topic_partition_list_t *parts)
+{
+    if (!esmd_esm_log_enabled(kc->esm_level, ESMD_ESM_POLLER_STATUS))
+        return;
+    struct esmd_buf b = ESMD_BUF_INIT;
+    esmd_buf_printf(&b, ",\"pollerStatus\":\"%s\",\"consumerGroupId\":", status);
+    esmd_buf_put_json_string(&b, kc->group, strlen(kc->group));
+    char *member = kc->rk ? rd_kafka_memberid(kc->rk) : NULL;
+    esmd_buf_puts(&b, ",\"memberId\":");
+    esmd_buf_put_json_string(&b, member ? member : "", member ? strlen(member) : 0);
+    if (member)
+        rd_kafka_mem_free(kc->rk, member);
+    esmd_buf_printf(&b, ",\"rebalanceGeneration\":%u,\"rebalanceProtocol\":\"%s\"", kc->generation,
+                    is_cooperative(kc->rk) ? "COOPERATIVE" : "EAGER");
+    esmd_buf_puts(&b, ",\"partitions\":[");
+    for (int i = 0; parts && i < parts->cnt; i++) {
+        char key[512];
+        snprintf(key, sizeof(key), "%s-%d", parts->elems[i].topic, (int)parts->elems[i].partition);
+        if (i)
+            esmd_buf_puts(&b, ",");
+        esmd_buf_put_json_string(&b, key, strlen(key));
+    }
+    esmd_buf_puts(&b, "],\"assignedPartitions\":[");
+    bool first = true;
+    PARTS_FOREACH(kc, part)
+    {
+        if (!part->shard)
+            continue;
+        if (!first)
+            esmd_buf_puts(&b, ",");
+        first = false;
+        esmd_buf_put_json_string(&b, part->key, strlen(part->key));
+    }
+    esmd_buf_puts(&b, "]");
+    esmd_esm_log(kc->esm_level, kc->log, ESMD_ESM_POLLER_STATUS, b.data, b.len);
+    esmd_buf_free(&b);
+}
+
 static void rebalance_assign(struct esmd_kafka *kc, rd_kafka_topic_partition_list_t *parts)
 {
     bool coop = is_cooperative(kc->rk);
@@ -499,6 +547,8 @@ static void rebalance_assign(struct esmd_kafka *kc, rd_kafka_topic_partition_lis
             rd_kafka_resume_partitions(kc->rk, resume);
         ESMD_INFO(kc->log, "kafka assigned %d partitions (%s), %zu owned", list->cnt,
                   coop ? "cooperative" : "eager", kc->nassigned);
+        kc->generation++;
+        poller_event(kc, "PARTITIONS_ASSIGNED", list);
         kafka_recover(kc, KAFKA_DOWN_SOURCE);
     }
     rd_kafka_topic_partition_list_destroy(resume);
@@ -508,7 +558,8 @@ static void rebalance_assign(struct esmd_kafka *kc, rd_kafka_topic_partition_lis
 static void rebalance_revoke(struct esmd_kafka *kc, rd_kafka_topic_partition_list_t *parts)
 {
     bool coop = is_cooperative(kc->rk);
-    if (rd_kafka_assignment_lost(kc->rk))
+    bool lost = rd_kafka_assignment_lost(kc->rk);
+    if (lost)
         ESMD_WARN(kc->log, "kafka assignment lost (%d partitions): not committing", parts->cnt);
     else
         commit_sync(kc);
@@ -530,6 +581,8 @@ static void rebalance_revoke(struct esmd_kafka *kc, rd_kafka_topic_partition_lis
             ESMD_ERROR(kc->log, "kafka unassign failed: %s", rd_kafka_err2str(err));
     }
     ESMD_INFO(kc->log, "kafka revoked %d partitions, %zu owned", parts->cnt, kc->nassigned);
+    kc->generation++;
+    poller_event(kc, lost ? "PARTITIONS_LOST" : "PARTITIONS_REVOKED", parts);
 }
 
 /* Served from rd_kafka_consumer_poll() / rd_kafka_consume_queue(): loop thread. */
@@ -942,6 +995,41 @@ static void on_tick(struct ev_loop *loop, ev_timer *w, int revents)
     }
 }
 
+/* KAFKA_STATUS_EVENT, one line per owned partition (docs/operations.md#esm-logging):
+ * endOffset the partition's high watermark as last fetched (-1 before a fetch), consumedOffset
+ * the offset after the last record read, processedOffset after the last one finished (stored),
+ * committedOffset the group's committed offset as last seen (-1: none yet). */
+static void on_status(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    ESMD_UNUSED(loop);
+    ESMD_UNUSED(revents);
+    struct esmd_kafka *kc = w->data;
+    if (kc->state != KAFKA_RUNNING)
+        return;
+    struct esmd_buf b = ESMD_BUF_INIT;
+    PARTS_FOREACH(kc, part)
+    {
+        if (!part->shard)
+            continue;
+        int64_t lo = -1, hi = -1;
+        if (rd_kafka_get_watermark_offsets(kc->rk, part->topic, part->partition, &lo, &hi) !=
+            RD_KAFKA_RESP_ERR_NO_ERROR)
+            hi = -1;
+        esmd_buf_reset(&b);
+        esmd_buf_puts(&b, ",\"partition\":");
+        esmd_buf_put_json_string(&b, part->key, strlen(part->key));
+        esmd_buf_puts(&b, ",\"topic\":");
+        esmd_buf_put_json_string(&b, part->topic, strlen(part->topic));
+        esmd_buf_printf(&b,
+                        ",\"partitionId\":%d,\"endOffset\":%lld,\"consumedOffset\":%lld,"
+                        "\"processedOffset\":%lld,\"committedOffset\":%lld",
+                        (int)part->partition, (long long)hi, (long long)part->next,
+                        (long long)part->stored, (long long)part->committed);
+        esmd_esm_log(kc->esm_level, kc->log, ESMD_ESM_KAFKA_STATUS, b.data, b.len);
+    }
+    esmd_buf_free(&b);
+}
+
 static void on_done(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct esmd_kafka *kc = w->data;
@@ -961,6 +1049,7 @@ static void close_finish(struct esmd_kafka *kc)
     ev_timer_stop(kc->host->loop, &kc->tick);
     ev_timer_stop(kc->host->loop, &kc->kick);
     ev_timer_stop(kc->host->loop, &kc->commit_tm);
+    ev_timer_stop(kc->host->loop, &kc->status_tm);
     ev_timer_start(kc->host->loop, &kc->done_tm);
     ESMD_INFO(kc->log, "kafka consumer closed");
 }
@@ -1020,6 +1109,7 @@ static void *kafka_create(const struct esmd_mapping_cfg *cfg, const struct esmd_
             kc->sr_value = true;
         kc->sr_source = src_sr->event_record_format == ESMD_SCHEMA_RECORD_SOURCE;
     }
+    kc->esm_level = cfg->system_log_level;
 
     char client_id[256];
     snprintf(client_id, sizeof(client_id), "esmd-%s",
@@ -1058,6 +1148,12 @@ static void *kafka_create(const struct esmd_mapping_cfg *cfg, const struct esmd_
     kc->commit_tm.data = kc;
     ev_timer_init(&kc->done_tm, on_done, 0.0, 0.0);
     kc->done_tm.data = kc;
+    double every = KAFKA_STATUS_INTERVAL_S;
+    const char *env = getenv("ESMD_KAFKA_STATUS_INTERVAL_MS"); /* testing only */
+    if (env && atol(env) > 0)
+        every = (double)atol(env) / 1000.0;
+    ev_timer_init(&kc->status_tm, on_status, every, every);
+    kc->status_tm.data = kc;
     kc->watchers_init = true;
     return kc;
 fail:
@@ -1102,6 +1198,8 @@ static int kafka_start(void *c)
     }
     kc->state = KAFKA_RUNNING;
     ev_timer_start(kc->host->loop, &kc->tick);
+    if (esmd_esm_log_enabled(kc->esm_level, ESMD_ESM_KAFKA_STATUS))
+        ev_timer_start(kc->host->loop, &kc->status_tm);
     ev_timer_start(kc->host->loop, &kc->kick);
     ESMD_INFO(kc->log, "kafka consumer started (group %s, %zu topics, %s)", kc->group, kc->ntopics,
               rd_kafka_name(rk));
@@ -1342,6 +1440,7 @@ static void kafka_destroy(void *c)
         ev_timer_stop(loop, &kc->tick);
         ev_timer_stop(loop, &kc->commit_tm);
         ev_timer_stop(loop, &kc->done_tm);
+        ev_timer_stop(loop, &kc->status_tm);
     }
     esmd_kafka_wake_stop(&kc->wake, kc->rkqu, kc->closeq);
     kafka_free(kc);

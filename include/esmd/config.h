@@ -145,6 +145,15 @@ struct esmd_filter_cfg {
     int line, col; /* where it stands in the file */
 };
 
+/* A mapping's system logs: `logging: { system_log_level }`, Lambda's LoggingConfig
+ * (docs/operations.md#esm-logging). A level lets its events and the less detailed ones through. */
+enum esmd_esm_log_level {
+    ESMD_ESM_LOG_OFF, /* no `logging`: no system logs */
+    ESMD_ESM_LOG_DEBUG,
+    ESMD_ESM_LOG_INFO,
+    ESMD_ESM_LOG_WARN,
+};
+
 struct esmd_mapping_cfg {
     char *name;                         /* required, unique; [A-Za-z0-9_.-]{1,64} */
     char *function;                     /* name in `functions` */
@@ -165,6 +174,7 @@ struct esmd_mapping_cfg {
     bool bisect_batch_on_function_error; /* default false */
     bool report_batch_item_failures;     /* default false */
     char *on_failure;                    /* destination URI or NULL */
+    int system_log_level;                /* enum esmd_esm_log_level; OFF without `logging` */
 };
 
 struct esmd_admin_cfg {
