@@ -52,8 +52,10 @@ static void adm_native_json(const struct esmd_admin *adm, const struct adm_map *
                     esmd_config_kind_name(c->kind), m->map ? "true" : "false",
                     adm_eff_enabled(m) ? "true" : "false",
                     adm_eff_enabled(m) ? "Enabled" : "Disabled");
-    esmd_buf_printf(b, ",\"batch_size\":%d,\"maximum_batching_window_ms\":%" PRId64,
-                    adm_cur_batch(m), adm_cur_window(m));
+    esmd_buf_printf(b,
+                    ",\"batch_size\":%d,\"maximum_batching_window_ms\":%" PRId64
+                    ",\"parallelization_factor\":%d",
+                    adm_cur_batch(m), adm_cur_window(m), adm_cur_factor(m));
     esmd_buf_puts(b, ",\"filters\":[");
     for (size_t i = 0; i < adm_cur_nfilters(m); i++) {
         if (i)
@@ -83,6 +85,10 @@ static void adm_native_json(const struct esmd_admin *adm, const struct adm_map *
         if (o->window_ms >= 0) {
             adm_put_key(b, &first, "maximum_batching_window_ms");
             esmd_buf_printf(b, "%" PRId64, o->window_ms);
+        }
+        if (o->parallelization_factor > 0) {
+            adm_put_key(b, &first, "parallelization_factor");
+            esmd_buf_printf(b, "%d", o->parallelization_factor);
         }
         if (o->has_filters) {
             adm_put_key(b, &first, "filters");

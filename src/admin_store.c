@@ -25,7 +25,7 @@
 /* The columns every read of esmd.mapping_overrides returns, in this order. */
 #define ADM_OVR_COLS                                                                               \
     "name, enabled, batch_size, window_ms, filters::text, on_failure, "                            \
-    "(extract(epoch FROM updated_at) * 1000)::bigint, updated_by"
+    "(extract(epoch FROM updated_at) * 1000)::bigint, updated_by, parallelization_factor"
 
 /* Drops the overridden fields $2 (comma-separated names) of mapping $1, tells every instance. */
 #define ADM_DROP_FIELDS                                                                            \
@@ -36,13 +36,16 @@
     "  window_ms = CASE WHEN 'window_ms' = ANY(f.a) THEN NULL ELSE window_ms END,"                 \
     "  filters = CASE WHEN 'filters' = ANY(f.a) THEN NULL ELSE filters END,"                       \
     "  on_failure = CASE WHEN 'on_failure' = ANY(f.a) THEN NULL ELSE on_failure END,"              \
+    "  parallelization_factor = CASE WHEN 'parallelization_factor' = ANY(f.a) THEN NULL"           \
+    "   ELSE parallelization_factor END,"                                                          \
     "  yaml = yaml - f.a, updated_at = now()"                                                      \
     "  FROM f WHERE name = $1 RETURNING name)"                                                     \
     " SELECT pg_notify('" ESMD_ADMIN_CHANNEL "', $1) FROM u"
 /* Deletes the row of mapping $1 when nothing is overridden any more. */
 #define ADM_DELETE_EMPTY                                                                           \
     "DELETE FROM esmd.mapping_overrides WHERE name = $1 AND enabled IS NULL AND batch_size IS "    \
-    "NULL AND window_ms IS NULL AND filters IS NULL AND on_failure IS NULL"
+    "NULL AND window_ms IS NULL AND filters IS NULL AND on_failure IS NULL AND "                   \
+    "parallelization_factor IS NULL"
 
 /* One query in flight: a write or reset for a route, or a reload. */
 enum adm_op_kind { ADM_OP_WRITE, ADM_OP_RESET, ADM_OP_READ };
@@ -94,6 +97,10 @@ static void adm_apply(struct adm_map *m)
     if (adm_eff_batch(m) != esmd_mapping_batch_size(m->map)) {
         u.has_batch_size = any = true;
         u.batch_size = adm_eff_batch(m);
+    }
+    if (adm_eff_factor(m) != esmd_mapping_parallelization_factor(m->map)) {
+        u.has_parallelization_factor = any = true;
+        u.parallelization_factor = adm_eff_factor(m);
     }
     if (adm_eff_window(m) != esmd_mapping_window_ms(m->map)) {
         u.has_window = any = true;
@@ -163,7 +170,10 @@ static int ovr_from_row(struct adm_ovr *o, const PGresult *res, int r)
     o->updated_ms = strtoll(PQgetvalue(res, r, 6), NULL, 10);
     if (!PQgetisnull(res, r, 7))
         o->updated_by = esmd_xstrdup(PQgetvalue(res, r, 7));
-    if (o->batch_size < 0 || o->batch_size > 10000 || o->window_ms > 300000) {
+    if (!PQgetisnull(res, r, 8))
+        o->parallelization_factor = atoi(PQgetvalue(res, r, 8));
+    if (o->batch_size < 0 || o->batch_size > 10000 || o->window_ms > 300000 ||
+        o->parallelization_factor < 0 || o->parallelization_factor > ESMD_CFG_MAX_PARALLELIZATION) {
         ovr_clear(o);
         return -1;
     }
@@ -290,8 +300,8 @@ int esmd_admin_write(struct esmd_admin *adm, size_t mi, const struct adm_change 
     const struct esmd_mapping_cfg *c = m->cfg;
     struct esmd_buf filters = ESMD_BUF_INIT;
     cJSON *yaml;
-    char bs[16], win[24], *yaml_text;
-    const char *params[8];
+    char bs[16], win[24], pf[16], *yaml_text;
+    const char *params[9];
     struct adm_op *op;
     int rc;
 
@@ -308,9 +318,12 @@ int esmd_admin_write(struct esmd_admin *adm, size_t mi, const struct adm_change 
             .nfilters = ch->nfilters,
             .has_on_failure = ch->on_failure != NULL,
             .on_failure = ch->on_failure && ch->on_failure[0] ? ch->on_failure : NULL,
+            .has_parallelization_factor = ch->parallelization_factor > 0,
+            .parallelization_factor = ch->parallelization_factor,
         };
 
-        if ((u.has_batch_size || u.has_window || u.has_filters || u.has_on_failure) &&
+        if ((u.has_batch_size || u.has_window || u.has_filters || u.has_on_failure ||
+             u.has_parallelization_factor) &&
             esmd_mapping_update(m->map, &u, err, errlen) != 0)
             return ESMD_EINVAL;
         if (ch->enabled >= 0)
@@ -325,6 +338,8 @@ int esmd_admin_write(struct esmd_admin *adm, size_t mi, const struct adm_change 
         cJSON_AddNumberToObject(yaml, "batch_size", c->batch_size);
     if (ch->window_ms >= 0)
         cJSON_AddNumberToObject(yaml, "window_ms", (double)c->maximum_batching_window_ms);
+    if (ch->parallelization_factor > 0)
+        cJSON_AddNumberToObject(yaml, "parallelization_factor", adm_cfg_factor(c));
     if (ch->has_filters) {
         cJSON *arr = cJSON_AddArrayToObject(yaml, "filters");
 
@@ -356,20 +371,25 @@ int esmd_admin_write(struct esmd_admin *adm, size_t mi, const struct adm_change 
     params[5] = ch->on_failure;
     params[6] = yaml_text;
     params[7] = adm->instance_id;
+    snprintf(pf, sizeof(pf), "%d", ch->parallelization_factor);
+    params[8] = ch->parallelization_factor > 0 ? pf : NULL;
 
     op = adm_op_new(adm, ADM_OP_WRITE, mi, cb, ud);
     rc = esmd_pg_query(
         adm->pg,
         "WITH o AS ("
         " INSERT INTO esmd.mapping_overrides AS t (name, enabled, batch_size, window_ms, filters,"
-        "  on_failure, yaml, updated_at, updated_by)"
-        " VALUES ($1, $2::boolean, $3::integer, $4::integer, $5::jsonb, $6, $7::jsonb, now(), $8)"
+        "  on_failure, yaml, updated_at, updated_by, parallelization_factor)"
+        " VALUES ($1, $2::boolean, $3::integer, $4::integer, $5::jsonb, $6, $7::jsonb, now(), $8,"
+        "  $9::integer)"
         " ON CONFLICT (name) DO UPDATE SET"
         "  enabled = COALESCE(EXCLUDED.enabled, t.enabled),"
         "  batch_size = COALESCE(EXCLUDED.batch_size, t.batch_size),"
         "  window_ms = COALESCE(EXCLUDED.window_ms, t.window_ms),"
         "  filters = COALESCE(EXCLUDED.filters, t.filters),"
         "  on_failure = COALESCE(EXCLUDED.on_failure, t.on_failure),"
+        "  parallelization_factor = COALESCE(EXCLUDED.parallelization_factor,"
+        "   t.parallelization_factor),"
         "  yaml = t.yaml || EXCLUDED.yaml, updated_at = now(), updated_by = EXCLUDED.updated_by"
         " RETURNING " ADM_OVR_COLS "),"
         " s AS (UPDATE esmd.mapping_state SET enabled = $2::boolean,"
@@ -471,11 +491,11 @@ static void adm_drop_done(void *ud, const PGresult *res, const char *err)
 static void adm_drop_changed(struct esmd_admin *adm, struct adm_map *m,
                              const struct esmd_mapping_cfg *was)
 {
-    static const char *const fields[] = {"enabled", "batch_size", "window_ms", "filters",
-                                         "on_failure"};
+    static const char *const fields[] = {"enabled", "batch_size", "window_ms",
+                                         "filters", "on_failure", "parallelization_factor"};
     struct adm_ovr *o = &m->ovr;
-    bool set[] = {o->enabled >= 0, o->batch_size > 0, o->window_ms >= 0, o->has_filters,
-                  o->on_failure != NULL};
+    bool set[] = {o->enabled >= 0, o->batch_size > 0,     o->window_ms >= 0,
+                  o->has_filters,  o->on_failure != NULL, o->parallelization_factor > 0};
     struct esmd_buf drop = ESMD_BUF_INIT;
 
     if (!o->present)
@@ -511,9 +531,11 @@ static void adm_drop_changed(struct esmd_admin *adm, struct adm_map *m,
             o->filters = NULL;
             o->nfilters = 0;
             o->has_filters = false;
-        } else {
+        } else if (k == 4) {
             free(o->on_failure);
             o->on_failure = NULL;
+        } else {
+            o->parallelization_factor = 0;
         }
     }
     if (drop.len > 0) {
@@ -586,6 +608,8 @@ static cJSON *adm_yaml_value(const struct esmd_mapping_cfg *c, const char *field
         return cJSON_CreateNumber(c->batch_size);
     if (strcmp(field, "window_ms") == 0)
         return cJSON_CreateNumber((double)c->maximum_batching_window_ms);
+    if (strcmp(field, "parallelization_factor") == 0)
+        return cJSON_CreateNumber(adm_cfg_factor(c));
     if (strcmp(field, "filters") == 0) {
         cJSON *arr = cJSON_CreateArray();
 
@@ -608,9 +632,9 @@ static bool pg_ok(PGconn *pg, PGresult *res, ExecStatusType want, char *err, siz
 
 int esmd_admin_load(struct esmd_admin *adm, char *err, size_t errlen)
 {
-    static const char *const fields[] = {"enabled", "batch_size", "window_ms", "filters",
-                                         "on_failure"};
-    static const int cols[] = {1, 2, 3, 4, 5};
+    static const char *const fields[] = {"enabled", "batch_size", "window_ms",
+                                         "filters", "on_failure", "parallelization_factor"};
+    static const int cols[] = {1, 2, 3, 4, 5, 8};
     PGconn *pg = PQconnectdb(adm->conninfo);
     PGresult *res = NULL;
     int rc = ESMD_EIO;
@@ -631,7 +655,7 @@ int esmd_admin_load(struct esmd_admin *adm, char *err, size_t errlen)
 
         if (m == NULL)
             continue;
-        yaml = cJSON_Parse(PQgetvalue(res, r, 8));
+        yaml = cJSON_Parse(PQgetvalue(res, r, 9));
         /* an overridden field whose file value changed since: the file wins */
         for (size_t k = 0; k < ESMD_ARRAY_LEN(fields); k++) {
             cJSON *now, *then;

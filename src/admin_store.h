@@ -24,12 +24,13 @@ struct esmd_admin_dlq;
 
 /* A row of esmd.mapping_overrides. */
 struct adm_ovr {
-    bool present;      /* a row exists */
-    int enabled;       /* -1 = not overridden, else 0 / 1 */
-    int batch_size;    /* 0 = not overridden */
-    int64_t window_ms; /* -1 = not overridden */
-    bool has_filters;  /* filters overridden (nfilters 0 = no filtering) */
-    char **filters;    /* owned */
+    bool present;               /* a row exists */
+    int enabled;                /* -1 = not overridden, else 0 / 1 */
+    int batch_size;             /* 0 = not overridden */
+    int64_t window_ms;          /* -1 = not overridden */
+    int parallelization_factor; /* 0 = not overridden */
+    bool has_filters;           /* filters overridden (nfilters 0 = no filtering) */
+    char **filters;             /* owned */
     size_t nfilters;
     char *on_failure;   /* owned; NULL = not overridden, "" = none */
     int64_t updated_ms; /* when the row last changed */
@@ -70,6 +71,23 @@ static inline bool adm_eff_enabled(const struct adm_map *m)
 static inline int adm_eff_batch(const struct adm_map *m)
 {
     return m->ovr.batch_size > 0 ? m->ovr.batch_size : m->cfg->batch_size;
+}
+
+/* The file's parallelization_factor (a pgqueue source has none: 1). */
+static inline int adm_cfg_factor(const struct esmd_mapping_cfg *c)
+{
+    return c->parallelization_factor > 0 ? c->parallelization_factor : 1;
+}
+
+static inline int adm_eff_factor(const struct adm_map *m)
+{
+    return m->ovr.parallelization_factor > 0 ? m->ovr.parallelization_factor
+                                             : adm_cfg_factor(m->cfg);
+}
+
+static inline int adm_cur_factor(const struct adm_map *m)
+{
+    return m->map ? esmd_mapping_parallelization_factor(m->map) : adm_eff_factor(m);
 }
 
 static inline int64_t adm_eff_window(const struct adm_map *m)
@@ -142,6 +160,7 @@ struct adm_change {
     int enabled; /* -1 = unchanged */
     int batch_size;
     int64_t window_ms;
+    int parallelization_factor; /* 0 = unchanged */
     bool has_filters;
     const char **filters;
     size_t nfilters;

@@ -1,6 +1,7 @@
 /* Lambda's event-source-mapping API (docs/admin.md): ListEventSourceMappings,
  * GetEventSourceMapping and UpdateEventSourceMapping under /2015-03-31/event-source-mappings
- * (Enabled, BatchSize, MaximumBatchingWindowInSeconds, FilterCriteria, DestinationConfig). A
+ * (Enabled, BatchSize, MaximumBatchingWindowInSeconds, FilterCriteria, DestinationConfig,
+ * ParallelizationFactor of Kafka and Redis mappings). A
  * mapping's UUID is a UUIDv5 (SHA-1, RFC 4122 section 4.3) of its name in a fixed esmd
  * namespace, so every instance and every restart agree on it. Changes go through the override
  * store (src/admin_store.c). */
@@ -26,6 +27,8 @@
 static const struct esmd_api_range esm_batch = {"BatchSize", NULL, 1, 10000};
 static const struct esmd_api_range esm_window = {"MaximumBatchingWindowInSeconds", NULL, 0, 300};
 static const struct esmd_api_range esm_max_items = {"MaxItems", NULL, 1, 10000};
+static const struct esmd_api_range esm_factor = {"ParallelizationFactor", NULL, 1,
+                                                 ESMD_CFG_MAX_PARALLELIZATION};
 
 /* ---- UUIDv5 ---- */
 
@@ -209,6 +212,8 @@ void esmd_admin_esm_json(const struct esmd_admin *adm, const struct adm_map *m, 
         esmd_buf_puts(b, c->bisect_batch_on_function_error ? "true" : "false");
         adm_put_key(b, &first, "MaximumRetryAttempts");
         esmd_buf_printf(b, "%d", c->maximum_retry_attempts);
+        adm_put_key(b, &first, "ParallelizationFactor");
+        esmd_buf_printf(b, "%d", adm_cur_factor(m));
     }
     adm_put_key(b, &first, "FunctionResponseTypes");
     esmd_buf_puts(b, c->report_batch_item_failures ? "[\"ReportBatchItemFailures\"]" : "[]");
@@ -439,7 +444,6 @@ static bool esm_parse(const struct esmd_mapping_cfg *c, const struct esmd_dests 
         "MaximumRecordAgeInSeconds",
         "BisectBatchOnFunctionError",
         "FunctionResponseTypes",
-        "ParallelizationFactor",
         "TumblingWindowInSeconds",
         "ScalingConfig",
         "SourceAccessConfigurations",
@@ -484,6 +488,19 @@ static bool esm_parse(const struct esmd_mapping_cfg *c, const struct esmd_dests 
                                  c->pgqueue.queue);
                 return false;
             }
+        } else if (strcmp(k, esm_factor.name) == 0) {
+            if (c->kind == ESMD_SOURCE_PGQUEUE) {
+                esmd_api_err_bad(e,
+                                 "ParallelizationFactor: a pgqueue source has none (mapping "
+                                 "%s); it is for Kafka and Redis-stream mappings",
+                                 c->name);
+                return false;
+            }
+            if (!esmd_api_json_int(v, &esm_factor, &n)) {
+                esmd_api_range_err(e, &esm_factor, NULL);
+                return false;
+            }
+            ch->parallelization_factor = (int)n;
         } else if (strcmp(k, "FilterCriteria") == 0) {
             if (!esm_read_filters(e, c, v, ch))
                 return false;
@@ -556,7 +573,7 @@ static void esm_update(struct esmd_admin *adm, struct esmd_api_call *call, const
     if (!esm_parse(m->cfg, adm->dests, body, len, &root, &ch, &e))
         esmd_api_answer_err(call, &e);
     else if (ch.enabled < 0 && ch.batch_size == 0 && ch.window_ms < 0 && !ch.has_filters &&
-             ch.on_failure == NULL)
+             ch.on_failure == NULL && ch.parallelization_factor == 0)
         esmd_admin_answer_mapping(adm, call, m, true, 202);
     else
         esmd_admin_change(adm, call, mi, &ch, true);

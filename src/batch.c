@@ -150,6 +150,12 @@ struct esmd_shard *esmd_shard_new(const char *key, size_t overhead, void *priv)
     shard->overhead = overhead;
     shard->priv = priv;
     shard->state = ESMD_SHARD_IDLE;
+    shard->parent = shard;
+    shard->lanes = esmd_xcalloc(1, sizeof(*shard->lanes));
+    shard->lanes[0] = shard;
+    shard->nlanes = 1;
+    shard->emitted_next = -1;
+    shard->acked = -1;
     return shard;
 }
 
@@ -158,7 +164,106 @@ void esmd_shard_free(struct esmd_shard *shard)
     if (!shard)
         return;
     free(shard->key);
+    free(shard->unfinished.v);
+    free(shard->lanes);
     free(shard);
+}
+
+/* ---- lanes and the watermark ---- */
+
+int esmd_lane_index(const void *key, size_t len, int64_t seq, int nlanes)
+{
+    if (nlanes <= 1)
+        return 0;
+    if (!key) /* no key whose order could be kept: spread by position */
+        return (int)((uint64_t)seq % (uint64_t)nlanes);
+    uint32_t h = 2166136261u; /* FNV-1a, 32 bits */
+    const unsigned char *p = key;
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ p[i]) * 16777619u;
+    return (int)(h % (uint32_t)nlanes);
+}
+
+static bool lane_empty(const struct esmd_shard *lane)
+{
+    return lane->unfinished.n == 0 && !lane->pending_head && lane->state == ESMD_SHARD_IDLE &&
+           lane->refs == 0;
+}
+
+bool esmd_shard_drained(const struct esmd_shard *parent)
+{
+    for (int i = 0; i < parent->nlanes; i++)
+        if (!lane_empty(parent->lanes[i]))
+            return false;
+    return true;
+}
+
+void esmd_shard_set_lanes(struct esmd_shard *parent, int n)
+{
+    if (n < 1)
+        n = 1;
+    if (n > ESMD_MAX_LANES)
+        n = ESMD_MAX_LANES;
+    for (int i = n; i < parent->nlanes; i++)
+        esmd_shard_free(parent->lanes[i]);
+    parent->lanes = esmd_xrealloc(parent->lanes, (size_t)n * sizeof(*parent->lanes));
+    for (int i = parent->nlanes; i < n; i++) {
+        struct esmd_shard *lane = esmd_shard_new(parent->key, parent->overhead, parent->priv);
+        free(lane->lanes);
+        lane->lanes = NULL;
+        lane->nlanes = 0;
+        lane->parent = parent;
+        parent->lanes[i] = lane;
+    }
+    parent->nlanes = n;
+}
+
+void esmd_lane_emitted(struct esmd_shard *lane, int64_t seq)
+{
+    struct esmd_seqq *q = &lane->unfinished;
+    if (q->n == q->cap) {
+        size_t cap = q->cap ? q->cap * 2 : 16;
+        int64_t *v = esmd_xcalloc(cap, sizeof(*v));
+        for (size_t i = 0; i < q->n; i++)
+            v[i] = q->v[(q->head + i) % q->cap];
+        free(q->v);
+        q->v = v;
+        q->cap = cap;
+        q->head = 0;
+    }
+    q->v[(q->head + q->n) % q->cap] = seq;
+    q->n++;
+    struct esmd_shard *parent = lane->parent;
+    if (parent->emitted_next < 0)
+        parent->acked = seq; /* nothing below the first record is ours to ack */
+    if (seq + 1 > parent->emitted_next)
+        parent->emitted_next = seq + 1;
+}
+
+int64_t esmd_shard_watermark(const struct esmd_shard *parent)
+{
+    int64_t low = parent->emitted_next;
+    for (int i = 0; i < parent->nlanes; i++) {
+        const struct esmd_seqq *q = &parent->lanes[i]->unfinished;
+        if (q->n > 0 && q->v[q->head] < low)
+            low = q->v[q->head];
+    }
+    return low;
+}
+
+int64_t esmd_lane_finish(struct esmd_shard *lane, int64_t next_seq)
+{
+    struct esmd_seqq *q = &lane->unfinished;
+    while (q->n > 0 && q->v[q->head] < next_seq) {
+        q->head = (q->head + 1) % q->cap;
+        q->n--;
+    }
+    struct esmd_shard *parent = lane->parent;
+    int64_t wm = esmd_shard_watermark(parent);
+    if (wm <= parent->acked)
+        return -1;
+    parent->acked = wm;
+    return wm;
 }
 
 const char *esmd_shard_key(const struct esmd_shard *shard)

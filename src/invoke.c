@@ -925,6 +925,11 @@ int esmd_function_inflight(const struct esmd_function *fn)
     return fn ? fn->inflight : 0;
 }
 
+int esmd_function_max_concurrency(const struct esmd_function *fn)
+{
+    return fn->max_concurrency;
+}
+
 int esmd_function_queued(const struct esmd_function *fn)
 {
     return fn ? fn->nqueued : 0;

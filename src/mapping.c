@@ -63,19 +63,64 @@ static void release_list(struct esmd_mapping *map, struct esmd_record *rec)
 
 /* ---- poll: the connector's shards ---- */
 
+/* The lane's records below next_seq are finished: the shard's watermark (docs/design.md#lanes)
+ * goes to the source when it moved. Nothing for a revoked lane. */
+static void lane_finished(struct esmd_mapping *map, struct esmd_shard *lane, int64_t next_seq)
+{
+    if (lane->revoked)
+        return;
+    int64_t wm = esmd_lane_finish(lane, next_seq);
+    if (wm >= 0)
+        map->ops->ack(map->conn, lane->parent, wm);
+}
+
+static void shard_pause(struct esmd_mapping *map, struct esmd_shard *shard)
+{
+    if (!shard->paused) {
+        shard->paused = true;
+        map->ops->pause(map->conn, shard);
+    }
+}
+
 static struct esmd_shard *host_shard_open(void *core, const char *key, size_t overhead, void *priv)
 {
     struct esmd_mapping *map = core;
     struct esmd_shard *shard = esmd_shard_new(key, overhead, priv);
+    esmd_shard_set_lanes(shard, map->factor);
     shard->next = map->shards;
     map->shards = shard;
     map->nshards++;
-    ESMD_DEBUG(&map->log, "shard %s assigned", key);
-    if (!map->enabled) { /* disabled through the admin API: fetch nothing */
-        shard->paused = true;
-        map->ops->pause(map->conn, shard);
-    }
+    ESMD_DEBUG(&map->log, "shard %s assigned (%d lanes)", key, shard->nlanes);
+    if (!map->enabled) /* disabled through the admin API: fetch nothing */
+        shard_pause(map, shard);
     return shard;
+}
+
+static void former_stop_if_empty(struct esmd_mapping *map, struct former *f)
+{
+    if (f->b.nrecords == 0)
+        ev_timer_stop(map->loop, &f->window);
+}
+
+/* A lane of a revoked shard: its pending and forming records go back; a lane in flight is freed
+ * when its batch settles (never acked), the others now. */
+static void lane_close(struct esmd_mapping *map, struct esmd_shard *lane)
+{
+    release_list(map, lane->pending_head);
+    lane->pending_head = lane->pending_tail = NULL;
+    map->npending -= lane->npending;
+    lane->npending = lane->pending_bytes = 0;
+    if (lane->state == ESMD_SHARD_OPEN) {
+        struct former *f = lane->former;
+        release_list(map, esmd_batch_remove_shard(&f->b, lane));
+        lane->state = ESMD_SHARD_IDLE;
+        lane->former = NULL;
+        former_stop_if_empty(map, f);
+    }
+    lane->revoked = true;
+    lane->priv = NULL;
+    if (lane->state != ESMD_SHARD_INFLIGHT)
+        esmd_shard_free(lane);
 }
 
 static void host_shard_close(void *core, struct esmd_shard *shard)
@@ -89,23 +134,10 @@ static void host_shard_close(void *core, struct esmd_shard *shard)
         }
     }
     shard->next = NULL;
-    release_list(map, shard->pending_head);
-    shard->pending_head = shard->pending_tail = NULL;
-    map->npending -= shard->npending;
-    shard->npending = shard->pending_bytes = 0;
-    if (shard->state == ESMD_SHARD_OPEN) {
-        release_list(map, esmd_batch_remove_shard(&map->forming, shard));
-        shard->state = ESMD_SHARD_IDLE;
-        if (map->forming.nrecords == 0)
-            ev_timer_stop(map->loop, &map->window);
-    }
     ESMD_DEBUG(&map->log, "shard %s revoked", shard->key);
-    if (shard->state == ESMD_SHARD_INFLIGHT) {
-        shard->revoked = true; /* freed when its batch settles; never acked */
-        shard->priv = NULL;
-    } else {
-        esmd_shard_free(shard);
-    }
+    /* lane 0 is the shard itself (it owns the lanes array): last */
+    for (int i = shard->nlanes - 1; i >= 0; i--)
+        lane_close(map, shard->lanes[i]);
     map->dirty = true;
 }
 
@@ -136,6 +168,19 @@ static void filter_record(struct esmd_mapping *map, struct esmd_record *rec)
     }
 }
 
+/* The lane of rec in its shard: by its key, or by its position when it has none. */
+static struct esmd_shard *lane_of(struct esmd_mapping *map, struct esmd_shard *shard,
+                                  const struct esmd_record *rec)
+{
+    if (shard->nlanes == 1)
+        return shard;
+    const void *key = NULL;
+    size_t len = 0;
+    if (map->ops->record_key)
+        map->ops->record_key(map->conn, rec, &key, &len);
+    return shard->lanes[esmd_lane_index(key, len, rec->seq, shard->nlanes)];
+}
+
 static void host_emit(void *core, struct esmd_shard *shard, struct esmd_record *rec)
 {
     struct esmd_mapping *map = core;
@@ -147,21 +192,23 @@ static void host_emit(void *core, struct esmd_shard *shard, struct esmd_record *
         esmd_mapping_release(map, rec);
         return;
     }
+    struct esmd_shard *lane = lane_of(map, shard, rec);
+    rec->shard = lane;
+    esmd_lane_emitted(lane, rec->seq);
     filter_record(map, rec);
-    if (shard->pending_tail)
-        shard->pending_tail->next = rec;
+    if (lane->pending_tail)
+        lane->pending_tail->next = rec;
     else
-        shard->pending_head = rec;
-    shard->pending_tail = rec;
-    shard->npending++;
-    shard->pending_bytes += rec->size;
+        lane->pending_head = rec;
+    lane->pending_tail = rec;
+    lane->npending++;
+    lane->pending_bytes += rec->size;
+    shard->all_npending++;
+    shard->all_pending_bytes += rec->size;
     map->npending++;
-    if (!shard->paused &&
-        (shard->npending >= map->pending_high || shard->pending_bytes >= PENDING_MAX_BYTES ||
-         (map->npending >= map->map_pending_high && shard->npending >= (size_t)map->batch_size))) {
-        shard->paused = true;
-        map->ops->pause(map->conn, shard);
-    }
+    if (shard->all_npending >= map->pending_high || shard->all_pending_bytes >= PENDING_MAX_BYTES ||
+        (map->npending >= map->map_pending_high && shard->all_npending >= (size_t)map->batch_size))
+        shard_pause(map, shard);
     map->dirty = true;
 }
 
@@ -179,7 +226,7 @@ static void inflight_link(struct esmd_mapping *map, struct inflight *inf)
     esmd_series_set(map->m.inflight, (double)map->ninflight);
 }
 
-/* A new inflight holding the shards of `batch` (taken over). */
+/* A new inflight holding the lanes of `batch` (taken over). */
 static struct inflight *inflight_new(struct esmd_mapping *map, struct esmd_batch *batch)
 {
     struct inflight *inf = esmd_xcalloc(1, sizeof(*inf));
@@ -192,6 +239,7 @@ static struct inflight *inflight_new(struct esmd_mapping *map, struct esmd_batch
         struct esmd_shard *shard = inf->batch.groups[i].shard;
         inf->shards[i] = shard;
         shard->state = ESMD_SHARD_INFLIGHT;
+        shard->former = NULL;
         shard->refs++;
     }
     inf->last_status = -1;
@@ -199,43 +247,50 @@ static struct inflight *inflight_new(struct esmd_mapping *map, struct esmd_batch
     return inf;
 }
 
-static void flush(struct esmd_mapping *map)
+static void flush(struct esmd_mapping *map, struct former *f)
 {
-    ev_timer_stop(map->loop, &map->window);
-    if (map->forming.nrecords == 0)
+    ev_timer_stop(map->loop, &f->window);
+    if (f->b.nrecords == 0)
         return;
-    struct inflight *inf = inflight_new(map, &map->forming);
+    struct inflight *inf = inflight_new(map, &f->b);
     esmd_series_inc(map->m.batches, 1);
     start_part(inf);
 }
 
-static void on_window(struct ev_loop *loop, ev_timer *w, int revents)
+static void flush_all(struct esmd_mapping *map)
 {
-    struct esmd_mapping *map = w->data;
-    ev_timer_stop(loop, w);
-    flush(map);
-    map->dirty = true;
+    for (size_t i = 0; i < map->nformers; i++)
+        flush(map, &map->formers[i]);
 }
 
-/* A filtered-out record is finished without being sent: its offset is acked with the batch its
- * shard is forming, or at once when the shard has nothing outstanding (pump only takes records
- * of shards with no batch in flight). */
-static void skip_record(struct esmd_mapping *map, struct esmd_shard *shard, struct esmd_record *rec)
+static void on_window(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct former *f = w->data;
+    ev_timer_stop(loop, w);
+    flush(f->map, f);
+    f->map->dirty = true;
+}
+
+/* A filtered-out record is finished without being sent: with the batch its lane is forming
+ * (whose ack position moves past it), or at once when the lane has nothing outstanding (pump
+ * only takes records of lanes with no batch in flight). */
+static void skip_record(struct esmd_mapping *map, struct esmd_shard *lane, struct esmd_record *rec)
 {
     int64_t next = rec->seq + 1;
-    if (shard->state == ESMD_SHARD_OPEN) {
-        /* Earlier records of the shard are in the forming batch: move its ack past this one. */
-        for (size_t i = 0; i < map->forming.ngroups; i++)
-            if (map->forming.groups[i].shard == shard)
-                map->forming.groups[i].ack_seq = next;
+    if (lane->state == ESMD_SHARD_OPEN) {
+        /* Earlier records of the lane are in its forming batch: move its ack past this one. */
+        struct former *f = lane->former;
+        for (size_t i = 0; i < f->b.ngroups; i++)
+            if (f->b.groups[i].shard == lane)
+                f->b.groups[i].ack_seq = next;
     } else {
-        map->ops->ack(map->conn, shard, next);
+        lane_finished(map, lane, next);
     }
     esmd_mapping_release(map, rec);
 }
 
 /* A record over the 6 MB cap on its own can never be sent, nor one the connector could not
- * decode (rec->fail): its shard is idle (pump flushed what came before it), so it becomes a
+ * decode (rec->fail): its lane is idle (pump flushed what came before it), so it becomes a
  * batch of its own that is given up at once. */
 static void give_up_alone(struct esmd_mapping *map, struct esmd_record *rec)
 {
@@ -249,10 +304,119 @@ static void give_up_alone(struct esmd_mapping *map, struct esmd_record *rec)
                    rec->shard->key, (long long)rec->seq, rec->size, ESMD_MAX_PAYLOAD);
     }
     struct esmd_batch one;
-    esmd_batch_init(&one, &map->forming.lim);
+    esmd_batch_init(&one, &map->formers[0].b.lim);
     esmd_batch_add(&one, rec);
     struct inflight *inf = inflight_new(map, &one);
     esmd_mapping_give_up(inf, condition);
+}
+
+/* Does f hold records of another lane of lane's shard? (A batch holds one lane per shard: the
+ * grouped Kafka event has one group per partition.) */
+static bool holds_sibling(const struct former *f, const struct esmd_shard *lane)
+{
+    const struct esmd_shard *parent = lane->parent;
+    for (int i = 0; i < parent->nlanes; i++) {
+        const struct esmd_shard *l = parent->lanes[i];
+        if (l != lane && l->state == ESMD_SHARD_OPEN && l->former == f)
+            return true;
+    }
+    return false;
+}
+
+/* The forming batch an idle lane's records join: a batch of its own while the function has
+ * free concurrency for one more (max_concurrency less the mapping's batches in flight and
+ * forming), else the forming batch with the fewest records that holds no other lane of its
+ * shard. NULL: none can take it now. */
+static struct former *pick_former(struct esmd_mapping *map, const struct esmd_shard *lane)
+{
+    long limit = (long)esmd_function_max_concurrency(map->fn) - (long)map->ninflight;
+    if (limit < 1)
+        limit = 1;
+    if ((size_t)limit > map->nformers)
+        limit = (long)map->nformers;
+    long used = 0;
+    struct former *best = NULL, *empty = NULL;
+    for (size_t i = 0; i < map->nformers; i++) {
+        struct former *f = &map->formers[i];
+        if (f->b.nrecords == 0) {
+            if (!empty)
+                empty = f;
+            continue;
+        }
+        used++;
+        if (!holds_sibling(f, lane) && (!best || f->b.nrecords < best->b.nrecords))
+            best = f;
+    }
+    if (used < limit && empty)
+        return empty;
+    return best;
+}
+
+/* A shard whose lane count is to change (a new parallelization_factor) is re-laned once every
+ * lane of it is drained; it stays paused until then, so no key's order is broken. */
+static void relane_if_drained(struct esmd_mapping *map, struct esmd_shard *shard)
+{
+    if (!shard->relane || !esmd_shard_drained(shard))
+        return;
+    esmd_shard_set_lanes(shard, map->factor);
+    shard->relane = false;
+    ESMD_INFO(&map->log, "shard %s now has %d lanes", shard->key, shard->nlanes);
+}
+
+/* Moves a lane's pending records into forming batches. Returns false when the lane waited for a
+ * forming batch that could take it. */
+static bool pump_lane(struct esmd_mapping *map, struct esmd_shard *lane)
+{
+    struct esmd_shard *parent = lane->parent;
+    while (lane->pending_head && lane->state != ESMD_SHARD_INFLIGHT) {
+        struct esmd_record *rec = lane->pending_head;
+        struct former *f = lane->state == ESMD_SHARD_OPEN ? lane->former : NULL;
+        enum esmd_batch_fit fit = ESMD_BATCH_FITS;
+        if (rec->fail && lane->state == ESMD_SHARD_OPEN) {
+            flush(map, f); /* what came before it goes first */
+            continue;
+        } else if (rec->fail) {
+            fit = ESMD_BATCH_TOO_BIG; /* given up alone */
+        } else if (!rec->filtered) {
+            if (!f && !(f = pick_former(map, lane)))
+                return false;
+            fit = esmd_batch_check(&f->b, rec);
+            if (fit == ESMD_BATCH_FULL ||
+                (fit == ESMD_BATCH_TOO_BIG && lane->state == ESMD_SHARD_OPEN)) {
+                flush(map, f);
+                continue; /* the lane may now be in flight, or start the next batch */
+            }
+        }
+        lane->pending_head = rec->next;
+        if (!lane->pending_head)
+            lane->pending_tail = NULL;
+        lane->npending--;
+        lane->pending_bytes -= rec->size;
+        parent->all_npending--;
+        parent->all_pending_bytes -= rec->size;
+        map->npending--;
+        if (rec->filtered) {
+            skip_record(map, lane, rec);
+            continue;
+        }
+        if (fit == ESMD_BATCH_TOO_BIG) {
+            give_up_alone(map, rec);
+            break; /* the lane is in flight now */
+        }
+        if (f->b.nrecords == 0) {
+            f->b.opened_mono_ms = (int64_t)(ev_now(map->loop) * 1000.0);
+            if (map->window_ms > 0) {
+                ev_timer_set(&f->window, (double)map->window_ms / 1000.0, 0.0);
+                ev_timer_start(map->loop, &f->window);
+            }
+        }
+        esmd_batch_add(&f->b, rec);
+        lane->state = ESMD_SHARD_OPEN;
+        lane->former = f;
+        if (esmd_batch_count_reached(&f->b))
+            flush(map, f);
+    }
+    return true;
 }
 
 /* Moves pending records into batches; runs once per loop turn, before the loop sleeps. */
@@ -260,53 +424,30 @@ static void pump(struct esmd_mapping *map)
 {
     if (map->stopping || !map->enabled)
         return;
-    for (struct esmd_shard *shard = map->shards; shard; shard = shard->next) {
-        while (shard->pending_head && shard->state != ESMD_SHARD_INFLIGHT) {
-            struct esmd_record *rec = shard->pending_head;
-            enum esmd_batch_fit fit = rec->filtered ? ESMD_BATCH_FITS
-                                      : rec->fail   ? ESMD_BATCH_TOO_BIG
-                                                    : esmd_batch_check(&map->forming, rec);
-            if (fit == ESMD_BATCH_FULL ||
-                (fit == ESMD_BATCH_TOO_BIG && shard->state == ESMD_SHARD_OPEN)) {
-                flush(map);
-                continue; /* the shard may now be in flight, or start the next batch */
+    for (bool again = true; again;) {
+        bool waited = false;
+        for (struct esmd_shard *shard = map->shards; shard; shard = shard->next) {
+            relane_if_drained(map, shard);
+            for (int i = 0; i < shard->nlanes; i++)
+                waited |= !pump_lane(map, shard->lanes[i]);
+            relane_if_drained(map, shard);
+            if (shard->paused && !shard->relane && shard->all_npending <= map->pending_high / 2 &&
+                shard->all_pending_bytes <= PENDING_MAX_BYTES / 2 &&
+                (map->npending <= map->map_pending_high / 2 ||
+                 shard->all_npending < (size_t)map->batch_size)) {
+                shard->paused = false;
+                map->ops->resume(map->conn, shard);
             }
-            shard->pending_head = rec->next;
-            if (!shard->pending_head)
-                shard->pending_tail = NULL;
-            shard->npending--;
-            shard->pending_bytes -= rec->size;
-            map->npending--;
-            if (rec->filtered) {
-                skip_record(map, shard, rec);
-                continue;
-            }
-            if (fit == ESMD_BATCH_TOO_BIG) {
-                give_up_alone(map, rec);
-                break; /* the shard is in flight now */
-            }
-            if (map->forming.nrecords == 0) {
-                map->forming.opened_mono_ms = (int64_t)(ev_now(map->loop) * 1000.0);
-                if (map->window_ms > 0) {
-                    ev_timer_set(&map->window, (double)map->window_ms / 1000.0, 0.0);
-                    ev_timer_start(map->loop, &map->window);
-                }
-            }
-            esmd_batch_add(&map->forming, rec);
-            shard->state = ESMD_SHARD_OPEN;
-            if (esmd_batch_count_reached(&map->forming))
-                flush(map);
         }
-        if (shard->paused && shard->npending <= map->pending_high / 2 &&
-            shard->pending_bytes <= PENDING_MAX_BYTES / 2 &&
-            (map->npending <= map->map_pending_high / 2 ||
-             shard->npending < (size_t)map->batch_size)) {
-            shard->paused = false;
-            map->ops->resume(map->conn, shard);
+        /* Without a window the batches go now; lanes that waited for a batch (another lane of
+         * their shard was in each) start the next ones. */
+        again = false;
+        if (map->window_ms == 0) {
+            for (size_t i = 0; i < map->nformers; i++)
+                again |= waited && map->formers[i].b.nrecords > 0;
+            flush_all(map);
         }
     }
-    if (map->forming.nrecords > 0 && map->window_ms == 0)
-        flush(map);
     esmd_series_set(map->m.pending, (double)map->npending);
 }
 
@@ -507,8 +648,11 @@ static void nack_part(struct esmd_mapping *map, const struct esmd_batch *part)
         return;
     for (size_t i = 0; i < part->ngroups; i++) {
         const struct esmd_batch_group *g = &part->groups[i];
-        if (!g->shard->revoked)
-            map->ops->nack(map->conn, g->shard, g->tail->seq + 1);
+        if (g->shard->revoked)
+            continue;
+        /* done with as far as the core goes: the watermark may pass them (not acked) */
+        esmd_lane_finish(g->shard, g->tail->seq + 1);
+        map->ops->nack(map->conn, g->shard->parent, g->tail->seq + 1);
     }
 }
 
@@ -551,8 +695,8 @@ void esmd_mapping_part_done(struct inflight *inf, bool ack)
     struct esmd_mapping *map = inf->map;
     for (size_t i = 0; i < inf->batch.ngroups; i++) {
         struct esmd_batch_group *g = &inf->batch.groups[i];
-        if (ack && !g->shard->revoked)
-            map->ops->ack(map->conn, g->shard, g->ack_seq);
+        if (ack)
+            lane_finished(map, g->shard, g->ack_seq);
     }
     release_part(map, &inf->batch);
     inf->condition = NULL;
@@ -669,7 +813,7 @@ static const char *settle_partial(struct inflight *inf, const struct esmd_invoke
         /* the others are done: deleted; the failed ones come back later */
         for (size_t i = 0; i < pr->n; i++)
             if (!failed[i] && !pr->recs[i]->shard->revoked)
-                map->ops->ack_record(map->conn, pr->recs[i]->shard, pr->recs[i]);
+                map->ops->ack_record(map->conn, pr->recs[i]->shard->parent, pr->recs[i]);
         inflight_end(inf, true);
         return NULL;
     }
@@ -679,8 +823,7 @@ static const char *settle_partial(struct inflight *inf, const struct esmd_invoke
         /* the part that succeeded is current: ack it, then the remainder */
         struct esmd_batch ok = inf->batch;
         for (size_t i = 0; i < ok.ngroups; i++)
-            if (!ok.groups[i].shard->revoked)
-                map->ops->ack(map->conn, ok.groups[i].shard, ok.groups[i].ack_seq);
+            lane_finished(map, ok.groups[i].shard, ok.groups[i].ack_seq);
         release_part(map, &ok);
         inf->batch = inf->todo[--inf->ntodo];
         inf->encoded = false;
@@ -907,7 +1050,8 @@ static void set_patterns(struct esmd_mapping *map, const char *const *patterns, 
 static void set_batch_size(struct esmd_mapping *map, int batch_size)
 {
     map->batch_size = batch_size;
-    map->forming.lim.batch_size = batch_size;
+    for (size_t i = 0; i < map->nformers; i++)
+        map->formers[i].b.lim.batch_size = batch_size;
     map->pending_high = (size_t)batch_size * 2;
     if (map->pending_high < PENDING_MIN_RECORDS)
         map->pending_high = PENDING_MIN_RECORDS;
@@ -942,6 +1086,7 @@ struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_ma
     set_batch_size(map, cfg->batch_size);
     esmd_mapping_failure_init(map);
     map->enabled = true;
+    map->factor = cfg->parallelization_factor > 1 ? cfg->parallelization_factor : 1;
     map->window_ms = cfg->maximum_batching_window_ms;
     set_on_failure(map, cfg->on_failure);
     snprintf(map->last_result, sizeof(map->last_result), "No records processed");
@@ -986,9 +1131,17 @@ struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_ma
         .envelope = ops->envelope_size(map->conn),
         .group_by_shard = ops->grouped,
     };
-    esmd_batch_init(&map->forming, &lim);
-    ev_init(&map->window, on_window);
-    map->window.data = map;
+    /* Queue sources form one batch at a time: their shards are the connector's concurrency
+     * slots, not ordering units, and SQS fills a batch before it sends it. */
+    map->nformers = ops->queue ? 1 : (size_t)esmd_function_max_concurrency(fn);
+    map->formers = esmd_xcalloc(map->nformers, sizeof(*map->formers));
+    for (size_t i = 0; i < map->nformers; i++) {
+        struct former *f = &map->formers[i];
+        f->map = map;
+        esmd_batch_init(&f->b, &lim);
+        ev_init(&f->window, on_window);
+        f->window.data = f;
+    }
     ev_prepare_init(&map->pump, on_prepare);
     map->pump.data = map;
     ev_timer_init(&map->stats_timer, on_stats, 1.0, 1.0);
@@ -1042,22 +1195,27 @@ void esmd_mapping_stop(struct esmd_mapping *map, void (*done)(void *ud), void *u
     map->stop_done = done;
     map->stop_ud = ud;
     ev_prepare_stop(map->loop, &map->pump);
-    ev_timer_stop(map->loop, &map->window);
     /* Records not yet sent are given up without an ack: they are read again after restart. */
-    for (size_t i = 0; i < map->forming.ngroups; i++) {
-        map->forming.groups[i].shard->state = ESMD_SHARD_IDLE;
-        release_list(map, map->forming.groups[i].head);
-    }
-    esmd_batch_clear(&map->forming);
-    for (struct esmd_shard *s = map->shards; s; s = s->next) {
-        release_list(map, s->pending_head);
-        s->pending_head = s->pending_tail = NULL;
-        s->npending = s->pending_bytes = 0;
-        map->npending = 0;
-        if (!s->paused) {
-            s->paused = true;
-            map->ops->pause(map->conn, s);
+    for (size_t k = 0; k < map->nformers; k++) {
+        struct former *f = &map->formers[k];
+        ev_timer_stop(map->loop, &f->window);
+        for (size_t i = 0; i < f->b.ngroups; i++) {
+            f->b.groups[i].shard->state = ESMD_SHARD_IDLE;
+            f->b.groups[i].shard->former = NULL;
+            release_list(map, f->b.groups[i].head);
         }
+        esmd_batch_clear(&f->b);
+    }
+    for (struct esmd_shard *s = map->shards; s; s = s->next) {
+        for (int i = 0; i < s->nlanes; i++) {
+            struct esmd_shard *lane = s->lanes[i];
+            release_list(map, lane->pending_head);
+            lane->pending_head = lane->pending_tail = NULL;
+            lane->npending = lane->pending_bytes = 0;
+        }
+        s->all_npending = s->all_pending_bytes = 0;
+        map->npending = 0;
+        shard_pause(map, s);
     }
     /* Batches waiting for a retry are abandoned now; those in flight finish. */
     for (struct inflight *inf = map->inflight, *next; inf; inf = next) {
@@ -1079,7 +1237,8 @@ void esmd_mapping_free(struct esmd_mapping *map)
     map->stopping = true;
     set_on_failure(map, NULL); /* a mapping removed or restarted by a reload */
     ev_prepare_stop(map->loop, &map->pump);
-    ev_timer_stop(map->loop, &map->window);
+    for (size_t k = 0; k < map->nformers; k++)
+        ev_timer_stop(map->loop, &map->formers[k].window);
     ev_timer_stop(map->loop, &map->stats_timer);
     ev_idle_stop(map->loop, &map->stop_check);
     while (map->inflight) {
@@ -1091,15 +1250,21 @@ void esmd_mapping_free(struct esmd_mapping *map)
             inflight_end(inf, true);
         }
     }
-    for (size_t i = 0; i < map->forming.ngroups; i++)
-        release_list(map, map->forming.groups[i].head);
-    esmd_batch_clear(&map->forming);
-    free(map->forming.groups);
+    for (size_t k = 0; k < map->nformers; k++) {
+        struct esmd_batch *b = &map->formers[k].b;
+        for (size_t i = 0; i < b->ngroups; i++)
+            release_list(map, b->groups[i].head);
+        esmd_batch_clear(b);
+        free(b->groups);
+    }
+    free(map->formers);
     while (map->shards) {
         struct esmd_shard *s = map->shards;
         map->shards = s->next;
-        release_list(map, s->pending_head);
-        esmd_shard_free(s);
+        for (int i = s->nlanes - 1; i >= 0; i--) {
+            release_list(map, s->lanes[i]->pending_head);
+            esmd_shard_free(s->lanes[i]);
+        }
     }
     /* Every record is back with the connector now, which destroy() relies on (librdkafka's
      * destroy waits for every message). A record still out is a bug here: the connector is left
@@ -1131,18 +1296,19 @@ void esmd_mapping_set_enabled(struct esmd_mapping *map, bool enabled)
     map->enabled = enabled;
     ESMD_INFO(&map->log, "mapping %s", enabled ? "enabled" : "disabled");
     for (struct esmd_shard *s = map->shards; s; s = s->next) {
-        if (!enabled && !s->paused) {
-            s->paused = true;
-            map->ops->pause(map->conn, s);
-        } else if (enabled && s->paused && s->npending <= map->pending_high / 2) {
+        if (!enabled) {
+            shard_pause(map, s);
+        } else if (s->paused && !s->relane && s->all_npending <= map->pending_high / 2) {
             s->paused = false;
             map->ops->resume(map->conn, s);
         }
     }
-    if (!enabled)
-        ev_timer_stop(map->loop, &map->window); /* the forming batch waits, unsent */
-    else if (map->forming.nrecords > 0)
-        flush(map);
+    for (size_t k = 0; k < map->nformers; k++) {
+        if (!enabled)
+            ev_timer_stop(map->loop, &map->formers[k].window); /* the forming batch waits */
+        else
+            flush(map, &map->formers[k]);
+    }
     map->dirty = true;
 }
 
@@ -1162,6 +1328,17 @@ int esmd_mapping_update(struct esmd_mapping *map, const struct esmd_mapping_upda
         snprintf(err, errlen,
                  "MaximumBatchingWindowInSeconds: %lld ms is out of range (0 to 300 seconds)",
                  (long long)u->window_ms);
+        return ESMD_EINVAL;
+    }
+    if (u->has_parallelization_factor &&
+        (map->ops->queue || u->parallelization_factor < 1 ||
+         u->parallelization_factor > ESMD_CFG_MAX_PARALLELIZATION)) {
+        if (map->ops->queue)
+            snprintf(err, errlen,
+                     "ParallelizationFactor: a pgqueue source has no parallelization factor");
+        else
+            snprintf(err, errlen, "ParallelizationFactor: %d is out of range (1 to %d)",
+                     u->parallelization_factor, ESMD_CFG_MAX_PARALLELIZATION);
         return ESMD_EINVAL;
     }
     if (u->has_on_failure && u->on_failure) {
@@ -1217,9 +1394,20 @@ int esmd_mapping_update(struct esmd_mapping *map, const struct esmd_mapping_upda
         map->window_ms = u->window_ms;
     if (u->has_on_failure)
         set_on_failure(map, u->on_failure);
+    if (u->has_parallelization_factor && u->parallelization_factor != map->factor) {
+        /* Per-key order across the change: each shard stops fetching and is re-laned once
+         * nothing of it is unfinished (relane_if_drained). */
+        map->factor = u->parallelization_factor;
+        for (struct esmd_shard *s = map->shards; s; s = s->next) {
+            s->relane = s->nlanes != map->factor;
+            if (s->relane)
+                shard_pause(map, s);
+        }
+    }
     ESMD_INFO(&map->log,
-              "mapping updated: batch_size %d, window %lld ms, %zu filters, on_failure %s",
-              map->batch_size, (long long)map->window_ms, map->npatterns,
+              "mapping updated: batch_size %d, window %lld ms, parallelization_factor %d, %zu "
+              "filters, on_failure %s",
+              map->batch_size, (long long)map->window_ms, map->factor, map->npatterns,
               map->on_failure ? map->on_failure : "none");
     map->dirty = true;
     return 0;
@@ -1228,6 +1416,11 @@ int esmd_mapping_update(struct esmd_mapping *map, const struct esmd_mapping_upda
 int esmd_mapping_batch_size(const struct esmd_mapping *map)
 {
     return map->batch_size;
+}
+
+int esmd_mapping_parallelization_factor(const struct esmd_mapping *map)
+{
+    return map->factor;
 }
 
 int64_t esmd_mapping_window_ms(const struct esmd_mapping *map)
@@ -1293,9 +1486,9 @@ void esmd_mapping_describe(const struct esmd_mapping *map, struct esmd_buf *out)
     esmd_buf_put_json_string(out, map->last_result, strlen(map->last_result));
     esmd_buf_printf(out,
                     ",\"enabled\":%s,\"batch_size\":%d,\"maximum_batching_window_ms\":%lld,"
-                    "\"filters\":%zu,\"on_failure\":",
+                    "\"parallelization_factor\":%d,\"filters\":%zu,\"on_failure\":",
                     map->enabled ? "true" : "false", map->batch_size, (long long)map->window_ms,
-                    map->npatterns);
+                    map->factor, map->npatterns);
     if (map->on_failure)
         esmd_buf_put_json_string(out, map->on_failure, strlen(map->on_failure));
     else

@@ -58,6 +58,15 @@ struct inflight {
     struct inflight *prev, *next;
 };
 
+/* A batch being formed, with its batching window. A mapping has up to its function's
+ * max_concurrency of them (one for queue sources): while the function has free concurrency,
+ * records of different lanes go into different batches (docs/design.md#batch-forming). */
+struct former {
+    struct esmd_mapping *map;
+    struct esmd_batch b;
+    ev_timer window;
+};
+
 struct esmd_mapping {
     const struct esmd_mapping_cfg *cfg;
     struct ev_loop *loop;
@@ -68,10 +77,10 @@ struct esmd_mapping {
     struct esmd_function *fn;
     size_t nheld; /* records the connector emitted and the core has not released yet */
 
-    struct esmd_shard *shards; /* open shards */
+    struct esmd_shard *shards; /* open shards (the connector's handles; lanes hang off them) */
     size_t nshards;
-    struct esmd_batch forming;
-    ev_timer window;
+    struct former *formers; /* nformers batches being formed */
+    size_t nformers;
     ev_prepare pump;
     ev_timer stats_timer;
     bool dirty; /* records or shards changed since the last pump */
@@ -94,6 +103,7 @@ struct esmd_mapping {
 
     /* Values in force: the configuration's, or what the admin API set since. */
     bool enabled;
+    int factor; /* parallelization_factor: lanes per shard */
     int batch_size;
     int64_t window_ms;
     char *on_failure; /* owned; NULL = none */

@@ -84,6 +84,8 @@ const struct esmd_cfg_key esmd_kafka_source_keys[] = {
     ESMD_K_ENUM("starting_position", MAP, kafka.starting_position, positions, 0,
                 ESMD_START_TRIM_HORIZON),
     ESMD_K_UNIX_TIME("starting_position_timestamp", MAP, kafka.starting_position_timestamp_ms),
+    ESMD_K_INT("parallelization_factor", MAP, parallelization_factor, 1,
+               ESMD_CFG_MAX_PARALLELIZATION, 0, 1),
     ESMD_K_SECTION("schema_registry", MAP, kafka.schema_registry.set, registry_keys),
     {0},
 };

@@ -90,7 +90,9 @@ enum read_phase { READ_HISTORY, READ_NEW };
 struct redis_rec {
     struct esmd_record rec; /* first: the core's pointer is ours */
     struct esmd_redis_entry e;
-    char json[]; /* rec.size bytes */
+    size_t pkey_len; /* the partition key (esmd_redis_partition_key), after the JSON */
+    bool has_pkey;
+    char json[]; /* rec.size bytes, then pkey_len bytes */
 };
 
 /* An entry read from a PEL (history read or reclaim) waiting for its delivery count: the
@@ -641,9 +643,15 @@ static void emit(struct esmd_redis *rc, const struct esmd_redis_entry *e)
     struct esmd_buf *json = &rc->json;
     esmd_buf_reset(json);
     esmd_redis_record_write(json, &rc->src, e);
-    struct redis_rec *rr = esmd_xmalloc(sizeof(*rr) + json->len);
+    const struct esmd_redis_field *pk = esmd_redis_partition_key(&rc->src, e);
+    size_t pkey_len = pk ? pk->value_len : 0;
+    struct redis_rec *rr = esmd_xmalloc(sizeof(*rr) + json->len + pkey_len);
     memset(&rr->rec, 0, sizeof(rr->rec));
     memcpy(rr->json, json->data, json->len);
+    rr->has_pkey = pk != NULL;
+    rr->pkey_len = pkey_len;
+    if (pk)
+        memcpy(rr->json + json->len, pk->value, pkey_len);
     rr->rec.size = json->len;
     rr->rec.seq = rc->next_seq++;
     rr->rec.timestamp_ms = e->id.ms > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)e->id.ms;
@@ -1377,6 +1385,17 @@ static void redis_ack(void *c, struct esmd_shard *shard, int64_t next_seq)
         ack_schedule(rc);
 }
 
+/* The partition key (partition_key_field's value): the lane of a record, and the key of its
+ * on-failure record at a keyed destination. Entries without one (no partition_key_field, the
+ * field missing or not UTF-8) have no key: their partitionKey is the entry ID, unique anyway. */
+static void redis_record_key(void *c, const struct esmd_record *rec, const void **key, size_t *len)
+{
+    (void)c;
+    const struct redis_rec *rr = (const struct redis_rec *)rec;
+    *key = rr->has_pkey ? rr->json + rec->size : NULL;
+    *len = rr->pkey_len;
+}
+
 static void redis_release(void *c, struct esmd_record *rec)
 {
     (void)c;
@@ -1524,7 +1543,7 @@ const struct esmd_connector_ops esmd_connector_redis = {
     .filter_fallback = false, /* Kinesis (docs/lambda.md#filter-non-json): patterns as written */
     .batch_info_key = "RedisBatchInfo",
     .failure_info = redis_failure_info,
-    .record_key = NULL, /* destinations get no key (a Kafka on_failure spreads by its default) */
+    .record_key = redis_record_key,
     .item_is = redis_item_is,
     .stop = redis_stop,
     .destroy = redis_destroy,

@@ -24,6 +24,8 @@ const struct esmd_cfg_key esmd_redis_source_keys[] = {
     ESMD_K_ENUM("event_format", MAP, redis.event_format, formats, 0, ESMD_REDIS_EVENT_KINESIS),
     ESMD_K_STR("data_field", MAP, redis.data_field, ESMD_CFG_NONEMPTY),
     ESMD_K_STR("partition_key_field", MAP, redis.partition_key_field, ESMD_CFG_NONEMPTY),
+    ESMD_K_INT("parallelization_factor", MAP, parallelization_factor, 1,
+               ESMD_CFG_MAX_PARALLELIZATION, 0, 1),
     {0},
 };
 

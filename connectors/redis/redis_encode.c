@@ -311,6 +311,12 @@ void esmd_redis_kinesis_data(const struct esmd_redis_source *src, const struct e
 static const struct esmd_redis_field *pkey_of(const struct esmd_redis_source *src,
                                               const struct esmd_redis_entry *e)
 {
+    return esmd_redis_partition_key(src, e);
+}
+
+const struct esmd_redis_field *esmd_redis_partition_key(const struct esmd_redis_source *src,
+                                                        const struct esmd_redis_entry *e)
+{
     if (!src->pkey_field)
         return NULL;
     const struct esmd_redis_field *f = field_named(e, src->pkey_field, src->pkey_field_len);

@@ -125,6 +125,10 @@ char *esmd_redis_kinesis_arn(const char *stream);
 /* Exact bytes of {"Records":[]}. */
 size_t esmd_redis_envelope_size(void);
 
+/* The kinesis record's partition key: the first UTF-8 value of partition_key_field; NULL when
+ * partition_key_field is not set, missing or not UTF-8 (the partitionKey is the entry ID then). */
+const struct esmd_redis_field *esmd_redis_partition_key(const struct esmd_redis_source *src,
+                                                        const struct esmd_redis_entry *e);
 /* Exact bytes esmd_redis_record_write() writes for e. */
 size_t esmd_redis_record_size(const struct esmd_redis_source *src,
                               const struct esmd_redis_entry *e);

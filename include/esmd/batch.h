@@ -1,9 +1,10 @@
 /* Records, shards and batches: the core's units between a connector and the invoker.
  *
- * A shard is one ordered unit of a source (a Kafka topic-partition, a Redis stream): the core
- * keeps at most one batch in flight per shard and hands records to batches in `seq` order.
- * A batch holds records of several shards, grouped by shard in the event when the source's
- * shape groups them (Kafka's "records":{"topic-0":[...]}), or in one flat array otherwise.
+ * A shard is one ordered unit of a source (a Kafka topic-partition, a Redis stream), split by
+ * the core into lanes by record key (docs/design.md#lanes): the core keeps at most one batch in
+ * flight per lane and hands a lane's records to batches in `seq` order. A batch holds records of
+ * several shards (one lane of each), grouped by shard in the event when the source's shape
+ * groups them (Kafka's "records":{"topic-0":[...]}), or in one flat array otherwise.
  *
  * Sizes are exact: a connector gives each record's encoded size, each shard's group overhead
  * and the event's envelope size, and its encoder must write exactly esmd_batch_bytes() bytes,
@@ -17,7 +18,7 @@ struct esmd_shard;
 
 struct esmd_record {
     struct esmd_record *next; /* the core's list link */
-    struct esmd_shard *shard; /* set by the core on emit */
+    struct esmd_shard *shard; /* set by the core on emit: the record's lane */
     int64_t seq;              /* position in the shard (Kafka offset) */
     int64_t timestamp_ms;     /* source timestamp, epoch ms (record age) */
     size_t size;              /* exact bytes of this record's JSON in the event */

@@ -164,8 +164,9 @@ struct esmd_mapping_cfg {
     struct esmd_redis_source_cfg redis;     /* ... REDIS */
     struct esmd_pgqueue_source_cfg pgqueue; /* ... PGQUEUE */
     int batch_size;                         /* 1..10000; default 100 (pgqueue: 10) */
-    int64_t maximum_batching_window_ms;     /* 0..300 s; default 500 ms for kafka, 0 otherwise */
-    struct esmd_filter_cfg *filters;        /* owned; OR'd */
+    int parallelization_factor; /* kafka, redis: 1..10, default 1 (lanes per shard); pgqueue: 0 */
+    int64_t maximum_batching_window_ms; /* 0..300 s; default 500 ms for kafka, 0 otherwise */
+    struct esmd_filter_cfg *filters;    /* owned; OR'd */
     size_t nfilters;
     int max_filters;                     /* 1..100; default 5 (Lambda's quota) */
     int max_filter_pattern_length;       /* 1..65536; default 4096 (Lambda's limit) */
@@ -274,6 +275,8 @@ struct esmd_cfg_key {
 #define ESMD_CFG_VISIBILITY_MIN_MS 1000
 #define ESMD_CFG_VISIBILITY_MAX_MS (12 * 3600 * 1000)
 #define ESMD_CFG_VISIBILITY_DEFAULT_MS 30000
+/* parallelization_factor (Kafka, Redis sources): lanes per shard, as Lambda's 1..10. */
+#define ESMD_CFG_MAX_PARALLELIZATION 10
 
 /* Table entries: key n of the field f of struct st (f may be nested: "kafka.topics"); fl is
  * ESMD_CFG_* flags, d the default (ESMD_CFG_INT, DURATION, ENUM), w what check() or parse() wants,

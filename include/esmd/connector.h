@@ -3,9 +3,13 @@
  * core only through the host API below. Everything runs on the one loop thread.
  *
  * Flow: the connector fetches records and hands them to host->emit() in seq order per shard;
- * the core filters, batches (at most one batch in flight per shard), encodes through
- * ops->encode(), invokes, and when a shard's records below `next_seq` are finished (success,
- * filtered out, or given up) calls ops->ack(). Records go back through ops->release(). */
+ * the core filters, routes each record to a lane of its shard (parallelization_factor lanes,
+ * by ops->record_key; docs/design.md#lanes), batches (at most one batch in flight per lane),
+ * encodes through ops->encode(), invokes, and when every record of a shard below `next_seq` is
+ * finished (success, filtered out, or given up), whatever lane it is in, calls ops->ack() with
+ * that watermark. Records go back through ops->release(). The connector only ever sees the
+ * handles shard_open gave it: lanes are the core's; rec->shard may be a lane (read it only
+ * with esmd_shard_key() / esmd_shard_priv(), which give the shard's). */
 #ifndef ESMD_CONNECTOR_H
 #define ESMD_CONNECTOR_H
 
@@ -104,7 +108,8 @@ struct esmd_connector_ops {
     const char *batch_info_key;
     void (*failure_info)(void *c, const struct esmd_record *rec, size_t payload_size,
                          struct esmd_buf *out);
-    /* The record's key for keyed destinations (Kafka: the message key); *key NULL when none. */
+    /* The record's key: its lane when parallelization_factor > 1, and its key at keyed
+     * destinations (Kafka: the message key; Redis: the partition key); *key NULL when none. */
     void (*record_key)(void *c, const struct esmd_record *rec, const void **key, size_t *len);
     /* Does `id` (one batchItemFailures[].itemIdentifier, parsed) name rec? Kafka:
      * {"partition":"<topic>-<n>","offset":<n>}; Redis: the entry id; queue: the messageId. */

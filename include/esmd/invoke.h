@@ -81,6 +81,8 @@ const struct esmd_function_cfg *esmd_function_cfg(const struct esmd_function *fn
 void esmd_invoker_describe(const struct esmd_invoker *inv, struct esmd_buf *out);
 int esmd_function_inflight(const struct esmd_function *fn);
 int esmd_function_queued(const struct esmd_function *fn);
+/* The function's max_concurrency (at least 1). */
+int esmd_function_max_concurrency(const struct esmd_function *fn);
 
 /* Starts (or queues, when the function is at max_concurrency) one POST of `body`.
  * body: borrowed, must stay valid until cb runs or esmd_invoke_cancel() returns.

@@ -1,15 +1,18 @@
 /* One event source mapping at run time: source connector → batches → invoker → outcome.
  *
- * The mapping owns its shards (ordered units of the source), the records emitted to it until
- * they are settled, the batch being formed and the batches in flight. At most one batch is in
- * flight per shard, so records of a shard are delivered in order; a batch may hold several
- * shards' records. A batch is flushed when it holds batch_size records, when the batching window
- * (opened by its first record) expires, or when the next record would take the event over 6 MB.
- * A failed batch is retried with exponential backoff and jitter (its shards do not advance
- * meanwhile, other shards keep flowing) until it succeeds or, with the failure-handling controls
- * (maximum_retry_attempts, maximum_record_age, bisect_batch_on_function_error,
- * report_batch_item_failures), its records are given up: stored for the on-failure destination
- * or discarded, and the source moves on. Queue sources redeliver failed batches themselves. */
+ * The mapping owns its shards (ordered units of the source), each split into
+ * parallelization_factor lanes by record key, the records emitted to it until they are settled,
+ * the batches being formed and the batches in flight. At most one batch is in flight per lane,
+ * so records of a key are delivered in order (of a shard, with one lane); a batch may hold
+ * several shards' records, one lane of each. A shard's committed position is the lowest record
+ * not finished over its lanes (docs/design.md#lanes). A batch is flushed when it holds batch_size
+ * records, when the batching window (opened by its first record) expires, or when the next record
+ * would take the event over 6 MB. A failed batch is retried with exponential backoff and jitter
+ * (its shards do not advance meanwhile, other shards keep flowing) until it succeeds or, with the
+ * failure-handling controls (maximum_retry_attempts, maximum_record_age,
+ * bisect_batch_on_function_error, report_batch_item_failures), its records are given up: stored for
+ * the on-failure destination or discarded, and the source moves on. Queue sources redeliver failed
+ * batches themselves. */
 #ifndef ESMD_MAPPING_H
 #define ESMD_MAPPING_H
 
@@ -58,6 +61,8 @@ struct esmd_mapping_update {
     size_t nfilters;
     bool has_on_failure;
     const char *on_failure; /* destination URI, NULL = none */
+    bool has_parallelization_factor;
+    int parallelization_factor; /* 1..10; Kafka and Redis sources only */
 };
 
 /* Validates everything first and applies nothing on error (err names the field and why, e.g.
@@ -79,6 +84,7 @@ int64_t esmd_mapping_window_ms(const struct esmd_mapping *map);
 size_t esmd_mapping_nfilters(const struct esmd_mapping *map);
 const char *esmd_mapping_filter(const struct esmd_mapping *map, size_t i); /* JSON text */
 const char *esmd_mapping_on_failure(const struct esmd_mapping *map);       /* or NULL */
+int esmd_mapping_parallelization_factor(const struct esmd_mapping *map);
 const struct esmd_mapping_cfg *esmd_mapping_cfg(const struct esmd_mapping *map);
 
 const char *esmd_mapping_name(const struct esmd_mapping *map);

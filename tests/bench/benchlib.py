@@ -132,10 +132,11 @@ def first_line(p, what):
     return line.strip()
 
 
-def start_sink(procs, tools, pattern=None):
+def start_sink(procs, tools, pattern=None, delay_ms=0):
     """tests/tools/sink counting occurrences of `pattern` (its default: Kafka's '"offset":') as
-    records; (process, port)."""
-    args = [tools["sink"], "--port", "0"] + (["--pattern", pattern] if pattern else [])
+    records, answering each request after delay_ms (a slow function); (process, port)."""
+    args = [tools["sink"], "--port", "0"] + (["--pattern", pattern] if pattern else []) + \
+        (["--delay-ms", str(delay_ms)] if delay_ms else [])
     p = procs.start("sink", args, stdout=subprocess.PIPE, text=True)
     return p, int(first_line(p, "sink"))
 

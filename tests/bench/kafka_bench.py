@@ -8,7 +8,12 @@ reads from that broker (the ceiling), then runs `esmd run` against a throwaway P
 `sink` function endpoint until the sink has seen every record, and prints a table; esmd's rate is
 given as a ratio to the ceiling of the same series. See tests/bench/README.md.
 
-    python3 tests/bench/kafka_bench.py [--broker mock|real|both] [--build DIR] [--records N] ...
+    python3 tests/bench/kafka_bench.py [--broker mock|real|both] [--build DIR] [--records N]
+        [--partitions 4,8,32] ...
+
+With several partition counts, each gets its own series (topic, ceiling, esmd) per broker and
+the summary has one line per count: how esmd's share of the ceiling depends on the partition
+count (docs/design.md#batch-forming).
 """
 
 import argparse
@@ -48,8 +53,9 @@ def parse_args():
                          " both (default): one series on each, mock first")
     ap.add_argument("--records", type=int, default=1000000)
     ap.add_argument("--size", type=int, default=100, help="value bytes per record")
-    ap.add_argument("--partitions", type=int, default=32,
-                    help="topic partitions (the mock keeps 5 MB per partition)")
+    ap.add_argument("--partitions", default="32",
+                    help="topic partitions, or a comma-separated list of counts, one series "
+                         "each (the mock keeps 5 MB per partition)")
     ap.add_argument("--keyed", action="store_true", help="give each record a key k<i>")
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--window", default="500ms", help="maximum_batching_window")
@@ -171,13 +177,16 @@ def print_table(a, kind, r):
 def print_summary(a, series):
     """One line per series, after the tables, when there is more than one."""
     print()
-    print("%-6s  %-28s  %-26s  %s" % ("broker", "ceiling records/s", "esmd records/s",
-                                      "esmd / ceiling"))
-    for kind, r in series:
+    print("%-6s  %-10s  %-20s  %-16s  %-14s  %s" % (
+        "broker", "partitions", "ceiling records/s", "esmd records/s", "esmd / ceiling",
+        "records/request"))
+    for kind, parts, r in series:
         esmd = ("%.0f" % r["esmd_rate"]) if "esmd_rate" in r else "-"
         ratio = ("%.1f %%" % (100.0 * r["esmd_rate"] / r["ceiling"])) if "esmd_rate" in r \
             else "-"
-        print("%-6s  %-28s  %-26s  %s" % (kind, "%.0f" % r["ceiling"], esmd, ratio))
+        per_req = ("%.0f" % (r["records_seen"] / r["requests"])) if r.get("requests") else "-"
+        print("%-6s  %-10d  %-20s  %-16s  %-14s  %s" % (kind, parts, "%.0f" % r["ceiling"], esmd,
+                                                      ratio, per_req))
     sys.stdout.flush()
 
 
@@ -299,7 +308,9 @@ def run_series(a, kind, tools, tmp):
 
 def main():
     a = parse_args()
+    counts = [int(x) for x in str(a.partitions).split(",")]
     kinds = ["mock", "real"] if a.broker == "both" else [a.broker]
+    a.partitions = min(counts)  # the tightest fit for the mock's check below
     per_part = -(-a.records // a.partitions)
     per_record = a.size + RECORD_OVERHEAD + (2 + len(str(a.records)) if a.keyed else 0)
     if "mock" in kinds and per_part * per_record > MOCK_MAX_BYTES * 0.95:
@@ -320,18 +331,20 @@ def main():
     series = []
     status = 0
     try:
-        for kind in kinds:
-            log("=== series on the %s ===" % BROKER_NAMES[kind])
-            stmp = os.path.join(tmp, kind)
-            os.mkdir(stmp)
-            try:
-                r = run_series(a, kind, tools, stmp)
-            except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
-                log("FAILED (%s series): %s" % (kind, e))
-                status = 1
-                continue
-            print_table(a, kind, r)
-            series.append((kind, r))
+        for parts in counts:
+            a.partitions = parts
+            for kind in kinds:
+                log("=== series on the %s, %d partitions ===" % (BROKER_NAMES[kind], parts))
+                stmp = os.path.join(tmp, "%s-%d" % (kind, parts))
+                os.mkdir(stmp)
+                try:
+                    r = run_series(a, kind, tools, stmp)
+                except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
+                    log("FAILED (%s series, %d partitions): %s" % (kind, parts, e))
+                    status = 1
+                    continue
+                print_table(a, kind, r)
+                series.append((kind, parts, r))
     finally:
         if a.keep:
             log("files kept in %s" % tmp)

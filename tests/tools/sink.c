@@ -1,8 +1,10 @@
 /* sink: the fastest function endpoint the benchmarks can point esmd at.
  *
- *   sink [--port P] [--pattern TEXT]
+ *   sink [--port P] [--pattern TEXT] [--delay-ms MS]
  *       P = 0 (default) picks a free port; TEXT (default "offset": with its quotes) is what
- *       marks one record in an event: "eventID": for the Redis event, for example
+ *       marks one record in an event: "eventID": for the Redis event, for example; MS > 0: each
+ *       POST is answered MS milliseconds after its body arrived (a slow function: one thread
+ *       per connection then, so concurrent requests wait side by side)
  *
  * Prints the port it listens on (127.0.0.1 and every other address) as one line on stdout, then
  * serves until SIGTERM/SIGINT:
@@ -22,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <time.h>
+
 #include <microhttpd.h>
 
 #define SINK_PATTERN_MAX 64
@@ -34,6 +38,7 @@ static atomic_uint_fast64_t sink_requests;
 static atomic_uint_fast64_t sink_records;
 static atomic_uint_fast64_t sink_bytes;
 static struct MHD_Response *sink_ok; /* shared "{}": MHD reference-counts queued responses */
+static long sink_delay_ms;
 
 /* One request. The body arrives in chunks: the pattern is counted by a KMP matcher whose state
  * carries over from one chunk to the next. */
@@ -106,6 +111,11 @@ static enum MHD_Result sink_handle(void *cls, struct MHD_Connection *conn, const
         return MHD_YES;
     }
     if (req->post) {
+        if (sink_delay_ms > 0) {
+            struct timespec ts = {sink_delay_ms / 1000, (sink_delay_ms % 1000) * 1000000L};
+            while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+                ;
+        }
         atomic_fetch_add_explicit(&sink_requests, 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&sink_records, req->records, memory_order_relaxed);
         atomic_fetch_add_explicit(&sink_bytes, req->bytes, memory_order_relaxed);
@@ -132,8 +142,10 @@ static void sink_completed(void *cls, struct MHD_Connection *conn, void **con_cl
 static void sink_usage(FILE *out)
 {
     fputs(
-        "usage: sink [--port P] [--pattern TEXT]   (P = 0 picks a free port; the port is printed\n"
-        "       on stdout; TEXT, default \"offset\":, marks one record in an event)\n",
+        "usage: sink [--port P] [--pattern TEXT] [--delay-ms MS]   (P = 0 picks a free port; the\n"
+        "       port is printed on stdout; TEXT, default \"offset\":, marks one record in an "
+        "event;\n"
+        "       MS: answer each POST after MS milliseconds)\n",
         out);
 }
 
@@ -158,6 +170,12 @@ int main(int argc, char **argv)
             sink_pattern = argv[++i];
             if (!*sink_pattern || strlen(sink_pattern) > SINK_PATTERN_MAX) {
                 fprintf(stderr, "sink: --pattern: 1 to %d bytes\n", SINK_PATTERN_MAX);
+                return 2;
+            }
+        } else if (strcmp(argv[i], "--delay-ms") == 0 && i + 1 < argc) {
+            sink_delay_ms = strtol(argv[++i], &end, 10);
+            if (*end || sink_delay_ms < 0 || sink_delay_ms > 600000) {
+                fprintf(stderr, "sink: --delay-ms: expected 0..600000, got '%s'\n", argv[i]);
                 return 2;
             }
         } else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
@@ -191,11 +209,18 @@ int main(int argc, char **argv)
         return 1;
     MHD_add_response_header(sink_ok, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
 
-    d = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL, (uint16_t)port, NULL,
-                         NULL, sink_handle, NULL, MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)2,
-                         MHD_OPTION_CONNECTION_LIMIT, (unsigned int)1000,
-                         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)120,
-                         MHD_OPTION_NOTIFY_COMPLETED, sink_completed, NULL, MHD_OPTION_END);
+    if (sink_delay_ms > 0) /* a thread per connection: a slow answer holds only its own */
+        d = MHD_start_daemon(
+            MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_POLL,
+            (uint16_t)port, NULL, NULL, sink_handle, NULL, MHD_OPTION_CONNECTION_LIMIT,
+            (unsigned int)1000, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)120,
+            MHD_OPTION_NOTIFY_COMPLETED, sink_completed, NULL, MHD_OPTION_END);
+    else
+        d = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL, (uint16_t)port, NULL,
+                             NULL, sink_handle, NULL, MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)2,
+                             MHD_OPTION_CONNECTION_LIMIT, (unsigned int)1000,
+                             MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)120,
+                             MHD_OPTION_NOTIFY_COMPLETED, sink_completed, NULL, MHD_OPTION_END);
     if (!d) {
         fprintf(stderr, "sink: cannot listen on port %ld: %s\n", port, strerror(errno));
         return 1;

@@ -419,7 +419,25 @@ static void test_error_unknown_keys(void **state)
                   0,
                   "test.yaml:7:38: mappings[0].source.topic: unknown key \"topic\" (allowed: "
                   "kafka, topics, consumer_group, starting_position, "
-                  "starting_position_timestamp, schema_registry)");
+                  "starting_position_timestamp, parallelization_factor, schema_registry)");
+}
+
+/* parallelization_factor: 1 to 10 on Kafka and Redis sources; a pgqueue source has none. */
+static void test_parallelization_factor(void **state)
+{
+    (void)state;
+    expect_errors("postgres: x\n" KAFKA FN
+                  "mappings:\n  - name: m\n    function: f\n    source: { kafka: k, topics: "
+                  "[t], parallelization_factor: 11 }\n",
+                  0,
+                  "test.yaml:7:62: mappings[0].source.parallelization_factor: "
+                  "parallelization_factor must be an integer from 1 to 10, got 11");
+    expect_errors("postgres: x\n" KAFKA FN
+                  "mappings:\n  - name: m\n    function: f\n    source: { kafka: k, topics: "
+                  "[t], parallelization_factor: 0 }\n",
+                  0,
+                  "test.yaml:7:62: mappings[0].source.parallelization_factor: "
+                  "parallelization_factor must be an integer from 1 to 10, got 0");
 }
 
 static void test_error_missing_and_types(void **state)
@@ -1092,6 +1110,7 @@ int main(void)
         cmocka_unit_test(test_bad_files),
         cmocka_unit_test(test_error_yaml_syntax),
         cmocka_unit_test(test_error_unknown_keys),
+        cmocka_unit_test(test_parallelization_factor),
         cmocka_unit_test(test_error_missing_and_types),
         cmocka_unit_test(test_error_ranges),
         cmocka_unit_test(test_error_references),

@@ -283,6 +283,74 @@ static void test_watch_rings_are_bounded(void **state)
     esmd_config_free(cfg);
 }
 
+/* The commit watermark of a shard with lanes (docs/design.md#lanes): the lowest unfinished seq
+ * over the lanes, or one past the highest emitted when none is unfinished; it only moves up. */
+static void test_watermark(void **state)
+{
+    (void)state;
+    struct esmd_shard *p = esmd_shard_new("t-0", 2, NULL);
+    assert_int_equal(p->nlanes, 1);
+    assert_int_equal(esmd_shard_watermark(p), -1); /* nothing emitted */
+    esmd_shard_set_lanes(p, 3);
+    assert_int_equal(p->nlanes, 3);
+    assert_ptr_equal(p->lanes[0], p);
+    struct esmd_shard *a = p->lanes[0], *b = p->lanes[1], *c = p->lanes[2];
+    assert_ptr_equal(b->parent, p);
+    assert_string_equal(esmd_shard_key(c), "t-0");
+    /* seqs 10..15: a gets 10, 13; b gets 11, 14; c gets 12, 15 */
+    struct esmd_shard *lane_of_seq[] = {a, b, c, a, b, c};
+    for (int i = 0; i < 6; i++)
+        esmd_lane_emitted(lane_of_seq[i], 10 + i);
+    assert_int_equal(esmd_shard_watermark(p), 10);
+    /* later lanes finish first: the watermark stays at the lowest unfinished record */
+    assert_int_equal(esmd_lane_finish(b, 15), -1);
+    assert_int_equal(esmd_lane_finish(c, 16), -1);
+    assert_int_equal(esmd_shard_watermark(p), 10);
+    /* a finishes 10: 13 is a's next unfinished, the lowest */
+    assert_int_equal(esmd_lane_finish(a, 11), 13);
+    assert_false(esmd_shard_drained(p));
+    /* all finished: one past the highest emitted */
+    assert_int_equal(esmd_lane_finish(a, 14), 16);
+    assert_true(esmd_shard_drained(p));
+    /* a finish that moves nothing returns -1; the watermark never goes back */
+    assert_int_equal(esmd_lane_finish(a, 14), -1);
+    esmd_lane_emitted(b, 16);
+    assert_int_equal(esmd_shard_watermark(p), 16);
+    assert_int_equal(esmd_lane_finish(b, 17), 17);
+    /* many records through one lane (the queue grows and wraps) */
+    for (int i = 17; i < 1000; i++)
+        esmd_lane_emitted(c, i);
+    assert_int_equal(esmd_lane_finish(c, 500), 500);
+    for (int i = 1000; i < 1100; i++)
+        esmd_lane_emitted(c, i);
+    assert_int_equal(esmd_shard_watermark(p), 500);
+    assert_int_equal(esmd_lane_finish(c, 1100), 1100);
+    /* back to one lane */
+    esmd_shard_set_lanes(p, 1);
+    assert_int_equal(p->nlanes, 1);
+    esmd_shard_free(p);
+}
+
+/* Lanes by key: FNV-1a of the key, stable; keyless records by position. */
+static void test_lane_index(void **state)
+{
+    (void)state;
+    assert_int_equal(esmd_lane_index("k", 1, 7, 1), 0);
+    /* FNV-1a 32 of "a" is 0xe40c292c */
+    assert_int_equal(esmd_lane_index("a", 1, 0, 10), (int)(0xe40c292cu % 10));
+    assert_int_equal(esmd_lane_index("a", 1, 999, 10), esmd_lane_index("a", 1, 3, 10));
+    assert_int_equal(esmd_lane_index(NULL, 0, 13, 4), 1);
+    assert_int_equal(esmd_lane_index(NULL, 0, 16, 4), 0);
+    int seen[8] = {0};
+    char key[16];
+    for (int i = 0; i < 800; i++) {
+        int n = snprintf(key, sizeof(key), "key-%d", i);
+        seen[esmd_lane_index(key, (size_t)n, 0, 8)]++;
+    }
+    for (int i = 0; i < 8; i++)
+        assert_true(seen[i] > 50); /* every lane gets a share */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -293,6 +361,8 @@ int main(void)
         cmocka_unit_test(test_retry_after_clamp),
         cmocka_unit_test(test_host_counts_records),
         cmocka_unit_test(test_watch_rings_are_bounded),
+        cmocka_unit_test(test_watermark),
+        cmocka_unit_test(test_lane_index),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
