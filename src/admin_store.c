@@ -398,7 +398,7 @@ int esmd_admin_write(struct esmd_admin *adm, size_t mi, const struct adm_change 
         "  WHERE name = $1 AND $2::boolean IS NOT NULL),"
         " n AS (SELECT pg_notify('" ESMD_ADMIN_CHANNEL "', $1))"
         " SELECT o.* FROM o CROSS JOIN n",
-        8, params, adm_op_done, op);
+        9, params, adm_op_done, op);
     free(yaml_text);
     esmd_buf_free(&filters);
     if (rc != 0) {

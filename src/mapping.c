@@ -48,6 +48,9 @@
 #define PENDING_MIN_RECORDS 10000
 #define PENDING_MAX_BYTES (8u * 1024 * 1024)
 #define MAP_PENDING_MIN_RECORDS 50000
+/* Batches formed at once, at most (a function's max_concurrency may be far more; past this many
+ * batches in flight, records gather into fuller batches anyway). */
+#define MAX_FORMERS 64
 
 static void start_part(struct inflight *inf);
 static void inflight_end(struct inflight *inf, bool nack);
@@ -1134,6 +1137,8 @@ struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_ma
     /* Queue sources form one batch at a time: their shards are the connector's concurrency
      * slots, not ordering units, and SQS fills a batch before it sends it. */
     map->nformers = ops->queue ? 1 : (size_t)esmd_function_max_concurrency(fn);
+    if (map->nformers > MAX_FORMERS)
+        map->nformers = MAX_FORMERS;
     map->formers = esmd_xcalloc(map->nformers, sizeof(*map->formers));
     for (size_t i = 0; i < map->nformers; i++) {
         struct former *f = &map->formers[i];
