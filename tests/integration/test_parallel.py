@@ -200,8 +200,10 @@ def test_kafka_kill9_restart_key_order(kafka_broker, postgres, endpoint, esmd, n
     ko = KeyOrder(endpoint, kafka_key, kafka_pos)
     endpoint.delay(0.05)
     group = names.group()
+    # a short session: the group gives the killed member's partitions away in seconds
     cfg = parallel_cfg(kafka_broker, topic, group, endpoint.url, names.mapping(), batch_size=5,
-                       window="20ms")
+                       window="20ms", properties={"session.timeout.ms": "6000",
+                                                  "heartbeat.interval.ms": "500"})
     a = esmd(cfg, env=retry_fast)
     total = nkeys * per_key
     wait_for(lambda: ko.delivered() >= total // 4, 60, 0.05, "a quarter delivered")
