@@ -577,6 +577,18 @@ static void service_stop(struct service *svc, const char *why)
     "state = $5, state_transition_reason = 'Configuration file', instance_id = $6, "               \
     "updated_at = now()"
 
+/* The parameters of MAPPING_STATE_UPSERT for mapping m. */
+static void mapping_state_params(const char *params[6], const struct esmd_mapping_cfg *m,
+                                 const char *instance_id)
+{
+    params[0] = m->name;
+    params[1] = m->function;
+    params[2] = esmd_config_kind_name(m->kind);
+    params[3] = m->enabled ? "t" : "f";
+    params[4] = m->enabled ? "Enabled" : "Disabled";
+    params[5] = instance_id;
+}
+
 /* Records the configured mappings in esmd.mapping_state (blocking, before the loop runs). */
 static int write_mapping_state(void *ud, char *err, size_t errlen)
 {
@@ -591,12 +603,8 @@ static int write_mapping_state(void *ud, char *err, size_t errlen)
     }
     for (size_t i = 0; i < cfg->nmappings; i++) {
         const struct esmd_mapping_cfg *m = &cfg->mappings[i];
-        const char *params[] = {m->name,
-                                m->function,
-                                esmd_config_kind_name(m->kind),
-                                m->enabled ? "t" : "f",
-                                m->enabled ? "Enabled" : "Disabled",
-                                svc->instance_id};
+        const char *params[6];
+        mapping_state_params(params, m, svc->instance_id);
         PGresult *res = PQexecParams(pg, MAPPING_STATE_UPSERT, 6, NULL, params, NULL, NULL, 0);
         if (PQresultStatus(res) != PGRES_COMMAND_OK) {
             snprintf(err, errlen, "mapping %s: %s", m->name, PQresultErrorMessage(res));
@@ -636,12 +644,8 @@ static void retiring_unlink(struct retiring *r)
 
 static void record_mapping_state(struct service *svc, const struct esmd_mapping_cfg *m)
 {
-    const char *params[] = {m->name,
-                            m->function,
-                            esmd_config_kind_name(m->kind),
-                            m->enabled ? "t" : "f",
-                            m->enabled ? "Enabled" : "Disabled",
-                            svc->instance_id};
+    const char *params[6];
+    mapping_state_params(params, m, svc->instance_id);
     if (esmd_pg_query(svc->pg, MAPPING_STATE_UPSERT, 6, params, NULL, NULL) != ESMD_OK)
         ESMD_WARN(NULL, "could not queue the mapping state update");
 }

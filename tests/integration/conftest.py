@@ -15,6 +15,8 @@ function endpoint (endpoint.py). The binaries under test come from $ESMD_BUILD (
     names      per test: unique topic / group / mapping names (names.topic(), names.group(), ...)
     kafka_config  per test: builds a one-mapping Kafka config dict for the fixtures above
                (MOCK_CONSUMER_PROPERTIES on the mock only)
+    pgq_schema session: esmd's migrations applied to `postgres` (esmd.send, esmd.queue_messages,
+               ... for Postgres-queue tests before any esmd runs)
     esmd       per test: factory esmd(config, start=True) -> servers.Esmd; config is a dict
                (written as YAML) or YAML text; admin.listen is set to a free port and, in text,
                {postgres} {bootstrap} {endpoint} {admin} are filled in. Every esmd started is
@@ -24,6 +26,7 @@ function endpoint (endpoint.py). The binaries under test come from $ESMD_BUILD (
 import hashlib
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -247,3 +250,16 @@ def esmd(request, tmp_path, postgres, endpoint):
             print("\n==== esmd stderr (%s), last lines ====\n%s" % (proc.logfile,
                                                                   servers.tail(proc.logfile, 80)))
             print("==== config ====\n%s" % open(proc.config_path).read())
+
+
+@pytest.fixture(scope="session")
+def pgq_schema(postgres, tmp_path_factory):
+    """esmd's migrations applied to the session database (esmd run does it too, at start)."""
+    cfg = tmp_path_factory.mktemp("pgq") / "migrate.yaml"
+    cfg.write_text("postgres: %s\nfunctions: { fn: { url: 'http://127.0.0.1:9/' } }\n"
+                   "mappings: [{ name: m, function: fn, source: { pgqueue: q } }]\n"
+                   % postgres.url)
+    r = subprocess.run([servers.binary("esmd"), "migrate", "-c", str(cfg)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return postgres

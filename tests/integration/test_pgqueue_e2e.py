@@ -32,19 +32,6 @@ def lit(s):
     return "'" + s.replace("'", "''") + "'"
 
 
-@pytest.fixture(scope="session")
-def pgq_schema(postgres, tmp_path_factory):
-    """esmd's migrations applied to the session database (esmd run does it too, at start)."""
-    cfg = tmp_path_factory.mktemp("pgq") / "migrate.yaml"
-    cfg.write_text("postgres: %s\nfunctions: { fn: { url: 'http://127.0.0.1:9/' } }\n"
-                   "mappings: [{ name: m, function: fn, source: { pgqueue: q } }]\n"
-                   % postgres.url)
-    r = subprocess.run([servers.binary("esmd"), "migrate", "-c", str(cfg)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return postgres
-
-
 class Queue:
     """SQL helpers for one queue name."""
 

@@ -23,7 +23,7 @@ import servers
 from endpoint import Response
 from servers import assert_error, wait_for
 from test_admin_api import ESM, call
-from test_pgqueue_e2e import lit, pgq_config, pgq_schema, ready  # noqa: F401 (fixtures)
+from test_pgqueue_e2e import lit, pgq_config, ready  # noqa: F401 (fixtures)
 
 ARN_PREFIX = "arn:aws:sqs:us-east-1:000000000000:"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -206,19 +206,6 @@ def source(request, names, postgres):
     return KafkaSource(request.getfixturevalue("kafka_broker"), names)
 
 
-@pytest.fixture(scope="session")
-def pgq_schema(postgres, tmp_path_factory):
-    cfg = tmp_path_factory.mktemp("pgq") / "migrate.yaml"
-    cfg.write_text("postgres: %s\nfunctions: { fn: { url: 'http://127.0.0.1:9/' } }\n"
-                   "mappings: [{ name: m, function: fn, source: { pgqueue: q } }]\n"
-                   % postgres.url)
-    import subprocess
-    r = subprocess.run([servers.binary("esmd"), "migrate", "-c", str(cfg)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return postgres
-
-
 class Producer(threading.Thread):
     """Writes `keep` records to src, numbered from 0, until stopped."""
 
