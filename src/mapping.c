@@ -326,10 +326,13 @@ static bool holds_sibling(const struct former *f, const struct esmd_shard *lane)
     return false;
 }
 
-/* The forming batch an idle lane's records join: a batch of its own while the function has
- * free concurrency for one more (max_concurrency less the mapping's batches in flight and
- * forming), else the forming batch with the fewest records that holds no other lane of its
- * shard. NULL: none can take it now. */
+/* The forming batch an idle lane's records join. A batch of its own when the lane has a full
+ * batch waiting, or no forming batch can take it, and the function has free concurrency for
+ * one more (max_concurrency less the mapping's batches in flight and forming); else the fullest
+ * forming batch that holds no other lane of its shard: batches are filled a lane after another,
+ * so each holds few lanes and the others stay free for the next batches, and a lane with a few
+ * records does not hold a batch of its own open while others fill. NULL: none can take it
+ * now. */
 static struct former *pick_former(struct esmd_mapping *map, const struct esmd_shard *lane)
 {
     long limit = (long)esmd_function_max_concurrency(map->fn) - (long)map->ninflight;
@@ -347,10 +350,10 @@ static struct former *pick_former(struct esmd_mapping *map, const struct esmd_sh
             continue;
         }
         used++;
-        if (!holds_sibling(f, lane) && (!best || f->b.nrecords < best->b.nrecords))
+        if (!holds_sibling(f, lane) && (!best || f->b.nrecords > best->b.nrecords))
             best = f;
     }
-    if (used < limit && empty)
+    if (used < limit && empty && (!best || lane->npending >= (size_t)map->batch_size))
         return empty;
     return best;
 }
