@@ -6,7 +6,7 @@ import subprocess
 import servers
 from endpoint import Response
 from servers import wait_for
-from test_pgqueue_e2e import pgq_config, pgq_schema, queues  # noqa: F401
+from test_pgqueue_e2e import pgq_config, queues  # noqa: F401
 
 STATUS_ENV = {"ESMD_KAFKA_STATUS_INTERVAL_MS": "300", "ESMD_MAPPING_RETRY_BACKOFF": "50,100"}
 EVENT_TYPES = {"POLLER_STATUS_EVENT", "KAFKA_STATUS_EVENT", "ESM_PROCESSING_EVENT"}

@@ -8,7 +8,7 @@ import time
 from endpoint import Response
 from servers import wait_for
 from test_async_e2e import config as async_config, db, fast, invoke, wait  # noqa: F401
-from test_pgqueue_e2e import lit, pgq_config, pgq_schema, queues, ready  # noqa: F401
+from test_pgqueue_e2e import lit, pgq_config, queues, ready  # noqa: F401
 
 TP_A = "00-5759e988bd862e3fe1be46a994272793-53995c3f42cd8ad8-01"
 XRAY_A = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1"
