@@ -31,6 +31,10 @@
 
 /* Messages handled per loop turn before yielding to other watchers. */
 #define KAFKA_DRAIN_MAX 1000
+/* A partition whose records wait for their schema is paused once this many records or bytes
+ * (keys and values) wait (docs/kafka.md "Schema registry"). */
+#define KAFKA_SR_WAIT_RECORDS 1000
+#define KAFKA_SR_WAIT_BYTES (4u << 20)
 /* Housekeeping tick: safety net for a missed wake-up, close progress, commit watchdog. */
 #define KAFKA_TICK_S 0.1
 /* At most one asynchronous commit per interval. */
@@ -75,9 +79,12 @@ struct kafka_part {
     struct esmd_shard *shard; /* the core's handle while assigned, else NULL */
     bool paused;              /* paused in librdkafka (stays set across a revoke) */
     bool core_pause;          /* the core asked for a pause (backpressure) */
-    /* Records waiting, in order, for their schema (schema registry): the partition is paused
-     * while there are any. Never emitted yet: freed by us on revoke. */
+    /* Records waiting, in order, for their schema (schema registry). Never emitted yet: freed
+     * by us on revoke. The partition is paused once KAFKA_SR_WAIT_RECORDS or
+     * KAFKA_SR_WAIT_BYTES wait (see part_apply_pause). */
     struct kafka_rec *whead, *wtail;
+    int wcount;
+    size_t wbytes;
     int64_t first;            /* offset of the first record emitted in this assignment, -1 */
     int64_t next;             /* offset after the last record emitted, -1 */
     int64_t stored;           /* last offset stored by ack, -1 */
@@ -446,6 +453,8 @@ static void wait_free(struct kafka_part *part)
         kafka_rec_free(kr);
     }
     part->wtail = NULL;
+    part->wcount = 0;
+    part->wbytes = 0;
 }
 
 static void shard_close_part(struct esmd_kafka *kc, struct kafka_part *part)
@@ -867,6 +876,8 @@ static void on_sr_changed(void *ud)
             if (!part->whead)
                 part->wtail = NULL;
             kr->wnext = NULL;
+            part->wcount--;
+            part->wbytes -= kr->rkm->len + kr->rkm->key_len;
             emit_rec(kc, part, kr);
         }
         part_apply_pause(kc, part);
@@ -927,6 +938,8 @@ static void handle_message(struct esmd_kafka *kc, rd_kafka_message_t *rkm)
         else
             part->whead = kr;
         part->wtail = kr;
+        part->wcount++;
+        part->wbytes += rkm->len + rkm->key_len;
         part_apply_pause(kc, part);
         return;
     }
@@ -1215,10 +1228,16 @@ static void pause_resume(struct esmd_kafka *kc, struct esmd_shard *shard, bool p
     part_apply_pause(kc, part);
 }
 
-/* Paused in librdkafka while the core asks for it or records wait for their schema. */
+/* Paused in librdkafka while the core asks for it or enough records wait for their schema.
+ * Not at the first waiting record: a schema usually arrives within milliseconds, and a pause
+ * costs far more than that (librdkafka drops the partition's prefetched records and fetches
+ * them again on resume: about a second of the partition's time on the mock cluster, every time
+ * a new schema id appears). Records that arrive meanwhile join the wait list, in order; past
+ * the limits (a registry that is slow or down) the partition is paused. */
 static void part_apply_pause(struct esmd_kafka *kc, struct kafka_part *part)
 {
-    bool pause = part->core_pause || part->whead;
+    bool pause = part->core_pause || part->wcount >= KAFKA_SR_WAIT_RECORDS ||
+                 part->wbytes >= KAFKA_SR_WAIT_BYTES;
     if (!kc->rk || !part->shard || part->paused == pause)
         return;
     rd_kafka_topic_partition_list_t *list = one_partition(part);
@@ -1233,6 +1252,13 @@ static void part_apply_pause(struct esmd_kafka *kc, struct kafka_part *part)
         return;
     }
     part->paused = pause;
+    if (!pause)
+        ESMD_DEBUG(kc->log, "kafka %s resumed", part->key);
+    else if (part->core_pause)
+        ESMD_DEBUG(kc->log, "kafka %s paused (backpressure)", part->key);
+    else
+        ESMD_DEBUG(kc->log, "kafka %s paused: %d records (%zu B) wait for their schema", part->key,
+                   part->wcount, part->wbytes);
 }
 
 static void kafka_pause(void *c, struct esmd_shard *shard)
