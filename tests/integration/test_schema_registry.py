@@ -11,8 +11,9 @@ no real registry can run here (its docstring says what was tried).
     evolution and failures         two versions of a schema on one topic; an unknown schema id,
                                    a corrupt record and a Protobuf record among good ones go to
                                    the on-failure destination (SCHEMA_NOT_FOUND,
-                                   DESERIALIZATION_ERROR) with their original bytes, the good
-                                   ones are delivered in order
+                                   DESERIALIZATION_ERROR; an HTTP one, then a redis:// stream)
+                                   with their original bytes, the good ones are delivered in
+                                   order
     registry stopped mid-run       the partition waits (/readyz 503 naming the registry; paused
                                    once 1,000 records wait), nothing goes to on-failure,
                                    everything is delivered once it is back
@@ -269,6 +270,36 @@ def test_evolution_and_undecodable_records_to_on_failure(kafka, registry, endpoi
         assert registry.fetches(sid) == 1
     m = proc.metrics()
     assert m.get("esmd_undecodable_records_total") == 3
+
+
+def test_undecodable_records_to_a_redis_destination(kafka, redis, registry, endpoint, esmd,
+                                                    kafka_config, names):
+    """The same failures through a redis:// on-failure destination (a stream entry whose
+    payload field is the on-failure record)."""
+    topic = kafka.create_topic(names.topic(), 1)
+    dlq = names.topic() + "-dlq"
+    ser = Serializers(registry, topic)
+    good = ser.avro(ORDER_V1, order(0))
+    unknown = b"\x00" + struct.pack(">I", 9999) + good[5:]
+    corrupt = b"\x01" + good[1:]  # not the wire format: magic byte 1
+    produce(kafka, topic, [(0, b"a", good), (0, b"b", unknown), (0, b"c", corrupt),
+                           (0, b"d", good)])
+    cfg = kafka_config(topic, mapping_extra={"on_failure": "redis://r/" + dlq})
+    cfg["connections"]["r"] = {"type": "redis", "url": redis.url}
+    esmd(with_registry(cfg, registry))
+    endpoint.wait_records(2, timeout=60)
+    wait_for(lambda: redis.command("XLEN", dlq) >= 2, 30, 0.2, "two on-failure entries")
+    assert [(r["offset"], b64json(r["value"])) for r in delivered(endpoint)] == \
+        [(0, order(0)), (3, order(0))]
+    got = []
+    for _, (field, value) in redis.command("XRANGE", dlq, "-", "+"):
+        assert field in ("payload", b"payload")
+        fr = json.loads(value)
+        [(_, [rec])] = fr["payload"]["records"].items()
+        got.append((fr["requestContext"]["condition"], base64.b64decode(rec["key"]),
+                    base64.b64decode(rec["value"])))
+    assert sorted(got) == [("DESERIALIZATION_ERROR", b"c", corrupt),
+                           ("SCHEMA_NOT_FOUND", b"b", unknown)]
 
 
 # ---- 3. the registry stopped mid-run --------------------------------------------------------
