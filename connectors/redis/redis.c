@@ -84,9 +84,9 @@ struct redis_link {
 enum read_phase { READ_HISTORY, READ_NEW };
 
 /* What we emit: the core's record and its JSON, written once when the entry is handed over
- * (off the path from one batch to the next, and without keeping the fields: `e.fields` points
- * into the reply or the copy the entry came from, valid only while it is handed over, when the
- * core asks for its filter document). */
+ * (off the path from one batch to the next), without the fields (`e.fields` NULL): they live in
+ * the reply or the copy the entry came from, and the core asks for its filter document only
+ * while the entry is handed over (emit, through esmd_redis.emitting). */
 struct redis_rec {
     struct esmd_record rec; /* first: the core's pointer is ours */
     struct esmd_redis_entry e;
@@ -120,6 +120,9 @@ struct cmd {
 
 struct esmd_redis {
     const struct esmd_host *host; /* borrowed until destroy */
+    /* The record being handed to host->emit and the entry it came from (with its fields). */
+    const struct esmd_record *emitting;
+    const struct esmd_redis_entry *emitting_entry;
     const struct esmd_log_ctx *log;
     struct esmd_redis_url url;
     char *stream, *group, *consumer; /* owned */
@@ -656,14 +659,20 @@ static void emit(struct esmd_redis *rc, const struct esmd_redis_entry *e)
     rr->rec.seq = rc->next_seq++;
     rr->rec.timestamp_ms = e->id.ms > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)e->id.ms;
     rr->e = *e;
+    rr->e.fields = NULL; /* they belong to the caller: rc->emitting shows them to filter_doc */
+    rr->e.nfields = 0;
     ring_push(rc, e->id);
     if (!rc->have_read_max || esmd_redis_id_cmp(e->id, rc->read_max) > 0) {
         rc->read_max = e->id;
         rc->have_read_max = true;
     }
+    /* The core may release rr before emit returns (a mapping that is stopping): rr is not
+     * touched after this call. */
+    rc->emitting = &rr->rec;
+    rc->emitting_entry = e;
     rc->host->emit(rc->host->core, rc->shard, &rr->rec);
-    rr->e.fields = NULL; /* they belong to the caller */
-    rr->e.nfields = 0;
+    rc->emitting = NULL;
+    rc->emitting_entry = NULL;
 }
 
 static void on_other(redisAsyncContext *ac, void *reply, void *privdata);
@@ -1417,7 +1426,9 @@ static enum esmd_filter_data redis_filter_doc(void *c, const struct esmd_record 
                                               struct esmd_buf *out)
 {
     const struct esmd_redis *rc = c;
-    return esmd_redis_filter_doc(&rc->src, entry_of(rec), out);
+    /* The core asks while the record is handed over (emit), the only time its fields exist. */
+    const struct esmd_redis_entry *e = rec == rc->emitting ? rc->emitting_entry : entry_of(rec);
+    return esmd_redis_filter_doc(&rc->src, e, out);
 }
 
 static void redis_failure_info(void *c, const struct esmd_record *rec, size_t payload_size,
