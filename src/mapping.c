@@ -598,6 +598,10 @@ static void on_retry_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct inflight *inf = w->data;
     ev_timer_stop(loop, w);
+    if (inf->map->stopping) { /* armed after the stop began: nothing more is sent or stored */
+        inflight_end(inf, true);
+        return;
+    }
     if (inf->condition) { /* the on-failure records could not be stored: again */
         esmd_mapping_give_up(inf, inf->condition);
         return;
@@ -691,8 +695,15 @@ static void inflight_end(struct inflight *inf, bool nack)
     free(inf->last_function_error);
     free(inf->last_request_id);
     free(inf->last_error);
-    free(inf);
     map->dirty = true;
+    if (inf->dest_pending > 0) {
+        /* esmd_mapping_free with on-failure records still being stored: the destinations call
+         * back later, so inf outlives the mapping, detached, until the last answer
+         * (on_failure_stored, src/mapping_failure.c) */
+        inf->map = NULL;
+        return;
+    }
+    free(inf);
 }
 
 /* The current part is finished (acked when `ack`); goes on with the next part, or ends. */
@@ -1225,12 +1236,13 @@ void esmd_mapping_stop(struct esmd_mapping *map, void (*done)(void *ud), void *u
         map->npending = 0;
         shard_pause(map, s);
     }
-    /* Batches waiting for a retry are abandoned now; those in flight finish. */
+    /* Batches waiting for a retry are abandoned now; those in flight finish, and so do those
+     * whose given-up records are being stored for the on-failure destination (the store calls
+     * back into the inflight: it acks them once they are stored). */
     for (struct inflight *inf = map->inflight, *next; inf; inf = next) {
         next = inf->next;
-        if (!inf->req) {
+        if (!inf->req && inf->dest_pending == 0)
             inflight_end(inf, true);
-        }
     }
     ESMD_INFO(&map->log, "mapping stopping: %zu batches in flight", map->ninflight);
     ev_idle_init(&map->stop_check, on_stop_check);

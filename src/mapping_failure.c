@@ -323,6 +323,11 @@ static void on_failure_stored(void *ud, bool ok, const char *err)
     struct inflight *inf = ud;
     struct esmd_mapping *map = inf->map;
     inf->dest_pending--;
+    if (!map) { /* the mapping was freed meanwhile (inflight_end): the records went back */
+        if (inf->dest_pending == 0)
+            free(inf);
+        return;
+    }
     if (!ok) {
         inf->dest_failed = true;
         esmd_log_limited(ESMD_LOG_ERROR, &map->log, "on-failure-store",

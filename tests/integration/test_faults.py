@@ -11,12 +11,14 @@ import base64
 import json
 import os
 import random
+import signal
 import subprocess
 import threading
 import time
 
 import pytest
 import requests
+import yaml
 
 import servers
 from endpoint import Response
@@ -279,6 +281,59 @@ def test_stop_signal_while_waiting_for_the_database(postgres, endpoint, esmd, na
     assert proc.running()
     assert proc.stop(timeout=10) == 0
     assert "stopped by SIGTERM before start-up ended" in proc.log()
+
+
+def outbox_inserts_waiting(postgres):
+    rows = postgres.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE 'INSERT INTO esmd.outbox%'")
+    return int(rows[0][0])
+
+
+@pytest.mark.parametrize("how", ["reload", "sigterm"])
+def test_stop_waits_for_the_on_failure_store(postgres, redis, endpoint, esmd, names, how):
+    """A mapping stopped (removed by a reload, or SIGTERM) while the records it gave up are being
+    stored for its on-failure destination (the outbox INSERT waits on a lock): the stop waits for
+    the store, then acks the records; they reach the destination once, and the source has
+    nothing pending. (The stop used to free the batch at once: nothing acked, and the store's
+    answer then wrote into freed memory.)"""
+    stream, failed = names.topic(), names.topic()
+    cfg = redis_mapping_config(postgres, redis, endpoint, stream, names.mapping())
+    m = cfg["mappings"][0]
+    m.update({"maximum_retry_attempts": 0, "on_failure": "redis://r/" + failed,
+              "maximum_batching_window": "0ms"})
+    keep = {"name": names.mapping(), "function": "fn",
+            "source": {"redis": "r", "stream": names.topic(), "group": "g"}}
+    cfg["mappings"].append(keep)  # a reload leaves one mapping running
+    endpoint.default = Response(500, {"errorMessage": "no"})
+    proc = esmd(cfg)
+    holder = LockHolder(postgres, "esmd.outbox")
+    try:
+        redis.command("XADD", stream, "*", "v", "1")
+        wait_for(lambda: outbox_inserts_waiting(postgres) > 0, 30, 0.1,
+                 "the on-failure record's INSERT to wait on the lock")
+        if how == "reload":
+            with open(proc.config_path) as f:
+                cfg = yaml.safe_load(f)
+            cfg["mappings"] = cfg["mappings"][1:]
+            with open(proc.config_path, "w") as f:
+                f.write(yaml.safe_dump(cfg, sort_keys=False))
+            r = requests.post(proc.admin + "/admin/reload", timeout=10)
+            assert r.status_code == 200 and r.json()["mappings"]["removed"] == [m["name"]], r.text
+            r = requests.post(proc.admin + "/admin/reload", timeout=10)
+            assert r.status_code == 409, r.text  # the removed mapping is still stopping
+        else:
+            proc.proc.send_signal(signal.SIGTERM)
+    finally:
+        holder.close()
+    if how == "sigterm":
+        assert proc.proc.wait(30) == 0
+    wait_for(lambda: redis.command("XPENDING", stream, "g")[0] == 0, 30, 0.2,
+             "the given-up record acked once stored")
+    wait_for(lambda: redis.command("XLEN", failed) == 1, 30, 0.2,
+             "the on-failure record delivered")
+    if how == "reload":
+        assert proc.stop() == 0
+    assert "heap-use-after-free" not in proc.log()
 
 
 # ---- load under faults, per source ------------------------------------------------------------
