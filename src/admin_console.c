@@ -1,23 +1,16 @@
 /* The admin console (docs/admin.md#console): the static files of ui/, compiled in
- * (cmake/embed_ui.cmake), at /ui/ on the admin listener, and GET /admin/functions. The files
+ * (cmake/embed_files.cmake), at /ui/ on the admin listener, and GET /admin/functions. The files
  * are public (they hold no data): every route they read needs the admin credentials, which
  * the page sends as `Authorization: Bearer` from fetch(). Each answer carries a strict
  * Content-Security-Policy (scripts and styles from /ui/ only, no inline script, no frames). */
 #include "esmd/admin.h"
 #include "esmd/admin_auth.h"
+#include "esmd/embedded.h"
 #include "esmd/invoke.h"
 #include "esmd/lambda_api.h"
 
 #include <stdio.h>
 #include <string.h>
-
-struct esmd_ui_file {
-    const char *name;
-    const unsigned char *data;
-    size_t len;
-};
-extern const struct esmd_ui_file esmd_ui_files[];
-extern const size_t esmd_ui_files_count;
 
 #define UI_CSP                                                                                     \
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "              \
@@ -47,7 +40,7 @@ static const char *ui_type(const char *name)
 }
 
 /* An ETag of the file's bytes (FNV-1a 64): the files change only with the binary. */
-static void ui_etag(const struct esmd_ui_file *f, char out[24])
+static void ui_etag(const struct esmd_embedded_file *f, char out[24])
 {
     uint64_t h = 14695981039346656037ull;
 
@@ -85,7 +78,7 @@ static void ui_route(void *ud, struct esmd_http_req *req)
     if (name[0] == '\0')
         name = "index.html";
     for (size_t i = 0; i < esmd_ui_files_count; i++) {
-        const struct esmd_ui_file *f = &esmd_ui_files[i];
+        const struct esmd_embedded_file *f = &esmd_ui_files[i];
         const char *inm;
 
         if (strcmp(f->name, name) != 0)

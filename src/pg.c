@@ -3,6 +3,7 @@
 #include "esmd/pg.h"
 #include "esmd/backoff.h"
 #include "esmd/buf.h"
+#include "esmd/embedded.h"
 #include "esmd/log.h"
 
 #include <ctype.h>
@@ -12,14 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Generated from the migrations/NNNN_*.sql files by cmake/embed_migrations.cmake (NULL-terminated).
- */
-struct esmd_migration {
-    const char *name;
-    const char *sql;
-};
-extern const struct esmd_migration esmd_migrations[];
-extern const size_t esmd_migrations_count;
+/* esmd_migrations[]: the migrations/NNNN_*.sql files, embedded (include/esmd/embedded.h). */
 
 /* Session advisory lock key held while migrating: the bytes "esmdmigr" as a big-endian int64. */
 #define PG_MIGRATE_LOCK_KEY "7310306898252228466"
@@ -299,7 +293,7 @@ int esmd_pg_migrate(const char *conninfo, int *applied, char *err, size_t errlen
     const char **sqls = esmd_xcalloc(n ? n : 1, sizeof(*sqls));
     for (size_t i = 0; i < n; i++) {
         names[i] = esmd_migrations[i].name;
-        sqls[i] = esmd_migrations[i].sql;
+        sqls[i] = (const char *)esmd_migrations[i].data;
     }
     int rc = esmd_pg_migrate_list(conninfo, names, sqls, n, applied, err, errlen);
     free(names);

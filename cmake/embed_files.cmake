@@ -1,0 +1,32 @@
+# Writes OUT: a C file holding every file of DIR that matches GLOBS (a ;-list of patterns), in
+# file-name order, as the NUL-terminated byte array of a `struct esmd_embedded_file`
+# (include/esmd/embedded.h) in the table SYMBOL[] and its length SYMBOL_count. STRIP_EXT=ON
+# names each entry without its extension (migrations are recorded as "0001_init").
+# Used for the migrations (src/pg.c) and the admin console's files (src/admin_console.c).
+set(patterns "")
+foreach(g ${GLOBS})
+  list(APPEND patterns ${DIR}/${g})
+endforeach()
+file(GLOB files ${patterns})
+list(SORT files)
+get_filename_component(dirname ${DIR} NAME)
+set(body "/* generated from ${dirname}/ by cmake/embed_files.cmake */\n#include \"esmd/embedded.h\"\n")
+set(table "")
+set(i 0)
+foreach(f ${files})
+  if(STRIP_EXT)
+    get_filename_component(name ${f} NAME_WE)
+  else()
+    get_filename_component(name ${f} NAME)
+  endif()
+  file(READ ${f} hex HEX)
+  file(SIZE ${f} size)
+  string(REGEX REPLACE "([0-9a-f][0-9a-f])" "0x\\1," hex "${hex}")
+  string(APPEND body "static const unsigned char f${i}[] = {${hex}0};\n")
+  string(APPEND table "    {\"${name}\", f${i}, ${size}},\n")
+  math(EXPR i "${i}+1")
+endforeach()
+string(APPEND body "const struct esmd_embedded_file ${SYMBOL}[] = {\n${table}    {NULL, NULL, 0}};\n")
+string(APPEND body "const size_t ${SYMBOL}_count = ${i};\n")
+file(WRITE ${OUT}.tmp "${body}")
+file(COPY_FILE ${OUT}.tmp ${OUT} ONLY_IF_DIFFERENT)
