@@ -620,12 +620,16 @@ static cJSON *adm_yaml_value(const struct esmd_mapping_cfg *c, const char *field
     return c->on_failure ? cJSON_CreateString(c->on_failure) : cJSON_CreateNull();
 }
 
-static bool pg_ok(PGconn *pg, PGresult *res, ExecStatusType want, char *err, size_t errlen)
+/* Clears res; false with err and *rc (ESMD_EINVAL for an error retrying will not mend,
+ * esmd_pg_error_permanent, else ESMD_EIO) when its status is not `want`. */
+static bool pg_ok(PGconn *pg, PGresult *res, ExecStatusType want, int *rc, char *err, size_t errlen)
 {
     bool ok = PQresultStatus(res) == want;
 
-    if (!ok)
+    if (!ok) {
         snprintf(err, errlen, "%s", res ? PQresultErrorMessage(res) : PQerrorMessage(pg));
+        *rc = esmd_pg_error_permanent(pg, res) ? ESMD_EINVAL : ESMD_EIO;
+    }
     PQclear(res);
     return ok;
 }
@@ -646,6 +650,7 @@ int esmd_admin_load(struct esmd_admin *adm, char *err, size_t errlen)
     res = PQexec(pg, "SELECT " ADM_OVR_COLS ", yaml::text FROM esmd.mapping_overrides");
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         snprintf(err, errlen, "reading esmd.mapping_overrides: %s", PQresultErrorMessage(res));
+        rc = esmd_pg_error_permanent(pg, res) ? ESMD_EINVAL : ESMD_EIO;
         goto out;
     }
     for (int r = 0; r < PQntuples(res); r++) {
@@ -678,13 +683,13 @@ int esmd_admin_load(struct esmd_admin *adm, char *err, size_t errlen)
             /* NULL the dropped fields; delete the row when nothing is left */
             const char *params[2] = {m->cfg->name, esmd_buf_cstr(&drop)};
             PGresult *u = PQexecParams(pg, ADM_DROP_FIELDS, 2, NULL, params, NULL, NULL, 0);
-            bool ok = pg_ok(pg, u, PGRES_TUPLES_OK, err, errlen);
+            bool ok = pg_ok(pg, u, PGRES_TUPLES_OK, &rc, err, errlen);
 
             esmd_buf_free(&drop);
             if (!ok)
                 goto out;
             u = PQexecParams(pg, ADM_DELETE_EMPTY, 1, NULL, params, NULL, NULL, 0);
-            if (!pg_ok(pg, u, PGRES_COMMAND_OK, err, errlen))
+            if (!pg_ok(pg, u, PGRES_COMMAND_OK, &rc, err, errlen))
                 goto out;
         }
     }
@@ -692,6 +697,7 @@ int esmd_admin_load(struct esmd_admin *adm, char *err, size_t errlen)
     res = PQexec(pg, "SELECT " ADM_OVR_COLS " FROM esmd.mapping_overrides");
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         snprintf(err, errlen, "reading esmd.mapping_overrides: %s", PQresultErrorMessage(res));
+        rc = esmd_pg_error_permanent(pg, res) ? ESMD_EINVAL : ESMD_EIO;
         goto out;
     }
     adm_take_rows(adm, res, true, SIZE_MAX);
@@ -710,7 +716,7 @@ int esmd_admin_load(struct esmd_admin *adm, char *err, size_t errlen)
                                 "CASE WHEN $2::boolean THEN 'Enabled' ELSE 'Disabled' END, "
                                 "state_transition_reason = 'User action' WHERE name = $1",
                                 2, NULL, params, NULL, NULL, 0),
-                   PGRES_COMMAND_OK, err, errlen))
+                   PGRES_COMMAND_OK, &rc, err, errlen))
             goto out;
     }
     for (size_t i = 0; i < adm->nmaps; i++)

@@ -608,7 +608,7 @@ static int write_mapping_state(void *ud, char *err, size_t errlen)
         PGresult *res = PQexecParams(pg, MAPPING_STATE_UPSERT, 6, NULL, params, NULL, NULL, 0);
         if (PQresultStatus(res) != PGRES_COMMAND_OK) {
             snprintf(err, errlen, "mapping %s: %s", m->name, PQresultErrorMessage(res));
-            rc = ESMD_EIO;
+            rc = esmd_pg_error_permanent(pg, res) ? ESMD_EINVAL : ESMD_EIO;
         }
         PQclear(res);
         if (rc)
@@ -1047,18 +1047,22 @@ static void startup_signals(void)
     sigaction(SIGHUP, &sa, NULL);
 }
 
-/* Runs one start-up step that needs the database until it succeeds. esmd never gives up on
- * start-up (docs/operations.md#start-up): the database may be down, starting, restarting or
- * shutting down, or a lock may hold a step up, and each such failure is logged and retried after
- * 1, 1, 1, then 2 seconds, for as long as it takes. A stop signal ends the wait: returns
- * ESMD_ESTATE then, ESMD_OK once the step succeeded. Every step is idempotent. */
+/* Runs one start-up step that needs the database until it succeeds. esmd does not give up on a
+ * database that is not ready (docs/operations.md#start-up): it may be down, starting, restarting
+ * or shutting down, or a lock may hold a step up, and each such failure (the step returns
+ * ESMD_EIO) is logged and retried after 1, 1, 1, then 2 seconds, for as long as it takes. An
+ * error that retrying will not mend (ESMD_EINVAL: esmd_pg_error_permanent, such as a permission
+ * refused or a migration failing) is logged and returned at once: esmd exits 1. A stop signal
+ * ends the wait: returns ESMD_ESTATE then, ESMD_OK once the step succeeded. Every step is
+ * idempotent. */
 static int startup_step(struct service *svc, const char *what,
                         int (*step)(void *ud, char *err, size_t errlen))
 {
     char err[1024];
     for (int attempt = 0; !startup_stop_signal; attempt++) {
         err[0] = '\0';
-        if (step(svc, err, sizeof(err)) == ESMD_OK) {
+        int rc = step(svc, err, sizeof(err));
+        if (rc == ESMD_OK) {
             if (attempt > 0)
                 ESMD_INFO(NULL, "%s: done after %d attempts", what, attempt + 1);
             return ESMD_OK;
@@ -1066,6 +1070,11 @@ static int startup_step(struct service *svc, const char *what,
         size_t n = strlen(err);
         while (n > 0 && (err[n - 1] == '\n' || err[n - 1] == ' '))
             err[--n] = '\0';
+        if (rc == ESMD_EINVAL) {
+            ESMD_ERROR(NULL, "%s failed: %s (an error retrying will not mend: not retried)", what,
+                       err);
+            return ESMD_EINVAL;
+        }
         ESMD_WARN(NULL, "%s: database not ready (%s); retrying", what, err);
         unsigned left = attempt < 3 ? 1 : 2;
         while (left > 0 && !startup_stop_signal)
@@ -1107,9 +1116,9 @@ static int cmd_run(int argc, char **argv)
     int exit_code = 1;
     char err[1024];
     startup_signals();
-    if (startup_step(&svc, "database migrations", apply_migrations) != ESMD_OK ||
-        startup_step(&svc, "recording the mapping state", write_mapping_state) != ESMD_OK) {
-        exit_code = 0;
+    if ((rc = startup_step(&svc, "database migrations", apply_migrations)) != ESMD_OK ||
+        (rc = startup_step(&svc, "recording the mapping state", write_mapping_state)) != ESMD_OK) {
+        exit_code = rc == ESMD_ESTATE ? 0 : 1;
         goto out;
     }
 
@@ -1195,8 +1204,8 @@ static int cmd_run(int argc, char **argv)
         ESMD_ERROR(NULL, "admin API: %s", err);
         goto out;
     }
-    if (startup_step(&svc, "reading the mapping overrides", load_overrides) != ESMD_OK) {
-        exit_code = 0;
+    if ((rc = startup_step(&svc, "reading the mapping overrides", load_overrides)) != ESMD_OK) {
+        exit_code = rc == ESMD_ESTATE ? 0 : 1;
         goto out;
     }
     if (esmd_admin_start(svc.admin, svc.http) != ESMD_OK ||

@@ -119,14 +119,32 @@ static size_t pg_version_len(const char *name)
     return strspn(name, "0123456789");
 }
 
+bool esmd_pg_error_permanent(const PGconn *conn, const PGresult *res)
+{
+    if (!res || PQstatus(conn) != CONNECTION_OK)
+        return false;
+    const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    if (!st || strlen(st) != 5)
+        return false;
+    static const char *const passing[] = {"08",    "53",    "57P",   "58",
+                                          "57014", "55P03", "40P01", "40001"};
+    for (size_t i = 0; i < ESMD_ARRAY_LEN(passing); i++)
+        if (strncmp(st, passing[i], strlen(passing[i])) == 0)
+            return false;
+    return true;
+}
+
 /* Runs sql (one or more statements); true when the last one succeeded (a file of comments only
- * is an empty query: fine). On failure, fills err with "<what>: <server message>". */
-static bool pg_exec_ok(PGconn *conn, const char *sql, const char *what, char *err, size_t errlen)
+ * is an empty query: fine). On failure, fills err with "<what>: <server message>" and sets
+ * *permanent (esmd_pg_error_permanent). */
+static bool pg_exec_ok(PGconn *conn, const char *sql, const char *what, bool *permanent, char *err,
+                       size_t errlen)
 {
     PGresult *res = PQexec(conn, sql);
     ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
     bool ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK || st == PGRES_EMPTY_QUERY;
     if (!ok) {
+        *permanent = esmd_pg_error_permanent(conn, res);
         char msg[1024];
         pg_clean(msg, sizeof(msg), res ? PQresultErrorMessage(res) : PQerrorMessage(conn));
         pg_errf(err, errlen, "%s: %s", what, msg[0] ? msg : PQresStatus(st));
@@ -147,7 +165,8 @@ static bool pg_is_applied(const PGresult *res, const char *version, size_t vlen)
 
 /* Applies one migration in its own transaction: BEGIN; sql; record it; COMMIT. On failure the
  * transaction is rolled back and err names the migration and the server's message. */
-static int pg_apply_one(PGconn *conn, const char *name, const char *sql, char *err, size_t errlen)
+static int pg_apply_one(PGconn *conn, const char *name, const char *sql, bool *permanent, char *err,
+                        size_t errlen)
 {
     char what[256];
     char version[64];
@@ -155,9 +174,9 @@ static int pg_apply_one(PGconn *conn, const char *name, const char *sql, char *e
     snprintf(version, sizeof(version), "%.*s", (int)vlen, name);
     snprintf(what, sizeof(what), "migration %s failed", name);
 
-    if (!pg_exec_ok(conn, "BEGIN", what, err, errlen))
+    if (!pg_exec_ok(conn, "BEGIN", what, permanent, err, errlen))
         return ESMD_EIO;
-    if (!pg_exec_ok(conn, sql, what, err, errlen))
+    if (!pg_exec_ok(conn, sql, what, permanent, err, errlen))
         goto fail;
     const char *params[2] = {version, name};
     PGresult *res = PQexecParams(conn,
@@ -166,6 +185,7 @@ static int pg_apply_one(PGconn *conn, const char *name, const char *sql, char *e
                                  2, NULL, params, NULL, NULL, 0);
     bool ok = res && PQresultStatus(res) == PGRES_COMMAND_OK;
     if (!ok) {
+        *permanent = esmd_pg_error_permanent(conn, res);
         char msg[1024];
         pg_clean(msg, sizeof(msg), res ? PQresultErrorMessage(res) : PQerrorMessage(conn));
         pg_errf(err, errlen, "%s: recording it in esmd.schema_migrations: %s", what, msg);
@@ -173,7 +193,7 @@ static int pg_apply_one(PGconn *conn, const char *name, const char *sql, char *e
     PQclear(res);
     if (!ok)
         goto fail;
-    if (!pg_exec_ok(conn, "COMMIT", what, err, errlen))
+    if (!pg_exec_ok(conn, "COMMIT", what, permanent, err, errlen))
         goto fail;
     return 0;
 fail:
@@ -192,7 +212,7 @@ int esmd_pg_migrate_list(const char *conninfo, const char *const *names, const c
 {
     int rc = ESMD_EIO;
     int done = 0;
-    bool locked = false;
+    bool locked = false, permanent = false;
     PGconn *conn = NULL;
     PGresult *have = NULL;
     char *desc = NULL;
@@ -248,17 +268,18 @@ int esmd_pg_migrate_list(const char *conninfo, const char *const *names, const c
     PQsetNoticeProcessor(conn, pg_notice_ignore, NULL);
 
     if (!pg_exec_ok(conn, "SELECT pg_advisory_lock(" PG_MIGRATE_LOCK_KEY ")",
-                    "migrate: taking the advisory lock", err, errlen))
+                    "migrate: taking the advisory lock", &permanent, err, errlen))
         goto out;
     locked = true;
     if (!pg_exec_ok(conn,
                     "CREATE SCHEMA IF NOT EXISTS esmd; "
                     "CREATE TABLE IF NOT EXISTS esmd.schema_migrations ("
                     "version text PRIMARY KEY, name text, applied_at timestamptz DEFAULT now())",
-                    "migrate: creating esmd.schema_migrations", err, errlen))
+                    "migrate: creating esmd.schema_migrations", &permanent, err, errlen))
         goto out;
     have = PQexec(conn, "SELECT version FROM esmd.schema_migrations");
     if (!have || PQresultStatus(have) != PGRES_TUPLES_OK) {
+        permanent = esmd_pg_error_permanent(conn, have);
         char msg[1024];
         pg_clean(msg, sizeof(msg), have ? PQresultErrorMessage(have) : PQerrorMessage(conn));
         pg_errf(err, errlen, "migrate: reading esmd.schema_migrations: %s", msg);
@@ -269,12 +290,14 @@ int esmd_pg_migrate_list(const char *conninfo, const char *const *names, const c
         size_t i = order[k];
         if (pg_is_applied(have, names[i], pg_version_len(names[i])))
             continue;
-        if (pg_apply_one(conn, names[i], sqls[i], err, errlen) != 0)
+        if (pg_apply_one(conn, names[i], sqls[i], &permanent, err, errlen) != 0)
             goto out;
         done++;
     }
     rc = 0;
 out:
+    if (rc == ESMD_EIO && permanent)
+        rc = ESMD_EINVAL;
     if (locked && PQstatus(conn) == CONNECTION_OK)
         PQclear(PQexec(conn, "SELECT pg_advisory_unlock(" PG_MIGRATE_LOCK_KEY ")"));
     PQclear(have);

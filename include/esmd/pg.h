@@ -14,7 +14,10 @@ struct esmd_pg;
 /* Applies the migrations compiled into the binary (migrations/NNNN_*.sql) that are not yet in
  * esmd.schema_migrations, in order, each in its own transaction, under a session advisory lock
  * so concurrent instances do not race. *applied (may be NULL) gets how many ran. Blocking.
- * Returns 0, or ESMD_EIO with the reason (server message and migration name) in err. */
+ * Returns 0, or with the reason (server message and migration name) in err: ESMD_EIO for a
+ * failure that may pass by itself (esmd_pg_error_permanent() false: no connection, the server
+ * starting or stopping, a lock or resource wait), ESMD_EINVAL for one that will not (a
+ * permission refused, a migration's SQL failing): start-up retries only the first kind. */
 int esmd_pg_migrate(const char *conninfo, int *applied, char *err, size_t errlen) ESMD_MUST_CHECK;
 /* As esmd_pg_migrate, with an explicit list (tests, tools): names[i] ("NNNN_what": the leading
  * digits are the version recorded) and sqls[i] (no transaction control in it), n entries, all
@@ -23,6 +26,13 @@ int esmd_pg_migrate(const char *conninfo, int *applied, char *err, size_t errlen
  * message>". ESMD_EINVAL for a nameless or unnumbered entry or two with the same version. */
 int esmd_pg_migrate_list(const char *conninfo, const char *const *names, const char *const *sqls,
                          size_t n, int *applied, char *err, size_t errlen) ESMD_MUST_CHECK;
+
+/* Whether the failed result res of a blocking query on conn is an error that retrying will not
+ * mend (docs/operations.md#start-up): the server answered with an SQLSTATE outside the classes
+ * of a connection lost or refused (08), a server starting, stopping or short of resources (53,
+ * 57P, 58), a query cancelled or timed out (57014), and a lock, deadlock or serialization
+ * conflict (55P03, 40P01, 40001). false without a result or with the connection lost. */
+bool esmd_pg_error_permanent(const PGconn *conn, const PGresult *res);
 
 /* Number of migrations compiled in, and their names ("0001_mapping_state"), for `esmd version`. */
 size_t esmd_pg_migration_count(void);

@@ -283,6 +283,27 @@ def test_stop_signal_while_waiting_for_the_database(postgres, endpoint, esmd, na
     assert "stopped by SIGTERM before start-up ended" in proc.log()
 
 
+def test_a_permanent_database_error_at_start_up_exits_1(postgres, endpoint, esmd, names):
+    """A start-up step failing for a reason retrying will not mend (a role that may not create
+    esmd's schema: permission denied, SQLSTATE 42501) ends start-up at once with exit status 1
+    and the server's message in the log; it used to be retried forever as "database not
+    ready". (Connection failures are still waited out: the tests above.)"""
+    role, db = names.mapping(), names.mapping()
+    postgres.sql('CREATE ROLE "%s" LOGIN' % role, db="postgres")
+    postgres.create_db(db)
+    cfg = {
+        "postgres": "postgresql://%s@127.0.0.1:%d/%s" % (role, postgres.port, db),
+        "admin": {"listen": "127.0.0.1:0"},
+        "functions": {"fn": {"url": endpoint.url}},
+    }
+    proc = esmd(cfg, start=False)
+    proc.start(wait=False)
+    assert proc.proc.wait(30) == 1
+    log = proc.log()
+    assert "database migrations failed" in log and "permission denied" in log, log
+    assert "database not ready" not in log
+
+
 def outbox_inserts_waiting(postgres):
     rows = postgres.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                         "AND query LIKE 'INSERT INTO esmd.outbox%'")
