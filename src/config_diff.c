@@ -7,7 +7,8 @@
  * tests check that it knows every one of the tables'.
  *
  * A mapping's source section or connection, its function, its source kind or its `logging`: a
- * restart of that mapping. Its other keys: applied in place. A function's url, timeout,
+ * restart of that mapping. Its other keys, and the source's parallelization_factor: applied in
+ * place. A function's url, timeout,
  * max_concurrency, headers: in place (new requests); its `async` block, and `postgres`, `aws`,
  * `admin` and `async_queue`: only after a restart of esmd. */
 #include "esmd/buf.h"
@@ -100,7 +101,16 @@ static void add_key(struct esmd_buf *b, const char *key)
     esmd_buf_puts(b, key);
 }
 
-/* The source section (the kind's keys) and the connections it names. */
+/* A source key applied in place rather than by a restart: the parallelization factor, which the
+ * running mapping takes as UpdateEventSourceMapping's does (each shard drains, then is re-laned;
+ * docs/design.md#lanes). */
+static bool source_key_in_place(const struct esmd_cfg_key *k)
+{
+    return !strcmp(k->name, "parallelization_factor");
+}
+
+/* The source section (the kind's keys but those applied in place) and the connections it
+ * names. */
 static bool source_same(const struct esmd_mapping_cfg *a, const struct esmd_mapping_cfg *b)
 {
     if (a->kind != b->kind)
@@ -112,6 +122,8 @@ static bool source_same(const struct esmd_mapping_cfg *a, const struct esmd_mapp
         const struct esmd_cfg_key *k = &ops->source_keys[i];
         if (k->type == ESMD_CFG_CUSTOM)
             return false; /* not comparable: restart, which is always safe */
+        if (source_key_in_place(k))
+            continue;
         if (!key_same(k, a, b))
             return false;
         if (k->type == ESMD_CFG_CONNECTION &&
@@ -152,6 +164,9 @@ static void diff_mapping(const struct esmd_mapping_cfg *a, const struct esmd_map
             same = filters_same(a, b);
         else if (!strcmp(k->name, "logging"))
             same = a->system_log_level == b->system_log_level;
+        if (!strcmp(k->name, "source") && a->kind == b->kind &&
+            a->parallelization_factor != b->parallelization_factor)
+            add_key(&keys, "source.parallelization_factor");
         if (same)
             continue;
         add_key(&keys, k->name);

@@ -14,21 +14,31 @@ of one key in order while other keys flow, commits never past the lowest unfinis
                                            every record delivered, per-key order kept
     Redis, factor 4, failures, poison key  per partition key order; a poison key holds only
                                            its own lane
+    Kafka, factor 1 -> 8 -> 3 at run time  (admin API, then a reload) with batches in flight and
+                                           records arriving: every record once, per-key order,
+                                           commits to the end, each factor in force (requests
+                                           per partition at once)
 
 The endpoint decides each request's answer from its records (a random failure, or a failure
 while it holds the poison key) and keeps, per key, the offsets in the order of their first
 delivery."""
 
 import base64
+import json
 import random
 import threading
 import time
+import urllib.request
+import uuid
 
 import pytest
+import yaml
 
 from endpoint import Response
 from kafka_tally import kafka_cfg
 from servers import wait_for
+
+import servers
 
 pytestmark = pytest.mark.kafka
 
@@ -281,4 +291,158 @@ def test_redis_key_order_and_poison_key(redis, postgres, endpoint, esmd, names, 
     group = cfg["mappings"][0]["source"]["group"]
     wait_for(lambda: redis.command("XPENDING", stream, group)[0] == 0, 30, 0.2,
              "every entry acked")
+    assert proc.stop() == 0
+
+
+# ---- the factor changed at run time with records in flight ----------------------------------
+
+
+class PartitionConcurrency(KeyOrder):
+    """KeyOrder, and a slow function that keeps, per partition, how many requests holding its
+    records are in flight at once (the most since reset_max()), and counts records delivered
+    again after a success (the function never fails here, so any second delivery is one)."""
+
+    def __init__(self, endpoint, seconds):
+        super().__init__(endpoint, kafka_key, kafka_pos)
+        self.seconds = seconds
+        self.now = {}
+        self.most = {}
+        self.again = 0
+
+    def _on_request(self, req):
+        recs = [r for lst in ((req.json or {}).get("records") or {}).values() for r in lst]
+        parts = {r["partition"] for r in recs}
+        with self.lock:
+            self.again += sum(1 for r in recs if kafka_pos(r) in self.seen)
+            for p in parts:
+                self.now[p] = self.now.get(p, 0) + 1
+                self.most[p] = max(self.most.get(p, 0), self.now[p])
+        try:
+            super()._on_request(req)
+            time.sleep(self.seconds)
+        finally:
+            with self.lock:
+                for p in parts:
+                    self.now[p] -= 1
+        return None
+
+    def in_flight(self):
+        with self.lock:
+            return sum(self.now.values())
+
+    def reset_max(self):
+        with self.lock:
+            self.most = dict(self.now)
+
+    def max_per_partition(self):
+        with self.lock:
+            return dict(self.most)
+
+
+def admin_put(proc, path, body):
+    req = urllib.request.Request(proc.admin + path, data=json.dumps(body).encode(), method="PUT",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status, json.loads(r.read().decode())
+
+
+def admin_post(proc, path):
+    req = urllib.request.Request(proc.admin + path, data=b"{}", method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.status, json.loads(r.read().decode())
+
+
+def mapping_uuid(name):
+    """The UUID the admin API gives a mapping of the file (src/api_esm.c)."""
+    return str(uuid.uuid5(uuid.UUID("5c3c8f5e-6d1a-4f0b-9a57-3e2d7b1c8e40"), name))
+
+
+def test_kafka_factor_changed_with_records_in_flight(kafka_broker, postgres, esmd, endpoint,
+                                                     names):
+    """parallelization_factor 1 -> 8 (UpdateEventSourceMapping) -> 3 (a reload of the file)
+    while batches are in flight and records keep arriving: each partition drains, then is
+    re-laned (docs/design.md#lanes). Every record is delivered once, the first deliveries of
+    each key in offset order, the group commits to the end, and each factor is in force: one
+    request per partition at a time with 1, more with 8, at most 3 with 3."""
+    parts, nkeys = 2, 32
+    topic = kafka_broker.create_topic(names.topic(), parts)
+    pc = PartitionConcurrency(endpoint, 0.1)
+    group, mapping = names.group(), names.mapping()
+    cfg = kafka_cfg(kafka_broker, topic, group, endpoint.url, mapping, batch_size=5,
+                    window="20ms")
+    cfg["mappings"][0]["source"]["parallelization_factor"] = 1
+    proc = esmd(cfg)
+
+    produced = [0]
+    stop = threading.Event()
+
+    def producer():
+        j = 0
+        while not stop.is_set():
+            recs = keyed_records(nkeys, 2, parts)
+            for r in recs:
+                r["value"] = r["value"].replace('"j":', '"round":%d,"j":' % j)
+            kafka_broker.produce(topic, records=recs)
+            produced[0] += len(recs)
+            j += 1
+            stop.wait(0.2)
+
+    th = threading.Thread(target=producer, daemon=True)
+    th.start()
+    try:
+        def relaned(n):
+            log = proc.log()
+            return all("shard %s-%d now has %d lanes" % (topic, p, n) in log
+                       for p in range(parts))
+
+        def more_delivered(n):
+            start = pc.delivered()
+            wait_for(lambda: pc.delivered() >= start + n, 90, 0.1,
+                     "%d more records delivered" % n)
+
+        more_delivered(100)
+        assert all(m == 1 for m in pc.max_per_partition().values()), pc.max_per_partition()
+
+        # 1 -> 8 through the admin API, batches in flight
+        wait_for(lambda: pc.in_flight() > 0, 30, 0.005, "a batch in flight")
+        st, body = admin_put(proc, "/2015-03-31/event-source-mappings/" + mapping_uuid(mapping),
+                             {"ParallelizationFactor": 8})
+        assert st in (200, 202) and body["ParallelizationFactor"] == 8, body
+        wait_for(lambda: relaned(8), 60, 0.1, "both partitions re-laned to 8")
+        pc.reset_max()  # what was in flight before the re-lane is done: only new lanes now
+        more_delivered(200)
+        most = pc.max_per_partition()
+        assert all(most.get(p, 0) > 1 for p in range(parts)), most
+
+        # 8 -> 3 through a reload of the file, batches in flight: applied in place
+        with open(proc.config_path) as f:
+            text = yaml.safe_load(f)
+        text["mappings"][0]["source"]["parallelization_factor"] = 3
+        wait_for(lambda: pc.in_flight() > 0, 30, 0.005, "a batch in flight")
+        with open(proc.config_path, "w") as f:
+            f.write(yaml.safe_dump(text, sort_keys=False))
+        st, ans = admin_post(proc, "/admin/reload")
+        assert st == 200 and ans["reloaded"] is True, ans
+        assert ans["mappings"]["restarted"] == [], ans
+        wait_for(lambda: relaned(3), 60, 0.1, "both partitions re-laned to 3")
+        pc.reset_max()
+        more_delivered(200)
+        most = pc.max_per_partition()
+        assert all(1 < most.get(p, 0) <= 3 for p in range(parts)), most
+    finally:
+        stop.set()
+        th.join(120)
+
+    wait_for(lambda: pc.delivered() >= produced[0], 120, 0.2,
+             "every one of %d records delivered" % produced[0])
+    assert pc.delivered() == produced[0]
+    assert pc.again == 0, "%d records delivered again after their success" % pc.again
+    pc.assert_in_order()
+    hw = kafka_broker.watermarks(topic)
+    assert sum(hw.values()) == produced[0], hw
+    wait_for(lambda: kafka_broker.committed(group, topic) == hw, 60, 0.5,
+             "the group committed to the end %s" % hw)
+    st, body = servers.http_get(proc.admin + "/admin/mappings/" + mapping)
+    assert st == 200 and json.loads(body)["parallelization_factor"] == 3, body
     assert proc.stop() == 0

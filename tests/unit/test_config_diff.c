@@ -111,6 +111,17 @@ static void test_settings_apply_in_place(void **state)
     assert_int_equal(d.mappings[1].action, ESMD_RELOAD_SAME);
     assert_int_equal(d.nrestart, 0);
     done(&d, a, b);
+    /* the source's parallelization_factor: in place (the shards are re-laned), unless another
+     * source key changed too */
+    diff((struct parts){0}, (struct parts){.ksrc = ", parallelization_factor: 4"}, &d, &a, &b);
+    assert_int_equal(d.mappings[0].action, ESMD_RELOAD_UPDATE);
+    assert_string_equal(d.mappings[0].keys, "source.parallelization_factor");
+    done(&d, a, b);
+    diff((struct parts){.ksrc = ", parallelization_factor: 4"},
+         (struct parts){.ksrc = ", parallelization_factor: 3, consumer_group: other"}, &d, &a, &b);
+    assert_int_equal(d.mappings[0].action, ESMD_RELOAD_RESTART);
+    assert_string_equal(d.mappings[0].keys, "source.parallelization_factor, source");
+    done(&d, a, b);
 }
 
 static void test_source_connection_and_function_restart_the_mapping(void **state)
