@@ -6,7 +6,7 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       build-essential cmake pkg-config \
       librdkafka-dev libpq-dev libhiredis-dev libcjson-dev libev-dev libyaml-dev \
-      libcurl4-openssl-dev libmicrohttpd-dev libavro-dev \
+      libcurl4-openssl-dev libmicrohttpd-dev libavro-dev libprotobuf-dev libprotoc-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY CMakeLists.txt ./
@@ -24,7 +24,7 @@ FROM debian:12-slim
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       librdkafka1 libpq5 libhiredis0.14 libcjson1 libev4 libyaml-0-2 libcurl4 \
-      libmicrohttpd12 libavro23 ca-certificates curl \
+      libmicrohttpd12 libavro23 libprotobuf32 libprotoc32 ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin esmd
 COPY --from=build /src/build/esmd /usr/local/bin/esmd

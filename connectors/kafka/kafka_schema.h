@@ -42,6 +42,9 @@ bool esmd_sr_frame(const void *data, size_t len, int32_t *id, const unsigned cha
  * many zigzag varints (a count of 0 stands for [0], the first message). Returns the bytes they
  * take (the message follows), or 0 when malformed; *count gets how many indexes were written. */
 size_t esmd_sr_protobuf_indexes(const unsigned char *p, size_t len, int64_t *count);
+/* The same, writing the indexes to idx[0..*count) (malformed, 0, when there are more than max). */
+size_t esmd_sr_protobuf_path(const unsigned char *p, size_t len, int64_t *idx, size_t max,
+                             size_t *count);
 
 /* A parsed schema, as cached. */
 struct esmd_sr_schema;
@@ -57,8 +60,10 @@ enum esmd_sr_format esmd_sr_schema_format(const struct esmd_sr_schema *s);
  * out. Avro: the binary encoding walked by the writer's schema (unions as their plain value,
  * bytes and fixed as strings of code points U+0000..U+00FF, as Avro's JSON encoding writes them);
  * the whole body must be used. JSON: the body must be one JSON document in UTF-8 (appended as
- * it is). Protobuf: refused. *src and *src_len get the data as written without the framing
- * (what SOURCE delivers). false with err (out is then left as it was). */
+ * it is). Protobuf: the message indexes pick the message type of the schema's file, the rest
+ * is that message (kafka_protobuf.h), rendered with protobuf's JSON mapping. *src and *src_len
+ * get the data as written after the schema id (what SOURCE delivers; for Protobuf the message
+ * indexes and the message). false with err (out is then left as it was). */
 bool esmd_sr_decode(const struct esmd_sr_schema *s, const unsigned char *body, size_t len,
                     struct esmd_buf *out, const unsigned char **src, size_t *src_len, char *err,
                     size_t errlen);

@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
-"""Schema registry through the whole path: Kafka → esmd (Avro decoded) → HTTP function, against
-the same data as plain JSON in the same run (issue 15, part 6; not a test).
+"""Schema registry through the whole path: Kafka → esmd (Avro or Protobuf decoded) → HTTP function,
+against the same data as plain JSON in the same run (issue 15, part 6; not a test).
 
 Run with the test environment's python (.venv/bin/python): the Avro records are written by the
-confluent-kafka client's real AvroSerializer, which registers the schema over HTTP with the
+confluent-kafka client's real AvroSerializer and the Protobuf records by its ProtobufSerializer
+(the message classes built at run time from a descriptor: no protoc here), which register the
+schema over HTTP with the
 registry stand-in tests/integration/schema_registry.py (no real registry can run here: see that
 file); esmd fetches the schema from it over HTTP.
 
 Broker: librdkafka's mock cluster (build/kafkatool mock), as kafka_bench.py's first series: no
-JVM sharing the two CPUs, so the figures move less from run to run. Two topics hold the same
-orders, one as Confluent-framed Avro (about 200 B a record), one as the JSON of the same values
-(what a producer without a registry would write). Each round runs esmd once on each topic (one
-mapping, a consumer group of its own, from trim_horizon) until the sink has seen every record,
-alternating which goes first; the ratio Avro / JSON of records/s is taken within each round.
+JVM sharing the two CPUs, so the figures move less from run to run. Three topics hold the same
+orders, as Confluent-framed Avro (about 200 B a record), as Confluent-framed Protobuf (the same
+fields), and as the JSON of the same values (what a producer without a registry would write).
+Each round runs esmd once on each topic (one mapping, a consumer group of its own, from
+trim_horizon) until the sink has seen every record, rotating which goes first; the ratios Avro /
+JSON and Protobuf / JSON of records/s are taken within each round.
 
     .venv/bin/python tests/bench/schema_path_bench.py [--build DIR] [--records N] [--rounds R]
 """
@@ -71,6 +74,56 @@ def make_order(r, i):
             "lines": lines, "total": round(sum(x["qty"] * x["price"] for x in lines), 2),
             "currency": "EUR", "channel": r.choice(["web", "mobile-app", "store", "phone"]),
             "note": None if r.random() < 0.7 else "leave at the door"}
+
+
+def protobuf_order_class():
+    """The Avro schema above as a proto3 message (package shop), built without protoc."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FileDescriptorProto(name="shop_order.proto", package="shop",
+                                             syntax="proto3")
+
+    def message(parent, name, fields):
+        m = parent.add(name=name)
+        for i, (fname, typ, *rest) in enumerate(fields, 1):
+            f = m.field.add(name=fname, number=i, type=typ, label=F.LABEL_OPTIONAL)
+            for r in rest:
+                if r == "repeated":
+                    f.label = F.LABEL_REPEATED
+                elif r == "optional":
+                    f.proto3_optional = True
+                    f.oneof_index = len(m.oneof_decl)
+                    m.oneof_decl.add(name="_" + fname)
+                else:
+                    f.type_name = r
+        return m
+
+    message(fdp.message_type, "Order", [
+        ("id", F.TYPE_INT64), ("created_at", F.TYPE_INT64),
+        ("status", F.TYPE_ENUM, ".shop.Status"), ("customer", F.TYPE_MESSAGE, ".shop.Customer"),
+        ("lines", F.TYPE_MESSAGE, ".shop.Line", "repeated"), ("total", F.TYPE_DOUBLE),
+        ("currency", F.TYPE_STRING), ("channel", F.TYPE_STRING),
+        ("note", F.TYPE_STRING, "optional")])
+    message(fdp.message_type, "Customer", [
+        ("id", F.TYPE_INT64), ("name", F.TYPE_STRING), ("email", F.TYPE_STRING),
+        ("street", F.TYPE_STRING), ("city", F.TYPE_STRING)])
+    message(fdp.message_type, "Line", [
+        ("sku", F.TYPE_STRING), ("qty", F.TYPE_INT32), ("price", F.TYPE_DOUBLE)])
+    e = fdp.enum_type.add(name="Status")
+    for i, n in enumerate(["NEW", "PAID", "SHIPPED", "CANCELLED"]):
+        e.value.add(name=n, number=i)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("shop.Order"))
+
+
+def to_protobuf(cls, o):
+    m = cls(id=o["id"], created_at=o["created_at"], status=o["status"], total=o["total"],
+            currency=o["currency"], channel=o["channel"], customer=o["customer"],
+            lines=o["lines"])
+    if o["note"] is not None:
+        m.note = o["note"]
+    return m
 
 
 def parse_args():
@@ -153,6 +206,7 @@ def main():
     a = parse_args()
     from confluent_kafka.schema_registry import SchemaRegistryClient
     from confluent_kafka.schema_registry.avro import AvroSerializer
+    from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
     from confluent_kafka.serialization import MessageField, SerializationContext
 
     tools = bl.find_tools(a.build, ["kafkatool", "sink", "esmd"], "schema_path_bench")
@@ -192,11 +246,12 @@ def main():
 
         rounds = []
         for n in range(a.rounds):
-            order_ = ["json", "avro"] if n % 2 == 0 else ["avro", "json"]
+            topics = ["json", "avro", "protobuf"]
+            order_ = topics[n % 3:] + topics[:n % 3]
             res = {}
             for topic in order_:
                 res[topic] = one_run(a, tools, tmp, pg, bootstrap, sink_port, topic,
-                                     registry.url if topic == "avro" else None, n)
+                                     registry.url if topic != "json" else None, n)
                 log("round %d %s: %.0f records/s" % (n + 1, topic, res[topic]["esmd_rate"]))
             rounds.append(res)
         fetches = registry.all_fetches()
@@ -210,24 +265,30 @@ def main():
 
     print()
     print("Kafka (librdkafka mock cluster, %d partitions) -> esmd -> sink; %d records per topic;"
-          " Avro %.0f B framed, the same values as JSON %.0f B; batch_size %d, max_concurrency"
-          " %d; %d CPUs" % (a.partitions, a.records, sizes["avro"], sizes["json"], a.batch_size,
-                            a.concurrency, os.cpu_count()))
+          " Avro %.0f B framed, Protobuf %.0f B framed, the same values as JSON %.0f B;"
+          " batch_size %d, max_concurrency %d; %d CPUs" % (
+              a.partitions, a.records, sizes["avro"], sizes["protobuf"], sizes["json"],
+              a.batch_size, a.concurrency, os.cpu_count()))
     print("schema fetches per id: %s" % fetches)
     print()
-    print("| round | JSON records/s | Avro records/s | Avro / JSON | esmd CPU µs/record: JSON |"
-          " Avro |")
-    print("|---|---|---|---|---|---|")
-    ratios = []
+    print("| round | JSON records/s | Avro records/s | Protobuf records/s | Avro / JSON |"
+          " Protobuf / JSON | esmd CPU µs/record: JSON | Avro | Protobuf |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ratios, pratios = [], []
     for n, res in enumerate(rounds, 1):
         ratio = res["avro"]["esmd_rate"] / res["json"]["esmd_rate"]
+        pratio = res["protobuf"]["esmd_rate"] / res["json"]["esmd_rate"]
         ratios.append(ratio)
-        print("| %d | %s | %s | %.2f | %.1f | %.1f |" % (
+        pratios.append(pratio)
+        print("| %d | %s | %s | %s | %.2f | %.2f | %.1f | %.1f | %.1f |" % (
             n, "{:,.0f}".format(res["json"]["esmd_rate"]),
-            "{:,.0f}".format(res["avro"]["esmd_rate"]), ratio,
-            1e6 * res["json"]["cpu"] / a.records, 1e6 * res["avro"]["cpu"] / a.records))
+            "{:,.0f}".format(res["avro"]["esmd_rate"]),
+            "{:,.0f}".format(res["protobuf"]["esmd_rate"]), ratio, pratio,
+            1e6 * res["json"]["cpu"] / a.records, 1e6 * res["avro"]["cpu"] / a.records,
+            1e6 * res["protobuf"]["cpu"] / a.records))
     print()
-    print("median Avro / JSON: %.2f (target: at least 0.50)" % statistics.median(ratios))
+    print("median Avro / JSON: %.2f, Protobuf / JSON: %.2f (target: at least 0.50)" % (
+        statistics.median(ratios), statistics.median(pratios)))
     return 0
 
 

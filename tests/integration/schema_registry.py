@@ -14,22 +14,31 @@ The subset of Confluent's REST API those two use (docs/kafka.md, "Schema registr
     POST /subjects/{subject}/versions      register; the same schema again keeps its id
                                            -> {"id": N, "subject", "version", "schema", ...}
     POST /subjects/{subject}               look a schema up -> the same shape, or 40403
-    GET  /schemas/ids/{id}                 {"schema": "...", "schemaType": "JSON"|"PROTOBUF"}
+    GET  /schemas/ids/{id}[?format=...]    {"schema": "...", "schemaType": "JSON"|"PROTOBUF"}
                                            (no schemaType for Avro, as Confluent answers)
                                            or 404 {"error_code": 40403, "message": ...}
     GET  /subjects, /subjects/{s}/versions, /subjects/{s}/versions/{n|latest}
     GET  /config, PUT /config[/{s}]        {"compatibilityLevel": "BACKWARD"} (no checks made)
+
+Protobuf schemas, as Confluent's registry keeps them: one registered as the base64 of a serialized
+FileDescriptorProto (what ProtobufSerializer sends) is stored as .proto text (proto_text.py) and
+answered as text; `?format=serialized` answers the base64 instead (only for schemas registered
+so: the stand-in has no .proto parser). .protobuf_text = False makes it answer the base64 form
+by default, as a registry that keeps what it was given would.
 
 Ids are global and start at 1, as Confluent's. Registry(port=0) picks a free loopback port;
 .stop() closes the socket (clients get "connection refused"), .start() listens again on the
 same port with the same schemas. .fetches(id) counts the GET /schemas/ids/{id} requests.
 """
 
+import base64
 import http.server
 import json
 import re
 import threading
 import urllib.parse
+
+import proto_text
 
 
 def _error(status, code, message):
@@ -40,10 +49,12 @@ class Registry:
     def __init__(self, host="127.0.0.1", port=0):
         self.host = host
         self.port = port
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # _shape and _norm run with it held, and take it
         self.schemas = {}      # id -> {"schema": text, "schemaType": t, "references": [...]}
         self.subjects = {}     # subject -> [id of version 1, id of version 2, ...]
         self.fetch_counts = {}  # id -> GET /schemas/ids/{id} requests
+        self.serialized = {}   # Protobuf schema text -> the base64 it was registered as
+        self.protobuf_text = True
         self.requests = []     # (method, path) of every request
         self.server = None
         self.thread = None
@@ -101,11 +112,36 @@ class Registry:
 
     # ---- the API -------------------------------------------------------------------------
 
-    @staticmethod
-    def _norm(body):
-        return {"schema": body.get("schema", ""),
-                "schemaType": (body.get("schemaType") or "AVRO").upper(),
-                "references": body.get("references") or []}
+    def _norm(self, body):
+        s = {"schema": body.get("schema", ""),
+             "schemaType": (body.get("schemaType") or "AVRO").upper(),
+             "references": body.get("references") or []}
+        if s["schemaType"] == "PROTOBUF":
+            s["schema"] = self._protobuf_text(s["schema"])
+        return s
+
+    def _protobuf_text(self, schema):
+        """base64 of a FileDescriptorProto -> .proto text (Confluent stores text); text as is."""
+        from google.protobuf import descriptor_pb2
+        try:
+            raw = base64.b64decode(schema, validate=True)
+            fdp = descriptor_pb2.FileDescriptorProto.FromString(raw)
+            text = proto_text.to_text(fdp)
+        except Exception:  # not base64, not a descriptor, or not something to_text writes
+            return schema
+        with self.lock:
+            self.serialized[text] = schema
+        return text
+
+    def _schema_text(self, s, query):
+        """The schema as GET answers it: Protobuf as text, or base64 with ?format=serialized."""
+        if s["schemaType"] != "PROTOBUF":
+            return s["schema"]
+        fmt = urllib.parse.parse_qs(query).get("format", [""])[0]
+        if fmt == "serialized" or not self.protobuf_text:
+            with self.lock:
+                return self.serialized.get(s["schema"], s["schema"])
+        return s["schema"]
 
     def _find(self, subject, s):
         for version, sid in enumerate(self.subjects.get(subject, []), 1):
@@ -126,9 +162,10 @@ class Registry:
                 version = len(self.subjects[subject])
             return sid, version
 
-    def _shape(self, subject, version, sid):
+    def _shape(self, subject, version, sid, query=""):
         s = self.schemas[sid]
-        out = {"subject": subject, "version": version, "id": sid, "schema": s["schema"]}
+        out = {"subject": subject, "version": version, "id": sid,
+               "schema": self._schema_text(s, query)}
         if s["schemaType"] != "AVRO":
             out["schemaType"] = s["schemaType"]
         if s["references"]:
@@ -139,7 +176,8 @@ class Registry:
         """-> (status, JSON body)."""
         with self.lock:
             self.requests.append((method, path))
-        parts = [urllib.parse.unquote(p) for p in path.split("?", 1)[0].strip("/").split("/")]
+        path, _, query = path.partition("?")
+        parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
         if method == "GET" and len(parts) == 3 and parts[:2] == ["schemas", "ids"]:
             try:
                 sid = int(parts[2])
@@ -150,21 +188,21 @@ class Registry:
                 s = self.schemas.get(sid)
             if s is None:
                 return _error(404, 40403, "Schema %d not found" % sid)
-            out = {"schema": s["schema"]}
+            out = {"schema": self._schema_text(s, query)}
             if s["schemaType"] != "AVRO":
                 out["schemaType"] = s["schemaType"]
             if s["references"]:
                 out["references"] = s["references"]
             return 200, out
         if parts[0] == "subjects":
-            return self._subjects(method, parts[1:], body)
+            return self._subjects(method, parts[1:], body, query)
         if parts[0] == "config":
             return 200, {"compatibilityLevel": "BACKWARD"}
         if parts == ["schemas", "types"]:
             return 200, ["AVRO", "JSON", "PROTOBUF"]
         return _error(404, 404, "HTTP 404 Not Found")
 
-    def _subjects(self, method, rest, body):
+    def _subjects(self, method, rest, body, query=""):
         if not rest:
             with self.lock:
                 return 200, sorted(self.subjects)
@@ -197,7 +235,7 @@ class Registry:
                         re.fullmatch(r"[0-9]+", rest[2]) else 0
                     if not 1 <= n <= len(ids):
                         return _error(404, 40402, "Version %s not found." % rest[2])
-                    return 200, self._shape(subject, n, ids[n - 1])
+                    return 200, self._shape(subject, n, ids[n - 1], query)
         return _error(404, 404, "HTTP 404 Not Found")
 
 

@@ -181,11 +181,114 @@ static void test_json_and_protobuf(void **state)
     assert_null(decode(s, "{\"a\":", 5, err));
     assert_null(decode(s, "\"\xff\"", 3, err));
     esmd_sr_schema_free(s);
-    assert_null(esmd_sr_schema_new(ESMD_SR_PROTOBUF, "syntax = \"proto3\";", 18, err, sizeof(err)));
-    assert_non_null(strstr(err, "Protobuf"));
     assert_string_equal(esmd_sr_format_name(ESMD_SR_AVRO), "AVRO");
     assert_string_equal(esmd_sr_format_name(ESMD_SR_JSON), "JSON");
     assert_string_equal(esmd_sr_format_name(ESMD_SR_PROTOBUF), "PROTOBUF");
+}
+
+#define PING_PROTO                                                                                 \
+    "syntax = \"proto3\";\npackage t;\nimport \"google/protobuf/timestamp.proto\";\n"              \
+    "message Ping { int64 id = 1; string text = 2; Kind kind = 3;\n"                               \
+    "  google.protobuf.Timestamp at = 4; repeated Ping kids = 5;\n"                                \
+    "  message Inner { string a_b = 1; } Inner inner = 6; }\n"                                     \
+    "enum Kind { K0 = 0; K1 = 1; }\n"                                                              \
+    "message Other { bool ok = 1; }\n"
+
+/* Protobuf (connectors/kafka/kafka_protobuf.cc): .proto text with a well-known import, the
+ * message indexes picking a nested type, the JSON mapping, and what is refused. */
+static void test_protobuf(void **state)
+{
+    (void)state;
+    char err[256];
+    struct esmd_sr_schema *s =
+        esmd_sr_schema_new(ESMD_SR_PROTOBUF, PING_PROTO, strlen(PING_PROTO), err, sizeof(err));
+    if (!s)
+        fail_msg("%s", err);
+    /* [0] (one 0 byte): Ping {id 7, text "hé", kind K1, at 1s, kids [{id 1}], inner {a_b "x"}} */
+    static const unsigned char ping[] = {0x00, 0x08, 0x07, 0x12, 0x03, 'h',  0xc3, 0xa9,
+                                         0x18, 0x01, 0x22, 0x02, 0x08, 0x01, 0x2a, 0x02,
+                                         0x08, 0x01, 0x32, 0x03, 0x0a, 0x01, 'x'};
+    char *json = decode(s, ping, sizeof(ping), err);
+    assert_non_null(json);
+    assert_string_equal(json, "{\"id\":\"7\",\"text\":\"h\xc3\xa9\",\"kind\":\"K1\","
+                              "\"at\":\"1970-01-01T00:00:01Z\",\"kids\":[{\"id\":\"1\"}],"
+                              "\"inner\":{\"aB\":\"x\"}}");
+    free(json);
+    /* [0, 0]: count 2 (zigzag 4), 0, 0 -> t.Ping.Inner; [1] -> t.Other */
+    static const unsigned char inner[] = {0x04, 0x00, 0x00, 0x0a, 0x01, 'y'};
+    json = decode(s, inner, sizeof(inner), err);
+    assert_string_equal(json, "{\"aB\":\"y\"}");
+    free(json);
+    static const unsigned char other[] = {0x02, 0x02, 0x08, 0x01};
+    json = decode(s, other, sizeof(other), err);
+    assert_string_equal(json, "{\"ok\":true}");
+    free(json);
+    /* an empty message: {} */
+    json = decode(s, "\0", 1, err);
+    assert_string_equal(json, "{}");
+    free(json);
+    /* refused: an index past the types, data cut short, a field the type lacks, bad UTF-8, a
+     * group end at the top, indexes malformed */
+    static const unsigned char bad_index[] = {0x02, 0x06, 0x08, 0x01};
+    assert_null(decode(s, bad_index, sizeof(bad_index), err));
+    assert_non_null(strstr(err, "message index 3"));
+    assert_null(decode(s, ping, sizeof(ping) - 2, err));
+    assert_non_null(strstr(err, "not a Protobuf t.Ping"));
+    static const unsigned char unknown[] = {0x00, 0x78, 0x01};
+    assert_null(decode(s, unknown, sizeof(unknown), err));
+    assert_non_null(strstr(err, "field 15 of t.Ping is not in the schema"));
+    static const unsigned char utf8[] = {0x00, 0x12, 0x01, 0xff};
+    assert_null(decode(s, utf8, sizeof(utf8), err));
+    static const unsigned char group_end[] = {0x00, 0x0c};
+    assert_null(decode(s, group_end, sizeof(group_end), err));
+    static const unsigned char cut_index[] = {0x04, 0x00};
+    assert_null(decode(s, cut_index, sizeof(cut_index), err));
+    assert_non_null(strstr(err, "message indexes"));
+    /* nesting past the limit: kids within kids, 70 deep */
+    unsigned char deep[1 + 2 * 70];
+    deep[0] = 0;
+    for (int i = 0; i < 70; i++) {
+        deep[1 + 2 * i] = 0x2a;
+        deep[2 + 2 * i] = (unsigned char)(2 * (69 - i));
+    }
+    assert_null(decode(s, deep, sizeof(deep), err));
+    assert_non_null(strstr(err, "nesting deeper"));
+    esmd_sr_schema_free(s);
+
+    /* the base64 of a serialized FileDescriptorProto: {name: "p.proto", message_type: [{name:
+     * "P", field: [{name: "n", number: 1, label: OPTIONAL, type: INT32}]}], syntax: "proto3"} */
+    static const unsigned char fdp[] = {0x0a, 0x07, 0x70, 0x2e, 0x70, 0x72, 0x6f, 0x74, 0x6f,
+                                        0x22, 0x0e, 0x0a, 0x01, 0x50, 0x12, 0x09, 0x0a, 0x01,
+                                        0x6e, 0x18, 0x01, 0x20, 0x01, 0x28, 0x05, 0x62, 0x06,
+                                        0x70, 0x72, 0x6f, 0x74, 0x6f, 0x33};
+    struct esmd_buf b64 = ESMD_BUF_INIT;
+    esmd_buf_put_base64(&b64, fdp, sizeof(fdp));
+    s = esmd_sr_schema_new(ESMD_SR_PROTOBUF, b64.data, b64.len, err, sizeof(err));
+    esmd_buf_free(&b64);
+    if (!s)
+        fail_msg("%s", err);
+    static const unsigned char p[] = {0x00, 0x08, 0x96, 0x01};
+    json = decode(s, p, sizeof(p), err);
+    assert_string_equal(json, "{\"n\":150}");
+    free(json);
+    esmd_sr_schema_free(s);
+
+    /* schemas that cannot be used: syntax errors (with the line), an import not given, no
+     * message, an undefined type */
+    const char *bad[] = {"syntax = \"proto3\";\nmessage A { int32 x = ; }",
+                         "syntax = \"proto3\"; import \"other.proto\"; message A { B b = 1; }",
+                         "syntax = \"proto3\";",
+                         "syntax = \"proto3\"; message A { Nope n = 1; }",
+                         "",
+                         "QUJD"};
+    const char *want[] = {"line 2:", "other.proto",     "no message type",
+                          "Nope",    "no message type", "cannot be used"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        err[0] = '\0';
+        assert_null(esmd_sr_schema_new(ESMD_SR_PROTOBUF, bad[i], strlen(bad[i]), err, sizeof(err)));
+        if (!strstr(err, want[i]))
+            fail_msg("schema %zu: %s", i, err);
+    }
 }
 
 /* keySchemaMetadata / valueSchemaMetadata: written after the headers, counted exactly. */
@@ -230,6 +333,7 @@ int main(void)
         cmocka_unit_test(test_frame),
         cmocka_unit_test(test_avro),
         cmocka_unit_test(test_json_and_protobuf),
+        cmocka_unit_test(test_protobuf),
         cmocka_unit_test(test_encoder_metadata),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
