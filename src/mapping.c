@@ -1287,13 +1287,19 @@ void esmd_mapping_free(struct esmd_mapping *map)
         }
     }
     /* Every record is back with the connector now, which destroy() relies on (librdkafka's
-     * destroy waits for every message). A record still out is a bug here: the connector is left
-     * behind rather than hang or free what the record points to. */
-    if (map->nheld == 0)
+     * destroy waits for every message). A record still out is a bug here: a connector that
+     * cannot be destroyed with records out is detached (its watchers stopped, nothing calls
+     * into this freed mapping) and left behind rather than hang or free what the record points
+     * to. */
+    if (map->nheld == 0 || !map->ops->detach) {
+        if (map->nheld > 0)
+            ESMD_ERROR(&map->log, "%zu records not released (bug)", map->nheld);
         map->ops->destroy(map->conn);
-    else
-        ESMD_ERROR(&map->log, "%zu records not released: source connector not destroyed (bug)",
+    } else {
+        ESMD_ERROR(&map->log, "%zu records not released: source connector detached (bug)",
                    map->nheld);
+        map->ops->detach(map->conn);
+    }
     free_filters(map);
     set_patterns(map, NULL, 0);
     free(map->on_failure);

@@ -1455,11 +1455,11 @@ static void kafka_free(struct esmd_kafka *kc)
     free(kc);
 }
 
-static void kafka_destroy(void *c)
+/* Stops every watcher on the loop: the queues' wake-ups, the timers, the schema registry's
+ * requests; nothing calls the host afterwards. */
+static void kafka_detach(void *c)
 {
     struct esmd_kafka *kc = c;
-    if (!kc)
-        return;
     if (kc->watchers_init) {
         struct ev_loop *loop = kc->host->loop;
         ev_timer_stop(loop, &kc->kick);
@@ -1469,6 +1469,16 @@ static void kafka_destroy(void *c)
         ev_timer_stop(loop, &kc->status_tm);
     }
     esmd_kafka_wake_stop(&kc->wake, kc->rkqu, kc->closeq);
+    esmd_sr_free(kc->sr);
+    kc->sr = NULL;
+}
+
+static void kafka_destroy(void *c)
+{
+    struct esmd_kafka *kc = c;
+    if (!kc)
+        return;
+    kafka_detach(kc);
     kafka_free(kc);
 }
 
@@ -1526,5 +1536,6 @@ const struct esmd_connector_ops esmd_connector_kafka = {
     .trace = kafka_trace,
     .stop = kafka_stop,
     .destroy = kafka_destroy,
+    .detach = kafka_detach,
     .stats = kafka_stats,
 };

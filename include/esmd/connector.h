@@ -141,6 +141,11 @@ struct esmd_connector_ops {
      * and calls it only once every one of them is released, so a connector keeps no count of
      * its own (librdkafka's destroy, for one, waits for every message). */
     void (*destroy)(void *c);
+    /* Optional: the host goes away with records of the connector still out (a bug in the core:
+     * they are never released). Stops every watcher, so that nothing calls the host again; the
+     * connector is then left allocated. Without it the host calls destroy() even so (a
+     * connector whose records do not hold it up). */
+    void (*detach)(void *c);
     void (*stats)(void *c, struct esmd_connector_stats *st);
 };
 

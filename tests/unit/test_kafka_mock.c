@@ -690,6 +690,27 @@ static void test_destroy_without_stop(void **state)
     fake_free(&f);
 }
 
+/* detach (connector.h: the host goes away with records out): nothing reaches the host
+ * afterwards, though the topic has more; destroy still works once the records are back. */
+static void test_detach_with_records_out(void **state)
+{
+    const char *topic = "detach";
+    topic_create(topic);
+    produce(topic, 0, 20);
+    struct fake f;
+    fake_init(&f, topic);
+    struct test_cfg tc;
+    test_cfg_init(&tc, topic, "g-detach", ESMD_START_TRIM_HORIZON, NULL);
+    fake_start(&f, &tc);
+    wait_total(&f, 20);
+    ops->detach(f.conn);
+    produce(topic, 20, 20);
+    size_t more = 21;
+    assert_false(run_until(&f, total_at_least, &more, 3.0));
+    assert_int_equal(f.total, 20);
+    fake_free(&f);
+}
+
 static bool is_ready(struct fake *f, void *arg)
 {
     return f->ready == *(bool *)arg;
@@ -766,6 +787,7 @@ int main(void)
         cmocka_unit_test(test_at_timestamp),
         cmocka_unit_test(test_many),
         cmocka_unit_test(test_destroy_without_stop),
+        cmocka_unit_test(test_detach_with_records_out),
         cmocka_unit_test(test_broker_outage), /* last: it takes the cluster down for a while */
     };
     return cmocka_run_group_tests(tests, cluster_setup, cluster_teardown);
