@@ -718,7 +718,13 @@ static void on_retired(struct ev_loop *loop, ev_timer *w, int revents)
     ESMD_UNUSED(loop);
     ESMD_UNUSED(revents);
     retiring_unlink(r);
+    /* a removed mapping's series leave /metrics (docs/metrics.md); a restarted one's go on */
+    char *removed = r->next ? NULL : esmd_xstrdup(esmd_mapping_name(r->map));
     esmd_mapping_free(r->map);
+    if (removed) {
+        esmd_metrics_hide("mapping", removed);
+        free(removed);
+    }
     if (r->next && !svc->stopping) {
         struct esmd_mapping *map = mapping_create(svc, r->next);
         for (size_t i = 0; map && i < svc->nmaps; i++)

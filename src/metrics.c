@@ -25,6 +25,7 @@ struct esmd_series {
     uint64_t buckets[ESMD_NBUCKETS + 1];
     uint64_t count;
     double sum;
+    bool hidden; /* esmd_metrics_hide: not rendered until looked up or updated again */
 };
 
 struct esmd_metric {
@@ -91,8 +92,10 @@ struct esmd_series *esmd_series(struct esmd_metric *m, const char *labels)
     h = metrics_hash(labels);
     for (size_t i = 0; i < m->nseries; i++) {
         s = m->series[i];
-        if (s->hash == h && strcmp(s->labels, labels) == 0)
+        if (s->hash == h && strcmp(s->labels, labels) == 0) {
+            s->hidden = false;
             return s;
+        }
     }
     if (m->nseries == m->cap) {
         m->cap = m->cap ? m->cap * 2 : 8;
@@ -145,6 +148,7 @@ void esmd_series_inc(struct esmd_series *s, double v)
     if (s == NULL || s->m->type == ESMD_HISTOGRAM)
         return;
     s->value += v;
+    s->hidden = false;
 }
 
 void esmd_series_set(struct esmd_series *s, double v)
@@ -152,6 +156,7 @@ void esmd_series_set(struct esmd_series *s, double v)
     if (s == NULL || s->m->type == ESMD_HISTOGRAM)
         return;
     s->value = v;
+    s->hidden = false;
 }
 
 void esmd_series_observe(struct esmd_series *s, double v)
@@ -166,6 +171,7 @@ void esmd_series_observe(struct esmd_series *s, double v)
     s->buckets[i]++;
     s->count++;
     s->sum += v;
+    s->hidden = false;
 }
 
 double esmd_series_value(const struct esmd_series *s)
@@ -262,12 +268,46 @@ static const char *metrics_type_name(enum esmd_metric_type t)
     return "untyped";
 }
 
+/* Whether labels (escaped, `a="x",b="y"`) hold the pair `pair` (`name="value"`, escaped the
+ * same way): at the start or after a comma, and ending there or before a comma. An escaped
+ * value cannot contain a pair's opening `name="` (its quotes are escaped). */
+static bool labels_hold(const char *labels, const char *pair, size_t len)
+{
+    for (const char *p = labels; (p = strstr(p, pair)) != NULL; p++)
+        if ((p == labels || p[-1] == ',') && (p[len] == '\0' || p[len] == ','))
+            return true;
+    return false;
+}
+
+size_t esmd_metrics_hide(const char *name, const char *value)
+{
+    struct esmd_buf pair = ESMD_BUF_INIT;
+    size_t n = 0;
+
+    esmd_metric_labels(&pair, name, value, NULL);
+    for (size_t i = 0; pair.len > 0 && i < esmd_registry.n; i++) {
+        const struct esmd_metric *m = esmd_registry.items[i];
+        for (size_t j = 0; j < m->nseries; j++) {
+            struct esmd_series *s = m->series[j];
+            if (!s->hidden && labels_hold(s->labels, esmd_buf_cstr(&pair), pair.len)) {
+                s->hidden = true;
+                n++;
+            }
+        }
+    }
+    esmd_buf_free(&pair);
+    return n;
+}
+
 void esmd_metrics_render(struct esmd_buf *out)
 {
     for (size_t i = 0; i < esmd_registry.n; i++) {
         const struct esmd_metric *m = esmd_registry.items[i];
+        size_t shown = 0;
 
-        if (m->nseries == 0)
+        for (size_t j = 0; j < m->nseries; j++)
+            shown += !m->series[j]->hidden;
+        if (shown == 0)
             continue;
         esmd_buf_puts(out, "# HELP ");
         esmd_buf_puts(out, m->name);
@@ -281,6 +321,8 @@ void esmd_metrics_render(struct esmd_buf *out)
         for (size_t j = 0; j < m->nseries; j++) {
             const struct esmd_series *s = m->series[j];
 
+            if (s->hidden)
+                continue;
             if (m->type == ESMD_HISTOGRAM) {
                 metrics_render_histogram(out, m, s);
                 continue;

@@ -33,6 +33,14 @@ double esmd_series_value(const struct esmd_series *s);     /* histograms: observ
  * Over the last bound, that bound. NULL series are skipped. */
 double esmd_histogram_quantile(const struct esmd_series *const *s, size_t n, double q);
 
+/* Takes out of the exposition every series whose labels hold name="value" (a mapping a reload
+ * removed: its series leave /metrics rather than stay frozen at their last values, a gauge
+ * such as esmd_inflight_batches too). Handles stay valid (nothing is freed: users may still
+ * hold them), and a series shows again, with its values, once it is looked up again
+ * (esmd_series) or updated: the same mapping added back goes on from there. Returns how many
+ * series it hid. */
+size_t esmd_metrics_hide(const char *name, const char *value);
+
 /* Appends the Prometheus text exposition (0.0.4) of every family that has a series to out,
  * families and series in creation order. */
 void esmd_metrics_render(struct esmd_buf *out);

@@ -147,7 +147,8 @@ def test_mapping_on_failure_destination_series_follows_the_override(esmd, kafka_
 
 def test_mapping_on_failure_series_after_reloads(esmd, kafka_mock, names):
     """A reload that restarts a mapping on a new source and destination leaves the old
-    destination at 0 and the new at 1; one that removes the mapping leaves no 1."""
+    destination at 0 and the new at 1; one that removes the mapping takes every series of it
+    out of /metrics (they used to stay, frozen at their last values)."""
     topics = [names.topic(), names.topic()]
     for t in topics:
         kafka_mock.create_topic(t, 1)
@@ -177,9 +178,10 @@ def test_mapping_on_failure_series_after_reloads(esmd, kafka_mock, names):
     wait(lambda: proc.metrics().get("esmd_mapping_on_failure", mapping=name,
                                     destination="pgqueue://second") == 1, 30, "the new mapping")
     assert proc.metrics().get("esmd_mapping_on_failure", destination="pgqueue://first") == 0
+    assert [n for n, ls, _ in proc.metrics() if ls.get("mapping") == name]
     reload(config(topics[1], None, with_mapping=False))
-    wait(lambda: proc.metrics().get("esmd_mapping_on_failure", mapping=name) == 0, 30,
-         "the removed mapping's destination at 0")
+    wait(lambda: not [n for n, ls, _ in proc.metrics() if ls.get("mapping") == name], 30,
+         "the removed mapping's series gone")
 
 
 # ---- the alerting rules and the Prometheus configuration --------------------------------------

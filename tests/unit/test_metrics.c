@@ -157,6 +157,46 @@ static void test_histogram_quantile(void **state)
     assert_float_equal(esmd_histogram_quantile(both + 1, 1, 1.0), 60, 1e-9);
 }
 
+/* A removed mapping's series leave the exposition (every family, only that mapping: not a
+ * mapping whose name merely contains it, nor one whose other label holds it), and come back
+ * with their values once looked up or updated again. */
+static void test_hide(void **state)
+{
+    struct esmd_metric *c = esmd_metric(ESMD_COUNTER, "t_total", "T.");
+    struct esmd_metric *g = esmd_metric(ESMD_GAUGE, "t_gauge", "G.");
+    struct esmd_metric *h = esmd_metric(ESMD_HISTOGRAM, "t_seconds", "H.");
+    struct esmd_buf out = ESMD_BUF_INIT;
+
+    (void)state;
+    struct esmd_series *gone = esmd_series(c, "function=\"f\",mapping=\"m1\"");
+    struct esmd_series *gauge = esmd_series(g, "mapping=\"m1\"");
+    esmd_series_observe(esmd_series(h, "mapping=\"m1\",function=\"f\""), 0.1);
+    esmd_series_inc(gone, 3);
+    esmd_series_set(gauge, 7);
+    esmd_series_inc(esmd_series(c, "function=\"f\",mapping=\"m10\""), 1);
+    esmd_series_inc(esmd_series(c, "function=\"mapping=\\\"m1\\\"\""), 1);
+    assert_int_equal(esmd_metrics_hide("mapping", "m1"), 3);
+    assert_int_equal(esmd_metrics_hide("mapping", "m1"), 0); /* already hidden */
+    esmd_metrics_render(&out);
+    const char *text = esmd_buf_cstr(&out);
+    assert_null(strstr(text, "mapping=\"m1\"}"));
+    assert_null(strstr(text, "mapping=\"m1\","));
+    assert_null(strstr(text, "t_gauge")); /* no series left: no HELP or TYPE either */
+    assert_null(strstr(text, "t_seconds"));
+    assert_non_null(strstr(text, "t_total{function=\"f\",mapping=\"m10\"} 1\n"));
+    assert_non_null(strstr(text, "t_total{function=\"mapping=\\\"m1\\\"\"} 1\n"));
+    /* back: updated, or looked up again (the mapping added back) */
+    esmd_series_inc(gone, 1);
+    assert_ptr_equal(esmd_series(g, "mapping=\"m1\""), gauge);
+    esmd_buf_reset(&out);
+    esmd_metrics_render(&out);
+    text = esmd_buf_cstr(&out);
+    assert_non_null(strstr(text, "t_total{function=\"f\",mapping=\"m1\"} 4\n"));
+    assert_non_null(strstr(text, "t_gauge{mapping=\"m1\"} 7\n"));
+    assert_null(strstr(text, "t_seconds"));
+    esmd_buf_free(&out);
+}
+
 static void test_reset(void **state)
 {
     struct esmd_buf out = ESMD_BUF_INIT;
@@ -176,6 +216,7 @@ int main(void)
         cmocka_unit_test_teardown(test_counter_gauge_render, teardown),
         cmocka_unit_test_teardown(test_histogram_render, teardown),
         cmocka_unit_test_teardown(test_histogram_quantile, teardown),
+        cmocka_unit_test_teardown(test_hide, teardown),
         cmocka_unit_test_teardown(test_reset, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
