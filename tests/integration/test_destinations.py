@@ -256,6 +256,28 @@ def test_dest_unreachable_retried_with_backoff_without_blocking_others(postgres,
     assert got == [0, 1, 2]
 
 
+def test_dest_pending_counts_through_the_index_up_to_100000(postgres, tools, request):
+    """esmd_destination_pending counts each destination's rows up to 100,000 (a deeper backlog
+    shows 100000: the count walks the outbox_due index, it used to count every row of the table
+    every 5 s), every destination in the table, those of no process here too."""
+    url, db = _db(postgres, request)
+    t = tools({"postgres": url}, ["--timeout", "120"]).start()
+    t.wait_line("committed 0")
+    bulk, few = "http://127.0.0.1:1/bulk", "http://127.0.0.1:1/few"
+    postgres.sql("INSERT INTO esmd.outbox (destination, payload, next_attempt_at) "
+                 "SELECT CASE WHEN i <= 100005 THEN '%s' ELSE '%s' END, '{}', "
+                 "now() + interval '1 day' FROM generate_series(1, 100007) i" % (bulk, few), db=db)
+    servers.wait_for(lambda: t.metrics().get("esmd_destination_pending", destination=few) == 2,
+                     20, 0.2, "the count of the rows inserted")
+    m = t.metrics()
+    assert m.get("esmd_destination_pending", destination=bulk) == 100000
+    assert t.state()["detail"][bulk]["pending"] == 100000
+    postgres.sql("DELETE FROM esmd.outbox WHERE id % 2 = 0", db=db)
+    servers.wait_for(lambda: t.metrics().get("esmd_destination_pending", destination=bulk)
+                     == 50003, 20, 0.2, "the count after half the rows went")
+    assert t.stop() == 0
+
+
 def test_dest_kafka_broker_down_retried(postgres, tools, request):
     """A Kafka destination whose cluster is unreachable: failures, then delivery once up."""
     url, db = _db(postgres, request)
