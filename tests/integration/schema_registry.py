@@ -1,11 +1,11 @@
 """A small Confluent-compatible schema registry for the tests (tests/integration/
 test_schema_registry.py, tests/bench/schema_path_bench.py).
 
-It STANDS IN for a real registry because none can run on the machines these tests were built
-on: Apicurio Registry (the registry issue 15 names, on Maven Central) cannot be assembled from
-what Maven Central serves there: 3.3.3's own modules are not served, and 2.6.13 and 2.4.2 lack
-their Quarkus extension deployment artifacts and schema utilities; Confluent's registry is not
-on Maven Central and Karapace is not on PyPI. What talks to it on the producing side is real:
+It STANDS IN for a real registry where one would get in the way: the benchmark
+(tests/bench/schema_path_bench.py), where a JVM beside the measured path would blur the ratio.
+test_schema_registry.py runs on the real Apicurio Registry (servers.ApicurioRegistry) and checks
+that this stand-in answers esmd's GET /schemas/ids/{id} as Apicurio does
+(test_the_stand_in_answers_as_apicurio). What talks to it on the producing side is real:
 the confluent-kafka client's AvroSerializer, JSONSerializer and ProtobufSerializer (their own
 SchemaRegistryClient, over HTTP); on the consuming side esmd's libcurl client.
 

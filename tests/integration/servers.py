@@ -8,6 +8,7 @@ library is used, so scripts/dev-up can import this module without pytest.
     Redis      redis-server (persistent=True: an fsynced AOF), restartable on its port
     KafkaMock  build/kafkatool mock (librdkafka's mock cluster speaking the Kafka protocol)
     KafkaBroker  scripts/kafka-broker: a real single-node KRaft Apache Kafka (same interface)
+    ApicurioRegistry  scripts/apicurio-registry: a real schema registry (Confluent's API)
     Esmd       build/esmd run -c FILE, stderr captured to a file
 """
 
@@ -15,6 +16,7 @@ import glob
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -558,6 +560,124 @@ class KafkaBroker(_KafkaClient):
                 self.kill()
             except RuntimeError:
                 pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real schema registry: Apicurio Registry (docs/testing.md, "A real schema registry")
+
+
+class ApicurioRegistry:
+    """Apicurio Registry (built by scripts/apicurio-registry) on 127.0.0.1:port, with schemas
+    in an H2 database file, so that .stop() / .start() bring it back on the same port with the
+    same schemas.
+
+    .url          its Confluent-compatible API, http://127.0.0.1:PORT/apis/ccompat/v7 (what a
+                  serializer's `url` and esmd's schema_registry.url take)
+    .stop()       SIGTERM (clients then get "connection refused"); .start() again; .running()
+    .mark()       a position in its access log; .fetches(schema_id, since=mark) counts the
+                  GET {url}/schemas/ids/{id} requests after it (as the stand-in's .fetches)
+    .schema_type(id)  "AVRO" | "JSON" | "PROTOBUF", asked with a query string that .fetches
+                  does not count
+    .register(subject, schema, schema_type, references) -> id, over the API
+    .logfile      the registry's output, access log included"""
+
+    API = "/apis/ccompat/v7"
+    # One access-log line a request; the request line is what .fetches() reads.
+    ACCESS = re.compile(r"esmd-access \"(\w+) (\S+) HTTP/[0-9.]+\" (\d+)")
+
+    def __init__(self):
+        self.script = os.path.join(ROOT, "scripts", "apicurio-registry")
+        r = subprocess.run([self.script, "jar"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=1200)
+        if r.returncode != 0:
+            raise RuntimeError("scripts/apicurio-registry jar failed (%d):\n%s" % (
+                r.returncode, r.stderr.decode(errors="replace")[-3000:]))
+        self.jar = r.stdout.decode().strip().splitlines()[-1]
+        self.port = free_port()
+        self.tmp = tempfile.mkdtemp(prefix="esmd-apicurio-")
+        self.logfile = os.path.join(self.tmp, "registry.log")
+        self.proc = None
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def base(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    @property
+    def url(self):
+        return self.base + self.API
+
+    def start(self, timeout=120):
+        if self.running():
+            return
+        log = open(self.logfile, "ab")
+        self.proc = subprocess.Popen(
+            ["java", "-Xms64m", "-Xmx384m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+             "-Dquarkus.http.host=127.0.0.1", "-Dquarkus.http.port=%d" % self.port,
+             "-Dquarkus.datasource.jdbc.url=jdbc:h2:file:%s/db" % self.tmp,
+             "-Dquarkus.datasource.jdbc.min-size=1", "-Dquarkus.datasource.jdbc.initial-size=1",
+             "-Dquarkus.http.access-log.enabled=true",
+             "-Dquarkus.http.access-log.pattern=esmd-access \"%r\" %s",
+             "-Dquarkus.log.level=WARN", "-Dquarkus.log.category.\"io.quarkus.http.access-log\""
+             ".level=INFO", "-jar", self.jar],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp,
+            start_new_session=True)
+        log.close()
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError("Apicurio Registry exited (%s):\n%s" % (
+                    self.proc.returncode, tail(self.logfile)))
+            return http_get(self.url + "/schemas/types", 2.0)[0] == 200
+        wait_for(ready, timeout, 0.2, "Apicurio Registry on %s" % self.url)
+
+    def stop(self):
+        _stop_process(self.proc, signal.SIGTERM, 30)
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def _requests(self):
+        try:
+            with open(self.logfile, errors="replace") as f:
+                return [m.groups() for m in map(self.ACCESS.search, f) if m]
+        except OSError:
+            return []
+
+    def mark(self):
+        return len(self._requests())
+
+    def fetches(self, schema_id, since=0):
+        path = "%s/schemas/ids/%d" % (self.API, schema_id)
+        return sum(1 for method, p, _ in self._requests()[since:] if method == "GET" and p == path)
+
+    def schema_type(self, schema_id):
+        status, body = http_get("%s/schemas/ids/%d?esmd-test=type" % (self.url, schema_id))
+        if status != 200:
+            raise RuntimeError("schema %d: %d %s" % (schema_id, status, body[:300]))
+        return json.loads(body).get("schemaType") or "AVRO"
+
+    def register(self, subject, schema, schema_type="AVRO", references=None):
+        """Registers over the API (what a producer's serializer does) -> the id."""
+        body = json.dumps({"schema": schema, "schemaType": schema_type,
+                           "references": references or []}).encode()
+        req = urllib.request.Request("%s/subjects/%s/versions" % (self.url, subject), data=body,
+                                     headers={"Content-Type":
+                                              "application/vnd.schemaregistry.v1+json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return json.loads(r.read())["id"]
+        except urllib.error.HTTPError as e:
+            raise RuntimeError("registering under %s: %d %s" % (subject, e.code,
+                                                               e.read()[:300])) from None
+
+    def close(self):
+        self.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -3,8 +3,12 @@ the confluent-kafka client's real AvroSerializer, JSONSerializer and ProtobufSer
 register their schemas over HTTP, produced to the real Kafka broker, consumed and decoded by
 esmd, which fetches the schemas over HTTP from the same registry.
 
-The registry is tests/integration/schema_registry.py, a stand-in speaking Confluent's REST API:
-no real registry can run here (its docstring says what was tried).
+The registry is a real one: Apicurio Registry 2.4.2.Final through its Confluent-compatible API
+(servers.ApicurioRegistry, one for the module; schemas in an H2 file, so a stopped registry comes
+back with them). It keeps a Protobuf schema as it was registered, the base64 descriptor the
+Python serializer sends; Confluent's registry answers .proto text, so test_protobuf_value runs on
+tests/integration/schema_registry.py, the stand-in (which the benchmark uses too), made to answer
+as Confluent's does. test_the_stand_in_answers_as_apicurio checks the stand-in against Apicurio.
 
     each format, JSON and SOURCE   Avro (key and value) and JSON Schema: the event's key/value
                                    base64 contents and keySchemaMetadata/valueSchemaMetadata
@@ -77,8 +81,47 @@ def order(i, v2=False):
 # ---- fixtures and helpers -------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def apicurio():
+    r = servers.ApicurioRegistry()
+    yield r
+    r.close()
+
+
+class RegistryView:
+    """The module's Apicurio Registry as one test sees it: .fetches(id) counts this test's
+    GET /schemas/ids/{id} requests only (a schema registered again by a later test keeps its
+    id, as in Confluent's registry)."""
+
+    def __init__(self, reg):
+        self.reg = reg
+        self.since = reg.mark()
+        self.url = reg.url
+        self.stop, self.start, self.running = reg.stop, reg.start, reg.running
+        self.schema_type, self.register = reg.schema_type, reg.register
+
+    def fetches(self, schema_id):
+        return self.reg.fetches(schema_id, self.since)
+
+
 @pytest.fixture
-def registry():
+def registry(apicurio, request):
+    apicurio.start()  # a no-op unless a failed test left it stopped
+    yield RegistryView(apicurio)
+    if _failed(request):
+        print("\n==== Apicurio Registry (%s), last lines ====\n%s" % (
+            apicurio.logfile, servers.tail(apicurio.logfile, 30)))
+
+
+def _failed(request):
+    rep = getattr(request.node, "rep_call", None)
+    return rep is None or rep.failed
+
+
+@pytest.fixture
+def stand_in():
+    """The stand-in registry (schema_registry.py), where a test needs an answer Apicurio does not
+    give."""
     r = Registry()
     yield r
     r.close()
@@ -211,7 +254,7 @@ def test_json_schema_value(fmt, kafka, registry, endpoint, esmd, kafka_config, n
     recs = [(0, b"k%d" % i, ser.json(ORDER_JSON_SCHEMA, v)) for i, v in enumerate(values)]
     produce(kafka, topic, recs)
     sid = schema_id(recs[0][2])
-    assert registry.schemas[sid]["schemaType"] == "JSON"
+    assert registry.schema_type(sid) == "JSON"
     esmd(with_registry(kafka_config(topic, batch_size=10), registry, fmt))
     endpoint.wait_records(5, timeout=60)
     got = delivered(endpoint)
@@ -242,7 +285,7 @@ def test_evolution_and_undecodable_records_to_on_failure(kafka, registry, endpoi
     corrupt = v1[1][:-3]  # the data cut short: the string and the union are missing
     pb = ser.protobuf({"id": 7, "text": "ping"})
     pb_id = schema_id(pb)
-    assert registry.schemas[pb_id]["schemaType"] == "PROTOBUF"
+    assert registry.schema_type(pb_id) == "PROTOBUF"
     values = [v1[0], unknown, v1[1], corrupt, v1[2], v2[0], pb, v2[1], v2[2]]
     bad = {1: ("SCHEMA_NOT_FOUND", unknown), 3: ("DESERIALIZATION_ERROR", corrupt)}
     produce(kafka, topic, [(0, b"k%d" % o, v) for o, v in enumerate(values)])
@@ -500,10 +543,12 @@ def pb_json(msg):
 
 
 @pytest.mark.parametrize("fmt", ["JSON", "SOURCE"])
-def test_protobuf_value(fmt, kafka, registry, endpoint, esmd, kafka_config, names):
+def test_protobuf_value(fmt, kafka, stand_in, endpoint, esmd, kafka_config, names):
     """Orders and a nested type (Order.Line: message indexes [0, 0]) on one topic, written by
     ProtobufSerializer, which registers the base64 of the FileDescriptorProto; the registry
-    answers esmd .proto text, as Confluent's does."""
+    answers esmd .proto text, as Confluent's does (the stand-in: Apicurio answers the base64,
+    which the next test reads)."""
+    registry = stand_in
     topic = kafka.create_topic(names.topic(), 1)
     _, Line = shop_classes()
     msgs = [pb_order(i) for i in range(5)] + [Line(sku="loose", qty=3)]
@@ -538,9 +583,9 @@ def test_protobuf_value(fmt, kafka, registry, endpoint, esmd, kafka_config, name
 def test_protobuf_versions_corrupt_records_and_text_or_serialized(kafka, registry, endpoint,
                                                                  dest, esmd, kafka_config, names):
     """Two versions of the schema on one topic; a record cut short and one with bytes appended
-    among them go to on-failure with their original bytes. The registry answers the base64 of
-    the descriptor here (`?format=serialized`'s form), which esmd reads as well as text."""
-    registry.protobuf_text = False
+    among them go to on-failure with their original bytes. The registry (Apicurio) answers the
+    base64 of the descriptor, as the serializer registered it (`?format=serialized`'s form in
+    Confluent's), which esmd reads as well as text."""
     topic = kafka.create_topic(names.topic(), 1)
     v1 = [pb_order(i) for i in range(3)]
     v2 = [pb_order(i, version=2) for i in range(3, 6)]
@@ -614,3 +659,40 @@ def test_protobuf_schema_with_a_reference_is_refused_per_record(kafka, registry,
         msgs = [json.loads(ln).get("msg", "") for ln in log if ln.startswith("{")]
     assert any('imports "common.proto" (subject common.proto version 1)' in m and
                "does not fetch schema references" in m for m in msgs)
+
+
+# ---- 7. the stand-in answers as the real registry ---------------------------------------------
+
+
+def test_the_stand_in_answers_as_apicurio(registry, names):
+    """tests/bench/schema_path_bench.py runs on the stand-in (schema_registry.py). The answers
+    esmd reads from a registry, GET /schemas/ids/{id} for an Avro, a JSON Schema and a Protobuf
+    schema that the serializers registered and for an id no registry has, are the same from the
+    stand-in as from Apicurio in what esmd reads: the status, the schema text, schemaType (absent
+    meaning AVRO), the references, and error_code 40403. (For Protobuf the stand-in answers
+    .proto text by default, as Confluent's registry does; here it answers as Apicurio.)"""
+    stand_in = Registry()
+    stand_in.protobuf_text = False  # Apicurio answers a Protobuf schema as it was registered
+    try:
+        got = []
+        for reg in (registry, stand_in):
+            ser = Serializers(reg, names.topic())
+            ids = [schema_id(ser.avro(ORDER_V1, order(1))),
+                   schema_id(ser.json(ORDER_JSON_SCHEMA, {"id": 1, "status": "NEW"})),
+                   schema_id(ser.protobuf({"id": 1, "text": "x"})), 987654]
+            answers = []
+            for sid in ids:
+                status, body = servers.http_get("%s/schemas/ids/%d" % (reg.url, sid))
+                doc = json.loads(body)
+                assert set(doc) <= {"schema", "schemaType", "references", "error_code",
+                                    "message"}, doc
+                answers.append((status, doc.get("schema"), doc.get("schemaType") or "AVRO",
+                                doc.get("references") or [], doc.get("error_code")))
+            got.append(answers)
+        apicurio, stand = got
+        assert [a[0] for a in apicurio] == [200, 200, 200, 404]
+        assert [a[2] for a in apicurio[:3]] == ["AVRO", "JSON", "PROTOBUF"]
+        assert apicurio[3][4] == 40403
+        assert stand == apicurio
+    finally:
+        stand_in.close()
