@@ -1,8 +1,10 @@
 """A small Confluent-compatible schema registry for the tests (tests/integration/
 test_schema_registry.py, tests/bench/schema_path_bench.py).
 
-It STANDS IN for a real registry where one would get in the way: the benchmark
-(tests/bench/schema_path_bench.py), where a JVM beside the measured path would blur the ratio.
+It STANDS IN for a real registry where the real one here cannot serve: the benchmark
+(tests/bench/schema_path_bench.py), where a JVM beside the measured path would blur the ratio,
+and test_protobuf_value, which needs Confluent's answer for a Protobuf schema (.proto text;
+Apicurio answers the base64 descriptor as it was registered).
 test_schema_registry.py runs on the real Apicurio Registry (servers.ApicurioRegistry) and checks
 that this stand-in answers esmd's GET /schemas/ids/{id} as Apicurio does
 (test_the_stand_in_answers_as_apicurio). What talks to it on the producing side is real:
