@@ -6,8 +6,9 @@ Run with the test environment's python (.venv/bin/python): the Avro records are 
 confluent-kafka client's real AvroSerializer and the Protobuf records by its ProtobufSerializer
 (the message classes built at run time from a descriptor: no protoc here), which register the
 schema over HTTP with the
-registry stand-in tests/integration/schema_registry.py (no real registry can run here: see that
-file); esmd fetches the schema from it over HTTP.
+registry stand-in tests/integration/schema_registry.py (a JVM registry beside the measured path
+would blur the ratio; test_schema_registry.py checks the stand-in against the real Apicurio
+Registry); esmd fetches the schema from it over HTTP.
 
 Broker: librdkafka's mock cluster (build/kafkatool mock), as kafka_bench.py's first series: no
 JVM sharing the two CPUs, so the figures move less from run to run. Three topics hold the same
