@@ -949,6 +949,7 @@ static void metrics_init(struct esmd_mapping *map)
     SERIES(committed, ESMD_COUNTER, "esmd_committed_events_total",
            "Records acknowledged to the source (sum of committed offset deltas).");
 #undef SERIES
+    map->committed_base = esmd_series_value(map->m.committed);
     esmd_buf_free(&labels);
 }
 
@@ -987,8 +988,8 @@ static void on_stats(struct ev_loop *loop, ev_timer *w, int revents)
     if (st.lag >= 0)
         esmd_series_set(map->m.lag, (double)st.lag);
     double committed = esmd_series_value(map->m.committed);
-    if ((double)st.committed > committed)
-        esmd_series_inc(map->m.committed, (double)st.committed - committed);
+    if (map->committed_base + (double)st.committed > committed)
+        esmd_series_inc(map->m.committed, map->committed_base + (double)st.committed - committed);
     esmd_mapping_watch_tick(map, st.lag, esmd_now_ms());
 }
 

@@ -120,6 +120,9 @@ struct esmd_mapping {
     size_t npending;         /* records waiting in all shards */
 
     struct esmd_mapping_watch *watch; /* the console's history and failures (mapping_watch.c) */
+    /* esmd_committed_events_total when this mapping was made (a mapping restarted, or added
+     * back, under the same name goes on from there): the connector's own count adds to it */
+    double committed_base;
 
     struct {
         struct esmd_series *polled, *invoked, *failed, *batches, *oversized, *retries, *throttled,

@@ -328,6 +328,31 @@ def rsrc(redis, names):
     return RedisSource(redis, names)
 
 
+def test_committed_count_goes_on_after_a_restart(rsrc, esmd, endpoint, names):
+    """esmd_committed_events_total of a mapping a reload restarts goes on counting from where it
+    was: the new connector's commits are added to it (it used to stay put until the new
+    connector had committed more than the old one had, as the count was taken as the
+    connector's total)."""
+    cfg = base_config(rsrc, endpoint, names)
+    proc = esmd(cfg)
+    cfg = read_config(proc)
+    m = cfg["mappings"][0]
+    rsrc.produce_many(m["source"], 0, 6)
+
+    def committed():
+        return proc.metrics().get("esmd_committed_events_total", mapping=m["name"])
+
+    wait_for(lambda: committed() == 6, 30, 0.2, "6 records committed")
+    rsrc.restart_change(m["source"])
+    write_config(proc, cfg)
+    body = reload(proc, "post")
+    assert body["mappings"]["restarted"], body
+    rsrc.produce_many(m["source"], 6, 2)
+    endpoint.wait_for(lambda: len(delivered(endpoint, rsrc)) == 8, 30, "8 records delivered")
+    wait_for(lambda: committed() == 8, 30, 0.2, "8 records committed")
+    assert proc.stop() == 0
+
+
 def test_bad_file_is_refused_and_the_old_config_runs_on(rsrc, esmd, endpoint, names):
     proc = esmd(base_config(rsrc, endpoint, names))
     cfg = read_config(proc)
