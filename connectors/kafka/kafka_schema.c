@@ -488,8 +488,8 @@ struct esmd_sr_schema {
  * serialized FileDescriptorProto (`?format=serialized`, and what confluent-kafka's serializers
  * register): text that is only base64 and decodes is the latter (a .proto file has spaces or
  * semicolons). */
-static struct esmd_pb_schema *protobuf_schema(const char *text, size_t len, char *err,
-                                              size_t errlen)
+static void protobuf_file(struct esmd_pb_file *f, const char *name, const char *text, size_t len,
+                          struct esmd_buf *bin)
 {
     bool b64 = len > 0;
     for (size_t i = 0; i < len && b64; i++) {
@@ -497,16 +497,32 @@ static struct esmd_pb_schema *protobuf_schema(const char *text, size_t len, char
         b64 = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
               c == '+' || c == '/' || c == '=';
     }
-    struct esmd_buf bin = ESMD_BUF_INIT;
-    if (b64 && esmd_base64_decode(text, len, &bin) != 0)
+    if (b64 && esmd_base64_decode(text, len, bin) != 0)
         b64 = false;
-    struct esmd_pb_file f = {NULL, b64 ? (bin.data ? bin.data : "") : text, b64 ? bin.len : len,
-                             b64};
+    f->name = name;
+    f->data = b64 ? (bin->data ? bin->data : "") : text;
+    f->len = b64 ? bin->len : len;
+    f->binary = b64;
+}
+
+static struct esmd_pb_schema *protobuf_schema(const char *text, size_t len,
+                                              const struct esmd_sr_file *refs, size_t nrefs,
+                                              char *err, size_t errlen)
+{
+    struct esmd_pb_file *files = esmd_xcalloc(nrefs + 1, sizeof(*files));
+    struct esmd_buf *bins = esmd_xcalloc(nrefs + 1, sizeof(*bins));
+    protobuf_file(&files[0], NULL, text, len, &bins[0]);
+    for (size_t i = 0; i < nrefs; i++)
+        protobuf_file(&files[i + 1], refs[i].name, refs[i].text, strlen(refs[i].text),
+                      &bins[i + 1]);
     char why[400];
-    struct esmd_pb_schema *pb = esmd_pb_schema_new(&f, 1, why, sizeof(why));
+    struct esmd_pb_schema *pb = esmd_pb_schema_new(files, nrefs + 1, why, sizeof(why));
     if (!pb)
         snprintf(err, errlen, "the Protobuf schema cannot be used: %s", why);
-    esmd_buf_free(&bin);
+    for (size_t i = 0; i <= nrefs; i++)
+        esmd_buf_free(&bins[i]);
+    free(bins);
+    free(files);
     return pb;
 }
 
@@ -540,7 +556,7 @@ struct esmd_sr_schema *esmd_sr_schema_new(enum esmd_sr_format f, const char *tex
         }
         return s;
     case ESMD_SR_PROTOBUF:
-        s->pb = protobuf_schema(text, len, err, errlen);
+        s->pb = protobuf_schema(text, len, NULL, 0, err, errlen);
         if (!s->pb) {
             free(s);
             return NULL;
@@ -550,6 +566,20 @@ struct esmd_sr_schema *esmd_sr_schema_new(enum esmd_sr_format f, const char *tex
     snprintf(err, errlen, "unknown schema format");
     free(s);
     return NULL;
+}
+
+struct esmd_sr_schema *esmd_sr_schema_new_protobuf(const char *text, size_t len,
+                                                   const struct esmd_sr_file *refs, size_t nrefs,
+                                                   char *err, size_t errlen)
+{
+    struct esmd_sr_schema *s = esmd_xcalloc(1, sizeof(*s));
+    s->format = ESMD_SR_PROTOBUF;
+    s->pb = protobuf_schema(text, len, refs, nrefs, err, errlen);
+    if (!s->pb) {
+        free(s);
+        return NULL;
+    }
+    return s;
 }
 
 void esmd_sr_schema_free(struct esmd_sr_schema *s)
@@ -617,14 +647,50 @@ bool esmd_sr_decode(const struct esmd_sr_schema *s, const unsigned char *body, s
 
 /* ---- the registry ---- */
 
+/* A file a Protobuf schema imports from another subject (the answer's `references`). */
+struct sr_ref {
+    char *name, *subject;
+    int version; /* <= 0: latest */
+    char *text;  /* once fetched */
+};
+
+/* Files one schema may import, directly or not: past it the schema is refused. */
+#define SR_MAX_REFS 64
+
 struct sr_entry {
     int32_t id;
     enum esmd_sr_state st;
     struct esmd_sr_schema *schema; /* READY */
     char *why;                     /* MISSING, BAD */
     bool inflight;
+    /* A Protobuf schema with references, while they are fetched one after the other: its text
+     * (set once the id's answer is in) and the files, refs[next_ref] the one asked next. */
+    char *text;
+    struct sr_ref *refs;
+    size_t nrefs, next_ref;
     struct sr_entry *next;
 };
+
+static void entry_refs_free(struct sr_entry *e)
+{
+    for (size_t i = 0; i < e->nrefs; i++) {
+        free(e->refs[i].name);
+        free(e->refs[i].subject);
+        free(e->refs[i].text);
+    }
+    free(e->refs);
+    free(e->text);
+    e->refs = NULL;
+    e->text = NULL;
+    e->nrefs = e->next_ref = 0;
+}
+
+static void entry_bad(struct sr_entry *e, const char *why)
+{
+    e->st = ESMD_SR_BAD;
+    e->why = esmd_xstrdup(why);
+    entry_refs_free(e);
+}
 
 struct sr_req {
     struct esmd_sr *sr;
@@ -683,9 +749,20 @@ static void req_start(struct esmd_sr *sr, struct sr_entry *e)
         free(req);
         return; /* stays pending: the retry timer tries again */
     }
-    char url[1200];
-    snprintf(url, sizeof(url), "%s/schemas/ids/%d", sr->base, (int)e->id);
+    char url[1400];
     CURL *c = req->easy;
+    if (e->text) { /* the next reference: GET /subjects/{subject}/versions/{version} */
+        const struct sr_ref *r = &e->refs[e->next_ref];
+        char *subj = curl_easy_escape(c, r->subject, 0);
+        char ver[16] = "latest";
+        if (r->version > 0)
+            snprintf(ver, sizeof(ver), "%d", r->version);
+        snprintf(url, sizeof(url), "%s/subjects/%.1000s/versions/%s", sr->base, subj ? subj : "",
+                 ver);
+        curl_free(subj);
+    } else {
+        snprintf(url, sizeof(url), "%s/schemas/ids/%d", sr->base, (int)e->id);
+    }
     req->hdrs = curl_slist_append(NULL, "Accept: application/vnd.schemaregistry.v1+json, "
                                         "application/json");
     curl_easy_setopt(c, CURLOPT_URL, url);
@@ -754,6 +831,43 @@ static void sr_set_down(struct esmd_sr *sr, const char *why)
     }
 }
 
+/* Appends the references of an answer ([{"name","subject","version"}]) not listed yet (by name)
+ * to e's files to fetch. false with err when one is malformed or there are too many. */
+static bool add_refs(struct sr_entry *e, const cJSON *refs, char *err, size_t errlen)
+{
+    const cJSON *r;
+    if (!cJSON_IsArray(refs))
+        return true;
+    cJSON_ArrayForEach(r, refs)
+    {
+        const cJSON *name = cJSON_GetObjectItemCaseSensitive(r, "name");
+        const cJSON *subj = cJSON_GetObjectItemCaseSensitive(r, "subject");
+        const cJSON *ver = cJSON_GetObjectItemCaseSensitive(r, "version");
+        if (!cJSON_IsString(name) || !cJSON_IsString(subj) || (ver && !cJSON_IsNumber(ver))) {
+            snprintf(err, errlen, "a reference of the schema has no name or subject");
+            return false;
+        }
+        bool seen = false;
+        for (size_t i = 0; i < e->nrefs && !seen; i++)
+            seen = strcmp(e->refs[i].name, name->valuestring) == 0;
+        if (seen)
+            continue;
+        if (e->nrefs >= SR_MAX_REFS) {
+            snprintf(err, errlen, "the schema imports more than %d files", SR_MAX_REFS);
+            return false;
+        }
+        e->refs = esmd_xrealloc(e->refs, (e->nrefs + 1) * sizeof(*e->refs));
+        struct sr_ref *n = &e->refs[e->nrefs++];
+        n->name = esmd_xstrdup(name->valuestring);
+        n->subject = esmd_xstrdup(subj->valuestring);
+        n->version = ver && ver->valuedouble >= 1 && ver->valuedouble <= INT32_MAX
+                         ? (int)ver->valuedouble
+                         : 0;
+        n->text = NULL;
+    }
+    return true;
+}
+
 /* The answer of GET /schemas/ids/{id}: {"schema":"...","schemaType":"AVRO"|"JSON"|"PROTOBUF"}
  * (no schemaType: Avro). false when it is not such an answer. */
 static bool parse_answer(struct sr_entry *e, const struct esmd_buf *body)
@@ -775,22 +889,17 @@ static bool parse_answer(struct sr_entry *e, const struct esmd_buf *body)
     else if (strcmp(t, "AVRO") != 0)
         f = (enum esmd_sr_format) - 1;
     const cJSON *refs = cJSON_GetObjectItemCaseSensitive(root, "references");
-    const cJSON *ref = cJSON_IsArray(refs) ? refs->child : NULL;
     if ((int)f < 0) {
         snprintf(err, sizeof(err), "schema type %.64s is not AVRO, JSON or PROTOBUF", t);
         e->schema = NULL;
-    } else if (f == ESMD_SR_PROTOBUF && ref) {
-        /* imports of other subjects: not fetched (docs/kafka.md); well-known types need none */
-        const cJSON *name = cJSON_GetObjectItemCaseSensitive(ref, "name");
-        const cJSON *subj = cJSON_GetObjectItemCaseSensitive(ref, "subject");
-        const cJSON *ver = cJSON_GetObjectItemCaseSensitive(ref, "version");
-        snprintf(err, sizeof(err),
-                 "the Protobuf schema imports \"%.200s\" (subject %.100s version %d): esmd does "
-                 "not fetch schema references",
-                 cJSON_IsString(name) ? name->valuestring : "?",
-                 cJSON_IsString(subj) ? subj->valuestring : "?",
-                 cJSON_IsNumber(ver) ? ver->valueint : 0);
-        e->schema = NULL;
+    } else if (f == ESMD_SR_PROTOBUF && cJSON_IsArray(refs) && refs->child) {
+        /* imports of other subjects: fetched next, then the schema is built (on_done) */
+        e->text = esmd_xstrdup(schema->valuestring);
+        bool ok = add_refs(e, refs, err, sizeof(err));
+        cJSON_Delete(root);
+        if (!ok)
+            entry_bad(e, err);
+        return true;
     } else {
         e->schema = esmd_sr_schema_new(f, schema->valuestring, strlen(schema->valuestring), err,
                                        sizeof(err));
@@ -802,11 +911,52 @@ static bool parse_answer(struct sr_entry *e, const struct esmd_buf *body)
     return true;
 }
 
-static bool is_not_found(const struct esmd_buf *body)
+/* The answer of GET /subjects/{s}/versions/{v} for e's next reference: its text, and the files
+ * it imports in turn. Once the last is in, the schema is built. false when it is not a
+ * registry's answer. */
+static bool parse_ref_answer(struct sr_entry *e, const struct esmd_buf *body)
+{
+    cJSON *root = cJSON_ParseWithLength(body->data ? body->data : "", body->len);
+    const cJSON *schema = cJSON_GetObjectItemCaseSensitive(root, "schema");
+    if (!cJSON_IsString(schema)) {
+        cJSON_Delete(root);
+        return false;
+    }
+    char err[512];
+    e->refs[e->next_ref].text = esmd_xstrdup(schema->valuestring);
+    e->next_ref++;
+    bool ok = add_refs(e, cJSON_GetObjectItemCaseSensitive(root, "references"), err, sizeof(err));
+    cJSON_Delete(root);
+    if (!ok) {
+        entry_bad(e, err);
+        return true;
+    }
+    if (e->next_ref < e->nrefs)
+        return true;
+    struct esmd_sr_file *files = esmd_xcalloc(e->nrefs, sizeof(*files));
+    for (size_t i = 0; i < e->nrefs; i++) {
+        files[i].name = e->refs[i].name;
+        files[i].text = e->refs[i].text;
+    }
+    e->schema =
+        esmd_sr_schema_new_protobuf(e->text, strlen(e->text), files, e->nrefs, err, sizeof(err));
+    free(files);
+    if (e->schema) {
+        e->st = ESMD_SR_READY;
+        entry_refs_free(e);
+    } else {
+        entry_bad(e, err);
+    }
+    return true;
+}
+
+/* A 404's body carries the registry's error code: 40403 (no such schema), 40401 (no such
+ * subject), 40402 (no such version). */
+static bool is_not_found(const struct esmd_buf *body, double want1, double want2)
 {
     cJSON *root = cJSON_ParseWithLength(body->data ? body->data : "", body->len);
     const cJSON *code = cJSON_GetObjectItemCaseSensitive(root, "error_code");
-    bool yes = cJSON_IsNumber(code) && code->valuedouble == 40403;
+    bool yes = cJSON_IsNumber(code) && (code->valuedouble == want1 || code->valuedouble == want2);
     cJSON_Delete(root);
     return yes;
 }
@@ -826,13 +976,21 @@ static void on_done(struct esmd_curl_ev *ce, CURL *easy, CURLcode result, void *
     if (result != CURLE_OK) {
         snprintf(why, sizeof(why), "%s", req->errbuf[0] ? req->errbuf : curl_easy_strerror(result));
     } else if (status == 200) {
-        answered = parse_answer(e, &req->body);
+        answered = e->text ? parse_ref_answer(e, &req->body) : parse_answer(e, &req->body);
         if (!answered)
             snprintf(why, sizeof(why), "schema %d: the answer is not a registry's schema",
                      (int)e->id);
-    } else if (status == 404 && is_not_found(&req->body)) {
+    } else if (status == 404 && !e->text && is_not_found(&req->body, 40403, 40403)) {
         e->st = ESMD_SR_MISSING;
         e->why = esmd_xstrdup("the registry does not know this schema id (40403)");
+        answered = true;
+    } else if (status == 404 && e->text && is_not_found(&req->body, 40401, 40402)) {
+        const struct sr_ref *r = &e->refs[e->next_ref];
+        snprintf(why, sizeof(why),
+                 "the Protobuf schema imports \"%.200s\", registered as subject %.200s version "
+                 "%d, which the registry does not have",
+                 r->name, r->subject, r->version);
+        entry_bad(e, why);
         answered = true;
     } else {
         snprintf(why, sizeof(why), "HTTP %ld for schema %d%s", status, (int)e->id,
@@ -851,6 +1009,11 @@ static void on_done(struct esmd_curl_ev *ce, CURL *easy, CURLcode result, void *
         ESMD_INFO(sr->log, "schema registry %s answers again", sr->base);
         if (sr->hooks.down)
             sr->hooks.down(sr->hooks.ud, NULL);
+    }
+    if (e->st == ESMD_SR_PENDING) { /* a reference to fetch next */
+        if (!ev_is_active(&sr->retry))
+            req_start(sr, e);
+        return;
     }
     if (sr->hooks.changed)
         sr->hooks.changed(sr->hooks.ud);
@@ -915,6 +1078,7 @@ void esmd_sr_free(struct esmd_sr *sr)
             next = e->next;
             esmd_sr_schema_free(e->schema);
             free(e->why);
+            entry_refs_free(e);
             free(e);
         }
     }

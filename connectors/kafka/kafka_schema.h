@@ -53,6 +53,15 @@ struct esmd_sr_schema;
  * esmd can use (the records that name it are DESERIALIZATION_ERRORs). */
 struct esmd_sr_schema *esmd_sr_schema_new(enum esmd_sr_format f, const char *text, size_t len,
                                           char *err, size_t errlen);
+/* A file a Protobuf schema imports, as the registry answered it for a reference. */
+struct esmd_sr_file {
+    const char *name; /* as the schema imports it */
+    const char *text; /* .proto text or base64 of a FileDescriptorProto */
+};
+/* A Protobuf schema that imports refs[0..nrefs) (and any well-known type). */
+struct esmd_sr_schema *esmd_sr_schema_new_protobuf(const char *text, size_t len,
+                                                   const struct esmd_sr_file *refs, size_t nrefs,
+                                                   char *err, size_t errlen);
 void esmd_sr_schema_free(struct esmd_sr_schema *s);
 enum esmd_sr_format esmd_sr_schema_format(const struct esmd_sr_schema *s);
 

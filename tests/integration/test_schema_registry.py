@@ -22,7 +22,8 @@ as Confluent's does. test_the_stand_in_answers_as_apicurio checks the stand-in a
                                    [0, 0]); a Timestamp; two versions on one topic; the
                                    registry answering .proto text or the serialized descriptor;
                                    a corrupt record among good ones; a filter on a decoded field;
-                                   a schema importing another subject refused per record
+                                   a schema importing another subject (references fetched; one
+                                   the registry lacks: its records fail)
     registry stopped mid-run       the partition waits (/readyz 503 naming the registry; paused
                                    once 1,000 records wait), nothing goes to on-failure,
                                    everything is delivered once it is back
@@ -102,6 +103,11 @@ class RegistryView:
 
     def fetches(self, schema_id):
         return self.reg.fetches(schema_id, self.since)
+
+    def gets(self, path):
+        """This test's GET requests of path (below the Confluent API root)."""
+        return sum(1 for method, p, _ in self.reg._requests()[self.since:]
+                   if method == "GET" and p == self.reg.API + path)
 
 
 @pytest.fixture
@@ -631,23 +637,70 @@ def test_filter_on_a_decoded_protobuf_field(kafka, registry, endpoint, esmd, kaf
     assert [int(b64json(r["value"])["id"]) for r in delivered(endpoint)] == want
 
 
-def test_protobuf_schema_with_a_reference_is_refused_per_record(kafka, registry, endpoint, dest,
-                                                                esmd, kafka_config, names):
-    """A schema importing a file registered under another subject (the registry's
-    `references`): esmd does not fetch references, so its records fail with
-    DESERIALIZATION_ERROR naming the import, and the others go on."""
+def sale_class():
+    """message Sale in esmd_sale.proto, which imports esmd_common.proto (message Money), both
+    built at run time: ProtobufSerializer registers esmd_common.proto under a subject of its own
+    and Sale's schema with a reference to it."""
+    if "Sale" not in _PB:
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+        F = descriptor_pb2.FieldDescriptorProto
+        common = descriptor_pb2.FileDescriptorProto(name="esmd_common.proto",
+                                                    package="esmdcommon", syntax="proto3")
+        money = common.message_type.add(name="Money")
+        money.field.add(name="units", number=1, type=F.TYPE_INT64, label=F.LABEL_OPTIONAL)
+        money.field.add(name="currency_code", number=2, type=F.TYPE_STRING,
+                        label=F.LABEL_OPTIONAL)
+        sale = descriptor_pb2.FileDescriptorProto(name="esmd_sale.proto", package="esmdsale",
+                                                  syntax="proto3",
+                                                  dependency=["esmd_common.proto"])
+        m = sale.message_type.add(name="Sale")
+        m.field.add(name="id", number=1, type=F.TYPE_INT64, label=F.LABEL_OPTIONAL)
+        m.field.add(name="price", number=2, type=F.TYPE_MESSAGE, type_name=".esmdcommon.Money",
+                    label=F.LABEL_OPTIONAL)
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(common)
+        pool.Add(sale)
+        _PB["Sale"] = message_factory.GetMessageClass(pool.FindMessageTypeByName("esmdsale.Sale"))
+    return _PB["Sale"]
+
+
+def test_protobuf_schema_references(kafka, registry, endpoint, esmd, kafka_config, names):
+    """A schema importing a file of another subject (the registry's `references`), on Apicurio:
+    esmd fetches the referenced subject's version once and decodes with both files."""
     topic = kafka.create_topic(names.topic(), 1)
-    dep = registry.register("common.proto", 'syntax = "proto3";\npackage c;\n'
-                            'message Money { int64 cents = 1; }\n', "PROTOBUF")
-    assert dep
-    ref_id = registry.register(topic + "-value", 'syntax = "proto3";\npackage s;\n'
-                               'import "common.proto";\nmessage Sale { c.Money price = 1; }\n',
-                               "PROTOBUF", references=[{"name": "common.proto",
-                                                        "subject": "common.proto",
-                                                        "version": 1}])
+    Sale = sale_class()
+    sales = [Sale(id=i, price={"units": 10 * i, "currency_code": "EUR"}) for i in range(1, 4)]
+    framed = [pb_serialize(registry, topic, m) for m in sales]
+    sid = schema_id(framed[0])
+    status, body = servers.http_get("%s/schemas/ids/%d" % (registry.url, sid))
+    assert status == 200
+    [ref] = json.loads(body)["references"]
+    assert ref["name"] == "esmd_common.proto" and ref["subject"] == "esmd_common.proto"
+    before = registry.fetches(sid)  # the look-up just above
+    produce(kafka, topic, [(0, None, v) for v in framed])
+    esmd(with_registry(kafka_config(topic), registry))
+    endpoint.wait_records(3, timeout=60)
+    got = delivered(endpoint)
+    assert [r["offset"] for r in got] == [0, 1, 2]
+    assert [b64json(r["value"]) for r in got] == [pb_json(m) for m in sales]
+    assert b64json(got[0]["value"])["price"] == {"units": "10", "currencyCode": "EUR"}
+    assert registry.fetches(sid) == before + 1
+    assert registry.gets("/subjects/esmd_common.proto/versions/%d" % ref["version"]) == 1
+
+
+def test_protobuf_reference_missing(kafka, stand_in, endpoint, dest, esmd, kafka_config, names):
+    """A schema whose referenced subject the registry does not have (the stand-in: a real
+    registry refuses to register such a schema) fails its records with DESERIALIZATION_ERROR,
+    the log naming the import; the records after it go on."""
+    registry = stand_in
+    topic = kafka.create_topic(names.topic(), 1)
+    gone = registry.register(topic + "-x", 'syntax = "proto3";\npackage s;\n'
+                             'import "gone.proto";\nmessage T { g.Gone g = 1; }\n', "PROTOBUF",
+                             references=[{"name": "gone.proto", "subject": "gone",
+                                          "version": 1}])
+    with_gone = b"\x00" + struct.pack(">I", gone) + b"\x00\x0a\x02\x08\x05"
     good = pb_serialize(registry, topic, pb_order(1))
-    with_ref = b"\x00" + struct.pack(">I", ref_id) + b"\x00\x0a\x02\x08\x05"
-    produce(kafka, topic, [(0, None, with_ref), (0, None, good)])
+    produce(kafka, topic, [(0, None, with_gone), (0, None, good)])
     proc = esmd(with_registry(kafka_config(topic, mapping_extra={
         "on_failure": dest.base + "/failed"}), registry))
     endpoint.wait_records(1, timeout=60)
@@ -655,10 +708,12 @@ def test_protobuf_schema_with_a_reference_is_refused_per_record(kafka, registry,
     assert [b64json(r["value"]) for r in delivered(endpoint)] == [pb_json(pb_order(1))]
     [f] = [r.json for r in dest.snapshot()]
     assert f["requestContext"]["condition"] == "DESERIALIZATION_ERROR"
+    assert f["KafkaBatchInfo"]["recordInfo"]["offset"] == "0"
+    assert [p for m, p in registry.requests if m == "GET"].count("/subjects/gone/versions/1") == 1
     with open(proc.logfile, errors="replace") as log:
         msgs = [json.loads(ln).get("msg", "") for ln in log if ln.startswith("{")]
-    assert any('imports "common.proto" (subject common.proto version 1)' in m and
-               "does not fetch schema references" in m for m in msgs)
+    assert any('imports "gone.proto", registered as subject gone version 1, which the registry '
+               "does not have" in m for m in msgs)
 
 
 # ---- 7. the stand-in answers as the real registry ---------------------------------------------
