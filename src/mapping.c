@@ -1150,10 +1150,10 @@ struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_ma
         .group_by_shard = ops->grouped,
     };
     /* Queue sources form one batch at a time: their shards are the connector's concurrency
-     * slots, not ordering units, and SQS fills a batch before it sends it. */
-    map->nformers = ops->queue ? 1 : (size_t)esmd_function_max_concurrency(fn);
-    if (map->nformers > MAX_FORMERS)
-        map->nformers = MAX_FORMERS;
+     * slots, not ordering units, and SQS fills a batch before it sends it. Stream sources have
+     * every former from the start: how many of them may hold a batch is the function's
+     * max_concurrency at the time (pick_former), which a reload may raise or lower. */
+    map->nformers = ops->queue ? 1 : MAX_FORMERS;
     map->formers = esmd_xcalloc(map->nformers, sizeof(*map->formers));
     for (size_t i = 0; i < map->nformers; i++) {
         struct former *f = &map->formers[i];

@@ -58,9 +58,10 @@ struct inflight {
     struct inflight *prev, *next;
 };
 
-/* A batch being formed, with its batching window. A mapping has up to its function's
- * max_concurrency of them (one for queue sources): while the function has free concurrency,
- * records of different lanes go into different batches (docs/design.md#batch-forming). */
+/* A batch being formed, with its batching window. A mapping forms up to its function's
+ * max_concurrency of them at once, as it is at the time (one for queue sources): while the
+ * function has free concurrency, records of different lanes go into different batches
+ * (docs/design.md#batch-forming). */
 struct former {
     struct esmd_mapping *map;
     struct esmd_batch b;
@@ -79,7 +80,7 @@ struct esmd_mapping {
 
     struct esmd_shard *shards; /* open shards (the connector's handles; lanes hang off them) */
     size_t nshards;
-    struct former *formers; /* nformers batches being formed */
+    struct former *formers; /* nformers places for batches being formed (pick_former) */
     size_t nformers;
     ev_prepare pump;
     ev_timer stats_timer;

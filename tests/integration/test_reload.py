@@ -420,10 +420,15 @@ def test_admin_override_survives_a_reload(rsrc, esmd, endpoint, names):
     assert "batch_size changed in the configuration file since it was overridden" in proc.log()
 
 
-def post_override(proc, name, batch_size):
+def mapping_uuid(name):
+    """The UUID the admin API gives a mapping of the file (src/api_esm.c)."""
     import uuid
-    u = str(uuid.uuid5(uuid.UUID("5c3c8f5e-6d1a-4f0b-9a57-3e2d7b1c8e40"), name))
-    return put(proc, "/2015-03-31/event-source-mappings/" + u, {"BatchSize": batch_size})
+    return str(uuid.uuid5(uuid.UUID("5c3c8f5e-6d1a-4f0b-9a57-3e2d7b1c8e40"), name))
+
+
+def post_override(proc, name, batch_size):
+    return put(proc, "/2015-03-31/event-source-mappings/" + mapping_uuid(name),
+               {"BatchSize": batch_size})
 
 
 def test_function_settings_apply_to_new_requests(rsrc, esmd, endpoint, names):
@@ -454,6 +459,87 @@ def test_function_settings_apply_to_new_requests(rsrc, esmd, endpoint, names):
         assert ("keep", 2) not in delivered(endpoint, rsrc)
     finally:
         other.close()
+
+
+def lane_of(key, n):
+    """The lane esmd gives a partition key: FNV-1a (32 bits) modulo n (src/batch.c)."""
+    h = 2166136261
+    for c in key.encode():
+        h = ((h ^ c) * 16777619) & 0xFFFFFFFF
+    return h % n
+
+
+def test_max_concurrency_raised_and_lowered_by_a_reload_applies_to_batch_forming(
+        redis, esmd, endpoint, names):
+    """A function's max_concurrency changed by a reload applies to the batches formed from now
+    on (docs/design.md#batch-forming), raised or lowered: with a long window, records of 4 lanes
+    of one stream form 4 batches at once after a raise from 1 to 4 (none waits in its lane),
+    and one at a time after the lower back to 1. The window is then cut to 0 through the admin
+    API, which sends what was formed."""
+    factor = 4
+    keys = []
+    for i in range(100):
+        k = "key%d" % i
+        if lane_of(k, factor) not in [lane_of(x, factor) for x in keys]:
+            keys.append(k)
+        if len(keys) == factor:
+            break
+    stream, group = names.topic(), names.group()
+    mapping = names.mapping()
+    cfg = {
+        "connections": {"r": {"type": "redis", "url": redis.url}},
+        "functions": {"fn": {"url": endpoint.url, "timeout": "10s", "max_concurrency": 1}},
+        "mappings": [{"name": mapping, "function": "fn",
+                      "source": {"redis": "r", "stream": stream, "group": group,
+                                 "partition_key_field": "pk",
+                                 "parallelization_factor": factor},
+                      "batch_size": 100, "maximum_batching_window": "300s"}],
+    }
+    proc = esmd(cfg)
+    hold = threading.Event()
+    endpoint.behaviour = lambda req: (hold.wait(30), None)[1]
+    u = mapping_uuid(mapping)
+
+    def form(n_before):
+        for k in keys:
+            redis.command("XADD", stream, "*", "pk", k, "n", str(n_before))
+        wait_for(lambda: proc.metrics().get("esmd_polled_events_total") == n_before + factor,
+                 30, 0.05, "%d entries read" % (n_before + factor))
+        return mapping_info(proc, mapping)["status"]["pending_records"]
+
+    def flush_with_window(seconds):
+        st, body = put(proc, "/2015-03-31/event-source-mappings/" + u,
+                       {"MaximumBatchingWindowInSeconds": seconds})
+        assert st in (200, 202), body
+
+    # raised 1 -> 4: each lane's entry starts a batch of its own, none waits
+    file_cfg = read_config(proc)
+    file_cfg["functions"]["fn"]["max_concurrency"] = factor
+    write_config(proc, file_cfg)
+    ans = reload(proc, "post")
+    assert ans["functions"]["updated"] == [{"name": "fn", "keys": ["max_concurrency"]}], ans
+    assert form(0) == 0, "entries wait in their lanes with max_concurrency raised to 4"
+    flush_with_window(0)
+    endpoint.wait_for(lambda: endpoint.inflight == factor, 30, "4 batches in flight at once")
+    hold.set()
+    endpoint.wait_for(lambda: len(endpoint.ok_requests()) == factor and endpoint.inflight == 0,
+                      30, "4 answered")
+
+    # lowered 4 -> 1: one batch forms at a time, the other lanes' entries wait
+    hold.clear()
+    file_cfg["functions"]["fn"]["max_concurrency"] = 1
+    write_config(proc, file_cfg)
+    reload(proc, "sighup")
+    flush_with_window(300)
+    assert form(factor) == factor - 1, "more than one batch forming with max_concurrency 1"
+    endpoint.max_concurrent = 0
+    flush_with_window(0)
+    endpoint.wait_for(lambda: endpoint.inflight == 1, 30, "a batch in flight")
+    hold.set()
+    endpoint.wait_for(lambda: sum(len(r.json["Records"]) for r in endpoint.ok_requests())
+                      == 2 * factor, 30, "every entry delivered")
+    assert endpoint.max_concurrent == 1
+    wait_for(lambda: redis.command("XPENDING", stream, group)[0] == 0, 30, 0.1, "all acked")
 
 
 def test_removed_mapping_finishes_its_request_and_sigterm_waits_for_it(rsrc, esmd, endpoint,
