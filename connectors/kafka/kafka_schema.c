@@ -669,6 +669,7 @@ struct sr_entry {
     struct sr_ref *refs;
     size_t nrefs, next_ref;
     struct sr_entry *next;
+    struct sr_entry *fnext; /* MISSING, BAD: the next one answered so (sr->failed) */
 };
 
 static void entry_refs_free(struct sr_entry *e)
@@ -703,6 +704,10 @@ struct sr_req {
 };
 
 #define SR_BUCKETS 256
+/* Ids answered MISSING or BAD kept at most: past it the oldest is forgotten (asked again if a
+ * record names it again), so records with ever new ids (data not written by a registry's
+ * serializer that happens to start with a 0 byte) do not grow the cache without bound. */
+#define SR_MAX_FAILED 1024
 
 struct esmd_sr {
     struct ev_loop *loop;
@@ -713,6 +718,8 @@ struct esmd_sr {
     struct esmd_curl_ev ce;
     bool ce_init;
     struct sr_entry *buckets[SR_BUCKETS];
+    struct sr_entry *failed_head, *failed_tail; /* MISSING, BAD: oldest first */
+    size_t nfailed;
     struct sr_req *reqs;
     ev_timer retry;
     int attempt;
@@ -739,6 +746,18 @@ static size_t on_body(char *p, size_t size, size_t n, void *ud)
     return len;
 }
 
+/* The retry timer asks again for every id still waiting (on_retry), after a backoff. */
+static void retry_arm(struct esmd_sr *sr)
+{
+    if (!ev_is_active(&sr->retry)) {
+        double d = (double)esmd_backoff_delay(&sr_backoff, sr->attempt, esmd_random64()) / 1000.0;
+        if (sr->attempt < 30)
+            sr->attempt++;
+        ev_timer_set(&sr->retry, d, 0.0);
+        ev_timer_start(sr->loop, &sr->retry);
+    }
+}
+
 static void req_start(struct esmd_sr *sr, struct sr_entry *e)
 {
     struct sr_req *req = esmd_xcalloc(1, sizeof(*req));
@@ -747,7 +766,8 @@ static void req_start(struct esmd_sr *sr, struct sr_entry *e)
     req->easy = curl_easy_init();
     if (!req->easy) {
         free(req);
-        return; /* stays pending: the retry timer tries again */
+        retry_arm(sr); /* e stays pending: the timer asks again */
+        return;
     }
     char url[1400];
     CURL *c = req->easy;
@@ -790,6 +810,7 @@ static void req_start(struct esmd_sr *sr, struct sr_entry *e)
         curl_slist_free_all(req->hdrs);
         curl_easy_cleanup(c);
         free(req);
+        retry_arm(sr);
         return;
     }
     e->inflight = true;
@@ -822,13 +843,7 @@ static void sr_set_down(struct esmd_sr *sr, const char *why)
     sr->down = true;
     if (sr->hooks.down)
         sr->hooks.down(sr->hooks.ud, msg);
-    if (!ev_is_active(&sr->retry)) {
-        double d = (double)esmd_backoff_delay(&sr_backoff, sr->attempt, esmd_random64()) / 1000.0;
-        if (sr->attempt < 30)
-            sr->attempt++;
-        ev_timer_set(&sr->retry, d, 0.0);
-        ev_timer_start(sr->loop, &sr->retry);
-    }
+    retry_arm(sr);
 }
 
 /* Appends the references of an answer ([{"name","subject","version"}]) not listed yet (by name)
@@ -961,6 +976,37 @@ static bool is_not_found(const struct esmd_buf *body, double want1, double want2
     return yes;
 }
 
+static void entry_free(struct sr_entry *e)
+{
+    esmd_sr_schema_free(e->schema);
+    free(e->why);
+    entry_refs_free(e);
+    free(e);
+}
+
+/* e was answered MISSING or BAD: it joins the failed ones, and the oldest of them goes past
+ * SR_MAX_FAILED (no pointer to an entry outlives the esmd_sr_get() call that returned it). */
+static void failed_add(struct esmd_sr *sr, struct sr_entry *e)
+{
+    if (sr->failed_tail)
+        sr->failed_tail->fnext = e;
+    else
+        sr->failed_head = e;
+    sr->failed_tail = e;
+    if (++sr->nfailed <= SR_MAX_FAILED)
+        return;
+    struct sr_entry *old = sr->failed_head;
+    sr->failed_head = old->fnext;
+    sr->nfailed--;
+    for (struct sr_entry **pp = &sr->buckets[(uint32_t)old->id % SR_BUCKETS]; *pp;
+         pp = &(*pp)->next)
+        if (*pp == old) {
+            *pp = old->next;
+            break;
+        }
+    entry_free(old);
+}
+
 static void on_done(struct esmd_curl_ev *ce, CURL *easy, CURLcode result, void *priv)
 {
     (void)ce;
@@ -1001,6 +1047,8 @@ static void on_done(struct esmd_curl_ev *ce, CURL *easy, CURLcode result, void *
         sr_set_down(sr, why);
         return;
     }
+    if (e->st == ESMD_SR_MISSING || e->st == ESMD_SR_BAD)
+        failed_add(sr, e);
     if (e->st == ESMD_SR_BAD)
         ESMD_WARN(sr->log, "schema registry: schema %d cannot be used: %s", (int)e->id, e->why);
     sr->attempt = 0;
@@ -1076,10 +1124,7 @@ void esmd_sr_free(struct esmd_sr *sr)
         struct sr_entry *e = sr->buckets[i], *next;
         for (; e; e = next) {
             next = e->next;
-            esmd_sr_schema_free(e->schema);
-            free(e->why);
-            entry_refs_free(e);
-            free(e);
+            entry_free(e);
         }
     }
     free(sr->base);

@@ -9,9 +9,13 @@
 
 #include "testutil.h"
 
+#include "esmd/http.h"
+
 #include "../../connectors/kafka/kafka_private.h"
 #include "../../connectors/kafka/kafka_schema.h"
 
+#include <ev.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -327,6 +331,80 @@ static void test_encoder_metadata(void **state)
     esmd_buf_free(&out);
 }
 
+/* ---- the registry client: ids the registry does not know ---- */
+
+#define REG_IDS (1024 + 64) /* SR_MAX_FAILED and a round more */
+
+struct reg {
+    int asked[REG_IDS + 1]; /* GET /schemas/ids/{id} per id */
+    int changed;            /* hooks.changed calls */
+};
+
+static void reg_answer(void *ud, struct esmd_http_req *req)
+{
+    struct reg *r = ud;
+    int id = atoi(esmd_http_req_path(req) + strlen("/schemas/ids/"));
+    if (id > 0 && id <= REG_IDS)
+        r->asked[id]++;
+    static const char body[] = "{\"error_code\":40403,\"message\":\"Schema not found\"}";
+    esmd_http_respond(req, 404, "application/vnd.schemaregistry.v1+json", body, sizeof(body) - 1);
+}
+
+static void reg_changed(void *ud)
+{
+    ((struct reg *)ud)->changed++;
+}
+
+static enum esmd_sr_state sr_state(struct esmd_sr *sr, int32_t id)
+{
+    const struct esmd_sr_schema *s;
+    const char *why;
+    return esmd_sr_get(sr, id, &s, &why);
+}
+
+/* Records naming ever new unknown ids (data that starts with a 0 byte but was not written by a
+ * registry's serializer) do not grow the cache without bound: past SR_MAX_FAILED ids answered
+ * 40403 the oldest is forgotten and asked again when named again; the newest stay known. */
+static void test_unknown_ids_are_kept_bounded(void **state)
+{
+    (void)state;
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    char err[256] = "";
+    struct esmd_http *http = esmd_http_start(loop, "127.0.0.1:0", NULL, err, sizeof(err));
+    if (!http)
+        fail_msg("esmd_http_start: %s", err);
+    struct reg *r = calloc(1, sizeof(*r));
+    assert_int_equal(esmd_http_route(http, "GET", "/schemas/ids/*", reg_answer, r), 0);
+    char url[64];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d", esmd_http_port(http));
+    struct esmd_schema_registry_cfg cfg = {.set = true, .url = url};
+    struct esmd_sr_hooks hooks = {.changed = reg_changed, .ud = r};
+    struct esmd_sr *sr = esmd_sr_new(&cfg, loop, NULL, &hooks, err, sizeof(err));
+    if (!sr)
+        fail_msg("esmd_sr_new: %s", err);
+    for (int first = 1; first <= REG_IDS; first += 64) {
+        int n = first + 64 > REG_IDS + 1 ? REG_IDS + 1 - first : 64;
+        for (int id = first; id < first + n; id++)
+            assert_int_equal(sr_state(sr, id), ESMD_SR_PENDING);
+        esmd_test_run_until_count(loop, &r->changed, first - 1 + n, 30);
+        for (int id = first; id < first + n; id++)
+            assert_int_equal(sr_state(sr, id), ESMD_SR_MISSING);
+    }
+    for (int id = 1; id <= REG_IDS; id++)
+        assert_int_equal(r->asked[id], 1);
+    /* the newest are still known; the oldest were forgotten: asked again */
+    assert_int_equal(sr_state(sr, REG_IDS), ESMD_SR_MISSING);
+    assert_int_equal(sr_state(sr, REG_IDS - 1023), ESMD_SR_MISSING);
+    assert_int_equal(sr_state(sr, 1), ESMD_SR_PENDING);
+    esmd_test_run_until_count(loop, &r->changed, REG_IDS + 1, 30);
+    assert_int_equal(sr_state(sr, 1), ESMD_SR_MISSING);
+    assert_int_equal(r->asked[1], 2);
+    esmd_sr_free(sr);
+    esmd_http_stop(http);
+    free(r);
+    ev_loop_destroy(loop);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -335,6 +413,7 @@ int main(void)
         cmocka_unit_test(test_json_and_protobuf),
         cmocka_unit_test(test_protobuf),
         cmocka_unit_test(test_encoder_metadata),
+        cmocka_unit_test(test_unknown_ids_are_kept_bounded),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
