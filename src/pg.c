@@ -126,8 +126,8 @@ bool esmd_pg_error_permanent(const PGconn *conn, const PGresult *res)
     const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
     if (!st || strlen(st) != 5)
         return false;
-    static const char *const passing[] = {"08",    "53",    "57P",   "58",
-                                          "57014", "55P03", "40P01", "40001"};
+    static const char *const passing[] = {"08",    "53",    "57P",   "58",   "57014",
+                                          "55P03", "40P01", "40001", "25006"};
     for (size_t i = 0; i < ESMD_ARRAY_LEN(passing); i++)
         if (strncmp(st, passing[i], strlen(passing[i])) == 0)
             return false;

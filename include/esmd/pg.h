@@ -30,8 +30,9 @@ int esmd_pg_migrate_list(const char *conninfo, const char *const *names, const c
 /* Whether the failed result res of a blocking query on conn is an error that retrying will not
  * mend (docs/operations.md#start-up): the server answered with an SQLSTATE outside the classes
  * of a connection lost or refused (08), a server starting, stopping or short of resources (53,
- * 57P, 58), a query cancelled or timed out (57014), and a lock, deadlock or serialization
- * conflict (55P03, 40P01, 40001). false without a result or with the connection lost. */
+ * 57P, 58), a query cancelled or timed out (57014), a lock, deadlock or serialization
+ * conflict (55P03, 40P01, 40001), and a server that only reads (25006: a standby, as during a
+ * failover). false without a result or with the connection lost. */
 bool esmd_pg_error_permanent(const PGconn *conn, const PGresult *res);
 
 /* Number of migrations compiled in, and their names ("0001_mapping_state"), for `esmd version`. */

@@ -327,6 +327,36 @@ static void test_migrate_broken(void **state)
     PQfinish(c);
 }
 
+/* Start-up's split of database errors (esmd_pg_error_permanent): the server's answer to a
+ * statement that cannot work is permanent; a cancelled statement, a lock wait cut short and a
+ * read-only server (a standby during a failover) may pass; no result, or a connection gone,
+ * too. */
+static bool permanent_after(PGconn *c, const char *setup, const char *sql)
+{
+    if (setup)
+        PQclear(PQexec(c, setup));
+    PGresult *res = PQexec(c, sql);
+    assert_int_equal(PQresultStatus(res), PGRES_FATAL_ERROR);
+    bool p = esmd_pg_error_permanent(c, res);
+    PQclear(res);
+    PQclear(PQexec(c, "RESET ALL"));
+    return p;
+}
+
+static void test_error_permanent(void **state)
+{
+    (void)state;
+    ESMD_TEST_NEED_PG();
+    PGconn *c = esmd_test_pg_connect();
+    assert_true(permanent_after(c, NULL, "SELECT * FROM esmd.no_such_table"));           /* 42P01 */
+    assert_true(permanent_after(c, NULL, "SELECT 1/0"));                                 /* 22012 */
+    assert_false(permanent_after(c, "SET statement_timeout = 1", "SELECT pg_sleep(1)")); /* 57014 */
+    assert_false(permanent_after(c, "SET default_transaction_read_only = on",
+                                 "CREATE TABLE esmd.t_read_only (id int)")); /* 25006 */
+    assert_false(esmd_pg_error_permanent(c, NULL));
+    PQfinish(c);
+}
+
 static void test_migrate_connect_error(void **state)
 {
     (void)state;
@@ -778,6 +808,7 @@ int main(void)
         cmocka_unit_test(test_bad_conninfo),
         cmocka_unit_test(test_migrate_list_validation),
         cmocka_unit_test(test_unreachable_and_redacted),
+        cmocka_unit_test(test_error_permanent),
         cmocka_unit_test(test_migrate_connect_error),
         cmocka_unit_test(test_migrate_applies_all_then_none),
         cmocka_unit_test(test_migrate_concurrent),
