@@ -8,8 +8,9 @@
  *   ------  -----------------------  ---------------------------------------------------------
  *   poll    host_shard_open()        the connector fetches from its shards (the core opens a
  *           host_shard_close()       handle per shard, revoked shards are closed)
- *   emit    host_emit()              the record joins its shard's pending list; too many
- *                                    pending records pause the shard (backpressure)
+ *   emit    host_emit()              the record joins its lane's pending list; too many
+ *                                    pending records hold the source or pause the shard
+ *                                    (backpressure, hold_or_let_go())
  *   filter  filter_record()          no filter matches: it is acked without being sent
  *   batch   pump() → flush()         pending records of shards with no batch in flight join
  *                                    the forming batch; flushed at batch_size, at the end of
@@ -39,15 +40,31 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* A shard stops being fetched when max(2 x batch_size, PENDING_MIN_RECORDS) of its records, or
- * PENDING_MAX_BYTES, wait for a batch; and, while the whole mapping holds
- * max(4 x batch_size, MAP_PENDING_MIN_RECORDS) waiting records, as soon as it has a full batch
- * waiting. It resumes under half its own limits when the mapping is under half its limit or the
- * shard has less than a batch waiting: stuck shards holding the mapping's budget slow the others
- * down to a batch at a time, never to a stop. */
+/* Backpressure (docs/design.md#backpressure). The mapping's budget: max(4 x batch_size,
+ * MAP_PENDING_MIN_RECORDS) records waiting for a batch, or MAP_PENDING_MAX_BYTES of their
+ * encoded size.
+ *
+ * A source that can be held (ops->hold: Kafka) is held while the shards it fetches (the unpaused
+ * ones) have what the budget leaves them waiting, until they are under half of it. A hold that
+ * lasts HOLD_MAX_S (a slow or failing function) pauses every such shard with a batch or more
+ * waiting and lets the source go: records of stuck shards never keep the others from being
+ * fetched for long, nor the source from being served (a Kafka consumer's rebalances). A paused
+ * shard's records are taken from the budget, but the others always have two batches' worth
+ * (slowed down to a batch at a time, never to a stop); it resumes once it has less than two
+ * batches waiting. Bound: the budget, plus two batches for each shard paused with records
+ * waiting, plus what the connector emits before it sees the hold.
+ *
+ * Other sources: a shard stops being fetched when max(2 x batch_size, PENDING_MIN_RECORDS) of
+ * its records, or PENDING_MAX_BYTES, wait for a batch; and, while the whole mapping has the
+ * budget waiting, as soon as it has a full batch waiting. It resumes under half its own limits
+ * when the mapping is under half the budget or the shard has less than a batch waiting: stuck
+ * shards holding the mapping's budget slow the others down to a batch at a time, never to a
+ * stop. */
 #define PENDING_MIN_RECORDS 10000
 #define PENDING_MAX_BYTES (8u * 1024 * 1024)
 #define MAP_PENDING_MIN_RECORDS 50000
+#define MAP_PENDING_MAX_BYTES (32u * 1024 * 1024)
+#define HOLD_MAX_S 1.0
 /* Batches formed at once, at most (a function's max_concurrency may be far more; past this many
  * batches in flight, records gather into fuller batches anyway). */
 #define MAX_FORMERS 64
@@ -82,7 +99,50 @@ static void shard_pause(struct esmd_mapping *map, struct esmd_shard *shard)
     if (!shard->paused) {
         shard->paused = true;
         map->ops->pause(map->conn, shard);
+        esmd_series_inc(map->m.pauses, 1);
+        ESMD_DEBUG(&map->log, "shard %s paused: %zu records (%zu B) wait", shard->key,
+                   shard->all_npending, shard->all_pending_bytes);
     }
+}
+
+static void shard_resume(struct esmd_mapping *map, struct esmd_shard *shard)
+{
+    shard->paused = false;
+    map->ops->resume(map->conn, shard);
+}
+
+/* Holds or lets go the whole source (sources with ops->hold). */
+static void source_hold(struct esmd_mapping *map, bool hold)
+{
+    if (map->held == hold)
+        return;
+    map->held = hold;
+    map->hold_expired = false;
+    if (hold) {
+        ev_timer_set(&map->hold_timer, HOLD_MAX_S, 0.0);
+        ev_timer_start(map->loop, &map->hold_timer);
+        esmd_series_inc(map->m.holds, 1);
+    } else {
+        ev_timer_stop(map->loop, &map->hold_timer);
+    }
+    map->ops->hold(map->conn, hold);
+    ESMD_DEBUG(&map->log, "source %s: %zu records (%zu B) wait", hold ? "held" : "let go",
+               map->npending, map->pending_bytes);
+}
+
+static void on_hold_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct esmd_mapping *map = w->data;
+    ev_timer_stop(loop, w);
+    map->hold_expired = true;
+    map->dirty = true;
+}
+
+/* Do the records of the shards being fetched (npending, of bytes encoded size) fill what the
+ * budget leaves them? */
+static bool over_budget(const struct esmd_mapping *map, size_t npending, size_t bytes)
+{
+    return npending >= map->allow_records || bytes >= map->allow_bytes;
 }
 
 static struct esmd_shard *host_shard_open(void *core, const char *key, size_t overhead, void *priv)
@@ -112,6 +172,7 @@ static void lane_close(struct esmd_mapping *map, struct esmd_shard *lane)
     release_list(map, lane->pending_head);
     lane->pending_head = lane->pending_tail = NULL;
     map->npending -= lane->npending;
+    map->pending_bytes -= lane->pending_bytes;
     lane->npending = lane->pending_bytes = 0;
     if (lane->state == ESMD_SHARD_OPEN) {
         struct former *f = lane->former;
@@ -209,9 +270,20 @@ static void host_emit(void *core, struct esmd_shard *shard, struct esmd_record *
     shard->all_npending++;
     shard->all_pending_bytes += rec->size;
     map->npending++;
-    if (shard->all_npending >= map->pending_high || shard->all_pending_bytes >= PENDING_MAX_BYTES ||
-        (map->npending >= map->map_pending_high && shard->all_npending >= (size_t)map->batch_size))
+    map->pending_bytes += rec->size;
+    if (map->ops->hold) {
+        /* (paused_*: as of the last pump, which a revoke may have made larger) */
+        size_t n = map->npending > map->paused_records ? map->npending - map->paused_records : 0;
+        size_t b =
+            map->pending_bytes > map->paused_bytes ? map->pending_bytes - map->paused_bytes : 0;
+        if (!map->held && !shard->paused && over_budget(map, n, b))
+            source_hold(map, true);
+    } else if (shard->all_npending >= map->pending_high ||
+               shard->all_pending_bytes >= PENDING_MAX_BYTES ||
+               (map->npending >= map->map_pending_high &&
+                shard->all_npending >= (size_t)map->batch_size)) {
         shard_pause(map, shard);
+    }
     map->dirty = true;
 }
 
@@ -401,6 +473,7 @@ static bool pump_lane(struct esmd_mapping *map, struct esmd_shard *lane)
         parent->all_npending--;
         parent->all_pending_bytes -= rec->size;
         map->npending--;
+        map->pending_bytes -= rec->size;
         if (rec->filtered) {
             skip_record(map, lane, rec);
             continue;
@@ -425,6 +498,43 @@ static bool pump_lane(struct esmd_mapping *map, struct esmd_shard *lane)
     return true;
 }
 
+/* The budget for a source that can be held (see the top of this file): holds the source, lets
+ * it go, pauses the shards of a hold that lasted, resumes them. */
+static void hold_or_let_go(struct esmd_mapping *map)
+{
+    if (map->held && map->hold_expired) {
+        for (struct esmd_shard *shard = map->shards; shard; shard = shard->next)
+            if (shard->all_npending >= (size_t)map->batch_size)
+                shard_pause(map, shard);
+        source_hold(map, false);
+    }
+    size_t paused_n = 0, paused_b = 0;
+    for (struct esmd_shard *shard = map->shards; shard; shard = shard->next) {
+        if (shard->paused && !shard->relane && !map->held &&
+            shard->all_npending < 2 * (size_t)map->batch_size &&
+            shard->all_pending_bytes < MAP_PENDING_MAX_BYTES / 2)
+            shard_resume(map, shard);
+        if (shard->paused) {
+            paused_n += shard->all_npending;
+            paused_b += shard->all_pending_bytes;
+        }
+    }
+    /* What the paused shards hold is taken from the budget; the others always have two batches
+     * (a stuck shard slows them down to a batch at a time, never to a stop). */
+    map->paused_records = paused_n;
+    map->paused_bytes = paused_b;
+    size_t floor_n = 2 * (size_t)map->batch_size, floor_b = 2 * (size_t)ESMD_MAX_PAYLOAD;
+    map->allow_records =
+        map->map_pending_high > paused_n + floor_n ? map->map_pending_high - paused_n : floor_n;
+    map->allow_bytes =
+        MAP_PENDING_MAX_BYTES > paused_b + floor_b ? MAP_PENDING_MAX_BYTES - paused_b : floor_b;
+    size_t n = map->npending - paused_n, b = map->pending_bytes - paused_b;
+    if (!map->held && over_budget(map, n, b))
+        source_hold(map, true);
+    else if (map->held && n <= map->allow_records / 2 && b <= map->allow_bytes / 2)
+        source_hold(map, false);
+}
+
 /* Moves pending records into batches; runs once per loop turn, before the loop sleeps. */
 static void pump(struct esmd_mapping *map)
 {
@@ -437,13 +547,13 @@ static void pump(struct esmd_mapping *map)
             for (int i = 0; i < shard->nlanes; i++)
                 waited |= !pump_lane(map, shard->lanes[i]);
             relane_if_drained(map, shard);
+            if (map->ops->hold)
+                continue; /* hold_or_let_go() */
             if (shard->paused && !shard->relane && shard->all_npending <= map->pending_high / 2 &&
                 shard->all_pending_bytes <= PENDING_MAX_BYTES / 2 &&
                 (map->npending <= map->map_pending_high / 2 ||
-                 shard->all_npending < (size_t)map->batch_size)) {
-                shard->paused = false;
-                map->ops->resume(map->conn, shard);
-            }
+                 shard->all_npending < (size_t)map->batch_size))
+                shard_resume(map, shard);
         }
         /* Without a window the batches go now; lanes that waited for a batch (another lane of
          * their shard was in each) start the next ones. */
@@ -454,6 +564,8 @@ static void pump(struct esmd_mapping *map)
             flush_all(map);
         }
     }
+    if (map->ops->hold)
+        hold_or_let_go(map);
     esmd_series_set(map->m.pending, (double)map->npending);
 }
 
@@ -937,6 +1049,10 @@ static void metrics_init(struct esmd_mapping *map)
     SERIES(lag, ESMD_GAUGE, "esmd_offset_lag", "Records behind the end of the source (sum).");
     SERIES(inflight, ESMD_GAUGE, "esmd_inflight_batches", "Batches being invoked or retried.");
     SERIES(pending, ESMD_GAUGE, "esmd_pending_records", "Records read and waiting for a batch.");
+    SERIES(holds, ESMD_COUNTER, "esmd_source_holds_total",
+           "Times the source was held (too many records waiting; Kafka).");
+    SERIES(pauses, ESMD_COUNTER, "esmd_shard_pauses_total",
+           "Times a shard's fetching was paused (backpressure, disabling, re-laning).");
     SERIES(dropped, ESMD_COUNTER, "esmd_dropped_events_total",
            "Records given up without an on-failure destination (retries or record age exhausted, "
            "over the payload cap): discarded.");
@@ -1076,6 +1192,8 @@ static void set_batch_size(struct esmd_mapping *map, int batch_size)
     map->map_pending_high = (size_t)batch_size * 4;
     if (map->map_pending_high < MAP_PENDING_MIN_RECORDS)
         map->map_pending_high = MAP_PENDING_MIN_RECORDS;
+    map->allow_records = map->map_pending_high; /* until the next pump (hold_or_let_go) */
+    map->allow_bytes = MAP_PENDING_MAX_BYTES;
 }
 
 struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_mapping_cfg *cfg,
@@ -1164,6 +1282,8 @@ struct esmd_mapping *esmd_mapping_new(struct ev_loop *loop, const struct esmd_ma
     }
     ev_prepare_init(&map->pump, on_prepare);
     map->pump.data = map;
+    ev_init(&map->hold_timer, on_hold_timer);
+    map->hold_timer.data = map;
     ev_timer_init(&map->stats_timer, on_stats, 1.0, 1.0);
     map->stats_timer.data = map;
     metrics_init(map);
@@ -1235,8 +1355,11 @@ void esmd_mapping_stop(struct esmd_mapping *map, void (*done)(void *ud), void *u
         }
         s->all_npending = s->all_pending_bytes = 0;
         map->npending = 0;
+        map->pending_bytes = 0;
         shard_pause(map, s);
     }
+    if (map->ops->hold)
+        source_hold(map, false); /* the connector serves its consumer's close */
     /* Batches waiting for a retry are abandoned now; those in flight finish, and so do those
      * whose given-up records are being stored for the on-failure destination (the store calls
      * back into the inflight: it acks them once they are stored). */
@@ -1261,6 +1384,7 @@ void esmd_mapping_free(struct esmd_mapping *map)
     for (size_t k = 0; k < map->nformers; k++)
         ev_timer_stop(map->loop, &map->formers[k].window);
     ev_timer_stop(map->loop, &map->stats_timer);
+    ev_timer_stop(map->loop, &map->hold_timer);
     ev_idle_stop(map->loop, &map->stop_check);
     while (map->inflight) {
         struct inflight *inf = map->inflight;
@@ -1323,13 +1447,13 @@ void esmd_mapping_set_enabled(struct esmd_mapping *map, bool enabled)
     map->enabled = enabled;
     ESMD_INFO(&map->log, "mapping %s", enabled ? "enabled" : "disabled");
     for (struct esmd_shard *s = map->shards; s; s = s->next) {
-        if (!enabled) {
+        if (!enabled)
             shard_pause(map, s);
-        } else if (s->paused && !s->relane && s->all_npending <= map->pending_high / 2) {
-            s->paused = false;
-            map->ops->resume(map->conn, s);
-        }
+        else if (s->paused && !s->relane && s->all_npending <= map->pending_high / 2)
+            shard_resume(map, s);
     }
+    if (!enabled && map->ops->hold)
+        source_hold(map, false); /* every shard is paused: the source is served (rebalances) */
     for (size_t k = 0; k < map->nformers; k++) {
         if (!enabled)
             ev_timer_stop(map->loop, &map->formers[k].window); /* the forming batch waits */

@@ -119,6 +119,13 @@ struct esmd_mapping {
     size_t pending_high;     /* per-shard pause threshold (records) */
     size_t map_pending_high; /* mapping-wide pause threshold (records) */
     size_t npending;         /* records waiting in all shards */
+    size_t pending_bytes;    /* their encoded size */
+    /* The source is held (ops->hold): docs/design.md#backpressure. paused_*: what paused shards
+     * held at the last pump; allow_*: what the budget leaves the other shards. */
+    bool held;
+    bool hold_expired; /* held for HOLD_MAX_S: pump pauses the shards that hold the records */
+    ev_timer hold_timer;
+    size_t paused_records, paused_bytes, allow_records, allow_bytes;
 
     struct esmd_mapping_watch *watch; /* the console's history and failures (mapping_watch.c) */
     /* esmd_committed_events_total when this mapping was made (a mapping restarted, or added
@@ -128,7 +135,7 @@ struct esmd_mapping {
     struct {
         struct esmd_series *polled, *invoked, *failed, *batches, *oversized, *retries, *throttled,
             *lag, *inflight, *pending, *committed, *filtered, *dropped, *on_failure, *bisections,
-            *undecodable;
+            *undecodable, *holds, *pauses;
     } m;
 };
 

@@ -138,6 +138,7 @@ struct esmd_kafka {
     struct esmd_kafka_wake wake; /* the queue's wake-up pipe and its watcher */
 
     ev_timer kick;      /* 0 s: drain again next turn (a turn's drain was bounded) */
+    bool held;          /* the core holds us (backpressure): the queue is not served */
     ev_timer tick;      /* KAFKA_TICK_S housekeeping */
     ev_timer commit_tm; /* next coalesced commit */
     ev_timer done_tm;   /* 0 s: call done() outside stop() */
@@ -956,9 +957,14 @@ static void kafka_drain(struct esmd_kafka *kc)
     kc->draining = true;
     esmd_kafka_wake_clear(&kc->wake);
     enum kafka_state state = kc->state;
+    if (kc->held && state == KAFKA_RUNNING) {
+        kc->draining = false; /* what librdkafka prefetched waits in its queue (kafka_hold) */
+        return;
+    }
     rd_kafka_queue_t *q = state == KAFKA_CLOSING ? kc->closeq : kc->rkqu;
     int n = 0;
-    for (; n < KAFKA_DRAIN_MAX && kc->state == state; n++) {
+    for (; n < KAFKA_DRAIN_MAX && kc->state == state && !(kc->held && state == KAFKA_RUNNING);
+         n++) {
         rd_kafka_message_t *rkm = state == KAFKA_CLOSING ? rd_kafka_consume_queue(q, 0)
                                                          : rd_kafka_consumer_poll(kc->rk, 0);
         if (!rkm)
@@ -1271,6 +1277,17 @@ static void kafka_resume(void *c, struct esmd_shard *shard)
     pause_resume(c, shard, false);
 }
 
+/* Backpressure for the whole consumer (docs/kafka.md "Flow control"): the queue is not served
+ * while held, so librdkafka keeps its prefetched records and stops fetching once its queue
+ * holds queued.max.messages.kbytes; nothing is dropped and fetched again, as a pause would. */
+static void kafka_hold(void *c, bool hold)
+{
+    struct esmd_kafka *kc = c;
+    kc->held = hold;
+    if (!hold && kc->rk)
+        ev_timer_start(kc->host->loop, &kc->kick);
+}
+
 static void kafka_ack(void *c, struct esmd_shard *shard, int64_t next_seq)
 {
     struct esmd_kafka *kc = c;
@@ -1523,6 +1540,7 @@ const struct esmd_connector_ops esmd_connector_kafka = {
     .start = kafka_start,
     .pause = kafka_pause,
     .resume = kafka_resume,
+    .hold = kafka_hold,
     .ack = kafka_ack,
     .release = kafka_release,
     .encode = kafka_encode,

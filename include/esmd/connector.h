@@ -91,6 +91,13 @@ struct esmd_connector_ops {
     /* Backpressure for one shard: stop / restart fetching it. Idempotent. */
     void (*pause)(void *c, struct esmd_shard *shard);
     void (*resume)(void *c, struct esmd_shard *shard);
+    /* Optional, backpressure for the whole source: stop (true) / restart (false) taking records
+     * from the client's prefetch queue, which keeps what it prefetched (unlike pause, which
+     * drops a shard's prefetched records: fetching them again takes far longer than serving
+     * them). Idempotent. With it, the core holds the source while the mapping has too many
+     * records waiting and pauses shards only when a hold lasts (docs/design.md#backpressure);
+     * without it, shards are paused one by one. */
+    void (*hold)(void *c, bool hold);
     /* Every record of shard with seq < next_seq is finished: store and commit it. */
     void (*ack)(void *c, struct esmd_shard *shard, int64_t next_seq);
     /* Queue sources only: the records of shard with seq < next_seq that are not acked yet are

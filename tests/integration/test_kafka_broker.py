@@ -6,6 +6,10 @@ librdkafka's mock cluster cannot show.
                                              commits read back with Kafka's own tool
     1,000,000 records                        beyond the mock's retention: exactly once, in order
     partitions added at run time             picked up by esmd's metadata refresh
+    backpressure, a stuck partition          160,000 records on 2 partitions, one failing: the
+                                             consumer is held at the budget, the stuck
+                                             partition paused, the other delivered in full;
+                                             then everything exactly once, in order
     SASL/PLAIN                               through the connection's properties; a wrong
                                              password is a 503 and a log line, not a crash
 
@@ -15,12 +19,13 @@ offset order), so a million records cost a few integers."""
 
 import re
 import signal
+import threading
 import time
 
 import pytest
 
 import servers
-from endpoint import Endpoint
+from endpoint import Endpoint, Response
 from kafka_tally import Producer, Tally, kafka_cfg, wait_committed
 from servers import wait_for
 
@@ -285,3 +290,86 @@ def test_sasl_plain_delivers_and_wrong_password_is_reported(own_broker, postgres
         assert bad.stop(timeout=40) == 0
     finally:
         other.close()
+
+
+# ---- 5. backpressure: the budget held by a stuck partition -----------------------------------
+
+
+def test_backpressure_stuck_partition_does_not_hold_the_other(broker, postgres, endpoint, esmd,
+                                                              names):
+    """docs/design.md#backpressure: more records wait than the mapping's budget (50,000), all of
+    partition 0, whose records fail (a partial batch response names the first of them) until
+    partition 1 is delivered in full. The consumer is held at the budget; the hold lasts, so
+    partition 0 is paused and the consumer served again: partition 1 is not starved. Then
+    partition 0 heals: every record succeeds exactly once, in offset order, all committed."""
+    parts, total, budget = 2, 160_000, 50_000
+    topic = broker.create_topic(names.topic(), parts)
+    group = names.group()
+    broker.produce(topic, count=total, size=20, partitions=parts, timeout=240)
+    hw = broker.watermarks(topic)
+    assert hw == {0: total // 2, 1: total // 2}
+    healed = threading.Event()
+    lock = threading.Lock()
+    done = {0: [], 1: []}  # offsets that succeeded, in the order of their success
+
+    def on_request(req):
+        ev = req.json if isinstance(req.json, dict) else {}
+        recs = [r for lst in (ev.get("records") or {}).values() for r in lst]
+        failing = None
+        if not healed.is_set():
+            p0 = [r["offset"] for r in recs if r["partition"] == 0]
+            failing = min(p0) if p0 else None
+        with lock:
+            for r in recs:
+                if r["partition"] == 0 and failing is not None:
+                    continue  # named below: it and the rest of its partition are retried
+                done[r["partition"]].append(r["offset"])
+        req.body, req.json = b"", None
+        if failing is None:
+            return None
+        return Response(200, {"batchItemFailures": [
+            {"itemIdentifier": {"partition": "%s-0" % topic, "offset": failing}}]})
+
+    endpoint.behaviour = on_request
+    cfg = kafka_cfg(broker, topic, group, endpoint.url, names.mapping(), batch_size=500,
+                    window="50ms", timeout="30s")
+    cfg["mappings"][0]["report_batch_item_failures"] = True
+    cfg["mappings"][0]["maximum_retry_attempts"] = -1
+    proc = esmd(cfg, env={"ESMD_MAPPING_RETRY_BACKOFF": "20,200"})
+    peak = [0.0]
+
+    def metric(name):
+        m = proc.metrics()
+        peak[0] = max(peak[0], m.get("esmd_pending_records"))
+        return m.get(name)
+
+    # the budget is reached (partition 0 alone has more records than it), the consumer held,
+    # and the hold lasts (partition 0 never drains): partition 0 is paused
+    wait_for(lambda: metric("esmd_source_holds_total") >= 1, 120, 0.2, "the consumer held")
+    wait_for(lambda: metric("esmd_shard_pauses_total") >= 1, 120, 0.2, "partition 0 paused")
+
+    def partition_1_done():
+        metric("esmd_pending_records")
+        with lock:
+            return len(done[1]) >= hw[1]
+    wait_for(partition_1_done, 180, 0.2, "partition 1 delivered while partition 0 fails")
+    with lock:
+        assert not done[0], "partition 0 succeeded before it healed: %s" % done[0][:5]
+    healed.set()
+
+    def all_done():
+        metric("esmd_pending_records")
+        with lock:
+            return len(done[0]) >= hw[0]
+    wait_for(all_done, 180, 0.2, "partition 0 delivered once healed")
+    time.sleep(1.0)  # a redelivery would show up now
+    with lock:
+        for p in range(parts):
+            assert done[p] == list(range(hw[p])), (
+                "partition %d: %d successes, not offsets 0..%d once each in order" % (
+                    p, len(done[p]), hw[p] - 1))
+    wait_committed(broker, group, topic, hw, timeout=60)
+    # memory stays bounded (docs/design.md#backpressure): the budget, plus two batches for each
+    # shard paused with records waiting, plus one turn of the consumer's queue (1,000 records)
+    assert peak[0] <= budget + parts * 2 * 500 + 1000, peak[0]
+    assert proc.stop() == 0
