@@ -699,6 +699,7 @@ struct sr_req {
     CURL *easy;
     struct curl_slist *hdrs;
     struct esmd_buf body;
+    bool too_big; /* the answer passed SR_MAX_RESPONSE */
     char errbuf[CURL_ERROR_SIZE];
     struct sr_req *prev, *next;
 };
@@ -740,8 +741,10 @@ static size_t on_body(char *p, size_t size, size_t n, void *ud)
 {
     struct sr_req *req = ud;
     size_t len = size * n;
-    if (req->body.len + len > SR_MAX_RESPONSE)
+    if (req->body.len + len > SR_MAX_RESPONSE) {
+        req->too_big = true;
         return 0; /* curl fails the transfer */
+    }
     esmd_buf_append(&req->body, p, len);
     return len;
 }
@@ -1019,7 +1022,13 @@ static void on_done(struct esmd_curl_ev *ce, CURL *easy, CURLcode result, void *
     e->inflight = false;
     curl_easy_getinfo(req->easy, CURLINFO_RESPONSE_CODE, &status);
     bool answered = false;
-    if (result != CURLE_OK) {
+    if (req->too_big) {
+        /* that id's answer, every time: its records fail rather than hold the registry down */
+        snprintf(why, sizeof(why), "the registry's answer for schema %d is larger than %d MB",
+                 (int)e->id, SR_MAX_RESPONSE / (1024 * 1024));
+        entry_bad(e, why);
+        answered = true;
+    } else if (result != CURLE_OK) {
         snprintf(why, sizeof(why), "%s", req->errbuf[0] ? req->errbuf : curl_easy_strerror(result));
     } else if (status == 200) {
         answered = e->text ? parse_ref_answer(e, &req->body) : parse_answer(e, &req->body);

@@ -338,12 +338,25 @@ static void test_encoder_metadata(void **state)
 struct reg {
     int asked[REG_IDS + 1]; /* GET /schemas/ids/{id} per id */
     int changed;            /* hooks.changed calls */
+    int down;               /* hooks.down calls with a reason */
 };
+
+#define REG_BIG 5000 /* answered with a schema of 9 MB */
 
 static void reg_answer(void *ud, struct esmd_http_req *req)
 {
     struct reg *r = ud;
     int id = atoi(esmd_http_req_path(req) + strlen("/schemas/ids/"));
+    if (id == REG_BIG) {
+        size_t n = 9u * 1024 * 1024;
+        char *big = malloc(n);
+        memset(big, 'x', n);
+        memcpy(big, "{\"schema\":\"", 11);
+        memcpy(big + n - 2, "\"}", 2);
+        esmd_http_respond(req, 200, "application/vnd.schemaregistry.v1+json", big, n);
+        free(big);
+        return;
+    }
     if (id > 0 && id <= REG_IDS)
         r->asked[id]++;
     static const char body[] = "{\"error_code\":40403,\"message\":\"Schema not found\"}";
@@ -353,6 +366,45 @@ static void reg_answer(void *ud, struct esmd_http_req *req)
 static void reg_changed(void *ud)
 {
     ((struct reg *)ud)->changed++;
+}
+
+static void reg_down(void *ud, const char *why)
+{
+    if (why)
+        ((struct reg *)ud)->down++;
+}
+
+/* esmd's HTTP server as a registry (reg_answer) on a loop of its own, and a client of it. */
+struct reg_env {
+    struct ev_loop *loop;
+    struct esmd_http *http;
+    struct reg r;
+};
+
+static struct esmd_sr *reg_env_start(struct reg_env *env)
+{
+    memset(env, 0, sizeof(*env));
+    env->loop = ev_loop_new(EVFLAG_AUTO);
+    char err[256] = "";
+    env->http = esmd_http_start(env->loop, "127.0.0.1:0", NULL, err, sizeof(err));
+    if (!env->http)
+        fail_msg("esmd_http_start: %s", err);
+    assert_int_equal(esmd_http_route(env->http, "GET", "/schemas/ids/*", reg_answer, &env->r), 0);
+    char url[64];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d", esmd_http_port(env->http));
+    struct esmd_schema_registry_cfg cfg = {.set = true, .url = url};
+    struct esmd_sr_hooks hooks = {.changed = reg_changed, .down = reg_down, .ud = &env->r};
+    struct esmd_sr *sr = esmd_sr_new(&cfg, env->loop, NULL, &hooks, err, sizeof(err));
+    if (!sr)
+        fail_msg("esmd_sr_new: %s", err);
+    return sr;
+}
+
+/* After esmd_sr_free. */
+static void reg_env_stop(struct reg_env *env)
+{
+    esmd_http_stop(env->http);
+    ev_loop_destroy(env->loop);
 }
 
 static enum esmd_sr_state sr_state(struct esmd_sr *sr, int32_t id)
@@ -368,20 +420,10 @@ static enum esmd_sr_state sr_state(struct esmd_sr *sr, int32_t id)
 static void test_unknown_ids_are_kept_bounded(void **state)
 {
     (void)state;
-    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
-    char err[256] = "";
-    struct esmd_http *http = esmd_http_start(loop, "127.0.0.1:0", NULL, err, sizeof(err));
-    if (!http)
-        fail_msg("esmd_http_start: %s", err);
-    struct reg *r = calloc(1, sizeof(*r));
-    assert_int_equal(esmd_http_route(http, "GET", "/schemas/ids/*", reg_answer, r), 0);
-    char url[64];
-    snprintf(url, sizeof(url), "http://127.0.0.1:%d", esmd_http_port(http));
-    struct esmd_schema_registry_cfg cfg = {.set = true, .url = url};
-    struct esmd_sr_hooks hooks = {.changed = reg_changed, .ud = r};
-    struct esmd_sr *sr = esmd_sr_new(&cfg, loop, NULL, &hooks, err, sizeof(err));
-    if (!sr)
-        fail_msg("esmd_sr_new: %s", err);
+    struct reg_env env;
+    struct esmd_sr *sr = reg_env_start(&env);
+    struct ev_loop *loop = env.loop;
+    struct reg *r = &env.r;
     for (int first = 1; first <= REG_IDS; first += 64) {
         int n = first + 64 > REG_IDS + 1 ? REG_IDS + 1 - first : 64;
         for (int id = first; id < first + n; id++)
@@ -400,9 +442,32 @@ static void test_unknown_ids_are_kept_bounded(void **state)
     assert_int_equal(sr_state(sr, 1), ESMD_SR_MISSING);
     assert_int_equal(r->asked[1], 2);
     esmd_sr_free(sr);
-    esmd_http_stop(http);
-    free(r);
-    ev_loop_destroy(loop);
+    reg_env_stop(&env);
+}
+
+/* An answer larger than the client reads (8 MB) makes that id unusable (its records fail as
+ * DESERIALIZATION_ERROR) rather than the registry down: it would be the same answer each time,
+ * and other ids would wait behind the retries. */
+static void test_oversized_answer_is_the_ids_failure(void **state)
+{
+    (void)state;
+    struct reg_env env;
+    struct esmd_sr *sr = reg_env_start(&env);
+    struct ev_loop *loop = env.loop;
+    struct reg *r = &env.r;
+    assert_int_equal(sr_state(sr, REG_BIG), ESMD_SR_PENDING);
+    esmd_test_run_until_count(loop, &r->changed, 1, 20);
+    const struct esmd_sr_schema *s;
+    const char *why;
+    assert_int_equal(esmd_sr_get(sr, REG_BIG, &s, &why), ESMD_SR_BAD);
+    assert_non_null(strstr(why, "larger than 8 MB"));
+    assert_int_equal(r->down, 0);
+    /* the registry is not down: another id is asked at once */
+    assert_int_equal(sr_state(sr, 7), ESMD_SR_PENDING);
+    esmd_test_run_until_count(loop, &r->changed, 2, 20);
+    assert_int_equal(sr_state(sr, 7), ESMD_SR_MISSING);
+    esmd_sr_free(sr);
+    reg_env_stop(&env);
 }
 
 int main(void)
@@ -414,6 +479,7 @@ int main(void)
         cmocka_unit_test(test_protobuf),
         cmocka_unit_test(test_encoder_metadata),
         cmocka_unit_test(test_unknown_ids_are_kept_bounded),
+        cmocka_unit_test(test_oversized_answer_is_the_ids_failure),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
