@@ -20,11 +20,13 @@
 #include <google/protobuf/io/zero_copy_stream_impl_lite.h>
 #include <google/protobuf/message.h>
 #include <google/protobuf/stubs/logging.h>
+#include <google/protobuf/type.pb.h>
 #include <google/protobuf/util/json_util.h>
 #include <google/protobuf/util/type_resolver.h>
 #include <google/protobuf/util/type_resolver_util.h>
 
 #include <climits>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -32,6 +34,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace pb = google::protobuf;
@@ -112,6 +115,52 @@ bool to_proto(const esmd_pb_file &f, const std::string &name, pb::FileDescriptor
     return true;
 }
 
+// libprotobuf's resolver over a DescriptorPool converts a descriptor to a google.protobuf.Type
+// each time the JSON printer asks, once per message type per record: most of the cost of a
+// record. The types of a schema never change, so each is converted once and kept.
+class CachingResolver : public pb::util::TypeResolver
+{
+  public:
+    explicit CachingResolver(pb::util::TypeResolver *inner) : inner_(inner) {}
+
+    pb::util::Status ResolveMessageType(const std::string &url, pb::Type *type) override
+    {
+        return resolve(url, type, types_, [this](const std::string &u, pb::Type *t) {
+            return inner_->ResolveMessageType(u, t);
+        });
+    }
+
+    pb::util::Status ResolveEnumType(const std::string &url, pb::Enum *type) override
+    {
+        return resolve(url, type, enums_, [this](const std::string &u, pb::Enum *t) {
+            return inner_->ResolveEnumType(u, t);
+        });
+    }
+
+  private:
+    template <typename T, typename F>
+    pb::util::Status resolve(const std::string &url, T *out, std::unordered_map<std::string, T> &m,
+                             F fetch)
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = m.find(url);
+        if (it == m.end()) {
+            T t;
+            pb::util::Status st = fetch(url, &t);
+            if (!st.ok())
+                return st;
+            it = m.emplace(url, std::move(t)).first;
+        }
+        *out = it->second;
+        return pb::util::Status();
+    }
+
+    std::unique_ptr<pb::util::TypeResolver> inner_;
+    std::mutex mu_;
+    std::unordered_map<std::string, pb::Type> types_;
+    std::unordered_map<std::string, pb::Enum> enums_;
+};
+
 } // namespace
 
 struct esmd_pb_schema {
@@ -167,7 +216,8 @@ extern "C" struct esmd_pb_schema *esmd_pb_schema_new(const struct esmd_pb_file *
             set_err(err, errlen, "the schema defines no message type");
             return nullptr;
         }
-        s->resolver.reset(pb::util::NewTypeResolverForDescriptorPool(kTypeUrlPrefix, &s->pool));
+        s->resolver.reset(new CachingResolver(
+            pb::util::NewTypeResolverForDescriptorPool(kTypeUrlPrefix, &s->pool)));
         return s.release();
     } catch (const std::exception &e) {
         set_err(err, errlen, std::string("libprotobuf: ") + e.what());
@@ -215,6 +265,261 @@ bool find_unknown(const pb::Message &m, std::string *where)
     }
     return false;
 }
+
+// Protobuf's canonical JSON mapping, written from the parsed message by reflection: the same
+// output as util::BinaryToJsonString with default options (fields by their json_name, in field
+// number order, fields without presence at their default left out, 64-bit integers as strings,
+// enums by name, bytes as base64, NaN and infinities as strings, map keys as strings), which
+// costs about ten times more a record (it goes through google.protobuf.Type and a stream of
+// parse events). The well-known types (google/protobuf/*.proto: Timestamp, Duration, Struct,
+// wrappers, Any, ...) have mappings of their own: they are written by that library function.
+class JsonWriter
+{
+  public:
+    JsonWriter(pb::util::TypeResolver *resolver, size_t max) : resolver_(resolver), max_(max) {}
+    std::string out, err;
+
+    bool message(const pb::Message &m)
+    {
+        const pb::Descriptor *d = m.GetDescriptor();
+        if (d->file()->name().compare(0, 16, "google/protobuf/") == 0)
+            return well_known(m);
+        if (out.size() > max_) {
+            err = "decoded record is larger than the event can carry";
+            return false;
+        }
+        const pb::Reflection *r = m.GetReflection();
+        std::vector<const pb::FieldDescriptor *> fields;
+        r->ListFields(m, &fields);
+        out += '{';
+        for (size_t k = 0; k < fields.size(); k++) {
+            const pb::FieldDescriptor *f = fields[k];
+            if (k)
+                out += ',';
+            string(f->json_name());
+            out += ':';
+            if (f->is_map()) {
+                const pb::FieldDescriptor *kf = f->message_type()->FindFieldByNumber(1);
+                const pb::FieldDescriptor *vf = f->message_type()->FindFieldByNumber(2);
+                out += '{';
+                for (int i = 0, n = r->FieldSize(m, f); i < n; i++) {
+                    const pb::Message &e = r->GetRepeatedMessage(m, f, i);
+                    if (i)
+                        out += ',';
+                    if (!map_key(e, kf))
+                        return false;
+                    out += ':';
+                    if (!value(e, vf, -1))
+                        return false;
+                }
+                out += '}';
+            } else if (f->is_repeated()) {
+                out += '[';
+                for (int i = 0, n = r->FieldSize(m, f); i < n; i++) {
+                    if (i)
+                        out += ',';
+                    if (!value(m, f, i))
+                        return false;
+                }
+                out += ']';
+            } else if (!value(m, f, -1)) {
+                return false;
+            }
+        }
+        out += '}';
+        return true;
+    }
+
+  private:
+    pb::util::TypeResolver *resolver_;
+    size_t max_;
+
+    // f's value in m, the i-th when repeated (i >= 0)
+    bool value(const pb::Message &m, const pb::FieldDescriptor *f, int i)
+    {
+        const pb::Reflection *r = m.GetReflection();
+        bool rep = i >= 0;
+        switch (f->cpp_type()) {
+        case pb::FieldDescriptor::CPPTYPE_INT32:
+            out += std::to_string(rep ? r->GetRepeatedInt32(m, f, i) : r->GetInt32(m, f));
+            return true;
+        case pb::FieldDescriptor::CPPTYPE_UINT32:
+            out += std::to_string(rep ? r->GetRepeatedUInt32(m, f, i) : r->GetUInt32(m, f));
+            return true;
+        case pb::FieldDescriptor::CPPTYPE_INT64:
+            string(std::to_string(rep ? r->GetRepeatedInt64(m, f, i) : r->GetInt64(m, f)));
+            return true;
+        case pb::FieldDescriptor::CPPTYPE_UINT64:
+            string(std::to_string(rep ? r->GetRepeatedUInt64(m, f, i) : r->GetUInt64(m, f)));
+            return true;
+        case pb::FieldDescriptor::CPPTYPE_DOUBLE:
+            number(rep ? r->GetRepeatedDouble(m, f, i) : r->GetDouble(m, f), false);
+            return true;
+        case pb::FieldDescriptor::CPPTYPE_FLOAT:
+            number(rep ? r->GetRepeatedFloat(m, f, i) : r->GetFloat(m, f), true);
+            return true;
+        case pb::FieldDescriptor::CPPTYPE_BOOL:
+            out += (rep ? r->GetRepeatedBool(m, f, i) : r->GetBool(m, f)) ? "true" : "false";
+            return true;
+        case pb::FieldDescriptor::CPPTYPE_ENUM: {
+            int v = rep ? r->GetRepeatedEnumValue(m, f, i) : r->GetEnumValue(m, f);
+            const pb::EnumValueDescriptor *ev = f->enum_type()->FindValueByNumber(v);
+            if (f->enum_type()->full_name() == "google.protobuf.NullValue")
+                out += "null";
+            else if (ev)
+                string(ev->name());
+            else
+                out += std::to_string(v); /* a value the enum does not declare (proto3) */
+            return true;
+        }
+        case pb::FieldDescriptor::CPPTYPE_STRING: {
+            std::string scratch;
+            const std::string &v = rep ? r->GetRepeatedStringReference(m, f, i, &scratch)
+                                       : r->GetStringReference(m, f, &scratch);
+            if (f->type() == pb::FieldDescriptor::TYPE_BYTES)
+                base64(v);
+            else
+                string(v);
+            return true;
+        }
+        case pb::FieldDescriptor::CPPTYPE_MESSAGE:
+            return message(rep ? r->GetRepeatedMessage(m, f, i) : r->GetMessage(m, f));
+        }
+        err = "field " + f->full_name() + " has a type esmd does not know";
+        return false;
+    }
+
+    bool map_key(const pb::Message &e, const pb::FieldDescriptor *kf)
+    {
+        if (kf->cpp_type() == pb::FieldDescriptor::CPPTYPE_STRING)
+            return value(e, kf, -1);
+        if (kf->cpp_type() == pb::FieldDescriptor::CPPTYPE_BOOL) {
+            out += e.GetReflection()->GetBool(e, kf) ? "\"true\"" : "\"false\"";
+            return true;
+        }
+        if (kf->cpp_type() == pb::FieldDescriptor::CPPTYPE_INT64 ||
+            kf->cpp_type() == pb::FieldDescriptor::CPPTYPE_UINT64)
+            return value(e, kf, -1); /* already a string */
+        out += '"';
+        bool ok = value(e, kf, -1);
+        out += '"';
+        return ok;
+    }
+
+    bool well_known(const pb::Message &m)
+    {
+        std::string bin, json;
+        if (!m.SerializeToString(&bin)) {
+            err = m.GetDescriptor()->full_name() + " does not serialize";
+            return false;
+        }
+        pb::util::Status st = pb::util::BinaryToJsonString(
+            resolver_, std::string(kTypeUrlPrefix) + "/" + m.GetDescriptor()->full_name(), bin,
+            &json, pb::util::JsonPrintOptions());
+        if (!st.ok()) {
+            err = "Protobuf to JSON: " + st.ToString();
+            return false;
+        }
+        out += json;
+        return true;
+    }
+
+    void number(double v, bool single)
+    {
+        if (std::isnan(v)) {
+            out += "\"NaN\"";
+            return;
+        }
+        if (std::isinf(v)) {
+            out += v > 0 ? "\"Infinity\"" : "\"-Infinity\"";
+            return;
+        }
+        // Most values in records (prices, rates) have few decimals: n / 10^k for the smallest k
+        // up to 8 that reads back as v is written with integer arithmetic, without printf.
+        static const double p10[] = {1, 10, 100, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8};
+        for (int k = 0; k <= 8 && std::fabs(v) < 1e15; k++) {
+            double scaled = v * p10[k];
+            if (std::fabs(scaled) >= 9007199254740992.0) // 2^53: no longer exact
+                break;
+            long long n = std::llround(scaled);
+            double back = (double)n / p10[k];
+            if (single ? (float)back != (float)v : back != v)
+                continue;
+            if (n == 0 && std::signbit(v)) {
+                out += "-0";
+                return;
+            }
+            std::string digits = std::to_string(n < 0 ? -n : n);
+            if (digits.size() <= (size_t)k)
+                digits.insert(0, (size_t)k + 1 - digits.size(), '0');
+            if (n < 0)
+                out += '-';
+            out.append(digits, 0, digits.size() - (size_t)k);
+            if (k) {
+                out += '.';
+                out.append(digits, digits.size() - (size_t)k, std::string::npos);
+            }
+            return;
+        }
+        char b[40];
+        for (int prec = single ? 6 : 15; prec <= (single ? 9 : 17); prec++) {
+            snprintf(b, sizeof(b), "%.*g", prec, v);
+            double back = strtod(b, nullptr);
+            if (single ? (float)back == (float)v : back == v)
+                break;
+        }
+        out += b;
+    }
+
+    void string(const std::string &v)
+    {
+        out += '"';
+        size_t from = 0;
+        for (size_t i = 0; i < v.size(); i++) {
+            unsigned char c = (unsigned char)v[i];
+            if (c >= 0x20 && c != '"' && c != '\\')
+                continue;
+            out.append(v, from, i - from);
+            from = i + 1;
+            if (c == '"' || c == '\\') {
+                out += '\\';
+                out += (char)c;
+            } else {
+                char b[8];
+                snprintf(b, sizeof(b), "\\u%04x", c);
+                out += b;
+            }
+        }
+        out.append(v, from, std::string::npos);
+        out += '"';
+    }
+
+    void base64(const std::string &v)
+    {
+        static const char tab[] =
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        out += '"';
+        size_t i = 0, n = v.size();
+        for (; i + 2 < n; i += 3) {
+            unsigned x = ((unsigned char)v[i] << 16) | ((unsigned char)v[i + 1] << 8) |
+                         (unsigned char)v[i + 2];
+            out += tab[x >> 18];
+            out += tab[(x >> 12) & 63];
+            out += tab[(x >> 6) & 63];
+            out += tab[x & 63];
+        }
+        if (i < n) {
+            unsigned x = (unsigned char)v[i] << 16;
+            if (i + 1 < n)
+                x |= (unsigned char)v[i + 1] << 8;
+            out += tab[x >> 18];
+            out += tab[(x >> 12) & 63];
+            out += i + 1 < n ? tab[(x >> 6) & 63] : '=';
+            out += '=';
+        }
+        out += '"';
+    }
+};
 
 } // namespace
 
@@ -277,15 +582,12 @@ extern "C" char *esmd_pb_decode(const struct esmd_pb_schema *s, const int64_t *i
             set_err(err, errlen, where + " (not written with this schema)");
             return nullptr;
         }
-        std::string out;
-        pb::util::JsonPrintOptions opts;
-        pb::util::Status st = pb::util::BinaryToJsonString(
-            s->resolver.get(), std::string(kTypeUrlPrefix) + "/" + d->full_name(),
-            std::string(reinterpret_cast<const char *>(msg), len), &out, opts);
-        if (!st.ok()) {
-            set_err(err, errlen, "Protobuf to JSON: " + st.ToString());
+        JsonWriter w(s->resolver.get(), max_json);
+        if (!w.message(*m)) {
+            set_err(err, errlen, w.err);
             return nullptr;
         }
+        const std::string &out = w.out;
         if (out.size() > max_json) {
             set_err(err, errlen, "decoded record is larger than the event can carry");
             return nullptr;

@@ -224,17 +224,27 @@ def main():
         avro = [ser(o, ctx) for o in orders]
         log("%d records serialized by AvroSerializer in %.1f s" % (len(avro),
                                                                    time.monotonic() - t0))
+        cls = protobuf_order_class()
+        pser = ProtobufSerializer(cls, SchemaRegistryClient({"url": registry.url}),
+                                  {"use.deprecated.format": False})
+        pctx = SerializationContext("protobuf", MessageField.VALUE)
+        t0 = time.monotonic()
+        pb = [pser(to_protobuf(cls, o), pctx) for o in orders]
+        log("%d records serialized by ProtobufSerializer in %.1f s" % (len(pb),
+                                                                       time.monotonic() - t0))
         plain = [json.dumps(o, ensure_ascii=False, separators=(",", ":")).encode()
                  for o in orders]
         sizes = {"avro": statistics.mean(len(v) for v in avro),
+                 "protobuf": statistics.mean(len(v) for v in pb),
                  "json": statistics.mean(len(v) for v in plain)}
 
         mock = procs.start("mock", [tools["kafkatool"], "mock", "--topic",
                                     "avro:%d" % a.partitions, "--topic",
+                                    "protobuf:%d" % a.partitions, "--topic",
                                     "json:%d" % a.partitions],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         bootstrap = bl.first_line(mock, "kafkatool mock")
-        for topic, values in (("avro", avro), ("json", plain)):
+        for topic, values in (("avro", avro), ("protobuf", pb), ("json", plain)):
             produce(tools, bootstrap, topic, values, a.partitions)
             wm = json.loads(bl.run([tools["kafkatool"], "watermarks", "-b", bootstrap, "-t",
                                     topic], 60))

@@ -277,6 +277,29 @@ static void test_protobuf(void **state)
     free(json);
     esmd_sr_schema_free(s);
 
+    /* the JSON mapping's details: bytes as base64, maps with string, int64 and bool keys, NaN,
+     * float, escapes, an enum value the enum lacks as its number, sint32, a negative double */
+    static const char kinds[] =
+        "syntax = \"proto3\"; message M { bytes b = 1; map<string, int64> m = 2; double d = 3;"
+        " float f = 4; string s = 5; E e = 6; map<bool, string> mb = 7; sint32 n = 8;"
+        " double neg = 9; } enum E { Z = 0; }";
+    s = esmd_sr_schema_new(ESMD_SR_PROTOBUF, kinds, strlen(kinds), err, sizeof(err));
+    if (!s)
+        fail_msg("%s", err);
+    static const unsigned char kv[] = {
+        0x00, 0x0a, 0x03, 0xff, 0x00, 0x61, 0x12, 0x05, 0x0a, 0x01, 0x6b, 0x10, 0x05,
+        0x19, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xf8, 0x7f, 0x25, 0x00, 0x00, 0xc0,
+        0x3f, 0x2a, 0x03, 0x61, 0x22, 0x0a, 0x30, 0x07, 0x3a, 0x05, 0x08, 0x01, 0x12,
+        0x01, 0x78, 0x40, 0x05, 0x49, 0x9a, 0x99, 0x99, 0x99, 0x99, 0x99, 0xa9, 0xbf};
+    json = decode(s, kv, sizeof(kv), err);
+    if (!json)
+        fail_msg("%s", err);
+    assert_string_equal(json, "{\"b\":\"/wBh\",\"m\":{\"k\":\"5\"},\"d\":\"NaN\",\"f\":1.5,"
+                              "\"s\":\"a\\\"\\u000a\",\"e\":7,\"mb\":{\"true\":\"x\"},\"n\":-3,"
+                              "\"neg\":-0.05}");
+    free(json);
+    esmd_sr_schema_free(s);
+
     /* schemas that cannot be used: syntax errors (with the line), an import not given, no
      * message, an undefined type */
     const char *bad[] = {"syntax = \"proto3\";\nmessage A { int32 x = ; }",
