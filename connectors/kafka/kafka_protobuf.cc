@@ -278,6 +278,7 @@ class JsonWriter
   public:
     JsonWriter(pb::util::TypeResolver *resolver, size_t max) : resolver_(resolver), max_(max) {}
     std::string out, err;
+    bool bad_utf8 = false;
 
     bool message(const pb::Message &m)
     {
@@ -471,8 +472,35 @@ class JsonWriter
         out += b;
     }
 
+    // Strict UTF-8 (no overlong forms, surrogates or code points past U+10FFFF), as JSON text
+    // must be: proto2 strings are not checked when parsed, names from a binary descriptor never.
+    static bool utf8(const std::string &v)
+    {
+        const unsigned char *p = (const unsigned char *)v.data(), *e = p + v.size();
+        while (p < e) {
+            unsigned c = *p++;
+            if (c < 0x80)
+                continue;
+            int n = c >= 0xf0 ? 3 : c >= 0xe0 ? 2 : c >= 0xc2 ? 1 : -1;
+            if (n < 0 || c > 0xf4 || e - p < n)
+                return false;
+            unsigned cp = c & (0x3f >> n);
+            for (int i = 0; i < n; i++, p++) {
+                if ((*p & 0xc0) != 0x80)
+                    return false;
+                cp = (cp << 6) | (*p & 0x3f);
+            }
+            if ((n == 2 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) ||
+                (n == 3 && (cp < 0x10000 || cp > 0x10ffff)))
+                return false;
+        }
+        return true;
+    }
+
     void string(const std::string &v)
     {
+        if (!utf8(v))
+            bad_utf8 = true;
         out += '"';
         size_t from = 0;
         for (size_t i = 0; i < v.size(); i++) {
@@ -585,6 +613,10 @@ extern "C" char *esmd_pb_decode(const struct esmd_pb_schema *s, const int64_t *i
         JsonWriter w(s->resolver.get(), max_json);
         if (!w.message(*m)) {
             set_err(err, errlen, w.err);
+            return nullptr;
+        }
+        if (w.bad_utf8) {
+            set_err(err, errlen, "a string of the " + d->full_name() + " is not UTF-8");
             return nullptr;
         }
         const std::string &out = w.out;

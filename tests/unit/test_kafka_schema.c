@@ -300,6 +300,15 @@ static void test_protobuf(void **state)
     free(json);
     esmd_sr_schema_free(s);
 
+    /* a proto2 string is not checked on the wire: one that is not UTF-8 cannot be JSON */
+    static const char p2[] = "syntax = \"proto2\"; message Q { optional string s = 1; }";
+    s = esmd_sr_schema_new(ESMD_SR_PROTOBUF, p2, strlen(p2), err, sizeof(err));
+    assert_non_null(s);
+    static const unsigned char latin1[] = {0x00, 0x0a, 0x01, 0xe9};
+    assert_null(decode(s, latin1, sizeof(latin1), err));
+    assert_non_null(strstr(err, "not UTF-8"));
+    esmd_sr_schema_free(s);
+
     /* schemas that cannot be used: syntax errors (with the line), an import not given, no
      * message, an undefined type */
     const char *bad[] = {"syntax = \"proto3\";\nmessage A { int32 x = ; }",
