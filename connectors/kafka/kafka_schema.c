@@ -772,7 +772,9 @@ static void req_start(struct esmd_sr *sr, struct sr_entry *e)
         retry_arm(sr); /* e stays pending: the timer asks again */
         return;
     }
-    char url[1400];
+    /* The URL is as long as the configured base makes it (libcurl copies it). */
+    struct esmd_buf url;
+    esmd_buf_init(&url);
     CURL *c = req->easy;
     if (e->text) { /* the next reference: GET /subjects/{subject}/versions/{version} */
         const struct sr_ref *r = &e->refs[e->next_ref];
@@ -780,15 +782,15 @@ static void req_start(struct esmd_sr *sr, struct sr_entry *e)
         char ver[16] = "latest";
         if (r->version > 0)
             snprintf(ver, sizeof(ver), "%d", r->version);
-        snprintf(url, sizeof(url), "%s/subjects/%.1000s/versions/%s", sr->base, subj ? subj : "",
-                 ver);
+        esmd_buf_printf(&url, "%s/subjects/%s/versions/%s", sr->base, subj ? subj : "", ver);
         curl_free(subj);
     } else {
-        snprintf(url, sizeof(url), "%s/schemas/ids/%d", sr->base, (int)e->id);
+        esmd_buf_printf(&url, "%s/schemas/ids/%d", sr->base, (int)e->id);
     }
     req->hdrs = curl_slist_append(NULL, "Accept: application/vnd.schemaregistry.v1+json, "
                                         "application/json");
-    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_URL, esmd_buf_cstr(&url));
+    esmd_buf_free(&url);
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(c, CURLOPT_HTTPHEADER, req->hdrs);
     curl_easy_setopt(c, CURLOPT_USERAGENT, "esmd/" ESMD_VERSION);

@@ -370,6 +370,7 @@ static void test_encoder_metadata(void **state)
 struct reg {
     int asked[REG_IDS + 1]; /* GET /schemas/ids/{id} per id */
     int changed;            /* hooks.changed calls */
+    int answered;           /* requests answered */
     int down;               /* hooks.down calls with a reason */
 };
 
@@ -378,7 +379,8 @@ struct reg {
 static void reg_answer(void *ud, struct esmd_http_req *req)
 {
     struct reg *r = ud;
-    int id = atoi(esmd_http_req_path(req) + strlen("/schemas/ids/"));
+    r->answered++;
+    int id = atoi(strrchr(esmd_http_req_path(req), '/') + 1);
     if (id == REG_BIG) {
         size_t n = 9u * 1024 * 1024;
         char *big = malloc(n);
@@ -406,14 +408,15 @@ static void reg_down(void *ud, const char *why)
         ((struct reg *)ud)->down++;
 }
 
-/* esmd's HTTP server as a registry (reg_answer) on a loop of its own, and a client of it. */
+/* esmd's HTTP server as a registry (reg_answer) on a loop of its own, and a client of it, the
+ * registry's URL ending in `prefix` ("" or a path such as a proxy's). */
 struct reg_env {
     struct ev_loop *loop;
     struct esmd_http *http;
     struct reg r;
 };
 
-static struct esmd_sr *reg_env_start(struct reg_env *env)
+static struct esmd_sr *reg_env_start_at(struct reg_env *env, const char *prefix)
 {
     memset(env, 0, sizeof(*env));
     env->loop = ev_loop_new(EVFLAG_AUTO);
@@ -421,15 +424,24 @@ static struct esmd_sr *reg_env_start(struct reg_env *env)
     env->http = esmd_http_start(env->loop, "127.0.0.1:0", NULL, err, sizeof(err));
     if (!env->http)
         fail_msg("esmd_http_start: %s", err);
-    assert_int_equal(esmd_http_route(env->http, "GET", "/schemas/ids/*", reg_answer, &env->r), 0);
-    char url[64];
-    snprintf(url, sizeof(url), "http://127.0.0.1:%d", esmd_http_port(env->http));
+    char *route = esmd_xmalloc(strlen(prefix) + 32);
+    sprintf(route, "%s/schemas/ids/*", prefix);
+    assert_int_equal(esmd_http_route(env->http, "GET", route, reg_answer, &env->r), 0);
+    free(route);
+    char *url = esmd_xmalloc(strlen(prefix) + 64);
+    sprintf(url, "http://127.0.0.1:%d%s", esmd_http_port(env->http), prefix);
     struct esmd_schema_registry_cfg cfg = {.set = true, .url = url};
     struct esmd_sr_hooks hooks = {.changed = reg_changed, .down = reg_down, .ud = &env->r};
     struct esmd_sr *sr = esmd_sr_new(&cfg, env->loop, NULL, &hooks, err, sizeof(err));
     if (!sr)
         fail_msg("esmd_sr_new: %s", err);
+    free(url);
     return sr;
+}
+
+static struct esmd_sr *reg_env_start(struct reg_env *env)
+{
+    return reg_env_start_at(env, "");
 }
 
 /* After esmd_sr_free. */
@@ -502,6 +514,26 @@ static void test_oversized_answer_is_the_ids_failure(void **state)
     reg_env_stop(&env);
 }
 
+/* A registry URL with a long path (behind a proxy) is used whole: the request URL was built in a
+ * 1,400-byte buffer, and a longer one was cut, asking the wrong path. */
+static void test_long_registry_url(void **state)
+{
+    (void)state;
+    char prefix[2001];
+    prefix[0] = '/';
+    memset(prefix + 1, 'p', sizeof(prefix) - 2);
+    prefix[sizeof(prefix) - 1] = '\0';
+    struct reg_env env;
+    struct esmd_sr *sr = reg_env_start_at(&env, prefix);
+    assert_int_equal(sr_state(sr, 9), ESMD_SR_PENDING);
+    esmd_test_run_until_count(env.loop, &env.r.changed, 1, 20);
+    assert_int_equal(env.r.answered, 1);
+    assert_int_equal(env.r.asked[9], 1);
+    assert_int_equal(sr_state(sr, 9), ESMD_SR_MISSING);
+    esmd_sr_free(sr);
+    reg_env_stop(&env);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -512,6 +544,7 @@ int main(void)
         cmocka_unit_test(test_encoder_metadata),
         cmocka_unit_test(test_unknown_ids_are_kept_bounded),
         cmocka_unit_test(test_oversized_answer_is_the_ids_failure),
+        cmocka_unit_test(test_long_registry_url),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
