@@ -7,6 +7,7 @@ RUN apt-get update \
       build-essential cmake pkg-config \
       librdkafka-dev libpq-dev libhiredis-dev libcjson-dev libev-dev libyaml-dev \
       libcurl4-openssl-dev libmicrohttpd-dev libavro-dev libprotobuf-dev libprotoc-dev \
+      libvalijson-dev nlohmann-json3-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY CMakeLists.txt ./

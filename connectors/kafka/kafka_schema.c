@@ -1,5 +1,6 @@
-/* Schema registry records (docs/kafka.md "Schema registry"): Confluent's framing, the Avro and
- * JSON Schema decoders, and the registry client (kafka_schema.h).
+/* Schema registry records (docs/kafka.md "Schema registry"): Confluent's framing, the Avro
+ * decoder, JSON Schema records checked (with kafka_jsonschema.cc) and Protobuf ones decoded (with
+ * kafka_protobuf.cc), and the registry client (kafka_schema.h).
  *
  * Avro: Apache Avro C parses the writer's schema; the binary data is walked here along that
  * schema, straight into JSON, with every length checked against the bytes left before anything
@@ -7,6 +8,7 @@
  * allocate), nesting bounded and the output capped. */
 #include "kafka_schema.h"
 
+#include "kafka_jsonschema.h"
 #include "kafka_protobuf.h"
 
 #include "esmd/backoff.h"
@@ -482,6 +484,7 @@ struct esmd_sr_schema {
     struct sr_node *root; /* AVRO: compiled */
     struct sr_node *all;
     struct esmd_pb_schema *pb; /* PROTOBUF */
+    struct esmd_js_schema *js; /* JSON */
 };
 
 /* The registry's Protobuf schema is .proto text (Confluent's default answer) or the base64 of a
@@ -554,6 +557,11 @@ struct esmd_sr_schema *esmd_sr_schema_new(enum esmd_sr_format f, const char *tex
             free(s);
             return NULL;
         }
+        s->js = esmd_js_schema_new(text, len, err, errlen);
+        if (!s->js) {
+            free(s);
+            return NULL;
+        }
         return s;
     case ESMD_SR_PROTOBUF:
         s->pb = protobuf_schema(text, len, NULL, 0, err, errlen);
@@ -588,6 +596,7 @@ void esmd_sr_schema_free(struct esmd_sr_schema *s)
         return;
     nodes_free(s->all);
     esmd_pb_schema_free(s->pb);
+    esmd_js_schema_free(s->js);
     if (s->avro)
         avro_schema_decref(s->avro);
     free(s);
@@ -610,6 +619,8 @@ bool esmd_sr_decode(const struct esmd_sr_schema *s, const unsigned char *body, s
             snprintf(err, errlen, "the data is not one JSON document in UTF-8");
             return false;
         }
+        if (!esmd_js_validate(s->js, (const char *)body, len, err, errlen))
+            return false;
         esmd_buf_append(out, body, len);
         return true;
     }

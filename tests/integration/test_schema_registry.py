@@ -12,6 +12,8 @@ as Confluent's does. test_the_stand_in_answers_as_apicurio checks the stand-in a
 
     each format, JSON and SOURCE   Avro (key and value) and JSON Schema: the event's key/value
                                    base64 contents and keySchemaMetadata/valueSchemaMetadata
+    JSON Schema validation         records not matching their schema, and one whose schema is a
+                                   draft esmd does not validate, to on-failure; the others flow
     evolution and failures         two versions of a schema on one topic; an unknown schema id
                                    and a corrupt record among good ones (Avro and a Protobuf
                                    one) go to the on-failure destination (SCHEMA_NOT_FOUND,
@@ -274,6 +276,54 @@ def test_json_schema_value(fmt, kafka, registry, endpoint, esmd, kafka_config, n
         else:
             assert base64.b64decode(r["value"]) == recs[i][2][5:]
     assert registry.fetches(sid) == 1
+
+
+def test_json_schema_records_validated(kafka, registry, endpoint, dest, esmd, kafka_config,
+                                       names):
+    """JSON Schema data is validated against its schema (valijson): records the JSONSerializer
+    wrote are delivered; records framed by hand with the same registered id whose JSON does not
+    match (a string id, a required property missing), and a record whose schema is a draft esmd
+    does not validate (2020-12), go to on-failure as DESERIALIZATION_ERRORs with their original
+    bytes; the records between them flow."""
+    topic = kafka.create_topic(names.topic(), 1)
+    ser = Serializers(registry, topic)
+    good = [ser.json(ORDER_JSON_SCHEMA, {"id": i, "status": "NEW", "total": i + 0.5})
+            for i in range(4)]
+    sid = schema_id(good[0])
+    frame = b"\x00" + struct.pack(">I", sid)
+    wrong_type = frame + json.dumps({"id": "seven", "status": "NEW"}).encode()
+    missing = frame + json.dumps({"id": 8, "total": 1}).encode()
+    later = dict(ORDER_JSON_SCHEMA, **{"$schema": "https://json-schema.org/draft/2020-12/schema",
+                                       "title": "Order2020"})
+    ser2020 = Serializers(registry, topic + "-2020")
+    draft2020 = ser2020.json(later, {"id": 9, "status": "PAID"})
+    assert schema_id(draft2020) != sid
+    values = [good[0], wrong_type, good[1], missing, good[2], draft2020, good[3]]
+    produce(kafka, topic, [(0, b"k%d" % o, v) for o, v in enumerate(values)])
+
+    proc = esmd(with_registry(kafka_config(topic, batch_size=100, mapping_extra={
+        "on_failure": dest.base + "/failed"}), registry))
+    endpoint.wait_records(4, timeout=60)
+    dest.wait_for(lambda: len(dest.snapshot()) >= 3, 30, "the three on-failure records")
+    got = delivered(endpoint)
+    assert [r["offset"] for r in got] == [0, 2, 4, 6]
+    assert [b64json(r["value"]) for r in got] == \
+        [{"id": i, "status": "NEW", "total": i + 0.5} for i in range(4)]
+    fails = sorted((r.json for r in dest.snapshot()),
+                   key=lambda f: int(f["KafkaBatchInfo"]["recordInfo"]["offset"]))
+    assert [f["KafkaBatchInfo"]["recordInfo"]["offset"] for f in fails] == ["1", "3", "5"]
+    for f in fails:
+        assert f["requestContext"]["condition"] == "DESERIALIZATION_ERROR"
+        [(_, [rec])] = f["payload"]["records"].items()
+        offset = int(f["KafkaBatchInfo"]["recordInfo"]["offset"])
+        assert base64.b64decode(rec["value"]) == values[offset]  # the original bytes
+        assert "valueSchemaMetadata" not in rec
+    with open(proc.logfile, errors="replace") as log:
+        msgs = [json.loads(ln).get("msg", "") for ln in log if ln.startswith("{")]
+    # the first failure's line (the others may fall within the log's one-a-second limit)
+    assert any("does not match its JSON schema at /id: Value type not permitted by 'type' "
+               "constraint" in m for m in msgs), msgs
+    assert proc.metrics().get("esmd_undecodable_records_total") == 3
 
 
 # ---- 2. evolution, unknown ids, corrupt records, Protobuf -----------------------------------

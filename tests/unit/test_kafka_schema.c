@@ -12,6 +12,7 @@
 #include "esmd/http.h"
 
 #include "../../connectors/kafka/kafka_private.h"
+#include "../../connectors/kafka/kafka_jsonschema.h"
 #include "../../connectors/kafka/kafka_schema.h"
 
 #include <ev.h>
@@ -188,6 +189,137 @@ static void test_json_and_protobuf(void **state)
     assert_string_equal(esmd_sr_format_name(ESMD_SR_AVRO), "AVRO");
     assert_string_equal(esmd_sr_format_name(ESMD_SR_JSON), "JSON");
     assert_string_equal(esmd_sr_format_name(ESMD_SR_PROTOBUF), "PROTOBUF");
+}
+
+/* A JSON schema that cannot be used: NULL, err containing want. */
+static void json_schema_refused(const char *text, const char *want)
+{
+    char err[256] = "";
+    struct esmd_sr_schema *s =
+        esmd_sr_schema_new(ESMD_SR_JSON, text, strlen(text), err, sizeof(err));
+    if (s)
+        fail_msg("schema accepted: %s", text);
+    if (!strstr(err, want))
+        fail_msg("schema %s: err \"%s\" lacks \"%s\"", text, err, want);
+}
+
+/* A record of schema s refused: err containing want. */
+static void json_refused(const struct esmd_sr_schema *s, const char *rec, const char *want)
+{
+    char err[256] = "";
+    char *json = decode(s, rec, strlen(rec), err);
+    if (json)
+        fail_msg("record accepted: %s", rec);
+    if (!strstr(err, want))
+        fail_msg("record %s: err \"%s\" lacks \"%s\"", rec, err, want);
+}
+
+/* JSON Schema validation (connectors/kafka/kafka_jsonschema.cc, valijson): drafts 4, 6, 7, the
+ * failing value's JSON pointer and keyword, and the schemas refused. */
+static void test_json_schema_validation(void **state)
+{
+    (void)state;
+    char err[256];
+    const char *order =
+        "{\"$schema\":\"http://json-schema.org/draft-07/schema#\",\"type\":\"object\","
+        "\"properties\":{\"id\":{\"type\":\"integer\",\"minimum\":0},"
+        "\"status\":{\"enum\":[\"NEW\",\"PAID\"]},"
+        "\"lines\":{\"type\":\"array\",\"items\":{\"$ref\":\"#/definitions/line\"}},"
+        "\"sku\":{\"type\":\"string\",\"pattern\":\"^[A-Z]{3}-[0-9]+$\"},"
+        "\"a/b\":{\"const\":1}},"
+        "\"required\":[\"id\",\"status\"],"
+        "\"definitions\":{\"line\":{\"type\":\"object\",\"properties\":{\"qty\":{\"type\":"
+        "\"integer\",\"exclusiveMinimum\":0}},\"required\":[\"qty\"]}}}";
+    struct esmd_sr_schema *s =
+        esmd_sr_schema_new(ESMD_SR_JSON, order, strlen(order), err, sizeof(err));
+    if (!s)
+        fail_msg("schema: %s", err);
+    const char *good =
+        "{\"id\": 1, \"status\": \"PAID\", \"lines\": [{\"qty\": 2}], \"sku\": \"ABC-12\"}";
+    char *json = decode(s, good, strlen(good), err);
+    assert_non_null(json);
+    assert_string_equal(json, good); /* passed on as written */
+    free(json);
+    json_refused(s, "{\"status\":\"NEW\"}", "at (the root)");
+    json_refused(s, "{\"status\":\"NEW\"}", "required");
+    json_refused(s, "{\"id\":\"1\",\"status\":\"NEW\"}", "at /id: ");
+    json_refused(s, "{\"id\":-1,\"status\":\"NEW\"}", "at /id: ");
+    json_refused(s, "{\"id\":1,\"status\":\"LOST\"}", "at /status: ");
+    json_refused(s, "{\"id\":1,\"status\":\"NEW\",\"lines\":[{\"qty\":1},{\"qty\":0}]}",
+                 "at /lines/1/qty: ");
+    json_refused(s, "{\"id\":1,\"status\":\"NEW\",\"lines\":[{}]}", "at /lines/0: ");
+    json_refused(s, "{\"id\":1,\"status\":\"NEW\",\"sku\":\"abc\"}", "'pattern'");
+    json_refused(s, "{\"id\":1,\"status\":\"NEW\",\"a/b\":2}", "at /a~1b: ");
+    json_refused(s, "{\"id\":1,", "not one JSON document");
+    /* nesting past the bound */
+    char deep[200];
+    memset(deep, '[', 70);
+    memset(deep + 70, ']', 70);
+    deep[140] = '\0';
+    json_refused(s, deep, "nests deeper than 64");
+    /* strings a pattern would match, past the bound */
+    size_t n = ESMD_JS_MAX_REGEX_INPUT + 40;
+    char *longsku = malloc(n + 1);
+    snprintf(longsku, n + 1, "{\"id\":1,\"status\":\"NEW\",\"sku\":\"ABC-%0*d\"}",
+             (int)ESMD_JS_MAX_REGEX_INPUT, 1);
+    json_refused(s, longsku, "longer than 4096 bytes");
+    free(longsku);
+    esmd_sr_schema_free(s);
+
+    /* draft 4: a boolean exclusiveMinimum; draft 6 read as 7; no $schema is draft 7 */
+    const char *d4 = "{\"$schema\":\"http://json-schema.org/draft-04/schema#\","
+                     "\"minimum\":0,\"exclusiveMinimum\":true}";
+    s = esmd_sr_schema_new(ESMD_SR_JSON, d4, strlen(d4), err, sizeof(err));
+    assert_non_null(s);
+    json_refused(s, "0", "at (the root)");
+    json = decode(s, "0.5", 3, err);
+    assert_non_null(json);
+    free(json);
+    esmd_sr_schema_free(s);
+    const char *d6 = "{\"$schema\":\"https://json-schema.org/draft-06/schema\","
+                     "\"propertyNames\":{\"maxLength\":2}}";
+    s = esmd_sr_schema_new(ESMD_SR_JSON, d6, strlen(d6), err, sizeof(err));
+    assert_non_null(s);
+    json_refused(s, "{\"abc\":1}", "does not match its JSON schema");
+    esmd_sr_schema_free(s);
+
+    /* schemas refused, each naming why */
+    json_schema_refused("{\"$schema\":\"https://json-schema.org/draft/2020-12/schema\"}",
+                        "is not a draft esmd validates");
+    json_schema_refused("{\"$schema\":\"http://json-schema.org/draft-03/schema#\"}",
+                        "is not a draft esmd validates");
+    json_schema_refused("{\"$schema\":3}", "$schema is not a string");
+    json_schema_refused("{\"properties\":{\"a\":{\"$ref\":\"https://example.com/a.json\"}}}",
+                        "cannot be used");
+    json_schema_refused("{\"allOf\":[{\"$ref\":\"#\"}]}", "loop");
+    json_schema_refused("{\"definitions\":{\"a\":{\"anyOf\":[{\"$ref\":\"#/definitions/b\"}]},"
+                        "\"b\":{\"not\":{\"$ref\":\"#/definitions/a\"}}},"
+                        "\"$ref\":\"#/definitions/a\"}",
+                        "loop");
+    json_schema_refused("{\"pattern\":\"([a-z\"}", "cannot be used");
+    json_schema_refused("[1]", "not an object");
+    json_schema_refused("{\"type\":", "not JSON");
+    char nots[600] = "";
+    for (int i = 0; i < 66; i++)
+        strcat(nots, "{\"not\":");
+    strcat(nots, "{}");
+    for (int i = 0; i < 66; i++)
+        strcat(nots, "}");
+    json_schema_refused(nots, "nests deeper than 64");
+
+    /* a recursive schema that descends into the data is fine */
+    const char *tree = "{\"type\":\"object\",\"properties\":{\"kids\":{\"type\":\"array\","
+                       "\"items\":{\"$ref\":\"#\"}}},\"additionalProperties\":false}";
+    s = esmd_sr_schema_new(ESMD_SR_JSON, tree, strlen(tree), err, sizeof(err));
+    if (!s)
+        fail_msg("schema: %s", err);
+    const char *kids = "{\"kids\":[{\"kids\":[]},{}]}";
+    json = decode(s, kids, strlen(kids), err);
+    if (!json)
+        fail_msg("%s", err);
+    free(json);
+    json_refused(s, "{\"kids\":[{\"kids\":[{\"x\":1}]}]}", "at /kids/0/kids/0: ");
+    esmd_sr_schema_free(s);
 }
 
 #define PING_PROTO                                                                                 \
@@ -540,6 +672,7 @@ int main(void)
         cmocka_unit_test(test_frame),
         cmocka_unit_test(test_avro),
         cmocka_unit_test(test_json_and_protobuf),
+        cmocka_unit_test(test_json_schema_validation),
         cmocka_unit_test(test_protobuf),
         cmocka_unit_test(test_encoder_metadata),
         cmocka_unit_test(test_unknown_ids_are_kept_bounded),
