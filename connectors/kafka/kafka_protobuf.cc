@@ -1,5 +1,5 @@
-// Protobuf records of a schema registry (kafka_protobuf.h, docs/kafka.md "Schema registry"): the
-// one C++ file of esmd, a thin layer over libprotobuf behind a C API.
+// Protobuf records of a schema registry (kafka_protobuf.h, docs/kafka.md "Schema registry"): a
+// thin layer over libprotobuf behind a C API (as kafka_jsonschema.cc is over valijson).
 //
 // A schema is a DescriptorPool fed from a database of the registry's files (a .proto text parsed
 // with compiler::Parser, or a serialized FileDescriptorProto) merged with the descriptors compiled

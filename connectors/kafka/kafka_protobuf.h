@@ -1,7 +1,7 @@
 /* Private to connectors/kafka: Protobuf records of a schema registry (docs/kafka.md "Schema
  * registry"), decoded with libprotobuf (Debian libprotobuf-dev, libprotoc-dev).
  *
- * A C API over connectors/kafka/kafka_protobuf.cc, the one C++ file of esmd: no C++ type crosses
+ * A C API over connectors/kafka/kafka_protobuf.cc, a C++ file: no C++ type crosses
  * it, every entry point catches every exception and answers with an error string, and nothing
  * here does I/O. The registry's schema is the text of a .proto file (what Confluent's registry
  * answers by default) or a serialized FileDescriptorProto (what its `?format=serialized` and
