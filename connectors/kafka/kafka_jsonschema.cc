@@ -26,6 +26,7 @@
 #include <exception>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <regex>
 #include <string>
 #include <vector>
@@ -425,6 +426,10 @@ std::string pointer(const std::vector<std::string> &ctx)
 struct esmd_js_schema {
     valijson::Schema schema;
     bool regex = false;
+    // The validator keeps the schema's patterns compiled (std::regex) between records; a lock, as
+    // a schema could be shared by threads.
+    std::mutex mu;
+    valijson::Validator validator;
 };
 
 extern "C" struct esmd_js_schema *esmd_js_schema_new(const char *text, size_t len, char *err,
@@ -501,9 +506,12 @@ extern "C" bool esmd_js_validate(const struct esmd_js_schema *s, const char *doc
             return false;
         }
         valijson::adapters::NlohmannJsonAdapter adapter(j);
-        valijson::Validator validator;
-        if (validator.validate(s->schema, adapter, nullptr))
-            return true;
+        {
+            auto *w = const_cast<esmd_js_schema *>(s);
+            std::lock_guard<std::mutex> lock(w->mu);
+            if (w->validator.validate(s->schema, adapter, nullptr))
+                return true;
+        }
         valijson::ValidationResults results;
         valijson::Validator again;
         again.validate(s->schema, adapter, &results);
