@@ -30,11 +30,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace pb = google::protobuf;
@@ -173,7 +175,32 @@ struct esmd_pb_schema {
     pb::DynamicMessageFactory factory{&pool};
     std::unique_ptr<pb::util::TypeResolver> resolver;
     const pb::FileDescriptor *file = nullptr;
+    // Whether a message type of the file, or one its fields reach, has a required field (proto2):
+    // when none does, a record cannot miss one and the check (a reflection walk) is skipped.
+    bool has_required = false;
 };
+
+namespace
+{
+
+bool reaches_required(const pb::Descriptor *d, std::unordered_set<const pb::Descriptor *> *seen)
+{
+    if (!seen->insert(d).second)
+        return false;
+    for (int i = 0; i < d->field_count(); i++) {
+        const pb::FieldDescriptor *f = d->field(i);
+        if (f->is_required())
+            return true;
+        if (f->message_type() && reaches_required(f->message_type(), seen))
+            return true;
+    }
+    for (int i = 0; i < d->nested_type_count(); i++)
+        if (reaches_required(d->nested_type(i), seen))
+            return true;
+    return false;
+}
+
+} // namespace
 
 extern "C" struct esmd_pb_schema *esmd_pb_schema_new(const struct esmd_pb_file *files, size_t n,
                                                      char *err, size_t errlen)
@@ -216,6 +243,9 @@ extern "C" struct esmd_pb_schema *esmd_pb_schema_new(const struct esmd_pb_file *
             set_err(err, errlen, "the schema defines no message type");
             return nullptr;
         }
+        std::unordered_set<const pb::Descriptor *> seen;
+        for (int i = 0; i < s->file->message_type_count() && !s->has_required; i++)
+            s->has_required = reaches_required(s->file->message_type(i), &seen);
         s->resolver.reset(new CachingResolver(
             pb::util::NewTypeResolverForDescriptorPool(kTypeUrlPrefix, &s->pool)));
         return s.release();
@@ -276,22 +306,49 @@ bool find_unknown(const pb::Message &m, std::string *where)
 class JsonWriter
 {
   public:
-    JsonWriter(pb::util::TypeResolver *resolver, size_t max) : resolver_(resolver), max_(max) {}
+    JsonWriter(pb::util::TypeResolver *resolver, size_t max) : resolver_(resolver), max_(max)
+    {
+        out.reserve(512);
+    }
     std::string out, err;
     bool bad_utf8 = false;
 
     bool message(const pb::Message &m)
     {
         const pb::Descriptor *d = m.GetDescriptor();
-        if (d->file()->name().compare(0, 16, "google/protobuf/") == 0)
+        if (d->file()->name().compare(0, 16, "google/protobuf/") == 0) {
+            std::string where;
+            if (find_unknown(m, &where))
+                return unknown();
             return well_known(m);
+        }
         if (out.size() > max_) {
             err = "decoded record is larger than the event can carry";
             return false;
         }
         const pb::Reflection *r = m.GetReflection();
-        std::vector<const pb::FieldDescriptor *> fields;
+        if (!r->GetUnknownFields(m).empty())
+            return unknown();
+        // one list of fields a nesting level, kept from record to record
+        if (depth_ == lists_.size())
+            lists_.emplace_back();
+        std::vector<const pb::FieldDescriptor *> &fields = lists_[depth_];
         r->ListFields(m, &fields);
+        depth_++;
+        bool ok = fields_of(m, r, fields);
+        depth_--;
+        return ok;
+    }
+
+  private:
+    pb::util::TypeResolver *resolver_;
+    size_t max_;
+    std::deque<std::vector<const pb::FieldDescriptor *>> lists_; // stays in place as it grows
+    size_t depth_ = 0;
+
+    bool fields_of(const pb::Message &m, const pb::Reflection *r,
+                   const std::vector<const pb::FieldDescriptor *> &fields)
+    {
         out += '{';
         for (size_t k = 0; k < fields.size(); k++) {
             const pb::FieldDescriptor *f = fields[k];
@@ -305,6 +362,8 @@ class JsonWriter
                 out += '{';
                 for (int i = 0, n = r->FieldSize(m, f); i < n; i++) {
                     const pb::Message &e = r->GetRepeatedMessage(m, f, i);
+                    if (!e.GetReflection()->GetUnknownFields(e).empty())
+                        return unknown();
                     if (i)
                         out += ',';
                     if (!map_key(e, kf))
@@ -331,9 +390,12 @@ class JsonWriter
         return true;
     }
 
-  private:
-    pb::util::TypeResolver *resolver_;
-    size_t max_;
+    // A field the type does not declare: esmd_pb_decode names the first with find_unknown.
+    bool unknown()
+    {
+        err.clear();
+        return false;
+    }
 
     // f's value in m, the i-th when repeated (i >= 0)
     bool value(const pb::Message &m, const pb::FieldDescriptor *f, int i)
@@ -342,16 +404,16 @@ class JsonWriter
         bool rep = i >= 0;
         switch (f->cpp_type()) {
         case pb::FieldDescriptor::CPPTYPE_INT32:
-            out += std::to_string(rep ? r->GetRepeatedInt32(m, f, i) : r->GetInt32(m, f));
+            integer(rep ? r->GetRepeatedInt32(m, f, i) : r->GetInt32(m, f), false);
             return true;
         case pb::FieldDescriptor::CPPTYPE_UINT32:
-            out += std::to_string(rep ? r->GetRepeatedUInt32(m, f, i) : r->GetUInt32(m, f));
+            digits(rep ? r->GetRepeatedUInt32(m, f, i) : r->GetUInt32(m, f), false, false);
             return true;
         case pb::FieldDescriptor::CPPTYPE_INT64:
-            string(std::to_string(rep ? r->GetRepeatedInt64(m, f, i) : r->GetInt64(m, f)));
+            integer(rep ? r->GetRepeatedInt64(m, f, i) : r->GetInt64(m, f), true);
             return true;
         case pb::FieldDescriptor::CPPTYPE_UINT64:
-            string(std::to_string(rep ? r->GetRepeatedUInt64(m, f, i) : r->GetUInt64(m, f)));
+            digits(rep ? r->GetRepeatedUInt64(m, f, i) : r->GetUInt64(m, f), false, true);
             return true;
         case pb::FieldDescriptor::CPPTYPE_DOUBLE:
             number(rep ? r->GetRepeatedDouble(m, f, i) : r->GetDouble(m, f), false);
@@ -425,6 +487,28 @@ class JsonWriter
         return true;
     }
 
+    // An integer in decimal; quoted (64-bit ones, as the JSON mapping writes them).
+    void integer(int64_t v, bool quoted)
+    {
+        digits(v < 0 ? 0ULL - (uint64_t)v : (uint64_t)v, v < 0, quoted);
+    }
+
+    void digits(uint64_t u, bool negative, bool quoted)
+    {
+        char d[24], *e = d + sizeof(d), *q = e;
+        if (quoted)
+            *--q = '"';
+        do {
+            *--q = (char)('0' + u % 10);
+            u /= 10;
+        } while (u);
+        if (negative)
+            *--q = '-';
+        if (quoted)
+            *--q = '"';
+        out.append(q, (size_t)(e - q));
+    }
+
     void number(double v, bool single)
     {
         if (std::isnan(v)) {
@@ -450,15 +534,21 @@ class JsonWriter
                 out += "-0";
                 return;
             }
-            std::string digits = std::to_string(n < 0 ? -n : n);
-            if (digits.size() <= (size_t)k)
-                digits.insert(0, (size_t)k + 1 - digits.size(), '0');
+            // the digits of |n|, at least k + 1 of them, the point before the last k
+            char d[24], *e = d + sizeof(d), *q = e;
+            unsigned long long u = n < 0 ? 0ULL - (unsigned long long)n : (unsigned long long)n;
+            do {
+                *--q = (char)('0' + u % 10);
+                u /= 10;
+            } while (u);
+            while (e - q <= k)
+                *--q = '0';
             if (n < 0)
                 out += '-';
-            out.append(digits, 0, digits.size() - (size_t)k);
+            out.append(q, (size_t)(e - q - k));
             if (k) {
                 out += '.';
-                out.append(digits, digits.size() - (size_t)k, std::string::npos);
+                out.append(e - k, (size_t)k);
             }
             return;
         }
@@ -499,11 +589,22 @@ class JsonWriter
 
     void string(const std::string &v)
     {
+        // Most strings are ASCII with nothing to escape: one scan, one append.
+        const unsigned char *p = (const unsigned char *)v.data();
+        size_t n = v.size(), i = 0;
+        while (i < n && p[i] >= 0x20 && p[i] < 0x80 && p[i] != '"' && p[i] != '\\')
+            i++;
+        if (i == n) {
+            out += '"';
+            out.append(v);
+            out += '"';
+            return;
+        }
         if (!utf8(v))
             bad_utf8 = true;
         out += '"';
         size_t from = 0;
-        for (size_t i = 0; i < v.size(); i++) {
+        for (i = 0; i < v.size(); i++) {
             unsigned char c = (unsigned char)v[i];
             if (c >= 0x20 && c != '"' && c != '\\')
                 continue;
@@ -600,19 +701,20 @@ extern "C" char *esmd_pb_decode(const struct esmd_pb_schema *s, const int64_t *i
                         " levels)");
             return nullptr;
         }
-        if (!m->IsInitialized()) {
+        if (s->has_required && !m->IsInitialized()) {
             set_err(err, errlen,
                     d->full_name() + " misses required fields: " + m->InitializationErrorString());
             return nullptr;
         }
-        std::string where;
-        if (find_unknown(*m, &where)) {
-            set_err(err, errlen, where + " (not written with this schema)");
-            return nullptr;
-        }
+        // The writer stops at a field the schema lacks, which is named as find_unknown finds it
+        // (the first in field order): one walk of the message for records without any.
         JsonWriter w(s->resolver.get(), max_json);
         if (!w.message(*m)) {
-            set_err(err, errlen, w.err);
+            std::string where;
+            if (find_unknown(*m, &where))
+                set_err(err, errlen, where + " (not written with this schema)");
+            else
+                set_err(err, errlen, w.err.empty() ? "field not in the schema" : w.err);
             return nullptr;
         }
         if (w.bad_utf8) {

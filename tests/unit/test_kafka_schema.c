@@ -373,6 +373,26 @@ static void test_protobuf(void **state)
     static const unsigned char unknown[] = {0x00, 0x78, 0x01};
     assert_null(decode(s, unknown, sizeof(unknown), err));
     assert_non_null(strstr(err, "field 15 of t.Ping is not in the schema"));
+    /* the first field the schema lacks, in field order, wherever it is: in a nested message,
+     * in a well-known type (at, field 4, before inner, field 6, though later on the wire) */
+    static const unsigned char unknown_inner[] = {0x00, 0x32, 0x02, 0x78, 0x01};
+    assert_null(decode(s, unknown_inner, sizeof(unknown_inner), err));
+    assert_non_null(strstr(err, "field 15 of t.Ping.Inner is not in the schema"));
+    static const unsigned char unknown_two[] = {0x00, 0x32, 0x02, 0x78, 0x01,
+                                                0x22, 0x02, 0x78, 0x01};
+    assert_null(decode(s, unknown_two, sizeof(unknown_two), err));
+    assert_non_null(strstr(err, "field 15 of google.protobuf.Timestamp is not in the schema"));
+    /* 64-bit integers at their extremes: id -1, then INT64_MIN */
+    static const unsigned char minus_one[] = {0x00, 0x08, 0xff, 0xff, 0xff, 0xff,
+                                              0xff, 0xff, 0xff, 0xff, 0xff, 0x01};
+    json = decode(s, minus_one, sizeof(minus_one), err);
+    assert_string_equal(json, "{\"id\":\"-1\"}");
+    free(json);
+    static const unsigned char int64_min[] = {0x00, 0x08, 0x80, 0x80, 0x80, 0x80,
+                                              0x80, 0x80, 0x80, 0x80, 0x80, 0x01};
+    json = decode(s, int64_min, sizeof(int64_min), err);
+    assert_string_equal(json, "{\"id\":\"-9223372036854775808\"}");
+    free(json);
     static const unsigned char utf8[] = {0x00, 0x12, 0x01, 0xff};
     assert_null(decode(s, utf8, sizeof(utf8), err));
     static const unsigned char group_end[] = {0x00, 0x0c};
@@ -389,6 +409,41 @@ static void test_protobuf(void **state)
     }
     assert_null(decode(s, deep, sizeof(deep), err));
     assert_non_null(strstr(err, "nesting deeper"));
+    esmd_sr_schema_free(s);
+
+    /* proto2: a required field two levels down is still checked (r.Outer has none itself) */
+    const char *req = "syntax = \"proto2\";\npackage r;\n"
+                      "message Outer { optional Req r = 1; }\n"
+                      "message Req { required int32 a = 1; optional uint64 u = 2; }\n";
+    s = esmd_sr_schema_new(ESMD_SR_PROTOBUF, req, strlen(req), err, sizeof(err));
+    if (!s)
+        fail_msg("%s", err);
+    static const unsigned char missing[] = {0x00, 0x0a, 0x00};
+    assert_null(decode(s, missing, sizeof(missing), err));
+    assert_non_null(strstr(err, "misses required fields"));
+    /* a 5, u UINT64_MAX */
+    static const unsigned char full[] = {0x00, 0x0a, 0x0d, 0x08, 0x05, 0x10, 0xff, 0xff,
+                                         0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01};
+    json = decode(s, full, sizeof(full), err);
+    if (!json)
+        fail_msg("%s", err);
+    assert_string_equal(json, "{\"r\":{\"a\":5,\"u\":\"18446744073709551615\"}}");
+    free(json);
+    esmd_sr_schema_free(s);
+
+    /* a map, and a field its entry type lacks */
+    const char *map =
+        "syntax = \"proto3\";\npackage m;\nmessage M { map<string, int32> tags = 1; }\n";
+    s = esmd_sr_schema_new(ESMD_SR_PROTOBUF, map, strlen(map), err, sizeof(err));
+    if (!s)
+        fail_msg("%s", err);
+    static const unsigned char tags[] = {0x00, 0x0a, 0x05, 0x0a, 0x01, 'k', 0x10, 0x03};
+    json = decode(s, tags, sizeof(tags), err);
+    assert_string_equal(json, "{\"tags\":{\"k\":3}}");
+    free(json);
+    static const unsigned char entry_unknown[] = {0x00, 0x0a, 0x05, 0x0a, 0x01, 'k', 0x78, 0x01};
+    assert_null(decode(s, entry_unknown, sizeof(entry_unknown), err));
+    assert_non_null(strstr(err, "field 15 of m.M.TagsEntry is not in the schema"));
     esmd_sr_schema_free(s);
 
     /* the base64 of a serialized FileDescriptorProto: {name: "p.proto", message_type: [{name:
