@@ -29,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define AQ_INS_MAX_ROWS 4000
 #define AQ_INS_MAX_BYTES (16 * 1024 * 1024)
@@ -105,7 +106,13 @@ struct aq_send {
     bool dlq;
 };
 
+/* The request ids of the last AQ_CLAIMED_RING events this process claimed: an INSERT in doubt
+ * asks here for the ids the lookup did not find (docs/async.md#in-doubt-inserts). */
+#define AQ_CLAIMED_RING 4096
+
 struct esmd_asyncq {
+    char (*claimed_rids)[37]; /* ring of AQ_CLAIMED_RING */
+    size_t claimed_next;
     struct ev_loop *loop;
     struct esmd_invoker *inv;
     struct esmd_dests *dests;
@@ -561,6 +568,7 @@ static void aq_claimed(void *ud, void *key_ud, int64_t id, const PGresult *res, 
     q->evs = ev;
     ev->id = id;
     snprintf(ev->rid, sizeof(ev->rid), "%s", PQgetvalue(res, r, AQ_COL_RID));
+    memcpy(q->claimed_rids[q->claimed_next++ % AQ_CLAIMED_RING], ev->rid, sizeof(ev->rid));
     ev->len = (size_t)PQgetlength(res, r, AQ_COL_PAYLOAD);
     ev->payload = esmd_xstrndup(PQgetvalue(res, r, AQ_COL_PAYLOAD), ev->len);
     ev->received_ms = strtoll(PQgetvalue(res, r, AQ_COL_RECEIVED), NULL, 10);
@@ -726,6 +734,18 @@ static void aq_indoubt_value(void *ud, struct esmd_leaseq_item *item, struct esm
     aq_add_request_id((const struct aq_pending *)item, arr);
 }
 
+static bool aq_indoubt_claimed(void *ud, struct esmd_leaseq_item *item)
+{
+    const struct esmd_asyncq *q = ud;
+    const struct aq_pending *p = (const struct aq_pending *)item;
+    size_t n = q->claimed_next < AQ_CLAIMED_RING ? q->claimed_next : AQ_CLAIMED_RING;
+    for (size_t i = 0; i < n; i++) {
+        if (strcasecmp(q->claimed_rids[i], p->rid) == 0)
+            return true;
+    }
+    return false;
+}
+
 static bool aq_policy_idle(void *ud)
 {
     const struct esmd_asyncq *q = ud;
@@ -759,6 +779,7 @@ static const struct esmd_leaseq_policy aq_policy = {
     .indoubt_type = "uuid",
     .indoubt_oid = ESMD_PG_OID_UUID,
     .indoubt_value = aq_indoubt_value,
+    .indoubt_claimed = aq_indoubt_claimed,
     .retry_ints = aq_retry_ints,
     .retry_texts = aq_retry_texts,
     .room = aq_room,
@@ -1112,6 +1133,7 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
     }
     const struct esmd_async_queue_cfg *acfg = &cfg->async_queue;
     struct esmd_asyncq *q = esmd_xcalloc(1, sizeof(*q));
+    q->claimed_rids = esmd_xcalloc(AQ_CLAIMED_RING, sizeof(*q->claimed_rids));
     q->loop = loop;
     q->inv = inv;
     q->dests = dests;
@@ -1266,6 +1288,7 @@ void esmd_asyncq_free(struct esmd_asyncq *q)
     for (size_t i = 0; i < q->nfns; i++)
         ov_clear(&q->fns[i].ov);
     free(q->fns);
+    free(q->claimed_rids);
     free(q);
 }
 

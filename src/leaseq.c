@@ -39,6 +39,7 @@ struct lq_upd {
 struct lq_ins {
     struct esmd_leaseq *lq;
     int conn;
+    int lost_pid; /* in doubt: the server process of the session the INSERT was lost with */
     struct esmd_leaseq_item *items;
 };
 
@@ -648,7 +649,8 @@ static void indoubt_done(void *ud, const PGresult *res, const char *err)
         it->next = NULL;
         while (r < n && strtoull(PQgetvalue(res, r, 0), NULL, 10) < i)
             r++;
-        if (r < n && strtoull(PQgetvalue(res, r, 0), NULL, 10) == i) {
+        if ((r < n && strtoull(PQgetvalue(res, r, 0), NULL, 10) == i) ||
+            (lq->p->indoubt_claimed && lq->p->indoubt_claimed(lq->ud, it))) {
             *ftail = it;
             ftail = &it->next;
             nfound++;
@@ -680,11 +682,42 @@ static void indoubt_done(void *ud, const PGresult *res, const char *err)
         lq->p->inserted(lq->ud, found, true, NULL); /* may free lq */
 }
 
+static void indoubt_end_done(void *ud, const PGresult *res, const char *err)
+{
+    const struct esmd_leaseq_policy *p = ud;
+    if (err && strncmp(err, "connection lost", 15) != 0 && strcmp(err, "closed") != 0)
+        ESMD_WARN(NULL,
+                  "%s: could not end the session an INSERT was lost with (%s): a commit it has "
+                  "not made visible yet may be taken as not made",
+                  p->name, err);
+    ESMD_UNUSED(res); /* false: gone already, or still there after 5 s (the server warns) */
+}
+
 /* Asks on the INSERT's connection (queued: it runs once the connection is back, before the
- * INSERTs queued after it) which of b's rows exist. */
+ * INSERTs queued after it) which of b's rows exist.
+ *
+ * First the session the INSERT was lost with is ended and waited for
+ * (docs/async.md#in-doubt-inserts): the connection can be lost while the server still runs it (a
+ * network cut; or a commit written locally and waiting for a synchronous standby). Until that
+ * process is gone its transaction is neither visible nor aborted, so the lookup would take
+ * committed rows as missing and insert them again. A process that pg_stat_activity shows is ended
+ * only if it is of esmd's role and shows the INSERT; one it no longer shows may still be exiting
+ * (it leaves pg_stat_activity before its transaction ends), so it is waited for as well. Never this
+ * session. */
 static void indoubt_ask(struct lq_ins *b)
 {
     struct esmd_leaseq *lq = b->lq;
+    if (b->lost_pid > 0) {
+        char pid[16];
+        snprintf(pid, sizeof(pid), "%d", b->lost_pid);
+        const char *eparams[] = {pid, lq->p->insert_sql};
+        (void)esmd_pg_query(lq->ins[b->conn],
+                            "SELECT pg_terminate_backend($1::int, 5000) WHERE $1::int <> "
+                            "pg_backend_pid() AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a "
+                            "WHERE a.pid = $1::int AND (a.usename IS DISTINCT FROM current_user "
+                            "OR left(a.query, 200) IS DISTINCT FROM left($2, 200)))",
+                            2, eparams, indoubt_end_done, (void *)lq->p);
+    }
     struct esmd_pg_array arr;
     esmd_pg_array_start(&arr, lq->p->indoubt_oid);
     for (struct esmd_leaseq_item *it = b->items; it; it = it->next)
@@ -713,6 +746,7 @@ static void ins_done(void *ud, const PGresult *res, const char *err)
                   "were committed before answering for them",
                   lq->p->name, err, lq->p->rows);
         lq->indoubt++;
+        b->lost_pid = esmd_pg_backend_pid(lq->ins[b->conn]);
         if (lq->pend)
             kick(lq, &lq->ins_kick);
         indoubt_ask(b); /* may answer at once, and the policy may free lq then */

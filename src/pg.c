@@ -388,7 +388,8 @@ struct esmd_pg {
     bool flushing; /* PQflush returned 1: watch for writable */
     bool closing;  /* esmd_pg_free called; destroyed when depth drops to 0 */
     bool lost_logged;
-    int depth; /* > 0 while one of our watcher callbacks runs */
+    int backend_pid; /* the server process of the current or last session (0: none yet) */
+    int depth;       /* > 0 while one of our watcher callbacks runs */
     int attempt;
     ev_io io;
     ev_timer retry;                     /* reconnect backoff */
@@ -732,6 +733,7 @@ static void pg_connected(struct esmd_pg *pg)
         return;
     }
     PQsetNoticeProcessor(pg->conn, pg_notice, pg);
+    pg->backend_pid = PQbackendPID(pg->conn);
     pg->state = PG_READY;
     pg->degraded = false;
     if (pg->lost_logged)
@@ -978,6 +980,11 @@ struct esmd_pg *esmd_pg_new(struct ev_loop *loop, const char *conninfo, const ch
     pg->io.data = pg->retry.data = pg->timeout.data = pg->idle.data = pg->kick.data = pg;
     pg_connect_start(pg);
     return pg;
+}
+
+int esmd_pg_backend_pid(const struct esmd_pg *pg)
+{
+    return pg->backend_pid;
 }
 
 int esmd_pg_query(struct esmd_pg *pg, const char *sql, int nparams, const char *const *params,

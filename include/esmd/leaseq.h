@@ -90,6 +90,10 @@ struct esmd_leaseq_policy {
     unsigned int indoubt_oid;
     /* Adds item's value of indoubt_column to arr (one element). */
     void (*indoubt_value)(void *ud, struct esmd_leaseq_item *item, struct esmd_pg_array *arr);
+    /* Optional: true when this process has claimed item's row already (so it was committed),
+     * for a row the lookup does not find: a claim that started before the loss was noticed
+     * can run the row and delete it before the lookup. */
+    bool (*indoubt_claimed)(void *ud, struct esmd_leaseq_item *item);
 
     /* The columns esmd_leaseq_retry() sets (NULL-terminated lists): from int4 values, from
      * text values. NULL: none. */

@@ -110,6 +110,9 @@ typedef void (*esmd_pg_notify_cb)(void *ud, const char *channel, const char *pay
 int esmd_pg_listen(struct esmd_pg *pg, const char *channel, esmd_pg_notify_cb cb, void *ud);
 /* true while connected and the last query or ping succeeded. */
 bool esmd_pg_ready(const struct esmd_pg *pg);
+/* The server process (PQbackendPID) of the current session, or of the last one while the
+ * connection is lost; 0 before the first. */
+int esmd_pg_backend_pid(const struct esmd_pg *pg);
 /* Last connection or query error, "" if none. Borrowed. */
 const char *esmd_pg_last_error(const struct esmd_pg *pg);
 

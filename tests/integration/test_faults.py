@@ -592,6 +592,125 @@ def test_async_kill9_and_a_postgres_restart_with_a_chaotic_function(postgres, en
     assert proc.stop() == 0
 
 
+def event_invoker(proc, result):
+    """A thread (not started) that sends one Invoke `Event` to esmd; its answer goes to
+    result["r"]."""
+    def invoke():
+        result["r"] = requests.post("%s/2015-03-31/functions/fn/invocations" % proc.admin,
+                                    data=b'{"n": 1}', timeout=60,
+                                    headers={"X-Amz-Invocation-Type": "Event"})
+    return threading.Thread(target=invoke)
+
+
+def syncrep_insert_sql(dbname):
+    """The pid of an async INSERT of dbname committed locally and waiting for a standby."""
+    return ("SELECT pid FROM pg_stat_activity WHERE datname = '%s' AND wait_event = "
+            "'SyncRep' AND query LIKE '%%INSERT INTO esmd.async_events%%'" % dbname)
+
+
+class CuttableProxy:
+    """A TCP proxy on loopback to `port` whose connections the test can cut on the client side
+    (cut()): esmd sees its connection lost, while the server's process lives on, as after a
+    network cut."""
+
+    def __init__(self, port):
+        import socket
+        self.target = port
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(64)
+        self.port = self.lsock.getsockname()[1]
+        self.pairs = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.pairs.append((c, u))
+            threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b):
+        try:
+            while True:
+                d = a.recv(65536)
+                if not d:
+                    break
+                b.sendall(d)
+        except OSError:
+            pass
+
+    def cut(self):
+        """Closes esmd's side of every connection; the server side stays open (its process
+        does not learn of the cut while it waits)."""
+        import socket
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for c, _ in pairs:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        return [u for _, u in pairs]
+
+    def close(self):
+        self.lsock.close()
+
+
+def test_async_insert_in_doubt_while_its_session_lives_on(postgres, endpoint, esmd, names):
+    """The connection is cut on esmd's side while the INSERT of an accepted event has committed
+    locally and waits for a synchronous standby (wait event SyncRep), and its server process
+    lives on. esmd used to look the event up at once: the still running transaction hid the row,
+    the event was inserted a second time and invoked twice. Now esmd ends that process and waits
+    for it first (docs/async.md#in-doubt-inserts): the committed row is found, the answer is 202
+    and the event is invoked once."""
+    dbname = names.mapping() + "_db"
+    postgres.create_db(dbname)
+    postgres.sql('ALTER DATABASE "%s" SET synchronous_commit = on' % dbname, db="postgres")
+    proxy = CuttableProxy(postgres.port)
+    cfg = {"postgres": "postgresql://postgres@127.0.0.1:%d/%s" % (proxy.port, dbname),
+           "async_queue": {"poll_interval": "100ms"},
+           "functions": {"fn": {"url": endpoint.url}}}
+    proc = esmd(cfg)
+    result = {}
+    t = event_invoker(proc, result)
+    waiting_insert = syncrep_insert_sql(dbname)
+    upstream = []
+    try:
+        postgres.sql("ALTER SYSTEM SET synchronous_standby_names = 'nobody'", db="postgres")
+        postgres.sql("SELECT pg_reload_conf()", db="postgres")
+        t.start()
+        wait_for(lambda: postgres.sql(waiting_insert, db="postgres"), 30, 0.05,
+                 "the INSERT to wait for the standby after its local commit")
+        upstream = proxy.cut()
+        # the answer comes while the standby is still missing: a second INSERT would wait for it
+        t.join(20)
+        answered_in_doubt = not t.is_alive()
+    finally:
+        postgres.sql("ALTER SYSTEM RESET synchronous_standby_names", db="postgres")
+        postgres.sql("SELECT pg_reload_conf()", db="postgres")
+        t.join(60)
+        for u in upstream:
+            u.close()
+        proxy.close()
+    r = result["r"]
+    assert r.status_code == 202, (r.status_code, r.text)
+    assert answered_in_doubt, "esmd answered only once the standby wait ended (inserted again)"
+    assert "of an INSERT cut off by a lost connection, 1 events were committed" in proc.log()
+    endpoint.wait_for(lambda: len(endpoint.ok_requests()) >= 1, 30, "the event invoked")
+    time.sleep(1.0)  # a second INSERT of the event would be invoked by now
+    assert len(endpoint.ok_requests()) == 1
+
+
 def test_async_insert_cut_off_after_its_commit_is_answered_202(postgres, endpoint, esmd, names):
     """The connection is lost after the INSERT of an accepted event committed and before esmd
     heard so. esmd used to answer 500 ("storing events: connection lost") for an event it then
@@ -609,15 +728,8 @@ def test_async_insert_cut_off_after_its_commit_is_answered_202(postgres, endpoin
            "functions": {"fn": {"url": endpoint.url}}}
     proc = esmd(cfg)
     result = {}
-
-    def invoke():
-        result["r"] = requests.post("%s/2015-03-31/functions/fn/invocations" % proc.admin,
-                                    data=b'{"n": 1}', timeout=60,
-                                    headers={"X-Amz-Invocation-Type": "Event"})
-
-    waiting_insert = ("SELECT pid FROM pg_stat_activity WHERE datname = '%s' AND wait_event = "
-                      "'SyncRep' AND query LIKE '%%INSERT INTO esmd.async_events%%'" % dbname)
-    t = threading.Thread(target=invoke)
+    t = event_invoker(proc, result)
+    waiting_insert = syncrep_insert_sql(dbname)
     try:
         postgres.sql("ALTER SYSTEM SET synchronous_standby_names = 'nobody'", db="postgres")
         postgres.sql("SELECT pg_reload_conf()", db="postgres")
