@@ -16,6 +16,7 @@ COPY include ./include
 COPY src ./src
 COPY connectors ./connectors
 COPY migrations ./migrations
+COPY ui ./ui
 RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DESMD_BUILD_TESTS=OFF \
  && cmake --build build -j"$(nproc)" \
  && strip build/esmd \
