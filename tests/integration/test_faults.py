@@ -602,6 +602,14 @@ def event_invoker(proc, result):
     return threading.Thread(target=invoke)
 
 
+def standby_missing(postgres, missing):
+    """With missing, commits of a database with synchronous_commit on wait (SyncRep) for a
+    synchronous standby that does not exist; without, they go on."""
+    postgres.sql("ALTER SYSTEM SET synchronous_standby_names = 'nobody'" if missing else
+                 "ALTER SYSTEM RESET synchronous_standby_names", db="postgres")
+    postgres.sql("SELECT pg_reload_conf()", db="postgres")
+
+
 def syncrep_insert_sql(dbname):
     """The pid of an async INSERT of dbname committed locally and waiting for a standby."""
     return ("SELECT pid FROM pg_stat_activity WHERE datname = '%s' AND wait_event = "
@@ -686,8 +694,7 @@ def test_async_insert_in_doubt_while_its_session_lives_on(postgres, endpoint, es
     waiting_insert = syncrep_insert_sql(dbname)
     upstream = []
     try:
-        postgres.sql("ALTER SYSTEM SET synchronous_standby_names = 'nobody'", db="postgres")
-        postgres.sql("SELECT pg_reload_conf()", db="postgres")
+        standby_missing(postgres, True)
         t.start()
         wait_for(lambda: postgres.sql(waiting_insert, db="postgres"), 30, 0.05,
                  "the INSERT to wait for the standby after its local commit")
@@ -696,8 +703,7 @@ def test_async_insert_in_doubt_while_its_session_lives_on(postgres, endpoint, es
         t.join(20)
         answered_in_doubt = not t.is_alive()
     finally:
-        postgres.sql("ALTER SYSTEM RESET synchronous_standby_names", db="postgres")
-        postgres.sql("SELECT pg_reload_conf()", db="postgres")
+        standby_missing(postgres, False)
         t.join(60)
         for u in upstream:
             u.close()
@@ -731,16 +737,14 @@ def test_async_insert_cut_off_after_its_commit_is_answered_202(postgres, endpoin
     t = event_invoker(proc, result)
     waiting_insert = syncrep_insert_sql(dbname)
     try:
-        postgres.sql("ALTER SYSTEM SET synchronous_standby_names = 'nobody'", db="postgres")
-        postgres.sql("SELECT pg_reload_conf()", db="postgres")
+        standby_missing(postgres, True)
         t.start()
         wait_for(lambda: postgres.sql(waiting_insert, db="postgres"), 30, 0.05,
                  "the INSERT to wait for the standby after its local commit")
         pid = postgres.sql(waiting_insert, db="postgres")[0][0]
         postgres.sql("SELECT pg_terminate_backend(%s)" % pid, db="postgres")
     finally:
-        postgres.sql("ALTER SYSTEM RESET synchronous_standby_names", db="postgres")
-        postgres.sql("SELECT pg_reload_conf()", db="postgres")
+        standby_missing(postgres, False)
         t.join(60)
     r = result["r"]
     assert r.status_code == 202, (r.status_code, r.text)
