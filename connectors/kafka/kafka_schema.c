@@ -30,6 +30,8 @@
 #define SR_MAX_RESPONSE (8 * 1024 * 1024)
 /* One registry request. */
 #define SR_TIMEOUT_MS 10000L
+/* Redirects one request follows (a registry behind a proxy or moved: docs/kafka.md). */
+#define SR_MAX_REDIRS 5L
 
 const char *esmd_sr_format_name(enum esmd_sr_format f)
 {
@@ -803,6 +805,14 @@ static void req_start(struct esmd_sr *sr, struct sr_entry *e)
     curl_easy_setopt(c, CURLOPT_URL, esmd_buf_cstr(&url));
     esmd_buf_free(&url);
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+    /* Redirects (301, 302, 303, 307, 308) are followed, over http and https only. The basic
+     * auth credentials go to the configured scheme, host and port only, never to another one a
+     * redirect names: libcurl's default (CURLOPT_UNRESTRICTED_AUTH 0), set here to say so.
+     * The TLS settings (ca_file, client certificate) apply to every host. docs/kafka.md. */
+    curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 1L);
+    curl_easy_setopt(c, CURLOPT_MAXREDIRS, SR_MAX_REDIRS);
+    curl_easy_setopt(c, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(c, CURLOPT_UNRESTRICTED_AUTH, 0L);
     curl_easy_setopt(c, CURLOPT_HTTPHEADER, req->hdrs);
     curl_easy_setopt(c, CURLOPT_USERAGENT, "esmd/" ESMD_VERSION);
     curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, SR_TIMEOUT_MS);
@@ -1041,6 +1051,15 @@ static void on_done(struct esmd_curl_ev *ce, CURL *easy, CURLcode result, void *
                  (int)e->id, SR_MAX_RESPONSE / (1024 * 1024));
         entry_bad(e, why);
         answered = true;
+    } else if (result == CURLE_TOO_MANY_REDIRECTS) {
+        long n = 0;
+        char *last = NULL;
+        curl_easy_getinfo(req->easy, CURLINFO_REDIRECT_COUNT, &n);
+        curl_easy_getinfo(req->easy, CURLINFO_REDIRECT_URL, &last);
+        snprintf(why, sizeof(why),
+                 "schema %d: %ld redirects followed and the next one, to %.300s, is past the "
+                 "limit of %ld (a redirect loop?)",
+                 (int)e->id, n, last ? last : "?", SR_MAX_REDIRS);
     } else if (result != CURLE_OK) {
         snprintf(why, sizeof(why), "%s", req->errbuf[0] ? req->errbuf : curl_easy_strerror(result));
     } else if (status == 200) {
@@ -1062,7 +1081,9 @@ static void on_done(struct esmd_curl_ev *ce, CURL *easy, CURLcode result, void *
         answered = true;
     } else {
         snprintf(why, sizeof(why), "HTTP %ld for schema %d%s", status, (int)e->id,
-                 status == 404 ? " without error code 40403 (is the url right?)" : "");
+                 status == 404                   ? " without error code 40403 (is the url right?)"
+                 : status >= 300 && status < 400 ? " without a Location to follow"
+                                                 : "");
     }
     req_free(sr, req);
     if (!answered) {

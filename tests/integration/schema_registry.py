@@ -28,6 +28,11 @@ answered as text; `?format=serialized` answers the base64 instead (only for sche
 so: the stand-in has no .proto parser). .protobuf_text = False makes it answer the base64 form
 by default, as a registry that keeps what it was given would.
 
+Redirector(target) is a front that answers every request with a redirect (status 307 unless
+told) to the same path under target, a base URL; Redirector(None) redirects to itself, a loop.
+.requests holds (method, path, Authorization header or None) of what it was asked; the stand-in's
+.authorizations holds the Authorization header (or None) of every request it answered.
+
 Ids are global and start at 1, as Confluent's. Registry(port=0) picks a free loopback port;
 .stop() closes the socket (clients get "connection refused"), .start() listens again on the
 same port with the same schemas. .fetches(id) counts the GET /schemas/ids/{id} requests.
@@ -58,6 +63,7 @@ class Registry:
         self.serialized = {}   # Protobuf schema text -> the base64 it was registered as
         self.protobuf_text = True
         self.requests = []     # (method, path) of every request
+        self.authorizations = []  # the Authorization header (or None) of every request
         self.server = None
         self.thread = None
         self.start()
@@ -257,6 +263,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = json.loads(raw) if raw else None
         except ValueError:
             body = None
+        with self.reg.lock:
+            self.reg.authorizations.append(self.headers.get("Authorization"))
         status, out = self.reg.handle(method, self.path, body)
         data = json.dumps(out).encode()
         self.send_response(status)
@@ -281,3 +289,47 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+
+class Redirector:
+    """An HTTP front answering every request with `status` and Location: target + the request's
+    path (target None: this front's own URL + the path, a redirect loop)."""
+
+    def __init__(self, target, status=307, host="127.0.0.1"):
+        self.target = target
+        self.status = status
+        self.lock = threading.Lock()
+        self.requests = []  # (method, path, Authorization or None)
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                with front.lock:
+                    front.requests.append(("GET", self.path, self.headers.get("Authorization")))
+                base = front.target if front.target is not None else front.url
+                body = b"moved\n"
+                self.send_response(front.status)
+                self.send_header("Location", base.rstrip("/") + self.path)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = _Server((host, 0), Handler)
+        self.url = "http://%s:%d" % (host, self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def gets(self):
+        with self.lock:
+            return [r for r in self.requests if r[0] == "GET"]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
