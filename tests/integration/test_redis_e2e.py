@@ -786,7 +786,10 @@ def test_group_deleted_while_running_is_created_again(redis, endpoint, esmd, red
     redis.command("XGROUP", "DESTROY", stream, "g")
     wait_for(lambda: "NOGROUP" in proc.log(), 15, 0.1, "esmd to notice the group is gone")
     ready(proc)
-    time.sleep(0.5)
+    # the group is created again at the stream's end ($, starting_position latest): entries
+    # added before that would be skipped, so wait for the group rather than a fixed time
+    wait_for(lambda: any(g[1] == "g" for g in redis.command("XINFO", "GROUPS", stream)), 60, 0.1,
+             "esmd to create the group again")
     produce(redis, stream, 5, start=200)
     wait_all_delivered(endpoint, 5, start=200)
     wait_pending(redis, stream, "g", 0)

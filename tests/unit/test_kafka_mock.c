@@ -364,6 +364,16 @@ static bool shards_open(struct fake *f, void *arg)
     return f->nopen == *(int *)arg;
 }
 
+/* The connector's committed total (its stats) has reached *arg: the broker answered the
+ * commits. Tests wait for this with a deadline rather than for a fixed time, which a loaded
+ * machine can outlast (a 0.5 s wait once did in CI). */
+static bool committed_at_least(struct fake *f, void *arg)
+{
+    struct esmd_connector_stats st;
+    ops->stats(f->conn, &st);
+    return st.committed >= *(int64_t *)arg;
+}
+
 static bool is_stopped(struct fake *f, void *arg)
 {
     return f->stopped;
@@ -505,7 +515,9 @@ static void test_consume_ack_resume(void **state)
         ops->ack(f.conn, f.parts[p].shard, acked[p]);
         ops->ack(f.conn, f.parts[p].shard, 1);
     }
-    esmd_test_run_for(f.loop, 0.5); /* the coalesced async commit completes */
+    int64_t want = 5 + 10 + 15 + 20;
+    if (!run_until(&f, committed_at_least, &want, JOIN_TIMEOUT_S))
+        fail_msg("the coalesced async commit did not complete");
     struct esmd_connector_stats st;
     ops->stats(f.conn, &st);
     assert_int_equal(st.committed, 5 + 10 + 15 + 20);
@@ -642,7 +654,10 @@ static void test_cooperative_two_members(void **state)
         assert_contiguous(&a.parts[p], 0, NREC / NPART);
         ops->ack(a.conn, a.parts[p].shard, NREC / NPART);
     }
-    esmd_test_run_for(a.loop, 0.5);
+    /* committed before b joins: b starts where a acked */
+    int64_t all = NREC;
+    if (!run_until(&a, committed_at_least, &all, JOIN_TIMEOUT_S))
+        fail_msg("a's commit did not complete");
 
     /* b shares a's loop so both are served while the group rebalances */
     fake_init(&b, topic);
