@@ -71,6 +71,11 @@ struct esmd_admin_dlq *esmd_admin_dlq_new(const struct esmd_config *cfg,
     return d;
 }
 
+void esmd_admin_dlq_set_config(struct esmd_admin_dlq *d, const struct esmd_config *cfg)
+{
+    d->cfg = cfg;
+}
+
 void esmd_admin_dlq_closing(struct esmd_admin_dlq *d)
 {
     if (d)

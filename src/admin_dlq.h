@@ -17,6 +17,9 @@ struct esmd_pg;
 /* cfg, auth (NULL: loopback only) and pg are borrowed and must outlive it. */
 struct esmd_admin_dlq *esmd_admin_dlq_new(const struct esmd_config *cfg,
                                           const struct esmd_admin_auth *auth, struct esmd_pg *pg);
+/* A reload: the functions and queues listed, and the functions a redrive may name, are cfg's
+ * from now on (borrowed as esmd_admin_dlq_new's). */
+void esmd_admin_dlq_set_config(struct esmd_admin_dlq *d, const struct esmd_config *cfg);
 /* Registers GET ESMD_ADMIN_DLQ_PATH/... and POST ESMD_ADMIN_DLQ_PATH/.../redrive. 0 or
  * ESMD_EINVAL. */
 int esmd_admin_dlq_routes(struct esmd_admin_dlq *d, struct esmd_http *http,

@@ -11,6 +11,7 @@
  * configuration converge on what the database holds. At start-up the overrides are read
  * (blocking, before the loop runs) and applied before the mappings start; an overridden field
  * whose value in the file has changed since it was overridden is dropped (the file wins). */
+#include "admin_dlq.h"
 #include "admin_store.h"
 #include "esmd/log.h"
 #include "esmd/pg.h"
@@ -580,6 +581,8 @@ void esmd_admin_reconfigure(struct esmd_admin *adm, const struct esmd_config *cf
     adm->maps = next;
     adm->nmaps = cfg->nmappings;
     adm->cfg = cfg;
+    if (adm->dlq)
+        esmd_admin_dlq_set_config(adm->dlq, cfg);
     for (size_t i = 0; i < adm->nmaps; i++)
         adm_apply(&adm->maps[i]);
     if (!adm->closing)

@@ -61,8 +61,10 @@ static void eic_respond(const struct esmd_api_ctx *ctx, struct esmd_api_call *ca
 {
     struct esmd_asyncq_eic e;
     struct esmd_buf b = ESMD_BUF_INIT;
-    if (esmd_asyncq_eic_get(ctx->q, function, &e) != 0) {
-        esmd_api_error(call, 500, "ServiceException", "the function is gone");
+    if (esmd_asyncq_eic_get(ctx->q, function, &e) != 0) { /* a reload removed it meanwhile */
+        char arn[300];
+        esmd_function_arn(function, arn, sizeof(arn));
+        esmd_api_error(call, 404, "ResourceNotFoundException", "Function not found: %s", arn);
         return;
     }
     eic_json(&b, function, &e);
@@ -83,7 +85,7 @@ static void eic_not_found(struct esmd_api_call *call, const char *function)
 struct eic_call {
     const struct esmd_api_ctx *ctx;
     struct esmd_api_call call; /* call.req NULL once the client went away */
-    const struct esmd_function_cfg *fc;
+    char *function;            /* owned: a reload may free the configuration meanwhile */
     bool is_delete;
 };
 
@@ -100,14 +102,15 @@ static void eic_done(void *ud, int rc)
     if (ec->call.req) {
         esmd_http_req_on_abort(ec->call.req, NULL, NULL);
         if (rc == ESMD_ENOENT)
-            eic_not_found(&ec->call, ec->fc->name);
+            eic_not_found(&ec->call, ec->function);
         else if (rc != 0) /* the database's message is in the log, not for the client */
             esmd_api_error(&ec->call, 500, "ServiceException", "could not store the configuration");
         else if (ec->is_delete)
             esmd_api_respond(&ec->call, 204, NULL, "", 0);
         else
-            eic_respond(ec->ctx, &ec->call, ec->fc->name);
+            eic_respond(ec->ctx, &ec->call, ec->function);
     }
+    free(ec->function);
     free(ec);
 }
 
@@ -242,11 +245,12 @@ static void eic_change(const struct esmd_api_ctx *ctx, struct esmd_api_call *cal
     struct eic_call *ec = esmd_xcalloc(1, sizeof(*ec));
     ec->ctx = ctx;
     ec->call = *call;
-    ec->fc = fc;
+    ec->function = esmd_xstrdup(fc->name);
     ec->is_delete = is_delete;
     rc = is_delete ? esmd_asyncq_eic_delete(ctx->q, fc->name, eic_done, ec)
                    : esmd_asyncq_eic_put(ctx->q, fc->name, &ch, eic_done, ec);
     if (rc != 0) {
+        free(ec->function);
         free(ec);
         if (rc == ESMD_ENOENT)
             eic_not_found(call, fc->name);

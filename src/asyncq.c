@@ -54,11 +54,17 @@ struct aq_override {
     double modified_at; /* epoch seconds */
 };
 
+/* A function of the queue. Its settings are read through the invoker's handle at each use
+ * (fn_cfg()), which a reload points at the new configuration (esmd_asyncq_reconfigure): the
+ * next attempt of every event, queued before the reload or not, takes them. A function a
+ * reload removed stays, marked `removed`: its events are not claimed until a reload adds it
+ * again (docs/async.md#reload). */
 struct aq_fn {
     struct esmd_asyncq *q;
-    const struct esmd_function_cfg *cfg; /* borrowed */
-    struct esmd_function *fn;            /* the invoker's */
-    struct esmd_leaseq_key *key;         /* the engine's */
+    char *name;                  /* owned */
+    struct esmd_function *fn;    /* the invoker's */
+    struct esmd_leaseq_key *key; /* the engine's */
+    bool removed;                /* not in the configuration in force */
     struct aq_override ov;
     int outstanding; /* claimed, not settled */
     bool notify;     /* events stored since the last NOTIFY */
@@ -116,7 +122,7 @@ struct esmd_asyncq {
     struct ev_loop *loop;
     struct esmd_invoker *inv;
     struct esmd_dests *dests;
-    struct aq_fn *fns;
+    struct aq_fn **fns; /* each owned; never freed before the queue (events point at them) */
     size_t nfns;
     double started_at;
 
@@ -146,30 +152,44 @@ static void stop_maybe_done(struct esmd_asyncq *q);
 
 /* ---- helpers ---- */
 
+/* The function `name`, removed by a reload or not. */
 static struct aq_fn *fn_find(struct esmd_asyncq *q, const char *name)
 {
     for (size_t i = 0; i < q->nfns; i++)
-        if (strcmp(q->fns[i].cfg->name, name) == 0)
-            return &q->fns[i];
+        if (strcmp(q->fns[i]->name, name) == 0)
+            return q->fns[i];
     return NULL;
+}
+
+/* The function `name` when the configuration in force has it. */
+static struct aq_fn *fn_live(struct esmd_asyncq *q, const char *name)
+{
+    struct aq_fn *f = fn_find(q, name);
+    return f && !f->removed ? f : NULL;
+}
+
+/* The function's settings in force (the last reload's; a removed function's last ones). */
+static const struct esmd_function_cfg *fn_cfg(const struct aq_fn *f)
+{
+    return esmd_function_cfg(f->fn);
 }
 
 static int fn_mra(const struct aq_fn *f)
 {
-    return f->ov.has && f->ov.mra >= 0 ? f->ov.mra : f->cfg->async.maximum_retry_attempts;
+    return f->ov.has && f->ov.mra >= 0 ? f->ov.mra : fn_cfg(f)->async.maximum_retry_attempts;
 }
 
 static int64_t fn_age_ms(const struct aq_fn *f)
 {
     return f->ov.has && f->ov.age_s >= 0 ? (int64_t)f->ov.age_s * 1000
-                                         : f->cfg->async.maximum_event_age_ms;
+                                         : fn_cfg(f)->async.maximum_event_age_ms;
 }
 
 /* The effective destination: the override's ("" = none) or the YAML's; NULL when none. */
 static const char *fn_dest(const struct aq_fn *f, bool success)
 {
     const char *o = success ? f->ov.on_success : f->ov.on_failure;
-    const char *y = success ? f->cfg->async.on_success : f->cfg->async.on_failure;
+    const char *y = success ? fn_cfg(f)->async.on_success : fn_cfg(f)->async.on_failure;
     const char *r = f->ov.has && o ? o : y;
     return r && *r ? r : NULL;
 }
@@ -178,7 +198,7 @@ static int64_t fn_lease_ms(const struct aq_fn *f)
 {
     if (f->q->lease_ms_override > 0)
         return f->q->lease_ms_override;
-    return 2 * f->cfg->timeout_ms + 30000;
+    return 2 * fn_cfg(f)->timeout_ms + 30000;
 }
 
 static void ov_clear(struct aq_override *ov)
@@ -221,7 +241,7 @@ static void build_record(struct esmd_buf *b, const struct aq_ev *ev, const char 
     esmd_iso8601_ms(esmd_now_ms(), ts);
     esmd_buf_printf(b, "{\"version\":\"1.0\",\"timestamp\":\"%s\",\"requestContext\":{", ts);
     esmd_buf_printf(b, "\"requestId\":\"%s\",\"functionArn\":", ev->rid);
-    put_function_arn(b, ev->f->cfg->name);
+    put_function_arn(b, ev->f->name);
     esmd_buf_printf(b, ",\"condition\":\"%s\",\"approximateInvokeCount\":%d},", condition,
                     ev->invokes);
     esmd_buf_puts(b, "\"requestPayload\":");
@@ -311,7 +331,7 @@ static void send_cb(void *ud, bool ok, const char *err)
     if (!ev)
         return;
     if (!ok) {
-        struct esmd_log_ctx lc = {NULL, ev->f->cfg->name, ev->rid,
+        struct esmd_log_ctx lc = {NULL, ev->f->name, ev->rid,
                                   ev->trace_id[0] ? ev->trace_id : NULL};
         esmd_log_limited(ESMD_LOG_WARN, &lc, "async-send",
                          "async: could not store the %s record: %s (retrying)",
@@ -341,7 +361,7 @@ static void send_out(struct aq_ev *ev, const char *uri, const char *payload, siz
         attrs ? esmd_dests_send_attrs(q->dests, uri, payload, len, attrs, send_cb, s)
               : esmd_dests_send(q->dests, uri, payload, len, ev->rid, strlen(ev->rid), send_cb, s);
     if (rc != 0) {
-        struct esmd_log_ctx lc = {NULL, ev->f->cfg->name, ev->rid,
+        struct esmd_log_ctx lc = {NULL, ev->f->name, ev->rid,
                                   ev->trace_id[0] ? ev->trace_id : NULL};
         esmd_log_limited(ESMD_LOG_ERROR, &lc, "async-send-refused",
                          "async: destination %s refused the %s (%s)%s", uri,
@@ -394,7 +414,7 @@ static void send_dead_letter(struct aq_ev *ev, const char *uri)
     esmd_buf_put_json_string(&attrs, msg, n);
     /* esmd's addition: which function, so /admin/dead-letters can show and re-drive it */
     esmd_buf_puts(&attrs, "},\"FunctionName\":{\"dataType\":\"String\",\"stringValue\":");
-    esmd_buf_put_json_string(&attrs, ev->f->cfg->name, strlen(ev->f->cfg->name));
+    esmd_buf_put_json_string(&attrs, ev->f->name, strlen(ev->f->name));
     esmd_buf_puts(&attrs, "}}");
     send_out(ev, uri, ev->payload, ev->len, esmd_buf_cstr(&attrs), true);
     esmd_buf_free(&attrs);
@@ -405,11 +425,12 @@ static void route_failure(struct aq_ev *ev, const char *condition)
 {
     struct aq_fn *f = ev->f;
     const char *uri = fn_dest(f, false);
-    struct esmd_log_ctx lc = {NULL, f->cfg->name, ev->rid, ev->trace_id[0] ? ev->trace_id : NULL};
+    const char *dlq = fn_cfg(f)->async.dead_letter;
+    struct esmd_log_ctx lc = {NULL, f->name, ev->rid, ev->trace_id[0] ? ev->trace_id : NULL};
     esmd_series_inc(strcmp(condition, "EventAgeExceeded") == 0 ? f->m_drop_age : f->m_drop_retries,
                     1);
     ESMD_INFO(&lc, "async: event dropped (%s) after %d invocation(s)%s", condition, ev->invokes,
-              uri || f->cfg->async.dead_letter ? "; routed to its destinations" : "");
+              uri || dlq ? "; routed to its destinations" : "");
     ev->routed_failure = true;
     if (uri) {
         struct esmd_buf rec = ESMD_BUF_INIT;
@@ -419,8 +440,8 @@ static void route_failure(struct aq_ev *ev, const char *condition)
         send_out(ev, uri, rec.data, rec.len, NULL, false);
         esmd_buf_free(&rec);
     }
-    if (f->cfg->async.dead_letter)
-        send_dead_letter(ev, f->cfg->async.dead_letter);
+    if (dlq)
+        send_dead_letter(ev, dlq);
     sends_done(ev);
 }
 
@@ -490,7 +511,7 @@ static void ev_invoked(void *ud, const struct esmd_invoke_result *res)
         char ts[32];
         esmd_iso8601_ms(now, ts);
         snprintf(msg, sizeof(msg), "{\"errorMessage\":\"%s %s Task timed out after %.2f seconds\"}",
-                 ts, ev->rid, esmd_invoke_timeout_seconds(res, f->cfg->timeout_ms));
+                 ts, ev->rid, esmd_invoke_timeout_seconds(res, fn_cfg(f)->timeout_ms));
         set_str(&ev->last_resp, msg, strlen(msg));
     }
     if (function_error) {
@@ -612,7 +633,9 @@ static int aq_room(void *ud, void *key_ud)
 {
     const struct aq_fn *f = key_ud;
     ESMD_UNUSED(ud);
-    int mc = f->cfg->max_concurrency > 0 ? f->cfg->max_concurrency : 1;
+    if (f->removed) /* its events wait for the function to come back */
+        return 0;
+    int mc = fn_cfg(f)->max_concurrency > 0 ? fn_cfg(f)->max_concurrency : 1;
     int room = 2 * mc - f->outstanding;
     return room > AQ_CLAIM_MAX ? AQ_CLAIM_MAX : room;
 }
@@ -661,10 +684,10 @@ static void notify_flush(struct esmd_asyncq *q)
     struct esmd_pg_array names;
     esmd_pg_array_start(&names, ESMD_PG_OID_TEXT);
     for (size_t i = 0; i < q->nfns; i++) {
-        if (!q->fns[i].notify)
+        if (!q->fns[i]->notify)
             continue;
-        q->fns[i].notify = false;
-        esmd_pg_array_add(&names, q->fns[i].cfg->name, strlen(q->fns[i].cfg->name));
+        q->fns[i]->notify = false;
+        esmd_pg_array_add(&names, q->fns[i]->name, strlen(q->fns[i]->name));
     }
     if (names.n > 0) {
         esmd_pg_array_finish(&names);
@@ -718,7 +741,7 @@ static void aq_insert_row(void *ud, struct esmd_leaseq_item *item, struct esmd_p
 {
     struct aq_pending *p = (struct aq_pending *)item;
     ESMD_UNUSED(ud);
-    esmd_pg_array_add(&cols[0], p->f->cfg->name, strlen(p->f->cfg->name));
+    esmd_pg_array_add(&cols[0], p->f->name, strlen(p->f->name));
     aq_add_request_id(p, &cols[1]);
     esmd_pg_array_add(&cols[2], p->payload, p->len);
     esmd_pg_array_add(&cols[3], p->trace.traceparent, strlen(p->trace.traceparent));
@@ -794,7 +817,7 @@ int esmd_asyncq_enqueue(struct esmd_asyncq *q, const char *function, const char 
         return ESMD_EINVAL;
     if (q->stopping || q->closing)
         return ESMD_ESTATE;
-    struct aq_fn *f = fn_find(q, function);
+    struct aq_fn *f = fn_live(q, function);
     if (!f)
         return ESMD_ENOENT;
     if (len > q->max_async)
@@ -854,7 +877,7 @@ struct reload {
 static void max_age_gauges(struct esmd_asyncq *q)
 {
     for (size_t i = 0; i < q->nfns; i++)
-        esmd_series_set(q->fns[i].m_max_age, (double)fn_age_ms(&q->fns[i]) / 1000.0);
+        esmd_series_set(q->fns[i]->m_max_age, (double)fn_age_ms(q->fns[i]) / 1000.0);
 }
 
 static void reload_done(void *ud, const PGresult *res, const char *err)
@@ -873,7 +896,7 @@ static void reload_done(void *ud, const PGresult *res, const char *err)
                     ov_clear(&f->ov);
             } else {
                 for (size_t i = 0; i < q->nfns; i++)
-                    ov_clear(&q->fns[i].ov);
+                    ov_clear(&q->fns[i]->ov);
             }
             for (int r = 0; r < PQntuples(res); r++)
                 ov_apply_row(q, res, r);
@@ -956,10 +979,10 @@ static void count_cb(struct ev_loop *loop, ev_timer *w, int revents)
     if (q->counting || q->stopping || q->closing)
         return;
     for (size_t i = 0; i < q->nfns; i++) {
-        const char *params[] = {q->fns[i].cfg->name};
+        const char *params[] = {q->fns[i]->name};
         q->counting++;
-        if (esmd_pg_query(q->work, AQ_COUNT_SQL, 1, params, count_done, &q->fns[i]) != 0)
-            count_done(&q->fns[i], NULL, "closed");
+        if (esmd_pg_query(q->work, AQ_COUNT_SQL, 1, params, count_done, q->fns[i]) != 0)
+            count_done(q->fns[i], NULL, "closed");
     }
 }
 
@@ -977,10 +1000,10 @@ size_t esmd_asyncq_max_payload(const struct esmd_asyncq *q)
 
 int esmd_asyncq_eic_get(struct esmd_asyncq *q, const char *function, struct esmd_asyncq_eic *out)
 {
-    const struct aq_fn *f = fn_find(q, function);
+    const struct aq_fn *f = fn_live(q, function);
     if (!f)
         return ESMD_ENOENT;
-    out->set = f->ov.has || f->cfg->async.set;
+    out->set = f->ov.has || fn_cfg(f)->async.set;
     out->maximum_retry_attempts = fn_mra(f);
     out->maximum_event_age_s = fn_age_ms(f) / 1000;
     out->on_success = fn_dest(f, true);
@@ -1004,7 +1027,7 @@ static void eic_done(void *ud, const PGresult *res, const char *err)
     int rc = ESMD_OK;
     q->config_queries--;
     if (err || !res) {
-        ESMD_WARN(&(struct esmd_log_ctx){NULL, op->f->cfg->name, NULL, NULL},
+        ESMD_WARN(&(struct esmd_log_ctx){NULL, op->f->name, NULL, NULL},
                   "async: storing the event-invoke-config: %s", err ? err : "no result");
         rc = ESMD_EIO;
     } else if (op->is_delete && PQntuples(res) == 0) {
@@ -1024,7 +1047,7 @@ static void eic_done(void *ud, const PGresult *res, const char *err)
 static int eic_query(struct esmd_asyncq *q, const char *function, bool is_delete, const char *sql,
                      int nparams, const char *const *params, esmd_asyncq_eic_cb cb, void *ud)
 {
-    struct aq_fn *f = fn_find(q, function);
+    struct aq_fn *f = fn_live(q, function);
     if (!f)
         return ESMD_ENOENT;
     if (q->closing)
@@ -1118,6 +1141,82 @@ static int sink(void *ud, const char *function, const char *payload, size_t len,
     return rc;
 }
 
+/* Adds the function `name` (the invoker's function of that name; none: nothing added). */
+static struct aq_fn *fn_add(struct esmd_asyncq *q, const char *name)
+{
+    struct esmd_function *fn = esmd_invoker_function(q->inv, name);
+    if (!fn)
+        return NULL;
+    struct esmd_metric *m_rcv = esmd_metric(ESMD_COUNTER, "esmd_async_events_received_total",
+                                            "Asynchronous invocation events accepted (committed).");
+    struct esmd_metric *m_age =
+        esmd_metric(ESMD_HISTOGRAM, "esmd_async_event_age_seconds",
+                    "Age of an async event when it is invoked (from acceptance).");
+    struct esmd_metric *m_drop =
+        esmd_metric(ESMD_COUNTER, "esmd_async_events_dropped_total",
+                    "Async events dropped without a successful invocation (routed to on_failure "
+                    "/ dead_letter when configured).");
+    struct esmd_metric *m_dlq = esmd_metric(ESMD_COUNTER, "esmd_dead_letter_errors_total",
+                                            "Failed attempts to store a dead-letter message.");
+    struct esmd_metric *m_depth =
+        esmd_metric(ESMD_GAUGE, "esmd_async_queue_depth",
+                    "Async events of the function in the queue (waiting, running or waiting for a "
+                    "retry), all instances; refreshed every 5 s.");
+    struct esmd_metric *m_oldest =
+        esmd_metric(ESMD_GAUGE, "esmd_async_oldest_event_age_seconds",
+                    "Age of the oldest async event of the function in the queue (0 when empty); "
+                    "refreshed every 5 s.");
+    struct esmd_metric *m_max_age =
+        esmd_metric(ESMD_GAUGE, "esmd_async_maximum_event_age_seconds",
+                    "The function's maximum event age in force (event-invoke-config or YAML).");
+    struct aq_fn *f = esmd_xcalloc(1, sizeof(*f));
+    f->q = q;
+    f->name = esmd_xstrdup(name);
+    f->fn = fn;
+    ov_clear(&f->ov);
+    f->key = esmd_leaseq_key_add(q->lq, f->name, fn_lease_ms(f), f);
+    struct esmd_buf l = ESMD_BUF_INIT;
+    esmd_metric_labels(&l, "function", f->name, NULL);
+    f->m_received = esmd_series(m_rcv, esmd_buf_cstr(&l));
+    f->m_age = esmd_series(m_age, esmd_buf_cstr(&l));
+    f->m_dlq_err = esmd_series(m_dlq, esmd_buf_cstr(&l));
+    f->m_depth = esmd_series(m_depth, esmd_buf_cstr(&l));
+    f->m_oldest = esmd_series(m_oldest, esmd_buf_cstr(&l));
+    f->m_max_age = esmd_series(m_max_age, esmd_buf_cstr(&l));
+    esmd_buf_reset(&l);
+    esmd_metric_labels(&l, "function", f->name, "reason", "RetriesExhausted", NULL);
+    f->m_drop_retries = esmd_series(m_drop, esmd_buf_cstr(&l));
+    esmd_buf_reset(&l);
+    esmd_metric_labels(&l, "function", f->name, "reason", "EventAgeExceeded", NULL);
+    f->m_drop_age = esmd_series(m_drop, esmd_buf_cstr(&l));
+    esmd_buf_free(&l);
+    q->fns = esmd_xrealloc(q->fns, (q->nfns + 1) * sizeof(*q->fns));
+    q->fns[q->nfns++] = f;
+    return f;
+}
+
+void esmd_asyncq_reconfigure(struct esmd_asyncq *q, const struct esmd_config *cfg)
+{
+    if (!q || !cfg || q->closing)
+        return;
+    for (size_t i = 0; i < q->nfns; i++)
+        q->fns[i]->removed = esmd_config_function(cfg, q->fns[i]->name) == NULL;
+    for (size_t i = 0; i < cfg->nfunctions; i++) {
+        const char *name = cfg->functions[i].name;
+        struct aq_fn *f = fn_find(q, name);
+        bool added = f == NULL;
+        if (added && (f = fn_add(q, name)) == NULL)
+            continue;
+        f->fn = esmd_invoker_function(q->inv, name);
+        /* the lease of the claims from now on follows the timeout */
+        esmd_leaseq_key_set_lease(q->lq, f->key, fn_lease_ms(f));
+        if (added) /* an override stored for it earlier (the function was here before) */
+            config_reload(q, name);
+        esmd_leaseq_more(q->lq, f->key); /* events of a function added back run now */
+    }
+    max_age_gauges(q);
+}
+
 /* ---- lifecycle ---- */
 
 struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_config *cfg,
@@ -1165,55 +1264,8 @@ struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_conf
     q->work = esmd_leaseq_pg(q->lq, ESMD_LEASEQ_CLAIM);
     q->done = esmd_leaseq_pg(q->lq, ESMD_LEASEQ_SETTLE);
 
-    struct esmd_metric *m_rcv = esmd_metric(ESMD_COUNTER, "esmd_async_events_received_total",
-                                            "Asynchronous invocation events accepted (committed).");
-    struct esmd_metric *m_age =
-        esmd_metric(ESMD_HISTOGRAM, "esmd_async_event_age_seconds",
-                    "Age of an async event when it is invoked (from acceptance).");
-    struct esmd_metric *m_drop =
-        esmd_metric(ESMD_COUNTER, "esmd_async_events_dropped_total",
-                    "Async events dropped without a successful invocation (routed to on_failure "
-                    "/ dead_letter when configured).");
-    struct esmd_metric *m_dlq = esmd_metric(ESMD_COUNTER, "esmd_dead_letter_errors_total",
-                                            "Failed attempts to store a dead-letter message.");
-    struct esmd_metric *m_depth =
-        esmd_metric(ESMD_GAUGE, "esmd_async_queue_depth",
-                    "Async events of the function in the queue (waiting, running or waiting for a "
-                    "retry), all instances; refreshed every 5 s.");
-    struct esmd_metric *m_oldest =
-        esmd_metric(ESMD_GAUGE, "esmd_async_oldest_event_age_seconds",
-                    "Age of the oldest async event of the function in the queue (0 when empty); "
-                    "refreshed every 5 s.");
-    struct esmd_metric *m_max_age =
-        esmd_metric(ESMD_GAUGE, "esmd_async_maximum_event_age_seconds",
-                    "The function's maximum event age in force (event-invoke-config or YAML).");
-    q->fns = esmd_xcalloc(cfg->nfunctions + 1, sizeof(*q->fns));
-    for (size_t i = 0; i < cfg->nfunctions; i++) {
-        struct aq_fn *f = &q->fns[q->nfns];
-        f->q = q;
-        f->cfg = &cfg->functions[i];
-        f->fn = esmd_invoker_function(inv, f->cfg->name);
-        if (!f->fn)
-            continue;
-        ov_clear(&f->ov);
-        f->key = esmd_leaseq_key_add(q->lq, f->cfg->name, fn_lease_ms(f), f);
-        struct esmd_buf l = ESMD_BUF_INIT;
-        esmd_metric_labels(&l, "function", f->cfg->name, NULL);
-        f->m_received = esmd_series(m_rcv, esmd_buf_cstr(&l));
-        f->m_age = esmd_series(m_age, esmd_buf_cstr(&l));
-        f->m_dlq_err = esmd_series(m_dlq, esmd_buf_cstr(&l));
-        f->m_depth = esmd_series(m_depth, esmd_buf_cstr(&l));
-        f->m_oldest = esmd_series(m_oldest, esmd_buf_cstr(&l));
-        f->m_max_age = esmd_series(m_max_age, esmd_buf_cstr(&l));
-        esmd_buf_reset(&l);
-        esmd_metric_labels(&l, "function", f->cfg->name, "reason", "RetriesExhausted", NULL);
-        f->m_drop_retries = esmd_series(m_drop, esmd_buf_cstr(&l));
-        esmd_buf_reset(&l);
-        esmd_metric_labels(&l, "function", f->cfg->name, "reason", "EventAgeExceeded", NULL);
-        f->m_drop_age = esmd_series(m_drop, esmd_buf_cstr(&l));
-        esmd_buf_free(&l);
-        q->nfns++;
-    }
+    for (size_t i = 0; i < cfg->nfunctions; i++)
+        fn_add(q, cfg->functions[i].name);
 
     if (esmd_pg_listen(q->work, AQ_CHANNEL, on_notify, q) != 0 ||
         esmd_pg_listen(q->work, AQ_CONFIG_CHANNEL, on_notify, q) != 0) {
@@ -1285,8 +1337,11 @@ void esmd_asyncq_free(struct esmd_asyncq *q)
     q->sends = NULL;
     /* accepted events not committed: their callers get !ok ("shutting down", "closed") */
     esmd_leaseq_free(q->lq);
-    for (size_t i = 0; i < q->nfns; i++)
-        ov_clear(&q->fns[i].ov);
+    for (size_t i = 0; i < q->nfns; i++) {
+        ov_clear(&q->fns[i]->ov);
+        free(q->fns[i]->name);
+        free(q->fns[i]);
+    }
     free(q->fns);
     free(q->claimed_rids);
     free(q);
@@ -1299,7 +1354,7 @@ bool esmd_asyncq_ready(struct esmd_asyncq *q, struct esmd_buf *detail)
     if (detail) {
         int out = 0;
         for (size_t i = 0; q && i < q->nfns; i++)
-            out += q->fns[i].outstanding;
+            out += q->fns[i]->outstanding;
         esmd_buf_printf(detail, "{\"ready\":%s,\"claimed\":%d,\"accepting\":%zu}",
                         ready ? "true" : "false", out, q ? esmd_leaseq_waiting(q->lq) : (size_t)0);
     }

@@ -9,8 +9,10 @@
  * A mapping's source section or connection, its function, its source kind or its `logging`: a
  * restart of that mapping. Its other keys, and the source's parallelization_factor: applied in
  * place. A function's url, timeout,
- * max_concurrency, headers: in place (new requests); its `async` block, and `postgres`, `aws`,
- * `admin` and `async_queue`: only after a restart of esmd. */
+ * max_concurrency, headers, `async` block: in place (new requests, the async queue's next
+ * attempts); `postgres`, `aws`, `admin` and `async_queue`: only after a restart of esmd, as an
+ * `async` destination on a connection the running router does not know
+ * (esmd_config_keep_unroutable()). */
 #include "esmd/buf.h"
 #include "esmd/config.h"
 #include "esmd/connector.h"
@@ -189,7 +191,7 @@ static bool async_same(const struct esmd_async_cfg *a, const struct esmd_async_c
 }
 
 static void diff_function(const struct esmd_function_cfg *a, const struct esmd_function_cfg *b,
-                          struct esmd_config_change *c, struct esmd_config_diff *d)
+                          struct esmd_config_change *c)
 {
     struct esmd_buf keys = ESMD_BUF_INIT;
     size_t n;
@@ -203,11 +205,7 @@ static void diff_function(const struct esmd_function_cfg *a, const struct esmd_f
             if (!kvlist_same(&a->headers, &b->headers))
                 add_key(&keys, k->name);
         } else if (!strcmp(k->name, "async") && !async_same(&a->async, &b->async)) {
-            struct esmd_buf r = ESMD_BUF_INIT;
-            esmd_buf_printf(&r, "functions.%s.async", b->name);
-            d->restart = esmd_xrealloc(d->restart, (d->nrestart + 1) * sizeof(char *));
-            d->restart[d->nrestart++] = esmd_buf_steal(&r, NULL);
-            esmd_buf_free(&r);
+            add_key(&keys, k->name); /* the async queue's next attempts */
         }
     }
     c->action = keys.len ? ESMD_RELOAD_UPDATE : ESMD_RELOAD_SAME;
@@ -251,13 +249,9 @@ void esmd_config_diff(const struct esmd_config *old, const struct esmd_config *c
     for (size_t i = 0; i < cur->nfunctions; i++) {
         const struct esmd_function_cfg *was = esmd_config_function(old, cur->functions[i].name);
         if (was) {
-            diff_function(was, &cur->functions[i], &d->functions[i], d);
+            diff_function(was, &cur->functions[i], &d->functions[i]);
         } else {
-            char key[256];
             d->functions[i].action = ESMD_RELOAD_ADD;
-            /* the async queue and the Invoke routes know the functions of the start-up */
-            snprintf(key, sizeof(key), "functions.%s (Invoke)", cur->functions[i].name);
-            need_restart(d, true, key);
         }
     }
 
@@ -320,17 +314,33 @@ void esmd_config_keep_restart_keys(struct esmd_config *cur, const struct esmd_co
     for (size_t i = 0; i < cur->nmappings; i++)
         if (cur->mappings[i].kind == ESMD_SOURCE_PGQUEUE)
             cur->mappings[i].pgqueue.service_postgres = cur->postgres;
+}
+
+void esmd_config_keep_unroutable(struct esmd_config *cur, const struct esmd_config *old,
+                                 bool (*routable)(void *ud, const char *uri), void *ud,
+                                 struct esmd_config_diff *d)
+{
     for (size_t i = 0; i < cur->nfunctions; i++) {
         struct esmd_function_cfg *f = &cur->functions[i];
         const struct esmd_function_cfg *was = esmd_config_function(old, f->name);
-        if (!was)
-            continue;
-        f->async.set = was->async.set;
-        f->async.maximum_retry_attempts = was->async.maximum_retry_attempts;
-        f->async.maximum_event_age_ms = was->async.maximum_event_age_ms;
-        set_str(&f->async.on_success, was->async.on_success);
-        set_str(&f->async.on_failure, was->async.on_failure);
-        set_str(&f->async.dead_letter, was->async.dead_letter);
+        struct {
+            const char *key;
+            char **now;
+            char *const *before;
+        } uris[] = {
+            {"on_success", &f->async.on_success, was ? &was->async.on_success : NULL},
+            {"on_failure", &f->async.on_failure, was ? &was->async.on_failure : NULL},
+            {"dead_letter", &f->async.dead_letter, was ? &was->async.dead_letter : NULL},
+        };
+        for (size_t k = 0; k < ESMD_ARRAY_LEN(uris); k++) {
+            const char *before = uris[k].before ? *uris[k].before : NULL;
+            if (!*uris[k].now || str_same(*uris[k].now, before) || routable(ud, *uris[k].now))
+                continue;
+            char key[256];
+            snprintf(key, sizeof(key), "functions.%s.async.%s", f->name, uris[k].key);
+            need_restart(d, true, key);
+            set_str(uris[k].now, before);
+        }
     }
 }
 

@@ -45,6 +45,7 @@ struct esmd_fn_stats {
 struct esmd_function {
     struct esmd_invoker *inv;
     const struct esmd_function_cfg *cfg; /* borrowed */
+    bool removed; /* by a reload: not listed (esmd_invoker_remove_function) */
     int max_concurrency;
     long timeout_ms;
     unsigned gen;   /* esmd_invoker_update_function() count: easy handles of older ones go */
@@ -881,6 +882,7 @@ void esmd_invoker_update_function(struct esmd_invoker *inv, const struct esmd_fu
 
     if (fn == NULL)
         return;
+    fn->removed = false;
     fn->cfg = cfg;
     fn->timeout_ms = cfg->timeout_ms > 0 ? (long)cfg->timeout_ms : ESMD_INVOKE_DEFAULT_TIMEOUT_MS;
     invoke_set_headers(fn, cfg);
@@ -898,6 +900,13 @@ void esmd_invoker_update_function(struct esmd_invoker *inv, const struct esmd_fu
         curl_multi_setopt(inv->ce.multi, CURLMOPT_MAXCONNECTS, inv->total_concurrency);
         invoke_pump(fn); /* more slots: requests waiting start now */
     }
+}
+
+void esmd_invoker_remove_function(struct esmd_invoker *inv, const char *name)
+{
+    struct esmd_function *fn = esmd_invoker_function(inv, name);
+    if (fn != NULL)
+        fn->removed = true;
 }
 
 struct esmd_function *esmd_invoker_function(struct esmd_invoker *inv, const char *name)
@@ -1002,8 +1011,11 @@ double esmd_invoke_timeout_seconds(const struct esmd_invoke_result *res, int64_t
 void esmd_invoker_describe(const struct esmd_invoker *inv, struct esmd_buf *out)
 {
     esmd_buf_puts(out, "{\"functions\":[");
+    bool first = true;
     for (size_t i = 0; inv != NULL && i < inv->nfns; i++) {
         const struct esmd_function *fn = inv->fns[i];
+        if (fn->removed)
+            continue;
         double inv_n = 0, err = 0, ferr = 0, tmo = 0, thr = 0;
         const struct esmd_series *dur[64];
         size_t nd = 0;
@@ -1017,7 +1029,8 @@ void esmd_invoker_describe(const struct esmd_invoker *inv, struct esmd_buf *out)
             if (nd < ESMD_ARRAY_LEN(dur))
                 dur[nd++] = st->duration;
         }
-        esmd_buf_puts(out, i ? ",{\"name\":" : "{\"name\":");
+        esmd_buf_puts(out, first ? "{\"name\":" : ",{\"name\":");
+        first = false;
         esmd_buf_put_json_string(out, fn->cfg->name, strlen(fn->cfg->name));
         esmd_buf_puts(out, ",\"url\":");
         esmd_buf_put_json_string(out, fn->cfg->url, strlen(fn->cfg->url));

@@ -556,6 +556,13 @@ struct esmd_leaseq_key *esmd_leaseq_key_add(struct esmd_leaseq *lq, const char *
     return key;
 }
 
+void esmd_leaseq_key_set_lease(struct esmd_leaseq *lq, struct esmd_leaseq_key *key,
+                               int64_t lease_ms)
+{
+    ESMD_UNUSED(lq);
+    snprintf(key->lease, sizeof(key->lease), "%lld", (long long)lease_ms);
+}
+
 /* ---- start-up: the leases of an earlier process ---- */
 
 static void release_done(void *ud, const PGresult *res, const char *err)

@@ -407,8 +407,10 @@ struct service {
     struct esmd_asyncq *asyncq;   /* asynchronous invocation queue (Invoke, event-invoke-config) */
     const char *config_path;
     /* Configurations replaced by reloads. The first (the start-up's) is kept until exit: the
-     * async queue, the listener, the destinations and the Invoke routes keep pointers into it.
-     * A later one is freed once nothing refers to it any more (cfg_in_use()). */
+     * listener and the destinations' connections keep pointers into it. A later one is freed
+     * once nothing refers to it any more (cfg_in_use()): the invoker's functions (which the
+     * mappings, the async queue and Invoke requests in flight read their settings through) and
+     * the mappings. */
     struct esmd_config **old_cfgs;
     size_t nold_cfgs;
     struct retiring
@@ -822,6 +824,13 @@ static void put_mappings(struct esmd_buf *b, const struct esmd_config *old,
     esmd_buf_putc(b, ']');
 }
 
+/* Whether the running destination router can store records for uri. */
+static bool dest_routable(void *ud, const char *uri)
+{
+    char err[512];
+    return esmd_dests_check(ud, uri, err, sizeof(err)) == 0;
+}
+
 /* Reloads the configuration file. Writes the answer (JSON) to out, returns its HTTP status:
  * 200 reloaded, 400 the file was refused (errors listed), 409 a reload is still stopping
  * mappings, 503 esmd is stopping. */
@@ -870,18 +879,26 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
     struct esmd_config_diff d;
     esmd_config_diff(old, cfg, &d);
     esmd_config_keep_restart_keys(cfg, old);
+    /* function:// destinations may name the functions this reload adds */
+    esmd_dests_set_functions(svc->dests, cfg);
+    esmd_config_keep_unroutable(cfg, old, dest_routable, svc->dests, &d);
     for (size_t i = 0; i < d.nrestart; i++)
         ESMD_WARN(NULL,
                   "reload: %s changed: it takes effect only after a restart (the old value "
                   "stays in force)",
                   d.restart[i]);
 
-    /* functions: new requests use the new settings */
+    /* functions: new requests (mappings' batches, Invoke, the async queue's next attempts) use
+     * the new settings; requests in flight finish on the old ones, whose configuration stays
+     * until nothing refers to it (cfg_in_use) */
     for (size_t i = 0; i < cfg->nfunctions; i++) {
         const struct esmd_function_cfg *fc = &cfg->functions[i];
         struct esmd_log_ctx lc = {NULL, fc->name, NULL, NULL};
         if (d.functions[i].action == ESMD_RELOAD_ADD) {
-            esmd_invoker_add_function(svc->inv, fc);
+            if (esmd_invoker_function(svc->inv, fc->name)) /* removed by an earlier reload */
+                esmd_invoker_update_function(svc->inv, fc);
+            else
+                esmd_invoker_add_function(svc->inv, fc);
             ESMD_INFO(&lc, "reload: function added");
         } else {
             esmd_invoker_update_function(svc->inv, fc);
@@ -889,6 +906,15 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
                 ESMD_INFO(&lc, "reload: %s apply to new requests", d.functions[i].keys);
         }
     }
+
+    for (size_t j = 0; j < old->nfunctions; j++)
+        if (!esmd_config_function(cfg, old->functions[j].name)) {
+            esmd_invoker_remove_function(svc->inv, old->functions[j].name);
+            ESMD_INFO(&(struct esmd_log_ctx){NULL, old->functions[j].name, NULL, NULL},
+                      "reload: function removed: Invoke answers 404; its queued async events "
+                      "wait for it (docs/async.md#reload)");
+        }
+    esmd_asyncq_reconfigure(svc->asyncq, cfg);
 
     /* mappings */
     struct esmd_mapping **maps = esmd_xcalloc(cfg->nmappings + 1, sizeof(*maps));
@@ -951,6 +977,7 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
     svc->old_cfgs = esmd_xrealloc(svc->old_cfgs, (svc->nold_cfgs + 1) * sizeof(*svc->old_cfgs));
     svc->old_cfgs[svc->nold_cfgs++] = old;
     svc->cfg = cfg;
+    svc->api.cfg = cfg; /* Invoke and event-invoke-config resolve names in it */
     /* the values in force: the file's, or the admin API's overrides */
     esmd_admin_reconfigure(svc->admin, cfg, maps, cfg->nmappings);
     for (size_t i = 0; i < cfg->nmappings; i++)
@@ -982,6 +1009,11 @@ static int service_reload(struct service *svc, const char *why, struct esmd_buf 
     for (size_t i = 0; i < cfg->nfunctions; i++)
         if (d.functions[i].action == ESMD_RELOAD_ADD)
             put_name(out, &first, cfg->functions[i].name, NULL);
+    esmd_buf_puts(out, "],\"removed\":[");
+    first = true;
+    for (size_t j = 0; j < old->nfunctions; j++)
+        if (!esmd_config_function(cfg, old->functions[j].name))
+            put_name(out, &first, old->functions[j].name, NULL);
     esmd_buf_puts(out, "]},\"needs_restart\":[");
     for (size_t i = 0; i < d.nrestart; i++) {
         if (i)

@@ -71,7 +71,8 @@ struct send_rec {
 #define DESTS_MAX_WRITERS 8
 
 struct esmd_dests {
-    struct esmd_dest_env env; /* what the writers see */
+    struct esmd_dest_env env;            /* what the writers see */
+    const struct esmd_config *functions; /* function:// names: esmd_dests_set_functions() */
     struct ev_loop *loop;
     char *instance_id;
     struct esmd_leaseq *lq;
@@ -616,6 +617,21 @@ struct esmd_dests *esmd_dests_new(struct ev_loop *loop, const struct esmd_config
     ev_timer_set(&d->count_tm, 0.2, DESTS_COUNT_S);
     ev_timer_start(loop, &d->count_tm);
     return d;
+}
+
+static const struct esmd_function_cfg *dests_function(void *ud, const char *name)
+{
+    const struct esmd_dests *d = ud;
+    return esmd_config_function(d->functions, name);
+}
+
+void esmd_dests_set_functions(struct esmd_dests *d, const struct esmd_config *cfg)
+{
+    if (!d || !cfg)
+        return;
+    d->functions = cfg;
+    d->env.names.function = dests_function;
+    d->env.names.ud = d; /* names.connection stays NULL: the start-up configuration's */
 }
 
 int esmd_dests_check(const struct esmd_dests *d, const char *uri, char *err, size_t errlen)

@@ -19,7 +19,7 @@ struct esmd_invoker;
 /* What the routes use; every pointer borrowed. The struct itself is borrowed by the routes: it
  * must outlive the listener (esmd_http_stop()). */
 struct esmd_api_ctx {
-    const struct esmd_config *cfg;
+    const struct esmd_config *cfg; /* in force: a reload points it at its configuration */
     struct esmd_asyncq *q;
     struct esmd_invoker *inv;
     struct esmd_dests *dests;           /* event-invoke-config destinations are checked by it */

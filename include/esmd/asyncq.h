@@ -31,12 +31,22 @@ struct esmd_invoker;
 struct esmd_dests;
 
 /* Creates the queue and starts its workers (Postgres connections: two for inserts, one for
- * claims / LISTEN / configuration, one for settling). cfg, inv and dests are borrowed and must
- * outlive the queue. instance_id: this process's stable id (leases). NULL with err. */
+ * claims / LISTEN / configuration, one for settling). inv and dests are borrowed and must
+ * outlive the queue; cfg only for the call (the functions' settings are read through inv).
+ * instance_id: this process's stable id (leases). NULL with err. */
 struct esmd_asyncq *esmd_asyncq_new(struct ev_loop *loop, const struct esmd_config *cfg,
                                     struct esmd_invoker *inv, struct esmd_dests *dests,
                                     const char *conninfo, const char *instance_id, char *err,
                                     size_t errlen) ESMD_MUST_CHECK;
+
+/* A reload (docs/async.md#reload): the queue follows cfg's functions (call it after the
+ * invoker's esmd_invoker_add_function / esmd_invoker_update_function for them). Each function
+ * reads its settings (timeout, max_concurrency, async) through the invoker's handle at each use,
+ * so the next attempt of an event queued earlier takes the new ones; cfg itself is not kept. A
+ * function cfg adds is accepted and claimed at once; one it no longer has is refused by Invoke
+ * and esmd_asyncq_enqueue (ESMD_ENOENT) and its events stay queued, not claimed, until a
+ * reload adds it back (claimed events finish on its last settings). */
+void esmd_asyncq_reconfigure(struct esmd_asyncq *q, const struct esmd_config *cfg);
 
 /* cb of esmd_asyncq_enqueue(): ok once the event is committed (request_id: its id), or !ok with
  * err. Strings borrowed for the call. */

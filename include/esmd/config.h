@@ -428,7 +428,7 @@ struct esmd_config_diff {
                                            * (SAME, UPDATE or ADD) */
     size_t nfunctions;
     char **restart; /* owned: changed keys that take effect only after a restart ("postgres",
-                     * "admin.listen", "functions.f.async", ...); they keep their old value */
+                     * "admin.listen", ...); they keep their old value */
     size_t nrestart;
 };
 
@@ -437,9 +437,16 @@ struct esmd_config_diff {
 void esmd_config_diff(const struct esmd_config *old, const struct esmd_config *cur,
                       struct esmd_config_diff *d);
 void esmd_config_diff_free(struct esmd_config_diff *d);
-/* Gives cur the old values of what needs a restart (`postgres`, `aws`, `admin`, `async_queue`,
- * each function's `async`), so that the configuration a reload installs is the one that runs. */
+/* Gives cur the old values of what needs a restart (`postgres`, `aws`, `admin`,
+ * `async_queue`), so that the configuration a reload installs is the one that runs. */
 void esmd_config_keep_restart_keys(struct esmd_config *cur, const struct esmd_config *old);
+/* A function's `async` destination (on_success, on_failure, dead_letter) that changed and that
+ * routable(ud, uri) refuses (a connection the running destination router was not made with)
+ * keeps its old value (none for a new function) until a restart: listed in d->restart as
+ * "functions.NAME.async.KEY". */
+void esmd_config_keep_unroutable(struct esmd_config *cur, const struct esmd_config *old,
+                                 bool (*routable)(void *ud, const char *uri), void *ud,
+                                 struct esmd_config_diff *d);
 /* Whether src/config_diff.c compares a key of type ESMD_CFG_CUSTOM of the table `section` (the
  * unit tests check that every one is). */
 bool esmd_config_diff_knows(const char *section, const char *key);

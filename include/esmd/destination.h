@@ -76,6 +76,11 @@ typedef int (*esmd_dests_function_sink)(void *ud, const char *function, const ch
  * in the outbox (their writes fail and are retried). ud borrowed. */
 void esmd_dests_set_function_sink(struct esmd_dests *d, esmd_dests_function_sink sink, void *ud);
 
+/* A reload (docs/operations.md#reload): function:// URIs are checked against cfg's functions
+ * from now on (borrowed until the next call or esmd_dests_free()); connections stay those of
+ * esmd_dests_new's configuration. */
+void esmd_dests_set_functions(struct esmd_dests *d, const struct esmd_config *cfg);
+
 /* Whether uri is a destination this router can store: a well-formed URI whose connection
  * (kafka://, redis://) is defined in the configuration with the right type, or whose function
  * (function://) is. Returns 0, or ESMD_EINVAL with the reason in err. For the admin API. */

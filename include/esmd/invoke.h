@@ -69,6 +69,10 @@ struct esmd_function *esmd_invoker_add_function(struct esmd_invoker *inv,
  * on; requests in flight finish on the old settings. A lower max_concurrency lets the requests
  * in flight finish and sends no new one above it. No-op when no function has that name. */
 void esmd_invoker_update_function(struct esmd_invoker *inv, const struct esmd_function_cfg *cfg);
+/* A reload removed the function from the file: it is no longer listed by
+ * esmd_invoker_describe(); the handle stays (requests in flight, and the users that still hold
+ * it, go on with its last settings) until esmd_invoker_update_function() brings it back. */
+void esmd_invoker_remove_function(struct esmd_invoker *inv, const char *name);
 struct esmd_function *esmd_invoker_function(struct esmd_invoker *inv, const char *name);
 const char *esmd_function_name(const struct esmd_function *fn);
 /* The configuration the function's new requests use (the last esmd_invoker_update_function's). */

@@ -142,6 +142,9 @@ void esmd_leaseq_free(struct esmd_leaseq *lq);
  * queue). */
 struct esmd_leaseq_key *esmd_leaseq_key_add(struct esmd_leaseq *lq, const char *name,
                                             int64_t lease_ms, void *key_ud);
+/* The lease of key's claims from the next claim round on (rows claimed keep theirs). */
+void esmd_leaseq_key_set_lease(struct esmd_leaseq *lq, struct esmd_leaseq_key *key,
+                               int64_t lease_ms);
 /* key may have due rows: claim it at the next round (scheduled now). NULL key: every key. */
 void esmd_leaseq_more(struct esmd_leaseq *lq, struct esmd_leaseq_key *key);
 /* Runs a claim round soon for the keys marked (after rows were settled: room again). */

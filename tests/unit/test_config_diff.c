@@ -190,25 +190,47 @@ static void test_function_settings_and_restart_keys(void **state)
                               "maximum_retry_attempts: 0 }"},
          &d, &a, &b);
     assert_int_equal(d.functions[0].action, ESMD_RELOAD_UPDATE);
-    assert_string_equal(d.functions[0].keys, "timeout, headers");
-    assert_int_equal(d.nrestart, 2);
+    assert_string_equal(d.functions[0].keys, "timeout, headers, async");
+    assert_int_equal(d.nrestart, 1);
     assert_string_equal(d.restart[0], "admin.listen");
-    assert_string_equal(d.restart[1], "functions.fn.async");
     for (size_t i = 0; i < d.nmappings; i++)
         assert_int_equal(d.mappings[i].action, ESMD_RELOAD_SAME);
-    /* what needs a restart keeps its old value in the new tree */
+    /* what needs a restart keeps its old value in the new tree; `async` applies */
     esmd_config_keep_restart_keys(b, a);
     assert_string_equal(b->admin.listen, a->admin.listen);
-    assert_int_equal(b->functions[0].async.maximum_retry_attempts, 2);
+    assert_int_equal(b->functions[0].async.maximum_retry_attempts, 0);
     assert_int_equal(b->functions[0].timeout_ms, 5000); /* applies */
     assert_ptr_equal(b->mappings[2].pgqueue.service_postgres, b->postgres);
     done(&d, a, b);
-    /* a new function: serves mappings; Invoke needs a restart */
+    /* a new function: serves mappings and Invoke at once */
     diff((struct parts){0}, (struct parts){.fn2 = "  other: { url: 'http://o/' }\n"}, &d, &a, &b);
     assert_int_equal(d.nfunctions, 2);
     assert_int_equal(d.functions[1].action, ESMD_RELOAD_ADD);
+    assert_int_equal(d.nrestart, 0);
+    done(&d, a, b);
+}
+
+static bool routable_http_only(void *ud, const char *uri)
+{
+    (void)ud;
+    return strncmp(uri, "http", 4) == 0;
+}
+
+/* An `async` destination the running router cannot store keeps its old value, named as needing
+ * a restart; one it can store applies. */
+static void test_unroutable_async_destination_waits_for_a_restart(void **state)
+{
+    (void)state;
+    struct esmd_config_diff d;
+    struct esmd_config *a, *b;
+    diff((struct parts){.fn = ", async: { on_failure: 'http://old/' }"},
+         (struct parts){.fn = ", async: { on_failure: 'pgqueue://f', on_success: 'http://s/' }"},
+         &d, &a, &b);
+    esmd_config_keep_unroutable(b, a, routable_http_only, NULL, &d);
     assert_int_equal(d.nrestart, 1);
-    assert_string_equal(d.restart[0], "functions.other (Invoke)");
+    assert_string_equal(d.restart[0], "functions.fn.async.on_failure");
+    assert_string_equal(b->functions[0].async.on_failure, "http://old/");
+    assert_string_equal(b->functions[0].async.on_success, "http://s/");
     done(&d, a, b);
 }
 
@@ -235,6 +257,7 @@ int main(void)
         cmocka_unit_test(test_source_connection_and_function_restart_the_mapping),
         cmocka_unit_test(test_mappings_added_and_removed),
         cmocka_unit_test(test_function_settings_and_restart_keys),
+        cmocka_unit_test(test_unroutable_async_destination_waits_for_a_restart),
         cmocka_unit_test(test_every_custom_key_is_compared),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
