@@ -61,6 +61,9 @@ def parse_args():
     ap.add_argument("--window", default="500ms", help="maximum_batching_window")
     ap.add_argument("--concurrency", type=int, default=16, help="function max_concurrency")
     ap.add_argument("--timeout", type=float, default=300, help="seconds to wait for esmd")
+    ap.add_argument("--delay-ms", type=int, default=0,
+                    help="the sink answers each request after this long (a slow function: the"
+                         " consumer's prefetch fills up, which shows its memory)")
     ap.add_argument("--ceiling-runs", type=int, default=3,
                     help="consume-rate runs; the best is the ceiling")
     ap.add_argument("--ceiling-defaults", action="store_true",
@@ -99,7 +102,7 @@ def write_config(path, pg_url, admin_port, bootstrap, sink_port, a):
 
 
 def run_esmd(a, tools, procs, tmp, bootstrap, broker_pid, results):
-    sink, sink_port = bl.start_sink(procs, tools)
+    sink, sink_port = bl.start_sink(procs, tools, delay_ms=a.delay_ms)
 
     pg = bl.PgTmp(keep=a.keep)
     log("start postgres")
