@@ -31,9 +31,10 @@ struct esmd_shard {
     size_t overhead; /* exact bytes of its group without records, e.g. `"topic-3":[]` */
     void *priv;      /* the connector's */
     enum esmd_shard_state state;
-    bool revoked; /* the connector lost it: release, never ack */
-    bool paused;  /* the core asked the connector to stop fetching it */
-    int refs;     /* batches holding its records + 1 while open */
+    bool revoked;                         /* the connector lost it: release, never ack */
+    bool paused;                          /* the core asked the connector to stop fetching it */
+    size_t paused_npending, paused_bytes; /* parent: what waited when it was paused */
+    int refs;                             /* batches holding its records + 1 while open */
     struct esmd_record *pending_head, *pending_tail; /* emitted, not yet in a batch */
     size_t npending;
     size_t pending_bytes;

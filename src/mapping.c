@@ -46,13 +46,14 @@
  *
  * A source that can be held (ops->hold: Kafka) is held while the shards it fetches (the unpaused
  * ones) have what the budget leaves them waiting, until they are under half of it. A hold that
- * lasts HOLD_MAX_S (a slow or failing function) pauses every such shard with a batch or more
- * waiting and lets the source go: records of stuck shards never keep the others from being
- * fetched for long, nor the source from being served (a Kafka consumer's rebalances). A paused
- * shard's records are taken from the budget, but the others always have two batches' worth
- * (slowed down to a batch at a time, never to a stop); it resumes once it has less than two
- * batches waiting. Bound: the budget, plus two batches for each shard paused with records
- * waiting, plus what the connector emits before it sees the hold.
+ * lasts HOLD_MAX_S (a slow or failing function) pauses the shards with the most waiting until the
+ * others have room (pause_held_shards) and lets the source go: records of stuck shards never keep
+ * the others from being fetched for long, nor the source from being served (a Kafka consumer's
+ * rebalances). A paused shard's records are taken from the budget, but the others always have
+ * two batches' worth (slowed down to a batch at a time, never to a stop); it resumes once it has
+ * less than two batches waiting and half of what it had when paused, or room under the budget.
+ * Bound: the budget, plus two batches for each shard paused with records waiting, plus what the
+ * connector emits before it sees the hold.
  *
  * Other sources: a shard stops being fetched when max(2 x batch_size, PENDING_MIN_RECORDS) of
  * its records, or PENDING_MAX_BYTES, wait for a batch; and, while the whole mapping has the
@@ -98,6 +99,8 @@ static void shard_pause(struct esmd_mapping *map, struct esmd_shard *shard)
 {
     if (!shard->paused) {
         shard->paused = true;
+        shard->paused_npending = shard->all_npending;
+        shard->paused_bytes = shard->all_pending_bytes;
         map->ops->pause(map->conn, shard);
         esmd_series_inc(map->m.pauses, 1);
         ESMD_DEBUG(&map->log, "shard %s paused: %zu records (%zu B) wait", shard->key,
@@ -498,36 +501,107 @@ static bool pump_lane(struct esmd_mapping *map, struct esmd_shard *lane)
     return true;
 }
 
+/* What the budget leaves the shards being fetched, the paused ones holding paused_n records of
+ * paused_b bytes: the budget less theirs, but always two batches (a stuck shard slows the others
+ * down to a batch at a time, never to a stop). */
+static void allowance(const struct esmd_mapping *map, size_t paused_n, size_t paused_b,
+                      size_t *allow_n, size_t *allow_b)
+{
+    size_t floor_n = 2 * (size_t)map->batch_size, floor_b = 2 * (size_t)ESMD_MAX_PAYLOAD;
+    *allow_n =
+        map->map_pending_high > paused_n + floor_n ? map->map_pending_high - paused_n : floor_n;
+    *allow_b =
+        MAP_PENDING_MAX_BYTES > paused_b + floor_b ? MAP_PENDING_MAX_BYTES - paused_b : floor_b;
+}
+
+static void set_allowance(struct esmd_mapping *map, size_t paused_n, size_t paused_b)
+{
+    map->paused_records = paused_n;
+    map->paused_bytes = paused_b;
+    allowance(map, paused_n, paused_b, &map->allow_records, &map->allow_bytes);
+}
+
+/* Do the records of the shards being read (n, of b bytes) leave room under the budget, that is,
+ * at most half of what it leaves them (the paused shards holding paused_n records of paused_b
+ * bytes)? Where a held source is let go. */
+static bool under_half(const struct esmd_mapping *map, size_t n, size_t b, size_t paused_n,
+                       size_t paused_b)
+{
+    size_t allow_n, allow_b;
+    allowance(map, paused_n, paused_b, &allow_n, &allow_b);
+    return n <= allow_n / 2 && b <= allow_b / 2;
+}
+
+/* A hold lasted HOLD_MAX_S: pauses the shards with the most records waiting, one after another,
+ * until the others have room under the budget, so that the source is let go and served
+ * (docs/design.md#backpressure). */
+static void pause_held_shards(struct esmd_mapping *map, size_t *pn, size_t *pb)
+{
+    for (;;) {
+        size_t paused_n = 0, paused_b = 0;
+        struct esmd_shard *most = NULL;
+        double most_share = 0;
+        for (struct esmd_shard *shard = map->shards; shard; shard = shard->next) {
+            if (shard->paused) {
+                paused_n += shard->all_npending;
+                paused_b += shard->all_pending_bytes;
+                continue;
+            }
+            double share = (double)shard->all_npending / (double)map->map_pending_high;
+            double share_b = (double)shard->all_pending_bytes / (double)MAP_PENDING_MAX_BYTES;
+            if (share_b > share)
+                share = share_b;
+            if (shard->all_npending > 0 && (!most || share > most_share)) {
+                most = shard;
+                most_share = share;
+            }
+        }
+        if (!most || under_half(map, map->npending - paused_n, map->pending_bytes - paused_b,
+                                paused_n, paused_b)) {
+            *pn = paused_n;
+            *pb = paused_b;
+            return;
+        }
+        shard_pause(map, most);
+    }
+}
+
 /* The budget for a source that can be held (see the top of this file): holds the source, lets
  * it go, pauses the shards of a hold that lasted, resumes them. */
 static void hold_or_let_go(struct esmd_mapping *map)
 {
-    if (map->held && map->hold_expired) {
-        for (struct esmd_shard *shard = map->shards; shard; shard = shard->next)
-            if (shard->all_npending >= (size_t)map->batch_size)
-                shard_pause(map, shard);
+    bool expired = map->held && map->hold_expired;
+    if (expired)
         source_hold(map, false);
-    }
     size_t paused_n = 0, paused_b = 0;
     for (struct esmd_shard *shard = map->shards; shard; shard = shard->next) {
-        if (shard->paused && !shard->relane && !map->held &&
-            shard->all_npending < 2 * (size_t)map->batch_size &&
-            shard->all_pending_bytes < MAP_PENDING_MAX_BYTES / 2)
-            shard_resume(map, shard);
         if (shard->paused) {
             paused_n += shard->all_npending;
             paused_b += shard->all_pending_bytes;
         }
     }
-    /* What the paused shards hold is taken from the budget; the others always have two batches
-     * (a stuck shard slows them down to a batch at a time, never to a stop). */
-    map->paused_records = paused_n;
-    map->paused_bytes = paused_b;
-    size_t floor_n = 2 * (size_t)map->batch_size, floor_b = 2 * (size_t)ESMD_MAX_PAYLOAD;
-    map->allow_records =
-        map->map_pending_high > paused_n + floor_n ? map->map_pending_high - paused_n : floor_n;
-    map->allow_bytes =
-        MAP_PENDING_MAX_BYTES > paused_b + floor_b ? MAP_PENDING_MAX_BYTES - paused_b : floor_b;
+    /* A paused shard with less than two batches waiting resumes once it has at most half of what
+     * it had when paused, or once the shards being read, it among them, have room under the
+     * budget (so a shard a lasting hold just paused is not resumed at once, the source held again
+     * without being served; and a shard whose stuck key holds most of its records is read again
+     * while the others leave room). */
+    for (struct esmd_shard *shard = map->shards; shard && !map->held; shard = shard->next) {
+        size_t n = shard->all_npending, b = shard->all_pending_bytes;
+        if (!shard->paused || shard->relane || n >= 2 * (size_t)map->batch_size ||
+            b >= MAP_PENDING_MAX_BYTES / 2)
+            continue;
+        bool fits = under_half(map, map->npending - paused_n + n, map->pending_bytes - paused_b + b,
+                               paused_n - n, paused_b - b);
+        if (fits || (n <= shard->paused_npending / 2 && b <= shard->paused_bytes / 2)) {
+            shard_resume(map, shard);
+            paused_n -= n;
+            paused_b -= b;
+        }
+    }
+    if (expired)
+        pause_held_shards(map, &paused_n, &paused_b);
+    /* What the paused shards hold is taken from the budget. */
+    set_allowance(map, paused_n, paused_b);
     size_t n = map->npending - paused_n, b = map->pending_bytes - paused_b;
     if (!map->held && over_budget(map, n, b))
         source_hold(map, true);

@@ -10,6 +10,9 @@ librdkafka's mock cluster cannot show.
                                              consumer is held at the budget, the stuck
                                              partition paused, the other delivered in full;
                                              then everything exactly once, in order
+    backpressure, the budget spread          3 partitions of under two batches each behind a
+                                             function that does not answer: a consumer
+                                             joining the group still gets its partition
     SASL/PLAIN                               through the connection's properties; a wrong
                                              password is a 503 and a log line, not a crash
 
@@ -372,4 +375,58 @@ def test_backpressure_stuck_partition_does_not_hold_the_other(broker, postgres, 
     # memory stays bounded (docs/design.md#backpressure): the budget, plus two batches for each
     # shard paused with records waiting, plus one turn of the consumer's queue (1,000 records)
     assert peak[0] <= budget + parts * 2 * 500 + 1000, peak[0]
+    assert proc.stop() == 0
+
+
+def test_backpressure_hold_spread_over_partitions_lets_a_rebalance_through(broker, postgres,
+                                                                            endpoint, esmd,
+                                                                            names):
+    """docs/design.md#backpressure: a hold that lasts a second lets the consumer be served, so a
+    rebalance waits at most about that second, also when the budget (50,000 records) is spread
+    over partitions that each have less than two batches waiting (batch_size 10,000: 3
+    partitions of 19,500 records) behind a function that does not answer. Before, those
+    partitions were paused and resumed at once and the consumer held again in the same turn: a
+    consumer joining the group got nothing until the function answered. Then the function
+    answers: every record delivered, first deliveries in offset order, all committed."""
+    ck = pytest.importorskip("confluent_kafka")
+    parts, per = 3, 19_500
+    topic = broker.create_topic(names.topic(), parts)
+    group = names.group()
+    broker.produce(topic, count=parts * per, size=20, partitions=parts, timeout=240)
+    hw = broker.watermarks(topic)
+    assert hw == {p: per for p in range(parts)}
+    tally = Tally(endpoint, topic)
+    count = tally._on_request
+    answer = threading.Event()
+
+    def blocked(req):
+        answer.wait(300)
+        return count(req)
+
+    endpoint.behaviour = blocked
+    proc = esmd(kafka_cfg(broker, topic, group, endpoint.url, names.mapping(), batch_size=10_000,
+                          window="0s", max_concurrency=4, timeout="300s"))
+    try:
+        wait_for(lambda: proc.metrics().get("esmd_source_holds_total") >= 1, 120, 0.2,
+                 "the consumer held")
+        assigned = []
+        other = ck.Consumer({"bootstrap.servers": broker.plaintext_bootstrap, "group.id": group,
+                             "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        try:
+            other.subscribe([topic], on_assign=lambda c, ps: assigned.extend(ps))
+            deadline = time.monotonic() + 60
+            while not assigned and time.monotonic() < deadline:
+                other.poll(0.2)
+            assert assigned, ("a consumer joining the group got no partition in 60 s while "
+                              "esmd was held by a function that did not answer")
+            assert not answer.is_set()
+        finally:
+            other.close()  # leaves the group; nothing committed
+    finally:
+        answer.set()
+    tally.wait_complete(hw, 180)
+    lost, dups = tally.report("hold spread over partitions", hw)
+    assert lost == 0
+    tally.assert_in_order(hw)
+    wait_committed(broker, group, topic, hw, timeout=60)
     assert proc.stop() == 0
