@@ -137,6 +137,10 @@ struct esmd_kafka {
     rd_kafka_queue_t *closeq;    /* receives the consumer queue's ops during close */
     struct esmd_kafka_wake wake; /* the queue's wake-up pipe and its watcher */
 
+    /* The partition whose shard the core is opening: a pause it asks for meanwhile (a disabled
+     * mapping) is applied once the partition is assigned (rebalance_assign). */
+    struct kafka_part *opening;
+
     ev_timer kick;      /* 0 s: drain again next turn (a turn's drain was bounded) */
     bool held;          /* the core holds us (backpressure): the queue is not served */
     ev_timer tick;      /* KAFKA_TICK_S housekeeping */
@@ -511,6 +515,8 @@ static void poller_event(struct esmd_kafka *kc, const char *status,
     esmd_buf_free(&b);
 }
 
+static void part_apply_pause(struct esmd_kafka *kc, struct kafka_part *part);
+
 static void rebalance_assign(struct esmd_kafka *kc, rd_kafka_topic_partition_list_t *parts)
 {
     bool coop = is_cooperative(kc->rk);
@@ -532,7 +538,9 @@ static void rebalance_assign(struct esmd_kafka *kc, rd_kafka_topic_partition_lis
             part->paused = false;
         }
         size_t overhead = esmd_kafka_group_overhead(part->key);
+        kc->opening = part;
         part->shard = kc->host->shard_open(kc->host->core, part->key, overhead, part);
+        kc->opening = NULL;
         kc->nassigned++;
     }
     rd_kafka_resp_err_t err;
@@ -555,6 +563,12 @@ static void rebalance_assign(struct esmd_kafka *kc, rd_kafka_topic_partition_lis
     } else {
         if (resume->cnt > 0)
             rd_kafka_resume_partitions(kc->rk, resume);
+        /* pauses the core asked for while opening them (a disabled mapping) */
+        for (int i = 0; emitting && i < list->cnt; i++) {
+            struct kafka_part *part = part_find(kc, list->elems[i].topic, list->elems[i].partition);
+            if (part && part->shard)
+                part_apply_pause(kc, part);
+        }
         ESMD_INFO(kc->log, "kafka assigned %d partitions (%s), %zu owned", list->cnt,
                   coop ? "cooperative" : "eager", kc->nassigned);
         kc->generation++;
@@ -769,8 +783,6 @@ static void emit_rec(struct esmd_kafka *kc, struct kafka_part *part, struct kafk
 }
 
 /* ---- schema registry (docs/kafka.md "Schema registry") ---- */
-
-static void part_apply_pause(struct esmd_kafka *kc, struct kafka_part *part);
 
 static void dec_free(struct kafka_dec *d)
 {
@@ -1228,6 +1240,10 @@ static int kafka_start(void *c)
 static void pause_resume(struct esmd_kafka *kc, struct esmd_shard *shard, bool pause)
 {
     struct kafka_part *part = shard ? esmd_shard_priv(shard) : NULL;
+    if (part && part == kc->opening) {
+        part->core_pause = pause; /* from inside shard_open: applied once it is assigned */
+        return;
+    }
     if (!kc->rk || !part || part->shard != shard)
         return;
     part->core_pause = pause;

@@ -1367,7 +1367,9 @@ static int redis_start(void *c)
 static void redis_pause(void *c, struct esmd_shard *shard)
 {
     struct esmd_redis *rc = c;
-    if (shard == rc->shard)
+    /* (by priv: a pause of a disabled mapping comes from inside shard_open, before rc->shard is
+     * set) */
+    if (shard && esmd_shard_priv(shard) == rc)
         rc->paused = true;
 }
 

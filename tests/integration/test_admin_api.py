@@ -432,6 +432,38 @@ def test_admin_yaml_disabled_mapping_can_be_enabled(esmd, kafka, kafka_config, e
     endpoint.wait_records(3, timeout=30)
 
 
+def test_disabled_kafka_mapping_reads_nothing_until_enabled(esmd, kafka, kafka_config, endpoint,
+                                                            names):
+    """A mapping disabled in its configuration pauses each partition as it is assigned, so the
+    consumer fetches nothing: before, the pause asked for while the partition was being opened
+    was dropped (the connector did not know the shard yet) and the whole topic was read into
+    esmd's memory, waiting for a batch that a disabled mapping never forms."""
+    total = 3000
+    topic = kafka.create_topic(names.topic(), 2)
+    kafka.produce(topic, [{"partition": i % 2, "value": "v%d" % i} for i in range(total)])
+    cfg = kafka_config(topic, mapping_extra={"enabled": False})
+    name = cfg["mappings"][0]["name"]
+    proc = esmd(cfg)
+
+    def status():
+        st, _, nat = call(proc, "GET", "/admin/mappings/" + name)
+        assert st == 200, nat
+        return nat["status"]
+
+    wait_for(lambda: status()["shards"] == 2, 60, 0.2, "both partitions assigned")
+    time.sleep(2.0)  # what librdkafka fetches would have arrived by now
+    assert proc.metrics().get("esmd_polled_events_total") == 0
+    assert status()["pending_records"] == 0
+    assert endpoint.record_count() == 0
+    st, _, esm = call(proc, "PUT", ESM + "/" + mapping_uuid(name), {"Enabled": True})
+    assert st == 202 and esm["State"] == "Enabled"
+    endpoint.wait_records(total, timeout=60)
+    offsets = endpoint.offsets()
+    assert sorted(offsets) == [0, 1]
+    for p in (0, 1):
+        assert offsets[p] == list(range(total // 2)), p
+
+
 def test_admin_filter_dry_run(esmd, kafka, kafka_config, names):
     cfg = kafka_config(names.topic(), mapping_extra={"filters": [{"value": {"n": [300]}}]})
     name = cfg["mappings"][0]["name"]

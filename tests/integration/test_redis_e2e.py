@@ -917,3 +917,26 @@ mappings:
                        stderr=subprocess.PIPE, text=True, timeout=30)
     assert r.returncode != 0
     assert "rediss://" in r.stderr and "TLS" in r.stderr, r.stderr[-2000:]
+
+
+def test_disabled_mapping_reads_nothing_until_enabled(redis, endpoint, esmd, redis_config,
+                                                      names):
+    """A mapping disabled in its configuration reads nothing from its stream: before, the pause
+    it asked for while its shard was being opened was dropped (the connector did not know the
+    shard yet), so it read the stream into memory and into its consumer's pending entries,
+    waiting for batches that a disabled mapping never forms. Enabled, it delivers everything."""
+    from test_parallel import admin_post
+
+    stream = names.topic()
+    produce(redis, stream, 2000, size=100)
+    cfg = redis_config(stream, mapping_extra={"enabled": False})
+    name = cfg["mappings"][0]["name"]
+    proc = esmd(cfg)
+    ready(proc)
+    time.sleep(2.0)  # what XREADGROUP would read has arrived by now
+    assert proc.metrics().get("esmd_polled_events_total") == 0
+    assert pending(redis, stream, "g") == 0
+    assert records(endpoint, ok_only=False) == []
+    assert admin_post(proc, "/admin/mappings/%s/resume" % name)[0] == 200
+    wait_all_delivered(endpoint, 2000)
+    wait_pending(redis, stream, "g", 0)
