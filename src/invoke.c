@@ -293,6 +293,8 @@ static void invoke_count(struct esmd_invoke_req *req, const struct esmd_invoke_r
 {
     struct esmd_fn_stats *st = req->stats;
 
+    if (st == NULL) /* its mapping was forgotten (esmd_invoker_forget_mapping) */
+        return;
     switch (res->outcome) {
     case ESMD_INVOKE_CANCELLED:
         return;
@@ -1008,6 +1010,36 @@ double esmd_invoke_timeout_seconds(const struct esmd_invoke_result *res, int64_t
     return (double)timeout_ms / 1000.0;
 }
 
+/* Unlinks req->stats == st from the requests of list head. */
+static void forget_stats_in(struct esmd_invoke_link *head, const struct esmd_fn_stats *st)
+{
+    for (struct esmd_invoke_link *l = head->next; l != head; l = l->next) {
+        struct esmd_invoke_req *req = (struct esmd_invoke_req *)l;
+        if (req->stats == st)
+            req->stats = NULL;
+    }
+}
+
+void esmd_invoker_forget_mapping(struct esmd_invoker *inv, const char *mapping)
+{
+    for (size_t i = 0; inv != NULL && mapping != NULL && i < inv->nfns; i++) {
+        struct esmd_function *fn = inv->fns[i];
+        for (struct esmd_fn_stats **pp = &fn->stats; *pp != NULL;) {
+            struct esmd_fn_stats *st = *pp;
+            if (st->mapping == NULL || strcmp(st->mapping, mapping) != 0) {
+                pp = &st->next;
+                continue;
+            }
+            forget_stats_in(&fn->queue, st);
+            forget_stats_in(&fn->active, st);
+            forget_stats_in(&inv->deferred, st);
+            *pp = st->next;
+            free(st->mapping);
+            free(st);
+        }
+    }
+}
+
 void esmd_invoker_describe(const struct esmd_invoker *inv, struct esmd_buf *out)
 {
     esmd_buf_puts(out, "{\"functions\":[");
@@ -1016,19 +1048,12 @@ void esmd_invoker_describe(const struct esmd_invoker *inv, struct esmd_buf *out)
         const struct esmd_function *fn = inv->fns[i];
         if (fn->removed)
             continue;
-        double inv_n = 0, err = 0, ferr = 0, tmo = 0, thr = 0;
-        const struct esmd_series *dur[64];
-        size_t nd = 0;
-
-        for (const struct esmd_fn_stats *st = fn->stats; st != NULL; st = st->next) {
-            inv_n += esmd_series_value(st->invocations);
-            err += esmd_series_value(st->errors);
-            ferr += esmd_series_value(st->function_errors);
-            tmo += esmd_series_value(st->timeouts);
-            thr += esmd_series_value(st->throttles);
-            if (nd < ESMD_ARRAY_LEN(dur))
-                dur[nd++] = st->duration;
-        }
+        const char *name = fn->cfg->name;
+        double inv_n = esmd_metric_sum(inv->m_invocations, "function", name);
+        double err = esmd_metric_sum(inv->m_errors, "function", name);
+        double ferr = esmd_metric_sum(inv->m_function_errors, "function", name);
+        double tmo = esmd_metric_sum(inv->m_timeouts, "function", name);
+        double thr = esmd_metric_sum(inv->m_throttles, "function", name);
         esmd_buf_puts(out, first ? "{\"name\":" : ",{\"name\":");
         first = false;
         esmd_buf_put_json_string(out, fn->cfg->name, strlen(fn->cfg->name));
@@ -1044,7 +1069,7 @@ void esmd_invoker_describe(const struct esmd_invoker *inv, struct esmd_buf *out)
             double q;
         } qs[] = {{"p50_seconds", 0.5}, {"p99_seconds", 0.99}};
         for (size_t k = 0; k < ESMD_ARRAY_LEN(qs); k++) {
-            double v = esmd_histogram_quantile(dur, nd, qs[k].q);
+            double v = esmd_metric_quantile(inv->m_duration, "function", name, qs[k].q);
             if (v < 0)
                 esmd_buf_printf(out, ",\"%s\":null", qs[k].key);
             else

@@ -724,6 +724,7 @@ static void on_retired(struct ev_loop *loop, ev_timer *w, int revents)
     char *removed = r->next ? NULL : esmd_xstrdup(esmd_mapping_name(r->map));
     esmd_mapping_free(r->map);
     if (removed) {
+        esmd_invoker_forget_mapping(svc->inv, removed); /* its handles, before they can go */
         esmd_metrics_hide("mapping", removed);
         free(removed);
     }

@@ -26,6 +26,7 @@ struct esmd_series {
     uint64_t count;
     double sum;
     bool hidden; /* esmd_metrics_hide: not rendered until looked up or updated again */
+    struct esmd_series *hprev, *hnext; /* while hidden: esmd_registry's hidden list */
 };
 
 struct esmd_metric {
@@ -39,6 +40,9 @@ struct esmd_metric {
 static struct {
     struct esmd_metric **items; /* owned */
     size_t n, cap;
+    /* the hidden series, longest hidden first: past ESMD_METRICS_HIDDEN_MAX the first go */
+    struct esmd_series *hidden_first, *hidden_last;
+    size_t nhidden;
 } esmd_registry;
 
 static uint32_t metrics_hash(const char *s)
@@ -80,6 +84,52 @@ struct esmd_metric *esmd_metric(enum esmd_metric_type type, const char *name, co
     return m;
 }
 
+static void series_unhide(struct esmd_series *s)
+{
+    if (!s->hidden)
+        return;
+    s->hidden = false;
+    if (s->hprev)
+        s->hprev->hnext = s->hnext;
+    else
+        esmd_registry.hidden_first = s->hnext;
+    if (s->hnext)
+        s->hnext->hprev = s->hprev;
+    else
+        esmd_registry.hidden_last = s->hprev;
+    s->hprev = s->hnext = NULL;
+    esmd_registry.nhidden--;
+}
+
+static void series_hide(struct esmd_series *s)
+{
+    s->hidden = true;
+    s->hprev = esmd_registry.hidden_last;
+    s->hnext = NULL;
+    if (s->hprev)
+        s->hprev->hnext = s;
+    else
+        esmd_registry.hidden_first = s;
+    esmd_registry.hidden_last = s;
+    esmd_registry.nhidden++;
+}
+
+/* Takes s out of its family (the others keep their order) and frees it. */
+static void series_free(struct esmd_series *s)
+{
+    struct esmd_metric *m = s->m;
+
+    series_unhide(s);
+    for (size_t i = 0; i < m->nseries; i++)
+        if (m->series[i] == s) {
+            memmove(&m->series[i], &m->series[i + 1], (m->nseries - i - 1) * sizeof(*m->series));
+            m->nseries--;
+            break;
+        }
+    free(s->labels);
+    free(s);
+}
+
 struct esmd_series *esmd_series(struct esmd_metric *m, const char *labels)
 {
     struct esmd_series *s;
@@ -93,7 +143,7 @@ struct esmd_series *esmd_series(struct esmd_metric *m, const char *labels)
     for (size_t i = 0; i < m->nseries; i++) {
         s = m->series[i];
         if (s->hash == h && strcmp(s->labels, labels) == 0) {
-            s->hidden = false;
+            series_unhide(s);
             return s;
         }
     }
@@ -148,7 +198,7 @@ void esmd_series_inc(struct esmd_series *s, double v)
     if (s == NULL || s->m->type == ESMD_HISTOGRAM)
         return;
     s->value += v;
-    s->hidden = false;
+    series_unhide(s);
 }
 
 void esmd_series_set(struct esmd_series *s, double v)
@@ -156,7 +206,7 @@ void esmd_series_set(struct esmd_series *s, double v)
     if (s == NULL || s->m->type == ESMD_HISTOGRAM)
         return;
     s->value = v;
-    s->hidden = false;
+    series_unhide(s);
 }
 
 void esmd_series_observe(struct esmd_series *s, double v)
@@ -171,7 +221,7 @@ void esmd_series_observe(struct esmd_series *s, double v)
     s->buckets[i]++;
     s->count++;
     s->sum += v;
-    s->hidden = false;
+    series_unhide(s);
 }
 
 double esmd_series_value(const struct esmd_series *s)
@@ -290,13 +340,20 @@ size_t esmd_metrics_hide(const char *name, const char *value)
         for (size_t j = 0; j < m->nseries; j++) {
             struct esmd_series *s = m->series[j];
             if (!s->hidden && labels_hold(s->labels, esmd_buf_cstr(&pair), pair.len)) {
-                s->hidden = true;
+                series_hide(s);
                 n++;
             }
         }
     }
     esmd_buf_free(&pair);
+    while (esmd_registry.nhidden > ESMD_METRICS_HIDDEN_MAX)
+        series_free(esmd_registry.hidden_first);
     return n;
+}
+
+size_t esmd_metrics_hidden(void)
+{
+    return esmd_registry.nhidden;
 }
 
 void esmd_metrics_render(struct esmd_buf *out)
@@ -350,19 +407,15 @@ void esmd_metrics_reset(void)
     free(esmd_registry.items);
     esmd_registry.items = NULL;
     esmd_registry.n = esmd_registry.cap = 0;
+    esmd_registry.hidden_first = esmd_registry.hidden_last = NULL;
+    esmd_registry.nhidden = 0;
 }
 
-double esmd_histogram_quantile(const struct esmd_series *const *s, size_t n, double q)
+/* The q-quantile of per-bucket counts b (total observations), as Prometheus estimates it. */
+static double buckets_quantile(const uint64_t *b, uint64_t total, double q)
 {
-    uint64_t b[ESMD_NBUCKETS + 1] = {0}, total = 0, seen = 0;
+    uint64_t seen = 0;
 
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] == NULL || s[i]->m->type != ESMD_HISTOGRAM)
-            continue;
-        for (size_t k = 0; k <= ESMD_NBUCKETS; k++)
-            b[k] += s[i]->buckets[k];
-        total += s[i]->count;
-    }
     if (total == 0)
         return -1;
     double rank = q * (double)total;
@@ -377,4 +430,69 @@ double esmd_histogram_quantile(const struct esmd_series *const *s, size_t n, dou
         return lo + (hi - lo) * ((rank - (double)seen) / (double)b[k]);
     }
     return esmd_default_buckets[ESMD_NBUCKETS - 1];
+}
+
+static void buckets_add(uint64_t *b, uint64_t *total, const struct esmd_series *s)
+{
+    for (size_t k = 0; k <= ESMD_NBUCKETS; k++)
+        b[k] += s->buckets[k];
+    *total += s->count;
+}
+
+double esmd_histogram_quantile(const struct esmd_series *const *s, size_t n, double q)
+{
+    uint64_t b[ESMD_NBUCKETS + 1] = {0}, total = 0;
+
+    for (size_t i = 0; i < n; i++)
+        if (s[i] != NULL && s[i]->m->type == ESMD_HISTOGRAM)
+            buckets_add(b, &total, s[i]);
+    return buckets_quantile(b, total, q);
+}
+
+/* Calls fn for every series of m, hidden ones too, whose labels hold name="value". */
+static void metric_each(const struct esmd_metric *m, const char *name, const char *value,
+                        void (*fn)(const struct esmd_series *, void *), void *arg)
+{
+    struct esmd_buf pair = ESMD_BUF_INIT;
+
+    esmd_metric_labels(&pair, name, value, NULL);
+    for (size_t j = 0; m != NULL && pair.len > 0 && j < m->nseries; j++)
+        if (labels_hold(m->series[j]->labels, esmd_buf_cstr(&pair), pair.len))
+            fn(m->series[j], arg);
+    esmd_buf_free(&pair);
+}
+
+static void sum_one(const struct esmd_series *s, void *arg)
+{
+    *(double *)arg += esmd_series_value(s);
+}
+
+double esmd_metric_sum(const struct esmd_metric *m, const char *name, const char *value)
+{
+    double sum = 0;
+
+    metric_each(m, name, value, sum_one, &sum);
+    return sum;
+}
+
+struct buckets_acc {
+    uint64_t b[ESMD_NBUCKETS + 1], total;
+};
+
+static void buckets_one(const struct esmd_series *s, void *arg)
+{
+    struct buckets_acc *acc = arg;
+
+    buckets_add(acc->b, &acc->total, s);
+}
+
+double esmd_metric_quantile(const struct esmd_metric *m, const char *name, const char *value,
+                            double q)
+{
+    struct buckets_acc acc = {{0}, 0};
+
+    if (m == NULL || m->type != ESMD_HISTOGRAM)
+        return -1;
+    metric_each(m, name, value, buckets_one, &acc);
+    return buckets_quantile(acc.b, acc.total, q);
 }

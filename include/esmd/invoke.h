@@ -73,6 +73,11 @@ void esmd_invoker_update_function(struct esmd_invoker *inv, const struct esmd_fu
  * esmd_invoker_describe(); the handle stays (requests in flight, and the users that still hold
  * it, go on with its last settings) until esmd_invoker_update_function() brings it back. */
 void esmd_invoker_remove_function(struct esmd_invoker *inv, const char *name);
+/* A mapping a reload removed: every function drops its handles to the mapping's series (its
+ * metrics, about to be hidden: esmd_metrics_hide), so that they can be freed. Its counts stay in
+ * esmd_invoker_describe's while the series are kept. A request of that mapping still out (none
+ * once the mapping is freed) is no longer counted. */
+void esmd_invoker_forget_mapping(struct esmd_invoker *inv, const char *mapping);
 struct esmd_function *esmd_invoker_function(struct esmd_invoker *inv, const char *name);
 const char *esmd_function_name(const struct esmd_function *fn);
 /* The configuration the function's new requests use (the last esmd_invoker_update_function's). */
@@ -80,8 +85,10 @@ const struct esmd_function_cfg *esmd_function_cfg(const struct esmd_function *fn
 /* Requests sent and not yet answered / waiting for a concurrency slot. */
 /* Appends {"functions":[{"name","url","max_concurrency","concurrency_in_use","queued",
  * "invocations","errors","function_errors","timeouts","throttles","p50_seconds","p99_seconds"}]}:
- * counts since the start, over every caller (mappings, the async queue, Invoke); latencies
- * estimated from esmd_duration_seconds's buckets (null before any). For the admin console. */
+ * counts since the start, over every caller (mappings, the async queue, Invoke), read from the
+ * metrics (a removed mapping's too, while its hidden series are kept: esmd_metrics_hide);
+ * latencies estimated from esmd_duration_seconds's buckets (null before any). For the admin
+ * console. */
 void esmd_invoker_describe(const struct esmd_invoker *inv, struct esmd_buf *out);
 int esmd_function_inflight(const struct esmd_function *fn);
 int esmd_function_queued(const struct esmd_function *fn);

@@ -32,14 +32,30 @@ double esmd_series_value(const struct esmd_series *s);     /* histograms: observ
  * Prometheus's histogram_quantile() does (linear within the bucket); -1 when there are none.
  * Over the last bound, that bound. NULL series are skipped. */
 double esmd_histogram_quantile(const struct esmd_series *const *s, size_t n, double q);
+/* Over every series of family m whose labels hold name="value", hidden ones too (e.g. a
+ * function's invocations over every mapping it served): the sum of their values (histograms:
+ * observation counts), and for a histogram the q-quantile of their observations together (-1
+ * when there are none, or m is not a histogram). */
+double esmd_metric_sum(const struct esmd_metric *m, const char *name, const char *value);
+double esmd_metric_quantile(const struct esmd_metric *m, const char *name, const char *value,
+                            double q);
+
+/* Hidden series kept (about 20 a removed mapping): past this, the longest hidden are freed. */
+#define ESMD_METRICS_HIDDEN_MAX 4096
 
 /* Takes out of the exposition every series whose labels hold name="value" (a mapping a reload
  * removed: its series leave /metrics rather than stay frozen at their last values, a gauge
- * such as esmd_inflight_batches too). Handles stay valid (nothing is freed: users may still
- * hold them), and a series shows again, with its values, once it is looked up again
- * (esmd_series) or updated: the same mapping added back goes on from there. Returns how many
+ * such as esmd_inflight_batches too). A hidden series shows again, with its values, once it is
+ * looked up again (esmd_series) or updated: the same mapping added back goes on from there.
+ * The last ESMD_METRICS_HIDDEN_MAX hidden series are kept so; older ones are freed (they show
+ * nothing, and one looked up again starts anew, from 0: for a counter, a reset, which
+ * Prometheus's rate() and increase() take in their stride). So whoever holds handles to the
+ * series it hides must drop them first (the mapping is freed, the invoker forgets it:
+ * esmd_invoker_forget_mapping), and no handle of a hidden series may be kept. Returns how many
  * series it hid. */
 size_t esmd_metrics_hide(const char *name, const char *value);
+/* How many hidden series are kept (at most ESMD_METRICS_HIDDEN_MAX). */
+size_t esmd_metrics_hidden(void);
 
 /* Appends the Prometheus text exposition (0.0.4) of every family that has a series to out,
  * families and series in creation order. */

@@ -912,6 +912,71 @@ static void test_update_function(void **state)
     assert_ptr_equal(esmd_invoker_function(c->inv, "upd"), fn);
 }
 
+/* The "invocations" esmd_invoker_describe gives function name. */
+static int described_invocations(struct ctx *c, const char *name)
+{
+    struct esmd_buf out = ESMD_BUF_INIT, key = ESMD_BUF_INIT;
+    int n = -1;
+
+    esmd_invoker_describe(c->inv, &out);
+    esmd_buf_printf(&key, "{\"name\":\"%s\",", name);
+    const char *at = strstr(esmd_buf_cstr(&out), esmd_buf_cstr(&key));
+    if (at && (at = strstr(at, "\"invocations\":")) != NULL)
+        n = atoi(at + strlen("\"invocations\":"));
+    esmd_buf_free(&out);
+    esmd_buf_free(&key);
+    return n;
+}
+
+/* A mapping a reload removed: the invoker forgets it (esmd_invoker_forget_mapping), then its
+ * series are hidden. The function's totals keep its counts while the hidden series are kept;
+ * once they are freed (more hidden than ESMD_METRICS_HIDDEN_MAX) nothing of the invoker uses
+ * them (ASan), and the mapping added back counts anew. A request of a forgotten mapping still
+ * out is not counted. */
+static void test_forget_mapping(void **state)
+{
+    struct ctx *c = *state;
+    struct got g1 = {0}, g2 = {0}, g3 = {0}, late = {0};
+    char url[128], name[32];
+
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/ok", srv.port);
+    struct esmd_function *fn = add_fn(c, 0, "forget", url, 5000, 4);
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/slow?ms=300", srv.port);
+    struct esmd_function *slow = add_fn(c, 1, "forget-slow", url, 5000, 1);
+    start(fn, "{}", "k", "gone", &g1);
+    start(fn, "{}", "k", NULL, &g2);
+    esmd_test_run_until_count(c->loop, &g1.n, 1, 20.);
+    esmd_test_run_until_count(c->loop, &g2.n, 1, 20.);
+    esmd_invoker_forget_mapping(c->inv, "gone");
+    /* invocations, errors, throttles, timeouts, function errors, duration */
+    assert_int_equal(esmd_metrics_hide("mapping", "gone"), 6);
+    assert_int_equal(described_invocations(c, "forget"), 2);
+
+    start(slow, "{}", "k", "late", &late);
+    esmd_test_run_for(c->loop, 0.1); /* on the wire */
+    esmd_invoker_forget_mapping(c->inv, "late");
+    esmd_metrics_hide("mapping", "late");
+    esmd_test_run_until_count(c->loop, &late.n, 1, 20.);
+    assert_int_equal(late.outcome, ESMD_INVOKE_OK);
+    assert_int_equal(described_invocations(c, "forget-slow"), 0);
+
+    /* more series hidden than are kept: "gone"'s are freed, and leave the totals */
+    struct esmd_metric *filler = esmd_metric(ESMD_COUNTER, "t_filler_total", "F.");
+    for (int i = 0; i < ESMD_METRICS_HIDDEN_MAX; i++) {
+        struct esmd_buf l = ESMD_BUF_INIT;
+        snprintf(name, sizeof(name), "f%d", i);
+        esmd_metric_labels(&l, "mapping", name, NULL);
+        esmd_series_inc(esmd_series(filler, esmd_buf_cstr(&l)), 1);
+        esmd_metrics_hide("mapping", name);
+        esmd_buf_free(&l);
+    }
+    assert_int_equal(described_invocations(c, "forget"), 1);
+    start(fn, "{}", "k", "gone", &g3); /* added back: anew */
+    esmd_test_run_until_count(c->loop, &g3.n, 1, 20.);
+    assert_true(metric_value(ESMD_COUNTER, "esmd_invocations_total", "forget", "gone") == 1);
+    assert_int_equal(described_invocations(c, "forget"), 2);
+}
+
 static void test_bad_arguments(void **state)
 {
     struct ctx *c = *state;
@@ -941,6 +1006,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_cancel_from_callback, setup, teardown),
         cmocka_unit_test_setup_teardown(test_free_cancels, setup, teardown),
         cmocka_unit_test_setup_teardown(test_update_function, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_forget_mapping, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_arguments, setup, teardown),
     };
     int rc;

@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #include <cmocka.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "esmd/metrics.h"
@@ -197,6 +198,93 @@ static void test_hide(void **state)
     esmd_buf_free(&out);
 }
 
+/* Labels of mapping name (function "f"). */
+static const char *mapping_labels(struct esmd_buf *b, const char *name)
+{
+    esmd_buf_reset(b);
+    esmd_metric_labels(b, "function", "f", "mapping", name, NULL);
+    return esmd_buf_cstr(b);
+}
+
+/* Mappings removed (and some added back) over and over, as reloads do: the hidden series kept
+ * stay at most ESMD_METRICS_HIDDEN_MAX (they once all stayed, about 20 a removed mapping name,
+ * for good), what the exposition shows does not change, the last hidden come back with their
+ * values and the oldest (freed) start anew. */
+static void test_hidden_series_are_bounded(void **state)
+{
+    struct esmd_metric *c = esmd_metric(ESMD_COUNTER, "t_total", "T.");
+    struct esmd_metric *g = esmd_metric(ESMD_GAUGE, "t_gauge", "G.");
+    struct esmd_metric *h = esmd_metric(ESMD_HISTOGRAM, "t_seconds", "H.");
+    struct esmd_buf l = ESMD_BUF_INIT, before = ESMD_BUF_INIT, after = ESMD_BUF_INIT;
+    char name[32];
+    const int rounds = ESMD_METRICS_HIDDEN_MAX; /* 3 series each: 3x the bound hidden */
+
+    (void)state;
+    esmd_series_inc(esmd_series(c, mapping_labels(&l, "live")), 5);
+    esmd_series_set(esmd_series(g, mapping_labels(&l, "live")), 2);
+    esmd_series_observe(esmd_series(h, mapping_labels(&l, "live")), 0.3);
+    esmd_metrics_render(&before);
+    for (int r = 0; r < rounds; r++) {
+        snprintf(name, sizeof(name), "m%d", r);
+        esmd_series_inc(esmd_series(c, mapping_labels(&l, name)), r + 1);
+        esmd_series_set(esmd_series(g, mapping_labels(&l, name)), 1);
+        esmd_series_observe(esmd_series(h, mapping_labels(&l, name)), 0.01);
+        /* "back" comes back every round: its series go on, it never ages out */
+        esmd_series_inc(esmd_series(c, mapping_labels(&l, "back")), 1);
+        assert_int_equal(esmd_metrics_hide("mapping", name), 3);
+        assert_int_equal(esmd_metrics_hide("mapping", "back"), 1);
+        assert_true(esmd_metrics_hidden() <= ESMD_METRICS_HIDDEN_MAX);
+    }
+    assert_int_equal(esmd_metrics_hidden(), ESMD_METRICS_HIDDEN_MAX);
+    esmd_metrics_render(&after);
+    assert_string_equal(esmd_buf_cstr(&after), esmd_buf_cstr(&before));
+
+    /* the last removed comes back with its values; "back" with all of its rounds */
+    snprintf(name, sizeof(name), "m%d", rounds - 1);
+    assert_float_equal(esmd_series_value(esmd_series(c, mapping_labels(&l, name))), rounds, 1e-9);
+    assert_float_equal(esmd_series_value(esmd_series(h, mapping_labels(&l, name))), 1, 1e-9);
+    assert_float_equal(esmd_series_value(esmd_series(c, mapping_labels(&l, "back"))), rounds, 1e-9);
+    /* the first removed was freed: it starts anew */
+    assert_float_equal(esmd_series_value(esmd_series(c, mapping_labels(&l, "m0"))), 0, 1e-9);
+    assert_float_equal(esmd_series_value(esmd_series(g, mapping_labels(&l, "m0"))), 0, 1e-9);
+    assert_int_equal(esmd_metrics_hidden(), ESMD_METRICS_HIDDEN_MAX - 3);
+    esmd_buf_reset(&after);
+    esmd_metrics_render(&after);
+    assert_non_null(strstr(esmd_buf_cstr(&after), "t_total{function=\"f\",mapping=\"m0\"} 0\n"));
+    assert_non_null(strstr(esmd_buf_cstr(&after), "t_total{function=\"f\",mapping=\"live\"} 5\n"));
+    esmd_buf_free(&l);
+    esmd_buf_free(&before);
+    esmd_buf_free(&after);
+}
+
+/* esmd_metric_sum / esmd_metric_quantile: over the series holding the pair, hidden ones too. */
+static void test_metric_sum_and_quantile(void **state)
+{
+    struct esmd_metric *c = esmd_metric(ESMD_COUNTER, "t_total", "T.");
+    struct esmd_metric *h = esmd_metric(ESMD_HISTOGRAM, "t_seconds", "H.");
+
+    (void)state;
+    assert_float_equal(esmd_metric_sum(c, "function", "f"), 0, 1e-9);
+    assert_true(esmd_metric_quantile(h, "function", "f", 0.5) < 0);
+    esmd_series_inc(esmd_series(c, "function=\"f\",mapping=\"a\""), 2);
+    esmd_series_inc(esmd_series(c, "function=\"f\",mapping=\"b\""), 3);
+    esmd_series_inc(esmd_series(c, "function=\"f2\",mapping=\"a\""), 100);
+    esmd_series_inc(esmd_series(c, "function=\"f\""), 1);
+    for (int i = 0; i < 50; i++) {
+        esmd_series_observe(esmd_series(h, "function=\"f\",mapping=\"a\""), 0.001);
+        esmd_series_observe(esmd_series(h, "function=\"f\",mapping=\"b\""), 0.2);
+        esmd_series_observe(esmd_series(h, "function=\"f2\""), 50);
+    }
+    assert_int_equal(esmd_metrics_hide("mapping", "b"), 2);
+    assert_float_equal(esmd_metric_sum(c, "function", "f"), 6, 1e-9);
+    assert_float_equal(esmd_metric_sum(c, "mapping", "a"), 102, 1e-9);
+    assert_float_equal(esmd_metric_sum(h, "function", "f"), 100, 1e-9);
+    assert_float_equal(esmd_metric_quantile(h, "function", "f", 0.5), 0.005, 1e-9);
+    assert_float_equal(esmd_metric_quantile(h, "function", "f", 0.99), 0.1 + 0.15 * 0.98, 1e-9);
+    assert_true(esmd_metric_quantile(c, "function", "f", 0.5) < 0); /* not a histogram */
+    assert_float_equal(esmd_metric_sum(NULL, "function", "f"), 0, 1e-9);
+}
+
 static void test_reset(void **state)
 {
     struct esmd_buf out = ESMD_BUF_INIT;
@@ -217,6 +305,8 @@ int main(void)
         cmocka_unit_test_teardown(test_histogram_render, teardown),
         cmocka_unit_test_teardown(test_histogram_quantile, teardown),
         cmocka_unit_test_teardown(test_hide, teardown),
+        cmocka_unit_test_teardown(test_hidden_series_are_bounded, teardown),
+        cmocka_unit_test_teardown(test_metric_sum_and_quantile, teardown),
         cmocka_unit_test_teardown(test_reset, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
