@@ -179,6 +179,7 @@ def test_removed_function_keeps_its_queued_events_until_it_is_added_back(esmd, p
     wait(lambda: sorted(payloads(other)) == list(range(5)), "the queued events at the new url")
     wait(lambda: queued(postgres, db, "fn") == 0, "the events deleted")
     assert sorted(payloads(other)) == list(range(5))
+    assert proc.stop() == 0, servers.tail(proc.logfile, 40)
 
 
 # ---- changed settings apply to queued events ------------------------------------------------
@@ -314,5 +315,7 @@ def test_reloads_racing_with_many_invokes_lose_and_duplicate_nothing(esmd, postg
     sync = [k for k in seen if k in set(answered)]
     assert sorted(sync) == sorted(answered)
     assert not set(seen) & {k for (_, _, k, *_) in refused}, "a refused Invoke was invoked"
+    # a graceful stop: exit status 0 (under ASan: no leak, every replaced configuration freed)
+    assert proc.stop() == 0, servers.tail(proc.logfile, 40)
     log = proc.log()
     assert "AddressSanitizer" not in log and "runtime error" not in log
