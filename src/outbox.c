@@ -73,6 +73,8 @@ struct send_rec {
 struct esmd_dests {
     struct esmd_dest_env env;            /* what the writers see */
     const struct esmd_config *functions; /* function:// names: esmd_dests_set_functions() */
+    char **fn_seen;                      /* owned: every function name those have had */
+    size_t nfn_seen;
     struct ev_loop *loop;
     char *instance_id;
     struct esmd_leaseq *lq;
@@ -619,16 +621,41 @@ struct esmd_dests *esmd_dests_new(struct ev_loop *loop, const struct esmd_config
     return d;
 }
 
+/* function:// names: the configuration in force's functions, and those a reload removed: a
+ * record for one of them is stored and waits in the outbox (the async queue refuses it, so it
+ * is retried with backoff) until a reload brings the function back (docs/async.md#reload). */
 static const struct esmd_function_cfg *dests_function(void *ud, const char *name)
 {
+    static const struct esmd_function_cfg removed; /* "known": function_parse asks no more */
     const struct esmd_dests *d = ud;
-    return esmd_config_function(d->functions, name);
+    const struct esmd_function_cfg *f = esmd_config_function(d->functions, name);
+    for (size_t i = 0; !f && i < d->nfn_seen; i++)
+        if (strcmp(d->fn_seen[i], name) == 0)
+            f = &removed;
+    return f;
+}
+
+static void fn_seen_add(struct esmd_dests *d, const struct esmd_config *cfg)
+{
+    for (size_t k = 0; k < cfg->nfunctions; k++) {
+        const char *name = cfg->functions[k].name;
+        size_t i = 0;
+        while (i < d->nfn_seen && strcmp(d->fn_seen[i], name) != 0)
+            i++;
+        if (i < d->nfn_seen)
+            continue;
+        d->fn_seen = esmd_xrealloc(d->fn_seen, (d->nfn_seen + 1) * sizeof(*d->fn_seen));
+        d->fn_seen[d->nfn_seen++] = esmd_xstrdup(name);
+    }
 }
 
 void esmd_dests_set_functions(struct esmd_dests *d, const struct esmd_config *cfg)
 {
     if (!d || !cfg)
         return;
+    if (!d->functions)
+        fn_seen_add(d, d->env.names.cfg); /* the start-up's */
+    fn_seen_add(d, cfg);
     d->functions = cfg;
     d->env.names.function = dests_function;
     d->env.names.ud = d; /* names.connection stays NULL: the start-up configuration's */
@@ -763,6 +790,9 @@ static void dests_destroy(struct esmd_dests *d)
         if (d->writers[i]->free)
             d->writers[i]->free(d->wstate[i]);
     free(d->claimed);
+    for (size_t i = 0; i < d->nfn_seen; i++)
+        free(d->fn_seen[i]);
+    free(d->fn_seen);
     free(d->instance_id);
     free(d);
 }

@@ -182,6 +182,28 @@ def test_removed_function_keeps_its_queued_events_until_it_is_added_back(esmd, p
     assert proc.stop() == 0, servers.tail(proc.logfile, 40)
 
 
+def test_function_destination_of_a_removed_function_waits_for_it(esmd, db, endpoint, other):
+    """A success record for function://target (an event-invoke-config override) made while a
+    reload has removed `target` is kept in the outbox, not dropped, and invokes `target` once a
+    reload brings it back."""
+    proc = esmd(config(db, {"fn": {"url": endpoint.url}, "target": {"url": other.url}}))
+    c = client(proc)
+    c.put_function_event_invoke_config(
+        FunctionName="fn", DestinationConfig={"OnSuccess": {"Destination": "function://target"}})
+    rewrite(proc, config(db, {"fn": {"url": endpoint.url}}))
+    assert invoke(c, "fn", {"id": 1}, "Event")["StatusCode"] == 202
+    wait(lambda: len(endpoint.ok_requests()) == 1, "the event invoked")
+    wait(lambda: "function://target: write of outbox row" in proc.log(),
+         "the record stored, and refused by the queue while target is away")
+    assert "dropped" not in proc.log()
+    assert other.snapshot() == []
+    rewrite(proc, config(db, {"fn": {"url": endpoint.url}, "target": {"url": other.url}}))
+    wait(lambda: len(other.ok_requests()) == 1, "the record invoking target", timeout=60)
+    rec = json.loads(other.ok_requests()[0].body)
+    assert rec["requestContext"]["condition"] == "Success"
+    assert rec["requestPayload"] == {"id": 1}
+
+
 # ---- changed settings apply to queued events ------------------------------------------------
 
 def test_changed_url_timeout_and_destinations_apply_to_the_next_attempt(esmd, postgres, db,
