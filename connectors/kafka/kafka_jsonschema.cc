@@ -28,6 +28,7 @@
 #include <memory>
 #include <mutex>
 #include <regex>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -92,6 +93,27 @@ class Edges : public valijson::constraints::ConstraintVisitor
     void compile(const std::string &pattern)
     {
         regex = true;
+        // std::regex's compiler recurses once per group nesting level: a deep one (a few
+        // thousand "(") overflows the stack before any regex_error.
+        int level = 0, deepest = 0;
+        bool in_class = false;
+        for (size_t i = 0; i < pattern.size(); i++) {
+            char c = pattern[i];
+            if (c == '\\')
+                i++;
+            else if (in_class)
+                in_class = c != ']';
+            else if (c == '[')
+                in_class = true;
+            else if (c == '(' && ++level > deepest)
+                deepest = level;
+            else if (c == ')' && level > 0)
+                level--;
+        }
+        if (deepest > ESMD_JS_MAX_DEPTH)
+            throw std::runtime_error("pattern \"" + pattern.substr(0, 60) +
+                                     "...\" nests groups deeper than " +
+                                     std::to_string(ESMD_JS_MAX_DEPTH) + " levels");
         std::regex r(pattern);
     }
 
@@ -290,7 +312,8 @@ int chain(std::map<const Subschema *, Node> &g, const Subschema *s, int level)
     }
     n.state = 2;
     n.chain = best;
-    return best;
+    // A chain found in parts (its tail memoized from another start) is as long as its whole.
+    return best > kMaxChain ? -1 : best;
 }
 
 // Every subschema reachable from root, with its edges; false with why when the graph is one

@@ -15,7 +15,8 @@
 extern "C" {
 #endif
 
-/* A schema or a record nesting deeper than this is refused. */
+/* A schema or a record nesting deeper than this is refused, and so is a schema pattern nesting its
+ * groups deeper. */
 #define ESMD_JS_MAX_DEPTH 64
 /* With a schema that matches strings against regular expressions (`pattern`,
  * `patternProperties`, the date and time `format`s), a string or property name longer than this

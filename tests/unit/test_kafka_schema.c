@@ -307,6 +307,39 @@ static void test_json_schema_validation(void **state)
         strcat(nots, "}");
     json_schema_refused(nots, "nests deeper than 64");
 
+    /* A chain of 120 subschemas applied to one value (allOf -> $ref -> allOf ...), its second half
+     * parsed (and memoized) before its first: refused as a whole. A longer one (50,000, 2.6 MB of
+     * schema) overflowed the stack when validating. */
+    struct esmd_buf chain = ESMD_BUF_INIT;
+    esmd_buf_puts(&chain, "{\"allOf\":[{\"$ref\":\"#/definitions/d60\"},"
+                          "{\"$ref\":\"#/definitions/d0\"}],\"definitions\":{");
+    for (int i = 0; i < 120; i++)
+        esmd_buf_printf(&chain, "%s\"d%d\":{\"allOf\":[{\"$ref\":\"#/definitions/d%d\"}]}",
+                        i ? "," : "", i, i + 1);
+    esmd_buf_puts(&chain, ",\"d120\":{}}}");
+    json_schema_refused(esmd_buf_cstr(&chain), "a chain of more than 64");
+    esmd_buf_free(&chain);
+    /* A pattern nesting groups 20,000 deep: std::regex's compiler overflowed the stack. */
+    struct esmd_buf pat = ESMD_BUF_INIT;
+    esmd_buf_puts(&pat, "{\"pattern\":\"");
+    for (int i = 0; i < 20000; i++)
+        esmd_buf_putc(&pat, '(');
+    esmd_buf_putc(&pat, 'a');
+    for (int i = 0; i < 20000; i++)
+        esmd_buf_putc(&pat, ')');
+    esmd_buf_puts(&pat, "\"}");
+    json_schema_refused(esmd_buf_cstr(&pat), "nests groups deeper than 64");
+    esmd_buf_free(&pat);
+    /* groups nesting 64 deep, escaped and bracketed parentheses not counted: fine */
+    const char *groups =
+        "{\"pattern\":\"^(((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((("
+        "a))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))\\\\(([(]\\\\))"
+        "$\"}";
+    s = esmd_sr_schema_new(ESMD_SR_JSON, groups, strlen(groups), err, sizeof(err));
+    if (!s)
+        fail_msg("schema: %s", err);
+    esmd_sr_schema_free(s);
+
     /* a recursive schema that descends into the data is fine */
     const char *tree = "{\"type\":\"object\",\"properties\":{\"kids\":{\"type\":\"array\","
                        "\"items\":{\"$ref\":\"#\"}}},\"additionalProperties\":false}";
