@@ -50,6 +50,17 @@ char *esmd_pb_decode(const struct esmd_pb_schema *s, const int64_t *idx, size_t 
                      const unsigned char *msg, size_t len, size_t max_json, size_t *json_len,
                      char *err, size_t errlen);
 
+/* How esmd_pb_decode_via decodes. ANY is esmd_pb_decode: the wire walker (the wire data written
+ * straight to JSON along the schema's descriptors) for a message type it handles, libprotobuf's
+ * parse and reflection for the others and for every record the walker does not take (so that
+ * what is refused is refused, and named, by one path). REFLECTION is only the latter, WALK only
+ * the walker (NULL when it does not take the record): the tests compare them. */
+enum esmd_pb_way { ESMD_PB_DECODE_ANY, ESMD_PB_DECODE_REFLECTION, ESMD_PB_DECODE_WALK };
+
+char *esmd_pb_decode_via(enum esmd_pb_way way, const struct esmd_pb_schema *s, const int64_t *idx,
+                         size_t n, const unsigned char *msg, size_t len, size_t max_json,
+                         size_t *json_len, char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif
