@@ -763,7 +763,38 @@ void esmd_mapping_part_trace(struct inflight *inf)
         }
 }
 
-/* Sends the current part, after giving up records past maximum_record_age. */
+static bool keep_owned(void *ctx, size_t i, const struct esmd_record *r)
+{
+    (void)ctx;
+    (void)i;
+    return !r->shard->revoked;
+}
+
+/* Records of lanes the connector lost (a Kafka partition revoked by a rebalance) are not sent
+ * again: their new owner reads them again (docs/kafka.md#rebalances-and-scaling-out). They are
+ * split off the current part and dropped, unacked; true when nothing of the part was left. */
+static bool drop_revoked(struct inflight *inf)
+{
+    bool any = false, all = true;
+    for (size_t i = 0; i < inf->batch.ngroups; i++) {
+        bool r = inf->batch.groups[i].shard->revoked;
+        any = any || r;
+        all = all && r;
+    }
+    if (!any)
+        return false;
+    if (all) {
+        ESMD_INFO(&inf->map->log, "batch of %zu records of revoked shards dropped, not sent again",
+                  inf->batch.nrecords);
+        esmd_mapping_part_done(inf, false);
+        return true;
+    }
+    esmd_mapping_split_part(inf, keep_owned, NULL); /* the revoked ones are the next part */
+    return false;
+}
+
+/* Sends the current part, after dropping records of revoked shards and giving up records past
+ * maximum_record_age. */
 static void start_part(struct inflight *inf)
 {
     struct esmd_mapping *map = inf->map;
@@ -771,6 +802,8 @@ static void start_part(struct inflight *inf)
         inflight_end(inf, true);
         return;
     }
+    if (drop_revoked(inf))
+        return;
     if (esmd_mapping_give_up_expired(inf))
         return;
     encode_part(inf);

@@ -13,6 +13,8 @@ librdkafka's mock cluster cannot show.
     backpressure, the budget spread          3 partitions of under two batches each behind a
                                              function that does not answer: a consumer
                                              joining the group still gets its partition
+    a revoked partition's failing batch      its old owner stops retrying it; then
+                                             everything delivered and committed
     SASL/PLAIN                               through the connection's properties; a wrong
                                              password is a 503 and a log line, not a crash
 
@@ -20,6 +22,7 @@ The endpoint does not keep the bodies here: a Tally counts every delivery as it 
 partition: the offsets delivered at least once, the duplicates, and any first delivery out of
 offset order), so a million records cost a few integers."""
 
+import json
 import re
 import signal
 import threading
@@ -62,6 +65,23 @@ def describe_group(broker, group, topic):
     if cols is None:
         raise AssertionError("kafka-consumer-groups printed no table:\n%s" % out)
     return rows
+
+
+def join_group(broker, group, topic, timeout=60):
+    """A confluent-kafka consumer joins `group` on `topic` (committing nothing) and polls until it
+    gets partitions or `timeout` passes. Returns (consumer, the partitions it got: [] if none);
+    the caller closes the consumer (leaving the group)."""
+    import confluent_kafka
+
+    assigned = []
+    other = confluent_kafka.Consumer({"bootstrap.servers": broker.plaintext_bootstrap,
+                                      "group.id": group, "enable.auto.commit": False,
+                                      "auto.offset.reset": "earliest"})
+    other.subscribe([topic], on_assign=lambda c, ps: assigned.extend(ps))
+    deadline = time.monotonic() + timeout
+    while not assigned and time.monotonic() < deadline:
+        other.poll(0.2)
+    return other, assigned
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +408,7 @@ def test_backpressure_hold_spread_over_partitions_lets_a_rebalance_through(broke
     partitions were paused and resumed at once and the consumer held again in the same turn: a
     consumer joining the group got nothing until the function answered. Then the function
     answers: every record delivered, first deliveries in offset order, all committed."""
-    ck = pytest.importorskip("confluent_kafka")
+    pytest.importorskip("confluent_kafka")
     parts, per = 3, 19_500
     topic = broker.create_topic(names.topic(), parts)
     group = names.group()
@@ -409,14 +429,8 @@ def test_backpressure_hold_spread_over_partitions_lets_a_rebalance_through(broke
     try:
         wait_for(lambda: proc.metrics().get("esmd_source_holds_total") >= 1, 120, 0.2,
                  "the consumer held")
-        assigned = []
-        other = ck.Consumer({"bootstrap.servers": broker.plaintext_bootstrap, "group.id": group,
-                             "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        other, assigned = join_group(broker, group, topic)
         try:
-            other.subscribe([topic], on_assign=lambda c, ps: assigned.extend(ps))
-            deadline = time.monotonic() + 60
-            while not assigned and time.monotonic() < deadline:
-                other.poll(0.2)
             assert assigned, ("a consumer joining the group got no partition in 60 s while "
                               "esmd was held by a function that did not answer")
             assert not answer.is_set()
@@ -428,5 +442,81 @@ def test_backpressure_hold_spread_over_partitions_lets_a_rebalance_through(broke
     lost, dups = tally.report("hold spread over partitions", hw)
     assert lost == 0
     tally.assert_in_order(hw)
+    wait_committed(broker, group, topic, hw, timeout=60)
+    assert proc.stop() == 0
+
+
+def test_revoked_partition_is_not_retried_by_its_old_owner(broker, postgres, endpoint, esmd,
+                                                           names):
+    """docs/kafka.md#rebalances-and-scaling-out: a batch of a partition taken away by a rebalance
+    is not retried any more by the instance that lost it (its new owner reads the records again):
+    before, its retries went on (here for ever: maximum_retry_attempts -1), sending records of a
+    partition another consumer owned and holding them and a concurrency slot. The function fails
+    every batch; a consumer joins the group and takes a partition; esmd's requests with records
+    of that partition stop. Then the function heals, the consumer leaves: everything delivered
+    and committed."""
+    pytest.importorskip("confluent_kafka")
+    parts, per = 2, 20
+    topic = broker.create_topic(names.topic(), parts)
+    group = names.group()
+    broker.produce(topic, count=parts * per, size=20, partitions=parts, timeout=60)
+    hw = broker.watermarks(topic)
+    healed = threading.Event()
+    lock = threading.Lock()
+    sent = {p: 0 for p in range(parts)}  # requests holding records of partition p
+    tally = Tally(endpoint, topic)
+    count = tally._on_request
+
+    def on_request(req):
+        ev = req.json if isinstance(req.json, dict) else {}
+        ps = {r["partition"] for lst in (ev.get("records") or {}).values() for r in lst}
+        with lock:
+            for p in ps:
+                sent[p] += 1
+        if not healed.is_set():
+            req.body, req.json = b"", None
+            return Response(500, {"message": "failing until healed"})
+        return count(req)
+
+    endpoint.behaviour = on_request
+    cfg = kafka_cfg(broker, topic, group, endpoint.url, names.mapping(), batch_size=10,
+                    window="0s")
+    cfg["mappings"][0]["maximum_retry_attempts"] = -1
+    proc = esmd(cfg, env={"ESMD_MAPPING_RETRY_BACKOFF": "50,100"})
+    wait_for(lambda: all(sent[p] >= 3 for p in range(parts)), 60, 0.1,
+             "both partitions' batches retried")
+    other, assigned = join_group(broker, group, topic)
+    try:
+        assert assigned, "the joining consumer got no partition"
+        lost = assigned[0].partition
+        kept = 1 - lost
+
+        def shards():
+            other.poll(0.1)
+            st, body = proc.get("/admin/mappings/" + cfg["mappings"][0]["name"])
+            return json.loads(body)["status"]["shards"] if st == 200 else -1
+
+        wait_for(lambda: shards() == 1, 60, 0.1, "esmd to own the other partition")
+        for _ in range(10):  # a request under way when the partition was revoked ends
+            other.poll(0.1)
+        with lock:
+            before = dict(sent)
+
+        def retried_kept():
+            other.poll(0.1)
+            with lock:
+                return sent[kept] >= before[kept] + 10
+        wait_for(retried_kept, 60, 0.1, "esmd retrying the partition it kept")
+        with lock:
+            after = dict(sent)
+        assert after[lost] == before[lost], (
+            "esmd went on retrying partition %d after it was revoked: %d more requests" % (
+                lost, after[lost] - before[lost]))
+    finally:
+        other.close()
+    healed.set()
+    tally.wait_complete(hw, 120)
+    lost_n, dups = tally.report("revoked while retrying", hw)
+    assert lost_n == 0
     wait_committed(broker, group, topic, hw, timeout=60)
     assert proc.stop() == 0
