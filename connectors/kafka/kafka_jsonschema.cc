@@ -22,6 +22,8 @@
 #include <valijson/validation_results.hpp>
 #include <valijson/validator.hpp>
 
+#include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <exception>
 #include <map>
@@ -391,6 +393,93 @@ bool check_refs(const nlohmann::json &root, const nlohmann::json &j, int level, 
     return true;
 }
 
+// How deep valijson's SchemaParser may recurse, in JSON levels: it descends into each subschema
+// and follows a $ref into its target the first time it meets it. So a bound is the heaviest path
+// from the root in the graph of the root and the $refs' targets (each weighing its height), with
+// an edge from a node to the target of each $ref inside it. A path visits each member of a loop
+// at most once: each strongly connected part weighs the sum of its members (Tarjan's algorithm,
+// iteratively), and the parts form a DAG. The $refs are checked (check_refs) before.
+long ref_depth(const nlohmann::json &root)
+{
+    std::vector<const nlohmann::json *> node{&root};
+    std::map<const nlohmann::json *, int> id{{&root, 0}};
+    std::vector<std::vector<int>> edges;
+    std::vector<long> weight;
+    for (size_t i = 0; i < node.size(); i++) {
+        edges.emplace_back();
+        long height = 0;
+        std::vector<std::pair<const nlohmann::json *, long>> todo{{node[i], 1}};
+        while (!todo.empty()) {
+            const nlohmann::json *j = todo.back().first;
+            long level = todo.back().second;
+            todo.pop_back();
+            if (!j->is_structured())
+                continue;
+            height = std::max(height, level);
+            auto r = j->is_object() ? j->find("$ref") : j->end();
+            if (j->is_object() && r != j->end() && r->is_string()) {
+                const std::string &ref = r->get_ref<const std::string &>();
+                const nlohmann::json *t = &root.at(nlohmann::json::json_pointer(ref.substr(1)));
+                auto ins = id.emplace(t, (int)node.size());
+                if (ins.second)
+                    node.push_back(t);
+                edges[i].push_back(ins.first->second);
+            }
+            for (const auto &v : *j)
+                todo.emplace_back(&v, level + 1);
+        }
+        weight.push_back(height + 1);
+    }
+    size_t n = node.size();
+    std::vector<int> index(n, -1), low(n, 0), comp(n, -1), stack;
+    std::vector<bool> on(n, false);
+    std::vector<long> best; // by part, in the order found: a part after those it reaches
+    std::vector<std::pair<int, size_t>> calls{{0, 0}};
+    int counter = 0;
+    index[0] = low[0] = counter++;
+    stack.push_back(0);
+    on[0] = true;
+    while (!calls.empty()) {
+        int v = calls.back().first;
+        if (calls.back().second < edges[v].size()) {
+            int w = edges[v][calls.back().second++];
+            if (index[w] < 0) {
+                index[w] = low[w] = counter++;
+                stack.push_back(w);
+                on[w] = true;
+                calls.emplace_back(w, 0);
+            } else if (on[w]) {
+                low[v] = std::min(low[v], index[w]);
+            }
+            continue;
+        }
+        calls.pop_back();
+        if (!calls.empty())
+            low[calls.back().first] = std::min(low[calls.back().first], low[v]);
+        if (low[v] != index[v])
+            continue;
+        int c = (int)best.size();
+        std::vector<int> members;
+        long sum = 0, below = 0;
+        for (;;) {
+            int x = stack.back();
+            stack.pop_back();
+            on[x] = false;
+            comp[x] = c;
+            members.push_back(x);
+            sum += weight[x];
+            if (x == v)
+                break;
+        }
+        for (int x : members)
+            for (int y : edges[x])
+                if (comp[y] != c)
+                    below = std::max(below, best[comp[y]]);
+        best.push_back(std::min(sum + below, (long)INT_MAX));
+    }
+    return best[comp[0]];
+}
+
 // The draft `$schema` names (valijson knows 4 and 7; 6 is read as 7).
 bool draft(const nlohmann::json &j, valijson::SchemaParser::Version *v, std::string *why)
 {
@@ -482,6 +571,15 @@ extern "C" struct esmd_js_schema *esmd_js_schema_new(const char *text, size_t le
         }
         if (!check_refs(j, j, 0, &why)) {
             set_err(err, errlen, "the JSON schema cannot be used: " + why);
+            return nullptr;
+        }
+        long d = ref_depth(j);
+        if (d > ESMD_JS_MAX_REF_DEPTH) {
+            set_err(err, errlen,
+                    "the JSON schema cannot be used: followed through its $refs, it nests "
+                    "deeper than " +
+                        std::to_string(ESMD_JS_MAX_REF_DEPTH) + " levels (at most " +
+                        std::to_string(d) + ")");
             return nullptr;
         }
         std::unique_ptr<esmd_js_schema> s(new esmd_js_schema());

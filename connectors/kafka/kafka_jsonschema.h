@@ -18,6 +18,9 @@ extern "C" {
 /* A schema or a record nesting deeper than this is refused, and so is a schema pattern nesting its
  * groups deeper. */
 #define ESMD_JS_MAX_DEPTH 64
+/* valijson's schema parser recurses per level of the schema, and into a $ref's target: a schema
+ * whose $refs, followed, may nest deeper than this (in JSON levels) is refused. */
+#define ESMD_JS_MAX_REF_DEPTH 256
 /* With a schema that matches strings against regular expressions (`pattern`,
  * `patternProperties`, the date and time `format`s), a string or property name longer than this
  * is refused rather than matched (std::regex recurses per character). */

@@ -192,6 +192,9 @@ static void test_json_and_protobuf(void **state)
     assert_string_equal(esmd_sr_format_name(ESMD_SR_PROTOBUF), "PROTOBUF");
 }
 
+#define DEEP60_OPEN "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["
+#define DEEP60_CLOSE "]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]"
+
 /* A JSON schema that cannot be used: NULL, err containing want. */
 static void json_schema_refused(const char *text, const char *want)
 {
@@ -308,18 +311,45 @@ static void test_json_schema_validation(void **state)
         strcat(nots, "}");
     json_schema_refused(nots, "nests deeper than 64");
 
-    /* A chain of 120 subschemas applied to one value (allOf -> $ref -> allOf ...), its second half
+    /* A chain of 70 subschemas applied to one value (not -> $ref -> not ...), its last 30
      * parsed (and memoized) before its first: refused as a whole. A longer one (50,000, 2.6 MB of
      * schema) overflowed the stack when validating. */
     struct esmd_buf chain = ESMD_BUF_INIT;
-    esmd_buf_puts(&chain, "{\"allOf\":[{\"$ref\":\"#/definitions/d60\"},"
+    esmd_buf_puts(&chain, "{\"allOf\":[{\"$ref\":\"#/definitions/d40\"},"
                           "{\"$ref\":\"#/definitions/d0\"}],\"definitions\":{");
-    for (int i = 0; i < 120; i++)
-        esmd_buf_printf(&chain, "%s\"d%d\":{\"allOf\":[{\"$ref\":\"#/definitions/d%d\"}]}",
+    for (int i = 0; i < 70; i++)
+        esmd_buf_printf(&chain, "%s\"d%d\":{\"not\":{\"$ref\":\"#/definitions/d%d\"}}",
                         i ? "," : "", i, i + 1);
-    esmd_buf_puts(&chain, ",\"d120\":{}}}");
+    esmd_buf_puts(&chain, ",\"d70\":{}}}");
     json_schema_refused(esmd_buf_cstr(&chain), "a chain of more than 64");
     esmd_buf_free(&chain);
+    /* $refs that, followed, nest 5,000 levels (each definition's items are the next): valijson's
+     * parser recursed into each and overflowed the stack (at 4,000, 240 KB of schema). 60 of
+     * them are fine. */
+    for (int links = 60; links <= 5000; links += 4940) {
+        struct esmd_buf refs = ESMD_BUF_INIT;
+        esmd_buf_puts(&refs, "{\"$ref\":\"#/definitions/d0\",\"definitions\":{");
+        for (int i = 0; i < links; i++)
+            esmd_buf_printf(&refs, "\"d%d\":{\"items\":{\"$ref\":\"#/definitions/d%d\"}},", i,
+                            i + 1);
+        esmd_buf_printf(&refs, "\"d%d\":{\"type\":\"integer\"}}}", links);
+        if (links == 60) {
+            s = esmd_sr_schema_new(ESMD_SR_JSON, esmd_buf_cstr(&refs), refs.len, err, sizeof(err));
+            if (!s)
+                fail_msg("schema: %s", err);
+            char *nested = decode(s, "[[[[1]]]]", 9, err);
+            assert_non_null(nested);
+            free(nested);
+            char deep60[200];
+            snprintf(deep60, sizeof(deep60), "%.60s\"a\"%.60s", DEEP60_OPEN, DEEP60_CLOSE);
+            json_refused(s, deep60, "'type'");
+            esmd_sr_schema_free(s);
+        } else {
+            json_schema_refused(esmd_buf_cstr(&refs), "followed through its $refs, it nests deeper "
+                                                      "than 256 levels");
+        }
+        esmd_buf_free(&refs);
+    }
     /* A pattern nesting groups 20,000 deep: std::regex's compiler overflowed the stack. */
     struct esmd_buf pat = ESMD_BUF_INIT;
     esmd_buf_puts(&pat, "{\"pattern\":\"");
