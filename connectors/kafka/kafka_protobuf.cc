@@ -433,20 +433,26 @@ struct esmd_pb_schema {
 namespace
 {
 
-bool reaches_required(const pb::Descriptor *d, std::unordered_set<const pb::Descriptor *> *seen)
+// A worklist, not recursion: a schema may chain thousands of message types (M0 has an M1, which
+// has an M2, ...), which would overflow the stack.
+bool reaches_required(const pb::Descriptor *root, std::unordered_set<const pb::Descriptor *> *seen)
 {
-    if (!seen->insert(d).second)
-        return false;
-    for (int i = 0; i < d->field_count(); i++) {
-        const pb::FieldDescriptor *f = d->field(i);
-        if (f->is_required())
-            return true;
-        if (f->message_type() && reaches_required(f->message_type(), seen))
-            return true;
+    std::vector<const pb::Descriptor *> todo{root};
+    while (!todo.empty()) {
+        const pb::Descriptor *d = todo.back();
+        todo.pop_back();
+        if (!seen->insert(d).second)
+            continue;
+        for (int i = 0; i < d->field_count(); i++) {
+            const pb::FieldDescriptor *f = d->field(i);
+            if (f->is_required())
+                return true;
+            if (f->message_type())
+                todo.push_back(f->message_type());
+        }
+        for (int i = 0; i < d->nested_type_count(); i++)
+            todo.push_back(d->nested_type(i));
     }
-    for (int i = 0; i < d->nested_type_count(); i++)
-        if (reaches_required(d->nested_type(i), seen))
-            return true;
     return false;
 }
 
@@ -481,16 +487,13 @@ unsigned wire_type(pb::FieldDescriptor::Type t)
     }
 }
 
-// The plan of d (made once; a recursive type's fields point back to it). The walker declines,
-// here, what it does not write exactly as the reflection path: the well-known types (JSON
-// mappings of their own), types with extension ranges, groups, enums of google/protobuf (NullValue
-// is written as null) or of a file of the other syntax than the field's (whether libprotobuf
-// keeps an undeclared number is then a question of its version), names that are not UTF-8.
-WalkPlan *plan_of(esmd_pb_schema *s, const pb::Descriptor *d)
+// A new plan of d, its fields' plans not yet linked (plan_of). The walker declines, here, what it
+// does not write exactly as the reflection path: the well-known types (JSON mappings of their own),
+// types with extension ranges, groups, enums of google/protobuf (NullValue is written as null) or
+// of a file of the other syntax than the field's (whether libprotobuf keeps an undeclared number is
+// then a question of its version), names that are not UTF-8.
+WalkPlan *new_plan(esmd_pb_schema *s, const pb::Descriptor *d)
 {
-    auto it = s->plans.find(d);
-    if (it != s->plans.end())
-        return it->second.get();
     WalkPlan *p = new WalkPlan;
     s->plans.emplace(d, std::unique_ptr<WalkPlan>(p));
     p->d = d;
@@ -539,34 +542,97 @@ WalkPlan *plan_of(esmd_pb_schema *s, const pb::Descriptor *d)
             p->big[number] = (int)i;
         }
     }
-    // after the fields are in place: a recursive type finds its own plan complete enough
-    for (WalkField &w : p->fields)
-        if (const pb::Descriptor *m = w.f->message_type())
-            w.sub = plan_of(s, m);
     return p;
 }
 
-void plan_all(esmd_pb_schema *s, const pb::Descriptor *d)
+// The plan of d and of every type its fields reach, each made once (a recursive type's fields
+// point back to its plan). A worklist, not recursion: a schema may chain thousands of message
+// types.
+WalkPlan *plan_of(esmd_pb_schema *s, const pb::Descriptor *d)
 {
-    plan_of(s, d);
-    for (int i = 0; i < d->nested_type_count(); i++)
-        plan_all(s, d->nested_type(i));
+    std::vector<WalkPlan *> todo;
+    auto get = [s, &todo](const pb::Descriptor *m) {
+        auto it = s->plans.find(m);
+        if (it != s->plans.end())
+            return it->second.get();
+        WalkPlan *p = new_plan(s, m);
+        todo.push_back(p);
+        return p;
+    };
+    WalkPlan *root = get(d);
+    while (!todo.empty()) {
+        WalkPlan *p = todo.back();
+        todo.pop_back();
+        for (WalkField &w : p->fields)
+            if (const pb::Descriptor *m = w.f->message_type())
+                w.sub = get(m);
+    }
+    return root;
 }
 
-// Plans for every type of the file; a type that reaches a declined one is declined too.
+// Plans for every type of the file (nested declarations too); a type that reaches a declined one
+// is declined too: the declines go back along the fields, each plan's users once (linear in the
+// schema's size, however long its chains).
 void make_plans(esmd_pb_schema *s)
 {
+    std::vector<const pb::Descriptor *> types;
     for (int i = 0; i < s->file->message_type_count(); i++)
-        plan_all(s, s->file->message_type(i));
-    for (bool changed = true; changed;) {
-        changed = false;
-        for (auto &kv : s->plans) {
-            WalkPlan *p = kv.second.get();
-            for (size_t i = 0; p->ok && i < p->fields.size(); i++)
-                if (p->fields[i].sub && !p->fields[i].sub->ok) {
-                    p->ok = false;
-                    changed = true;
-                }
+        types.push_back(s->file->message_type(i));
+    while (!types.empty()) {
+        const pb::Descriptor *d = types.back();
+        types.pop_back();
+        plan_of(s, d);
+        for (int i = 0; i < d->nested_type_count(); i++)
+            types.push_back(d->nested_type(i));
+    }
+    std::unordered_map<const WalkPlan *, std::vector<WalkPlan *>> users;
+    std::vector<WalkPlan *> declined;
+    for (auto &kv : s->plans) {
+        WalkPlan *p = kv.second.get();
+        if (!p->ok)
+            declined.push_back(p);
+        for (const WalkField &w : p->fields)
+            if (w.sub)
+                users[w.sub].push_back(p);
+    }
+    while (!declined.empty()) {
+        const WalkPlan *p = declined.back();
+        declined.pop_back();
+        auto it = users.find(p);
+        if (it == users.end())
+            continue;
+        for (WalkPlan *u : it->second)
+            if (u->ok) {
+                u->ok = false;
+                declined.push_back(u);
+            }
+    }
+}
+
+// libprotobuf makes a type's prototype (the reflection path's starting point), then those of its
+// fields' types, by recursion (DynamicMessage::CrossLinkPrototypes): a chain of thousands of
+// message types (M0 has an M1, which has an M2, ...) overflowed the stack at the first record.
+// Made here once, the types its fields reach first (an iterative depth-first walk), each finds
+// its fields' prototypes made.
+void make_prototypes(esmd_pb_schema *s)
+{
+    std::unordered_set<const pb::Descriptor *> seen;
+    std::vector<std::pair<const pb::Descriptor *, int>> stack; // a type, its next field
+    for (auto &kv : s->plans) {
+        if (!seen.insert(kv.first).second)
+            continue;
+        stack.emplace_back(kv.first, 0);
+        while (!stack.empty()) {
+            const pb::Descriptor *d = stack.back().first;
+            int i = stack.back().second++;
+            if (i < d->field_count()) {
+                const pb::Descriptor *m = d->field(i)->message_type();
+                if (m && seen.insert(m).second)
+                    stack.emplace_back(m, 0);
+                continue;
+            }
+            stack.pop_back();
+            s->factory.GetPrototype(d);
         }
     }
 }
@@ -618,6 +684,7 @@ extern "C" struct esmd_pb_schema *esmd_pb_schema_new(const struct esmd_pb_file *
         for (int i = 0; i < s->file->message_type_count() && !s->has_required; i++)
             s->has_required = reaches_required(s->file->message_type(i), &seen);
         make_plans(s.get());
+        make_prototypes(s.get());
         s->resolver.reset(new CachingResolver(
             pb::util::NewTypeResolverForDescriptorPool(kTypeUrlPrefix, &s->pool)));
         return s.release();

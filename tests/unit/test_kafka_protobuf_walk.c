@@ -535,12 +535,45 @@ static void test_edges(void **state)
     esmd_pb_schema_free(s2);
 }
 
+/* A schema chaining 20,000 message types (M0 has an M1, which has an M2, ...): the schema's
+ * preparation walked the chain by recursion and overflowed the stack. Now it is prepared, and a
+ * record nested a few levels decodes the same both ways. */
+static void test_long_type_chain(void **state)
+{
+    (void)state;
+    enum { CHAIN = 20000 };
+    size_t cap = (size_t)CHAIN * 48 + 256, len = 0;
+    char *text = malloc(cap);
+    assert_non_null(text);
+    len += (size_t)snprintf(text + len, cap - len, "syntax = \"proto3\";\n");
+    for (int i = 0; i < CHAIN; i++)
+        len += (size_t)snprintf(text + len, cap - len, "message M%d { M%d f = 1; }\n", i, i + 1);
+    len += (size_t)snprintf(text + len, cap - len, "message M%d { int32 x = 1; }\n", CHAIN);
+    struct esmd_pb_schema *s = schema(text);
+    free(text);
+    /* M0{f: M1{f: M2{f: M3{}}}} */
+    static const unsigned char rec[] = {0x0a, 0x04, 0x0a, 0x02, 0x0a, 0x00};
+    int64_t idx = 0;
+    struct stats st = {0};
+    compare(s, &idx, 1, rec, sizeof(rec), 1 << 20, &st);
+    assert_int_equal(st.accepted, 1);
+    assert_int_equal(st.walked, 1);
+    char err[256];
+    size_t n;
+    char *json = esmd_pb_decode(s, &idx, 1, rec, sizeof(rec), 1 << 20, &n, err, sizeof(err));
+    assert_non_null(json);
+    assert_string_equal(json, "{\"f\":{\"f\":{\"f\":{}}}}");
+    free(json);
+    esmd_pb_schema_free(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_edges),
         cmocka_unit_test(test_generated_proto3),
         cmocka_unit_test(test_generated_proto2),
+        cmocka_unit_test(test_long_type_chain),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
