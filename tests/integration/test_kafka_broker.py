@@ -84,6 +84,14 @@ def join_group(broker, group, topic, timeout=60):
     return other, assigned
 
 
+def filled_topic(broker, names, parts, count, size, timeout):
+    """A new topic of `parts` partitions holding `count` records of `size` B (record i in
+    partition i % parts), a new group name, and the topic's watermarks."""
+    topic = broker.create_topic(names.topic(), parts)
+    broker.produce(topic, count=count, size=size, partitions=parts, timeout=timeout)
+    return topic, names.group(), broker.watermarks(topic)
+
+
 @pytest.fixture(scope="module")
 def broker(request):
     """The session's broker (conftest's kafka_broker) when there is one, else one for this
@@ -326,10 +334,7 @@ def test_backpressure_stuck_partition_does_not_hold_the_other(broker, postgres, 
     partition 0 is paused and the consumer served again: partition 1 is not starved. Then
     partition 0 heals: every record succeeds exactly once, in offset order, all committed."""
     parts, total, budget = 2, 160_000, 50_000
-    topic = broker.create_topic(names.topic(), parts)
-    group = names.group()
-    broker.produce(topic, count=total, size=20, partitions=parts, timeout=240)
-    hw = broker.watermarks(topic)
+    topic, group, hw = filled_topic(broker, names, parts, total, 20, 240)
     assert hw == {0: total // 2, 1: total // 2}
     healed = threading.Event()
     lock = threading.Lock()
@@ -410,10 +415,7 @@ def test_backpressure_hold_spread_over_partitions_lets_a_rebalance_through(broke
     answers: every record delivered, first deliveries in offset order, all committed."""
     pytest.importorskip("confluent_kafka")
     parts, per = 3, 19_500
-    topic = broker.create_topic(names.topic(), parts)
-    group = names.group()
-    broker.produce(topic, count=parts * per, size=20, partitions=parts, timeout=240)
-    hw = broker.watermarks(topic)
+    topic, group, hw = filled_topic(broker, names, parts, parts * per, 20, 240)
     assert hw == {p: per for p in range(parts)}
     tally = Tally(endpoint, topic)
     count = tally._on_request
@@ -457,10 +459,7 @@ def test_revoked_partition_is_not_retried_by_its_old_owner(broker, postgres, end
     and committed."""
     pytest.importorskip("confluent_kafka")
     parts, per = 2, 20
-    topic = broker.create_topic(names.topic(), parts)
-    group = names.group()
-    broker.produce(topic, count=parts * per, size=20, partitions=parts, timeout=60)
-    hw = broker.watermarks(topic)
+    topic, group, hw = filled_topic(broker, names, parts, parts * per, 20, 60)
     healed = threading.Event()
     lock = threading.Lock()
     sent = {p: 0 for p in range(parts)}  # requests holding records of partition p

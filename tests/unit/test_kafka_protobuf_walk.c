@@ -406,6 +406,15 @@ static void generated(struct esmd_pb_schema *s, int type, int64_t idx, unsigned 
     free(c);
 }
 
+/* Prints what a generated run gave, and checks that the walker took most valid records (the rest
+ * have a string not UTF-8, an undeclared field, data past the JSON limit, ...). */
+static void walked_most(const char *what, const struct stats *v, const struct stats *b)
+{
+    fprintf(stderr, "%s: %u records, %u accepted, %u by the walker; corrupted: %u, %u, %u\n", what,
+            v->records, v->accepted, v->walked, b->records, b->accepted, b->walked);
+    assert_true(v->walked * 10 >= v->accepted * 9);
+}
+
 static void test_generated_proto3(void **state)
 {
     (void)state;
@@ -413,11 +422,7 @@ static void test_generated_proto3(void **state)
     struct stats v = {0}, b = {0};
     generated(s, 1, 1, 20000, &v, &b);
     generated(s, 0, 0, 2000, &v, &b);
-    fprintf(stderr, "proto3: %u records, %u accepted, %u by the walker; corrupted: %u, %u, %u\n",
-            v.records, v.accepted, v.walked, b.records, b.accepted, b.walked);
-    /* the walker takes most valid records (the rest have a string not UTF-8, an undeclared field,
-     * data past the JSON limit, ...) */
-    assert_true(v.walked * 10 >= v.accepted * 9);
+    walked_most("proto3", &v, &b);
     assert_true(v.accepted * 4 >= v.records);
     assert_true(b.walked > 0);
     esmd_pb_schema_free(s);
@@ -430,9 +435,7 @@ static void test_generated_proto2(void **state)
     struct stats v = {0}, b = {0};
     generated(s, 9, 0, 10000, &v, &b);
     generated(s, 10, 1, 10000, &v, &b);
-    fprintf(stderr, "proto2: %u records, %u accepted, %u by the walker; corrupted: %u, %u, %u\n",
-            v.records, v.accepted, v.walked, b.records, b.accepted, b.walked);
-    assert_true(v.walked * 10 >= v.accepted * 9);
+    walked_most("proto2", &v, &b);
     assert_true(v.accepted * 10 >= v.records);
     esmd_pb_schema_free(s);
 }
